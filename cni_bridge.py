@@ -1,0 +1,2695 @@
+"""cni-bridge: the CNI `bridge`, `host-local` and `loopback` plugins in one stdlib-only module.
+
+The program is exec'd by a container runtime at every container start and stop.  It picks the
+plugin from the name it was started as (argv[0]), reads its parameters from CNI_* environment
+variables and the network configuration from stdin, talks to the kernel over rtnetlink and
+nf_tables netlink, and writes one JSON result or error to stdout (CNI spec 0.1.0 to 1.1.0).
+Started under any other name it is a small command-line tool (`--help`).
+
+Start-up cost is paid on every container start, so the module avoids the heavy standard
+modules (`json`, `socket`, `ipaddress`, `hashlib`, `re`, `subprocess`) on the common paths: it
+uses their C cores (`_json`, `_socket`) directly and imports the rest only where one path needs it.
+
+Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
+operations; nf_tables operations; namespaces; IPAM store; the three plugins; entry point.
+"""
+
+import os
+import struct
+import sys
+import time
+
+import _json
+import _socket
+
+PROGRAM_VERSION = "0.1.0"
+
+
+# ==============================================================================================
+# CNI protocol and errors
+# ==============================================================================================
+
+SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST_VERSION = SUPPORTED_VERSIONS[-1]
+
+# Error codes of the CNI spec (SPEC.md "Error") plus the reference library's 8 and 999.
+ERR_INCOMPATIBLE_VERSION = 1
+ERR_UNSUPPORTED_FIELD = 2
+ERR_UNKNOWN_CONTAINER = 3
+ERR_INVALID_ENV = 4
+ERR_IO = 5
+ERR_DECODE = 6
+ERR_INVALID_CONFIG = 7
+ERR_INVALID_NETNS = 8
+ERR_TRY_AGAIN = 11
+ERR_NOT_AVAILABLE = 50
+ERR_LIMITED_CONNECTIVITY = 51
+ERR_INTERNAL = 999
+
+# The reference's name rule for networks and container IDs (also keeps `/` and `..` out of paths).
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+DIGITS = frozenset("0123456789")
+
+
+class CNIError(Exception):
+    """A failure reported to the runtime as a CNI error object."""
+
+    def __init__(self, code, msg, details=""):
+        Exception.__init__(self, msg)
+        self.code = code
+        self.msg = msg
+        self.details = details
+
+    def to_json(self, version):
+        return {"cniVersion": version, "code": self.code, "msg": self.msg,
+                "details": self.details}
+
+
+def parse_version(text):
+    """Parse a CNI version string into a tuple of three ints ("" means 0.1.0, as in the spec)."""
+    if text == "":
+        return (0, 1, 0)
+    parts = text.split(".")
+    if len(parts) > 3 or not all(p and DIGITS.issuperset(p) for p in parts):
+        raise CNIError(ERR_DECODE, "invalid version %r" % text,
+                       "a CNI version has up to three dot-separated integers")
+    numbers = [int(p) for p in parts] + [0, 0]
+    return tuple(numbers[:3])
+
+
+# --- JSON over the C accelerator ------------------------------------------------------------
+# `import json` pulls in `re` and costs several milliseconds per container start; `_json` is
+# the same C scanner and string encoder without that cost.
+
+class _ScannerContext(object):
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    memo = {}
+
+    @staticmethod
+    def parse_constant(name):
+        raise ValueError("%s is not valid JSON" % name)
+
+
+_scan_json = _json.make_scanner(_ScannerContext())
+_JSON_SPACE = " \t\n\r"
+
+
+def json_loads(text):
+    """Decode one JSON document; raise ValueError with a position on malformed input."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    start = 0
+    while start < len(text) and text[start] in _JSON_SPACE:
+        start += 1
+    try:
+        value, end = _scan_json(text, start)
+    except StopIteration as stop:
+        raise ValueError("invalid JSON at offset %d" % stop.value)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply")
+    while end < len(text) and text[end] in _JSON_SPACE:
+        end += 1
+    if end != len(text):
+        raise ValueError("extra data after JSON value at offset %d" % end)
+    return value
+
+
+def json_dumps(value):
+    """Encode plain JSON data (dict, list, str, int, float, bool, None) compactly."""
+    if isinstance(value, str):
+        return _json.encode_basestring_ascii(value)
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(_json.encode_basestring_ascii(str(k)) + ": " + json_dumps(v)
+                               for k, v in value.items()) + "}"
+    return "[" + ", ".join(json_dumps(v) for v in value) + "]"
+
+
+# --- configuration values ---------------------------------------------------------------------
+
+_JSON_TYPE_NAMES = {bool: "a boolean", int: "an integer", str: "a string", list: "a list",
+                    dict: "an object", float: "a number"}
+
+
+def conf_get(obj, key, kind=None, default=None, where=""):
+    """Read `key` from a config object, matching it case-insensitively as the reference does.
+
+    `kind` is the JSON type expected (bool, int, str, list, dict); a value of another type is
+    an invalid network config (code 7) naming the key.  null counts as absent.
+    """
+    value = obj.get(key)
+    if value is None:
+        folded = key.lower()
+        for k, v in obj.items():
+            if isinstance(k, str) and k.lower() == folded:
+                value = v
+                break
+    if value is None:
+        return default
+    if kind is not None and not (type(value) is kind or (kind is float and type(value) is int)):
+        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s%s must be %s"
+                       % (where, key, _JSON_TYPE_NAMES[kind]), "got %s" % json_dumps(value)[:200])
+    return value
+
+
+def conf_int(obj, key, low, high, default=0, where=""):
+    """Read an integer key and check it lies within [low, high]."""
+    value = conf_get(obj, key, int, default, where)
+    if not low <= value <= high:
+        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s%s must be between %d and %d"
+                       % (where, key, low, high), "got %d" % value)
+    return value
+
+
+def check_name(value, what, code):
+    """Apply the reference's network-name / container-ID rule: [A-Za-z0-9][A-Za-z0-9_.-]*."""
+    if not value or value[0] not in ALNUM or not NAME_CHARS.issuperset(value):
+        raise CNIError(code, "invalid characters found in %s" % what, value[:300])
+
+
+def check_ifname(name):
+    """Apply the kernel's interface-name rule, with the reference's messages."""
+    if name == "":
+        raise CNIError(ERR_INVALID_ENV, "interface name is empty")
+    if len(name.encode("utf-8", "surrogateescape")) > 15:
+        raise CNIError(ERR_INVALID_ENV, "interface name is too long", "interface name should be less than 16 characters")
+    if name in (".", ".."):
+        raise CNIError(ERR_INVALID_ENV, "interface name is . or ..")
+    if "/" in name or ":" in name or any(c.isspace() for c in name):
+        raise CNIError(ERR_INVALID_ENV, "interface name contains / or : or whitespace characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise CNIError(ERR_INVALID_ENV, "interface name contains control characters")
+
+
+def parse_cni_args(text):
+    """Parse CNI_ARGS "K=V;K2=V2" leniently: empty pieces are skipped, keys are case-insensitive.
+
+    Returns {upper-case key: value}.  Unknown keys are the caller's to ignore; a piece without
+    "=" is an error (code 4) naming it.
+    """
+    args = {}
+    for piece in text.split(";"):
+        if not piece:
+            continue
+        key, sep, value = piece.partition("=")
+        if not sep or not key:
+            raise CNIError(ERR_INVALID_ENV, "ARGS: invalid pair %r" % piece[:200],
+                           "CNI_ARGS must be KEY=VALUE pairs separated by ';'")
+        args[key.upper()] = value
+    return args
+
+
+class Request(object):
+    """One plugin invocation: the CNI_* environment and the network configuration from stdin."""
+
+    def __init__(self, command, container_id, netns, ifname, args, path, config, version):
+        self.command = command
+        self.container_id = container_id
+        self.netns = netns
+        self.ifname = ifname
+        self.args = args
+        self.path = path
+        self.config = config
+        self.version = version
+        self.stdin = b""
+
+    def cni_arg(self, key, known):
+        """Value of a CNI_ARGS key this plugin understands; `known` lists every key it reads."""
+        for other in self.args:
+            if other not in known and other != "IGNOREUNKNOWN":
+                sys.stderr.write("CNI_ARGS: ignoring unknown key %s\n" % other)
+        return self.args.get(key)
+
+    def runtime_config(self):
+        return conf_get(self.config, "runtimeConfig", dict, {})
+
+
+# --- results -------------------------------------------------------------------------------------
+# Results are held in the 1.1.0 shape ("interfaces", "ips", "routes", "dns") and converted to the
+# configuration's version only when printed (spec "Version considerations", reference types/*).
+
+def has_ip_version_field(version):
+    return version in ("0.3.0", "0.3.1", "0.4.0")
+
+
+def is_legacy_version(version):
+    return version in ("0.1.0", "0.2.0", "")
+
+
+def address_family_of(cidr):
+    return 6 if ":" in cidr else 4
+
+
+def encode_result(result, version):
+    """Render an internal (1.1.0-shaped) result in the wire format of `version`."""
+    dns = dict((k, v) for k, v in result.get("dns", {}).items() if v)
+    if is_legacy_version(version):
+        return _encode_legacy_result(result, version, dns)
+    out = {"cniVersion": version}
+    interfaces = result.get("interfaces") or []
+    if interfaces:
+        if version != "1.1.0":
+            interfaces = [dict((k, v) for k, v in i.items() if k in ("name", "mac", "sandbox"))
+                          for i in interfaces]
+        out["interfaces"] = interfaces
+    ips = result.get("ips") or []
+    if ips:
+        out["ips"] = []
+        for ip in ips:
+            entry = dict(ip)
+            if has_ip_version_field(version):
+                entry["version"] = str(address_family_of(ip["address"]))
+            out["ips"].append(entry)
+    if result.get("routes"):
+        out["routes"] = result["routes"]
+    if dns or has_ip_version_field(version):
+        out["dns"] = dns
+    return out
+
+
+def _encode_legacy_result(result, version, dns):
+    """0.1.0/0.2.0: the first IPv4 and IPv6 address, each with the routes of its family."""
+    out = {"cniVersion": version}
+    for family, key in ((4, "ip4"), (6, "ip6")):
+        ip = next((i for i in result.get("ips") or [] if address_family_of(i["address"]) == family),
+                  None)
+        if ip is None:
+            continue
+        entry = {"ip": ip["address"]}
+        if ip.get("gateway"):
+            entry["gateway"] = ip["gateway"]
+        routes = [dict((k, v) for k, v in r.items() if k in ("dst", "gw"))
+                  for r in result.get("routes") or [] if address_family_of(r["dst"]) == family]
+        if routes:
+            entry["routes"] = routes
+        out[key] = entry
+    if "ip4" not in out and "ip6" not in out:
+        raise CNIError(ERR_INCOMPATIBLE_VERSION, "cannot convert: no valid IP addresses",
+                       "a cniVersion %s result must hold an IP address" % (version or "0.1.0"))
+    out["dns"] = dns
+    return out
+
+
+def decode_result(obj, version):
+    """Parse a result (prevResult or a delegated plugin's output) into the internal shape."""
+    if not isinstance(obj, dict):
+        raise CNIError(ERR_DECODE, "failed to parse result", "a result must be a JSON object")
+    version = obj.get("cniVersion") or version
+    try:
+        if is_legacy_version(version):
+            ips, routes = [], []
+            for key in ("ip4", "ip6"):
+                entry = obj.get(key)
+                if entry:
+                    ip = {"address": entry["ip"]}
+                    if entry.get("gateway"):
+                        ip["gateway"] = entry["gateway"]
+                    ips.append(ip)
+                    routes.extend(entry.get("routes") or [])
+            return {"ips": ips, "routes": routes, "dns": obj.get("dns") or {}}
+        ips = []
+        for ip in obj.get("ips") or []:
+            entry = dict((k, v) for k, v in ip.items() if k != "version")
+            if not isinstance(entry["address"], str):
+                raise TypeError("address")
+            ips.append(entry)
+        return {"interfaces": list(obj.get("interfaces") or []), "ips": ips,
+                "routes": list(obj.get("routes") or []), "dns": obj.get("dns") or {}}
+    except (KeyError, TypeError, AttributeError) as err:
+        raise CNIError(ERR_DECODE, "failed to parse result", "malformed result: %s" % err)
+
+
+def previous_result(request):
+    """The prevResult of the configuration in internal shape, or None."""
+    prev = conf_get(request.config, "prevResult", dict)
+    return decode_result(prev, request.version) if prev is not None else None
+
+
+# ==============================================================================================
+# Addresses
+# ==============================================================================================
+# Addresses are (family, integer) pairs: family 4 or 6.  `ipaddress` would cost 7 ms per start.
+
+IP_BITS = {4: 32, 6: 128}
+_AF = {4: _socket.AF_INET, 6: _socket.AF_INET6}
+
+
+def parse_ip(text):
+    """Parse an IPv4 or IPv6 address; IPv4-mapped IPv6 addresses become IPv4 (as in the reference)."""
+    if not isinstance(text, str):
+        raise ValueError("not an IP address: %r" % (text,))
+    try:
+        if ":" in text:
+            value = int.from_bytes(_socket.inet_pton(_socket.AF_INET6, text), "big")
+            if value >> 32 == 0xFFFF:
+                return 4, value & 0xFFFFFFFF
+            return 6, value
+        if text.count(".") == 3 and all(p.isdigit() and len(p) <= 3 for p in text.split(".")):
+            return 4, int.from_bytes(_socket.inet_pton(_socket.AF_INET, text), "big")
+    except (OSError, ValueError, UnicodeError):
+        pass
+    raise ValueError("not an IP address: %r" % text[:100])
+
+
+def ip_to_text(family, value):
+    """Canonical text of an address (IPv6 compressed the way Go and RFC 5952 do it)."""
+    if family == 4:
+        return "%d.%d.%d.%d" % (value >> 24, (value >> 16) & 255, (value >> 8) & 255, value & 255)
+    groups = [(value >> (112 - 16 * i)) & 0xFFFF for i in range(8)]
+    best_start, best_len, start = -1, 1, None
+    for i, group in enumerate(groups + [1]):
+        if group == 0 and start is None:
+            start = i
+        elif group != 0 and start is not None:
+            if i - start > best_len:
+                best_start, best_len = start, i - start
+            start = None
+    text = [format(g, "x") for g in groups]
+    if best_start < 0:
+        return ":".join(text)
+    return ":".join(text[:best_start]) + "::" + ":".join(text[best_start + best_len:])
+
+
+def ip_bytes(family, value):
+    return value.to_bytes(IP_BITS[family] // 8, "big")
+
+
+class Prefix(object):
+    """An address with a prefix length, as in "10.1.2.3/24" (host bits kept)."""
+
+    __slots__ = ("family", "ip", "length")
+
+    def __init__(self, family, ip, length):
+        self.family = family
+        self.ip = ip
+        self.length = length
+
+    @classmethod
+    def parse(cls, text):
+        if not isinstance(text, str) or "/" not in text:
+            raise ValueError("not a CIDR: %r" % (text if isinstance(text, str) else type(text)))
+        addr, _, length = text.partition("/")
+        family, ip = parse_ip(addr)
+        if not (length and len(length) <= 3 and DIGITS.issuperset(length)):
+            raise ValueError("bad prefix length in %r" % text[:100])
+        length = int(length)
+        if family == 4 and ":" in addr:  # an IPv4-mapped IPv6 prefix
+            length -= 96
+        if not 0 <= length <= IP_BITS[family]:
+            raise ValueError("bad prefix length in %r" % text[:100])
+        return cls(family, ip, length)
+
+    @property
+    def mask(self):
+        bits = IP_BITS[self.family]
+        return ((1 << bits) - 1) ^ ((1 << (bits - self.length)) - 1)
+
+    @property
+    def network(self):
+        return self.ip & self.mask
+
+    @property
+    def last(self):
+        return self.network | (((1 << IP_BITS[self.family]) - 1) ^ self.mask)
+
+    def contains(self, family, ip):
+        return family == self.family and ip & self.mask == self.network
+
+    def network_text(self):
+        return "%s/%d" % (ip_to_text(self.family, self.network), self.length)
+
+    def __str__(self):
+        return "%s/%d" % (ip_to_text(self.family, self.ip), self.length)
+
+    def __eq__(self, other):
+        return (isinstance(other, Prefix) and (self.family, self.ip, self.length)
+                == (other.family, other.ip, other.length))
+
+    def __hash__(self):
+        return hash((self.family, self.ip, self.length))
+
+
+def parse_mac(text):
+    """Parse "aa:bb:cc:dd:ee:ff" into 6 bytes."""
+    parts = text.split(":") if isinstance(text, str) else []
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError("invalid MAC address %r" % (text if isinstance(text, str) else text,))
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError("invalid MAC address %r" % text)
+
+
+def mac_to_text(raw):
+    return ":".join("%02x" % b for b in raw)
+
+
+# ==============================================================================================
+# Netlink codec
+# ==============================================================================================
+# One encoder and one decoder serve rtnetlink and nf_tables alike.  Messages are a netlink
+# header, a fixed family header (ifinfomsg, ifaddrmsg, rtmsg, nfgenmsg) and attributes; the
+# attributes of each family are described as data: a class per attribute space whose members are
+# `Attr(number, kind)` entries, so `LinkAttr.IFLA_MTU` is the attribute and its wire format.
+
+NLMSG_HEADER = struct.Struct("=IHHII")        # length, type, flags, sequence, port id
+NLA_HEADER = struct.Struct("=HH")             # length, type
+NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF
+
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST = 0x01
+NLM_F_MULTI = 0x02
+NLM_F_ACK = 0x04
+NLM_F_DUMP_INTR = 0x10
+NLM_F_DUMP = 0x300
+NLM_F_REPLACE = 0x100
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLM_F_APPEND = 0x800
+NLM_F_ACK_TLVS = 0x200                        # in an ACK: extended-ACK attributes follow
+NLMSGERR_ATTR_MSG = 1
+
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+NETLINK_ROUTE = 0
+NETLINK_NETFILTER = 12
+
+NETLINK_TIMEOUT = 5.0                         # seconds; a kernel that does not answer is code 11
+
+# Attribute kinds: how a value is laid out on the wire.
+U8, U16, U32, S32, U64, BE16, BE32, BE64 = "=B", "=H", "=I", "=i", "=Q", ">H", ">I", ">Q"
+STR = "str"          # NUL-terminated string
+BYTES = "bytes"      # raw bytes
+FLAG = "flag"        # no payload
+NEST = "nest"        # nested attributes of `space`
+MSG = "msg"          # a family header followed by attributes of `space` (a veth peer)
+
+_SCALARS = dict((kind, struct.Struct(kind)) for kind in (U8, U16, U32, S32, U64, BE16, BE32, BE64))
+
+
+class Attr(object):
+    """One attribute of an attribute space: its number, wire kind and, if nested, its space."""
+
+    __slots__ = ("number", "kind", "space", "header", "repeated", "name")
+
+    def __init__(self, number, kind, space=None, header=None, repeated=False):
+        self.number = number
+        self.kind = kind
+        self.space = space
+        self.header = header
+        self.repeated = repeated
+        self.name = None
+
+    def __repr__(self):
+        return self.name or "Attr(%d)" % self.number
+
+
+def attr_space(cls):
+    """Class decorator: name each Attr of an attribute-space class and index it by number."""
+    cls.by_number = {}
+    for name, value in list(vars(cls).items()):
+        if isinstance(value, Attr):
+            value.name = name
+            cls.by_number[value.number] = value
+    return cls
+
+
+class Header(object):
+    """A fixed family header such as ifinfomsg, described by a struct format and field names."""
+
+    def __init__(self, fmt, fields):
+        self.struct = struct.Struct(fmt)
+        self.fields = fields
+
+    def pack(self, values):
+        return self.struct.pack(*[values.get(f, 0) for f in self.fields])
+
+    def unpack(self, data):
+        return dict(zip(self.fields, self.struct.unpack_from(data)))
+
+
+def _pad(length):
+    return (length + 3) & ~3
+
+
+def encode_attrs(attrs):
+    """Encode a sequence of (Attr, value) pairs; nested values are sequences of pairs again."""
+    out = []
+    for attr, value in attrs:
+        kind = attr.kind
+        if kind in _SCALARS:
+            payload = _SCALARS[kind].pack(value)
+        elif kind == STR:
+            payload = value.encode("utf-8", "surrogateescape") + b"\0"
+        elif kind == BYTES:
+            payload = value
+        elif kind == FLAG:
+            payload = b""
+        elif kind == NEST:
+            payload = value if isinstance(value, bytes) else encode_attrs(value)
+        else:  # MSG: (header values, attributes)
+            payload = attr.header.pack(value[0]) + encode_attrs(value[1])
+        number = attr.number | (NLA_F_NESTED if kind in (NEST, MSG) else 0)
+        out.append(NLA_HEADER.pack(len(payload) + 4, number))
+        out.append(payload)
+        out.append(b"\0" * (_pad(len(payload)) - len(payload)))
+    return b"".join(out)
+
+
+def decode_attrs(space, data, offset=0):
+    """Decode attributes of `space` into {Attr: value}; repeated ones into lists."""
+    result = {}
+    end = len(data)
+    while offset + 4 <= end:
+        length, number = NLA_HEADER.unpack_from(data, offset)
+        if length < 4:
+            break
+        payload = data[offset + 4:offset + length]
+        offset += _pad(length)
+        attr = space.by_number.get(number & NLA_TYPE_MASK)
+        if attr is None:
+            continue
+        kind = attr.kind
+        if kind in _SCALARS:
+            scalar = _SCALARS[kind]
+            value = scalar.unpack_from(payload)[0] if len(payload) >= scalar.size else None
+        elif kind == STR:
+            value = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind == NEST and attr.space is not None:
+            value = decode_attrs(attr.space, payload)
+        elif kind == MSG:
+            value = (attr.header.unpack(payload), decode_attrs(attr.space, payload, attr.header.struct.size))
+        else:
+            value = payload
+        if attr.repeated:
+            result.setdefault(attr, []).append(value)
+        else:
+            result[attr] = value
+    return result
+
+
+class Message(object):
+    """A decoded netlink message: type, flags, family header fields and attributes."""
+
+    __slots__ = ("type", "flags", "header", "attrs")
+
+    def __init__(self, msg_type, flags, header, attrs):
+        self.type = msg_type
+        self.flags = flags
+        self.header = header
+        self.attrs = attrs
+
+    def get(self, attr, default=None):
+        return self.attrs.get(attr, default)
+
+
+# Message types of every family we speak: type -> (family header, attribute space).  Filled in
+# by the rtnetlink and nf_tables sections.
+MESSAGE_LAYOUTS = {}
+
+
+def encode_message(msg_type, flags, seq, header_values, attrs):
+    header, _space = MESSAGE_LAYOUTS[msg_type]
+    body = header.pack(header_values or {}) + encode_attrs(attrs)
+    return NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), msg_type, flags, seq, 0) + body
+
+
+def decode_messages(data):
+    """Split a netlink datagram into (type, flags, seq, payload) tuples."""
+    out = []
+    offset = 0
+    while offset + NLMSG_HEADER.size <= len(data):
+        length, msg_type, flags, seq, _port = NLMSG_HEADER.unpack_from(data, offset)
+        if length < NLMSG_HEADER.size:
+            break
+        out.append((msg_type, flags, seq, data[offset + NLMSG_HEADER.size:offset + length]))
+        offset += _pad(length)
+    return out
+
+
+def decode_payload(msg_type, flags, payload):
+    header, space = MESSAGE_LAYOUTS[msg_type]
+    return Message(msg_type, flags, header.unpack(payload),
+                   decode_attrs(space, payload, header.struct.size))
+
+
+class NetlinkError(CNIError):
+    """The kernel refused a netlink request; `errno` says why."""
+
+    def __init__(self, errno_value, what, reason=""):
+        text = os.strerror(errno_value)
+        if reason:
+            text = "%s (%s)" % (text, reason)
+        transient = errno_value in (11, 16, 4, 110)   # EAGAIN, EBUSY, EINTR, ETIMEDOUT
+        CNIError.__init__(self, ERR_TRY_AGAIN if transient else ERR_INTERNAL,
+                          "%s: %s" % (what, text) if what else text)
+        self.errno = errno_value
+
+
+def _ack_error(payload, flags):
+    """(errno, kernel's extended-ACK message) of an NLMSG_ERROR payload."""
+    errno_value = -struct.unpack_from("=i", payload)[0]
+    reason = ""
+    if flags & NLM_F_ACK_TLVS:
+        # NETLINK_CAP_ACK: the echoed request is only its 16-byte header.
+        tlvs = decode_attrs(_ExtAck, payload, 4 + NLMSG_HEADER.size)
+        reason = tlvs.get(_ExtAck.NLMSGERR_ATTR_MSG, "")
+    return errno_value, reason
+
+
+@attr_space
+class _ExtAck(object):
+    NLMSGERR_ATTR_MSG = Attr(NLMSGERR_ATTR_MSG, STR)
+
+
+class NetlinkSocket(object):
+    """A netlink socket of one protocol, bound to the network namespace it was opened in."""
+
+    def __init__(self, protocol=NETLINK_ROUTE):
+        sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, protocol)
+        try:
+            sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)   # errors carry the kernel's reason
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)   # without echoing our request
+        except OSError:
+            pass
+        sock.settimeout(NETLINK_TIMEOUT)
+        sock.bind((0, 0))
+        self.sock = sock
+        self.seq = int(time.time()) & 0xFFFFFF
+
+    def close(self):
+        self.sock.close()
+
+    def _next_seq(self):
+        self.seq += 1
+        return self.seq
+
+    def _recv(self, what):
+        try:
+            return self.sock.recv(1 << 17)
+        except OSError as err:
+            if isinstance(err, getattr(_socket, "timeout", ())) or "timed out" in str(err):
+                raise CNIError(ERR_TRY_AGAIN, "%s: the kernel did not answer within %g s"
+                               % (what, NETLINK_TIMEOUT))
+            raise NetlinkError(err.errno or 5, what)
+
+    def transact(self, requests, what=""):
+        """Send several requests in one datagram and wait for every acknowledgement.
+
+        `requests` are (type, flags, header values, attrs) tuples; NLM_F_REQUEST|NLM_F_ACK are
+        added.  Returns the reply messages of each request (a list per request).  The first
+        refused request raises NetlinkError; the kernel still processed the others.
+        """
+        seqs = []
+        chunks = []
+        for msg_type, flags, header_values, attrs in requests:
+            seq = self._next_seq()
+            seqs.append(seq)
+            chunks.append(encode_message(msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, seq,
+                                         header_values, attrs))
+        self.sock.send(b"".join(chunks))
+        replies = dict((seq, []) for seq in seqs)
+        pending = set(seqs)
+        failure = None
+        while pending:
+            for msg_type, flags, seq, payload in decode_messages(self._recv(what)):
+                if seq not in pending:
+                    continue
+                if msg_type == NLMSG_ERROR:
+                    pending.discard(seq)
+                    errno_value, reason = _ack_error(payload, flags)
+                    if errno_value and failure is None:
+                        failure = NetlinkError(errno_value, what, reason)
+                elif msg_type in MESSAGE_LAYOUTS:
+                    replies[seq].append(decode_payload(msg_type, flags, payload))
+        if failure is not None:
+            raise failure
+        return [replies[seq] for seq in seqs]
+
+    def request(self, msg_type, flags=0, header=None, attrs=(), what=""):
+        """One request with its acknowledgement; returns the replies (for a GET, the object)."""
+        return self.transact([(msg_type, flags, header, attrs)], what)[0]
+
+    def dump(self, msg_type, header=None, attrs=(), what=""):
+        """A dump request; retried when the kernel flags it interrupted by a concurrent change."""
+        for _attempt in range(5):
+            seq = self._next_seq()
+            self.sock.send(encode_message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, header, attrs))
+            messages, interrupted, done = [], False, False
+            while not done:
+                for reply_type, flags, reply_seq, payload in decode_messages(self._recv(what)):
+                    if reply_seq != seq:
+                        continue
+                    interrupted = interrupted or bool(flags & NLM_F_DUMP_INTR)
+                    if reply_type == NLMSG_DONE:
+                        done = True
+                    elif reply_type == NLMSG_ERROR:
+                        errno_value, reason = _ack_error(payload, flags)
+                        raise NetlinkError(errno_value, what, reason)
+                    elif reply_type in MESSAGE_LAYOUTS:
+                        messages.append(decode_payload(reply_type, flags, payload))
+            if not interrupted:
+                return messages
+        raise CNIError(ERR_TRY_AGAIN, "%s: netlink dump kept being interrupted" % what)
+
+
+# ==============================================================================================
+# rtnetlink operations
+# ==============================================================================================
+# Links, addresses, routes and bridge ports (linux/rtnetlink.h, if_link.h, if_addr.h,
+# if_bridge.h), and the /proc/sys switches the plugins flip.
+
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+
+AF_UNSPEC, AF_INET, AF_BRIDGE, AF_INET6 = 0, 2, 7, 10
+FAMILY_OF_AF = {AF_INET: 4, AF_INET6: 6}
+AF_OF_FAMILY = {4: AF_INET, 6: AF_INET6}
+
+IFF_UP = 0x1
+IFF_PROMISC = 0x100
+IF_OPER_UP = 6
+OPERSTATE_NAMES = {0: "unknown", 1: "notpresent", 2: "down", 3: "lowerlayerdown",
+                   4: "testing", 5: "dormant", 6: "up"}
+RTEXT_FILTER_BRVLAN = 1 << 1
+RTEXT_FILTER_SKIP_STATS = 1 << 3
+IFA_F_DADFAILED = 0x08
+IFA_F_NODAD = 0x02
+IFA_F_TENTATIVE = 0x40
+RT_TABLE_MAIN = 254
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_HOST = 0, 253, 254
+RTPROT_BOOT = 3
+RTN_UNICAST = 1
+BRIDGE_FLAGS_MASTER = 1
+BRIDGE_VLAN_INFO_PVID = 2
+BRIDGE_VLAN_INFO_UNTAGGED = 4
+
+IFINFOMSG = Header("=BxHiII", ("family", "type", "index", "flags", "change"))
+IFADDRMSG = Header("=BBBBi", ("family", "prefixlen", "flags", "scope", "index"))
+RTMSG = Header("=BBBBBBBBI", ("family", "dst_len", "src_len", "tos", "table", "protocol",
+                              "scope", "type", "flags"))
+BRIDGE_VLAN_INFO = struct.Struct("=HH")       # flags, vid
+
+
+@attr_space
+class BridgePortAttr(object):
+    IFLA_BRPORT_MODE = Attr(4, U8)            # hairpin
+    IFLA_BRPORT_ISOLATED = Attr(33, U8)
+
+
+@attr_space
+class LinkInfoAttr(object):
+    IFLA_INFO_KIND = Attr(1, STR)
+    IFLA_INFO_DATA = Attr(2, NEST)            # layout depends on the kind: decoded by the caller
+    IFLA_INFO_SLAVE_KIND = Attr(4, STR)
+    IFLA_INFO_SLAVE_DATA = Attr(5, NEST, BridgePortAttr)   # when enslaved to a bridge
+
+
+@attr_space
+class BridgeAttr(object):
+    IFLA_BR_VLAN_FILTERING = Attr(7, U8)
+
+
+@attr_space
+class BridgeAfSpecAttr(object):
+    IFLA_BRIDGE_FLAGS = Attr(0, U16)
+    IFLA_BRIDGE_VLAN_INFO = Attr(2, BYTES, repeated=True)
+
+
+@attr_space
+class LinkAttr(object):
+    IFLA_ADDRESS = Attr(1, BYTES)
+    IFLA_IFNAME = Attr(3, STR)
+    IFLA_MTU = Attr(4, U32)
+    IFLA_LINK = Attr(5, U32)                  # a veth's peer index
+    IFLA_MASTER = Attr(10, U32)
+    IFLA_PROTINFO = Attr(12, NEST, BridgePortAttr)
+    IFLA_OPERSTATE = Attr(16, U8)
+    IFLA_IFALIAS = Attr(20, STR)
+    IFLA_LINKINFO = Attr(18, NEST, LinkInfoAttr)
+    IFLA_AF_SPEC = Attr(26, NEST, BridgeAfSpecAttr)
+    IFLA_NET_NS_FD = Attr(28, U32)
+    IFLA_EXT_MASK = Attr(29, U32)
+    IFLA_LINK_NETNSID = Attr(37, S32)
+
+
+@attr_space
+class VethAttr(object):
+    VETH_INFO_PEER = Attr(1, MSG, LinkAttr, IFINFOMSG)
+
+
+@attr_space
+class AddrAttr(object):
+    IFA_ADDRESS = Attr(1, BYTES)
+    IFA_LOCAL = Attr(2, BYTES)
+    IFA_FLAGS = Attr(8, U32)
+
+
+@attr_space
+class RouteMetricAttr(object):
+    RTAX_MTU = Attr(2, U32)
+    RTAX_ADVMSS = Attr(8, U32)
+
+
+@attr_space
+class RouteAttr(object):
+    RTA_DST = Attr(1, BYTES)
+    RTA_OIF = Attr(4, U32)
+    RTA_GATEWAY = Attr(5, BYTES)
+    RTA_PRIORITY = Attr(6, U32)
+    RTA_METRICS = Attr(8, NEST, RouteMetricAttr)
+    RTA_TABLE = Attr(15, U32)
+
+
+for _types, _layout in (((RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK), (IFINFOMSG, LinkAttr)),
+                        ((RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR), (IFADDRMSG, AddrAttr)),
+                        ((RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE), (RTMSG, RouteAttr))):
+    for _type in _types:
+        MESSAGE_LAYOUTS[_type] = _layout
+
+
+class Link(object):
+    """What the plugins need to know of a network interface."""
+
+    __slots__ = ("index", "name", "kind", "mac", "mtu", "flags", "master", "operstate",
+                 "peer_index", "alias", "port")
+
+    def __init__(self, msg):
+        attrs = msg.attrs
+        info = attrs.get(LinkAttr.IFLA_LINKINFO, {})
+        self.index = msg.header["index"]
+        self.flags = msg.header["flags"]
+        self.name = attrs.get(LinkAttr.IFLA_IFNAME, "")
+        self.kind = info.get(LinkInfoAttr.IFLA_INFO_KIND, "")
+        raw_mac = attrs.get(LinkAttr.IFLA_ADDRESS, b"")
+        self.mac = mac_to_text(raw_mac) if len(raw_mac) == 6 else ""
+        self.mtu = attrs.get(LinkAttr.IFLA_MTU, 0)
+        self.master = attrs.get(LinkAttr.IFLA_MASTER, 0)
+        self.operstate = attrs.get(LinkAttr.IFLA_OPERSTATE, 0)
+        self.peer_index = attrs.get(LinkAttr.IFLA_LINK, 0)
+        self.alias = attrs.get(LinkAttr.IFLA_IFALIAS, "")
+        self.port = info.get(LinkInfoAttr.IFLA_INFO_SLAVE_DATA, {})
+
+    @property
+    def up(self):
+        return bool(self.flags & IFF_UP)
+
+
+_LINK_QUERY = ((LinkAttr.IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS),)
+
+
+def get_link(nl, name=None, index=0):
+    """The link called `name` (or with `index`), or None when there is none."""
+    attrs = _LINK_QUERY + (((LinkAttr.IFLA_IFNAME, name),) if name else ())
+    try:
+        replies = nl.request(RTM_GETLINK, 0, {"index": index}, attrs,
+                             what="failed to look up link %s" % (name or index))
+    except NetlinkError as err:
+        if err.errno in (19, 22):   # ENODEV; EINVAL for names the kernel cannot hold
+            return None
+        raise
+    return Link(replies[0]) if replies else None
+
+
+def list_links(nl):
+    return [Link(m) for m in nl.dump(RTM_GETLINK, {}, _LINK_QUERY, what="failed to list links")]
+
+
+def link_change(index, up=None, promisc=None, master=None, mac=None, mtu=None, family=AF_UNSPEC,
+                extra=()):
+    """A RTM_NEWLINK request (for transact) changing an existing link."""
+    flags = change = 0
+    if up is not None:
+        change |= IFF_UP
+        flags |= IFF_UP if up else 0
+    if promisc is not None:
+        change |= IFF_PROMISC
+        flags |= IFF_PROMISC if promisc else 0
+    attrs = list(extra)
+    if master is not None:
+        attrs.append((LinkAttr.IFLA_MASTER, master))
+    if mac is not None:
+        attrs.append((LinkAttr.IFLA_ADDRESS, parse_mac(mac)))
+    if mtu:
+        attrs.append((LinkAttr.IFLA_MTU, mtu))
+    return (RTM_NEWLINK, 0, {"family": family, "index": index, "flags": flags, "change": change},
+            attrs)
+
+
+def set_link(nl, index, what, **changes):
+    nl.transact([link_change(index, **changes)], what)
+
+
+def create_bridge(nl, name, mtu=0, vlan_filtering=False):
+    """Create a bridge; returns False when a link of that name already exists (EEXIST)."""
+    data = ((BridgeAttr.IFLA_BR_VLAN_FILTERING, 1),) if vlan_filtering else ()
+    attrs = [(LinkAttr.IFLA_IFNAME, name),
+             (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "bridge"),
+                                       (LinkInfoAttr.IFLA_INFO_DATA, data)))]
+    if mtu:
+        attrs.append((LinkAttr.IFLA_MTU, mtu))
+    try:
+        nl.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {}, attrs,
+                   what="failed to create bridge %r" % name)
+    except NetlinkError as err:
+        if err.errno == 17:
+            return False
+        raise
+    return True
+
+
+def create_veth(nl, name, peer_name, peer_netns_fd, mtu=0, mac=None):
+    """Create a veth pair: `name` in the socket's namespace, `peer_name` in `peer_netns_fd`."""
+    peer = [(LinkAttr.IFLA_IFNAME, peer_name), (LinkAttr.IFLA_NET_NS_FD, peer_netns_fd)]
+    attrs = [(LinkAttr.IFLA_IFNAME, name)]
+    if mtu:
+        peer.append((LinkAttr.IFLA_MTU, mtu))
+        attrs.append((LinkAttr.IFLA_MTU, mtu))
+    if mac:
+        attrs.append((LinkAttr.IFLA_ADDRESS, parse_mac(mac)))
+    attrs.append((LinkAttr.IFLA_LINKINFO, (
+        (LinkInfoAttr.IFLA_INFO_KIND, "veth"),
+        (LinkInfoAttr.IFLA_INFO_DATA, ((VethAttr.VETH_INFO_PEER, ({}, peer)),)))))
+    nl.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {}, attrs,
+               what="failed to create veth pair %s/%s" % (name, peer_name))
+
+
+def delete_link(nl, index, what=""):
+    """Delete a link; a link that is already gone is not an error."""
+    try:
+        nl.request(RTM_DELLINK, 0, {"index": index}, (), what=what or "failed to delete link")
+    except NetlinkError as err:
+        if err.errno != 19:
+            raise
+
+
+def bridge_port_change(index, hairpin, isolated):
+    """A request (for transact) setting a bridge port's hairpin and isolation flags."""
+    return (RTM_SETLINK, 0, {"family": AF_BRIDGE, "index": index},
+            ((LinkAttr.IFLA_PROTINFO, ((BridgePortAttr.IFLA_BRPORT_MODE, int(hairpin)),
+                                       (BridgePortAttr.IFLA_BRPORT_ISOLATED, int(isolated)))),))
+
+
+def bridge_vlan_request(index, vid, flags, remove=False):
+    """A request (for transact) adding or removing one VLAN on a bridge port."""
+    return (RTM_DELLINK if remove else RTM_SETLINK, 0, {"family": AF_BRIDGE, "index": index},
+            ((LinkAttr.IFLA_AF_SPEC, ((BridgeAfSpecAttr.IFLA_BRIDGE_FLAGS, BRIDGE_FLAGS_MASTER),
+                                      (BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO,
+                                       BRIDGE_VLAN_INFO.pack(flags, vid)))),))
+
+
+def list_port_vlans(nl, index):
+    """The VLAN ids configured on bridge port `index`."""
+    vids = []
+    for msg in nl.dump(RTM_GETLINK, {"family": AF_BRIDGE},
+                       ((LinkAttr.IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN),), what="failed to list VLANs"):
+        if msg.header["index"] == index:
+            for raw in msg.get(LinkAttr.IFLA_AF_SPEC, {}).get(BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO, []):
+                vids.append(BRIDGE_VLAN_INFO.unpack(raw)[1])
+    return vids
+
+
+class Address(object):
+    """An address on an interface."""
+
+    __slots__ = ("prefix", "flags", "index", "scope")
+
+    def __init__(self, msg):
+        family = FAMILY_OF_AF[msg.header["family"]]
+        raw = msg.get(AddrAttr.IFA_LOCAL) or msg.get(AddrAttr.IFA_ADDRESS)
+        self.prefix = Prefix(family, int.from_bytes(raw, "big"), msg.header["prefixlen"])
+        self.flags = msg.get(AddrAttr.IFA_FLAGS, msg.header["flags"])
+        self.index = msg.header["index"]
+        self.scope = msg.header["scope"]
+
+
+def list_addrs(nl, index=0, family=0):
+    """Addresses of link `index` (all links when 0), of one family (4, 6) or both."""
+    msgs = nl.dump(RTM_GETADDR, {"family": AF_OF_FAMILY.get(family, AF_UNSPEC), "index": index},
+                   what="failed to list addresses")
+    return [Address(m) for m in msgs
+            if m.header["family"] in FAMILY_OF_AF and (not index or m.header["index"] == index)]
+
+
+def addr_request(index, prefix, remove=False, nodad=False):
+    """A request (for transact) adding or removing `prefix` on link `index`."""
+    raw = ip_bytes(prefix.family, prefix.ip)
+    attrs = [(AddrAttr.IFA_LOCAL, raw), (AddrAttr.IFA_ADDRESS, raw)]
+    if nodad:
+        attrs.append((AddrAttr.IFA_FLAGS, IFA_F_NODAD))
+    return (RTM_DELADDR if remove else RTM_NEWADDR, 0 if remove else NLM_F_CREATE | NLM_F_EXCL,
+            {"family": AF_OF_FAMILY[prefix.family], "prefixlen": prefix.length, "index": index},
+            attrs)
+
+
+def route_request(dst, gateway, oif, priority=0, table=0, scope=None, mtu=0, advmss=0):
+    """A request (for transact) adding a route; `gateway` is (family, ip) or None."""
+    family = dst.family
+    attrs = [(RouteAttr.RTA_OIF, oif)]
+    if dst.length:
+        attrs.append((RouteAttr.RTA_DST, ip_bytes(family, dst.network)))
+    if gateway is not None:
+        attrs.append((RouteAttr.RTA_GATEWAY, ip_bytes(*gateway)))
+    if priority:
+        attrs.append((RouteAttr.RTA_PRIORITY, priority))
+    if table > 255:
+        attrs.append((RouteAttr.RTA_TABLE, table))
+    metrics = []
+    if mtu:
+        metrics.append((RouteMetricAttr.RTAX_MTU, mtu))
+    if advmss:
+        metrics.append((RouteMetricAttr.RTAX_ADVMSS, advmss))
+    if metrics:
+        attrs.append((RouteAttr.RTA_METRICS, metrics))
+    if scope is None:
+        scope = RT_SCOPE_UNIVERSE if gateway is not None else RT_SCOPE_LINK
+    header = {"family": AF_OF_FAMILY[family], "dst_len": dst.length,
+              "table": table if 0 < table <= 255 else RT_TABLE_MAIN, "protocol": RTPROT_BOOT,
+              "scope": scope, "type": RTN_UNICAST}
+    return (RTM_NEWROUTE, NLM_F_CREATE, header, attrs)
+
+
+class Route(object):
+    """A route as read back from the kernel."""
+
+    __slots__ = ("dst", "gateway", "oif", "table")
+
+    def __init__(self, msg):
+        family = FAMILY_OF_AF[msg.header["family"]]
+        raw_dst = msg.get(RouteAttr.RTA_DST)
+        self.dst = Prefix(family, int.from_bytes(raw_dst, "big") if raw_dst else 0,
+                          msg.header["dst_len"])
+        raw_gw = msg.get(RouteAttr.RTA_GATEWAY)
+        self.gateway = (family, int.from_bytes(raw_gw, "big")) if raw_gw else None
+        self.oif = msg.get(RouteAttr.RTA_OIF, 0)
+        self.table = msg.get(RouteAttr.RTA_TABLE, msg.header["table"])
+
+
+def list_routes(nl, family):
+    msgs = nl.dump(RTM_GETROUTE, {"family": AF_OF_FAMILY[family]}, what="failed to list routes")
+    return [Route(m) for m in msgs if m.header["family"] == AF_OF_FAMILY[family]]
+
+
+# --- /proc/sys --------------------------------------------------------------------------------
+# Files under /proc/sys/net belong to the network namespace of the thread that opens them.
+
+def read_sysctl(key):
+    """Value of a sysctl such as "net/ipv4/ip_forward", or None when it does not exist."""
+    try:
+        with open("/proc/sys/" + key, "rb") as f:
+            return f.read().decode().strip()
+    except OSError:
+        return None
+
+
+def write_sysctl(key, value, required=False):
+    """Set a sysctl unless it already holds `value`; missing IPv6 files are tolerated unless
+    `required` (hosts booted with ipv6.disable=1 have none)."""
+    if read_sysctl(key) == value:
+        return
+    try:
+        with open("/proc/sys/" + key, "wb") as f:
+            f.write(value.encode())
+    except OSError as err:
+        if required:
+            raise CNIError(ERR_INTERNAL, "failed to set sysctl %s=%s: %s"
+                           % (key.replace("/", "."), value, err.strerror))
+
+
+# ==============================================================================================
+# nf_tables operations
+# ==============================================================================================
+
+def setup_masquerade(conf, request, result):
+    raise CNIError(ERR_INTERNAL, "ipMasq is not implemented yet")
+
+
+def setup_macspoofchk(conf, request, host_name, mac):
+    raise CNIError(ERR_INTERNAL, "macspoofchk is not implemented yet")
+
+
+def teardown_attachment_rules(network, container_id, ifname):
+    pass
+
+
+def check_attachment_rules(conf, request, previous, host_name, mac):
+    pass
+
+
+def collect_stale_rules(network, valid):
+    return []
+
+
+# ==============================================================================================
+# Namespaces
+# ==============================================================================================
+# A netlink socket belongs to the namespace it was opened in, so the plugins open one socket per
+# namespace and only switch (setns) for the few things that follow the calling thread: opening
+# sockets and writing /proc/sys.
+
+CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703                        # ioctl: which kind of namespace an fd refers to
+OWN_NETNS_PATH = "/proc/self/ns/net"
+
+_setns_function = None
+_original_netns_fd = None
+
+
+def setns(fd, nstype=CLONE_NEWNET):
+    """Move this thread into the namespace `fd` (os.setns from 3.12, else libc through ctypes)."""
+    global _setns_function
+    if _setns_function is None:
+        if hasattr(os, "setns"):
+            _setns_function = os.setns
+        else:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+
+            def _setns(ns_fd, ns_type):
+                if libc.setns(ns_fd, ns_type) != 0:
+                    errno_value = ctypes.get_errno()
+                    raise OSError(errno_value, os.strerror(errno_value))
+            _setns_function = _setns
+    _setns_function(fd, nstype)
+
+
+def original_netns_fd():
+    """An fd of the namespace the plugin was started in (the node's), opened before any switch."""
+    global _original_netns_fd
+    if _original_netns_fd is None:
+        _original_netns_fd = os.open(OWN_NETNS_PATH, os.O_RDONLY | os.O_CLOEXEC)
+    return _original_netns_fd
+
+
+class NetnsGone(CNIError):
+    """CNI_NETNS names a path that does not exist (or is not a network namespace) any more."""
+
+
+def is_own_netns(path):
+    """True when `path` is the namespace this process runs in (a stale /proc/<pid>/ns/net
+    can point at the node itself; acting there would reconfigure the node)."""
+    try:
+        mine = os.stat(OWN_NETNS_PATH)
+        theirs = os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+class Netns(object):
+    """A network namespace held open by fd, entered only inside `with ns.entered():`."""
+
+    def __init__(self, path):
+        import fcntl
+        self.path = path
+        original_netns_fd()
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+        except OSError as err:
+            if err.errno in (2, 20):     # ENOENT, ENOTDIR
+                raise NetnsGone(ERR_INVALID_NETNS, "failed to open netns %r: %s"
+                                % (path, err.strerror), "the network namespace does not exist")
+            raise CNIError(ERR_INVALID_NETNS, "failed to open netns %r: %s" % (path, err.strerror))
+        try:
+            nstype = fcntl.ioctl(self.fd, NS_GET_NSTYPE)
+        except OSError:
+            nstype = None
+        if nstype != CLONE_NEWNET:
+            os.close(self.fd)
+            raise NetnsGone(ERR_INVALID_NETNS, "failed to open netns %r: not a network namespace"
+                            % path, "CNI_NETNS must name a network namespace (nsfs) file")
+
+    def close(self):
+        os.close(self.fd)
+
+    def entered(self):
+        return _InNetns(self.fd)
+
+    def netlink(self, protocol=NETLINK_ROUTE):
+        """A netlink socket that acts inside this namespace."""
+        with self.entered():
+            return NetlinkSocket(protocol)
+
+
+class _InNetns(object):
+    """Context manager: run the block inside namespace `fd`, always returning to the original."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def __enter__(self):
+        setns(self.fd)
+
+    def __exit__(self, *exc):
+        setns(original_netns_fd())
+        return False
+
+
+# ==============================================================================================
+# IPAM store
+# ==============================================================================================
+# host-local's state, in the reference's layout so a node can switch between the two:
+#   <dataDir>/<network>/<ip>                  "<containerID>\r\n<ifname>" (older: "<containerID>")
+#   <dataDir>/<network>/last_reserved_ip.<N>  the last address handed out from range set N
+#   <dataDir>/<network>/lock                  flock'd around every allocation and release
+# Every file is reached through the directory's fd with O_NOFOLLOW, so a planted symlink is never
+# followed, and a reservation appears atomically (written to a temporary name, then hard-linked
+# into place), so a crash leaves either no reservation or a complete one.
+
+DEFAULT_DATA_DIR = "/var/lib/cni/networks"
+LOCK_TIMEOUT = 10.0                           # seconds to wait for another plugin's lock
+LAST_RESERVED_PREFIX = "last_reserved_ip."
+TEMP_PREFIX = ".tmp-"
+
+
+def os_error(err, what):
+    """A CNIError for a failed file operation: a full disk is worth retrying, the rest is I/O."""
+    code = ERR_TRY_AGAIN if err.errno in (28, 122) else ERR_IO     # ENOSPC, EDQUOT
+    return CNIError(code, "%s: %s" % (what, err.strerror or err), getattr(err, "filename", "") or "")
+
+
+class IPRange(object):
+    """One range of a range set: a subnet and the addresses handed out from it."""
+
+    __slots__ = ("subnet", "start", "end", "gateway")
+
+    def __init__(self, subnet, start, end, gateway):
+        self.subnet = subnet
+        self.start = start
+        self.end = end
+        self.gateway = gateway
+
+    @classmethod
+    def parse(cls, obj, where):
+        if not isinstance(obj, dict):
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be an object" % where)
+        text = conf_get(obj, "subnet", str, None, where + ".")
+        if text is None:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.subnet is missing" % where)
+        try:
+            subnet = Prefix.parse(text)
+        except ValueError as err:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.subnet: %s" % (where, err))
+        bits = IP_BITS[subnet.family]
+        if subnet.length > bits - 2:
+            raise CNIError(ERR_INVALID_CONFIG, "Network %s too small to allocate from" % text)
+        if subnet.ip != subnet.network:
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "Network has host bits set. For a subnet mask of length %d the network "
+                           "address is %s" % (subnet.length, ip_to_text(subnet.family, subnet.network)))
+        last_usable = subnet.last - 1 if subnet.family == 4 else subnet.last
+
+        def address(key, default):
+            value = conf_get(obj, key, str, None, where + ".")
+            if value is None:
+                return default
+            try:
+                family, ip = parse_ip(value)
+            except ValueError as err:
+                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.%s: %s" % (where, key, err))
+            if not subnet.contains(family, ip):
+                raise CNIError(ERR_INVALID_CONFIG, "%s %s not in network %s"
+                               % (key[0].upper() + key[1:], value, text))
+            return ip
+
+        start = address("rangeStart", subnet.network + 1)
+        end = address("rangeEnd", last_usable)
+        gateway = address("gateway", subnet.network + 1)
+        if start > end:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s: rangeStart %s is after "
+                           "rangeEnd %s" % (where, ip_to_text(subnet.family, start),
+                                            ip_to_text(subnet.family, end)))
+        return cls(subnet, start, end, gateway)
+
+    @property
+    def family(self):
+        return self.subnet.family
+
+    def usable(self, ip):
+        """Whether `ip` may be handed out: inside the range, not network, broadcast or gateway."""
+        return (self.start <= ip <= self.end and ip != self.gateway and ip != self.subnet.network
+                and not (self.family == 4 and ip == self.subnet.last))
+
+    def capacity(self):
+        """How many addresses the range can hand out (computed, never counted)."""
+        low, high = max(self.start, self.subnet.network + 1), self.end
+        if self.family == 4:
+            high = min(high, self.subnet.last - 1)
+        size = high - low + 1
+        return size - (1 if low <= self.gateway <= high else 0)
+
+    def overlaps(self, other):
+        return self.family == other.family and self.start <= other.end and other.start <= self.end
+
+    def __str__(self):
+        return "%s-%s" % (ip_to_text(self.family, self.start), ip_to_text(self.family, self.end))
+
+
+class RangeSet(list):
+    """Ranges of one family that together yield one address per container."""
+
+    def __str__(self):
+        return ",".join(str(r) for r in self)
+
+    def find(self, family, ip):
+        """The range holding `ip`, or None."""
+        for r in self:
+            if r.family == family and r.start <= ip <= r.end:
+                return r
+        return None
+
+    def capacity(self):
+        return sum(r.capacity() for r in self)
+
+
+def parse_range_set(items, where):
+    if not isinstance(items, list):
+        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list of ranges" % where)
+    if not items:
+        raise CNIError(ERR_INVALID_CONFIG, "invalid range set %s: empty range set" % where)
+    ranges = RangeSet(IPRange.parse(item, "%s[%d]" % (where, i)) for i, item in enumerate(items))
+    if len(set(r.family for r in ranges)) > 1:
+        raise CNIError(ERR_INVALID_CONFIG, "invalid range set %s: mixed address families" % where)
+    for i, a in enumerate(ranges):
+        for b in ranges[i + 1:]:
+            if a.overlaps(b):
+                raise CNIError(ERR_INVALID_CONFIG, "invalid range set %s: subnets %s and %s overlap"
+                               % (where, a, b))
+    return ranges
+
+
+def parse_resolv_conf(path):
+    """The `dns` of a result from a resolv.conf file (nameserver, domain, search, options)."""
+    dns = {"nameservers": [], "domain": "", "search": [], "options": []}
+    try:
+        with open(path) as f:
+            lines = f.read(1 << 20).splitlines()
+    except (OSError, ValueError) as err:
+        raise CNIError(ERR_INVALID_CONFIG, "failed to read resolvConf %r: %s" % (path, err))
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 2 or fields[0].startswith(("#", ";")):
+            continue
+        if fields[0] == "nameserver":
+            dns["nameservers"].append(fields[1])
+        elif fields[0] == "domain":
+            dns["domain"] = fields[1]
+        elif fields[0] in ("search", "options"):
+            dns[fields[0]].extend(fields[1:])
+    return dns
+
+
+def parse_routes(items, where):
+    """Validate a `routes` list; routes are returned in canonical text form."""
+    if not isinstance(items, list):
+        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list" % where)
+    routes = []
+    for i, item in enumerate(items):
+        here = "%s[%d]." % (where, i)
+        if not isinstance(item, dict):
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be an object" % here[:-1])
+        try:
+            dst = Prefix.parse(conf_get(item, "dst", str, None, here))
+            route = {"dst": dst.network_text()}
+            gw = conf_get(item, "gw", str, None, here)
+            if gw:
+                family, ip = parse_ip(gw)
+                if family != dst.family:
+                    raise ValueError("gateway %s is not of the family of %s" % (gw, route["dst"]))
+                route["gw"] = ip_to_text(family, ip)
+        except ValueError as err:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %sdst: %s" % (here, err))
+        for key, high in (("mtu", 65535), ("advmss", 65535), ("priority", 2 ** 32 - 1),
+                          ("table", 2 ** 32 - 1), ("scope", 255)):
+            if conf_get(item, key) is not None:
+                route[key] = conf_int(item, key, 0, high, 0, here)
+        routes.append(route)
+    return routes
+
+
+class IPAMConfig(object):
+    """host-local's configuration: where its state lives and what it hands out."""
+
+    def __init__(self, request):
+        ipam = conf_get(request.config, "ipam", dict)
+        if ipam is None:
+            raise CNIError(ERR_INVALID_CONFIG, "IPAM config missing 'ipam' key")
+        self.network = request.config["name"]
+        self.data_dir = conf_get(ipam, "dataDir", str, DEFAULT_DATA_DIR, "ipam.")
+        if not self.data_dir.startswith("/") or "\0" in self.data_dir:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: ipam.dataDir must be an "
+                           "absolute path", self.data_dir[:300])
+        self.ipam = ipam
+
+    def load_ranges(self, request):
+        """Parse and validate everything an ADD, CHECK or STATUS needs; DEL and GC do without."""
+        ipam, where = self.ipam, "ipam."
+        sets = []
+        for i, items in enumerate(conf_get(request.runtime_config(), "ipRanges", list, [])):
+            sets.append(parse_range_set(items, "runtimeConfig.ipRanges[%d]" % i))
+        if conf_get(ipam, "subnet") is not None:
+            sets.append(parse_range_set([ipam], "ipam"))
+        for i, items in enumerate(conf_get(ipam, "ranges", list, [], where)):
+            sets.append(parse_range_set(items, "ipam.ranges[%d]" % i))
+        if not sets:
+            raise CNIError(ERR_INVALID_CONFIG, "no IP ranges specified")
+        if is_legacy_version(request.version):
+            for family in (4, 6):
+                if sum(1 for s in sets if s[0].family == family) > 1:
+                    raise CNIError(ERR_INVALID_CONFIG, "CNI version %s does not support more than 1 "
+                                   "address per family" % request.version)
+        for i, a in enumerate(sets):
+            for j in range(i + 1, len(sets)):
+                if any(x.overlaps(y) for x in a for y in sets[j]):
+                    raise CNIError(ERR_INVALID_CONFIG, "range set %d overlaps with %d" % (i, j))
+        self.range_sets = sets
+        self.routes = parse_routes(conf_get(ipam, "routes", list, [], where), "ipam.routes")
+        resolv = conf_get(ipam, "resolvConf", str, "", where)
+        self.dns = parse_resolv_conf(resolv) if resolv else {}
+        self.requested = self._requested_ips(request)
+
+    @staticmethod
+    def _requested_ips(request):
+        """Addresses asked for by CNI_ARGS IP, args.cni.ips and runtimeConfig.ips, in that order."""
+        texts = []
+        arg = request.cni_arg("IP", ("IP", "MAC"))
+        if arg:
+            texts.extend(arg.split(","))
+        cni = conf_get(conf_get(request.config, "args", dict, {}), "cni", dict, {})
+        for where, items in (("args.cni.ips", conf_get(cni, "ips", list, [])),
+                             ("runtimeConfig.ips", conf_get(request.runtime_config(), "ips", list, []))):
+            for item in items:
+                if not isinstance(item, str):
+                    raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must hold strings" % where)
+                texts.append(item)
+        requested = []
+        for text in texts:
+            try:
+                ip = parse_ip(text.strip().split("/", 1)[0])
+            except ValueError:
+                raise CNIError(ERR_INVALID_CONFIG, "cannot understand ip: %r" % text[:100])
+            if ip not in requested:
+                requested.append(ip)
+        return requested
+
+
+class Store(object):
+    """The locked reservation directory of one network; use as `with Store(...) as store:`."""
+
+    def __init__(self, data_dir, network):
+        self.data_dir = data_dir
+        self.network = network
+        self.dir_fd = None
+        self.lock_fd = None
+
+    def __enter__(self):
+        import fcntl
+        path = os.path.join(self.data_dir, self.network)
+        try:
+            if not os.path.isdir(self.data_dir):
+                os.makedirs(self.data_dir, 0o755)
+            try:
+                os.mkdir(path, 0o755)
+            except OSError as err:
+                if err.errno != 17:
+                    raise
+            self.dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.lock_fd = os.open("lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                   0o644, dir_fd=self.dir_fd)
+        except OSError as err:
+            self.__exit__()
+            raise os_error(err, "failed to open the IPAM state directory %s" % path)
+        deadline = time.time() + LOCK_TIMEOUT
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
+            except OSError as err:
+                if err.errno not in (11, 4):        # EAGAIN/EWOULDBLOCK, EINTR
+                    self.__exit__()
+                    raise os_error(err, "failed to lock %s/lock" % path)
+            if time.time() > deadline:
+                self.__exit__()
+                raise CNIError(ERR_TRY_AGAIN, "timed out after %g s waiting for the lock on %s"
+                               % (LOCK_TIMEOUT, path), "another plugin holds it; try again later")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def __exit__(self, *exc):
+        for fd in (self.lock_fd, self.dir_fd):
+            if fd is not None:
+                os.close(fd)
+        self.lock_fd = self.dir_fd = None
+        return False
+
+    def read(self, name):
+        """Content of a state file, or None when it does not exist or is not a regular file."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=self.dir_fd)
+        except OSError:
+            return None
+        try:
+            return os.read(fd, 4096).decode("utf-8", "surrogateescape")
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def reservations(self):
+        """{(family, ip): owner text} of every reservation file (names that parse as addresses).
+
+        Temporary files left by a plugin killed mid-write are removed on the way: whoever holds
+        the lock is the only writer.
+        """
+        found = {}
+        for name in os.listdir(self.dir_fd):
+            if name.startswith(TEMP_PREFIX):
+                self.remove(name)
+                continue
+            if name == "lock" or name.startswith(LAST_RESERVED_PREFIX):
+                continue
+            try:
+                key = parse_ip(name)
+            except ValueError:
+                continue
+            content = self.read(name)
+            if content is not None:
+                found[key] = content
+        return found
+
+    def _write_temp(self, content):
+        name = "%s%d" % (TEMP_PREFIX, os.getpid())
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=self.dir_fd)
+            try:
+                os.write(fd, content.encode("utf-8", "surrogateescape"))
+            finally:
+                os.close(fd)
+        except OSError as err:
+            self.remove(name)
+            raise os_error(err, "failed to write in %s/%s" % (self.data_dir, self.network))
+        return name
+
+    def reserve(self, family, ip, owner):
+        """Create the reservation file of an address; False when it is taken already."""
+        temp = self._write_temp(owner)
+        try:
+            os.link(temp, ip_to_text(family, ip), src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
+                    follow_symlinks=False)
+            return True
+        except OSError as err:
+            if err.errno == 17:
+                return False
+            raise os_error(err, "failed to reserve %s" % ip_to_text(family, ip))
+        finally:
+            self.remove(temp)
+
+    def remove(self, name):
+        try:
+            os.unlink(name, dir_fd=self.dir_fd)
+        except OSError as err:
+            if err.errno != 2:
+                raise os_error(err, "failed to remove %s/%s/%s" % (self.data_dir, self.network, name))
+
+    def last_reserved(self, set_index):
+        content = self.read(LAST_RESERVED_PREFIX + str(set_index))
+        try:
+            return parse_ip(content.strip()) if content else None
+        except ValueError:
+            return None
+
+    def set_last_reserved(self, set_index, family, ip):
+        temp = self._write_temp(ip_to_text(family, ip))
+        try:
+            os.rename(temp, LAST_RESERVED_PREFIX + str(set_index), src_dir_fd=self.dir_fd,
+                      dst_dir_fd=self.dir_fd)
+        except OSError as err:
+            self.remove(temp)
+            raise os_error(err, "failed to record the last reserved address")
+
+
+def owner_text(container_id, ifname):
+    return "%s\r\n%s" % (container_id.strip(), ifname)
+
+
+def owned_by(content, container_id, ifname):
+    """Whether a reservation's content names this attachment (or, in the legacy form, its ID)."""
+    content = content.strip()
+    return content == owner_text(container_id, ifname) or content == container_id.strip()
+
+
+def _candidates(ranges, last):
+    """Addresses of a range set in allocation order: after `last`, wrapping round once.
+
+    Lazy, so a large IPv6 range costs only the addresses actually tried.
+    """
+    count = len(ranges)
+    index, ip = 0, ranges[0].start
+    if last is not None:
+        for i, r in enumerate(ranges):
+            if r.family == last[0] and r.start <= last[1] <= r.end:
+                index, ip = i, last[1] + 1
+                break
+    order = [(ranges[index], ip, ranges[index].end)]
+    order.extend((ranges[(index + k) % count], ranges[(index + k) % count].start,
+                  ranges[(index + k) % count].end) for k in range(1, count))
+    order.append((ranges[index], ranges[index].start, ip - 1))
+    for r, first, last_ip in order:
+        for candidate in range(first, last_ip + 1):
+            yield r, candidate
+
+
+def allocate(store, config, container_id, ifname):
+    """Reserve one address per range set for (container_id, ifname) and return them.
+
+    A repeated ADD of the same attachment gets its existing reservations back.  On failure the
+    reservations made by this call are removed again.
+    """
+    owner = owner_text(container_id, ifname)
+    reserved = store.reservations()
+    requested = list(config.requested)
+    made, result = [], []
+    try:
+        for set_index, ranges in enumerate(config.range_sets):
+            result.append(_allocate_in_set(store, set_index, ranges, reserved, requested, owner, made))
+        if requested:
+            raise CNIError(ERR_INVALID_CONFIG, "failed to allocate all requested IPs: %s"
+                           % " ".join(ip_to_text(*ip) for ip in requested),
+                           "a requested address lies in no range set (or two lie in one)")
+    except BaseException:
+        for family, ip in made:
+            store.remove(ip_to_text(family, ip))
+        raise
+    return result
+
+
+def _allocate_in_set(store, set_index, ranges, reserved, requested, owner, made):
+    """One address from one range set: the attachment's own, a requested one, or the next free."""
+    family = ranges[0].family
+    for (fam, ip), content in reserved.items():
+        if content.strip() == owner and ranges.find(fam, ip):
+            if (fam, ip) in requested:
+                requested.remove((fam, ip))
+            return ranges.find(fam, ip), fam, ip
+    for fam, ip in requested:
+        r = ranges.find(fam, ip)
+        if r is None:
+            continue
+        requested.remove((fam, ip))
+        text = ip_to_text(fam, ip)
+        if ip == r.gateway:
+            raise CNIError(ERR_INVALID_CONFIG, "requested ip %s is subnet's gateway" % text)
+        if not r.usable(ip):
+            raise CNIError(ERR_INVALID_CONFIG, "requested ip %s is not usable in range set %s"
+                           % (text, ranges))
+        if not store.reserve(fam, ip, owner):
+            raise CNIError(ERR_INVALID_CONFIG, "requested IP address %s is not available in range "
+                           "set %s" % (text, ranges), "reserved by %r" % (store.read(text) or "")[:100])
+        made.append((fam, ip))
+        store.set_last_reserved(set_index, fam, ip)
+        return r, fam, ip
+    in_use = sum(1 for (fam, ip) in reserved if fam == family
+                 and any(r.usable(ip) for r in ranges))
+    if in_use < ranges.capacity():
+        for r, ip in _candidates(ranges, store.last_reserved(set_index)):
+            if (family, ip) in reserved or not r.usable(ip):
+                continue
+            if store.reserve(family, ip, owner):
+                made.append((family, ip))
+                store.set_last_reserved(set_index, family, ip)
+                return r, family, ip
+    raise CNIError(ERR_TRY_AGAIN, "no IP addresses available in range set: %s" % ranges,
+                   "all %d addresses of range set %d are reserved" % (ranges.capacity(), set_index))
+
+
+def release(store, container_id, ifname):
+    """Remove every reservation of (container_id, ifname); legacy ID-only files when there are none."""
+    owner = owner_text(container_id, ifname)
+    reserved = store.reservations()
+    mine = [key for key, content in reserved.items() if content.strip() == owner]
+    if not mine:
+        mine = [key for key, content in reserved.items() if content.strip() == container_id.strip()]
+    for family, ip in mine:
+        store.remove(ip_to_text(family, ip))
+    return mine
+
+
+def valid_attachments(config):
+    """The (containerID, ifname) pairs of a GC request, or None when the request names none."""
+    for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
+        items = config.get(key)
+        if items is not None:
+            if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list of "
+                               "objects" % key)
+            return set((str(conf_get(i, "containerID", None, "")), str(conf_get(i, "ifname", None, "")))
+                       for i in items)
+    return None
+
+
+def collect_garbage(store, valid):
+    """Release reservations of attachments not in `valid`; returns the errors met on the way."""
+    valid_ids = set(cid for cid, _ in valid)
+    errors = []
+    for (family, ip), content in store.reservations().items():
+        cid, sep, ifname = content.strip().partition("\r\n")
+        keep = (cid, ifname) in valid if sep else cid in valid_ids
+        if not keep:
+            try:
+                store.remove(ip_to_text(family, ip))
+            except CNIError as err:
+                errors.append(err.msg)
+    return errors
+
+
+# ==============================================================================================
+# The loopback plugin
+# ==============================================================================================
+
+def loopback_add(request):
+    """Bring `lo` up in the container (CNI_IFNAME is ignored: runtimes pass eth0 or lo)."""
+    ns = Netns(request.netns)
+    nl = ns.netlink()
+    lo = get_link(nl, "lo")
+    if lo is None:
+        raise CNIError(ERR_INTERNAL, "the namespace %s has no loopback interface" % request.netns)
+    set_link(nl, lo.index, "failed to set lo up", up=True)
+    ips = []
+    for family in (4, 6):
+        addrs = [a.prefix for a in list_addrs(nl, lo.index, family)]
+        for prefix in addrs:
+            loopback_net = Prefix(4, 0x7F000000, 8) if family == 4 else Prefix(6, 1, 128)
+            if not loopback_net.contains(prefix.family, prefix.ip):
+                raise CNIError(ERR_INTERNAL, "loopback interface found with non-loopback address %r"
+                               % str(prefix))
+        if addrs:
+            ips.append({"address": str(addrs[0]), "interface": 0})
+    previous = previous_result(request)
+    if previous is not None:
+        return previous
+    return {"interfaces": [{"name": "lo", "mac": "00:00:00:00:00:00", "sandbox": request.netns}],
+            "ips": ips}
+
+
+def loopback_del(request):
+    """Take `lo` down; a namespace that is gone (or never given) has nothing left to undo."""
+    if not request.netns:
+        return None
+    try:
+        ns = Netns(request.netns)
+    except NetnsGone:
+        return None
+    nl = ns.netlink()
+    lo = get_link(nl, "lo")
+    if lo is not None:
+        set_link(nl, lo.index, "failed to set lo down", up=False)
+    return None
+
+
+def loopback_check(request):
+    nl = Netns(request.netns).netlink()
+    lo = get_link(nl, "lo")
+    if lo is None or not lo.up:
+        raise CNIError(ERR_INTERNAL, "loopback interface is down")
+    return None
+
+
+def nothing_to_do(request):
+    return None
+
+
+# ==============================================================================================
+# The host-local plugin
+# ==============================================================================================
+
+def host_local_add(request):
+    """Reserve one address per range set; the short IPAM result (no interfaces)."""
+    config = IPAMConfig(request)
+    config.load_ranges(request)
+    with Store(config.data_dir, config.network) as store:
+        allocations = allocate(store, config, request.container_id, request.ifname)
+    ips = [{"address": "%s/%d" % (ip_to_text(family, ip), r.subnet.length),
+            "gateway": ip_to_text(family, r.gateway)} for r, family, ip in allocations]
+    return {"ips": ips, "routes": config.routes, "dns": config.dns}
+
+
+def host_local_del(request):
+    """Release the attachment's addresses; needs only the network name and dataDir, so a range
+    configuration that no longer validates does not leak them (decision 9)."""
+    config = IPAMConfig(request)
+    with Store(config.data_dir, config.network) as store:
+        release(store, request.container_id, request.ifname)
+    return None
+
+
+def host_local_check(request):
+    config = IPAMConfig(request)
+    config.load_ranges(request)
+    with Store(config.data_dir, config.network) as store:
+        reserved = store.reservations()
+    owner = owner_text(request.container_id, request.ifname)
+    mine = set(key for key, content in reserved.items() if content.strip() == owner)
+    if not mine:
+        raise CNIError(ERR_INTERNAL, "host-local: Failed to find address added by container %s"
+                       % request.container_id)
+    previous = previous_result(request)
+    for ip in (previous or {}).get("ips", []):
+        try:
+            prefix = Prefix.parse(ip["address"])
+        except (ValueError, KeyError):
+            continue
+        key = (prefix.family, prefix.ip)
+        if any(s.find(*key) for s in config.range_sets) and key not in mine:
+            raise CNIError(ERR_INTERNAL, "host-local: address %s is not reserved for container %s"
+                           % (ip["address"], request.container_id))
+    return None
+
+
+def host_local_gc(request):
+    """Release reservations whose attachment is not in cni.dev/valid-attachments."""
+    valid = valid_attachments(request.config)
+    if valid is None:
+        return None
+    config = IPAMConfig(request)
+    with Store(config.data_dir, config.network) as store:
+        errors = collect_garbage(store, valid)
+    if errors:
+        raise CNIError(ERR_IO, "host-local GC could not release every stale reservation",
+                       "; ".join(errors))
+    return None
+
+
+def host_local_status(request):
+    """Fail with code 50 when a range set has no free address (counted, never walked)."""
+    config = IPAMConfig(request)
+    config.load_ranges(request)
+    with Store(config.data_dir, config.network) as store:
+        reserved = list(store.reservations())
+    for index, ranges in enumerate(config.range_sets):
+        in_use = sum(1 for family, ip in reserved if any(r.family == family and r.usable(ip)
+                                                        for r in ranges))
+        if in_use >= ranges.capacity():
+            raise CNIError(ERR_NOT_AVAILABLE, "no IP addresses available in range set: %s" % ranges,
+                           "all %d addresses of range set %d are reserved" % (ranges.capacity(), index))
+    return None
+
+
+# ==============================================================================================
+# The bridge plugin
+# ==============================================================================================
+
+VLAN_MAX = 4094
+PORT_UP_TIMEOUT = 2.5                          # seconds to wait for the host veth to come up
+IPV6_SETTLE_TIMEOUT = 5.0                      # seconds to wait for duplicate address detection
+HOST_VETH_PREFIX = "veth"
+
+
+class BridgeConfig(object):
+    """The bridge plugin's keys (reference names, matched case-insensitively)."""
+
+    def __init__(self, request):
+        c = request.config
+        self.network = c["name"]
+        self.bridge = conf_get(c, "bridge", str, "cni0")
+        try:
+            check_ifname(self.bridge)
+        except CNIError as err:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: bridge: %s" % err.msg,
+                           self.bridge[:100])
+        flag = lambda key: conf_get(c, key, bool, False)
+        self.is_default_gateway = flag("isDefaultGateway")
+        self.is_gateway = flag("isGateway") or self.is_default_gateway
+        self.force_address = flag("forceAddress")
+        self.ip_masq = flag("ipMasq")
+        self.ip_masq_backend = conf_get(c, "ipMasqBackend", str, "nftables")
+        if self.ip_masq_backend not in ("nftables", "iptables"):
+            raise CNIError(ERR_INVALID_CONFIG, "unknown ipmasq backend %r" % self.ip_masq_backend[:50],
+                           'ipMasqBackend is "nftables" (the default) or "iptables"')
+        self.mtu = conf_int(c, "mtu", 0, 65535)
+        if 0 < self.mtu < 68:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: mtu %d is below 68" % self.mtu)
+        self.hairpin = flag("hairpinMode")
+        self.promisc = flag("promiscMode")
+        self.port_isolation = flag("portIsolation")
+        self.macspoofchk = flag("macspoofchk")
+        self.enable_dad = flag("enabledad")
+        self.disable_container_interface = flag("disableContainerInterface")
+        self.preserve_default_vlan = flag("preserveDefaultVlan")
+        vlan = conf_get(c, "vlan", int, 0)
+        if not 0 <= vlan <= VLAN_MAX:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid VLAN ID %d (must be between 0 and 4094)" % vlan)
+        self.vlan = vlan
+        trunk = conf_get(c, "vlanTrunk", list)
+        self.vlan_trunk = parse_vlan_trunk(trunk) if trunk is not None else None
+        ipam = conf_get(c, "ipam", dict, {})
+        self.ipam_type = conf_get(ipam, "type", str, "", "ipam.")
+        dns = conf_get(c, "dns", dict, {})
+        self.dns = dict((k, v) for k, v in dns.items() if v)
+        self.mac = self._container_mac(request)
+        if self.ipam_type and self.disable_container_interface:
+            raise CNIError(ERR_INVALID_CONFIG, "cannot use IPAM when DisableContainerInterface flag is set")
+        if self.hairpin and self.promisc:
+            raise CNIError(ERR_INVALID_CONFIG, "cannot set hairpin mode and promiscuous mode at the same time")
+
+    @property
+    def vlan_filtering(self):
+        return self.vlan != 0 or self.vlan_trunk is not None
+
+    @staticmethod
+    def _container_mac(request):
+        """runtimeConfig.mac, else args.cni.mac, else CNI_ARGS MAC."""
+        cni = conf_get(conf_get(request.config, "args", dict, {}), "cni", dict, {})
+        for mac in (conf_get(request.runtime_config(), "mac", str), conf_get(cni, "mac", str),
+                    request.cni_arg("MAC", ("IP", "MAC"))):
+            if mac:
+                try:
+                    parse_mac(mac)
+                except ValueError as err:
+                    raise CNIError(ERR_INVALID_CONFIG, str(err))
+                return mac.lower()
+        return None
+
+
+def parse_vlan_trunk(items):
+    """Sorted, de-duplicated VLAN ids of a vlanTrunk list of {id} or {minID, maxID} entries."""
+    vids = set()
+    for item in items:
+        if not isinstance(item, dict):
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: vlanTrunk entries are objects")
+        low, high, one = (conf_get(item, k, int) for k in ("minID", "maxID", "id"))
+        if low is not None or high is not None:
+            if low is None:
+                raise CNIError(ERR_INVALID_CONFIG, "minID and maxID should be configured simultaneously, minID is missing")
+            if high is None:
+                raise CNIError(ERR_INVALID_CONFIG, "minID and maxID should be configured simultaneously, maxID is missing")
+            if not 1 <= low <= VLAN_MAX:
+                raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk minID parameter")
+            if not 1 <= high <= VLAN_MAX:
+                raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk maxID parameter")
+            if high < low:
+                raise CNIError(ERR_INVALID_CONFIG, "minID is greater than maxID in trunk parameter")
+            vids.update(range(low, high + 1))
+        if one is not None:
+            if not 1 <= one <= VLAN_MAX:
+                raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk id parameter")
+            vids.add(one)
+    return sorted(vids)
+
+
+# --- IPAM delegation --------------------------------------------------------------------------
+
+IPAM_IN_PROCESS = {}      # filled below: command -> host-local function, for ipam.type host-local
+
+
+def ipam_call(request, ipam_type, command):
+    """Run the IPAM plugin for `command`: host-local in this process, anything else from CNI_PATH."""
+    if ipam_type == "host-local":
+        original = request.command
+        request.command = command
+        try:
+            return IPAM_IN_PROCESS[command](request)
+        finally:
+            request.command = original
+    return exec_plugin(request, ipam_type, command)
+
+
+def find_plugin(plugin_type, cni_path):
+    if not plugin_type:
+        raise CNIError(ERR_INVALID_CONFIG, "no plugin name provided")
+    if "/" in plugin_type or plugin_type in (".", ".."):
+        raise CNIError(ERR_INVALID_CONFIG, "invalid plugin name %r" % plugin_type[:100])
+    dirs = [d for d in cni_path.split(":") if d]
+    for directory in dirs:
+        candidate = os.path.join(directory, plugin_type)
+        if os.path.isfile(candidate):
+            return candidate
+    raise CNIError(ERR_INVALID_CONFIG, "failed to find plugin %r in path %s" % (plugin_type, dirs))
+
+
+def exec_plugin(request, plugin_type, command):
+    """Execute a delegated plugin as the spec says: our environment with CNI_COMMAND replaced,
+    our stdin; its result parsed in the config's version, its error passed on unchanged."""
+    import subprocess
+    path = find_plugin(plugin_type, request.path)
+    env = dict(os.environ)
+    env["CNI_COMMAND"] = command
+    for attempt in range(6):
+        try:
+            proc = subprocess.run([path], input=request.stdin, env=env, stdout=subprocess.PIPE)
+            break
+        except OSError as err:
+            if err.errno != 26 or attempt == 5:    # ETXTBSY: the file is still being written
+                raise CNIError(ERR_INTERNAL, "failed to execute %s: %s" % (path, err.strerror))
+            time.sleep(1)
+    output = proc.stdout.decode("utf-8", "replace").strip()
+    if proc.returncode != 0:
+        try:
+            error = json_loads(output)
+            raise CNIError(int(error.get("code", 0)), str(error.get("msg", "")),
+                           str(error.get("details", "")))
+        except (ValueError, AttributeError, TypeError):
+            if not output:
+                raise CNIError(ERR_INTERNAL, "netplugin failed with no error message: exit status %d"
+                               % proc.returncode)
+            raise CNIError(ERR_INTERNAL, "netplugin failed but error parsing its diagnostic message",
+                           output[:1000])
+    if command != "ADD":
+        return None
+    try:
+        return decode_result(json_loads(output), request.version)
+    except ValueError as err:
+        raise CNIError(ERR_DECODE, "failed to parse the result of %s: %s" % (plugin_type, err))
+
+
+# --- ADD ----------------------------------------------------------------------------------------
+
+def ensure_bridge(nl, conf):
+    """Create the bridge or reuse it (EEXIST is success: concurrent first ADDs race here)."""
+    created = create_bridge(nl, conf.bridge, conf.mtu, conf.vlan_filtering)
+    bridge = get_link(nl, conf.bridge)
+    if bridge is None or bridge.kind != "bridge":
+        raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not a bridge" % conf.bridge,
+                       "choose another `bridge` name or remove the %s link" % (bridge.kind if bridge else "other"))
+    # A new bridge's MAC would follow its lowest port; pinning it keeps neighbours' ARP caches valid.
+    changes = {"up": True, "mac": bridge.mac if created else None,
+               "promisc": True if conf.promisc else None}
+    if created or not bridge.up or (conf.promisc and not bridge.flags & IFF_PROMISC):
+        set_link(nl, bridge.index, "failed to set up bridge %s" % conf.bridge, **changes)
+    write_sysctl("net/ipv6/conf/%s/accept_ra" % conf.bridge, "0")
+    return bridge
+
+
+def random_veth_name():
+    return HOST_VETH_PREFIX + os.urandom(4).hex()
+
+
+def attachment_alias(network, container_id, ifname):
+    """The host veth's alias, which lets GC map a port back to its attachment."""
+    return ("cni:%s:%s:%s" % (network, container_id, ifname))[:255]
+
+
+def create_container_veth(container_nl, host_nl, request, conf):
+    """The veth pair: CNI_IFNAME in the container, `veth` + 8 hex on the node.  Returns both links."""
+    for _attempt in range(10):
+        host_name = random_veth_name()
+        try:
+            create_veth(container_nl, request.ifname, host_name, original_netns_fd(), conf.mtu, conf.mac)
+            break
+        except NetlinkError as err:
+            if err.errno != 17:
+                raise
+            if get_link(container_nl, request.ifname) is not None:
+                raise CNIError(ERR_INVALID_CONFIG, "container veth name %r already exists"
+                               % request.ifname, "the container %s already has an interface of "
+                               "that name" % request.container_id)
+            if get_link(host_nl, host_name) is None:
+                raise
+    else:
+        raise CNIError(ERR_TRY_AGAIN, "failed to find a free host veth name after 10 attempts")
+    container = get_link(container_nl, request.ifname)
+    host = get_link(host_nl, host_name)
+    if container is None or host is None:
+        raise CNIError(ERR_INTERNAL, "veth pair %s/%s vanished after creation" % (request.ifname, host_name))
+    return container, host
+
+
+def attach_host_veth(nl, conf, host, bridge, alias):
+    """Enslave the host veth, set its port flags and VLANs, and bring it up (one transaction)."""
+    requests = [link_change(host.index, up=True, master=bridge.index,
+                            extra=((LinkAttr.IFLA_IFALIAS, alias),)),
+                bridge_port_change(host.index, conf.hairpin, conf.port_isolation)]
+    if conf.vlan_filtering:
+        if not conf.preserve_default_vlan:
+            requests.append(bridge_vlan_request(host.index, 1, 0, remove=True))
+        untagged = BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED
+        if conf.vlan:
+            requests.append(bridge_vlan_request(host.index, conf.vlan, untagged))
+        elif conf.vlan_trunk:
+            requests.append(bridge_vlan_request(host.index, 1, untagged))
+        for vid in conf.vlan_trunk or ():
+            requests.append(bridge_vlan_request(host.index, vid, 0))
+    try:
+        nl.transact(requests, "failed to connect %r to bridge %s" % (host.name, conf.bridge))
+    except NetlinkError as err:
+        if conf.vlan_filtering and err.errno in (95, 22):     # EOPNOTSUPP, EINVAL
+            raise CNIError(ERR_INTERNAL, "failed to set VLANs on %s: %s" % (host.name, err.msg),
+                           "this kernel's bridge lacks VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)")
+        raise
+    write_sysctl("net/ipv6/conf/%s/accept_ra" % host.name, "0")
+
+
+def complete_gateways(conf, result):
+    """Give every IP interface 2 and, for a gateway bridge, a gateway; add default routes.
+
+    Returns the gateway prefixes to put on the bridge, per family.
+    """
+    bridge_addresses = {4: [], 6: []}
+    routes = result.setdefault("routes", [])
+    default_route_families = set(
+        address_family_of(r["dst"]) for r in routes if r["dst"] in ("0.0.0.0/0", "::/0"))
+    for ip in result["ips"]:
+        ip["interface"] = 2
+        prefix = Prefix.parse(ip["address"])
+        if not ip.get("gateway") and conf.is_gateway:
+            ip["gateway"] = ip_to_text(prefix.family, prefix.network + 1)
+        if not ip.get("gateway") or not conf.is_gateway:
+            continue
+        gateway = Prefix(prefix.family, parse_ip(ip["gateway"])[1], prefix.length)
+        if gateway not in bridge_addresses[prefix.family]:
+            bridge_addresses[prefix.family].append(gateway)
+        if conf.is_default_gateway and prefix.family not in default_route_families:
+            routes.append({"dst": "0.0.0.0/0" if prefix.family == 4 else "::/0", "gw": ip["gateway"]})
+            default_route_families.add(prefix.family)
+    return bridge_addresses
+
+
+def configure_container(ns, nl, conf, request, container, result):
+    """Sysctls, addresses, link state and routes inside the container."""
+    prefixes = [Prefix.parse(ip["address"]) for ip in result["ips"]]
+    has_ipv6 = any(p.family == 6 for p in prefixes)
+    with ns.entered():
+        conf_dir = "net/ipv6/conf/" + request.ifname
+        if conf.enable_dad:
+            write_sysctl(conf_dir + "/enhanced_dad", "1")
+            write_sysctl(conf_dir + "/accept_dad", "1")
+        else:
+            write_sysctl(conf_dir + "/accept_dad", "0")
+        write_sysctl("net/ipv4/conf/%s/arp_notify" % request.ifname, "1")
+        if has_ipv6:
+            write_sysctl("net/ipv6/conf/lo/disable_ipv6", "0", required=True)
+            write_sysctl(conf_dir + "/disable_ipv6", "0", required=True)
+            write_sysctl(conf_dir + "/keep_addr_on_down", "1", required=True)
+    requests = [addr_request(container.index, p, nodad=not conf.enable_dad) for p in prefixes]
+    requests.append(link_change(container.index, up=True))
+    nl.transact(requests, "failed to configure %s in the container" % request.ifname)
+    if has_ipv6 and conf.enable_dad:
+        wait_ipv6_settled(nl, container.index)
+    gateways = {}
+    for ip in result["ips"]:
+        if ip.get("gateway"):
+            gateways.setdefault(address_family_of(ip["address"]), parse_ip(ip["gateway"]))
+    route_requests = []
+    for route in result.get("routes") or []:
+        dst = Prefix.parse(route["dst"])
+        gw = parse_ip(route["gw"]) if route.get("gw") else gateways.get(dst.family)
+        route_requests.append(route_request(dst, gw, container.index, route.get("priority", 0),
+                                            route.get("table", 0), route.get("scope"),
+                                            route.get("mtu", 0), route.get("advmss", 0)))
+    if route_requests:
+        nl.transact(route_requests, "failed to add routes in the container")
+
+
+def wait_ipv6_settled(nl, index):
+    """Wait (bounded) until no IPv6 address of the link is tentative."""
+    deadline = time.time() + IPV6_SETTLE_TIMEOUT
+    while True:
+        addrs = list_addrs(nl, index, 6)
+        if any(a.flags & IFA_F_DADFAILED for a in addrs):
+            raise CNIError(ERR_INTERNAL, "IPv6 duplicate address detection failed",
+                           ", ".join(str(a.prefix) for a in addrs if a.flags & IFA_F_DADFAILED))
+        if not any(a.flags & IFA_F_TENTATIVE for a in addrs):
+            return
+        if time.time() > deadline:
+            raise CNIError(ERR_TRY_AGAIN, "IPv6 addresses still tentative after %g s" % IPV6_SETTLE_TIMEOUT)
+        time.sleep(0.05)
+
+
+def ensure_gateway_address(nl, conf, bridge, gateway):
+    """Put a gateway address on the bridge, tolerating it being there (concurrent ADDs)."""
+    for addr in list_addrs(nl, bridge.index, gateway.family):
+        if addr.prefix == gateway:
+            return
+        if addr.scope == RT_SCOPE_LINK:
+            continue
+        theirs = addr.prefix
+        conflict = (gateway.family == 4 or theirs.contains(6, gateway.ip)
+                    or gateway.contains(6, theirs.ip))
+        if not conflict:
+            continue
+        if not conf.force_address:
+            raise CNIError(ERR_INVALID_CONFIG, "%r already has an IP address different from %s"
+                           % (conf.bridge, gateway), "it holds %s; set forceAddress to replace it"
+                           % theirs)
+        nl.transact([addr_request(bridge.index, theirs, remove=True)],
+                    "failed to remove %s from %s" % (theirs, conf.bridge))
+    try:
+        nl.transact([addr_request(bridge.index, gateway)],
+                    "failed to add %s to bridge %s" % (gateway, conf.bridge))
+    except NetlinkError as err:
+        if err.errno != 17:
+            raise
+
+
+def wait_port_up(nl, host):
+    """Wait (bounded) for the host veth to report carrier, as the reference does."""
+    deadline = time.time() + PORT_UP_TIMEOUT
+    delay = 0.002
+    while True:
+        link = get_link(nl, index=host.index)
+        if link is None:
+            raise CNIError(ERR_INTERNAL, "host veth %s disappeared" % host.name)
+        if link.operstate == IF_OPER_UP:
+            return link
+        if time.time() > deadline:
+            raise CNIError(ERR_TRY_AGAIN, "bridge port in error state: %s"
+                           % OPERSTATE_NAMES.get(link.operstate, link.operstate))
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def bridge_add(request):
+    conf = BridgeConfig(request)
+    host_nl = NetlinkSocket()
+    ns = Netns(request.netns)
+    container_nl = ns.netlink()
+    bridge = ensure_bridge(host_nl, conf)
+    container, host = create_container_veth(container_nl, host_nl, request, conf)
+    ipam_done = False
+    try:
+        attach_host_veth(host_nl, conf, host, bridge,
+                         attachment_alias(conf.network, request.container_id, request.ifname))
+        result = {"interfaces": [], "ips": [], "routes": [], "dns": {}}
+        if conf.ipam_type:
+            ipam_result = ipam_call(request, conf.ipam_type, "ADD")
+            ipam_done = True
+            result.update((k, ipam_result.get(k) or result[k]) for k in ("ips", "routes", "dns"))
+            if not result["ips"]:
+                raise CNIError(ERR_INTERNAL, "IPAM plugin returned missing IP config")
+            gateways = complete_gateways(conf, result)
+            configure_container(ns, container_nl, conf, request, container, result)
+            for family in (4, 6):
+                for gateway in gateways[family]:
+                    ensure_gateway_address(host_nl, conf, bridge, gateway)
+                if gateways[family]:
+                    set_link(host_nl, bridge.index, "failed to pin the MAC of %s" % conf.bridge,
+                             mac=get_link(host_nl, index=bridge.index).mac)
+                    write_sysctl("net/ipv4/ip_forward" if family == 4 else
+                                 "net/ipv6/conf/all/forwarding", "1", required=True)
+            if conf.ip_masq:
+                setup_masquerade(conf, request, result)
+        elif not conf.disable_container_interface:
+            set_link(container_nl, container.index, "failed to set %s up" % request.ifname, up=True)
+        if conf.macspoofchk:
+            setup_macspoofchk(conf, request, host.name, container.mac)
+        if not conf.disable_container_interface:
+            host = wait_port_up(host_nl, host)
+        bridge = get_link(host_nl, index=bridge.index)
+    except BaseException:
+        rollback_add(request, conf, container_nl, container, ipam_done)
+        raise
+    result["interfaces"] = [{"name": bridge.name, "mac": bridge.mac},
+                            {"name": host.name, "mac": host.mac},
+                            {"name": container.name, "mac": container.mac, "sandbox": request.netns}]
+    if conf.dns:
+        result["dns"] = conf.dns
+    return result
+
+
+def rollback_add(request, conf, container_nl, container, ipam_done):
+    """Undo a failed ADD so nothing is left even if the runtime never calls DEL."""
+    try:
+        delete_link(container_nl, container.index)
+    except CNIError as err:
+        sys.stderr.write("rollback: %s\n" % err.msg)
+    if ipam_done:
+        try:
+            ipam_call(request, conf.ipam_type, "DEL")
+        except CNIError as err:
+            sys.stderr.write("rollback: IPAM DEL failed: %s\n" % err.msg)
+    teardown_attachment_rules(conf.network, request.container_id, request.ifname)
+
+
+# --- DEL, CHECK, STATUS, GC ----------------------------------------------------------------------
+
+def bridge_del(request):
+    """Best effort and idempotent: the netns, the link, the config's IPAM ranges or prevResult
+    may all be gone, and the reservation and rules are still released."""
+    try:
+        conf = BridgeConfig(request)
+        ipam_type = conf.ipam_type
+    except CNIError as err:
+        sys.stderr.write("DEL: using a partial config: %s\n" % err.msg)
+        ipam = request.config.get("ipam")
+        ipam_type = ipam.get("type") if isinstance(ipam, dict) and isinstance(ipam.get("type"), str) else ""
+    if request.netns:
+        try:
+            ns = Netns(request.netns)
+        except NetnsGone:
+            ns = None
+        if ns is not None:
+            nl = ns.netlink()
+            link = get_link(nl, request.ifname)
+            if link is not None:
+                delete_link(nl, link.index, "failed to delete %s in the container" % request.ifname)
+    teardown_attachment_rules(request.config["name"], request.container_id, request.ifname)
+    if ipam_type:
+        ipam_call(request, ipam_type, "DEL")
+    return None
+
+
+def bridge_check(request):
+    conf = BridgeConfig(request)
+    ns = Netns(request.netns)
+    if conf.ipam_type:
+        ipam_call(request, conf.ipam_type, "CHECK")
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    host_nl = NetlinkSocket()
+    container_nl = ns.netlink()
+    bridge = get_link(host_nl, conf.bridge)
+    if bridge is None or bridge.kind != "bridge":
+        raise CNIError(ERR_INTERNAL, "bridge %s not found or not a bridge" % conf.bridge)
+    if bool(bridge.flags & IFF_PROMISC) != conf.promisc:
+        raise CNIError(ERR_INTERNAL, "bridge %s promiscuous mode is not %s" % (conf.bridge, conf.promisc))
+    container = get_link(container_nl, request.ifname)
+    if container is None or container.kind != "veth":
+        raise CNIError(ERR_INTERNAL, "container interface %s not found or not a veth" % request.ifname)
+    entries = previous.get("interfaces") or []
+    for entry in entries:
+        if entry.get("name") == conf.bridge and entry.get("mac") and entry["mac"] != bridge.mac:
+            raise CNIError(ERR_INTERNAL, "bridge %s MAC %s does not match prevResult %s"
+                           % (conf.bridge, bridge.mac, entry["mac"]))
+        if entry.get("name") == request.ifname and entry.get("sandbox"):
+            if entry["sandbox"] != request.netns:
+                raise CNIError(ERR_INTERNAL, "Sandbox in prevResult %s doesn't match configured netns: %s"
+                               % (entry["sandbox"], request.netns))
+            if entry.get("mac") and entry["mac"] != container.mac:
+                raise CNIError(ERR_INTERNAL, "interface %s MAC %s does not match prevResult %s"
+                               % (request.ifname, container.mac, entry["mac"]))
+    host = get_link(host_nl, index=container.peer_index)
+    if host is None or host.master != bridge.index:
+        raise CNIError(ERR_INTERNAL, "the peer of %s is not a port of bridge %s" % (request.ifname, conf.bridge))
+    check_port(conf, host, container)
+    check_container_addresses(container_nl, container, previous)
+    check_attachment_rules(conf, request, previous, host.name, container.mac)
+    return None
+
+
+def check_port(conf, host, container):
+    expected = {"hairpin mode": (host.port.get(BridgePortAttr.IFLA_BRPORT_MODE), int(conf.hairpin)),
+                "port isolation": (host.port.get(BridgePortAttr.IFLA_BRPORT_ISOLATED), int(conf.port_isolation))}
+    if conf.mtu:
+        expected["host veth MTU"] = (host.mtu, conf.mtu)
+        expected["container MTU"] = (container.mtu, conf.mtu)
+    for what, (actual, wanted) in sorted(expected.items()):
+        if actual is not None and actual != wanted:
+            raise CNIError(ERR_INTERNAL, "%s of %s is %s, the config says %s" % (what, host.name, actual, wanted))
+
+
+def check_container_addresses(nl, container, previous):
+    present = set(a.prefix for a in list_addrs(nl, container.index))
+    for ip in previous.get("ips") or []:
+        prefix = Prefix.parse(ip["address"])
+        if prefix not in present:
+            raise CNIError(ERR_INTERNAL, "address %s is missing from %s" % (ip["address"], container.name))
+    for route in previous.get("routes") or []:
+        dst = Prefix.parse(route["dst"])
+        gw = parse_ip(route["gw"]) if route.get("gw") else None
+        found = any(r.dst.network == dst.network and r.dst.length == dst.length
+                    and (gw is None or r.gateway == gw)
+                    for r in list_routes(nl, dst.family) if r.oif == container.index)
+        if not found:
+            raise CNIError(ERR_INTERNAL, "route to %s%s is missing in the container"
+                           % (route["dst"], " via " + route["gw"] if gw else ""))
+
+
+def bridge_status(request):
+    conf = BridgeConfig(request)
+    if conf.ipam_type:
+        ipam_call(request, conf.ipam_type, "STATUS")
+    return None
+
+
+def bridge_gc(request):
+    """Forward GC to the IPAM, then remove rules and host veths of attachments no longer valid."""
+    conf = BridgeConfig(request)
+    valid = valid_attachments(request.config)
+    errors = []
+    if conf.ipam_type:
+        try:
+            ipam_call(request, conf.ipam_type, "GC")
+        except CNIError as err:
+            errors.append(err.msg)
+    if valid is not None:
+        nl = NetlinkSocket()
+        bridge = get_link(nl, conf.bridge)
+        prefix = "cni:%s:" % conf.network
+        for link in list_links(nl) if bridge else ():
+            if link.master == bridge.index and link.alias.startswith(prefix):
+                cid, _, ifname = link.alias[len(prefix):].rpartition(":")
+                if (cid, ifname) not in valid:
+                    try:
+                        delete_link(nl, link.index)
+                    except CNIError as err:
+                        errors.append(err.msg)
+        errors.extend(collect_stale_rules(conf.network, valid))
+    if errors:
+        raise CNIError(ERR_INTERNAL, "bridge GC could not remove everything", "; ".join(errors))
+    return None
+
+
+# ==============================================================================================
+# Entry point
+# ==============================================================================================
+
+PLUGINS = {
+    "bridge": {"ADD": bridge_add, "DEL": bridge_del, "CHECK": bridge_check,
+               "STATUS": bridge_status, "GC": bridge_gc},
+    "host-local": {"ADD": host_local_add, "DEL": host_local_del, "CHECK": host_local_check,
+                   "STATUS": host_local_status, "GC": host_local_gc},
+    "loopback": {"ADD": loopback_add, "DEL": loopback_del, "CHECK": loopback_check,
+                 "STATUS": nothing_to_do, "GC": nothing_to_do},
+}
+IPAM_IN_PROCESS.update(PLUGINS["host-local"])
+
+# Which CNI_* variables each command needs (the reference's skel table).
+REQUIRED_ENV = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME", "CNI_PATH"),
+    "GC": ("CNI_PATH",),
+    "STATUS": ("CNI_PATH",),
+    "VERSION": (),
+}
+# The first config version that allows a command.
+MIN_VERSION = {"CHECK": (0, 4, 0), "GC": (1, 1, 0), "STATUS": (1, 1, 0)}
+MAX_STDIN = 64 << 20
+
+
+def read_stdin(wait_for_data):
+    """All of stdin.  With `wait_for_data` false (VERSION) an idle stdin is not waited for long."""
+    chunks = []
+    size = 0
+    if not wait_for_data:
+        import select
+        if os.isatty(0) or not select.select([0], [], [], 1.0)[0]:
+            return b""
+    while True:
+        try:
+            chunk = os.read(0, 1 << 16)
+        except OSError as err:
+            if err.errno == 9 and not chunks:    # EBADF: no stdin at all
+                return b""
+            raise CNIError(ERR_IO, "error reading from stdin: %s" % err.strerror)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_STDIN:
+            raise CNIError(ERR_IO, "error reading from stdin: more than %d bytes" % MAX_STDIN)
+        chunks.append(chunk)
+
+
+def version_answer():
+    """VERSION: echo the version the caller speaks (spec) with the versions we support."""
+    requested = LATEST_VERSION
+    try:
+        config = json_loads(read_stdin(False) or b"{}")
+        if isinstance(config, dict) and config.get("cniVersion") in SUPPORTED_VERSIONS:
+            requested = config["cniVersion"]
+    except (ValueError, UnicodeError, CNIError):
+        pass
+    return {"cniVersion": requested, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def build_request(command, env):
+    """Validate the environment and stdin in the reference's order; the Request to act on."""
+    required = REQUIRED_ENV[command]
+    missing = [name for name in required if not env.get(name)]
+    if missing:
+        raise CNIError(ERR_INVALID_ENV, "required env variables [%s] missing" % ",".join(missing))
+    container_id = env.get("CNI_CONTAINERID", "")
+    ifname = env.get("CNI_IFNAME", "")
+    if "CNI_CONTAINERID" in required:
+        check_name(container_id, "containerID", ERR_INVALID_ENV)
+        check_ifname(ifname)
+    args = parse_cni_args(env.get("CNI_ARGS", ""))
+    raw = read_stdin(True)
+    try:
+        config = json_loads(raw)
+    except (ValueError, UnicodeError) as err:
+        raise CNIError(ERR_DECODE, "error unmarshall network config: %s" % err)
+    if not isinstance(config, dict):
+        raise CNIError(ERR_DECODE, "error unmarshall network config: the configuration must be a JSON object")
+    name = config.get("name")
+    if not name:
+        raise CNIError(ERR_INVALID_CONFIG, "missing network name")
+    if not isinstance(name, str):
+        raise CNIError(ERR_DECODE, "error unmarshall network config: name must be a string")
+    check_name(name, "network name", ERR_INVALID_CONFIG)
+    version = config.get("cniVersion", "")
+    if not isinstance(version, str):
+        raise CNIError(ERR_DECODE, "error unmarshall network config: cniVersion must be a string")
+    if command in MIN_VERSION:
+        if parse_version(version) < MIN_VERSION[command]:
+            raise CNIError(ERR_INCOMPATIBLE_VERSION, "config version does not allow %s" % command,
+                           "%s needs cniVersion %s or later" % (command, ".".join(map(str, MIN_VERSION[command]))))
+    if (version or "0.1.0") not in SUPPORTED_VERSIONS:
+        raise CNIError(ERR_INCOMPATIBLE_VERSION, "incompatible CNI versions",
+                       "config is %s, plugin supports %s" % (json_dumps(version[:50]), json_dumps(list(SUPPORTED_VERSIONS))))
+    request = Request(command, container_id, env.get("CNI_NETNS", ""), ifname, args,
+                      env.get("CNI_PATH", ""), config, version or "0.1.0")
+    request.stdin = raw
+    return request
+
+
+def check_netns_target(request):
+    """Refuse, before changing anything, a CNI_NETNS that is the plugin's own namespace."""
+    if request.netns and request.command in ("ADD", "CHECK", "DEL"):
+        override = os.environ.get("CNI_NETNS_OVERRIDE", "").lower() in ("1", "true")
+        if not override and is_own_netns(request.netns):
+            raise CNIError(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not be the same",
+                           "CNI_NETNS %s is the namespace the plugin runs in" % request.netns)
+
+
+def write_json(obj):
+    os.write(1, (json_dumps(obj) + "\n").encode())
+
+
+def run_plugin(plugin):
+    """Serve one CNI request as `plugin`; returns the exit status."""
+    env = os.environ
+    command = env.get("CNI_COMMAND", "")
+    if not command:
+        sys.stderr.write("CNI %s plugin %s (cni-bridge)\nCNI protocol versions supported: %s\n"
+                         % (plugin, PROGRAM_VERSION, ", ".join(SUPPORTED_VERSIONS)))
+        return 0
+    error_version = LATEST_VERSION
+    try:
+        if command not in REQUIRED_ENV:
+            raise CNIError(ERR_INVALID_ENV, "unknown CNI_COMMAND: %s" % command[:100])
+        if command == "VERSION":
+            write_json(version_answer())
+            return 0
+        request = build_request(command, env)
+        error_version = request.version
+        check_netns_target(request)
+        result = PLUGINS[plugin][command](request)
+        if result is not None:
+            write_json(encode_result(result, request.version))
+        return 0
+    except CNIError as err:
+        write_json(err.to_json(error_version))
+    except Exception as err:  # a bug: still answer in CNI form, never with a traceback on stdout
+        tb = err.__traceback__
+        while tb.tb_next:
+            tb = tb.tb_next
+        sys.stderr.write("internal error: %s: %s (line %d)\n" % (type(err).__name__, err, tb.tb_lineno))
+        write_json(CNIError(ERR_INTERNAL, "internal error: %s" % err).to_json(error_version))
+    return 1
+
+
+USAGE = """usage: %(prog)s COMMAND
+
+cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one program.
+Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
+
+commands:
+  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
+                          (--force replaces regular files of those names)
+  --version               print the program and CNI versions
+  --help                  this text
+"""
+
+
+def archive_path():
+    """The zipapp this module runs from, or None when it runs from a plain file."""
+    loader = globals().get("__loader__")
+    archive = getattr(loader, "archive", None)
+    return archive if archive and os.path.isfile(archive) else None
+
+
+def install(directory, force):
+    """Copy the zipapp into `directory` atomically and link the three plugin names to it."""
+    source = archive_path()
+    if source is None:
+        raise CNIError(ERR_INVALID_CONFIG, "install works from the built zipapp: run ./build.sh first")
+    target_name = os.path.basename(source)
+    if not os.path.isdir(directory):
+        os.makedirs(directory, 0o755)
+    for name in PLUGINS:
+        path = os.path.join(directory, name)
+        if os.path.lexists(path) and not os.path.islink(path) and not force:
+            raise CNIError(ERR_INVALID_CONFIG, "%s exists and is not a symlink; use --force to replace it" % path)
+    temp = os.path.join(directory, ".%s.%d" % (target_name, os.getpid()))
+    with open(source, "rb") as src, open(temp, "wb") as dst:
+        dst.write(src.read())
+    os.chmod(temp, 0o755)
+    os.rename(temp, os.path.join(directory, target_name))
+    for name in PLUGINS:
+        link_temp = os.path.join(directory, ".%s.%d" % (name, os.getpid()))
+        os.symlink(target_name, link_temp)
+        os.rename(link_temp, os.path.join(directory, name))
+    sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)), directory))
+
+
+def run_cli(prog, argv):
+    """The operator's command line, when started under a name that is not a plugin's."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE % {"prog": prog, "version": PROGRAM_VERSION})
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        sys.stdout.write("cni-bridge %s\nCNI protocol versions supported: %s\n"
+                         % (PROGRAM_VERSION, ", ".join(SUPPORTED_VERSIONS)))
+        return 0
+    try:
+        if argv[0] == "install" and len(argv) in (2, 3) and argv[2:] in ([], ["--force"]):
+            install(argv[1], force=argv[2:] == ["--force"])
+            return 0
+    except (CNIError, OSError) as err:
+        sys.stderr.write("%s: %s\n" % (prog, getattr(err, "msg", None) or err))
+        return 1
+    sys.stderr.write(USAGE % {"prog": prog, "version": PROGRAM_VERSION})
+    return 2
+
+
+def main():
+    name = os.path.basename(sys.argv[0])
+    if name in PLUGINS:
+        status = run_plugin(name)
+    else:
+        status = run_cli(name, sys.argv[1:])
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -618,13 +618,13 @@ class Message(object):
         return self.attrs.get(attr, default)
 
 
-# Message types of every family we speak: type -> (family header, attribute space).  Filled in
-# by the rtnetlink and nf_tables sections.
+# Message types of every protocol we speak: protocol -> {type -> (family header, attribute space)}.
+# Filled in by the rtnetlink and nf_tables sections (their type numbers overlap).
 MESSAGE_LAYOUTS = {}
 
 
-def encode_message(msg_type, flags, seq, header_values, attrs):
-    header, _space = MESSAGE_LAYOUTS[msg_type]
+def encode_message(layouts, msg_type, flags, seq, header_values, attrs):
+    header, _space = layouts[msg_type]
     body = header.pack(header_values or {}) + encode_attrs(attrs)
     return NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), msg_type, flags, seq, 0) + body
 
@@ -642,8 +642,8 @@ def decode_messages(data):
     return out
 
 
-def decode_payload(msg_type, flags, payload):
-    header, space = MESSAGE_LAYOUTS[msg_type]
+def decode_payload(layouts, msg_type, flags, payload):
+    header, space = layouts[msg_type]
     return Message(msg_type, flags, header.unpack(payload),
                    decode_attrs(space, payload, header.struct.size))
 
@@ -690,6 +690,7 @@ class NetlinkSocket(object):
         sock.settimeout(NETLINK_TIMEOUT)
         sock.bind((0, 0))
         self.sock = sock
+        self.layouts = MESSAGE_LAYOUTS[protocol]
         self.seq = int(time.time()) & 0xFFFFFF
 
     def close(self):
@@ -708,20 +709,27 @@ class NetlinkSocket(object):
                                % (what, NETLINK_TIMEOUT))
             raise NetlinkError(err.errno or 5, what)
 
-    def transact(self, requests, what=""):
+    def transact(self, requests, what="", batch=None):
         """Send several requests in one datagram and wait for every acknowledgement.
 
         `requests` are (type, flags, header values, attrs) tuples; NLM_F_REQUEST|NLM_F_ACK are
         added.  Returns the reply messages of each request (a list per request).  The first
-        refused request raises NetlinkError; the kernel still processed the others.
+        refused request raises NetlinkError; rtnetlink still processed the others, while a
+        `batch` (begin type, end type, header values: nf_tables) is committed all or nothing.
         """
         seqs = []
         chunks = []
         for msg_type, flags, header_values, attrs in requests:
             seq = self._next_seq()
             seqs.append(seq)
-            chunks.append(encode_message(msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, seq,
-                                         header_values, attrs))
+            chunks.append(encode_message(self.layouts, msg_type, flags | NLM_F_REQUEST | NLM_F_ACK,
+                                         seq, header_values, attrs))
+        if batch is not None:
+            begin, end, header_values = batch
+            chunks.insert(0, encode_message(self.layouts, begin, NLM_F_REQUEST, self._next_seq(),
+                                            header_values, ()))
+            chunks.append(encode_message(self.layouts, end, NLM_F_REQUEST, self._next_seq(),
+                                         header_values, ()))
         self.sock.send(b"".join(chunks))
         replies = dict((seq, []) for seq in seqs)
         pending = set(seqs)
@@ -735,8 +743,8 @@ class NetlinkSocket(object):
                     errno_value, reason = _ack_error(payload, flags)
                     if errno_value and failure is None:
                         failure = NetlinkError(errno_value, what, reason)
-                elif msg_type in MESSAGE_LAYOUTS:
-                    replies[seq].append(decode_payload(msg_type, flags, payload))
+                elif msg_type in self.layouts:
+                    replies[seq].append(decode_payload(self.layouts, msg_type, flags, payload))
         if failure is not None:
             raise failure
         return [replies[seq] for seq in seqs]
@@ -749,7 +757,8 @@ class NetlinkSocket(object):
         """A dump request; retried when the kernel flags it interrupted by a concurrent change."""
         for _attempt in range(5):
             seq = self._next_seq()
-            self.sock.send(encode_message(msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, header, attrs))
+            self.sock.send(encode_message(self.layouts, msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq,
+                                          header, attrs))
             messages, interrupted, done = [], False, False
             while not done:
                 for reply_type, flags, reply_seq, payload in decode_messages(self._recv(what)):
@@ -761,8 +770,8 @@ class NetlinkSocket(object):
                     elif reply_type == NLMSG_ERROR:
                         errno_value, reason = _ack_error(payload, flags)
                         raise NetlinkError(errno_value, what, reason)
-                    elif reply_type in MESSAGE_LAYOUTS:
-                        messages.append(decode_payload(reply_type, flags, payload))
+                    elif reply_type in self.layouts:
+                        messages.append(decode_payload(self.layouts, reply_type, flags, payload))
             if not interrupted:
                 return messages
         raise CNIError(ERR_TRY_AGAIN, "%s: netlink dump kept being interrupted" % what)
@@ -877,11 +886,12 @@ class RouteAttr(object):
     RTA_TABLE = Attr(15, U32)
 
 
+MESSAGE_LAYOUTS[NETLINK_ROUTE] = {}
 for _types, _layout in (((RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK), (IFINFOMSG, LinkAttr)),
                         ((RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR), (IFADDRMSG, AddrAttr)),
                         ((RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE), (RTMSG, RouteAttr))):
     for _type in _types:
-        MESSAGE_LAYOUTS[_type] = _layout
+        MESSAGE_LAYOUTS[NETLINK_ROUTE][_type] = _layout
 
 
 class Link(object):
@@ -1135,25 +1145,343 @@ def write_sysctl(key, value, required=False):
 # ==============================================================================================
 # nf_tables operations
 # ==============================================================================================
+# Masquerade and MAC spoof checking are nf_tables rules written over NETLINK_NETFILTER in one
+# batched transaction per ADD or DEL, so no `nft` or `iptables` program is needed and a crash
+# never leaves half a rule set.  Names, layout and comments are the reference's (its nftables
+# backend drives the `nft` program with the same text), so each side finds and removes the
+# other's rules.
 
-def setup_masquerade(conf, request, result):
-    raise CNIError(ERR_INTERNAL, "ipMasq is not implemented yet")
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+(NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE, NFT_MSG_DELTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN,
+ NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_GETRULE, NFT_MSG_DELRULE) = [
+    (NFNL_SUBSYS_NFTABLES << 8) | n for n in range(9)]
+
+NFPROTO_INET, NFPROTO_IPV4, NFPROTO_BRIDGE, NFPROTO_IPV6 = 1, 2, 7, 10
+NF_INET_POST_ROUTING = 4
+NF_BR_PRE_ROUTING = 0
+NF_ACCEPT, NF_DROP = 1, 0
+NFT_JUMP, NFT_GOTO, NFT_RETURN = -3, -4, -5
+NFT_REG_VERDICT, NFT_REG_1 = 0, 1
+NFT_CMP_EQ, NFT_CMP_NEQ = 0, 1
+NFT_META_IIFNAME, NFT_META_NFPROTO = 6, 15
+NFT_PAYLOAD_LL_HEADER, NFT_PAYLOAD_NETWORK_HEADER = 0, 1
+NFTNL_UDATA_COMMENT = 0          # the comment TLV in table, chain and rule user data
+BE32S = ">i"
+_SCALARS[BE32S] = struct.Struct(BE32S)
+
+NFGENMSG = Header("!BBH", ("family", "version", "res_id"))
 
 
-def setup_macspoofchk(conf, request, host_name, mac):
-    raise CNIError(ERR_INTERNAL, "macspoofchk is not implemented yet")
+@attr_space
+class NftVerdictAttr(object):
+    NFTA_VERDICT_CODE = Attr(1, BE32S)
+    NFTA_VERDICT_CHAIN = Attr(2, STR)
 
 
-def teardown_attachment_rules(network, container_id, ifname):
+@attr_space
+class NftDataAttr(object):
+    NFTA_DATA_VALUE = Attr(1, BYTES)
+    NFTA_DATA_VERDICT = Attr(2, NEST, NftVerdictAttr)
+
+
+@attr_space
+class NftMetaAttr(object):
+    NFTA_META_DREG = Attr(1, BE32)
+    NFTA_META_KEY = Attr(2, BE32)
+
+
+@attr_space
+class NftPayloadAttr(object):
+    NFTA_PAYLOAD_DREG = Attr(1, BE32)
+    NFTA_PAYLOAD_BASE = Attr(2, BE32)
+    NFTA_PAYLOAD_OFFSET = Attr(3, BE32)
+    NFTA_PAYLOAD_LEN = Attr(4, BE32)
+
+
+@attr_space
+class NftCmpAttr(object):
+    NFTA_CMP_SREG = Attr(1, BE32)
+    NFTA_CMP_OP = Attr(2, BE32)
+    NFTA_CMP_DATA = Attr(3, NEST, NftDataAttr)
+
+
+@attr_space
+class NftBitwiseAttr(object):
+    NFTA_BITWISE_SREG = Attr(1, BE32)
+    NFTA_BITWISE_DREG = Attr(2, BE32)
+    NFTA_BITWISE_LEN = Attr(3, BE32)
+    NFTA_BITWISE_MASK = Attr(4, NEST, NftDataAttr)
+    NFTA_BITWISE_XOR = Attr(5, NEST, NftDataAttr)
+
+
+@attr_space
+class NftImmediateAttr(object):
+    NFTA_IMMEDIATE_DREG = Attr(1, BE32)
+    NFTA_IMMEDIATE_DATA = Attr(2, NEST, NftDataAttr)
+
+
+# An expression's data is laid out by its name; these are the expressions the rules use.
+EXPRESSION_SPACES = {"meta": NftMetaAttr, "payload": NftPayloadAttr, "cmp": NftCmpAttr,
+                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr}
+
+
+@attr_space
+class NftExprAttr(object):
+    NFTA_EXPR_NAME = Attr(1, STR)
+    NFTA_EXPR_DATA = Attr(2, NEST)
+
+
+@attr_space
+class NftListAttr(object):
+    NFTA_LIST_ELEM = Attr(1, NEST, NftExprAttr, repeated=True)
+
+
+@attr_space
+class NftTableAttr(object):
+    NFTA_TABLE_NAME = Attr(1, STR)
+    NFTA_TABLE_FLAGS = Attr(2, BE32)
+    NFTA_TABLE_HANDLE = Attr(4, BE64)
+    NFTA_TABLE_USERDATA = Attr(6, BYTES)
+
+
+@attr_space
+class NftHookAttr(object):
+    NFTA_HOOK_HOOKNUM = Attr(1, BE32)
+    NFTA_HOOK_PRIORITY = Attr(2, BE32S)
+
+
+@attr_space
+class NftChainAttr(object):
+    NFTA_CHAIN_TABLE = Attr(1, STR)
+    NFTA_CHAIN_HANDLE = Attr(2, BE64)
+    NFTA_CHAIN_NAME = Attr(3, STR)
+    NFTA_CHAIN_HOOK = Attr(4, NEST, NftHookAttr)
+    NFTA_CHAIN_POLICY = Attr(5, BE32)
+    NFTA_CHAIN_TYPE = Attr(7, STR)
+    NFTA_CHAIN_USERDATA = Attr(12, BYTES)
+
+
+@attr_space
+class NftRuleAttr(object):
+    NFTA_RULE_TABLE = Attr(1, STR)
+    NFTA_RULE_CHAIN = Attr(2, STR)
+    NFTA_RULE_HANDLE = Attr(3, BE64)
+    NFTA_RULE_EXPRESSIONS = Attr(4, NEST, NftListAttr)
+    NFTA_RULE_USERDATA = Attr(7, BYTES)
+
+
+@attr_space
+class _NoAttr(object):
     pass
 
 
-def check_attachment_rules(conf, request, previous, host_name, mac):
-    pass
+for _type, _space in ((NFT_MSG_NEWTABLE, NftTableAttr), (NFT_MSG_GETTABLE, NftTableAttr),
+                      (NFT_MSG_DELTABLE, NftTableAttr), (NFT_MSG_NEWCHAIN, NftChainAttr),
+                      (NFT_MSG_GETCHAIN, NftChainAttr), (NFT_MSG_DELCHAIN, NftChainAttr),
+                      (NFT_MSG_NEWRULE, NftRuleAttr), (NFT_MSG_GETRULE, NftRuleAttr),
+                      (NFT_MSG_DELRULE, NftRuleAttr), (NFNL_MSG_BATCH_BEGIN, _NoAttr),
+                      (NFNL_MSG_BATCH_END, _NoAttr)):
+    MESSAGE_LAYOUTS.setdefault(NETLINK_NETFILTER, {})[_type] = (NFGENMSG, _space)
 
 
-def collect_stale_rules(network, valid):
-    return []
+def udata_comment(text):
+    """The user-data TLV that `nft` uses for a comment (NUL-terminated, at most 255 bytes)."""
+    raw = text.encode("utf-8", "surrogateescape")[:254] + b"\0"
+    return struct.pack("=BB", NFTNL_UDATA_COMMENT, len(raw)) + raw
+
+
+def comment_of(udata):
+    """The comment in a user-data blob, or ""."""
+    offset = 0
+    while udata and offset + 2 <= len(udata):
+        kind, length = struct.unpack_from("=BB", udata, offset)
+        if kind == NFTNL_UDATA_COMMENT:
+            return udata[offset + 2:offset + 2 + length].split(b"\0", 1)[0].decode("utf-8", "replace")
+        offset += 2 + length
+    return ""
+
+
+# --- expressions ---------------------------------------------------------------------------
+
+def _expr(name, attrs):
+    return (NftListAttr.NFTA_LIST_ELEM, ((NftExprAttr.NFTA_EXPR_NAME, name),
+                                         (NftExprAttr.NFTA_EXPR_DATA, attrs)))
+
+
+def _value(data):
+    return ((NftDataAttr.NFTA_DATA_VALUE, data),)
+
+
+def expr_meta(key):
+    return _expr("meta", ((NftMetaAttr.NFTA_META_KEY, key), (NftMetaAttr.NFTA_META_DREG, NFT_REG_1)))
+
+
+def expr_payload(base, offset, length):
+    return _expr("payload", ((NftPayloadAttr.NFTA_PAYLOAD_DREG, NFT_REG_1),
+                             (NftPayloadAttr.NFTA_PAYLOAD_BASE, base),
+                             (NftPayloadAttr.NFTA_PAYLOAD_OFFSET, offset),
+                             (NftPayloadAttr.NFTA_PAYLOAD_LEN, length)))
+
+
+def expr_cmp(op, data):
+    return _expr("cmp", ((NftCmpAttr.NFTA_CMP_SREG, NFT_REG_1), (NftCmpAttr.NFTA_CMP_OP, op),
+                         (NftCmpAttr.NFTA_CMP_DATA, _value(data))))
+
+
+def expr_bitwise(mask):
+    return _expr("bitwise", ((NftBitwiseAttr.NFTA_BITWISE_SREG, NFT_REG_1),
+                             (NftBitwiseAttr.NFTA_BITWISE_DREG, NFT_REG_1),
+                             (NftBitwiseAttr.NFTA_BITWISE_LEN, len(mask)),
+                             (NftBitwiseAttr.NFTA_BITWISE_MASK, _value(mask)),
+                             (NftBitwiseAttr.NFTA_BITWISE_XOR, _value(b"\0" * len(mask)))))
+
+
+def expr_verdict(code, chain=None):
+    verdict = [(NftVerdictAttr.NFTA_VERDICT_CODE, code)]
+    if chain:
+        verdict.append((NftVerdictAttr.NFTA_VERDICT_CHAIN, chain))
+    return _expr("immediate", ((NftImmediateAttr.NFTA_IMMEDIATE_DREG, NFT_REG_VERDICT),
+                               (NftImmediateAttr.NFTA_IMMEDIATE_DATA,
+                                ((NftDataAttr.NFTA_DATA_VERDICT, verdict),))))
+
+
+def expr_masquerade():
+    return _expr("masq", ())
+
+
+# Offsets of the address fields in the IPv4 and IPv6 headers: (saddr, daddr, length).
+IP_HEADER_FIELDS = {4: (12, 16, 4), 6: (8, 24, 16)}
+
+
+def match_family(family):
+    """`meta nfproto ipv4|ipv6`: what nft puts before an `ip`/`ip6` match in an inet table."""
+    return [expr_meta(NFT_META_NFPROTO),
+            expr_cmp(NFT_CMP_EQ, struct.pack("=B", NFPROTO_IPV4 if family == 4 else NFPROTO_IPV6))]
+
+
+def match_address(field, prefix, negate=False):
+    """`ip[6] saddr|daddr [!=] prefix` (the family already matched)."""
+    saddr, daddr, length = IP_HEADER_FIELDS[prefix.family]
+    exprs = [expr_payload(NFT_PAYLOAD_NETWORK_HEADER, saddr if field == "saddr" else daddr, length)]
+    if prefix.length < IP_BITS[prefix.family]:
+        exprs.append(expr_bitwise(ip_bytes(prefix.family, prefix.mask)))
+    exprs.append(expr_cmp(NFT_CMP_NEQ if negate else NFT_CMP_EQ,
+                          ip_bytes(prefix.family, prefix.network)))
+    return exprs
+
+
+# --- transactions --------------------------------------------------------------------------
+
+class NftBatch(object):
+    """The messages of one nf_tables transaction, committed all or nothing."""
+
+    def __init__(self):
+        self.requests = []
+
+    def add(self, msg_type, family, attrs, flags=0):
+        self.requests.append((msg_type, flags, {"family": family}, attrs))
+
+    def add_table(self, family, table, comment=None):
+        attrs = [(NftTableAttr.NFTA_TABLE_NAME, table)]
+        if comment:
+            attrs.append((NftTableAttr.NFTA_TABLE_USERDATA, udata_comment(comment)))
+        self.add(NFT_MSG_NEWTABLE, family, attrs, NLM_F_CREATE)
+
+    def add_chain(self, family, table, chain, hook=None, comment=None):
+        """A chain (`hook` = (type, hook number, priority) makes it a base chain); kept if it exists."""
+        attrs = [(NftChainAttr.NFTA_CHAIN_TABLE, table), (NftChainAttr.NFTA_CHAIN_NAME, chain)]
+        if hook is not None:
+            chain_type, hooknum, priority = hook
+            attrs.append((NftChainAttr.NFTA_CHAIN_HOOK, ((NftHookAttr.NFTA_HOOK_HOOKNUM, hooknum),
+                                                         (NftHookAttr.NFTA_HOOK_PRIORITY, priority))))
+            attrs.append((NftChainAttr.NFTA_CHAIN_POLICY, NF_ACCEPT))
+            attrs.append((NftChainAttr.NFTA_CHAIN_TYPE, chain_type))
+        if comment:
+            attrs.append((NftChainAttr.NFTA_CHAIN_USERDATA, udata_comment(comment)))
+        self.add(NFT_MSG_NEWCHAIN, family, attrs, NLM_F_CREATE)
+
+    def flush_chain(self, family, table, chain):
+        self.add(NFT_MSG_DELRULE, family, ((NftRuleAttr.NFTA_RULE_TABLE, table),
+                                           (NftRuleAttr.NFTA_RULE_CHAIN, chain)))
+
+    def delete_chain(self, family, table, chain):
+        self.add(NFT_MSG_DELCHAIN, family, ((NftChainAttr.NFTA_CHAIN_TABLE, table),
+                                            (NftChainAttr.NFTA_CHAIN_NAME, chain)))
+
+    def add_rule(self, family, table, chain, exprs, comment=None):
+        attrs = [(NftRuleAttr.NFTA_RULE_TABLE, table), (NftRuleAttr.NFTA_RULE_CHAIN, chain),
+                 (NftRuleAttr.NFTA_RULE_EXPRESSIONS, exprs)]
+        if comment:
+            attrs.append((NftRuleAttr.NFTA_RULE_USERDATA, udata_comment(comment)))
+        self.add(NFT_MSG_NEWRULE, family, attrs, NLM_F_CREATE | NLM_F_APPEND)
+
+    def delete_rule(self, rule):
+        self.add(NFT_MSG_DELRULE, rule.family, ((NftRuleAttr.NFTA_RULE_TABLE, rule.table),
+                                                (NftRuleAttr.NFTA_RULE_CHAIN, rule.chain),
+                                                (NftRuleAttr.NFTA_RULE_HANDLE, rule.handle)))
+
+    def commit(self, nl, what):
+        if self.requests:
+            nl.transact(self.requests, what, batch=(NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END,
+                                                     {"res_id": NFNL_SUBSYS_NFTABLES}))
+
+
+class NftRule(object):
+    """A rule as listed by the kernel: where it is, its handle, its comment, and what the
+    plugins look for in its expressions (a jump or goto target, a matched input interface)."""
+
+    __slots__ = ("family", "table", "chain", "handle", "comment", "jump_target", "iifname")
+
+    def __init__(self, msg):
+        self.family = msg.header["family"]
+        self.table = msg.get(NftRuleAttr.NFTA_RULE_TABLE, "")
+        self.chain = msg.get(NftRuleAttr.NFTA_RULE_CHAIN, "")
+        self.handle = msg.get(NftRuleAttr.NFTA_RULE_HANDLE, 0)
+        self.comment = comment_of(msg.get(NftRuleAttr.NFTA_RULE_USERDATA, b""))
+        self.jump_target = self.iifname = None
+        loaded_iifname = False
+        for element in msg.get(NftRuleAttr.NFTA_RULE_EXPRESSIONS, {}).get(NftListAttr.NFTA_LIST_ELEM, []):
+            name = element.get(NftExprAttr.NFTA_EXPR_NAME)
+            if name not in EXPRESSION_SPACES:
+                continue
+            data = decode_attrs(EXPRESSION_SPACES[name], element.get(NftExprAttr.NFTA_EXPR_DATA, b""))
+            if name == "immediate":
+                verdict = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DATA, {}).get(NftDataAttr.NFTA_DATA_VERDICT, {})
+                self.jump_target = verdict.get(NftVerdictAttr.NFTA_VERDICT_CHAIN, self.jump_target)
+            elif name == "meta":
+                loaded_iifname = data.get(NftMetaAttr.NFTA_META_KEY) == NFT_META_IIFNAME
+            elif name == "cmp" and loaded_iifname:
+                raw = data.get(NftCmpAttr.NFTA_CMP_DATA, {}).get(NftDataAttr.NFTA_DATA_VALUE, b"")
+                self.iifname = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                loaded_iifname = False
+
+
+def list_rules(nl, family, table, chain=None):
+    """Rules of a table (or one chain); an absent table or chain has none."""
+    attrs = [(NftRuleAttr.NFTA_RULE_TABLE, table)]
+    if chain:
+        attrs.append((NftRuleAttr.NFTA_RULE_CHAIN, chain))
+    try:
+        msgs = nl.dump(NFT_MSG_GETRULE, {"family": family}, attrs,
+                       what="failed to list nf_tables rules of %s" % table)
+    except NetlinkError as err:
+        if err.errno == 2:      # ENOENT
+            return []
+        raise
+    return [NftRule(m) for m in msgs if not chain or m.get(NftRuleAttr.NFTA_RULE_CHAIN) == chain]
+
+
+def list_chains(nl, family, table):
+    try:
+        msgs = nl.dump(NFT_MSG_GETCHAIN, {"family": family}, ((NftChainAttr.NFTA_CHAIN_TABLE, table),),
+                       what="failed to list nf_tables chains of %s" % table)
+    except NetlinkError as err:
+        if err.errno == 2:
+            return []
+        raise
+    return [m.get(NftChainAttr.NFTA_CHAIN_NAME) for m in msgs
+            if m.get(NftChainAttr.NFTA_CHAIN_TABLE) == table]
 
 
 # ==============================================================================================
@@ -2080,6 +2408,252 @@ def exec_plugin(request, plugin_type, command):
         raise CNIError(ERR_DECODE, "failed to parse the result of %s: %s" % (plugin_type, err))
 
 
+# --- masquerade and MAC spoof checking ------------------------------------------------------------
+# The reference's layouts.  nftables masquerade: table inet cni_plugins_masquerade, base chain
+# `postrouting` (rewritten on every ADD) returning multicast and going to `masq_checks`, where each
+# container address has `ip saddr <ip> ip daddr != <subnet> masquerade` with a comment that starts
+# with the attachment's hash.  iptables masquerade: chain CNI-<hash of network and container> in
+# table nat, jumped to from POSTROUTING.  MAC spoof checking: chains in table bridge nat.
+
+MASQ_TABLE = "cni_plugins_masquerade"
+MASQ_CHAIN = "masq_checks"
+MASQ_POSTROUTING = "postrouting"
+MASQ_TABLE_COMMENT = "Masquerading for plugins from github.com/containernetworking/plugins"
+MASQ_CHAIN_COMMENT = "Masquerade traffic from certain IPs to any (non-multicast) IP outside their subnet"
+MULTICAST = {4: Prefix(4, 0xE0000000, 4), 6: Prefix(6, 0xFF << 120, 8)}
+NF_PRIORITY_SRCNAT = 100
+NF_BR_PRI_NAT_DST_BRIDGED = -300
+COMMENT_MAX = 128                              # bytes, as the reference truncates
+
+
+def sha512_hex(text):
+    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import)."""
+    try:
+        from _sha512 import sha512
+    except ImportError:
+        try:
+            from _sha2 import sha512
+        except ImportError:
+            from hashlib import sha512
+    return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def masq_instance_hash(network, container_id, ifname):
+    return "%s-%s" % (sha512_hex(network)[:16], sha512_hex(ifname + ":" + container_id)[:16])
+
+
+def masq_comment(network, container_id, ifname):
+    text = "%s, net: %s, if: %s, id: %s" % (masq_instance_hash(network, container_id, ifname),
+                                             network.replace('"', ""), ifname.replace('"', ""),
+                                             container_id.replace('"', ""))
+    return text.encode("utf-8", "surrogateescape")[:COMMENT_MAX].decode("utf-8", "ignore")
+
+
+def iptables_chain(network, container_id):
+    return "CNI-" + sha512_hex(network + container_id)[:24]
+
+
+def iptables_comment(network, container_id):
+    return 'name: "%s" id: "%s"' % (network, container_id)
+
+
+def spoofchk_names(container_id, ifname):
+    """(chain, its -mac chain, comment) of an attachment's MAC spoof check."""
+    chain = "cni-br-iface-%s-%s" % (container_id, ifname)
+    return chain, chain + "-mac", "macspoofchk-%s-%s" % (container_id, ifname)
+
+
+def setup_masquerade(conf, request, result):
+    prefixes = [Prefix.parse(ip["address"]) for ip in result["ips"]]
+    if conf.ip_masq_backend == "iptables":
+        for prefix in prefixes:
+            iptables_setup_masquerade(conf.network, request.container_id, prefix)
+        return
+    nl = NetlinkSocket(NETLINK_NETFILTER)
+    instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
+    stale = [r for r in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
+             if r.comment.startswith(instance)]
+    batch = NftBatch()
+    batch.add_table(NFPROTO_INET, MASQ_TABLE, MASQ_TABLE_COMMENT)
+    batch.add_chain(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, comment=MASQ_CHAIN_COMMENT)
+    batch.add_chain(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING,
+                    hook=("nat", NF_INET_POST_ROUTING, NF_PRIORITY_SRCNAT))
+    batch.flush_chain(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING)
+    for family in (4, 6):
+        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, match_family(family)
+                       + match_address("daddr", MULTICAST[family]) + [expr_verdict(NFT_RETURN)])
+    batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, [expr_verdict(NFT_GOTO, MASQ_CHAIN)])
+    for rule in stale:
+        batch.delete_rule(rule)
+    comment = masq_comment(conf.network, request.container_id, request.ifname)
+    for prefix in prefixes:
+        host = Prefix(prefix.family, prefix.ip, IP_BITS[prefix.family])
+        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN,
+                       match_family(prefix.family) + match_address("saddr", host)
+                       + match_address("daddr", prefix, negate=True) + [expr_masquerade()],
+                       comment=comment)
+    batch.commit(nl, "failed to set up masquerading for %s" % request.container_id)
+
+
+def setup_macspoofchk(conf, request, host_name, mac):
+    """Only the container's MAC may enter the bridge from its host veth."""
+    chain, mac_chain, comment = spoofchk_names(request.container_id, request.ifname)
+    batch = NftBatch()
+    batch.add_table(NFPROTO_BRIDGE, "nat")
+    batch.add_chain(NFPROTO_BRIDGE, "nat", "PREROUTING",
+                    hook=("filter", NF_BR_PRE_ROUTING, NF_BR_PRI_NAT_DST_BRIDGED))
+    batch.add_chain(NFPROTO_BRIDGE, "nat", chain)
+    batch.add_chain(NFPROTO_BRIDGE, "nat", mac_chain)
+    batch.flush_chain(NFPROTO_BRIDGE, "nat", chain)
+    batch.flush_chain(NFPROTO_BRIDGE, "nat", mac_chain)
+    batch.add_rule(NFPROTO_BRIDGE, "nat", "PREROUTING",
+                   [expr_meta(NFT_META_IIFNAME), expr_cmp(NFT_CMP_EQ, ifname_bytes(host_name)),
+                    expr_verdict(NFT_JUMP, chain)], comment)
+    batch.add_rule(NFPROTO_BRIDGE, "nat", chain, [expr_verdict(NFT_JUMP, mac_chain)], comment)
+    batch.add_rule(NFPROTO_BRIDGE, "nat", mac_chain,
+                   [expr_payload(NFT_PAYLOAD_LL_HEADER, 6, 6), expr_cmp(NFT_CMP_EQ, parse_mac(mac)),
+                    expr_verdict(NFT_RETURN)], comment)
+    batch.add_rule(NFPROTO_BRIDGE, "nat", mac_chain, [expr_verdict(NF_DROP)], comment)
+    batch.commit(NetlinkSocket(NETLINK_NETFILTER), "failed to set up macspoofchk on %s" % host_name)
+
+
+def ifname_bytes(name):
+    """An interface name as `meta iifname` compares it: NUL-padded to IFNAMSIZ."""
+    return name.encode("utf-8", "surrogateescape").ljust(16, b"\0")
+
+
+def remove_chains(batch, nl, family, table, chains):
+    """Add to `batch` the removal of regular chains, their rules and every rule jumping to them."""
+    rules = list_rules(nl, family, table)
+    present = [c for c in chains if any(r.chain == c for r in rules)]
+    for rule in rules:
+        if rule.jump_target in present and rule.chain not in present:
+            batch.delete_rule(rule)
+    for chain in present:
+        batch.flush_chain(family, table, chain)
+    for chain in present:
+        batch.delete_chain(family, table, chain)
+
+
+def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None):
+    """Remove every rule of an attachment, found by name and comment alone: needs no netns, link,
+    address or prevResult.  Also removes the reference's iptables chain where iptables is
+    nf_tables-based (then it is visible here); the iptables program is run only for a config
+    that asks for that backend."""
+    nl = NetlinkSocket(NETLINK_NETFILTER)
+    batch = NftBatch()
+    instance = masq_instance_hash(network, container_id, ifname)
+    for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
+        if rule.comment.startswith(instance):
+            batch.delete_rule(rule)
+    remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", spoofchk_names(container_id, ifname)[:2])
+    for family in (NFPROTO_IPV4, NFPROTO_IPV6):
+        remove_chains(batch, nl, family, "nat", (iptables_chain(network, container_id),))
+    batch.commit(nl, "failed to remove the rules of %s" % container_id)
+    if ipmasq_backend == "iptables":
+        iptables_teardown(network, container_id)
+
+
+def check_attachment_rules(conf, request, previous):
+    """CHECK: the masquerade and spoof-check rules this attachment needs are in place."""
+    nl = NetlinkSocket(NETLINK_NETFILTER)
+    if conf.ip_masq and conf.ip_masq_backend == "nftables":
+        instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
+        mine = [r for r in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
+                if r.comment.startswith(instance)]
+        expected = len(previous.get("ips") or [])
+        if len(mine) < expected:
+            raise CNIError(ERR_INTERNAL, "masquerade rules of %s are missing" % request.container_id,
+                           "expected %d in table inet %s, found %d" % (expected, MASQ_TABLE, len(mine)))
+    elif conf.ip_masq:
+        iptables_check(conf.network, request.container_id)
+    if conf.macspoofchk:
+        chain, _mac_chain, comment = spoofchk_names(request.container_id, request.ifname)
+        if not any(r.comment == comment and r.jump_target == chain
+                   for r in list_rules(nl, NFPROTO_BRIDGE, "nat", "PREROUTING")):
+            raise CNIError(ERR_INTERNAL, "macspoofchk rules of %s are missing" % request.container_id)
+
+
+def collect_stale_rules(network, valid):
+    """GC: remove this network's masquerade rules and spoof checks whose attachment is not in
+    `valid`.  Spoof-check comments do not name the network, so only those of attachments whose
+    host veth no longer exists are removed.  Returns the errors met."""
+    nl = NetlinkSocket(NETLINK_NETFILTER)
+    keep = set(masq_instance_hash(network, cid, ifname) for cid, ifname in valid)
+    network_hash = sha512_hex(network)[:16] + "-"
+    batch = NftBatch()
+    for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
+        if rule.comment.startswith(network_hash) and rule.comment.split(",", 1)[0] not in keep:
+            batch.delete_rule(rule)
+    valid_chains = set(spoofchk_names(cid, ifname)[0] for cid, ifname in valid)
+    ports = set(link.name for link in list_links(NetlinkSocket()))
+    stale = []
+    for rule in list_rules(nl, NFPROTO_BRIDGE, "nat", "PREROUTING"):
+        target = rule.jump_target or ""
+        if (rule.comment.startswith("macspoofchk-") and target not in valid_chains
+                and rule.iifname not in ports):
+            stale.extend((target, target + "-mac"))
+    remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", stale)
+    try:
+        batch.commit(nl, "failed to remove stale rules of network %s" % network)
+    except CNIError as err:
+        return [err.msg]
+    return []
+
+
+# --- the iptables backend (only when a config asks for it) ---------------------------------------
+
+def run_iptables(family, args, check=True):
+    """Run iptables or ip6tables on table nat; returns (exit status, output)."""
+    import subprocess
+    program = "iptables" if family == 4 else "ip6tables"
+    try:
+        proc = subprocess.run([program, "-w", "5", "-t", "nat"] + args, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    except OSError as err:
+        raise CNIError(ERR_INTERNAL, "ipMasqBackend iptables needs the %s program: %s"
+                       % (program, err.strerror), "install iptables or use the nftables backend")
+    output = proc.stdout.decode("utf-8", "replace")
+    if check and proc.returncode != 0:
+        raise CNIError(ERR_INTERNAL, "%s -t nat %s failed: %s" % (program, " ".join(args), output.strip()))
+    return proc.returncode, output
+
+
+def iptables_setup_masquerade(network, container_id, prefix):
+    """The reference's iptables rules for one container address (each added once)."""
+    family = prefix.family
+    chain = iptables_chain(network, container_id)
+    comment = ["-m", "comment", "--comment", iptables_comment(network, container_id)]
+    if run_iptables(family, ["-S", chain], check=False)[0] != 0:
+        run_iptables(family, ["-N", chain])
+    for target_chain, rule in ((chain, ["-d", str(prefix), "-j", "ACCEPT"]),
+                               (chain, ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
+                               ("POSTROUTING", ["-s", ip_to_text(family, prefix.ip), "-j", chain])):
+        if run_iptables(family, ["-C", target_chain] + rule + comment, check=False)[0] != 0:
+            run_iptables(family, ["-A", target_chain] + rule + comment)
+
+
+def iptables_teardown(network, container_id):
+    """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address needed)."""
+    chain = iptables_chain(network, container_id)
+    for family in (4, 6):
+        status, rules = run_iptables(family, ["-S", "POSTROUTING"], check=False)
+        if status != 0:
+            continue
+        for line in rules.splitlines():
+            if line.startswith("-A POSTROUTING ") and line.endswith(" -j " + chain):
+                import shlex
+                run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
+        run_iptables(family, ["-F", chain], check=False)
+        run_iptables(family, ["-X", chain], check=False)
+
+
+def iptables_check(network, container_id):
+    chain = iptables_chain(network, container_id)
+    if run_iptables(4, ["-S", chain], check=False)[0] != 0:
+        raise CNIError(ERR_INTERNAL, "masquerade chain %s of %s is missing" % (chain, container_id))
+
+
 # --- ADD ----------------------------------------------------------------------------------------
 
 def ensure_bridge(nl, conf):
@@ -2335,7 +2909,7 @@ def rollback_add(request, conf, container_nl, container, ipam_done):
             ipam_call(request, conf.ipam_type, "DEL")
         except CNIError as err:
             sys.stderr.write("rollback: IPAM DEL failed: %s\n" % err.msg)
-    teardown_attachment_rules(conf.network, request.container_id, request.ifname)
+    teardown_attachment_rules(conf.network, request.container_id, request.ifname, conf.ip_masq_backend)
 
 
 # --- DEL, CHECK, STATUS, GC ----------------------------------------------------------------------
@@ -2345,11 +2919,14 @@ def bridge_del(request):
     may all be gone, and the reservation and rules are still released."""
     try:
         conf = BridgeConfig(request)
-        ipam_type = conf.ipam_type
+        ipam_type, backend = conf.ipam_type, conf.ip_masq_backend
     except CNIError as err:
-        sys.stderr.write("DEL: using a partial config: %s\n" % err.msg)
+        sys.stderr.write("DEL: the config does not validate (%s); cleaning up with what it says\n"
+                         % err.msg)
         ipam = request.config.get("ipam")
-        ipam_type = ipam.get("type") if isinstance(ipam, dict) and isinstance(ipam.get("type"), str) else ""
+        ipam_type = ipam.get("type") if isinstance(ipam, dict) else ""
+        ipam_type = ipam_type if isinstance(ipam_type, str) else ""
+        backend = request.config.get("ipMasqBackend")
     if request.netns:
         try:
             ns = Netns(request.netns)
@@ -2360,7 +2937,7 @@ def bridge_del(request):
             link = get_link(nl, request.ifname)
             if link is not None:
                 delete_link(nl, link.index, "failed to delete %s in the container" % request.ifname)
-    teardown_attachment_rules(request.config["name"], request.container_id, request.ifname)
+    teardown_attachment_rules(request.config["name"], request.container_id, request.ifname, backend)
     if ipam_type:
         ipam_call(request, ipam_type, "DEL")
     return None
@@ -2401,7 +2978,7 @@ def bridge_check(request):
         raise CNIError(ERR_INTERNAL, "the peer of %s is not a port of bridge %s" % (request.ifname, conf.bridge))
     check_port(conf, host, container)
     check_container_addresses(container_nl, container, previous)
-    check_attachment_rules(conf, request, previous, host.name, container.mac)
+    check_attachment_rules(conf, request, previous)
     return None
 
 

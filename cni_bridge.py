@@ -82,11 +82,18 @@ def parse_version(text):
 # `import json` pulls in `re` and costs several milliseconds per container start; `_json` is
 # the same C scanner and string encoder without that cost.
 
+def _finite_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number %s is out of range" % text[:30])
+    return value
+
+
 class _ScannerContext(object):
     strict = True
     object_hook = None
     object_pairs_hook = None
-    parse_float = float
+    parse_float = staticmethod(_finite_float)
     parse_int = int
     memo = {}
 
@@ -112,6 +119,10 @@ def json_loads(text):
         raise ValueError("invalid JSON at offset %d" % stop.value)
     except RecursionError:
         raise ValueError("JSON nested too deeply")
+    except SystemError:
+        # The C scanner reports errors inside strings and objects through json.decoder, which is
+        # deliberately not imported.
+        raise ValueError("invalid JSON")
     while end < len(text) and text[end] in _JSON_SPACE:
         end += 1
     if end != len(text):
@@ -317,7 +328,10 @@ def decode_result(obj, version):
                     if entry.get("gateway"):
                         ip["gateway"] = entry["gateway"]
                     ips.append(ip)
-                    routes.extend(entry.get("routes") or [])
+                    for route in entry.get("routes") or []:
+                        if not isinstance(route["dst"], str):
+                            raise TypeError("route dst")
+                        routes.append(route)
             return {"ips": ips, "routes": routes, "dns": obj.get("dns") or {}}
         ips = []
         for ip in obj.get("ips") or []:
@@ -325,8 +339,12 @@ def decode_result(obj, version):
             if not isinstance(entry["address"], str):
                 raise TypeError("address")
             ips.append(entry)
-        return {"interfaces": list(obj.get("interfaces") or []), "ips": ips,
-                "routes": list(obj.get("routes") or []), "dns": obj.get("dns") or {}}
+        routes = list(obj.get("routes") or [])
+        for route in routes:
+            if not isinstance(route["dst"], str):
+                raise TypeError("route dst")
+        return {"interfaces": list(obj.get("interfaces") or []), "ips": ips, "routes": routes,
+                "dns": obj.get("dns") or {}}
     except (KeyError, TypeError, AttributeError) as err:
         raise CNIError(ERR_DECODE, "failed to parse result", "malformed result: %s" % err)
 
@@ -1845,6 +1863,7 @@ class Store(object):
         self.network = network
         self.dir_fd = None
         self.lock_fd = None
+        self.file_names = {}
 
     def __enter__(self):
         import fcntl
@@ -1908,6 +1927,7 @@ class Store(object):
         the lock is the only writer.
         """
         found = {}
+        self.file_names = {}
         for name in os.listdir(self.dir_fd):
             if name.startswith(TEMP_PREFIX):
                 self.remove(name)
@@ -1921,7 +1941,13 @@ class Store(object):
             content = self.read(name)
             if content is not None:
                 found[key] = content
+                self.file_names[key] = name
         return found
+
+    def remove_reservation(self, key):
+        """Remove the reservation of (family, ip) under the file name it was found with (a file
+        written by hand may spell the address differently)."""
+        self.remove(self.file_names.get(key) or ip_to_text(*key))
 
     def _write_temp(self, content):
         name = "%s%d" % (TEMP_PREFIX, os.getpid())
@@ -2076,8 +2102,8 @@ def release(store, container_id, ifname):
     mine = [key for key, content in reserved.items() if content.strip() == owner]
     if not mine:
         mine = [key for key, content in reserved.items() if content.strip() == container_id.strip()]
-    for family, ip in mine:
-        store.remove(ip_to_text(family, ip))
+    for key in mine:
+        store.remove_reservation(key)
     return mine
 
 
@@ -2098,12 +2124,12 @@ def collect_garbage(store, valid):
     """Release reservations of attachments not in `valid`; returns the errors met on the way."""
     valid_ids = set(cid for cid, _ in valid)
     errors = []
-    for (family, ip), content in store.reservations().items():
+    for key, content in store.reservations().items():
         cid, sep, ifname = content.strip().partition("\r\n")
         keep = (cid, ifname) in valid if sep else cid in valid_ids
         if not keep:
             try:
-                store.remove(ip_to_text(family, ip))
+                store.remove_reservation(key)
             except CNIError as err:
                 errors.append(err.msg)
     return errors
@@ -2498,7 +2524,11 @@ def setup_masquerade(conf, request, result):
 def setup_macspoofchk(conf, request, host_name, mac):
     """Only the container's MAC may enter the bridge from its host veth."""
     chain, mac_chain, comment = spoofchk_names(request.container_id, request.ifname)
+    nl = NetlinkSocket(NETLINK_NETFILTER)
     batch = NftBatch()
+    for rule in list_rules(nl, NFPROTO_BRIDGE, "nat", "PREROUTING"):
+        if rule.comment == comment:            # a re-ADD replaces the jump instead of adding one
+            batch.delete_rule(rule)
     batch.add_table(NFPROTO_BRIDGE, "nat")
     batch.add_chain(NFPROTO_BRIDGE, "nat", "PREROUTING",
                     hook=("filter", NF_BR_PRE_ROUTING, NF_BR_PRI_NAT_DST_BRIDGED))
@@ -2514,7 +2544,7 @@ def setup_macspoofchk(conf, request, host_name, mac):
                    [expr_payload(NFT_PAYLOAD_LL_HEADER, 6, 6), expr_cmp(NFT_CMP_EQ, parse_mac(mac)),
                     expr_verdict(NFT_RETURN)], comment)
     batch.add_rule(NFPROTO_BRIDGE, "nat", mac_chain, [expr_verdict(NF_DROP)], comment)
-    batch.commit(NetlinkSocket(NETLINK_NETFILTER), "failed to set up macspoofchk on %s" % host_name)
+    batch.commit(nl, "failed to set up macspoofchk on %s" % host_name)
 
 
 def ifname_bytes(name):
@@ -2541,15 +2571,22 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
     nf_tables-based (then it is visible here); the iptables program is run only for a config
     that asks for that backend."""
     nl = NetlinkSocket(NETLINK_NETFILTER)
-    batch = NftBatch()
     instance = masq_instance_hash(network, container_id, ifname)
-    for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
-        if rule.comment.startswith(instance):
-            batch.delete_rule(rule)
-    remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", spoofchk_names(container_id, ifname)[:2])
-    for family in (NFPROTO_IPV4, NFPROTO_IPV6):
-        remove_chains(batch, nl, family, "nat", (iptables_chain(network, container_id),))
-    batch.commit(nl, "failed to remove the rules of %s" % container_id)
+    for attempt in range(3):
+        batch = NftBatch()
+        for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
+            if rule.comment.startswith(instance):
+                batch.delete_rule(rule)
+        remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", spoofchk_names(container_id, ifname)[:2])
+        for family in (NFPROTO_IPV4, NFPROTO_IPV6):
+            remove_chains(batch, nl, family, "nat", (iptables_chain(network, container_id),))
+        try:
+            batch.commit(nl, "failed to remove the rules of %s" % container_id)
+            break
+        except NetlinkError as err:
+            # ENOENT: something listed was removed meanwhile and the batch was refused whole.
+            if err.errno != 2 or attempt == 2:
+                raise
     if ipmasq_backend == "iptables":
         iptables_teardown(network, container_id)
 

@@ -1513,26 +1513,30 @@ CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703                        # ioctl: which kind of namespace an fd refers to
 OWN_NETNS_PATH = "/proc/self/ns/net"
 
-_setns_function = None
+MS_BIND = 4096
+MNT_DETACH = 2
+
+_libc = None
 _original_netns_fd = None
 
 
-def setns(fd, nstype=CLONE_NEWNET):
-    """Move this thread into the namespace `fd` (os.setns from 3.12, else libc through ctypes)."""
-    global _setns_function
-    if _setns_function is None:
-        if hasattr(os, "setns"):
-            _setns_function = os.setns
-        else:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
+def libc_call(name, *args):
+    """Call a libc function through ctypes (loaded on first use: ctypes costs 6 ms); OSError on -1."""
+    global _libc
+    import ctypes
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(_libc, name)(*args) == -1:
+        errno_value = ctypes.get_errno()
+        raise OSError(errno_value, "%s: %s" % (name, os.strerror(errno_value)))
 
-            def _setns(ns_fd, ns_type):
-                if libc.setns(ns_fd, ns_type) != 0:
-                    errno_value = ctypes.get_errno()
-                    raise OSError(errno_value, os.strerror(errno_value))
-            _setns_function = _setns
-    _setns_function(fd, nstype)
+
+def setns(fd, nstype=CLONE_NEWNET):
+    """Move this thread into the namespace `fd` (os.setns from Python 3.12, else libc)."""
+    if hasattr(os, "setns"):
+        os.setns(fd, nstype)
+    else:
+        libc_call("setns", fd, nstype)
 
 
 def original_netns_fd():
@@ -1605,6 +1609,34 @@ class _InNetns(object):
     def __exit__(self, *exc):
         setns(original_netns_fd())
         return False
+
+
+def create_named_netns(path):
+    """Make a new network namespace and bind-mount it at `path`, as `ip netns add` does."""
+    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            libc_call("unshare", CLONE_NEWNET)
+            libc_call("mount", OWN_NETNS_PATH.encode(), path.encode(), None, MS_BIND, None)
+            status = 0
+        finally:
+            os._exit(status)
+    if os.waitpid(pid, 0)[1] != 0:
+        os.unlink(path)
+        raise CNIError(ERR_INTERNAL, "failed to create a network namespace at %s" % path)
+
+
+def remove_named_netns(path):
+    """Unmount and remove a namespace made by create_named_netns (it dies with its last user)."""
+    try:
+        libc_call("umount2", path.encode(), MNT_DETACH)
+    except OSError as err:
+        if err.errno not in (2, 22):        # not there, or not a mount point
+            raise
+    os.unlink(path)
 
 
 # ==============================================================================================
@@ -3238,6 +3270,10 @@ cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one p
 Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
 
 commands:
+  verify [CONFIG] [--keep] [--json]
+                          run the walkthrough on throwaway namespaces: ADD (default config
+                          conf/10-mynet.conf), read back, ping the gateway, CHECK, DEL, and
+                          show that nothing is left; --keep leaves it all for inspection
   install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
                           (--force replaces regular files of those names)
   --version               print the program and CNI versions
@@ -3276,6 +3312,262 @@ def install(directory, force):
     sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)), directory))
 
 
+# --- verify: the walkthrough on throwaway namespaces -----------------------------------------------
+
+# conf/10-mynet.conf, for `verify` run away from a checkout.
+BUILTIN_CONFIG = """{
+  "cniVersion": "0.4.0", "name": "mynet", "type": "bridge", "bridge": "cni0",
+  "isGateway": true, "ipMasq": true,
+  "ipam": {"type": "host-local", "subnet": "172.19.0.0/24", "routes": [{"dst": "0.0.0.0/0"}]}
+}"""
+ICMP_ECHO = {4: (8, 0), 6: (128, 129)}         # family -> (request type, reply type)
+
+
+def run_plugin_in(netns_fd, plugin, env, stdin):
+    """Run `plugin` on one request in a child process inside namespace `netns_fd`, as a runtime
+    would exec it; returns (exit status, stdout, stderr)."""
+    pipes = [os.pipe() for _ in range(3)]
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            global _original_netns_fd
+            setns(netns_fd)
+            _original_netns_fd = None
+            for fd, (r, w) in enumerate(pipes):
+                os.dup2(r if fd == 0 else w, fd)
+            for r, w in pipes:          # else stdin never reaches end of file
+                os.close(r)
+                os.close(w)
+            os.environ.clear()
+            os.environ.update(env)
+            status = run_plugin(plugin)
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+    os.close(pipes[0][0])
+    os.close(pipes[1][1])
+    os.close(pipes[2][1])
+    os.write(pipes[0][1], stdin)
+    os.close(pipes[0][1])
+    outputs = []
+    for fd in (pipes[1][0], pipes[2][0]):
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(fd)
+        outputs.append(b"".join(chunks).decode("utf-8", "replace"))
+    status = os.waitpid(pid, 0)[1]
+    return (os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128), outputs[0], outputs[1]
+
+
+def icmp_checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+def ping(ns, family, address, timeout=2.0):
+    """Send one ICMP echo from inside `ns` to `address`; returns the round trip in ms."""
+    request_type, reply_type = ICMP_ECHO[family]
+    with ns.entered():
+        sock = _socket.socket(_AF[family], _socket.SOCK_RAW,
+                              _socket.IPPROTO_ICMP if family == 4 else _socket.IPPROTO_ICMPV6)
+    try:
+        ident = os.getpid() & 0xFFFF
+        body = struct.pack("!HH", ident, 1) + b"cni-bridge verify"
+        header = struct.pack("!BBH", request_type, 0, 0)
+        packet = struct.pack("!BBH", request_type, 0, icmp_checksum(header + body)) + body
+        start = time.time()
+        sock.settimeout(timeout)
+        sock.sendto(packet, (address, 0))
+        while True:
+            data = sock.recv(2048)
+            if family == 4:
+                data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
+            if data[0] == reply_type and struct.unpack("!H", data[4:6])[0] == ident:
+                return (time.time() - start) * 1000
+            if time.time() - start > timeout:
+                raise OSError(110, "no echo reply")
+    finally:
+        sock.close()
+
+
+class Verifier(object):
+    """Runs the walkthrough step by step, recording each step's outcome."""
+
+    def __init__(self, as_json):
+        self.as_json = as_json
+        self.steps = []
+
+    def say(self, text):
+        if not self.as_json:
+            os.write(1, (text + "\n").encode("utf-8"))
+
+    def step(self, name, action):
+        """Run `action`, which returns a detail text; a CNIError or OSError fails the step."""
+        start = time.time()
+        try:
+            detail, ok = action(), True
+        except (CNIError, OSError) as err:
+            detail, ok = getattr(err, "msg", None) or str(err), False
+        elapsed = (time.time() - start) * 1000
+        self.steps.append({"step": name, "ok": ok, "ms": round(elapsed, 1), "detail": detail or ""})
+        self.say("  %s %-58s %8.1f ms" % ("\u2713" if ok else "\u2717", name, elapsed))
+        for line in (detail or "").splitlines():
+            self.say("      " + line)
+        return ok
+
+
+def verify(config_path, keep, as_json):
+    """The walkthrough: namespaces, ADD, read back, ping, CHECK, DEL, nothing left."""
+    if config_path is None:
+        config_path = "conf/10-mynet.conf" if os.path.isfile("conf/10-mynet.conf") else None
+    try:
+        text = open(config_path).read() if config_path else BUILTIN_CONFIG
+        config = json_loads(text)
+        if not isinstance(config, dict):
+            raise ValueError("the configuration must be a JSON object")
+    except (OSError, ValueError) as err:
+        sys.stderr.write("verify: cannot read %s: %s\n" % (config_path, err))
+        return 2
+    if "plugins" in config:        # a .conflist: the walkthrough drives its first plugin
+        plugin_config = dict(config["plugins"][0])
+        plugin_config.update(cniVersion=config.get("cniVersion", ""), name=config.get("name", ""))
+        config = plugin_config
+    tag = os.urandom(4).hex()
+    node_path, ctr_path = "/run/netns/cbv-node-" + tag, "/run/netns/cbv-ctr-" + tag
+    data_dir = "/run/cni-bridge-verify-" + tag
+    if isinstance(config.get("ipam"), dict):
+        config["ipam"] = dict(config["ipam"], dataDir=data_dir)
+    version = config.get("cniVersion") or "0.1.0"
+    container_id = "verify-" + tag
+    ifname = "eth0"
+    stdin = json_dumps(config).encode()
+    env = {"CNI_CONTAINERID": container_id, "CNI_NETNS": ctr_path, "CNI_IFNAME": ifname,
+           "CNI_PATH": os.path.dirname(archive_path() or os.path.abspath(__file__)),
+           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    v = Verifier(as_json)
+    v.say("cni-bridge verify: %s (network %s, type %s, cniVersion %s)"
+          % (config_path or "built-in conf/10-mynet.conf", config.get("name"), config.get("type"), version))
+    state = {}
+
+    def call(command, body=stdin):
+        status, out, err = run_plugin_in(state["node"].fd, config.get("type", ""),
+                                         dict(env, CNI_COMMAND=command), body)
+        if status != 0:
+            raise CNIError(ERR_INTERNAL, "%s failed (exit %d): %s%s" % (command, status, out.strip(), err.strip()))
+        return out.strip()
+
+    def make_namespaces():
+        create_named_netns(node_path)
+        create_named_netns(ctr_path)
+        state["node"], state["ctr"] = Netns(node_path), Netns(ctr_path)
+        nl = state["node"].netlink()
+        set_link(nl, get_link(nl, "lo").index, "failed to set lo up", up=True)
+        return "node %s, container %s" % (node_path, ctr_path)
+
+    def add():
+        state["result"] = json_loads(call("ADD"))
+        state["internal"] = decode_result(state["result"], version)
+        return json_dumps(state["result"])
+
+    def read_back():
+        nl = state["ctr"].netlink()
+        link = get_link(nl, ifname)
+        if link is None:
+            raise CNIError(ERR_INTERNAL, "the container has no %s" % ifname)
+        addrs = [str(a.prefix) for a in list_addrs(nl, link.index) if a.scope != RT_SCOPE_LINK]
+        expected = [ip["address"] for ip in state["internal"]["ips"]]
+        missing = [a for a in expected if a not in addrs]
+        if missing or not link.up:
+            raise CNIError(ERR_INTERNAL, "%s is %s with %s; expected %s"
+                           % (ifname, "up" if link.up else "down", addrs, expected))
+        routes = ["%s via %s" % (r.dst.network_text(), ip_to_text(*r.gateway))
+                  for family in (4, 6) for r in list_routes(nl, family)
+                  if r.oif == link.index and r.gateway]
+        return "%s %s up, mac %s, addresses %s%s" % (ifname, link.kind, link.mac, ", ".join(addrs),
+                                                      ("; routes " + ", ".join(routes)) if routes else "")
+
+    def ping_gateway():
+        for ip in state["internal"]["ips"]:
+            if ip.get("gateway"):
+                family, _ = parse_ip(ip["gateway"])
+                return "%s answered in %.2f ms" % (ip["gateway"], ping(state["ctr"], family, ip["gateway"]))
+        return "no gateway in the result: nothing to ping"
+
+    def check():
+        if parse_version(version) < (0, 4, 0):
+            return "cniVersion %s has no CHECK" % version
+        call("CHECK", json_dumps(dict(config, prevResult=state["result"])).encode())
+        return ""
+
+    def delete():
+        call("DEL", json_dumps(dict(config, prevResult=state["result"])).encode())
+        return ""
+
+    def nothing_left():
+        left = []
+        if get_link(state["ctr"].netlink(), ifname) is not None:
+            left.append("%s in the container" % ifname)
+        host_name = state["internal"]["interfaces"][1]["name"] if len(state["internal"].get("interfaces") or []) > 1 else None
+        if host_name and get_link(state["node"].netlink(), host_name) is not None:
+            left.append("host veth %s" % host_name)
+        network_dir = os.path.join(data_dir, config.get("name", ""))
+        if os.path.isdir(network_dir):
+            left.extend("reservation %s" % name for name in os.listdir(network_dir)
+                        if name != "lock" and not name.startswith(LAST_RESERVED_PREFIX))
+        with state["node"].entered():
+            nft = NetlinkSocket(NETLINK_NETFILTER)
+        instance = masq_instance_hash(config.get("name", ""), container_id, ifname)
+        left.extend("masquerade rule %d" % r.handle for r in list_rules(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
+                    if r.comment.startswith(instance))
+        if left:
+            raise CNIError(ERR_INTERNAL, "left behind: " + ", ".join(left))
+        return "no %s, no host veth, no reservation, no masquerade rule" % ifname
+
+    def remove_namespaces():
+        for ns in (state.get("node"), state.get("ctr")):
+            if ns is not None:
+                ns.close()
+        for path in (node_path, ctr_path):
+            if os.path.exists(path):
+                remove_named_netns(path)
+        if os.path.isdir(data_dir):
+            import shutil
+            shutil.rmtree(data_dir)
+        return ""
+
+    steps = [("create namespaces", make_namespaces), ("ADD", add),
+             ("container interface read back from the kernel", read_back),
+             ("ping the gateway from the container", ping_gateway), ("CHECK", check)]
+    if not keep:
+        steps += [("DEL", delete), ("nothing left behind", nothing_left)]
+    for name, action in steps:
+        if not v.step(name, action):
+            break
+    if keep:
+        v.say("kept for inspection:\n  ip netns exec cbv-node-%s ip addr\n  ip netns exec cbv-ctr-%s ip addr\n"
+              "remove with: ip netns del cbv-node-%s; ip netns del cbv-ctr-%s; rm -r %s"
+              % (tag, tag, tag, tag, data_dir))
+    else:
+        v.step("remove namespaces", remove_namespaces)
+    failed = [s for s in v.steps if not s["ok"]]
+    if as_json:
+        write_json({"config": config_path or "built-in", "ok": not failed, "steps": v.steps,
+                    "kept": [node_path, ctr_path] if keep else []})
+    else:
+        v.say("verify: %s" % ("all %d steps passed" % len(v.steps) if not failed
+                              else "FAILED at: " + failed[0]["step"]))
+    return 1 if failed else 0
+
+
 def run_cli(prog, argv):
     """The operator's command line, when started under a name that is not a plugin's."""
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -3289,6 +3581,11 @@ def run_cli(prog, argv):
         if argv[0] == "install" and len(argv) in (2, 3) and argv[2:] in ([], ["--force"]):
             install(argv[1], force=argv[2:] == ["--force"])
             return 0
+        if argv[0] == "verify":
+            options = [a for a in argv[1:] if a.startswith("--")]
+            paths = [a for a in argv[1:] if not a.startswith("--")]
+            if set(options) <= {"--keep", "--json"} and len(paths) <= 1:
+                return verify(paths[0] if paths else None, "--keep" in options, "--json" in options)
     except (CNIError, OSError) as err:
         sys.stderr.write("%s: %s\n" % (prog, getattr(err, "msg", None) or err))
         return 1

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Build dist/cni-bridge.pyz, a zipapp that runs cni_bridge straight from the archive, and optionally install it.
+#
+#   ./build.sh [--python PATH]                        build (interpreter line "PATH -IS", default /usr/bin/python3)
+#   ./build.sh [--python PATH] install DIR [--force]  build, then install into DIR (bridge, host-local, loopback)
+#
+# The archive holds __main__.py (shiv's template calling cni_bridge.main), cni_bridge.py and cni_bridge.pyc
+# compiled for the target interpreter (zipimport uses it when its magic number matches, the .py otherwise).
+# No shiv bootstrap: nothing is extracted, no SHIV_* variable is read.  The output is byte-for-byte
+# reproducible: fixed timestamps (SOURCE_DATE_EPOCH, default 1980-01-01), sorted stored entries, fixed modes.
+# Needs python3 with shiv installed (pip install shiv).
+set -euo pipefail
+
+usage() {
+    echo "usage: $0 [--python PATH] [install DIR [--force]]" >&2
+    exit 2
+}
+
+python=/usr/bin/python3
+install_args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --python)
+            [ $# -ge 2 ] || usage
+            python=$2
+            shift 2
+            ;;
+        install)
+            [ $# -ge 2 ] || usage
+            install_args=(install "$2")
+            shift 2
+            if [ "${1:-}" = --force ]; then
+                install_args+=(--force)
+                shift
+            fi
+            ;;
+        *)
+            usage
+            ;;
+    esac
+done
+
+cd "$(dirname "$0")"
+mkdir -p dist
+python3 - "$python" cni_bridge.py dist/cni-bridge.pyz <<'EOF'
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+
+from shiv.builder import MAIN_TEMPLATE, write_file_prefix, write_to_zipapp
+from shiv.constants import SOURCE_DATE_EPOCH_DEFAULT
+
+python, source, target = sys.argv[1:]
+
+# Python >= 3.7: an unchecked hash-based pyc (no timestamp at all).  Older: a timestamp pyc whose
+# mtime is the archive's fixed entry time (zipimport compares the two, reading the zip time as
+# local time: the pyc is used on nodes running in UTC, the .py elsewhere).
+COMPILE = """
+import os, py_compile, sys
+source, cfile, mtime = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.utime(source, (mtime, mtime))
+options = {}
+if sys.version_info >= (3, 7):
+    options["invalidation_mode"] = py_compile.PycInvalidationMode.UNCHECKED_HASH
+py_compile.compile(source, cfile=cfile, dfile="cni_bridge.py", doraise=True, **options)
+"""
+
+epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH_DEFAULT)), SOURCE_DATE_EPOCH_DEFAULT)
+date_time = time.gmtime(epoch)[:6]
+entry_stat = os.stat_result((0o100644,) + (0,) * 9)  # regular file, mode 0644
+
+with tempfile.TemporaryDirectory() as scratch:
+    # Compile a copy, so that neither the checkout's mtime nor its __pycache__ is touched.
+    copy = os.path.join(scratch, "cni_bridge.py")
+    shutil.copyfile(source, copy)
+    pyc = os.path.join(scratch, "cni_bridge.pyc")
+    subprocess.run([python, "-IS", "-c", COMPILE, copy, pyc, str(epoch)], check=True)
+    entries = {
+        "__main__.py": MAIN_TEMPLATE.format(module="cni_bridge", fn="main").encode(),
+        "cni_bridge.py": open(copy, "rb").read(),
+        "cni_bridge.pyc": open(pyc, "rb").read(),
+    }
+
+temp = "%s.%d.tmp" % (target, os.getpid())
+try:
+    with open(temp, "wb") as out:
+        write_file_prefix(out, python + " -IS")
+        # Stored, not deflated: nothing to decompress at start-up, no dependence on the zlib version.
+        with zipfile.ZipFile(out, "w") as archive:
+            for name in sorted(entries):
+                write_to_zipapp(archive, name, entries[name], date_time, zipfile.ZIP_STORED, stat=entry_stat)
+    os.chmod(temp, 0o755)
+    os.rename(temp, target)
+except BaseException:
+    os.unlink(temp)
+    raise
+print("built %s for %s" % (target, python))
+EOF
+
+if [ ${#install_args[@]} -gt 0 ]; then
+    "$python" -IS dist/cni-bridge.pyz "${install_args[@]}"
+fi

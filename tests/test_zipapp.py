@@ -1,0 +1,293 @@
+"""Black-box tests of the built artefact: how build.sh builds it, how it installs, and how it starts.
+
+The zipapp must run straight from the archive (no extraction, no shiv bootstrap), isolated from the
+caller's environment, on a read-only root, under every CPython from 3.6 to 3.13.
+"""
+import calendar
+import glob
+import os
+import shutil
+import struct
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import IP, PLUGIN_NAMES, REPO, VERSIONS, cni_env, encode_conf, parse_output, run, run_cni
+
+ARCHIVE = "cni-bridge.pyz"
+ENTRIES = ["__main__.py", "cni_bridge.py", "cni_bridge.pyc"]
+LOOPBACK_CONF = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}
+MATRIX = ["3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+# Runs "$@" in a private mount namespace whose root is remounted read-only (the host's stays writable).
+READ_ONLY_ROOT = 'mount -o remount,bind,ro / && ! touch /.cni-bridge-ro-probe 2>/dev/null && exec "$@"'
+
+
+def pyenv_python(version):
+    """The pyenv interpreter for `version` (e.g. "3.6"), or None when the machine lacks it."""
+    found = sorted(glob.glob("/root/.pyenv/versions/%s.*/bin/python3" % version))
+    return found[-1] if found else None
+
+
+def matrix_params():
+    """One pytest param per Python version; missing interpreters are skipped by name."""
+    return [pytest.param(version, id="py" + version,
+                         marks=pytest.mark.skipif(pyenv_python(version) is None,
+                                                  reason="Python %s not found under /root/.pyenv/versions" % version))
+            for version in MATRIX]
+
+
+def call(argv, command, conf=b"", bin_dir="/nonexistent", cwd=None, **cni):
+    """Run argv with a CNI environment (see conftest.cni_env) and `conf` on stdin; returns a CNIRun."""
+    proc = subprocess.run([str(a) for a in argv], input=encode_conf(conf), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, cwd=cwd, timeout=60, env=cni_env(command, bin_dir, **cni))
+    return parse_output(proc)
+
+
+def assert_version_answer(result):
+    assert result.returncode == 0, result
+    assert result.json["supportedVersions"] == VERSIONS, result
+
+
+def lo_is_up(netns):
+    return "UP" in netns.links()["lo"]["flags"]
+
+
+def build_copy(workdir, *args):
+    """Run build.sh from a copy of the source tree in `workdir`; returns the archive it built."""
+    workdir.mkdir(exist_ok=True)
+    for name in ("build.sh", "cni_bridge.py"):
+        shutil.copy2(str(REPO / name), str(workdir / name))
+    run([workdir / "build.sh", *args], timeout=300, cwd="/")
+    return workdir / "dist" / ARCHIVE
+
+
+def read_entry(archive, name):
+    with zipfile.ZipFile(str(archive)) as zf:
+        return zf.read(name)
+
+
+def magic_of(python):
+    return bytes.fromhex(run([python, "-IS", "-c", "import importlib.util as u; print(u.MAGIC_NUMBER.hex())"])
+                         .stdout.strip())
+
+
+def loaded_from(archive, python, env=None):
+    """The file `python` loads cni_bridge from when importing it out of `archive` (.pyc or .py)."""
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import cni_bridge; print(cni_bridge.__file__)"
+    return run([python, "-IS", "-c", code, archive], env=env).stdout.strip()
+
+
+# --- build.sh -------------------------------------------------------------------------------------------
+
+def test_archive_layout(tmp_path):
+    archive = build_copy(tmp_path / "src")
+    data = archive.read_bytes()
+    assert data.startswith(b"#!/usr/bin/python3 -IS\n")
+    assert archive.stat().st_mode & 0o777 == 0o755
+    assert os.listdir(str(archive.parent)) == [ARCHIVE]  # no temp file left behind
+    with zipfile.ZipFile(str(archive)) as zf:
+        infos = zf.infolist()
+        assert [i.filename for i in infos] == ENTRIES
+        assert zf.read("__main__.py").decode().splitlines()[1:] == ["import cni_bridge", "cni_bridge.main()"]
+        assert zf.read("cni_bridge.py") == (tmp_path / "src" / "cni_bridge.py").read_bytes()
+    for info in infos:
+        assert info.external_attr >> 16 == 0o100644, info
+        assert info.compress_type == zipfile.ZIP_STORED, info
+        assert info.date_time == infos[0].date_time, info
+
+
+def test_pyc_is_unchecked_hash_for_the_target_and_used(tmp_path):
+    archive = build_copy(tmp_path / "src")
+    pyc = read_entry(archive, "cni_bridge.pyc")
+    assert pyc[:4] == magic_of("/usr/bin/python3")
+    assert struct.unpack("<I", pyc[4:8]) == (0b01,)  # PEP 552 flags: hash-based, unchecked
+    assert loaded_from(archive, "/usr/bin/python3").endswith("/cni_bridge.pyc")
+
+
+@pytest.mark.parametrize("version", ["3.6", "3.13"])
+def test_build_for_another_python(tmp_path, version):
+    """--python selects the interpreter line and the pyc format (timestamp-based before 3.7)."""
+    python = pyenv_python(version)
+    if python is None:
+        pytest.skip("Python %s not found under /root/.pyenv/versions" % version)
+    archive = build_copy(tmp_path / "src", "--python", python)
+    assert archive.read_bytes().startswith(("#!%s -IS\n" % python).encode())
+    pyc = read_entry(archive, "cni_bridge.pyc")
+    assert pyc[:4] == magic_of(python)
+    if version == "3.6":  # magic, source mtime (the entries' fixed time, as UTC), source size
+        with zipfile.ZipFile(str(archive)) as zf:
+            entry_time = calendar.timegm(zf.getinfo("cni_bridge.py").date_time + (0, 0, -1))
+        source_size = len(read_entry(archive, "cni_bridge.py"))
+        assert struct.unpack("<II", pyc[4:12]) == (entry_time, source_size)
+    else:
+        assert struct.unpack("<I", pyc[4:8]) == (0b01,)
+    # zipimport reads the entry's time as local time: in UTC it matches the pyc's timestamp.
+    env = dict(os.environ, TZ="UTC0")
+    assert loaded_from(archive, python, env=env).endswith("/cni_bridge.pyc")
+    (tmp_path / "loopback").symlink_to(archive)  # executed through its shebang, as a plugin
+    assert_version_answer(call([tmp_path / "loopback"], "VERSION", container_id=None, ifname=None))
+
+
+def test_build_is_reproducible(tmp_path):
+    """A second build of the same source, with another mtime, umask and directory, is identical."""
+    first = build_copy(tmp_path / "a")
+    again = tmp_path / "b"
+    shutil.copytree(str(tmp_path / "a"), str(again), ignore=shutil.ignore_patterns("dist"))
+    os.utime(str(again / "cni_bridge.py"), (1234567890, 1234567890))
+    run(["sh", "-c", "umask 077 && exec ./build.sh"], cwd=again)
+    assert (again / "dist" / ARCHIVE).read_bytes() == first.read_bytes()
+
+
+def test_build_sh_install_refuses_then_forces(tmp_path):
+    target = tmp_path / "bin"
+    target.mkdir()
+    (target / "bridge").write_text("not ours\n")
+    build_copy(tmp_path / "src")
+    refused = run([tmp_path / "src" / "build.sh", "install", target], check=False)
+    assert refused.returncode != 0
+    assert (target / "bridge").read_text() == "not ours\n"
+    run([tmp_path / "src" / "build.sh", "install", target, "--force"])
+    assert os.readlink(str(target / "bridge")) == ARCHIVE
+
+
+# --- install ----------------------------------------------------------------------------------------------
+
+def installed_archive(ours_bin):
+    return Path(os.path.realpath(str(ours_bin / "bridge")))
+
+
+def test_install_makes_symlinks(ours_bin, tmp_path):
+    target = tmp_path / "new" / "bin"  # created by install
+    source = installed_archive(ours_bin)
+    for _ in range(2):  # installing again over our own installation is fine
+        run([source, "install", target])
+        assert (target / ARCHIVE).read_bytes() == source.read_bytes()
+        assert (target / ARCHIVE).stat().st_mode & 0o777 == 0o755
+        assert sorted(os.listdir(str(target))) == sorted((ARCHIVE,) + PLUGIN_NAMES)
+        for name in PLUGIN_NAMES:
+            assert os.readlink(str(target / name)) == ARCHIVE
+            assert_version_answer(call([target / name], "VERSION", container_id=None, ifname=None))
+
+
+def test_install_replaces_regular_file_only_with_force(ours_bin, tmp_path):
+    (tmp_path / "bridge").write_text("someone else's bridge\n")
+    source = installed_archive(ours_bin)
+    refused = run([source, "install", tmp_path], check=False)
+    assert refused.returncode != 0
+    assert (tmp_path / "bridge").read_text() == "someone else's bridge\n"
+    run([source, "install", tmp_path, "--force"])
+    assert os.readlink(str(tmp_path / "bridge")) == ARCHIVE
+    assert_version_answer(call([tmp_path / "bridge"], "VERSION", container_id=None, ifname=None))
+
+
+# --- starting the installed plugins --------------------------------------------------------------------
+
+@pytest.mark.parametrize("plugin", PLUGIN_NAMES)
+def test_version_through_each_symlink_with_only_cni_command(ours_bin, plugin):
+    """`env -i CNI_COMMAND=VERSION`: no HOME, no PATH, nothing else; with and without a config."""
+    for conf in (b'{"cniVersion": "1.1.0"}', b""):
+        proc = subprocess.run(["env", "-i", "CNI_COMMAND=VERSION", str(ours_bin / plugin)], input=conf,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        assert_version_answer(parse_output(proc))
+
+
+def test_runs_without_home_from_root_directory(ours_bin, node, container):
+    container.run("ip", "link", "set", "lo", "down")
+    env = {"HOME": None}
+    assert_version_answer(call([ours_bin / "loopback"], "VERSION", cwd="/", env=env))
+    added = call([IP, "netns", "exec", node.name, ours_bin / "loopback"], "ADD", LOOPBACK_CONF, ours_bin,
+                 cwd="/", netns=container, env=env)
+    assert added.returncode == 0, added
+    assert lo_is_up(container)
+
+
+def test_runs_on_read_only_root(ours_bin, node, container, tmp_path):
+    """Root remounted read-only in a private mount namespace; HOME on it (where shiv would extract)."""
+    container.run("ip", "link", "set", "lo", "down")
+    wrapper = [IP, "netns", "exec", node.name, "unshare", "--mount", "--propagation", "private",
+               "sh", "-c", READ_ONLY_ROOT, "sh", ours_bin / "loopback"]
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home)}
+    assert_version_answer(call(wrapper, "VERSION", env=env))
+    added = call(wrapper, "ADD", LOOPBACK_CONF, ours_bin, netns=container, env=env)
+    assert added.returncode == 0, added
+    assert lo_is_up(container)
+    deleted = call(wrapper, "DEL", LOOPBACK_CONF, ours_bin, netns=container, env=env)
+    assert deleted.returncode == 0, deleted
+    assert not lo_is_up(container)
+
+
+def test_twenty_copies_at_once(ours_bin, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = cni_env("VERSION", ours_bin, env={"HOME": str(home)})
+    procs = [subprocess.Popen([str(ours_bin / "bridge")], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=env) for _ in range(20)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 20, outputs
+    assert len(set(outputs)) == 1, outputs
+    assert os.listdir(str(home)) == []
+
+
+def test_nothing_extracted(ours_bin, node, container, tmp_path):
+    """Neither ~/.shiv nor any other directory is created: the code runs from the archive."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home)}
+    for command in ("ADD", "DEL"):
+        result = run_cni(ours_bin, "loopback", command, LOOPBACK_CONF, node=node, netns=container, env=env)
+        assert result.returncode == 0, result
+    assert os.listdir(str(home)) == []
+
+
+def test_environment_cannot_steer_the_interpreter(ours_bin, node, container, tmp_path):
+    """PYTHON* and SHIV_* variables and a hostile working directory change nothing."""
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    marker = tmp_path / "steered"
+    payload = "open(%r, 'a').write(__name__ + '\\n')\nprint('{\"steered\": true}')\n" % str(marker)
+    for module in ("cni_bridge", "sitecustomize", "usercustomize", "json", "startup", "hostile_entry"):
+        (hostile / (module + ".py")).write_text(payload + "def main():\n    pass\n")
+    steering = {
+        "PYTHONPATH": str(hostile), "PYTHONSTARTUP": str(hostile / "startup.py"), "PYTHONINSPECT": "1",
+        "PYTHONHOME": str(hostile), "PYTHONUSERBASE": str(hostile), "PYTHONVERBOSE": "1",
+        "PYTHONWARNINGS": "error",
+        "SHIV_ROOT": str(hostile / "shiv"), "SHIV_FORCE_EXTRACT": "1", "SHIV_INTERPRETER": "1",
+        "SHIV_ENTRY_POINT": "hostile_entry:main", "SHIV_CONSOLE_SCRIPT": "hostile_entry",
+        "SHIV_PREPEND_PYTHONPATH": "1", "SHIV_EXTEND_PYTHONPATH": str(hostile),
+    }
+    plugin = [IP, "netns", "exec", node.name, ours_bin / "loopback"]
+    for command in ("VERSION", "ADD", "DEL"):
+        clean = call(plugin, command, LOOPBACK_CONF, ours_bin, netns=container)
+        steered = call(plugin, command, LOOPBACK_CONF, ours_bin, netns=container, cwd=hostile, env=steering)
+        assert clean.returncode == 0, clean
+        assert steered == clean
+    assert not marker.exists()
+    assert sorted(os.listdir(str(hostile))) == sorted(p + ".py" for p in (
+        "cni_bridge", "sitecustomize", "usercustomize", "json", "startup", "hostile_entry"))
+
+
+def test_failures_exit_non_zero_with_json_error(ours_bin, node):
+    bogus = call([ours_bin / "bridge"], "BOGUS")
+    assert bogus.returncode == 1, bogus
+    assert bogus.json["code"] == 4, bogus
+    failed_add = run_cni(ours_bin, "loopback", "ADD", LOOPBACK_CONF, node=node, netns="/nonexistent/netns")
+    assert failed_add.returncode == 1, failed_add
+    assert isinstance(failed_add.json["code"], int) and failed_add.json["msg"], failed_add
+
+
+@pytest.mark.parametrize("version", matrix_params())
+def test_python_versions(ours_bin, node, container, version):
+    """`<python> -IS <dir>/loopback`: VERSION, then ADD/DEL bring the container's lo up and down."""
+    in_node = [IP, "netns", "exec", node.name, pyenv_python(version), "-IS", ours_bin / "loopback"]
+    assert_version_answer(call(in_node, "VERSION", container_id=None, ifname=None))
+    container.run("ip", "link", "set", "lo", "down")
+    added = call(in_node, "ADD", LOOPBACK_CONF, ours_bin, netns=container)
+    assert added.returncode == 0, added
+    assert lo_is_up(container)
+    deleted = call(in_node, "DEL", LOOPBACK_CONF, ours_bin, netns=container)
+    assert deleted.returncode == 0, deleted
+    assert not lo_is_up(container)

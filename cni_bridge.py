@@ -247,6 +247,53 @@ class Request(object):
         return conf_get(self.config, "runtimeConfig", dict, {})
 
 
+# --- invoking other plugins ----------------------------------------------------------------------
+
+def find_plugin(plugin_type, cni_path):
+    """The executable of a plugin type: the first regular file of that name in CNI_PATH."""
+    if not plugin_type:
+        raise CNIError(ERR_INVALID_CONFIG, "no plugin name provided")
+    if "/" in plugin_type or plugin_type in (".", ".."):
+        raise CNIError(ERR_INVALID_CONFIG, "invalid plugin name %r" % plugin_type[:100])
+    dirs = [d for d in cni_path.split(":") if d]
+    for directory in dirs:
+        candidate = os.path.join(directory, plugin_type)
+        if os.path.isfile(candidate):
+            return candidate
+    raise CNIError(ERR_INVALID_CONFIG, "failed to find plugin %r in path %s" % (plugin_type, dirs))
+
+
+def invoke_plugin(plugin_type, cni_path, env, stdin):
+    """Execute a plugin as a runtime does; its JSON output (None when it printed nothing), or its
+    error raised unchanged."""
+    import subprocess
+    path = find_plugin(plugin_type, cni_path)
+    for attempt in range(6):
+        try:
+            proc = subprocess.run([path], input=stdin, env=env, stdout=subprocess.PIPE)
+            break
+        except OSError as err:
+            if err.errno != 26 or attempt == 5:    # ETXTBSY: the file is still being written
+                raise CNIError(ERR_INTERNAL, "failed to execute %s: %s" % (path, err.strerror))
+            time.sleep(1)
+    output = proc.stdout.decode("utf-8", "replace").strip()
+    try:
+        parsed = json_loads(output) if output else None
+    except ValueError:
+        parsed = None
+    if proc.returncode != 0:
+        if isinstance(parsed, dict) and isinstance(parsed.get("code", 0), int):
+            raise CNIError(parsed.get("code", 0), str(parsed.get("msg", "")), str(parsed.get("details", "")))
+        if not output:
+            raise CNIError(ERR_INTERNAL, "netplugin failed with no error message: exit status %d"
+                           % proc.returncode)
+        raise CNIError(ERR_INTERNAL, "netplugin failed but error parsing its diagnostic message",
+                       output[:1000])
+    if output and parsed is None:
+        raise CNIError(ERR_DECODE, "failed to parse the output of %s" % plugin_type, output[:1000])
+    return parsed
+
+
 # --- results -------------------------------------------------------------------------------------
 # Results are held in the 1.1.0 shape ("interfaces", "ips", "routes", "dns") and converted to the
 # configuration's version only when printed (spec "Version considerations", reference types/*).
@@ -2418,52 +2465,12 @@ def ipam_call(request, ipam_type, command):
     return exec_plugin(request, ipam_type, command)
 
 
-def find_plugin(plugin_type, cni_path):
-    if not plugin_type:
-        raise CNIError(ERR_INVALID_CONFIG, "no plugin name provided")
-    if "/" in plugin_type or plugin_type in (".", ".."):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid plugin name %r" % plugin_type[:100])
-    dirs = [d for d in cni_path.split(":") if d]
-    for directory in dirs:
-        candidate = os.path.join(directory, plugin_type)
-        if os.path.isfile(candidate):
-            return candidate
-    raise CNIError(ERR_INVALID_CONFIG, "failed to find plugin %r in path %s" % (plugin_type, dirs))
-
-
 def exec_plugin(request, plugin_type, command):
-    """Execute a delegated plugin as the spec says: our environment with CNI_COMMAND replaced,
-    our stdin; its result parsed in the config's version, its error passed on unchanged."""
-    import subprocess
-    path = find_plugin(plugin_type, request.path)
-    env = dict(os.environ)
-    env["CNI_COMMAND"] = command
-    for attempt in range(6):
-        try:
-            proc = subprocess.run([path], input=request.stdin, env=env, stdout=subprocess.PIPE)
-            break
-        except OSError as err:
-            if err.errno != 26 or attempt == 5:    # ETXTBSY: the file is still being written
-                raise CNIError(ERR_INTERNAL, "failed to execute %s: %s" % (path, err.strerror))
-            time.sleep(1)
-    output = proc.stdout.decode("utf-8", "replace").strip()
-    if proc.returncode != 0:
-        try:
-            error = json_loads(output)
-            raise CNIError(int(error.get("code", 0)), str(error.get("msg", "")),
-                           str(error.get("details", "")))
-        except (ValueError, AttributeError, TypeError):
-            if not output:
-                raise CNIError(ERR_INTERNAL, "netplugin failed with no error message: exit status %d"
-                               % proc.returncode)
-            raise CNIError(ERR_INTERNAL, "netplugin failed but error parsing its diagnostic message",
-                           output[:1000])
-    if command != "ADD":
-        return None
-    try:
-        return decode_result(json_loads(output), request.version)
-    except ValueError as err:
-        raise CNIError(ERR_DECODE, "failed to parse the result of %s: %s" % (plugin_type, err))
+    """Delegate `command` to a plugin from CNI_PATH: our environment with CNI_COMMAND replaced,
+    our stdin.  Returns its ADD result in internal form."""
+    env = dict(os.environ, CNI_COMMAND=command)
+    output = invoke_plugin(plugin_type, request.path, env, request.stdin)
+    return decode_result(output, request.version) if command == "ADD" else None
 
 
 # --- masquerade and MAC spoof checking ------------------------------------------------------------
@@ -3196,6 +3203,15 @@ def build_request(command, env):
         raise CNIError(ERR_DECODE, "error unmarshall network config: %s" % err)
     if not isinstance(config, dict):
         raise CNIError(ERR_DECODE, "error unmarshall network config: the configuration must be a JSON object")
+    try:
+        return _validated_request(command, env, container_id, ifname, args, raw, config)
+    except CNIError as err:
+        if config.get("cniVersion") in SUPPORTED_VERSIONS:
+            err.version = config["cniVersion"]      # answer in the caller's version when known
+        raise
+
+
+def _validated_request(command, env, container_id, ifname, args, raw, config):
     name = config.get("name")
     if not name:
         raise CNIError(ERR_INVALID_CONFIG, "missing network name")
@@ -3254,7 +3270,7 @@ def run_plugin(plugin):
             write_json(encode_result(result, request.version))
         return 0
     except CNIError as err:
-        write_json(err.to_json(error_version))
+        write_json(err.to_json(getattr(err, "version", error_version)))
     except Exception as err:  # a bug: still answer in CNI form, never with a traceback on stdout
         tb = err.__traceback__
         while tb.tb_next:
@@ -3274,6 +3290,14 @@ commands:
                           run the walkthrough on throwaway namespaces: ADD (default config
                           conf/10-mynet.conf), read back, ping the gateway, CHECK, DEL, and
                           show that nothing is left; --keep leaves it all for inspection
+  add|check|del|status|gc NETWORK NETNS
+                          run a network's plugin chain like the CNI project's cnitool: configs
+                          from NETCONFPATH (/etc/cni/net.d), plugins from CNI_PATH (/opt/cni/bin),
+                          CNI_IFNAME (eth0), CNI_ARGS, CAP_ARGS; results cached in
+                          /var/lib/cni/results as libcni does
+  leases [--data-dir DIR] [--gc]
+                          list host-local reservations (default DIR /var/lib/cni/networks) and
+                          flag those whose container namespace is gone; --gc releases them
   install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
                           (--force replaces regular files of those names)
   --version               print the program and CNI versions
@@ -3568,6 +3592,187 @@ def verify(config_path, keep, as_json):
     return 1 if failed else 0
 
 
+# --- add, check, del, status, gc: a runtime's side, like the CNI project's cnitool --------------
+
+RESULTS_CACHE_DIR = "/var/lib/cni/results"
+
+
+def load_network_list(name, conf_dir):
+    """The network `name` from `conf_dir` as libcni finds it: *.conflist files (sorted) first,
+    then single-plugin *.conf/*.json files made into a list."""
+    try:
+        files = sorted(os.listdir(conf_dir))
+    except OSError as err:
+        raise CNIError(ERR_INVALID_CONFIG, "cannot read NETCONFPATH %s: %s" % (conf_dir, err.strerror))
+    for suffixes in ((".conflist",), (".conf", ".json")):
+        for filename in files:
+            if not filename.endswith(suffixes):
+                continue
+            path = os.path.join(conf_dir, filename)
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+                conf = json_loads(raw)
+            except (OSError, ValueError) as err:
+                sys.stderr.write("skipping %s: %s\n" % (path, err))
+                continue
+            if not isinstance(conf, dict) or conf.get("name") != name:
+                continue
+            if "plugins" not in conf:
+                conf = {"cniVersion": conf.get("cniVersion", ""), "name": name, "plugins": [conf]}
+            if not isinstance(conf["plugins"], list) or not conf["plugins"]:
+                raise CNIError(ERR_INVALID_CONFIG, "%s: `plugins` must be a non-empty list" % path)
+            return conf, raw
+    raise CNIError(ERR_INVALID_CONFIG, "no network %r in %s" % (name, conf_dir))
+
+
+def cache_path(network, container_id, ifname):
+    return os.path.join(RESULTS_CACHE_DIR, "%s-%s-%s" % (network, container_id, ifname))
+
+
+def run_network_command(command, network, netns):
+    """Drive a network's plugin chain as libcni does: prevResult threaded through ADD, DEL in
+    reverse order with the cached result, capability args from CAP_ARGS, results cached in
+    libcni's format so attachments made here and by containerd or podman are interchangeable."""
+    import base64
+    env = os.environ
+    conf, raw = load_network_list(network, env.get("NETCONFPATH", "/etc/cni/net.d"))
+    version = conf.get("cniVersion", "")
+    ifname = env.get("CNI_IFNAME", "eth0")
+    container_id = "cnitool-" + sha512_hex(netns)[:20]
+    capability_args = json_loads(env.get("CAP_ARGS") or "{}")
+    cni_args = [piece.split("=", 1) for piece in env.get("CNI_ARGS", "").split(";") if "=" in piece]
+    cached = None
+    try:
+        with open(cache_path(network, container_id, ifname), "rb") as f:
+            cached = json_loads(f.read())
+    except (OSError, ValueError):
+        pass
+    minimum = MIN_VERSION.get(command.upper())
+    if minimum and parse_version(version) < minimum:
+        sys.stderr.write("network %s (cniVersion %s) does not support %s\n" % (network, version, command))
+        return 0 if command in ("status", "gc") else 1
+    plugin_env = dict(env, CNI_COMMAND=command.upper(), CNI_CONTAINERID=container_id, CNI_NETNS=netns,
+                      CNI_IFNAME=ifname, CNI_PATH=env.get("CNI_PATH", "/opt/cni/bin"))
+    if command in ("status", "gc"):
+        for key in ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"):
+            plugin_env[key] = ""
+    plugins = conf["plugins"] if command != "del" else list(reversed(conf["plugins"]))
+    result = cached.get("result") if command in ("check", "del") and cached else None
+    if command == "check" and result is None:
+        raise CNIError(ERR_INVALID_CONFIG, "no cached result for %s on %s: was it added?" % (network, netns))
+    for plugin in plugins:
+        request = dict(plugin, cniVersion=version, name=network)
+        request.pop("capabilities", None)
+        runtime = dict((k, v) for k, v in capability_args.items() if (plugin.get("capabilities") or {}).get(k))
+        if runtime:
+            request["runtimeConfig"] = runtime
+        if command == "gc":
+            request["cni.dev/valid-attachments"] = cached_attachments(network)
+        elif result is not None and (command != "del" or parse_version(version) >= (0, 4, 0)):
+            request["prevResult"] = result
+        output = invoke_plugin(plugin.get("type", ""), plugin_env["CNI_PATH"], plugin_env,
+                               json_dumps(request).encode())
+        if command == "add":
+            result = output
+    if command == "add":
+        os.makedirs(RESULTS_CACHE_DIR, 0o700, exist_ok=True)
+        entry = {"kind": "cniCacheV1", "containerId": container_id, "config": base64.b64encode(raw).decode(),
+                 "ifName": ifname, "networkName": network, "netns": netns, "cniArgs": cni_args,
+                 "capabilityArgs": capability_args, "result": result}
+        path = cache_path(network, container_id, ifname)
+        with open(path + ".tmp", "w") as f:
+            f.write(json_dumps(entry))
+        os.rename(path + ".tmp", path)
+        write_json(result)
+    elif command == "del":
+        try:
+            os.unlink(cache_path(network, container_id, ifname))
+        except OSError:
+            pass
+    return 0
+
+
+def cached_results():
+    """Every libcni result-cache entry on this node."""
+    entries = []
+    try:
+        names = sorted(os.listdir(RESULTS_CACHE_DIR))
+    except OSError:
+        return entries
+    for name in names:
+        try:
+            with open(os.path.join(RESULTS_CACHE_DIR, name), "rb") as f:
+                entry = json_loads(f.read())
+        except (OSError, ValueError):
+            continue
+        if isinstance(entry, dict) and entry.get("kind") == "cniCacheV1":
+            entries.append(entry)
+    return entries
+
+
+def cached_attachments(network):
+    return [{"containerID": e.get("containerId"), "ifname": e.get("ifName")}
+            for e in cached_results() if e.get("networkName") == network]
+
+
+# --- leases: what host-local holds ----------------------------------------------------------------
+
+def attachment_netns(entry):
+    """The namespace path of a cached attachment (its result's sandbox)."""
+    for interface in (entry.get("result") or {}).get("interfaces") or []:
+        if isinstance(interface, dict) and interface.get("sandbox"):
+            return interface["sandbox"]
+    return entry.get("netns")
+
+
+def leases(data_dir, collect):
+    """List every reservation under `data_dir`; flag those whose container namespace is gone
+    (known from the runtime's result cache) and with `collect` release them through GC."""
+    netns_of = {}
+    for entry in cached_results():
+        netns_of[(entry.get("networkName"), entry.get("containerId"), entry.get("ifName"))] = attachment_netns(entry)
+    try:
+        networks = sorted(os.listdir(data_dir))
+    except OSError as err:
+        sys.stderr.write("leases: cannot read %s: %s\n" % (data_dir, err.strerror))
+        return 1
+    now = time.time()
+    rows, stale_count = [], 0
+    for network in networks:
+        if not os.path.isdir(os.path.join(data_dir, network)):
+            continue
+        with Store(data_dir, network) as store:
+            reserved = store.reservations()
+            valid, stale = set(), []
+            for key, content in sorted(reserved.items()):
+                cid, _, ifname = content.strip().partition("\r\n")
+                try:
+                    age = now - os.stat(store.file_names[key], dir_fd=store.dir_fd, follow_symlinks=False).st_mtime
+                except OSError:
+                    age = 0
+                netns = netns_of.get((network, cid, ifname))
+                gone = netns is not None and not os.path.exists(netns)
+                status = "netns gone" if gone else ("ok" if netns else "unknown netns")
+                if gone:
+                    stale.append(key)
+                else:
+                    valid.add((cid, ifname))
+                rows.append((network, ip_to_text(*key), cid, ifname, "%dh%02dm" % (age // 3600, age % 3600 // 60), status))
+            stale_count += len(stale)
+            if collect and stale:
+                collect_garbage(store, valid)
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(LEASE_COLUMNS)]
+    for row in [LEASE_COLUMNS] + rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+    if collect:
+        sys.stdout.write("released %d stale reservation(s)\n" % stale_count)
+    return 0
+
+
+LEASE_COLUMNS = ("NETWORK", "ADDRESS", "CONTAINER", "IFNAME", "AGE", "STATUS")
+
+
 def run_cli(prog, argv):
     """The operator's command line, when started under a name that is not a plugin's."""
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -3581,6 +3786,15 @@ def run_cli(prog, argv):
         if argv[0] == "install" and len(argv) in (2, 3) and argv[2:] in ([], ["--force"]):
             install(argv[1], force=argv[2:] == ["--force"])
             return 0
+        if argv[0] in ("add", "check", "del", "status", "gc") and len(argv) == 3:
+            return run_network_command(argv[0], argv[1], argv[2])
+        if argv[0] == "leases":
+            options = argv[1:]
+            data_dir = DEFAULT_DATA_DIR
+            if options[:1] == ["--data-dir"] and len(options) >= 2:
+                data_dir, options = options[1], options[2:]
+            if options in ([], ["--gc"]):
+                return leases(data_dir, options == ["--gc"])
         if argv[0] == "verify":
             options = [a for a in argv[1:] if a.startswith("--")]
             paths = [a for a in argv[1:] if not a.startswith("--")]

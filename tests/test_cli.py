@@ -1,0 +1,180 @@
+"""The operator's command line: `verify`, the cnitool-like `add/check/del`, and `leases`.
+
+Each test runs the installed zipapp inside a node namespace it made (or lets `verify` make its
+own throwaway namespaces) and reads the kernel and the files back.
+"""
+import json
+import os
+import time
+
+import pytest
+
+from conftest import REF_DIR, run
+
+RESULTS_DIR = "/var/lib/cni/results"
+
+
+def zipapp(ours_bin):
+    return str(ours_bin / "cni-bridge.pyz")
+
+
+def cbv_namespaces():
+    return set(n for n in os.listdir("/run/netns") if n.startswith("cbv-")) if os.path.isdir("/run/netns") else set()
+
+
+def test_verify_runs_the_walkthrough_and_leaves_nothing(ours_bin):
+    """`verify` from the checkout uses conf/10-mynet.conf, passes every step and removes its
+    namespaces and state."""
+    before = cbv_namespaces()
+    proc = run([zipapp(ours_bin), "verify", "--json"], cwd=str(ours_bin.parent.parent), check=False, timeout=120)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report["ok"] and [s["step"] for s in report["steps"]] == [
+        "create namespaces", "ADD", "container interface read back from the kernel",
+        "ping the gateway from the container", "CHECK", "DEL", "nothing left behind", "remove namespaces"]
+    assert "answered" in report["steps"][3]["detail"]
+    assert cbv_namespaces() == before
+    assert not [d for d in os.listdir("/run") if d.startswith("cni-bridge-verify-")]
+
+
+def test_verify_uses_its_builtin_config_away_from_a_checkout(ours_bin, tmp_path):
+    """Run from a directory without conf/, verify falls back to its built-in copy of the config."""
+    proc = run([zipapp(ours_bin), "verify"], cwd=str(tmp_path), check=False, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "built-in conf/10-mynet.conf" in proc.stdout
+    assert "\u2713 ping the gateway from the container" in proc.stdout
+
+
+def test_verify_keep_leaves_the_attachment_for_inspection(ours_bin, tmp_path):
+    """--keep stops before DEL and leaves both namespaces, with the container address in place."""
+    before = cbv_namespaces()
+    proc = run([zipapp(ours_bin), "verify", "--keep", "--json"], cwd=str(tmp_path), check=False, timeout=120)
+    kept = sorted(cbv_namespaces() - before)
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert len(kept) == 2
+        ctr = [n for n in kept if n.startswith("cbv-ctr-")][0]
+        addrs = json.loads(run(["ip", "-n", ctr, "-j", "addr", "show", "dev", "eth0"]).stdout)
+        assert any(a["local"].startswith("172.19.0.") for a in addrs[0]["addr_info"])
+    finally:
+        for name in kept:
+            run(["ip", "netns", "del", name], check=False)
+        for d in os.listdir("/run"):
+            if d.startswith("cni-bridge-verify-"):
+                run(["rm", "-r", "/run/" + d])
+
+
+def test_verify_fails_clearly_on_a_broken_config(ours_bin, tmp_path):
+    """A config the plugin refuses fails the ADD step, exit 1, and still removes the namespaces."""
+    bad = tmp_path / "bad.conf"
+    bad.write_text(json.dumps({"cniVersion": "1.0.0", "name": "bad", "type": "bridge", "vlan": 5000}))
+    before = cbv_namespaces()
+    proc = run([zipapp(ours_bin), "verify", str(bad)], check=False, timeout=120)
+    assert proc.returncode == 1
+    assert "\u2717 ADD" in proc.stdout and "invalid VLAN ID 5000" in proc.stdout
+    assert cbv_namespaces() == before
+
+
+@pytest.fixture
+def portmap_network(tmp_path, ours_bin, data_dir):
+    """A conflist of our bridge with the reference portmap, in a private NETCONFPATH."""
+    if not (REF_DIR / "portmap").exists():
+        pytest.skip("reference portmap not installed: apt-get install containernetworking-plugins")
+    plugin_dir = tmp_path / "bin"
+    plugin_dir.mkdir()
+    for name in ("bridge", "host-local", "loopback", "cni-bridge.pyz"):
+        (plugin_dir / name).symlink_to(ours_bin / name)
+    (plugin_dir / "portmap").symlink_to(REF_DIR / "portmap")
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    name = "clinet%d" % os.getpid()
+    (conf_dir / "10-cli.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": name,
+        "plugins": [{"type": "bridge", "bridge": "cbt-cli0", "isGateway": True, "ipMasq": True,
+                     "ipam": {"type": "host-local", "subnet": "10.123.0.0/24", "dataDir": str(data_dir),
+                              "routes": [{"dst": "0.0.0.0/0"}]}},
+                    {"type": "portmap", "capabilities": {"portMappings": True}}]}))
+    return name, {"NETCONFPATH": str(conf_dir), "CNI_PATH": str(plugin_dir)}
+
+
+def cli(node, env, *args, check=True):
+    return node.run("env", *["%s=%s" % kv for kv in env.items()], *args, check=check, timeout=60)
+
+
+def cache_entries(network):
+    if not os.path.isdir(RESULTS_DIR):
+        return []
+    return [n for n in os.listdir(RESULTS_DIR) if n.startswith(network + "-")]
+
+
+def test_cnitool_commands_drive_bridge_and_portmap(ours_bin, node, container, make_netns, portmap_network):
+    """add/del run the chain as libcni does: the container gets its address, portmap's
+    DNAT makes a container port reachable from another namespace, the result is cached in
+    libcni's format, and del undoes it all."""
+    network, env = portmap_network
+    env = dict(env, CAP_ARGS=json.dumps({"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]}))
+    pyz = str(ours_bin / "cni-bridge.pyz")
+    result = json.loads(cli(node, env, pyz, "add", network, container.path).stdout)
+    try:
+        address = result["ips"][0]["address"].split("/")[0]
+        assert ("inet", result["ips"][0]["address"]) in container.addrs("eth0")
+        [entry] = cache_entries(network)
+        cached = json.load(open(os.path.join(RESULTS_DIR, entry)))
+        assert cached["kind"] == "cniCacheV1" and cached["networkName"] == network
+        assert cached["result"]["ips"] == result["ips"]
+        assert any("DNAT" in line and "18080" in line for line in
+                   node.run("iptables-save", "-t", "nat").stdout.splitlines())
+        # A client in a third namespace reaches the container's port 80 through the node's 18080.
+        client = make_netns("cli")
+        run(["ip", "link", "add", "cbt-clia", "netns", node.name, "type", "veth", "peer", "name", "eth0",
+             "netns", client.name])
+        node.run("ip", "addr", "add", "192.0.2.1/24", "dev", "cbt-clia")
+        node.run("ip", "link", "set", "cbt-clia", "up")
+        client.run("ip", "addr", "add", "192.0.2.2/24", "dev", "eth0")
+        client.run("ip", "link", "set", "eth0", "up")
+        server = "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);" \
+                 "s.bind(('0.0.0.0',80));s.listen(1);s.settimeout(20);c,_=s.accept();c.sendall(b'hello');c.close()"
+        import subprocess
+        srv = subprocess.Popen(["ip", "netns", "exec", container.name, "python3", "-c", server])
+        try:
+            reply = ""
+            for _ in range(50):
+                proc = client.run("python3", "-c", "import socket;s=socket.create_connection(('192.0.2.1',18080),2);"
+                                  "print(s.recv(10).decode())", check=False)
+                reply = proc.stdout.strip()
+                if reply:
+                    break
+                time.sleep(0.1)
+            assert reply == "hello"
+        finally:
+            srv.kill()
+            srv.wait()
+    finally:
+        cli(node, env, pyz, "del", network, container.path)
+    assert "eth0" not in container.links()
+    assert cache_entries(network) == []
+    assert not [l for l in node.run("iptables-save", "-t", "nat").stdout.splitlines() if "18080" in l]
+
+
+def test_leases_flags_and_collects_reservations_of_vanished_containers(ours_bin, node, make_netns, portmap_network, data_dir):
+    """leases lists each reservation; once a container's namespace is deleted without DEL it is
+    flagged, and --gc releases it while the live one stays."""
+    network, env = portmap_network
+    pyz = str(ours_bin / "cni-bridge.pyz")
+    live, gone = make_netns("live"), make_netns("gone")
+    for ns in (live, gone):
+        cli(node, env, pyz, "add", network, ns.path)
+    try:
+        run(["ip", "netns", "del", gone.name])
+        listing = run([pyz, "leases", "--data-dir", str(data_dir)]).stdout
+        rows = [line.split() for line in listing.splitlines()[1:]]
+        assert sorted(r[-1] for r in rows) == ["gone", "ok"]
+        run([pyz, "leases", "--data-dir", str(data_dir), "--gc"])
+        left = [n for n in os.listdir(str(data_dir / network)) if n[0].isdigit()]
+        assert len(left) == 1
+        assert "10.123.0." in left[0]
+    finally:
+        for ns in (live, gone):
+            cli(node, env, pyz, "del", network, ns.path, check=False)
+    assert cache_entries(network) == []
+    assert [n for n in os.listdir(str(data_dir / network)) if n[0].isdigit()] == []

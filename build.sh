@@ -3,27 +3,34 @@
 #
 #   ./build.sh [--python PATH]                        build (interpreter line "PATH -IS", default /usr/bin/python3)
 #   ./build.sh [--python PATH] install DIR [--force]  build, then install into DIR (bridge, host-local, loopback)
+#   ./build.sh [--python PATH] verify [ARGS...]       build, then run the walkthrough on throwaway namespaces (root)
 #
 # The archive holds __main__.py (shiv's template calling cni_bridge.main), cni_bridge.py and cni_bridge.pyc
 # compiled for the target interpreter (zipimport uses it when its magic number matches, the .py otherwise).
 # No shiv bootstrap: nothing is extracted, no SHIV_* variable is read.  The output is byte-for-byte
 # reproducible: fixed timestamps (SOURCE_DATE_EPOCH, default 1980-01-01), sorted stored entries, fixed modes.
-# Needs python3 with shiv installed (pip install shiv).
+# Needs python3 with shiv (installed with pip when missing).
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [--python PATH] [install DIR [--force]]" >&2
+    echo "usage: $0 [--python PATH] [install DIR [--force] | verify [CONFIG] [--keep] [--json]]" >&2
     exit 2
 }
 
 python=/usr/bin/python3
 install_args=()
+verify_args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --python)
             [ $# -ge 2 ] || usage
             python=$2
             shift 2
+            ;;
+        verify)
+            shift
+            verify_args=(verify "$@")
+            set --
             ;;
         install)
             [ $# -ge 2 ] || usage
@@ -41,6 +48,10 @@ while [ $# -gt 0 ]; do
 done
 
 cd "$(dirname "$0")"
+if ! python3 -c "import shiv" 2>/dev/null; then
+    echo "build.sh: installing shiv (python3 -m pip install shiv)" >&2
+    python3 -m pip install --quiet shiv
+fi
 mkdir -p dist
 python3 - "$python" cni_bridge.py dist/cni-bridge.pyz <<'EOF'
 import os
@@ -103,4 +114,7 @@ EOF
 
 if [ ${#install_args[@]} -gt 0 ]; then
     "$python" -IS dist/cni-bridge.pyz "${install_args[@]}"
+fi
+if [ ${#verify_args[@]} -gt 0 ]; then
+    exec dist/cni-bridge.pyz "${verify_args[@]}"
 fi

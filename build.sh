@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Build dist/cni-bridge.pyz, a zipapp that runs cni_bridge straight from the archive, and optionally install it.
 #
-#   ./build.sh [--python PATH]                        build (interpreter line "PATH -IS", default /usr/bin/python3)
+#   ./build.sh [--python PATH]                        build (runs "PATH -IS", default /usr/bin/python3)
 #   ./build.sh [--python PATH] install DIR [--force]  build, then install into DIR (bridge, host-local, loopback)
 #   ./build.sh [--python PATH] verify [ARGS...]       build, then run the walkthrough on throwaway namespaces (root)
 #
-# The archive holds __main__.py (shiv's template calling cni_bridge.main), cni_bridge.py and cni_bridge.pyc
-# compiled for the target interpreter (zipimport uses it when its magic number matches, the .py otherwise).
+# The archive starts with a two-line sh preamble that execs "PATH -IS" on it, then holds __main__.py
+# (shiv's template calling cni_bridge.main), cni_bridge.py and cni_bridge.pyc compiled for the target
+# interpreter (zipimport uses it when its magic number matches, the .py otherwise).
 # No shiv bootstrap: nothing is extracted, no SHIV_* variable is read.  The output is byte-for-byte
 # reproducible: fixed timestamps (SOURCE_DATE_EPOCH, default 1980-01-01), sorted stored entries, fixed modes.
 # Needs python3 with shiv (installed with pip when missing).
@@ -62,7 +63,9 @@ import tempfile
 import time
 import zipfile
 
-from shiv.builder import MAIN_TEMPLATE, write_file_prefix, write_to_zipapp
+import shlex
+
+from shiv.builder import MAIN_TEMPLATE, write_to_zipapp
 from shiv.constants import SOURCE_DATE_EPOCH_DEFAULT
 
 python, source, target = sys.argv[1:]
@@ -78,6 +81,15 @@ options = {}
 if sys.version_info >= (3, 7):
     options["invalidation_mode"] = py_compile.PycInvalidationMode.UNCHECKED_HASH
 py_compile.compile(source, cfile=cfile, dfile="cni_bridge.py", doraise=True, **options)
+"""
+
+# The archive starts as a shell script: a zip given to python directly goes through runpy, which
+# imports a dozen modules first and doubles the start-up time of every plugin call.  Here the
+# interpreter puts the archive on sys.path and imports the module from it instead; sh passes the
+# name the program was started as ($0: bridge, host-local, loopback) as argv[0].  The zip itself
+# still has __main__.py, so `python3 cni-bridge.pyz` works too.
+PREAMBLE = """#!/bin/sh
+exec {python} -IS -c 'import sys; sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0]); import cni_bridge; cni_bridge.main()' "$0" "$@"
 """
 
 epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH_DEFAULT)), SOURCE_DATE_EPOCH_DEFAULT)
@@ -99,7 +111,7 @@ with tempfile.TemporaryDirectory() as scratch:
 temp = "%s.%d.tmp" % (target, os.getpid())
 try:
     with open(temp, "wb") as out:
-        write_file_prefix(out, python + " -IS")
+        out.write(PREAMBLE.format(python=shlex.quote(python)).encode())
         # Stored, not deflated: nothing to decompress at start-up, no dependence on the zlib version.
         with zipfile.ZipFile(out, "w") as archive:
             for name in sorted(entries):

@@ -84,7 +84,7 @@ def loaded_from(archive, python, env=None):
 def test_archive_layout(tmp_path):
     archive = build_copy(tmp_path / "src")
     data = archive.read_bytes()
-    assert data.startswith(b"#!/usr/bin/python3 -IS\n")
+    assert data.startswith(b"#!/bin/sh\nexec /usr/bin/python3 -IS -c ")
     assert archive.stat().st_mode & 0o777 == 0o755
     assert os.listdir(str(archive.parent)) == [ARCHIVE]  # no temp file left behind
     with zipfile.ZipFile(str(archive)) as zf:
@@ -113,7 +113,7 @@ def test_build_for_another_python(tmp_path, version):
     if python is None:
         pytest.skip("Python %s not found under /root/.pyenv/versions" % version)
     archive = build_copy(tmp_path / "src", "--python", python)
-    assert archive.read_bytes().startswith(("#!%s -IS\n" % python).encode())
+    assert archive.read_bytes().startswith(("#!/bin/sh\nexec %s -IS -c " % python).encode())
     pyc = read_entry(archive, "cni_bridge.pyc")
     assert pyc[:4] == magic_of(python)
     if version == "3.6":  # magic, source mtime (the entries' fixed time, as UTC), source size

@@ -89,12 +89,18 @@ def _finite_float(text):
     return value
 
 
+def _bounded_int(text):
+    if len(text) > 40:          # converting a huge digit string costs quadratic time
+        raise ValueError("number %s... is out of range" % text[:30])
+    return int(text)
+
+
 class _ScannerContext(object):
     strict = True
     object_hook = None
     object_pairs_hook = None
     parse_float = staticmethod(_finite_float)
-    parse_int = int
+    parse_int = staticmethod(_bounded_int)
     memo = {}
 
     @staticmethod
@@ -204,11 +210,16 @@ def check_ifname(name):
         raise CNIError(ERR_INVALID_ENV, "interface name contains control characters")
 
 
-def parse_cni_args(text):
-    """Parse CNI_ARGS "K=V;K2=V2" leniently: empty pieces are skipped, keys are case-insensitive.
+# The CNI_ARGS keys these plugins read: host-local's IP, bridge's MAC (both reach both plugins,
+# since bridge passes its environment to its IPAM), and the reference's IgnoreUnknown switch.
+KNOWN_CNI_ARGS = ("IP", "MAC", "IGNOREUNKNOWN")
 
-    Returns {upper-case key: value}.  Unknown keys are the caller's to ignore; a piece without
-    "=" is an error (code 4) naming it.
+
+def parse_cni_args(text):
+    """Parse CNI_ARGS "K=V;K2=V2" leniently: empty pieces are skipped, keys are case-insensitive,
+    unknown keys (Kubernetes' K8S_POD_*) are ignored with a note on stderr.
+
+    Returns {upper-case key: value}; a piece without "=" is an error (code 4) naming it.
     """
     args = {}
     for piece in text.split(";"):
@@ -219,6 +230,9 @@ def parse_cni_args(text):
             raise CNIError(ERR_INVALID_ENV, "ARGS: invalid pair %r" % piece[:200],
                            "CNI_ARGS must be KEY=VALUE pairs separated by ';'")
         args[key.upper()] = value
+    unknown = sorted(k for k in args if k not in KNOWN_CNI_ARGS)
+    if unknown:
+        sys.stderr.write("CNI_ARGS: ignoring unknown keys %s\n" % " ".join(unknown)[:300])
     return args
 
 
@@ -235,13 +249,6 @@ class Request(object):
         self.config = config
         self.version = version
         self.stdin = b""
-
-    def cni_arg(self, key, known):
-        """Value of a CNI_ARGS key this plugin understands; `known` lists every key it reads."""
-        for other in self.args:
-            if other not in known and other != "IGNOREUNKNOWN":
-                sys.stderr.write("CNI_ARGS: ignoring unknown key %s\n" % other)
-        return self.args.get(key)
 
     def runtime_config(self):
         return conf_get(self.config, "runtimeConfig", dict, {})
@@ -361,13 +368,14 @@ def _encode_legacy_result(result, version, dns):
 
 
 def decode_result(obj, version):
-    """Parse a result (prevResult or a delegated plugin's output) into the internal shape."""
+    """Parse a result (prevResult or a delegated plugin's output) into the internal shape,
+    checking every address and route destination (Prefix, in the next section)."""
     if not isinstance(obj, dict):
         raise CNIError(ERR_DECODE, "failed to parse result", "a result must be a JSON object")
     version = obj.get("cniVersion") or version
     try:
+        interfaces, ips, routes = [], [], []
         if is_legacy_version(version):
-            ips, routes = [], []
             for key in ("ip4", "ip6"):
                 entry = obj.get(key)
                 if entry:
@@ -375,25 +383,28 @@ def decode_result(obj, version):
                     if entry.get("gateway"):
                         ip["gateway"] = entry["gateway"]
                     ips.append(ip)
-                    for route in entry.get("routes") or []:
-                        if not isinstance(route["dst"], str):
-                            raise TypeError("route dst")
-                        routes.append(route)
-            return {"ips": ips, "routes": routes, "dns": obj.get("dns") or {}}
-        ips = []
-        for ip in obj.get("ips") or []:
-            entry = dict((k, v) for k, v in ip.items() if k != "version")
-            if not isinstance(entry["address"], str):
-                raise TypeError("address")
-            ips.append(entry)
-        routes = list(obj.get("routes") or [])
+                    routes.extend(entry.get("routes") or [])
+        else:
+            interfaces = list(obj.get("interfaces") or [])
+            ips = [dict((k, v) for k, v in ip.items() if k != "version") for ip in obj.get("ips") or []]
+            routes = list(obj.get("routes") or [])
+        dns = obj.get("dns") or {}
+        if not isinstance(dns, dict) or not all(isinstance(i, dict) for i in interfaces):
+            raise TypeError("dns and interfaces must be objects")
+        for ip in ips:
+            Prefix.parse(ip["address"])
+            if ip.get("gateway") is not None:
+                parse_ip(ip["gateway"])
         for route in routes:
-            if not isinstance(route["dst"], str):
-                raise TypeError("route dst")
-        return {"interfaces": list(obj.get("interfaces") or []), "ips": ips, "routes": routes,
-                "dns": obj.get("dns") or {}}
-    except (KeyError, TypeError, AttributeError) as err:
+            Prefix.parse(route["dst"])
+            if route.get("gw") is not None:
+                parse_ip(route["gw"])
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise CNIError(ERR_DECODE, "failed to parse result", "malformed result: %s" % err)
+    result = {"ips": ips, "routes": routes, "dns": dns}
+    if interfaces:
+        result["interfaces"] = interfaces
+    return result
 
 
 def previous_result(request):
@@ -506,15 +517,15 @@ class Prefix(object):
         return hash((self.family, self.ip, self.length))
 
 
+HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
 def parse_mac(text):
     """Parse "aa:bb:cc:dd:ee:ff" into 6 bytes."""
     parts = text.split(":") if isinstance(text, str) else []
-    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-        raise ValueError("invalid MAC address %r" % (text if isinstance(text, str) else text,))
-    try:
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError("invalid MAC address %r" % text)
+    if len(parts) != 6 or not all(len(p) == 2 and HEX_DIGITS.issuperset(p) for p in parts):
+        raise ValueError("invalid MAC address %r" % (text[:50] if isinstance(text, str) else text,))
+    return bytes(int(p, 16) for p in parts)
 
 
 def mac_to_text(raw):
@@ -537,11 +548,9 @@ NLA_TYPE_MASK = 0x3FFF
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x01
-NLM_F_MULTI = 0x02
 NLM_F_ACK = 0x04
 NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
-NLM_F_REPLACE = 0x100
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 NLM_F_APPEND = 0x800
@@ -720,7 +729,7 @@ class NetlinkError(CNIError):
         text = os.strerror(errno_value)
         if reason:
             text = "%s (%s)" % (text, reason)
-        transient = errno_value in (11, 16, 4, 110)   # EAGAIN, EBUSY, EINTR, ETIMEDOUT
+        transient = errno_value in (4, 11, 16, 105, 110)   # EINTR, EAGAIN, EBUSY, ENOBUFS, ETIMEDOUT
         CNIError.__init__(self, ERR_TRY_AGAIN if transient else ERR_INTERNAL,
                           "%s: %s" % (what, text) if what else text)
         self.errno = errno_value
@@ -768,10 +777,10 @@ class NetlinkSocket(object):
     def _recv(self, what):
         try:
             return self.sock.recv(1 << 17)
+        except _socket.timeout:
+            raise CNIError(ERR_TRY_AGAIN, "%s: the kernel did not answer within %g s"
+                           % (what, NETLINK_TIMEOUT))
         except OSError as err:
-            if isinstance(err, getattr(_socket, "timeout", ())) or "timed out" in str(err):
-                raise CNIError(ERR_TRY_AGAIN, "%s: the kernel did not answer within %g s"
-                               % (what, NETLINK_TIMEOUT))
             raise NetlinkError(err.errno or 5, what)
 
     def transact(self, requests, what="", batch=None):
@@ -891,7 +900,6 @@ class BridgePortAttr(object):
 class LinkInfoAttr(object):
     IFLA_INFO_KIND = Attr(1, STR)
     IFLA_INFO_DATA = Attr(2, NEST)            # layout depends on the kind: decoded by the caller
-    IFLA_INFO_SLAVE_KIND = Attr(4, STR)
     IFLA_INFO_SLAVE_DATA = Attr(5, NEST, BridgePortAttr)   # when enslaved to a bridge
 
 
@@ -920,7 +928,6 @@ class LinkAttr(object):
     IFLA_AF_SPEC = Attr(26, NEST, BridgeAfSpecAttr)
     IFLA_NET_NS_FD = Attr(28, U32)
     IFLA_EXT_MASK = Attr(29, U32)
-    IFLA_LINK_NETNSID = Attr(37, S32)
 
 
 @attr_space
@@ -1006,8 +1013,7 @@ def list_links(nl):
     return [Link(m) for m in nl.dump(RTM_GETLINK, {}, _LINK_QUERY, what="failed to list links")]
 
 
-def link_change(index, up=None, promisc=None, master=None, mac=None, mtu=None, family=AF_UNSPEC,
-                extra=()):
+def link_change(index, up=None, promisc=None, master=None, mac=None, extra=()):
     """A RTM_NEWLINK request (for transact) changing an existing link."""
     flags = change = 0
     if up is not None:
@@ -1021,10 +1027,7 @@ def link_change(index, up=None, promisc=None, master=None, mac=None, mtu=None, f
         attrs.append((LinkAttr.IFLA_MASTER, master))
     if mac is not None:
         attrs.append((LinkAttr.IFLA_ADDRESS, parse_mac(mac)))
-    if mtu:
-        attrs.append((LinkAttr.IFLA_MTU, mtu))
-    return (RTM_NEWLINK, 0, {"family": family, "index": index, "flags": flags, "change": change},
-            attrs)
+    return (RTM_NEWLINK, 0, {"index": index, "flags": flags, "change": change}, attrs)
 
 
 def set_link(nl, index, what, **changes):
@@ -1087,17 +1090,6 @@ def bridge_vlan_request(index, vid, flags, remove=False):
             ((LinkAttr.IFLA_AF_SPEC, ((BridgeAfSpecAttr.IFLA_BRIDGE_FLAGS, BRIDGE_FLAGS_MASTER),
                                       (BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO,
                                        BRIDGE_VLAN_INFO.pack(flags, vid)))),))
-
-
-def list_port_vlans(nl, index):
-    """The VLAN ids configured on bridge port `index`."""
-    vids = []
-    for msg in nl.dump(RTM_GETLINK, {"family": AF_BRIDGE},
-                       ((LinkAttr.IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN),), what="failed to list VLANs"):
-        if msg.header["index"] == index:
-            for raw in msg.get(LinkAttr.IFLA_AF_SPEC, {}).get(BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO, []):
-                vids.append(BRIDGE_VLAN_INFO.unpack(raw)[1])
-    return vids
 
 
 class Address(object):
@@ -1305,8 +1297,6 @@ class NftListAttr(object):
 @attr_space
 class NftTableAttr(object):
     NFTA_TABLE_NAME = Attr(1, STR)
-    NFTA_TABLE_FLAGS = Attr(2, BE32)
-    NFTA_TABLE_HANDLE = Attr(4, BE64)
     NFTA_TABLE_USERDATA = Attr(6, BYTES)
 
 
@@ -1319,7 +1309,6 @@ class NftHookAttr(object):
 @attr_space
 class NftChainAttr(object):
     NFTA_CHAIN_TABLE = Attr(1, STR)
-    NFTA_CHAIN_HANDLE = Attr(2, BE64)
     NFTA_CHAIN_NAME = Attr(3, STR)
     NFTA_CHAIN_HOOK = Attr(4, NEST, NftHookAttr)
     NFTA_CHAIN_POLICY = Attr(5, BE32)
@@ -1535,18 +1524,6 @@ def list_rules(nl, family, table, chain=None):
             return []
         raise
     return [NftRule(m) for m in msgs if not chain or m.get(NftRuleAttr.NFTA_RULE_CHAIN) == chain]
-
-
-def list_chains(nl, family, table):
-    try:
-        msgs = nl.dump(NFT_MSG_GETCHAIN, {"family": family}, ((NftChainAttr.NFTA_CHAIN_TABLE, table),),
-                       what="failed to list nf_tables chains of %s" % table)
-    except NetlinkError as err:
-        if err.errno == 2:
-            return []
-        raise
-    return [m.get(NftChainAttr.NFTA_CHAIN_NAME) for m in msgs
-            if m.get(NftChainAttr.NFTA_CHAIN_TABLE) == table]
 
 
 # ==============================================================================================
@@ -1913,7 +1890,7 @@ class IPAMConfig(object):
     def _requested_ips(request):
         """Addresses asked for by CNI_ARGS IP, args.cni.ips and runtimeConfig.ips, in that order."""
         texts = []
-        arg = request.cni_arg("IP", ("IP", "MAC"))
+        arg = request.args.get("IP")
         if arg:
             texts.extend(arg.split(","))
         cni = conf_get(conf_get(request.config, "args", dict, {}), "cni", dict, {})
@@ -2082,12 +2059,6 @@ class Store(object):
 
 def owner_text(container_id, ifname):
     return "%s\r\n%s" % (container_id.strip(), ifname)
-
-
-def owned_by(content, container_id, ifname):
-    """Whether a reservation's content names this attachment (or, in the legacy form, its ID)."""
-    content = content.strip()
-    return content == owner_text(container_id, ifname) or content == container_id.strip()
 
 
 def _candidates(ranges, last):
@@ -2412,7 +2383,7 @@ class BridgeConfig(object):
         """runtimeConfig.mac, else args.cni.mac, else CNI_ARGS MAC."""
         cni = conf_get(conf_get(request.config, "args", dict, {}), "cni", dict, {})
         for mac in (conf_get(request.runtime_config(), "mac", str), conf_get(cni, "mac", str),
-                    request.cni_arg("MAC", ("IP", "MAC"))):
+                    request.args.get("MAC")):
             if mac:
                 try:
                     parse_mac(mac)

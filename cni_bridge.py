@@ -1321,7 +1321,7 @@ class NftRuleAttr(object):
     NFTA_RULE_TABLE = Attr(1, STR)
     NFTA_RULE_CHAIN = Attr(2, STR)
     NFTA_RULE_HANDLE = Attr(3, BE64)
-    NFTA_RULE_EXPRESSIONS = Attr(4, NEST, NftListAttr)
+    NFTA_RULE_EXPRESSIONS = Attr(4, NEST)     # decoded only when needed (NftRule.expressions)
     NFTA_RULE_USERDATA = Attr(7, BYTES)
 
 
@@ -1482,10 +1482,11 @@ class NftBatch(object):
 
 
 class NftRule(object):
-    """A rule as listed by the kernel: where it is, its handle, its comment, and what the
-    plugins look for in its expressions (a jump or goto target, a matched input interface)."""
+    """A rule as listed by the kernel: where it is, its handle and its comment.  Its expressions
+    are decoded only when asked for (a jump target, a matched input interface): listing a chain
+    of a thousand masquerade rules must stay cheap."""
 
-    __slots__ = ("family", "table", "chain", "handle", "comment", "jump_target", "iifname")
+    __slots__ = ("family", "table", "chain", "handle", "comment", "_expressions", "_scanned")
 
     def __init__(self, msg):
         self.family = msg.header["family"]
@@ -1493,22 +1494,52 @@ class NftRule(object):
         self.chain = msg.get(NftRuleAttr.NFTA_RULE_CHAIN, "")
         self.handle = msg.get(NftRuleAttr.NFTA_RULE_HANDLE, 0)
         self.comment = comment_of(msg.get(NftRuleAttr.NFTA_RULE_USERDATA, b""))
-        self.jump_target = self.iifname = None
-        loaded_iifname = False
-        for element in msg.get(NftRuleAttr.NFTA_RULE_EXPRESSIONS, {}).get(NftListAttr.NFTA_LIST_ELEM, []):
-            name = element.get(NftExprAttr.NFTA_EXPR_NAME)
-            if name not in EXPRESSION_SPACES:
-                continue
-            data = decode_attrs(EXPRESSION_SPACES[name], element.get(NftExprAttr.NFTA_EXPR_DATA, b""))
-            if name == "immediate":
-                verdict = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DATA, {}).get(NftDataAttr.NFTA_DATA_VERDICT, {})
-                self.jump_target = verdict.get(NftVerdictAttr.NFTA_VERDICT_CHAIN, self.jump_target)
-            elif name == "meta":
-                loaded_iifname = data.get(NftMetaAttr.NFTA_META_KEY) == NFT_META_IIFNAME
-            elif name == "cmp" and loaded_iifname:
-                raw = data.get(NftCmpAttr.NFTA_CMP_DATA, {}).get(NftDataAttr.NFTA_DATA_VALUE, b"")
-                self.iifname = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                loaded_iifname = False
+        self._expressions = msg.get(NftRuleAttr.NFTA_RULE_EXPRESSIONS, b"")
+        self._scanned = None
+
+    @property
+    def jump_target(self):
+        """The chain this rule jumps or goes to, or None."""
+        return self._scan()[0]
+
+    @property
+    def iifname(self):
+        """The input interface this rule matches (`iifname "x"`), or None."""
+        return self._scan()[1]
+
+    def _scan(self):
+        if self._scanned is None:
+            target = iifname = None
+            loaded_iifname = False
+            elements = decode_attrs(NftListAttr, self._expressions).get(NftListAttr.NFTA_LIST_ELEM, [])
+            for element in elements:
+                name = element.get(NftExprAttr.NFTA_EXPR_NAME)
+                if name not in EXPRESSION_SPACES:
+                    continue
+                data = decode_attrs(EXPRESSION_SPACES[name], element.get(NftExprAttr.NFTA_EXPR_DATA, b""))
+                if name == "immediate":
+                    verdict = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DATA, {}).get(NftDataAttr.NFTA_DATA_VERDICT, {})
+                    target = verdict.get(NftVerdictAttr.NFTA_VERDICT_CHAIN, target)
+                elif name == "meta":
+                    loaded_iifname = data.get(NftMetaAttr.NFTA_META_KEY) == NFT_META_IIFNAME
+                elif name == "cmp" and loaded_iifname:
+                    raw = data.get(NftCmpAttr.NFTA_CMP_DATA, {}).get(NftDataAttr.NFTA_DATA_VALUE, b"")
+                    iifname = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    loaded_iifname = False
+            self._scanned = (target, iifname)
+        return self._scanned
+
+
+def chain_exists(nl, family, table, chain):
+    try:
+        nl.request(NFT_MSG_GETCHAIN, 0, {"family": family},
+                   ((NftChainAttr.NFTA_CHAIN_TABLE, table), (NftChainAttr.NFTA_CHAIN_NAME, chain)),
+                   what="failed to look up chain %s" % chain)
+    except NetlinkError as err:
+        if err.errno == 2:      # ENOENT: no such table or chain
+            return False
+        raise
+    return True
 
 
 def list_rules(nl, family, table, chain=None):
@@ -1540,18 +1571,29 @@ OWN_NETNS_PATH = "/proc/self/ns/net"
 MS_BIND = 4096
 MNT_DETACH = 2
 
-_libc = None
+_libc_functions = {}
 _original_netns_fd = None
 
 
 def libc_call(name, *args):
-    """Call a libc function through ctypes (loaded on first use: ctypes costs 6 ms); OSError on -1."""
-    global _libc
-    import ctypes
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    if getattr(_libc, name)(*args) == -1:
-        errno_value = ctypes.get_errno()
+    """Call a libc function (int arguments, bytes as char *, None as NULL); OSError on -1.
+
+    Goes through _ctypes, the C core of ctypes: `import ctypes` costs about 6 ms of start-up,
+    `_ctypes` a quarter of that, and these few calls need nothing more.
+    """
+    import _ctypes
+    function = _libc_functions.get(name)
+    if function is None:
+        class CInt(_ctypes._SimpleCData):
+            _type_ = "i"
+
+        class LibcFunction(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = CInt
+        function = LibcFunction(_ctypes.dlsym(_ctypes.dlopen(None, 2), name))   # RTLD_NOW
+        _libc_functions[name] = function
+    if function(*args) == -1:
+        errno_value = _ctypes.get_errno()
         raise OSError(errno_value, "%s: %s" % (name, os.strerror(errno_value)))
 
 
@@ -1920,6 +1962,7 @@ class Store(object):
         self.dir_fd = None
         self.lock_fd = None
         self.file_names = {}
+        self.created = set()      # (family, ip) of the reservations made through this object
 
     def __enter__(self):
         import fcntl
@@ -2025,6 +2068,7 @@ class Store(object):
         try:
             os.link(temp, ip_to_text(family, ip), src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
                     follow_symlinks=False)
+            self.created.add((family, ip))
             return True
         except OSError as err:
             if err.errno == 17:
@@ -2145,9 +2189,18 @@ def _allocate_in_set(store, set_index, ranges, reserved, requested, owner, made)
                    "all %d addresses of range set %d are reserved" % (ranges.capacity(), set_index))
 
 
-def release(store, container_id, ifname):
-    """Remove every reservation of (container_id, ifname); legacy ID-only files when there are none."""
+def release(store, container_id, ifname, known=()):
+    """Remove every reservation of (container_id, ifname); legacy ID-only files when there are none.
+
+    `known` are the attachment's addresses from prevResult: when each of them is reserved by it,
+    they are all it holds (an attachment gets one address per range set, and a repeated ADD gets
+    the same ones), so the directory is not walked.
+    """
     owner = owner_text(container_id, ifname)
+    if known and all((store.read(ip_to_text(*key)) or "").strip() == owner for key in known):
+        for key in known:
+            store.remove(ip_to_text(*key))
+        return list(known)
     reserved = store.reservations()
     mine = [key for key, content in reserved.items() if content.strip() == owner]
     if not mine:
@@ -2246,22 +2299,32 @@ def nothing_to_do(request):
 # ==============================================================================================
 
 def host_local_add(request):
-    """Reserve one address per range set; the short IPAM result (no interfaces)."""
+    """Reserve one address per range set; the short IPAM result (no interfaces).
+
+    The result also says, for the bridge plugin in this process, whether the attachment already
+    held a reservation (a repeated ADD): only then can rules of an earlier ADD exist.
+    """
     config = IPAMConfig(request)
     config.load_ranges(request)
     with Store(config.data_dir, config.network) as store:
         allocations = allocate(store, config, request.container_id, request.ifname)
     ips = [{"address": "%s/%d" % (ip_to_text(family, ip), r.subnet.length),
             "gateway": ip_to_text(family, r.gateway)} for r, family, ip in allocations]
-    return {"ips": ips, "routes": config.routes, "dns": config.dns}
+    reused = any((family, ip) not in store.created for _r, family, ip in allocations)
+    return {"ips": ips, "routes": config.routes, "dns": config.dns, "reused": reused}
 
 
 def host_local_del(request):
     """Release the attachment's addresses; needs only the network name and dataDir, so a range
     configuration that no longer validates does not leak them (decision 9)."""
     config = IPAMConfig(request)
+    try:
+        known = [(p.family, p.ip) for p in (Prefix.parse(ip["address"])
+                                             for ip in (previous_result(request) or {}).get("ips", []))]
+    except CNIError:
+        known = []              # a broken prevResult only costs the walk of the directory
     with Store(config.data_dir, config.network) as store:
-        release(store, request.container_id, request.ifname)
+        release(store, request.container_id, request.ifname, known)
     return None
 
 
@@ -2499,26 +2562,36 @@ def spoofchk_names(container_id, ifname):
     return chain, chain + "-mac", "macspoofchk-%s-%s" % (container_id, ifname)
 
 
-def setup_masquerade(conf, request, result):
+def setup_masquerade(conf, request, result, replace_earlier=True):
+    """Masquerade the attachment's addresses; with `replace_earlier`, rules an earlier ADD of the
+    same attachment left are replaced (that costs a listing of every container's rule)."""
     prefixes = [Prefix.parse(ip["address"]) for ip in result["ips"]]
     if conf.ip_masq_backend == "iptables":
         for prefix in prefixes:
             iptables_setup_masquerade(conf.network, request.container_id, prefix)
         return
     nl = NetlinkSocket(NETLINK_NETFILTER)
-    instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
-    stale = [r for r in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
-             if r.comment.startswith(instance)]
+    stale = []
+    if replace_earlier:
+        instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
+        stale = [r for r in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
+                 if r.comment.startswith(instance)]
     batch = NftBatch()
-    batch.add_table(NFPROTO_INET, MASQ_TABLE, MASQ_TABLE_COMMENT)
-    batch.add_chain(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, comment=MASQ_CHAIN_COMMENT)
-    batch.add_chain(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING,
-                    hook=("nat", NF_INET_POST_ROUTING, NF_PRIORITY_SRCNAT))
-    batch.flush_chain(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING)
-    for family in (4, 6):
-        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, match_family(family)
-                       + match_address("daddr", MULTICAST[family]) + [expr_verdict(NFT_RETURN)])
-    batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, [expr_verdict(NFT_GOTO, MASQ_CHAIN)])
+    # The reference rewrites the base chain on every ADD; here it is written only when it is not
+    # as it should be, because deleting rules makes this process wait for an RCU grace period
+    # (10-20 ms) when its nf_tables socket closes.
+    base = list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING)
+    if [r.jump_target for r in base] != [None, None, MASQ_CHAIN]:
+        batch.add_table(NFPROTO_INET, MASQ_TABLE, MASQ_TABLE_COMMENT)
+        batch.add_chain(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, comment=MASQ_CHAIN_COMMENT)
+        batch.add_chain(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING,
+                        hook=("nat", NF_INET_POST_ROUTING, NF_PRIORITY_SRCNAT))
+        if base:
+            batch.flush_chain(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING)
+        for family in (4, 6):
+            batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, match_family(family)
+                           + match_address("daddr", MULTICAST[family]) + [expr_verdict(NFT_RETURN)])
+        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, [expr_verdict(NFT_GOTO, MASQ_CHAIN)])
     for rule in stale:
         batch.delete_rule(rule)
     comment = masq_comment(conf.network, request.container_id, request.ifname)
@@ -2562,12 +2635,15 @@ def ifname_bytes(name):
     return name.encode("utf-8", "surrogateescape").ljust(16, b"\0")
 
 
-def remove_chains(batch, nl, family, table, chains):
-    """Add to `batch` the removal of regular chains, their rules and every rule jumping to them."""
-    rules = list_rules(nl, family, table)
-    present = [c for c in chains if any(r.chain == c for r in rules)]
-    for rule in rules:
-        if rule.jump_target in present and rule.chain not in present:
+def remove_chains(batch, nl, family, table, base_chain, chains):
+    """Add to `batch` the removal of regular chains, their rules and the rules of `base_chain`
+    jumping to them.  Absent chains are looked up one by one, so a large table (kube-proxy's
+    iptables rules, say) is never listed."""
+    present = [c for c in chains if chain_exists(nl, family, table, c)]
+    if not present:
+        return
+    for rule in list_rules(nl, family, table, base_chain):
+        if rule.jump_target in present:
             batch.delete_rule(rule)
     for chain in present:
         batch.flush_chain(family, table, chain)
@@ -2587,9 +2663,9 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
         for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
             if rule.comment.startswith(instance):
                 batch.delete_rule(rule)
-        remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", spoofchk_names(container_id, ifname)[:2])
+        remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", "PREROUTING", spoofchk_names(container_id, ifname)[:2])
         for family in (NFPROTO_IPV4, NFPROTO_IPV6):
-            remove_chains(batch, nl, family, "nat", (iptables_chain(network, container_id),))
+            remove_chains(batch, nl, family, "nat", "POSTROUTING", (iptables_chain(network, container_id),))
         try:
             batch.commit(nl, "failed to remove the rules of %s" % container_id)
             break
@@ -2640,7 +2716,7 @@ def collect_stale_rules(network, valid):
         if (rule.comment.startswith("macspoofchk-") and target not in valid_chains
                 and rule.iifname not in ports):
             stale.extend((target, target + "-mac"))
-    remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", stale)
+    remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", "PREROUTING", stale)
     try:
         batch.commit(nl, "failed to remove stale rules of network %s" % network)
     except CNIError as err:
@@ -2926,7 +3002,8 @@ def bridge_add(request):
                     write_sysctl("net/ipv4/ip_forward" if family == 4 else
                                  "net/ipv6/conf/all/forwarding", "1", required=True)
             if conf.ip_masq:
-                setup_masquerade(conf, request, result)
+                # Rules of an earlier ADD of this attachment can only exist if it held its address.
+                setup_masquerade(conf, request, result, ipam_result.get("reused", True))
         elif not conf.disable_container_interface:
             set_link(container_nl, container.index, "failed to set %s up" % request.ifname, up=True)
         if conf.macspoofchk:
@@ -2974,6 +3051,9 @@ def bridge_del(request):
         ipam_type = ipam.get("type") if isinstance(ipam, dict) else ""
         ipam_type = ipam_type if isinstance(ipam_type, str) else ""
         backend = request.config.get("ipMasqBackend")
+    # Rules first: their removal frees memory after an RCU grace period, which then passes
+    # while the veth is deleted instead of at exit.
+    teardown_attachment_rules(request.config["name"], request.container_id, request.ifname, backend)
     if request.netns:
         try:
             ns = Netns(request.netns)
@@ -2984,7 +3064,6 @@ def bridge_del(request):
             link = get_link(nl, request.ifname)
             if link is not None:
                 delete_link(nl, link.index, "failed to delete %s in the container" % request.ifname)
-    teardown_attachment_rules(request.config["name"], request.container_id, request.ifname, backend)
     if ipam_type:
         ipam_call(request, ipam_type, "DEL")
     return None

@@ -384,7 +384,9 @@ def test_result_shape(tmp_path):
         "routes": [{"dst": "0.0.0.0/0"}, {"dst": "10.9.0.0/16", "gw": "10.1.0.1"}],
         "dns": {"nameservers": ["10.1.0.1"], "domain": "example", "search": ["a.example", "b.example"],
                 "options": ["ndots:2"]},
+        "reused": False,
     }
+    assert cb.host_local_add(make_request(config))["reused"] is True     # a repeated ADD
 
 
 def test_round_robin_after_release(tmp_path):

@@ -2975,6 +2975,10 @@ def wait_port_up(nl, host):
 
 def bridge_add(request):
     conf = BridgeConfig(request)
+    if not conf.ipam_type and is_legacy_version(request.version):
+        # Refused before anything is made: the result could not be printed afterwards.
+        raise CNIError(ERR_INCOMPATIBLE_VERSION, "cannot convert: no valid IP addresses",
+                       "an L2 bridge (no ipam) has no result in cniVersion %s" % request.version)
     host_nl = NetlinkSocket()
     ns = Netns(request.netns)
     container_nl = ns.netlink()

@@ -64,6 +64,7 @@ import time
 import zipfile
 
 import shlex
+import struct
 
 from shiv.builder import MAIN_TEMPLATE, write_to_zipapp
 from shiv.constants import SOURCE_DATE_EPOCH_DEFAULT
@@ -84,13 +85,39 @@ py_compile.compile(source, cfile=cfile, dfile="cni_bridge.py", doraise=True, **o
 """
 
 # The archive starts as a shell script: a zip given to python directly goes through runpy, which
-# imports a dozen modules first and doubles the start-up time of every plugin call.  Here the
-# interpreter puts the archive on sys.path and imports the module from it instead; sh passes the
-# name the program was started as ($0: bridge, host-local, loopback) as argv[0].  The zip itself
-# still has __main__.py, so `python3 cni-bridge.pyz` works too.
+# imports a dozen modules first and doubles the start-up time of every plugin call.  Instead the
+# interpreter reads the compiled module straight from its place in the archive (its offset and
+# length are written into the preamble once the zip is laid out) and runs it; an interpreter of
+# another version (the magic number differs) imports cni_bridge.py from the archive instead.  sh
+# passes the name the program was started as ($0: bridge, host-local, loopback) as argv[0].  The
+# zip itself still has __main__.py, so `python3 cni-bridge.pyz` works too.
 PREAMBLE = """#!/bin/sh
-exec {python} -IS -c 'import sys; sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0]); import cni_bridge; cni_bridge.main()' "$0" "$@"
+exec {python} -IS -c 'import sys, marshal
+archive = sys.argv[1]
+sys.argv = sys.argv[1:]
+with open(archive, "rb") as f:
+    f.seek({offset:10d})
+    pyc = f.read({length:10d})
+if pyc[:4] == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER:
+    module = sys.modules["cni_bridge"] = type(sys)("cni_bridge")
+    module.__file__ = archive + "/cni_bridge.py"
+    exec(marshal.loads(pyc[16 if sys.version_info >= (3, 7) else 12:]), module.__dict__)
+else:
+    sys.path.insert(0, archive)
+    import cni_bridge as module
+module.main()' "$0" "$@"
 """
+
+
+def pyc_place(path):
+    """(offset, length) of cni_bridge.pyc's bytes in the finished archive."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("cni_bridge.pyc")
+    with open(path, "rb") as f:
+        f.seek(info.header_offset + 26)
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_length + extra_length, info.file_size
+
 
 epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH_DEFAULT)), SOURCE_DATE_EPOCH_DEFAULT)
 date_time = time.gmtime(epoch)[:6]
@@ -111,11 +138,15 @@ with tempfile.TemporaryDirectory() as scratch:
 temp = "%s.%d.tmp" % (target, os.getpid())
 try:
     with open(temp, "wb") as out:
-        out.write(PREAMBLE.format(python=shlex.quote(python)).encode())
-        # Stored, not deflated: nothing to decompress at start-up, no dependence on the zlib version.
+        # The numbers are fixed-width, so filling them in below moves nothing.
+        out.write(PREAMBLE.format(python=shlex.quote(python), offset=0, length=0).encode())
+        # Stored, not deflated: read in place at start-up, no dependence on the zlib version.
         with zipfile.ZipFile(out, "w") as archive:
             for name in sorted(entries):
                 write_to_zipapp(archive, name, entries[name], date_time, zipfile.ZIP_STORED, stat=entry_stat)
+    offset, length = pyc_place(temp)
+    with open(temp, "r+b") as out:
+        out.write(PREAMBLE.format(python=shlex.quote(python), offset=offset, length=length).encode())
     os.chmod(temp, 0o755)
     os.rename(temp, target)
 except BaseException:

@@ -3361,9 +3361,8 @@ commands:
 
 def archive_path():
     """The zipapp this module runs from, or None when it runs from a plain file."""
-    loader = globals().get("__loader__")
-    archive = getattr(loader, "archive", None)
-    return archive if archive and os.path.isfile(archive) else None
+    archive = os.path.dirname(os.path.abspath(__file__))
+    return archive if os.path.isfile(archive) else None
 
 
 def install(directory, force):

@@ -291,3 +291,18 @@ def test_python_versions(ours_bin, node, container, version):
     deleted = call(in_node, "DEL", LOOPBACK_CONF, ours_bin, netns=container)
     assert deleted.returncode == 0, deleted
     assert not lo_is_up(container)
+
+
+def test_preamble_falls_back_to_the_source_for_another_interpreter(tmp_path):
+    """The preamble runs the compiled module in place only when its magic number matches the
+    interpreter; an archive whose interpreter was swapped (a node upgrade) imports the .py."""
+    built, other = pyenv_python("3.13"), pyenv_python("3.6")
+    if built is None or other is None:
+        pytest.skip("needs Python 3.13 and 3.6 under /root/.pyenv/versions")
+    archive = build_copy(tmp_path / "src", "--python", built)
+    data = archive.read_bytes().replace(("exec %s -IS" % built).encode(), ("exec %s -IS" % other).encode(), 1)
+    swapped = tmp_path / "cni-bridge.pyz"
+    swapped.write_bytes(data)
+    swapped.chmod(0o755)
+    (tmp_path / "loopback").symlink_to(swapped)
+    assert_version_answer(call([tmp_path / "loopback"], "VERSION", container_id=None, ifname=None))

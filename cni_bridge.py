@@ -1530,6 +1530,21 @@ class NftRule(object):
         return self._scanned
 
 
+_node_nftables = None
+
+
+def node_nftables():
+    """The plugin's nf_tables socket in the node's namespace, kept open until the process exits.
+
+    Closing an nf_tables socket right after a transaction that deleted rules waits for an RCU
+    grace period (10-20 ms); kept open, that wait overlaps the rest of the plugin's work.
+    """
+    global _node_nftables
+    if _node_nftables is None:
+        _node_nftables = NetlinkSocket(NETLINK_NETFILTER)
+    return _node_nftables
+
+
 def chain_exists(nl, family, table, chain):
     try:
         nl.request(NFT_MSG_GETCHAIN, 0, {"family": family},
@@ -2570,7 +2585,7 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
         for prefix in prefixes:
             iptables_setup_masquerade(conf.network, request.container_id, prefix)
         return
-    nl = NetlinkSocket(NETLINK_NETFILTER)
+    nl = node_nftables()
     stale = []
     if replace_earlier:
         instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
@@ -2607,7 +2622,7 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
 def setup_macspoofchk(conf, request, host_name, mac):
     """Only the container's MAC may enter the bridge from its host veth."""
     chain, mac_chain, comment = spoofchk_names(request.container_id, request.ifname)
-    nl = NetlinkSocket(NETLINK_NETFILTER)
+    nl = node_nftables()
     batch = NftBatch()
     for rule in list_rules(nl, NFPROTO_BRIDGE, "nat", "PREROUTING"):
         if rule.comment == comment:            # a re-ADD replaces the jump instead of adding one
@@ -2656,7 +2671,7 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
     address or prevResult.  Also removes the reference's iptables chain where iptables is
     nf_tables-based (then it is visible here); the iptables program is run only for a config
     that asks for that backend."""
-    nl = NetlinkSocket(NETLINK_NETFILTER)
+    nl = node_nftables()
     instance = masq_instance_hash(network, container_id, ifname)
     for attempt in range(3):
         batch = NftBatch()
@@ -2679,7 +2694,7 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
 
 def check_attachment_rules(conf, request, previous):
     """CHECK: the masquerade and spoof-check rules this attachment needs are in place."""
-    nl = NetlinkSocket(NETLINK_NETFILTER)
+    nl = node_nftables()
     if conf.ip_masq and conf.ip_masq_backend == "nftables":
         instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
         mine = [r for r in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
@@ -2701,7 +2716,7 @@ def collect_stale_rules(network, valid):
     """GC: remove this network's masquerade rules and spoof checks whose attachment is not in
     `valid`.  Spoof-check comments do not name the network, so only those of attachments whose
     host veth no longer exists are removed.  Returns the errors met."""
-    nl = NetlinkSocket(NETLINK_NETFILTER)
+    nl = node_nftables()
     keep = set(masq_instance_hash(network, cid, ifname) for cid, ifname in valid)
     network_hash = sha512_hex(network)[:16] + "-"
     batch = NftBatch()

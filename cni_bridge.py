@@ -3144,12 +3144,14 @@ def check_container_addresses(nl, container, previous):
         prefix = Prefix.parse(ip["address"])
         if prefix not in present:
             raise CNIError(ERR_INTERNAL, "address %s is missing from %s" % (ip["address"], container.name))
+    routes = {}
     for route in previous.get("routes") or []:
         dst = Prefix.parse(route["dst"])
         gw = parse_ip(route["gw"]) if route.get("gw") else None
+        if dst.family not in routes:
+            routes[dst.family] = [r for r in list_routes(nl, dst.family) if r.oif == container.index]
         found = any(r.dst.network == dst.network and r.dst.length == dst.length
-                    and (gw is None or r.gateway == gw)
-                    for r in list_routes(nl, dst.family) if r.oif == container.index)
+                    and (gw is None or r.gateway == gw) for r in routes[dst.family])
         if not found:
             raise CNIError(ERR_INTERNAL, "route to %s%s is missing in the container"
                            % (route["dst"], " via " + route["gw"] if gw else ""))

@@ -2543,10 +2543,10 @@ COMMENT_MAX = 128                              # bytes, as the reference truncat
 def sha512_hex(text):
     """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import)."""
     try:
-        from _sha512 import sha512
+        from _sha512 import sha512                       # Python 3.6 to 3.11
     except ImportError:
         try:
-            from _sha2 import sha512
+            from _hashlib import openssl_sha512 as sha512  # later ones, built with OpenSSL
         except ImportError:
             from hashlib import sha512
     return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()

@@ -196,7 +196,7 @@ def test_hostile_input_never_harms_the_node(ours_bin, node, make_netns, tmp_path
     data_dir = sandbox / "ipam"
     container = make_netns("ct")
 
-    @settings(max_examples=HOSTILE_EXAMPLES, deadline=None, derandomize=True,
+    @settings(max_examples=HOSTILE_EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     @given(path=st.sampled_from(CONFIG_PATHS), value=json_values(), cid=st.one_of(st.just("ctr1"), hostile_text()),
            ifname=st.one_of(st.just("eth0"), hostile_text()), args=st.one_of(st.just(""), hostile_text()))

@@ -5,12 +5,13 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import REF_DIR, run, run_cni
+from conftest import REF_DIR, REPO, run, run_cni
 
 NET = "masqnet"
 SUBNET, GATEWAY = "10.88.0.0/24", "10.88.0.1"
@@ -300,3 +301,35 @@ def test_macspoofchk_drops_frames_with_a_foreign_mac(ours_bin, node, make_netns,
     call(ours_bin, "DEL", checked, node, one, "c1")
     chains = [e["chain"]["name"] for e in ruleset(node) if "chain" in e and e["chain"]["family"] == "bridge"]
     assert chain not in chains and chain + "-mac" not in chains
+
+
+def test_rule_encoding_round_trips_through_the_kernel(make_netns):
+    """The expressions we encode are what the kernel stores: create a masquerade rule with the
+    module, dump it back over netlink, and compare the decoded expression lists."""
+    sys.path.insert(0, str(REPO))
+    import cni_bridge as cb
+    ns = cb.Netns(make_netns("enc").path)
+    with ns.entered():
+        nl = cb.NetlinkSocket(cb.NETLINK_NETFILTER)
+    prefix = cb.Prefix.parse("10.88.0.5/24")
+    exprs = (cb.match_family(4) + cb.match_address("saddr", cb.Prefix(4, prefix.ip, 32))
+             + cb.match_address("daddr", prefix, negate=True) + [cb.expr_masquerade()])
+    batch = cb.NftBatch()
+    batch.add_table(cb.NFPROTO_INET, "enc")
+    batch.add_chain(cb.NFPROTO_INET, "enc", "c")
+    batch.add_rule(cb.NFPROTO_INET, "enc", "c", exprs, comment="round trip")
+    batch.commit(nl, "test")
+    [msg] = nl.dump(cb.NFT_MSG_GETRULE, {"family": cb.NFPROTO_INET}, [(cb.NftRuleAttr.NFTA_RULE_TABLE, "enc")])
+
+    def decoded(raw):
+        elements = cb.decode_attrs(cb.NftListAttr, raw)[cb.NftListAttr.NFTA_LIST_ELEM]
+        return [(e[cb.NftExprAttr.NFTA_EXPR_NAME],
+                 cb.decode_attrs(cb.EXPRESSION_SPACES[e[cb.NftExprAttr.NFTA_EXPR_NAME]],
+                                 e.get(cb.NftExprAttr.NFTA_EXPR_DATA, b""))
+                 if e[cb.NftExprAttr.NFTA_EXPR_NAME] in cb.EXPRESSION_SPACES else {})
+                for e in elements]
+    ours = decoded(cb.encode_attrs(exprs))
+    assert decoded(msg.get(cb.NftRuleAttr.NFTA_RULE_EXPRESSIONS)) == ours
+    assert [name for name, _ in ours] == ["meta", "cmp", "payload", "cmp", "payload", "bitwise", "cmp", "masq"]
+    assert cb.comment_of(msg.get(cb.NftRuleAttr.NFTA_RULE_USERDATA)) == "round trip"
+    assert msg.get(cb.NftRuleAttr.NFTA_RULE_USERDATA) == cb.udata_comment("round trip")

@@ -1692,9 +1692,22 @@ class _InNetns(object):
         return False
 
 
+def make_directories(path, mode=0o755):
+    """Create `path` and its missing parents, every one with `mode` (os.makedirs gives the parents
+    0777 less the umask: world-writable under the umask 000 a runtime may run us with)."""
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.isdir(parent):
+        make_directories(parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except OSError as err:
+        if err.errno != 17 or not os.path.isdir(path):
+            raise
+
+
 def create_named_netns(path):
     """Make a new network namespace and bind-mount it at `path`, as `ip netns add` does."""
-    os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+    make_directories(os.path.dirname(path))
     os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
     pid = os.fork()
     if pid == 0:
@@ -1984,7 +1997,7 @@ class Store(object):
         path = os.path.join(self.data_dir, self.network)
         try:
             if not os.path.isdir(self.data_dir):
-                os.makedirs(self.data_dir, 0o755)
+                make_directories(self.data_dir)
             try:
                 os.mkdir(path, 0o755)
             except OSError as err:
@@ -3389,7 +3402,7 @@ def install(directory, force):
         raise CNIError(ERR_INVALID_CONFIG, "install works from the built zipapp: run ./build.sh first")
     target_name = os.path.basename(source)
     if not os.path.isdir(directory):
-        os.makedirs(directory, 0o755)
+        make_directories(directory)
     for name in PLUGINS:
         path = os.path.join(directory, name)
         if os.path.lexists(path) and not os.path.islink(path) and not force:
@@ -3746,7 +3759,7 @@ def run_network_command(command, network, netns):
         if command == "add":
             result = output
     if command == "add":
-        os.makedirs(RESULTS_CACHE_DIR, 0o700, exist_ok=True)
+        make_directories(RESULTS_CACHE_DIR, 0o700)
         entry = {"kind": "cniCacheV1", "containerId": container_id, "config": base64.b64encode(raw).decode(),
                  "ifName": ifname, "networkName": network, "netns": netns, "cniArgs": cni_args,
                  "capabilityArgs": capability_args, "result": result}

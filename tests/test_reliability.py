@@ -1,345 +1,977 @@
-"""The promises of README.md's "Promises" and "Security" sections, each proved against the kernel
-and the state directory: crashes at random instants, a storm of concurrent containers on a small
-range, hostile input, a broken disk, a steering environment, stale state, a held lock.
+"""Reliability and security promises of issue 7 (README "Promises" and "Security"), proved on the
+kernel and the disk: crashes at random instants, a storm of containers on a small range, concurrent
+first use, a broken disk, a steering environment, stale state, a held lock, file modes.
+Hostile input (hypothesis) lives in test_hostile.py.
 
-Counts scale with CNI_BRIDGE_CRASH_RUNS, CNI_BRIDGE_STORM_CYCLES and CNI_BRIDGE_HOSTILE_EXAMPLES.
+Every test runs the bridge plugin with ipMasq (nftables backend) and host-local in a node namespace
+it makes, and reads back `ip -j`, `nft -j list ruleset` and the state directory.  Sizes scale with
+CNI_BRIDGE_CRASH_RUNS (kill points per command, default 100), CNI_BRIDGE_CRASH_SEED,
+CNI_BRIDGE_STORM_WORKERS (8) and CNI_BRIDGE_STORM_CYCLES (50).
 """
 import fcntl
+import ipaddress
 import json
 import os
 import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IP, cni_env, encode_conf, run, run_cni
+from conftest import IP, REPO, cni_env, encode_conf, parse_output, run, run_cni
+from test_bridge import explain, global_addrs, host_veths, kind
+from test_masquerade import MASQ_CHAIN, MASQ_TABLE, POSTROUTING, masq_comment, ruleset
 
 NET = "relnet"
+BRIDGE = "cbt-rel0"
+SUBNET, GATEWAY = "10.92.0.0/24", "10.92.0.1"
 CRASH_RUNS = int(os.environ.get("CNI_BRIDGE_CRASH_RUNS", "100"))
+CRASH_SEED = int(os.environ.get("CNI_BRIDGE_CRASH_SEED", "20261128"))
+STORM_WORKERS = int(os.environ.get("CNI_BRIDGE_STORM_WORKERS", "8"))
 STORM_CYCLES = int(os.environ.get("CNI_BRIDGE_STORM_CYCLES", "50"))
-HOSTILE_EXAMPLES = int(os.environ.get("CNI_BRIDGE_HOSTILE_EXAMPLES", "60"))
+STORM_HOLD = 5                       # containers a storm worker may hold before deleting one
+STORM_SUBNET = "10.93.0.0/26"
+STORM_RANGE = ("10.93.0.10", "10.93.0.41")   # 32 addresses
+STORM_CAPACITY = 32
 
 
-def conf(data_dir, subnet="10.77.0.0/24", **ipam):
-    return {"cniVersion": "1.1.0", "name": NET, "type": "bridge", "bridge": "cbt-rel0", "isGateway": True,
-            "ipMasq": True, "ipam": dict({"type": "host-local", "subnet": subnet, "dataDir": str(data_dir)}, **ipam)}
+# --- configuration and calls --------------------------------------------------------------------
+
+def conf(data_dir, version="1.0.0", **ipam_keys):
+    """bridge BRIDGE as gateway with ipMasq (nftables), host-local on SUBNET (override with ipam_keys)."""
+    ipam = {"type": "host-local", "subnet": SUBNET, "dataDir": str(data_dir)}
+    ipam.update(ipam_keys)
+    return {"cniVersion": version, "name": NET, "type": "bridge", "bridge": BRIDGE, "isGateway": True,
+            "ipMasq": True, "ipam": ipam}
 
 
-def reservations(data_dir):
-    """{file name: content} of the reservation files of the network."""
-    directory = data_dir / NET
-    if not directory.is_dir():
-        return {}
-    return {p.name: p.read_bytes() for p in directory.iterdir()
-            if p.name != "lock" and not p.name.startswith("last_reserved_ip.")}
+def bridge(bin_dir, command, config, node, netns, cid, **kwargs):
+    """One bridge call inside `node` for container `cid`."""
+    return run_cni(bin_dir, "bridge", command, config, node=node, netns=netns, container_id=cid, **kwargs)
 
 
-def host_veths(node):
-    return [name for name in node.links() if name.startswith("veth")]
+def ok(res):
+    """The call succeeded without a traceback; returns its parsed stdout."""
+    assert res.returncode == 0, explain(res)
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    return res.json
 
 
-def masq_comments(node):
-    rules = json.loads(node.run("nft", "-j", "list", "ruleset").stdout)["nftables"]
-    return [e["rule"].get("comment", "") for e in rules
-            if "rule" in e and e["rule"]["table"] == "cni_plugins_masquerade" and e["rule"]["chain"] == "masq_checks"]
+def cni_error(res):
+    """The call failed the CNI way: non-zero exit, one error object (int code, str msg), no traceback."""
+    assert res.returncode != 0, explain(res)
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    assert isinstance(res.json, dict), explain(res)
+    assert type(res.json.get("code")) is int and isinstance(res.json.get("msg"), str), explain(res)
+    return res.json
 
 
-def assert_clean(node, data_dir, *containers):
-    assert reservations(data_dir) == {}
-    assert host_veths(node) == []
-    assert masq_comments(node) == []
-    for ns in containers:
-        assert "eth0" not in ns.links()
-
-
-def spawn(ours_bin, command, config, node, netns, cid):
-    """Start the plugin inside the node (ip netns exec execs it: the pid is the plugin's)."""
-    proc = subprocess.Popen([IP, "netns", "exec", node.name, str(ours_bin / "bridge")],
-                            env=cni_env(command, ours_bin, netns=netns, container_id=cid),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def start(bin_dir, command, config, node, netns, cid):
+    """Start the bridge plugin inside `node` without waiting.  `ip netns exec` and the zipapp's sh
+    preamble both exec in place, so the pid is the plugin's own."""
+    proc = subprocess.Popen([IP, "netns", "exec", node.name, str(bin_dir / "bridge")],
+                            env=cni_env(command, bin_dir, netns=netns, container_id=cid),
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.stdin.write(encode_conf(config))
     proc.stdin.close()
     return proc
 
 
-def one_call_ms(ours_bin, config, node, make_netns):
-    ns = make_netns("ct")
-    start = time.time()
-    assert run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=ns, container_id="probe").returncode == 0
-    elapsed = time.time() - start
-    assert run_cni(ours_bin, "bridge", "DEL", config, node=node, netns=ns, container_id="probe").returncode == 0
-    return elapsed
+def address_of(result):
+    return result["ips"][0]["address"].split("/")[0]
 
 
-@pytest.mark.parametrize("killed", ["ADD", "DEL"])
-def test_a_crash_at_any_instant_leaks_nothing(ours_bin, node, make_netns, data_dir, killed):
-    """SIGKILL at a random instant, then the runtime's DEL (repeated DEL for a killed DEL): no
-    reservation, veth, address or rule is left, and the next ADD works (no stale lock)."""
+# --- kernel and disk state ----------------------------------------------------------------------
+
+def state_files(data_dir):
+    """{name: bytes} of every file in the network's state directory."""
+    directory = data_dir / NET
+    found = {}
+    for name in os.listdir(str(directory)) if directory.is_dir() else ():
+        try:
+            found[name] = (directory / name).read_bytes()
+        except FileNotFoundError:      # removed while we listed
+            pass
+    return found
+
+
+def is_address(name):
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def reservations(data_dir):
+    """{address: owner text} of the reservation files."""
+    return {name: content.decode() for name, content in state_files(data_dir).items() if is_address(name)}
+
+
+def assert_only_bookkeeping(data_dir, context=""):
+    """The state directory holds nothing but `lock` and `last_reserved_ip.*`."""
+    extra = [name for name in state_files(data_dir)
+             if name != "lock" and not name.startswith("last_reserved_ip.")]
+    assert extra == [], "%s state dir still holds %s" % (context, extra)
+
+
+def lock_is_free(data_dir):
+    """Nobody holds the flock on <dataDir>/<net>/lock (true when there is no lock file yet)."""
+    try:
+        fd = os.open(str(data_dir / NET / "lock"), os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def masq_table(node):
+    """(chain names, {chain: [rule]}) of table inet cni_plugins_masquerade; (None, {}) when absent."""
+    entries = ruleset(node)
+    if not any("table" in e and e["table"]["name"] == MASQ_TABLE and e["table"]["family"] == "inet"
+               for e in entries):
+        return None, {}
+    chains = sorted(e["chain"]["name"] for e in entries
+                    if "chain" in e and e["chain"]["table"] == MASQ_TABLE and e["chain"]["family"] == "inet")
+    rules = {}
+    for e in entries:
+        if "rule" in e and e["rule"]["table"] == MASQ_TABLE and e["rule"]["family"] == "inet":
+            rules.setdefault(e["rule"]["chain"], []).append(e["rule"])
+    return chains, rules
+
+
+def assert_masq_base_only(node, context=""):
+    """No container rule: the table is absent, or holds only its two chains and postrouting's 3 rules."""
+    chains, rules = masq_table(node)
+    if chains is None:
+        return
+    assert chains == sorted([MASQ_CHAIN, POSTROUTING]), "%s chains %s" % (context, chains)
+    assert rules.get(MASQ_CHAIN, []) == [], "%s leftover rules %s" % (
+        context, [r.get("comment") for r in rules[MASQ_CHAIN]])
+    assert len(rules.get(POSTROUTING, [])) == 3, "%s postrouting %s" % (context, rules.get(POSTROUTING))
+
+
+def masq_comments(node):
+    return sorted(rule.get("comment", "") for rule in masq_table(node)[1].get(MASQ_CHAIN, []))
+
+
+def bridge_ports(node):
+    return sorted(name for name, link in node.links().items() if link.get("master") == BRIDGE)
+
+
+def assert_nothing_left(node, data_dir, containers, context=""):
+    """No reservation, veth, container interface or masquerade rule; nobody holds the lock."""
+    assert_only_bookkeeping(data_dir, context)
+    assert host_veths(node) == {}, "%s veths left: %s" % (context, sorted(host_veths(node)))
+    for ns in containers:
+        assert sorted(ns.links()) == ["lo"], "%s %s holds %s" % (context, ns.name, sorted(ns.links()))
+    assert_masq_base_only(node, context)
+    assert lock_is_free(data_dir), "%s the lock is still held" % context
+
+
+# --- 1. a crash at any instant --------------------------------------------------------------------
+
+def call_duration(bin_dir, command, config, node, netns, cid):
+    """Seconds one complete call takes, measured like the calls that are killed."""
+    started = time.monotonic()
+    proc = start(bin_dir, command, config, node, netns, cid)
+    assert proc.wait(timeout=60) == 0, "%s of %s failed" % (command, cid)
+    return time.monotonic() - started
+
+
+def kill_after(proc, delay):
+    """SIGKILL `proc` `delay` seconds after it started (unless it finished); returns its exit status."""
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)      # a no-op once it has exited
+    return proc.wait(timeout=60)
+
+
+def calibrate(bin_dir, config, node, netns):
+    """Median durations (ADD, DEL) of three complete cycles on this machine, after a first cycle
+    that makes the bridge and the masquerade table."""
+    adds, dels = [], []
+    for i in range(4):
+        adds.append(call_duration(bin_dir, "ADD", config, node, netns, "calibrate%d" % i))
+        dels.append(call_duration(bin_dir, "DEL", config, node, netns, "calibrate%d" % i))
+    return sorted(adds[1:])[1], sorted(dels[1:])[1]
+
+
+def assert_next_add_works(bin_dir, config, node, make_netns, data_dir):
+    """A new container gets an address (no stale lock, no leaked address), and leaves cleanly."""
+    fresh = make_netns("ct")
+    result = ok(bridge(bin_dir, "ADD", config, node, fresh, "after-crashes"))
+    assert global_addrs(fresh, "eth0") == [result["ips"][0]["address"]]
+    assert reservations(data_dir) == {address_of(result): "after-crashes\r\neth0"}
+    ok(bridge(bin_dir, "DEL", dict(config, prevResult=result), node, fresh, "after-crashes"))
+    assert_nothing_left(node, data_dir, [fresh], "after the final ADD/DEL:")
+
+
+def test_add_killed_at_any_instant_then_del_leaves_nothing(ours_bin, node, make_netns, data_dir):
+    """ADDs killed with SIGKILL at random instants (0 to 1.2x one ADD): a reservation is complete or
+    absent, and the runtime's DEL then leaves no reservation, veth, eth0, rule or held lock."""
     config = conf(data_dir)
-    duration = one_call_ms(ours_bin, config, node, make_netns)
-    seed = random.randrange(1 << 30)
-    print("crash seed", seed)
-    rng = random.Random(seed)
     container = make_netns("ct")
-    for i in range(CRASH_RUNS):
-        cid = "crash%d" % i
-        if killed == "DEL":
-            assert run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=container,
-                           container_id=cid).returncode == 0
-        proc = spawn(ours_bin, killed, config, node, container, cid)
-        time.sleep(rng.uniform(0, 1.2 * duration))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-        res = run_cni(ours_bin, "bridge", "DEL", config, node=node, netns=container, container_id=cid)
-        assert res.returncode == 0, "run %d (seed %d): %s %s" % (i, seed, res.stdout, res.stderr)
-        assert_clean(node, data_dir, container)
-    assert run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=container,
-                   container_id="after").returncode == 0
+    add_time, _ = calibrate(ours_bin, config, node, container)
+    rng = random.Random(CRASH_SEED)
+    print("ADD crash test: seed %d, %d runs, one ADD takes %.3f s" % (CRASH_SEED, CRASH_RUNS, add_time))
+    killed = 0
+    for run_index in range(CRASH_RUNS):
+        cid = "crash-add-%03d" % run_index
+        delay = rng.uniform(0, 1.2 * add_time)
+        status = kill_after(start(ours_bin, "ADD", config, node, container, cid), delay)
+        killed += status == -signal.SIGKILL
+        context = "[seed %d run %d: ADD killed after %.4f s, exit %s]" % (CRASH_SEED, run_index, delay, status)
+        held = reservations(data_dir)
+        assert set(held.values()) <= {"%s\r\neth0" % cid}, "%s partial reservation %s" % (context, held)
+        ok(bridge(ours_bin, "DEL", config, node, container, cid))
+        assert_nothing_left(node, data_dir, [container], context)
+    print("ADD crash test: %d of %d runs killed mid-way" % (killed, CRASH_RUNS))
+    assert killed >= CRASH_RUNS // 4, "too few kills landed before the ADD ended"
+    assert_next_add_works(ours_bin, config, node, make_netns, data_dir)
+
+
+def test_del_killed_at_any_instant_then_repeated_leaves_nothing(ours_bin, node, make_netns, data_dir):
+    """DELs killed with SIGKILL at random instants (0 to 1.2x one DEL), then repeated as a runtime
+    does: no reservation, veth, eth0, rule or held lock is left."""
+    config = conf(data_dir)
+    container = make_netns("ct")
+    _, del_time = calibrate(ours_bin, config, node, container)
+    rng = random.Random(CRASH_SEED + 1)
+    print("DEL crash test: seed %d, %d runs, one DEL takes %.3f s" % (CRASH_SEED + 1, CRASH_RUNS, del_time))
+    killed = 0
+    for run_index in range(CRASH_RUNS):
+        cid = "crash-del-%03d" % run_index
+        del_conf = dict(config, prevResult=ok(bridge(ours_bin, "ADD", config, node, container, cid)))
+        delay = rng.uniform(0, 1.2 * del_time)
+        status = kill_after(start(ours_bin, "DEL", del_conf, node, container, cid), delay)
+        killed += status == -signal.SIGKILL
+        context = "[seed %d run %d: DEL killed after %.4f s, exit %s]" % (CRASH_SEED + 1, run_index, delay, status)
+        res = bridge(ours_bin, "DEL", del_conf, node, container, cid)
+        assert res.returncode == 0, "%s repeated DEL: %s" % (context, explain(res))
+        assert_nothing_left(node, data_dir, [container], context)
+    print("DEL crash test: %d of %d runs killed mid-way" % (killed, CRASH_RUNS))
+    assert killed >= CRASH_RUNS // 4, "too few kills landed before the DEL ended"
+    assert_next_add_works(ours_bin, config, node, make_netns, data_dir)
+
+
+# --- 2. storm -------------------------------------------------------------------------------------
+
+# Prints {netns path: [ifindex, IPv4 address] or null} of eth0 in each namespace given: one process
+# reads them all (setns per namespace), so sampling does not slow the storm down much.
+READ_CONTAINER_ADDRESSES = r"""
+import ctypes, fcntl, json, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+found = {}
+for path in sys.argv[1:]:
+    fd = os.open(path, os.O_RDONLY)
+    if libc.setns(fd, 0x40000000) != 0:
+        raise OSError(ctypes.get_errno(), "setns " + path)
+    os.close(fd)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            index = socket.if_nametoindex("eth0")
+            raw = fcntl.ioctl(s, 0x8915, struct.pack("256s", b"eth0"))      # SIOCGIFADDR
+            found[path] = [index, socket.inet_ntoa(raw[20:24])]
+        except OSError:
+            found[path] = None
+print(json.dumps(found))
+"""
+
+
+def read_container_addresses(paths):
+    out = subprocess.run([sys.executable, "-I", "-c", READ_CONTAINER_ADDRESSES, *paths], check=True,
+                         stdout=subprocess.PIPE, timeout=60).stdout
+    return json.loads(out)
+
+
+class Claims(object):
+    """Who holds which address, as the storm's workers know it: claimed when ADD returns, given up
+    before DEL starts.  A claim on an address someone else holds is a duplicate."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.holder = {}
+        self.problems = []
+
+    def claim(self, address, cid):
+        with self.lock:
+            if address in self.holder:
+                self.problems.append("%s given to %s while %s holds it" % (address, cid, self.holder[address]))
+            self.holder[address] = cid
+
+    def give_up(self, address):
+        with self.lock:
+            del self.holder[address]
+
+    def snapshot(self):
+        with self.lock:
+            return dict(self.holder)
+
+
+class Sampler(threading.Thread):
+    """Until stopped, checks that no address is held twice, in the reservation files and in the
+    kernel's container addresses.  Reads that race with a DEL and the next ADD are confirmed by
+    reading again, so only a real overlap counts."""
+
+    def __init__(self, data_dir, claims, namespaces):
+        threading.Thread.__init__(self, daemon=True)
+        self.data_dir, self.claims = data_dir, claims
+        self.paths = [ns.path for ns in namespaces]
+        self.stop = threading.Event()
+        self.samples = 0
+        self.problems = []
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                self.check_files()
+                self.check_kernel()
+            except Exception as err:      # reported, not lost in the thread
+                self.problems.append("sampler failed: %r" % err)
+                return
+            self.samples += 1
+            self.stop.wait(0.05)
+
+    def check_files(self):
+        before = self.claims.snapshot()
+        files = reservations(self.data_dir)
+        after = self.claims.snapshot()
+        for address, cid in before.items():
+            if after.get(address) == cid and files.get(address) != "%s\r\neth0" % cid:
+                self.problems.append("%s held by %s, but its reservation says %r" % (address, cid, files.get(address)))
+        owners = Counter(files.values())
+        self.problems.extend("%r reserved %d addresses" % (o, n) for o, n in owners.items() if n > 1)
+
+    def check_kernel(self):
+        seen = read_container_addresses(self.paths)
+        by_address = {}
+        for path, entry in seen.items():
+            if entry:
+                by_address.setdefault(entry[1], []).append(path)
+        shared = [paths for paths in by_address.values() if len(paths) > 1]
+        if shared:
+            again = read_container_addresses([p for paths in shared for p in paths])
+            for paths in shared:
+                if all(again[p] == seen[p] for p in paths):      # each held it all along
+                    self.problems.append("%s on eth0 of %s at once" % (seen[paths[0]][1], paths))
 
 
 def test_storm_never_shares_an_address_and_ends_clean(ours_bin, node, make_netns, data_dir):
-    """8 workers x STORM_CYCLES ADD/DEL cycles, up to 5 containers each, on 32 addresses:
-    exhaustion is a clean error, no address is ever held twice, and everything goes away."""
-    config = conf(data_dir, subnet="10.78.0.0/24", rangeStart="10.78.0.10", rangeEnd="10.78.0.41")
-    held, lock, problems = {}, threading.Lock(), []
-    exhausted = [0]
+    """Workers x cycles of ADD/DEL, each worker holding up to 5 containers, on a 32-address range:
+    exhaustion is a clean code-11 error that rolls back, no address is ever held twice (workers'
+    claims, reservation files and kernel sampled meanwhile), and everything goes away at the end."""
+    config = conf(data_dir, subnet=STORM_SUBNET, rangeStart=STORM_RANGE[0], rangeEnd=STORM_RANGE[1])
+    slots = [[make_netns("st") for _ in range(STORM_HOLD)] for _ in range(STORM_WORKERS)]
+    claims = Claims()
+    first, last = (ipaddress.ip_address(a) for a in STORM_RANGE)
+    exhausted = Counter()
 
-    def worker(w):
-        rng = random.Random(w)
-        slots = [make_netns("st") for _ in range(5)]
-        live = {}
-        for cycle in range(STORM_CYCLES):
-            free = [s for s in range(5) if s not in live]
-            if free and (rng.random() < 0.8 or not live):
-                slot = rng.choice(free)
-                cid = "w%dc%d" % (w, cycle)
-                res = run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=slots[slot], container_id=cid)
+    def worker(index):
+        rng = random.Random(CRASH_SEED + 100 + index)
+        held = {}                              # slot -> (cid, address, result)
+        try:
+            for cycle in range(STORM_CYCLES):
+                if held and (len(held) == STORM_HOLD or rng.random() < 0.3):
+                    slot = rng.choice(sorted(held))
+                    cid, address, result = held.pop(slot)
+                    claims.give_up(address)
+                    ok(bridge(ours_bin, "DEL", dict(config, prevResult=result), node, slots[index][slot], cid))
+                slot = min(set(range(STORM_HOLD)) - set(held))
+                cid = "storm-%d-%d" % (index, cycle)
+                res = bridge(ours_bin, "ADD", config, node, slots[index][slot], cid)
                 if res.returncode == 0:
-                    address = res.json["ips"][0]["address"]
-                    with lock:
-                        if address in held:
-                            problems.append("%s given to %s while %s holds it" % (address, cid, held[address]))
-                        held[address] = cid
-                    live[slot] = (cid, address)
-                elif isinstance(res.json, dict) and isinstance(res.json.get("code"), int) and \
-                        "no IP addresses available" in res.json.get("msg", ""):
-                    exhausted[0] += 1
-                else:
-                    problems.append("ADD %s: %s %s" % (cid, res.stdout, res.stderr))
-            else:
-                slot = rng.choice(list(live))
-                cid, address = live.pop(slot)
-                with lock:
-                    held.pop(address, None)
-                res = run_cni(ours_bin, "bridge", "DEL", config, node=node, netns=slots[slot], container_id=cid)
-                if res.returncode != 0:
-                    problems.append("DEL %s: %s" % (cid, res.stdout))
-        for slot, (cid, address) in live.items():
-            with lock:
-                held.pop(address, None)
-            run_cni(ours_bin, "bridge", "DEL", config, node=node, netns=slots[slot], container_id=cid)
+                    address = address_of(ok(res))
+                    assert first <= ipaddress.ip_address(address) <= last, (cid, address)
+                    claims.claim(address, cid)
+                    held[slot] = (cid, address, res.json)
+                    continue
+                error = cni_error(res)
+                assert error["code"] == 11 and "no IP addresses available" in error["msg"], explain(res)
+                assert sorted(slots[index][slot].links()) == ["lo"], "failed ADD of %s left an interface" % cid
+                exhausted[index] += 1
+                ok(bridge(ours_bin, "DEL", config, node, slots[index][slot], cid))     # the runtime's DEL
+        finally:
+            for slot, (cid, address, result) in held.items():
+                claims.give_up(address)
+                bridge(ours_bin, "DEL", dict(config, prevResult=result), node, slots[index][slot], cid)
 
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(worker, range(8)))
-    assert problems == []
-    assert exhausted[0] > 0, "the storm never exhausted the range"
-    assert_clean(node, data_dir)
-    bridge_ports = [l for l in node.links().values() if l.get("master") == "cbt-rel0"]
-    assert bridge_ports == []
-
-
-def hostile_text():
-    from hypothesis import strategies as st
-    return st.one_of(st.text(max_size=300), st.sampled_from([
-        "a/b", "..", "../..", "-x", "x" * 300, "a\nb", "a\x00b", "\u2603", " ", "eth0:1", "ab;c=d"]))
+    sampler = Sampler(data_dir, claims, [ns for worker_slots in slots for ns in worker_slots])
+    sampler.start()
+    try:
+        with ThreadPoolExecutor(STORM_WORKERS) as pool:
+            for future in [pool.submit(worker, i) for i in range(STORM_WORKERS)]:
+                future.result()
+    finally:
+        sampler.stop.set()
+        sampler.join()
+    print("storm: %d workers x %d cycles, %d exhausted ADDs, %d samples"
+          % (STORM_WORKERS, STORM_CYCLES, sum(exhausted.values()), sampler.samples))
+    assert claims.problems == [] and sampler.problems == []
+    assert sampler.samples > 0
+    if STORM_WORKERS * STORM_HOLD > STORM_CAPACITY and STORM_CYCLES >= 20:
+        assert sum(exhausted.values()) > 0, "the storm never exhausted the range"
+    assert bridge_ports(node) == []
+    assert_nothing_left(node, data_dir, [ns for worker_slots in slots for ns in worker_slots], "after the storm:")
+    assert masq_table(node)[0] is not None, "the masquerade table should have been made"
 
 
-def json_values():
-    from hypothesis import strategies as st
-    return st.recursive(st.one_of(st.none(), st.booleans(), st.integers(min_value=-2 ** 70, max_value=2 ** 70),
-                                  st.floats(allow_nan=False, allow_infinity=False), hostile_text()),
-                        lambda children: st.lists(children, max_size=4) | st.dictionaries(hostile_text(), children, max_size=4),
-                        max_leaves=10)
+# --- 3. concurrent first use --------------------------------------------------------------------
+
+def test_concurrent_first_use(ours_bin, node, make_netns, data_dir):
+    """16 ADDs released together on a node with no bridge and no masquerade table yet: one bridge
+    with one gateway address, 16 ports, 16 distinct container addresses, one table with its base
+    chain written once and one rule per container."""
+    config = conf(data_dir)
+    containers = [make_netns("ct") for _ in range(16)]
+    # Every plugin blocks reading its config until all 16 are started, then all are fed at once.
+    procs = [subprocess.Popen([IP, "netns", "exec", node.name, str(ours_bin / "bridge")],
+                              env=cni_env("ADD", ours_bin, netns=ns, container_id="first%d" % i),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i, ns in enumerate(containers)]
+    with ThreadPoolExecutor(len(procs)) as pool:
+        outcomes = list(pool.map(lambda p: p.communicate(encode_conf(config), timeout=120), procs))
+    for proc, (out, err) in zip(procs, outcomes):
+        assert proc.returncode == 0, "exit %d: %s %s" % (proc.returncode, out, err)
+    bridges = [name for name, link in node.links().items() if kind(link) == "bridge"]
+    assert bridges == [BRIDGE]
+    assert global_addrs(node, BRIDGE) == [GATEWAY + "/24"]
+    assert len(bridge_ports(node)) == 16
+    addresses = [global_addrs(ns, "eth0") for ns in containers]
+    assert all(len(a) == 1 for a in addresses), addresses
+    assert len(set(a[0] for a in addresses)) == 16, addresses
+    assert sorted(reservations(data_dir)) == sorted(a[0].split("/")[0] for a in addresses)
+    tables = [e["table"] for e in ruleset(node) if "table" in e and e["table"]["name"] == MASQ_TABLE]
+    assert len(tables) == 1, tables
+    chains, rules = masq_table(node)
+    assert chains == sorted([MASQ_CHAIN, POSTROUTING])
+    assert len(rules[POSTROUTING]) == 3, "base chain written more than once: %s" % rules[POSTROUTING]
+    assert masq_comments(node) == sorted(masq_comment("first%d" % i, network=NET) for i in range(16))
 
 
-CONFIG_PATHS = [("bridge",), ("isGateway",), ("ipMasq",), ("mtu",), ("vlan",), ("vlanTrunk",), ("hairpinMode",),
-                ("ipMasqBackend",), ("dns",), ("prevResult",), ("runtimeConfig",), ("runtimeConfig", "mac"),
-                ("runtimeConfig", "ips"), ("runtimeConfig", "ipRanges"), ("args",), ("args", "cni", "ips"),
-                ("ipam",), ("ipam", "subnet"), ("ipam", "ranges"), ("ipam", "routes"), ("ipam", "dataDir"),
-                ("ipam", "rangeStart"), ("ipam", "gateway"), ("ipam", "resolvConf"), ("name",), ("cniVersion",)]
+# --- 4. hostile input: the harness, every key with wrong values, fixed payloads, CNI_NETNS ---------
+# test_hostile.py generates more of the same with hypothesis, through the same Arena.
+
+HOSTILE_NET = "hostnet"
+HOSTILE_BRIDGE = "cbt-hb0"
+# Paths nothing hostile may change: the default dataDir, the runtime's config and state, the root.
+MARKER_DIRS = ("/", "/var/lib/cni", "/var/lib/cni/networks", "/etc/cni", "/etc/cni/net.d", "/run/cni")
 
 
-def assert_one_cni_answer(res):
-    assert "Traceback" not in res.stdout and "Traceback" not in res.stderr, res.stderr
+def tree(root):
+    """Every path under `root`, relative, as a set."""
+    return set(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def markers():
+    """The entries of MARKER_DIRS (None for an absent one)."""
+    return {d: sorted(os.listdir(d)) if os.path.isdir(d) else None for d in MARKER_DIRS}
+
+
+def network_name(stdin):
+    """The `name` a config on stdin gives, or None when it gives none (or is not JSON)."""
+    try:
+        config = json.loads(stdin)
+    except (ValueError, RecursionError):
+        return None
+    name = config.get("name") if isinstance(config, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def assert_cni_answer(res, command):
+    """Exit 0 with a valid result (ADD) or nothing (DEL), or non-zero with exactly one error object
+    (int code, str msg) on stdout; no traceback, and no unhandled exception turned into an
+    "internal error"."""
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    if res.returncode == 0 and command == "DEL":
+        assert res.stdout.strip() == "", explain(res)
+        return None
+    obj, end = json.JSONDecoder().raw_decode(res.stdout.strip()) if res.stdout.strip() else (None, 0)
+    assert isinstance(obj, dict) and res.stdout.strip()[end:] == "", "not one JSON object: " + explain(res)
     if res.returncode == 0:
-        assert res.json is None or isinstance(res.json, dict)
-        return
-    assert isinstance(res.json, dict), res.stdout
-    assert res.stdout.count("\n") == 1
-    assert isinstance(res.json.get("code"), int) and isinstance(res.json.get("msg"), str)
+        assert isinstance(obj.get("cniVersion"), str), explain(res)
+        for ip in obj.get("ips", []):
+            ipaddress.ip_interface(ip["address"])
+        assert obj.get("ips") or obj.get("ip4") or obj.get("ip6") or obj.get("interfaces"), explain(res)
+        return obj
+    assert type(obj.get("code")) is int and isinstance(obj.get("msg"), str), explain(res)
+    assert not obj["msg"].startswith("internal error"), "unhandled exception: " + explain(res)
+    return None
 
 
-def test_hostile_input_never_harms_the_node(ours_bin, node, make_netns, tmp_path):
-    """Generated configs and env values: one CNI answer, no traceback, nothing written outside the
-    network's state directory, no veth left after the following DEL."""
-    hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed (pip install hypothesis)")
-    from hypothesis import given, settings, HealthCheck, strategies as st
-    sandbox = tmp_path / "sandbox"
-    sandbox.mkdir()
-    data_dir = sandbox / "ipam"
-    container = make_netns("ct")
-
-    @settings(max_examples=HOSTILE_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(path=st.sampled_from(CONFIG_PATHS), value=json_values(), cid=st.one_of(st.just("ctr1"), hostile_text()),
-           ifname=st.one_of(st.just("eth0"), hostile_text()), args=st.one_of(st.just(""), hostile_text()))
-    def case(path, value, cid, ifname, args):
-        config = conf(data_dir)
-        target = config
-        for key in path[:-1]:
-            if not isinstance(target.get(key), dict):
-                target[key] = {}
-            target = target[key]
-        target[path[-1]] = value
-        kwargs = dict(node=node, netns=container, container_id=cid.replace("\x00", ""),
-                      ifname=ifname.replace("\x00", ""), cni_args=args.replace("\x00", ""))
-        assert_one_cni_answer(run_cni(ours_bin, "bridge", "ADD", config, **kwargs))
-        assert_one_cni_answer(run_cni(ours_bin, "bridge", "DEL", config, **kwargs))
-        assert host_veths(node) == []
-        outside = [str(p) for p in sandbox.rglob("*") if not str(p).startswith(str(data_dir))]
-        assert outside == []
-
-    case()
+def hostile_config(data_dir, version="1.0.0"):
+    """A valid config holding most keys bridge and host-local read, its state in `data_dir`."""
+    return {"cniVersion": version, "name": HOSTILE_NET, "type": "bridge", "bridge": HOSTILE_BRIDGE,
+            "isGateway": True, "isDefaultGateway": False, "forceAddress": False, "ipMasq": True,
+            "mtu": 1500, "hairpinMode": False, "promiscMode": False, "vlan": 0, "macspoofchk": False,
+            "dns": {"nameservers": ["10.94.0.53"], "domain": "example.test", "search": ["a.test"]},
+            "ipam": {"type": "host-local", "dataDir": str(data_dir),
+                     "ranges": [[{"subnet": "10.94.0.0/24", "rangeStart": "10.94.0.10",
+                                  "rangeEnd": "10.94.0.200", "gateway": "10.94.0.1"}]],
+                     "routes": [{"dst": "0.0.0.0/0"}]},
+            "runtimeConfig": {"ips": []}, "args": {"cni": {"ips": []}}}
 
 
-@pytest.mark.parametrize("payload", [b"{" * 100000, b'{"name": "n", "x": "' + b"a" * (1 << 20) + b'"}',
-                                     b"\xff\xfe not utf-8", b'{"name": "n", "cniVersion": "1.0.0"'],
-                         ids=["deep", "megabyte", "not-utf8", "truncated"])
-def test_hostile_payloads(ours_bin, node, container, payload):
-    res = run_cni(ours_bin, "bridge", "ADD", payload, node=node, netns=container)
-    assert_one_cni_answer(res)
-    assert res.returncode == 1
+class Arena(object):
+    """A node, a container and a sandbox (the dataDir and the plugin's working directory) in which
+    hostile input is tried; `exercise` runs ADD and the runtime's DEL and checks what they left."""
 
+    def __init__(self, bin_dir, node, container, sandbox):
+        self.bin_dir, self.node, self.container, self.sandbox = bin_dir, node, container, sandbox
+        self.data_dir = sandbox / "ipam"
+        self.cwd = sandbox / "cwd"
+        self.data_dir.mkdir(parents=True)
+        self.cwd.mkdir()
+        self.calls = 0
 
-def test_thousands_of_cni_args(ours_bin, node, container, data_dir):
-    args = ";".join("K%d=v" % i for i in range(5000))
-    res = run_cni(ours_bin, "bridge", "ADD", conf(data_dir), node=node, netns=container, cni_args=args)
-    assert res.returncode == 0, res.stdout
-    assert len(res.stderr) < 1000            # one note, not five thousand
-    res = run_cni(ours_bin, "bridge", "ADD", conf(data_dir), node=node, netns=container,
-                  container_id="c2", cni_args=args + ";broken")
-    assert res.json["code"] == 4 and "broken" in res.json["msg"]
+    def config(self, version="1.0.0"):
+        return hostile_config(self.data_dir, version)
 
+    def call(self, command, stdin, env):
+        argv = [IP, "netns", "exec", self.node.name, str(self.bin_dir / "bridge")]
+        variables = cni_env(command, self.bin_dir, netns=self.container, container_id="hostile%d" % self.calls)
+        variables.update(env)
+        proc = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                              cwd=str(self.cwd), env={k: v for k, v in variables.items() if v is not None})
+        return parse_output(proc)
 
-@pytest.mark.parametrize("kind", ["file", "directory", "own"])
-def test_a_bad_netns_is_refused_before_anything_changes(ours_bin, node, tmp_path, data_dir, kind):
-    target = {"file": tmp_path / "plain", "directory": tmp_path, "own": "/proc/self/ns/net"}[kind]
-    if kind == "file":
-        target.write_text("")
-    res = run_cni(ours_bin, "bridge", "ADD", conf(data_dir), node=node, netns=str(target))
-    assert res.returncode == 1 and res.json["code"] == 8
-    assert "cbt-rel0" not in node.links()
-    assert reservations(data_dir) == {}
+    def exercise(self, stdin, env=None):
+        """ADD then DEL with the same stdin bytes and environment overrides (values: str, may hold
+        surrogate escapes for non-UTF-8 bytes; None unsets).  Returns the ADD's result or None."""
+        self.calls += 1
+        env = env or {}
+        files_before, markers_before = tree(self.sandbox), markers()
+        added = self.call("ADD", stdin, env)
+        result = assert_cni_answer(added, "ADD")
+        if result and result.get("ips"):
+            ifname = env.get("CNI_IFNAME", "eth0")
+            assert result["ips"][0]["address"] in [a for _, a in self.container.addrs(ifname)], explain(added)
+        assert_cni_answer(self.call("DEL", stdin, env), "DEL")
+
+        name = network_name(stdin)
+        state_dir = os.path.join("ipam", name) if name else None
+        made = tree(self.sandbox) - files_before
+        outside = sorted(p for p in made if state_dir is None or not (p + "/").startswith(state_dir + "/"))
+        assert outside == [], "files made outside <dataDir>/<network>: %s" % outside
+        assert markers() == markers_before
+        left_in_state = [p for p in tree(self.sandbox) if state_dir and p.startswith(state_dir + "/")
+                         and p.count("/") == 2 and is_address(p.rsplit("/", 1)[1])]
+        assert left_in_state == [], "reservations left after DEL: %s" % left_in_state
+        left = {n: kind(link) for n, link in self.node.links().items() if n != "lo"}
+        assert all(k == "bridge" for k in left.values()), "links left in the node: %s" % left
+        assert sorted(self.container.links()) == ["lo"], "container still holds %s" % sorted(self.container.links())
+        chains, rules = masq_table(self.node)
+        assert rules.get(MASQ_CHAIN, []) == [], "masquerade rules left: %s" % rules[MASQ_CHAIN]
+        for name in left:                      # bridges stay by design; the next case starts afresh
+            self.node.run(IP, "link", "del", name)
+        return result
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 64 KiB tmpfs, unmounted at teardown."""
+def arena(ours_bin, node, container, tmp_path):
+    return Arena(ours_bin, node, container, tmp_path / "sandbox")
+
+
+def set_path(config, path, value):
+    """Set config[path[0]][path[1]]... = value, making the objects and lists on the way."""
+    target = config
+    for key, following in zip(path, path[1:]):
+        fresh = [] if isinstance(following, int) else {}
+        if isinstance(target, list):
+            while len(target) <= key:
+                target.append(type(fresh)())
+            if not isinstance(target[key], type(fresh)):
+                target[key] = fresh
+        elif not isinstance(target.get(key), type(fresh)):
+            target[key] = fresh
+        target = target[key]
+    if isinstance(target, list):
+        while len(target) <= path[-1]:
+            target.append(None)
+    target[path[-1]] = value
+
+
+# Every key bridge and host-local read, as a path into the config.
+KEY_PATHS = [
+    ("cniVersion",), ("name",), ("type",), ("bridge",), ("isGateway",), ("isDefaultGateway",), ("forceAddress",),
+    ("ipMasq",), ("ipMasqBackend",), ("mtu",), ("hairpinMode",), ("promiscMode",), ("portIsolation",), ("vlan",),
+    ("vlanTrunk",), ("vlanTrunk", 0), ("vlanTrunk", 0, "id"), ("vlanTrunk", 0, "minID"), ("vlanTrunk", 0, "maxID"),
+    ("preserveDefaultVlan",), ("macspoofchk",), ("enabledad",), ("disableContainerInterface",),
+    ("dns",), ("dns", "nameservers"), ("dns", "nameservers", 0), ("dns", "domain"), ("dns", "search"),
+    ("dns", "options"),
+    ("ipam",), ("ipam", "type"), ("ipam", "subnet"), ("ipam", "rangeStart"), ("ipam", "rangeEnd"),
+    ("ipam", "gateway"), ("ipam", "ranges"), ("ipam", "ranges", 0), ("ipam", "ranges", 0, 0),
+    ("ipam", "ranges", 0, 0, "subnet"), ("ipam", "ranges", 0, 0, "rangeStart"), ("ipam", "ranges", 0, 0, "rangeEnd"),
+    ("ipam", "ranges", 0, 0, "gateway"), ("ipam", "routes"), ("ipam", "routes", 0), ("ipam", "routes", 0, "dst"),
+    ("ipam", "routes", 0, "gw"), ("ipam", "routes", 0, "mtu"), ("ipam", "routes", 0, "priority"),
+    ("ipam", "routes", 0, "table"), ("ipam", "routes", 0, "scope"), ("ipam", "dataDir"), ("ipam", "resolvConf"),
+    ("runtimeConfig",), ("runtimeConfig", "mac"), ("runtimeConfig", "ips"), ("runtimeConfig", "ips", 0),
+    ("runtimeConfig", "ipRanges"), ("runtimeConfig", "ipRanges", 0), ("runtimeConfig", "ipRanges", 0, 0, "subnet"),
+    ("args",), ("args", "cni"), ("args", "cni", "ips"), ("args", "cni", "ips", 0), ("args", "cni", "mac"),
+    ("prevResult",), ("prevResult", "ips"), ("prevResult", "ips", 0, "address"), ("prevResult", "interfaces"),
+]
+# A value of each JSON type, and huge, negative and fractional numbers.
+WRONG_VALUES = [True, 10 ** 30, -1, 1.5, "x" * 299 + "\ud800", [1, "a"], {"a": None}]
+JSON_TYPES = ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"), (dict, "object"))
+
+
+def json_type(value):
+    return next((name for kinds, name in JSON_TYPES if isinstance(value, kinds)), "null")
+
+
+def wrong_values(path):
+    """WRONG_VALUES except a boolean, list or object where hostile_config has one (a number or a
+    string of the key's own type stays: huge, negative, fractional, long or odd values are wrong)."""
+    right = hostile_config("/unused")
+    for key in path:
+        try:
+            right = right[key]
+        except (KeyError, IndexError, TypeError):
+            return WRONG_VALUES
+    return [v for v in WRONG_VALUES if json_type(v) != json_type(right) or json_type(v) in ("number", "string")]
+
+
+def confine(config, data_dir):
+    """Keep generated configs from naming another state directory or reading arbitrary files:
+    dataDir and resolvConf are trusted (root's), so only wrong types and relative paths are tried."""
+    ipam = config.get("ipam")
+    if not isinstance(ipam, dict):
+        return config
+    if not any(isinstance(k, str) and k.lower() == "datadir" for k in ipam):
+        ipam["dataDir"] = str(data_dir)
+    for key, value in list(ipam.items()):
+        if (isinstance(key, str) and key.lower() in ("datadir", "resolvconf") and isinstance(value, str)
+                and value.startswith("/") and value != str(data_dir)):
+            ipam[key] = value.lstrip("/") or "relative"
+    return config
+
+
+@pytest.mark.parametrize("path", KEY_PATHS, ids=lambda path: ".".join(map(str, path)))
+def test_every_key_with_wrong_values(arena, path):
+    """Each key bridge and host-local read, set to values of every other JSON type (a boolean, a
+    huge, a negative and a fractional number, a 300-character string ending in a lone surrogate, a list, an object): one
+    clean answer, nothing left."""
+    for value in wrong_values(path):
+        config = arena.config()
+        set_path(config, path, value)
+        arena.exercise(json.dumps(confine(config, arena.data_dir)).encode())
+
+
+def megabyte_string(config):
+    config["dns"]["domain"] = "d" * (1 << 20)
+    return json.dumps(config).encode()
+
+
+PAYLOADS = {
+    "empty": lambda config: b"",
+    "truncated": lambda config: json.dumps(config).encode()[:-7],
+    "not-utf8": lambda config: json.dumps(config).encode().replace(b"example.test", b"ex\xff\xfe.test"),
+    "lone-surrogate": lambda config: json.dumps(config).encode().replace(b"example.test", b"\\ud800"),
+    "nan": lambda config: json.dumps(dict(config, mtu=float("nan"))).encode(),
+    "huge-number": lambda config: json.dumps(config).encode().replace(b'"mtu": 1500', b'"mtu": 1' + b"0" * 5000),
+    "deep-nesting": lambda config: b"[" * 100000 + b"]" * 100000,
+    "deep-object": lambda config: json.dumps(config).encode()[:-1] + b', "x": ' + b'{"a":' * 50000 + b"1" + b"}" * 50001,
+    "megabyte-string": megabyte_string,
+    "megabyte-whitespace": lambda config: b" " * (1 << 20) + json.dumps(config).encode(),
+    "many-keys": lambda config: json.dumps(dict(config, **{"k%d" % i: i for i in range(100000)})).encode(),
+    "duplicate-keys": lambda config: json.dumps(config).encode()[:-1] + b', "name": "other/../x"}',
+    "two-objects": lambda config: json.dumps(config).encode() * 2,
+    "not-an-object": lambda config: json.dumps([config]).encode(),
+}
+
+
+@pytest.mark.parametrize("payload", sorted(PAYLOADS))
+def test_hostile_payloads(arena, payload):
+    """Truncated, non-UTF-8, deeply nested, megabyte-sized and otherwise broken stdin."""
+    arena.exercise(PAYLOADS[payload](arena.config()))
+
+
+def test_thousands_of_cni_args(arena):
+    """5000 unknown CNI_ARGS pairs are ignored with one bounded note; a broken pair among them is
+    code 4 naming it."""
+    pairs = ";".join("K8S_KEY_%d=value%d" % (i, i) for i in range(5000))
+    stdin = json.dumps(arena.config()).encode()
+    result = arena.exercise(stdin, {"CNI_ARGS": pairs})
+    assert result is not None and result["ips"], "5000 unknown pairs must be ignored"
+    assert len(arena.call("ADD", stdin, {"CNI_ARGS": pairs, "CNI_IFNAME": "eth1"}).stderr) < 2000
+    arena.call("DEL", stdin, {"CNI_ARGS": pairs, "CNI_IFNAME": "eth1"})
+    broken = arena.call("ADD", stdin, {"CNI_ARGS": pairs + ";brokenpair;IP=10.94.0.50"})
+    error = cni_error(broken)
+    assert error["code"] == 4 and "brokenpair" in error["msg"], error
+    arena.exercise(stdin, {"CNI_ARGS": pairs + ";brokenpair"})
+
+
+@pytest.mark.parametrize("target", ["regular-file", "directory", "own-netns-path", "proc-self", "proc-thread-self"])
+def test_bad_netns_is_refused_before_anything_changes(ours_bin, node, tmp_path, data_dir, target):
+    """CNI_NETNS at a regular file, a directory or the plugin's own namespace: code 8, and no bridge,
+    no state directory, no masquerade table appear (test_protocol covers the same without ipMasq)."""
+    path = {"regular-file": str(tmp_path / "plain"), "directory": str(tmp_path),
+            "own-netns-path": node.path, "proc-self": "/proc/self/ns/net",
+            "proc-thread-self": "/proc/thread-self/ns/net"}[target]
+    if target == "regular-file":
+        (tmp_path / "plain").write_text("")
+    links_before = sorted(node.links())
+    error = cni_error(bridge(ours_bin, "ADD", conf(data_dir), node, path, "badns"))
+    assert error["code"] == 8, error
+    assert sorted(node.links()) == links_before
+    assert os.listdir(str(data_dir)) == []
+    assert masq_table(node) == (None, {})
+
+
+# --- 5. a broken disk ---------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 KiB tmpfs mounted in the test's temp dir, unmounted at teardown."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs", mount_point])
-    yield mount_point
-    run(["umount", "-l", mount_point], check=False)
+    run(["mount", "-t", "tmpfs", "-o", "size=16k,mode=0755", "cbt-tmpfs", mount_point])
+    try:
+        yield mount_point
+    finally:
+        if run(["umount", mount_point], check=False).returncode != 0:
+            run(["umount", "-l", mount_point], check=False)
 
 
+def fill(directory):
+    """Write a file in `directory` until its filesystem is full."""
+    with open(str(directory / "filler"), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as err:
+            assert err.errno == 28, err      # ENOSPC
+
+
+@pytest.mark.parametrize("state", ["fresh", "existing"])
 @pytest.mark.parametrize("breakage", ["read-only", "full"])
-def test_a_broken_disk_fails_cleanly_and_recovers(ours_bin, node, container, small_tmpfs, breakage):
-    data_dir = small_tmpfs / "ipam"
+def test_broken_disk_fails_cleanly_and_recovers(ours_bin, node, container, small_disk, breakage, state):
+    """dataDir read-only or full (before any state, or with the state directory in place): ADD fails
+    with code 5 or 11 naming the cause, leaves nothing; once the disk is repaired, ADD works."""
+    data_dir = small_disk / "ipam"
+    data_dir.mkdir()
     config = conf(data_dir)
+    if state == "existing":
+        result = ok(bridge(ours_bin, "ADD", config, node, container, "before"))
+        ok(bridge(ours_bin, "DEL", dict(config, prevResult=result), node, container, "before"))
     if breakage == "read-only":
-        run(["mount", "-o", "remount,ro", small_tmpfs])
+        run(["mount", "-o", "remount,ro", small_disk])
     else:
-        filler = small_tmpfs / "filler"
-        subprocess.run(["dd", "if=/dev/zero", "of=%s" % filler, "bs=4k", "count=64"], stderr=subprocess.DEVNULL)
-    res = run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=container)
-    assert res.returncode == 1 and res.json["code"] in (5, 11), res.stdout
-    assert host_veths(node) == [] and "eth0" not in container.links()
+        fill(small_disk)
+    error = cni_error(bridge(ours_bin, "ADD", config, node, container, "broken"))
+    assert error["code"] in (5, 11), error
+    cause = "read-only file system" if breakage == "read-only" else "no space left on device"
+    assert cause in (error["msg"] + " " + error.get("details", "")).lower(), error
+    assert_nothing_left(node, data_dir, [container], "after the failed ADD:")
     if breakage == "read-only":
-        run(["mount", "-o", "remount,rw", small_tmpfs])
+        run(["mount", "-o", "remount,rw", small_disk])
     else:
-        (small_tmpfs / "filler").unlink()
-    res = run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=container)
-    assert res.returncode == 0, res.stdout
+        (small_disk / "filler").unlink()
+    result = ok(bridge(ours_bin, "ADD", config, node, container, "repaired"))
+    assert global_addrs(container, "eth0") == [result["ips"][0]["address"]]
+    ok(bridge(ours_bin, "DEL", dict(config, prevResult=result), node, container, "repaired"))
+    assert_nothing_left(node, data_dir, [container], "after the last DEL:")
 
 
-def test_the_environment_cannot_steer_the_plugin(ours_bin, node, container, data_dir, tmp_path):
-    """PYTHONPATH, PYTHONSTARTUP, PYTHONINSPECT and SHIV_* change nothing; only the plugin's own
-    interpreter is executed (no ip, nft or iptables)."""
-    evil = tmp_path / "evil"
-    evil.mkdir()
-    marker = tmp_path / "marker"
-    for name in ("cni_bridge.py", "os.py", "struct.py", "sitecustomize.py", "startup.py"):
-        (evil / name).write_text("open(%r, 'w').write('owned')\n" % str(marker))
-    env = {"PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil / "startup.py"), "PYTHONINSPECT": "1",
-           "PYTHONHOME": str(evil), "SHIV_ROOT": str(evil), "SHIV_ENTRY_POINT": "os:system"}
-    trace = tmp_path / "exec.trace"
+# --- 6. the environment cannot steer us -------------------------------------------------------------
+
+STEERED_MODULES = ("cni_bridge", "json", "struct", "fcntl", "select", "subprocess", "hashlib", "_sha512",
+                   "_sha2", "_ctypes", "_json", "_socket", "os", "site", "sitecustomize", "usercustomize",
+                   "startup", "hostile_entry")
+
+
+def steering_environment(hostile, marker):
+    """A directory of modules, scripts and programs that append to `marker` when run, and the
+    variables that would make Python, shiv or sh run them."""
+    hostile.mkdir()
+    payload = "open(%r, 'a').write(__name__ + '\\n')\ndef main():\n    pass\n" % str(marker)
+    for module in STEERED_MODULES:
+        (hostile / (module + ".py")).write_text(payload)
+    for program in ("python3", "sh", "nft", "iptables", "ip"):
+        (hostile / program).write_text("#!/bin/sh\necho %s >> %s\n" % (program, marker))
+        (hostile / program).chmod(0o755)
+    (hostile / "env.sh").write_text("echo ENV >> %s\n" % marker)
+    return {
+        "PYTHONPATH": str(hostile), "PYTHONSTARTUP": str(hostile / "startup.py"), "PYTHONINSPECT": "1",
+        "PYTHONHOME": str(hostile), "PYTHONUSERBASE": str(hostile), "PYTHONPLATLIBDIR": str(hostile),
+        "PYTHONSAFEPATH": "", "PYTHONWARNINGS": "error", "PYTHONDEVMODE": "1", "PYTHONVERBOSE": "1",
+        "PYTHONBREAKPOINT": "hostile_entry.main", "PYTHONEXECUTABLE": str(hostile / "python3"),
+        "SHIV_ROOT": str(hostile / "shiv"), "SHIV_FORCE_EXTRACT": "1", "SHIV_INTERPRETER": "1",
+        "SHIV_ENTRY_POINT": "hostile_entry:main", "SHIV_CONSOLE_SCRIPT": "hostile_entry",
+        "SHIV_PREPEND_PYTHONPATH": "1", "SHIV_EXTEND_PYTHONPATH": str(hostile),
+        "PATH": "%s:%s" % (hostile, os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")),
+        "ENV": str(hostile / "env.sh"), "BASH_ENV": str(hostile / "env.sh"),
+    }
+
+
+def test_environment_cannot_steer_a_bridge_add(ours_bin, node, container, data_dir, tmp_path):
+    """PYTHON*, SHIV_*, PATH, ENV/BASH_ENV and a hostile working directory: the ipMasq ADD, CHECK and
+    DEL work as without them and no planted module, script or program runs (test_zipapp does the
+    same for loopback)."""
+    marker = tmp_path / "steered"
+    env = steering_environment(tmp_path / "hostile", marker)
+    config = conf(data_dir)
+    argv = [IP, "netns", "exec", node.name, str(ours_bin / "bridge")]
+
+    def call(command, config):
+        proc = subprocess.run(argv, input=encode_conf(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=str(tmp_path / "hostile"), timeout=60,
+                              env=cni_env(command, ours_bin, netns=container, container_id="steered", env=env))
+        return parse_output(proc)
+
+    result = ok(call("ADD", config))
+    assert global_addrs(container, "eth0") == [result["ips"][0]["address"]]
+    assert masq_comments(node) == [masq_comment("steered", network=NET)]
+    ok(call("CHECK", dict(config, prevResult=result)))
+    ok(call("DEL", dict(config, prevResult=result)))
+    assert not marker.exists(), marker.read_text()
+    assert_nothing_left(node, data_dir, [container])
+
+
+def test_executes_nothing_but_itself(ours_bin, node, container, data_dir, tmp_path):
+    """Under `strace -f -e trace=execve,execveat`, ADD, CHECK and DEL with ipMasq (nftables) execute
+    only the plugin file and the interpreter of its own preamble, in one process (no nft, no ip,
+    no iptables, no host-local)."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed (apt-get install strace)")
-    proc = subprocess.run([IP, "netns", "exec", node.name, strace, "-f", "-qq", "-e", "trace=execve", "-o", str(trace),
-                           str(ours_bin / "bridge")], env=cni_env("ADD", ours_bin, netns=container, env=env),
-                          input=encode_conf(conf(data_dir)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.returncode == 0, proc.stdout
-    assert not marker.exists()
-    programs = set(line.split('execve("', 1)[1].split('"', 1)[0] for line in trace.read_text().splitlines()
-                   if 'execve("' in line and "= 0" in line)
-    assert programs <= {str(ours_bin / "bridge"), "/usr/bin/python3"}, programs
+    archive = (ours_bin / "bridge").resolve()
+    interpreter = archive.read_bytes().split(b"\n", 2)[1].split()[1].decode()   # "exec /usr/bin/python3 -IS ..."
+    config = conf(data_dir, version="1.1.0")
+    result = None
+    for command in ("ADD", "CHECK", "DEL"):
+        trace = tmp_path / ("%s.trace" % command)
+        stdin = config if result is None else dict(config, prevResult=result)
+        proc = subprocess.run([IP, "netns", "exec", node.name, strace, "-f", "-qq", "-e", "trace=execve,execveat",
+                               "-o", str(trace), str(ours_bin / "bridge")],
+                              input=encode_conf(stdin), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                              env=cni_env(command, ours_bin, netns=container, container_id="traced"))
+        res = parse_output(proc)
+        output = ok(res)
+        result = result or output
+        calls = [line for line in trace.read_text().splitlines() if "execve" in line]
+        programs = [line.split('("', 1)[1].split('"', 1)[0] for line in calls]
+        pids = set(line.split()[0] for line in calls)
+        assert programs == [str(ours_bin / "bridge"), interpreter], "%s executed %s" % (command, calls)
+        assert len(pids) == 1, "%s started other processes: %s" % (command, calls)
+    assert_nothing_left(node, data_dir, [container])
 
 
-def test_stale_state_is_recovered_by_gc(ours_bin, node, make_netns, data_dir):
-    """Containers that vanished without DEL fill the range; GC with the live attachments frees it."""
-    config = conf(data_dir, subnet="10.79.0.0/29")
-    live = make_netns("ct")
-    assert run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=live, container_id="live").returncode == 0
+# --- 7. stale state is recoverable ----------------------------------------------------------------------
+
+def test_gc_recovers_containers_that_vanished_without_del(ours_bin, node, make_netns, data_dir):
+    """Containers whose namespace disappeared without a DEL fill the range and block new ones; GC
+    (1.1.0) listing only the live attachments releases their reservations and rules, keeps the live
+    ones working, and new containers get addresses again."""
+    config = conf(data_dir, version="1.1.0", rangeStart="10.92.0.10", rangeEnd="10.92.0.15")   # 6 addresses
+    live = {"live%d" % i: make_netns("ct") for i in range(2)}
+    live_results = {cid: ok(bridge(ours_bin, "ADD", config, node, ns, cid)) for cid, ns in live.items()}
     for i in range(4):
-        ns = make_netns("ct")
-        assert run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=ns, container_id="gone%d" % i).returncode == 0
-        run(["ip", "netns", "del", ns.name])
-    blocked = run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=make_netns("ct"), container_id="new")
-    assert blocked.returncode == 1 and "no IP addresses available" in blocked.json["msg"]
-    gc = dict(config, **{"cni.dev/valid-attachments": [{"containerID": "live", "ifname": "eth0"}]})
-    res = run_cni(ours_bin, "bridge", "GC", gc, node=node, netns=None, container_id=None, ifname=None)
-    assert res.returncode == 0, res.stdout
-    assert [c.decode() for c in reservations(data_dir).values()] == ["live\r\neth0"]
-    assert len(masq_comments(node)) == 1
-    assert run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=make_netns("ct"), container_id="new").returncode == 0
+        vanishing = make_netns("ct")
+        ok(bridge(ours_bin, "ADD", config, node, vanishing, "vanished%d" % i))
+        run([IP, "netns", "del", vanishing.name])          # a node crash: no DEL ever comes
+    newcomer = make_netns("ct")
+    error = cni_error(bridge(ours_bin, "ADD", config, node, newcomer, "newcomer"))
+    assert error["code"] == 11 and "no IP addresses available" in error["msg"], error
+    assert len(masq_comments(node)) == 6
+
+    valid = [{"containerID": cid, "ifname": "eth0"} for cid in live]
+    ok(bridge(ours_bin, "GC", dict(config, **{"cni.dev/valid-attachments": valid}), node, None, None, ifname=None))
+    assert reservations(data_dir) == {address_of(r): "%s\r\neth0" % cid for cid, r in live_results.items()}
+    assert masq_comments(node) == sorted(masq_comment(cid, network=NET) for cid in live)
+    for cid, ns in live.items():
+        assert global_addrs(ns, "eth0") == [live_results[cid]["ips"][0]["address"]]
+        assert ns.run("ping", "-c1", "-W2", GATEWAY, check=False).returncode == 0, "%s lost its network" % cid
+    assert len(bridge_ports(node)) == 2
+
+    result = ok(bridge(ours_bin, "ADD", config, node, newcomer, "newcomer"))
+    assert global_addrs(newcomer, "eth0") == [result["ips"][0]["address"]]
+    for cid, ns in list(live.items()) + [("newcomer", newcomer)]:
+        ok(bridge(ours_bin, "DEL", config, node, ns, cid))
+    assert_nothing_left(node, data_dir, list(live.values()) + [newcomer])
 
 
-def test_a_held_lock_times_out_with_code_11(ours_bin, node, container, data_dir):
-    """Another process holding the network's lock: ADD gives up with code 11 and leaves nothing."""
-    (data_dir / NET).mkdir(parents=True)
-    with open(str(data_dir / NET / "lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        res = run_cni(ours_bin, "bridge", "ADD", conf(data_dir), node=node, netns=container, timeout=60)
-        assert res.returncode == 1 and res.json["code"] == 11 and "lock" in res.json["msg"]
-        assert host_veths(node) == [] and "eth0" not in container.links()
-    assert run_cni(ours_bin, "bridge", "ADD", conf(data_dir), node=node, netns=container).returncode == 0
+# --- 8. time-bounded ------------------------------------------------------------------------------------
+
+# Holds an exclusive flock on argv[1] until its stdin closes; says "locked" once it holds it.
+HOLD_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
 
 
-def test_state_files_have_explicit_modes(ours_bin, node, container, data_dir):
-    old = os.umask(0)
+def lock_timeout():
+    """The module's LOCK_TIMEOUT (seconds), read from the source under test."""
+    sys.path.insert(0, str(REPO))
     try:
-        assert run_cni(ours_bin, "bridge", "ADD", conf(data_dir), node=node, netns=container).returncode == 0
+        import cni_bridge
     finally:
-        os.umask(old)
-    directory = data_dir / NET
-    assert directory.stat().st_mode & 0o777 == 0o755
-    for path in directory.iterdir():
-        assert path.stat().st_mode & 0o777 == 0o644, path
+        sys.path.remove(str(REPO))
+    return cni_bridge.LOCK_TIMEOUT
+
+
+def test_held_lock_makes_add_and_del_give_up_with_code_11(ours_bin, node, make_netns, data_dir):
+    """Another process holding <dataDir>/<net>/lock: an ADD and a DEL running meanwhile both return
+    (within the lock timeout, loosely bounded) with code 11; the ADD leaves no veth, eth0,
+    reservation or rule.  Once the lock is released, ADD works and the DEL repeated succeeds."""
+    config = conf(data_dir)
+    existing, fresh = make_netns("ct"), make_netns("ct")
+    existing_result = ok(bridge(ours_bin, "ADD", config, node, existing, "existing"))
+    bound = lock_timeout() + 30
+    holder = subprocess.Popen([sys.executable, "-I", "-c", HOLD_LOCK, str(data_dir / NET / "lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        del_conf = dict(config, prevResult=existing_result)
+        with ThreadPoolExecutor(2) as pool:
+            adding = pool.submit(bridge, ours_bin, "ADD", config, node, fresh, "fresh", timeout=bound)
+            deleting = pool.submit(bridge, ours_bin, "DEL", del_conf, node, existing, "existing", timeout=bound)
+            added, deleted = adding.result(), deleting.result()
+        for res in (added, deleted):
+            error = cni_error(res)
+            assert error["code"] == 11 and "lock" in error["msg"], error
+        assert sorted(fresh.links()) == ["lo"]
+        assert list(reservations(data_dir).values()) == ["existing\r\neth0"]
+        assert masq_comments(node) in ([masq_comment("existing", network=NET)], [])
+        assert len(host_veths(node)) <= 1
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    result = ok(bridge(ours_bin, "ADD", config, node, fresh, "fresh"))
+    assert global_addrs(fresh, "eth0") == [result["ips"][0]["address"]]
+    ok(bridge(ours_bin, "DEL", del_conf, node, existing, "existing"))
+    ok(bridge(ours_bin, "DEL", dict(config, prevResult=result), node, fresh, "fresh"))
+    assert_nothing_left(node, data_dir, [existing, fresh])
+
+
+# --- file modes -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("umask", ["000", "022"])
+def test_state_modes(ours_bin, node, container, data_dir, umask):
+    """Under the runtime's umask 000 or 022, the directories the plugin makes are 0755 and its files
+    (lock, reservations, last_reserved_ip) 0644: nothing is world-writable."""
+    nested = data_dir / "made" / "by" / "plugin"
+    config = conf(nested)
+    argv = [IP, "netns", "exec", node.name, "sh", "-c", 'umask %s && exec "$0"' % umask, str(ours_bin / "bridge")]
+    proc = subprocess.run(argv, input=encode_conf(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=60, env=cni_env("ADD", ours_bin, netns=container, container_id="modes"))
+    result = ok(parse_output(proc))
+    modes = {str(p.relative_to(data_dir)): p.stat().st_mode & 0o7777 for p in data_dir.rglob("*")}
+    assert sorted(modes) == ["made", "made/by", "made/by/plugin", "made/by/plugin/" + NET,
+                             "made/by/plugin/%s/%s" % (NET, address_of(result)),
+                             "made/by/plugin/%s/last_reserved_ip.0" % NET, "made/by/plugin/%s/lock" % NET]
+    expected = {path: 0o755 if (data_dir / path).is_dir() else 0o644 for path in modes}
+    assert {p: oct(m) for p, m in modes.items()} == {p: oct(m) for p, m in expected.items()}

@@ -196,10 +196,21 @@ def check_name(value, what, code):
         raise CNIError(code, "invalid characters found in %s" % what, value[:300])
 
 
+def encodable(text):
+    """Whether a string can reach the kernel or a file name: JSON's "\\ud800" escapes cannot."""
+    try:
+        text.encode("utf-8", "surrogateescape")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def check_ifname(name):
     """Apply the kernel's interface-name rule, with the reference's messages."""
     if name == "":
         raise CNIError(ERR_INVALID_ENV, "interface name is empty")
+    if not encodable(name):
+        raise CNIError(ERR_INVALID_ENV, "interface name is not valid UTF-8")
     if len(name.encode("utf-8", "surrogateescape")) > 15:
         raise CNIError(ERR_INVALID_ENV, "interface name is too long", "interface name should be less than 16 characters")
     if name in (".", ".."):
@@ -1924,7 +1935,7 @@ class IPAMConfig(object):
             raise CNIError(ERR_INVALID_CONFIG, "IPAM config missing 'ipam' key")
         self.network = request.config["name"]
         self.data_dir = conf_get(ipam, "dataDir", str, DEFAULT_DATA_DIR, "ipam.")
-        if not self.data_dir.startswith("/") or "\0" in self.data_dir:
+        if not self.data_dir.startswith("/") or "\0" in self.data_dir or not encodable(self.data_dir):
             raise CNIError(ERR_INVALID_CONFIG, "invalid network config: ipam.dataDir must be an "
                            "absolute path", self.data_dir[:300])
         self.ipam = ipam
@@ -3355,6 +3366,9 @@ def run_plugin(plugin):
         return 0
     except CNIError as err:
         write_json(err.to_json(getattr(err, "version", error_version)))
+    except UnicodeError as err:   # a config string no file name or interface name can hold
+        write_json(CNIError(ERR_INVALID_CONFIG, "invalid network config: a string is not valid UTF-8",
+                            str(err)[:200]).to_json(error_version))
     except Exception as err:  # a bug: still answer in CNI form, never with a traceback on stdout
         tb = err.__traceback__
         while tb.tb_next:

@@ -2097,7 +2097,10 @@ class Store(object):
             finally:
                 os.close(fd)
         except OSError as err:
-            self.remove(name)
+            try:
+                os.unlink(name, dir_fd=self.dir_fd)
+            except OSError:
+                pass                # most likely never created: the error to report is `err`
             raise os_error(err, "failed to write in %s/%s" % (self.data_dir, self.network))
         return name
 
@@ -2625,8 +2628,8 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
         batch.add_chain(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, comment=MASQ_CHAIN_COMMENT)
         batch.add_chain(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING,
                         hook=("nat", NF_INET_POST_ROUTING, NF_PRIORITY_SRCNAT))
-        if base:
-            batch.flush_chain(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING)
+        # Flushed even when it looked empty: another ADD may fill it between our look and commit.
+        batch.flush_chain(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING)
         for family in (4, 6):
             batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, match_family(family)
                            + match_address("daddr", MULTICAST[family]) + [expr_verdict(NFT_RETURN)])

@@ -90,9 +90,12 @@ py_compile.compile(source, cfile=cfile, dfile="cni_bridge.py", doraise=True, **o
 # length are written into the preamble once the zip is laid out) and runs it; an interpreter of
 # another version (the magic number differs) imports cni_bridge.py from the archive instead.  sh
 # passes the name the program was started as ($0: bridge, host-local, loopback) as argv[0].  The
-# zip itself still has __main__.py, so `python3 cni-bridge.pyz` works too.
+# cyclic garbage collector is switched off first: a call lives for milliseconds, and the collector
+# would otherwise walk the freshly unmarshalled module several times over.  The zip itself still
+# has __main__.py, so `python3 cni-bridge.pyz` works too.
 PREAMBLE = """#!/bin/sh
-exec {python} -IS -c 'import sys, marshal
+exec {python} -IS -c 'import gc, sys, marshal
+gc.disable()
 archive = sys.argv[1]
 sys.argv = sys.argv[1:]
 with open(archive, "rb") as f:
@@ -101,7 +104,7 @@ with open(archive, "rb") as f:
 if pyc[:4] == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER:
     module = sys.modules["cni_bridge"] = type(sys)("cni_bridge")
     module.__file__ = archive + "/cni_bridge.py"
-    exec(marshal.loads(pyc[16 if sys.version_info >= (3, 7) else 12:]), module.__dict__)
+    exec(marshal.loads(memoryview(pyc)[16 if sys.version_info >= (3, 7) else 12:]), module.__dict__)
 else:
     sys.path.insert(0, archive)
     import cni_bridge as module

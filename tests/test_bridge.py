@@ -621,6 +621,76 @@ def test_vlan_port_entries(impl, options, node, container, data_dir):
     assert (1 in vlans) == bool(options.get("preserveDefaultVlan"))
 
 
+@pytest.mark.parametrize("impl, options", impl_params(
+    ['{}', '{"preserveDefaultVlan": true}'], ours_only=['{"preserveDefaultVlan": true}']), indirect=["impl"])
+def test_vlan_gateway_interface(impl, options, node, make_netns, data_dir):
+    """isGateway with vlan 100 puts the gateway address on `cni0.100`, a veth on the node whose peer
+    is a bridge port with VLAN 100 untagged and as PVID; the result lists it as a fourth interface;
+    two containers share it and reach the gateway and each other over the VLAN; CHECK passes; DEL
+    leaves the shared gateway pair.  Skipped where the kernel refuses bridge VLAN filtering."""
+    conf = bridge_conf(data_dir, vlan=100, **json.loads(options))
+    first, second = make_netns("ctr-a"), make_netns("ctr-b")
+    before = snapshot(data_dir, node, first)
+    res = impl.bridge("ADD", conf, node, first, container_id="vlan-a")
+    if res.returncode != 0 and impl.ours:
+        assert_rolled_back(before, snapshot(data_dir, node, first))
+    skip_if_kernel_lacks_vlan_filtering(res)
+    result = expect_ok(res)
+    gateway_name = BRIDGE + ".100"
+    assert [i["name"] for i in result["interfaces"]][::3] == [BRIDGE, gateway_name]
+    gateway_link = node.links()[gateway_name]
+    assert kind(gateway_link) == "veth" and "UP" in gateway_link["flags"]
+    assert result["interfaces"][3]["mac"] == gateway_link["address"]
+    assert global_addrs(node, gateway_name) == [GATEWAY + "/24"]
+    assert global_addrs(node, BRIDGE) == []
+    gateway_port = next(link for link in node.links().values() if link["ifindex"] == gateway_link["link_index"])
+    assert gateway_port["master"] == BRIDGE
+    assert port_vlans(node, gateway_port["ifname"])[100] == ["Egress Untagged", "PVID"]
+    second_result = add(impl, conf, node, second, container_id="vlan-b")
+    assert len(second_result["interfaces"]) == 4 and second_result["interfaces"][3]["name"] == gateway_name
+    assert [name for name, link in node.links().items() if name.startswith(BRIDGE + ".")] == [gateway_name]
+    assert ping(first, GATEWAY)
+    assert ping(first, result_addresses(second_result)[0].split("/")[0])
+    expect_ok(impl.bridge("CHECK", with_prev(conf, result), node, first, container_id="vlan-a"))
+    for ns, cid, res_ in ((first, "vlan-a", result), (second, "vlan-b", second_result)):
+        delete(impl, with_prev(conf, res_), node, ns, container_id=cid)
+    assert gateway_name in node.links() and reservations(data_dir) == {}
+
+
+def test_check_notices_a_vlan_taken_off_the_port(ours, node, container, data_dir):
+    """CHECK compares the port's VLANs with the config (the reference does not look).  Skipped where
+    the kernel refuses bridge VLAN filtering."""
+    conf = bridge_conf(data_dir, isGateway=False, vlan=100)
+    res = ours.bridge("ADD", conf, node, container)
+    skip_if_kernel_lacks_vlan_filtering(res)
+    result = expect_ok(res)
+    expect_ok(ours.bridge("CHECK", with_prev(conf, result), node, container))
+    port = peer_of(node, container)["ifname"]
+    node.run("bridge", "vlan", "add", "dev", port, "vid", "100")           # now tagged, no PVID
+    err = expect_error(ours.bridge("CHECK", with_prev(conf, result), node, container))
+    assert "VLAN 100 of %s is tagged" % port in err["msg"]
+
+
+def test_vlan_gateway_name_must_fit(ours, node, container, data_dir):
+    """`<bridge>.<vlan>` longer than 15 bytes is a config error before anything is made (the
+    reference fails after creating the bridge and the container's veth)."""
+    before = snapshot(data_dir, node, container)
+    err = expect_error(ours.bridge("ADD", bridge_conf(data_dir, bridge="cbtbridge12", vlan=4094), node, container))
+    assert err["code"] == 7 and "'cbtbridge12.4094' is longer than 15 bytes" in err["msg"]
+    assert snapshot(data_dir, node, container) == before
+
+
+def test_vlan_on_a_kernel_without_vlan_filtering_says_so(ours, node, container, data_dir):
+    """Where the kernel has no bridge VLAN filtering, ADD names that cause and leaves nothing."""
+    before = snapshot(data_dir, node, container)
+    res = ours.bridge("ADD", bridge_conf(data_dir, vlan=100), node, container)
+    if res.returncode == 0:
+        pytest.skip("this kernel has bridge VLAN filtering")
+    err = expect_error(res)
+    assert "CONFIG_BRIDGE_VLAN_FILTERING" in err.get("details", ""), err
+    assert_rolled_back(before, snapshot(data_dir, node, container))
+
+
 # --- DEL tolerance ------------------------------------------------------------------------------
 
 # Each DEL case damages the attachment and returns (DEL config, CNI_NETNS, env overrides).

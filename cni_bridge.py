@@ -2251,9 +2251,12 @@ def _allocate_in_set(store, set_index, ranges, reserved, requested, owner, made)
         made.append((fam, ip))
         store.set_last_reserved(set_index, fam, ip)
         return r, fam, ip
-    in_use = sum(1 for (fam, ip) in reserved if fam == family
-                 and any(r.usable(ip) for r in ranges))
-    if in_use < ranges.capacity():
+    # Exhaustion is counted, never found by walking a range that may hold 2^64 addresses; the
+    # count is only needed once there are as many reservations as the range set has addresses.
+    capacity = ranges.capacity()
+    full = len(reserved) >= capacity and capacity <= sum(
+        1 for (fam, ip) in reserved if fam == family and any(r.usable(ip) for r in ranges))
+    if not full:
         for r, ip in _candidates(ranges, store.last_reserved(set_index)):
             if (family, ip) in reserved or not r.usable(ip):
                 continue

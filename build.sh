@@ -73,7 +73,8 @@ python, source, target = sys.argv[1:]
 
 # Python >= 3.7: an unchecked hash-based pyc (no timestamp at all).  Older: a timestamp pyc whose
 # mtime is the archive's fixed entry time (zipimport compares the two, reading the zip time as
-# local time: the pyc is used on nodes running in UTC, the .py elsewhere).
+# local time: the pyc is used on nodes running in UTC, the .py elsewhere).  Docstrings are left out
+# (optimize=2): nothing reads them at run time, and every call unmarshals the module.
 COMPILE = """
 import os, py_compile, sys
 source, cfile, mtime = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -81,7 +82,7 @@ os.utime(source, (mtime, mtime))
 options = {}
 if sys.version_info >= (3, 7):
     options["invalidation_mode"] = py_compile.PycInvalidationMode.UNCHECKED_HASH
-py_compile.compile(source, cfile=cfile, dfile="cni_bridge.py", doraise=True, **options)
+py_compile.compile(source, cfile=cfile, dfile="cni_bridge.py", doraise=True, optimize=2, **options)
 """
 
 # The archive starts as a shell script: a zip given to python directly goes through runpy, which
@@ -91,8 +92,9 @@ py_compile.compile(source, cfile=cfile, dfile="cni_bridge.py", doraise=True, **o
 # another version (the magic number differs) imports cni_bridge.py from the archive instead.  sh
 # passes the name the program was started as ($0: bridge, host-local, loopback) as argv[0].  The
 # cyclic garbage collector is switched off first: a call lives for milliseconds, and the collector
-# would otherwise walk the freshly unmarshalled module several times over.  The zip itself still
-# has __main__.py, so `python3 cni-bridge.pyz` works too.
+# would otherwise walk the freshly unmarshalled module several times over.  The compiled bytes are
+# dropped once unmarshalled, which lowers the call's peak memory by their size.  The zip itself
+# still has __main__.py, so `python3 cni-bridge.pyz` works too.
 PREAMBLE = """#!/bin/sh
 exec {python} -IS -c 'import gc, sys, marshal
 gc.disable()
@@ -104,7 +106,10 @@ with open(archive, "rb") as f:
 if pyc[:4] == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER:
     module = sys.modules["cni_bridge"] = type(sys)("cni_bridge")
     module.__file__ = archive + "/cni_bridge.py"
-    exec(marshal.loads(memoryview(pyc)[16 if sys.version_info >= (3, 7) else 12:]), module.__dict__)
+    code = marshal.loads(memoryview(pyc)[16 if sys.version_info >= (3, 7) else 12:])
+    del pyc
+    exec(code, module.__dict__)
+    del code
 else:
     sys.path.insert(0, archive)
     import cni_bridge as module

@@ -10,6 +10,7 @@ Start-up cost is paid on every container start, so the module avoids the heavy s
 modules (`os`, `json`, `socket`, `ipaddress`, `hashlib`, `re`, `subprocess`) on the common paths:
 it uses their C cores (`posix`, `_json`, `_socket`) directly and imports the rest only where one
 path needs it (`os` costs a millisecond: it builds os.environ and imports `_collections_abc`).
+VERSION, the call a runtime makes most, loads no socket module at all.
 
 Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
 operations; nf_tables operations; namespaces; IPAM store; the three plugins; entry point.
@@ -20,7 +21,6 @@ import sys
 import time
 
 import _json
-import _socket
 import _struct as struct    # what struct.py re-exports, without looking that file up at each start
 
 PROGRAM_VERSION = "0.1.0"
@@ -433,23 +433,30 @@ def previous_result(request):
 # Addresses are (family, integer) pairs: family 4 or 6.  `ipaddress` would cost 7 ms per start.
 
 IP_BITS = {4: 32, 6: 128}
-_AF = {4: _socket.AF_INET, 6: _socket.AF_INET6}
 
 
 def parse_ip(text):
-    """Parse an IPv4 or IPv6 address; IPv4-mapped IPv6 addresses become IPv4 (as in the reference)."""
+    """Parse an IPv4 or IPv6 address; IPv4-mapped IPv6 addresses become IPv4 (as in the reference).
+
+    IPv4 takes four decimal octets without leading zeros, as inet_pton and Go do.
+    """
     if not isinstance(text, str):
         raise ValueError("not an IP address: %r" % (text,))
-    try:
-        if ":" in text:
+    if ":" in text:
+        import _socket
+        try:
             value = int.from_bytes(_socket.inet_pton(_socket.AF_INET6, text), "big")
-            if value >> 32 == 0xFFFF:
-                return 4, value & 0xFFFFFFFF
-            return 6, value
-        if text.count(".") == 3 and all(p.isdigit() and len(p) <= 3 for p in text.split(".")):
-            return 4, int.from_bytes(_socket.inet_pton(_socket.AF_INET, text), "big")
-    except (OSError, ValueError, UnicodeError):
-        pass
+        except (OSError, ValueError, UnicodeError):
+            raise ValueError("not an IP address: %r" % text[:100])
+        if value >> 32 == 0xFFFF:
+            return 4, value & 0xFFFFFFFF
+        return 6, value
+    octets = text.split(".")
+    if len(octets) == 4 and all(0 < len(o) <= 3 and DIGITS.issuperset(o) and (o[0] != "0" or o == "0")
+                                for o in octets):
+        a, b, c, d = [int(o) for o in octets]
+        if a <= 255 and b <= 255 and c <= 255 and d <= 255:
+            return 4, a << 24 | b << 16 | c << 8 | d
     raise ValueError("not an IP address: %r" % text[:100])
 
 
@@ -769,6 +776,7 @@ class NetlinkSocket(object):
     """A netlink socket of one protocol, bound to the network namespace it was opened in."""
 
     def __init__(self, protocol=NETLINK_ROUTE):
+        import _socket
         sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, protocol)
         try:
             sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)   # errors carry the kernel's reason
@@ -780,6 +788,7 @@ class NetlinkSocket(object):
         self.sock = sock
         self.layouts = MESSAGE_LAYOUTS[protocol]
         self.seq = int(time.time()) & 0xFFFFFF
+        self.timeout_error = _socket.timeout
 
     def close(self):
         self.sock.close()
@@ -791,7 +800,7 @@ class NetlinkSocket(object):
     def _recv(self, what):
         try:
             return self.sock.recv(1 << 17)
-        except _socket.timeout:
+        except self.timeout_error:
             raise CNIError(ERR_TRY_AGAIN, "%s: the kernel did not answer within %g s"
                            % (what, NETLINK_TIMEOUT))
         except OSError as err:
@@ -3639,8 +3648,9 @@ def icmp_checksum(data):
 def ping(ns, family, address, timeout=2.0):
     """Send one ICMP echo from inside `ns` to `address`; returns the round trip in ms."""
     request_type, reply_type = ICMP_ECHO[family]
+    import _socket
     with ns.entered():
-        sock = _socket.socket(_AF[family], _socket.SOCK_RAW,
+        sock = _socket.socket(AF_OF_FAMILY[family], _socket.SOCK_RAW,
                               _socket.IPPROTO_ICMP if family == 4 else _socket.IPPROTO_ICMPV6)
     try:
         ident = posix.getpid() & 0xFFFF

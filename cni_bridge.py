@@ -558,7 +558,7 @@ def mac_to_text(raw):
 # ==============================================================================================
 # One encoder and one decoder serve rtnetlink and nf_tables alike.  Messages are a netlink
 # header, a fixed family header (ifinfomsg, ifaddrmsg, rtmsg, nfgenmsg) and attributes; the
-# attributes of each family are described as data: a class per attribute space whose members are
+# attributes of each family are described as data: an AttrSpace per attribute space, a table of
 # `Attr(number, kind)` entries, so `LinkAttr.IFLA_MTU` is the attribute and its wire format.
 
 NLMSG_HEADER = struct.Struct("=IHHII")        # length, type, flags, sequence, port id
@@ -614,14 +614,15 @@ class Attr(object):
         return self.name or "Attr(%d)" % self.number
 
 
-def attr_space(cls):
-    """Class decorator: name each Attr of an attribute-space class and index it by number."""
-    cls.by_number = {}
-    for name, value in list(vars(cls).items()):
-        if isinstance(value, Attr):
-            value.name = name
-            cls.by_number[value.number] = value
-    return cls
+class AttrSpace(object):
+    """An attribute space: its Attrs as attributes, named after the keywords, and by number."""
+
+    def __init__(self, **attrs):
+        self.by_number = {}
+        for name, attr in attrs.items():
+            attr.name = name
+            setattr(self, name, attr)
+            self.by_number[attr.number] = attr
 
 
 class Header(object):
@@ -767,9 +768,9 @@ def _ack_error(payload, flags):
     return errno_value, reason
 
 
-@attr_space
-class _ExtAck(object):
-    NLMSGERR_ATTR_MSG = Attr(NLMSGERR_ATTR_MSG, STR)
+_ExtAck = AttrSpace(
+    NLMSGERR_ATTR_MSG=Attr(NLMSGERR_ATTR_MSG, STR),
+)
 
 
 class NetlinkSocket(object):
@@ -913,72 +914,72 @@ RTMSG = Header("=BBBBBBBBI", ("family", "dst_len", "src_len", "tos", "table", "p
 BRIDGE_VLAN_INFO = struct.Struct("=HH")       # flags, vid
 
 
-@attr_space
-class BridgePortAttr(object):
-    IFLA_BRPORT_MODE = Attr(4, U8)            # hairpin
-    IFLA_BRPORT_ISOLATED = Attr(33, U8)
+BridgePortAttr = AttrSpace(
+    IFLA_BRPORT_MODE=Attr(4, U8),             # hairpin
+    IFLA_BRPORT_ISOLATED=Attr(33, U8),
+)
 
 
-@attr_space
-class LinkInfoAttr(object):
-    IFLA_INFO_KIND = Attr(1, STR)
-    IFLA_INFO_DATA = Attr(2, NEST)            # layout depends on the kind: decoded by the caller
-    IFLA_INFO_SLAVE_DATA = Attr(5, NEST, BridgePortAttr)   # when enslaved to a bridge
+LinkInfoAttr = AttrSpace(
+    IFLA_INFO_KIND=Attr(1, STR),
+    IFLA_INFO_DATA=Attr(2, NEST),             # layout depends on the kind: decoded by the caller
+    IFLA_INFO_SLAVE_DATA=Attr(5, NEST, BridgePortAttr),    # when enslaved to a bridge
+)
 
 
-@attr_space
-class BridgeAttr(object):
-    IFLA_BR_VLAN_FILTERING = Attr(7, U8)
+BridgeAttr = AttrSpace(
+    IFLA_BR_VLAN_FILTERING=Attr(7, U8),
+)
 
 
-@attr_space
-class BridgeAfSpecAttr(object):
-    IFLA_BRIDGE_FLAGS = Attr(0, U16)
-    IFLA_BRIDGE_VLAN_INFO = Attr(2, BYTES, repeated=True)
+BridgeAfSpecAttr = AttrSpace(
+    IFLA_BRIDGE_FLAGS=Attr(0, U16),
+    IFLA_BRIDGE_VLAN_INFO=Attr(2, BYTES, repeated=True),
+)
 
 
-@attr_space
-class LinkAttr(object):
-    IFLA_ADDRESS = Attr(1, BYTES)
-    IFLA_IFNAME = Attr(3, STR)
-    IFLA_MTU = Attr(4, U32)
-    IFLA_LINK = Attr(5, U32)                  # a veth's peer index
-    IFLA_MASTER = Attr(10, U32)
-    IFLA_PROTINFO = Attr(12, NEST, BridgePortAttr)
-    IFLA_OPERSTATE = Attr(16, U8)
-    IFLA_IFALIAS = Attr(20, STR)
-    IFLA_LINKINFO = Attr(18, NEST, LinkInfoAttr)
-    IFLA_AF_SPEC = Attr(26, NEST, BridgeAfSpecAttr)
-    IFLA_NET_NS_FD = Attr(28, U32)
-    IFLA_EXT_MASK = Attr(29, U32)
+LinkAttr = AttrSpace(
+    IFLA_ADDRESS=Attr(1, BYTES),
+    IFLA_IFNAME=Attr(3, STR),
+    IFLA_MTU=Attr(4, U32),
+    IFLA_LINK=Attr(5, U32),                   # a veth's peer index
+    IFLA_MASTER=Attr(10, U32),
+    IFLA_PROTINFO=Attr(12, NEST, BridgePortAttr),
+    IFLA_OPERSTATE=Attr(16, U8),
+    IFLA_IFALIAS=Attr(20, STR),
+    IFLA_LINKINFO=Attr(18, NEST, LinkInfoAttr),
+    IFLA_AF_SPEC=Attr(26, NEST, BridgeAfSpecAttr),
+    IFLA_NET_NS_FD=Attr(28, U32),
+    IFLA_EXT_MASK=Attr(29, U32),
+)
 
 
-@attr_space
-class VethAttr(object):
-    VETH_INFO_PEER = Attr(1, MSG, LinkAttr, IFINFOMSG)
+VethAttr = AttrSpace(
+    VETH_INFO_PEER=Attr(1, MSG, LinkAttr, IFINFOMSG),
+)
 
 
-@attr_space
-class AddrAttr(object):
-    IFA_ADDRESS = Attr(1, BYTES)
-    IFA_LOCAL = Attr(2, BYTES)
-    IFA_FLAGS = Attr(8, U32)
+AddrAttr = AttrSpace(
+    IFA_ADDRESS=Attr(1, BYTES),
+    IFA_LOCAL=Attr(2, BYTES),
+    IFA_FLAGS=Attr(8, U32),
+)
 
 
-@attr_space
-class RouteMetricAttr(object):
-    RTAX_MTU = Attr(2, U32)
-    RTAX_ADVMSS = Attr(8, U32)
+RouteMetricAttr = AttrSpace(
+    RTAX_MTU=Attr(2, U32),
+    RTAX_ADVMSS=Attr(8, U32),
+)
 
 
-@attr_space
-class RouteAttr(object):
-    RTA_DST = Attr(1, BYTES)
-    RTA_OIF = Attr(4, U32)
-    RTA_GATEWAY = Attr(5, BYTES)
-    RTA_PRIORITY = Attr(6, U32)
-    RTA_METRICS = Attr(8, NEST, RouteMetricAttr)
-    RTA_TABLE = Attr(15, U32)
+RouteAttr = AttrSpace(
+    RTA_DST=Attr(1, BYTES),
+    RTA_OIF=Attr(4, U32),
+    RTA_GATEWAY=Attr(5, BYTES),
+    RTA_PRIORITY=Attr(6, U32),
+    RTA_METRICS=Attr(8, NEST, RouteMetricAttr),
+    RTA_TABLE=Attr(15, U32),
+)
 
 
 MESSAGE_LAYOUTS[NETLINK_ROUTE] = {}
@@ -1278,52 +1279,52 @@ _SCALARS[BE32S] = struct.Struct(BE32S)
 NFGENMSG = Header("!BBH", ("family", "version", "res_id"))
 
 
-@attr_space
-class NftVerdictAttr(object):
-    NFTA_VERDICT_CODE = Attr(1, BE32S)
-    NFTA_VERDICT_CHAIN = Attr(2, STR)
+NftVerdictAttr = AttrSpace(
+    NFTA_VERDICT_CODE=Attr(1, BE32S),
+    NFTA_VERDICT_CHAIN=Attr(2, STR),
+)
 
 
-@attr_space
-class NftDataAttr(object):
-    NFTA_DATA_VALUE = Attr(1, BYTES)
-    NFTA_DATA_VERDICT = Attr(2, NEST, NftVerdictAttr)
+NftDataAttr = AttrSpace(
+    NFTA_DATA_VALUE=Attr(1, BYTES),
+    NFTA_DATA_VERDICT=Attr(2, NEST, NftVerdictAttr),
+)
 
 
-@attr_space
-class NftMetaAttr(object):
-    NFTA_META_DREG = Attr(1, BE32)
-    NFTA_META_KEY = Attr(2, BE32)
+NftMetaAttr = AttrSpace(
+    NFTA_META_DREG=Attr(1, BE32),
+    NFTA_META_KEY=Attr(2, BE32),
+)
 
 
-@attr_space
-class NftPayloadAttr(object):
-    NFTA_PAYLOAD_DREG = Attr(1, BE32)
-    NFTA_PAYLOAD_BASE = Attr(2, BE32)
-    NFTA_PAYLOAD_OFFSET = Attr(3, BE32)
-    NFTA_PAYLOAD_LEN = Attr(4, BE32)
+NftPayloadAttr = AttrSpace(
+    NFTA_PAYLOAD_DREG=Attr(1, BE32),
+    NFTA_PAYLOAD_BASE=Attr(2, BE32),
+    NFTA_PAYLOAD_OFFSET=Attr(3, BE32),
+    NFTA_PAYLOAD_LEN=Attr(4, BE32),
+)
 
 
-@attr_space
-class NftCmpAttr(object):
-    NFTA_CMP_SREG = Attr(1, BE32)
-    NFTA_CMP_OP = Attr(2, BE32)
-    NFTA_CMP_DATA = Attr(3, NEST, NftDataAttr)
+NftCmpAttr = AttrSpace(
+    NFTA_CMP_SREG=Attr(1, BE32),
+    NFTA_CMP_OP=Attr(2, BE32),
+    NFTA_CMP_DATA=Attr(3, NEST, NftDataAttr),
+)
 
 
-@attr_space
-class NftBitwiseAttr(object):
-    NFTA_BITWISE_SREG = Attr(1, BE32)
-    NFTA_BITWISE_DREG = Attr(2, BE32)
-    NFTA_BITWISE_LEN = Attr(3, BE32)
-    NFTA_BITWISE_MASK = Attr(4, NEST, NftDataAttr)
-    NFTA_BITWISE_XOR = Attr(5, NEST, NftDataAttr)
+NftBitwiseAttr = AttrSpace(
+    NFTA_BITWISE_SREG=Attr(1, BE32),
+    NFTA_BITWISE_DREG=Attr(2, BE32),
+    NFTA_BITWISE_LEN=Attr(3, BE32),
+    NFTA_BITWISE_MASK=Attr(4, NEST, NftDataAttr),
+    NFTA_BITWISE_XOR=Attr(5, NEST, NftDataAttr),
+)
 
 
-@attr_space
-class NftImmediateAttr(object):
-    NFTA_IMMEDIATE_DREG = Attr(1, BE32)
-    NFTA_IMMEDIATE_DATA = Attr(2, NEST, NftDataAttr)
+NftImmediateAttr = AttrSpace(
+    NFTA_IMMEDIATE_DREG=Attr(1, BE32),
+    NFTA_IMMEDIATE_DATA=Attr(2, NEST, NftDataAttr),
+)
 
 
 # An expression's data is laid out by its name; these are the expressions the rules use.
@@ -1331,51 +1332,49 @@ EXPRESSION_SPACES = {"meta": NftMetaAttr, "payload": NftPayloadAttr, "cmp": NftC
                      "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr}
 
 
-@attr_space
-class NftExprAttr(object):
-    NFTA_EXPR_NAME = Attr(1, STR)
-    NFTA_EXPR_DATA = Attr(2, NEST)
+NftExprAttr = AttrSpace(
+    NFTA_EXPR_NAME=Attr(1, STR),
+    NFTA_EXPR_DATA=Attr(2, NEST),
+)
 
 
-@attr_space
-class NftListAttr(object):
-    NFTA_LIST_ELEM = Attr(1, NEST, NftExprAttr, repeated=True)
+NftListAttr = AttrSpace(
+    NFTA_LIST_ELEM=Attr(1, NEST, NftExprAttr, repeated=True),
+)
 
 
-@attr_space
-class NftTableAttr(object):
-    NFTA_TABLE_NAME = Attr(1, STR)
-    NFTA_TABLE_USERDATA = Attr(6, BYTES)
+NftTableAttr = AttrSpace(
+    NFTA_TABLE_NAME=Attr(1, STR),
+    NFTA_TABLE_USERDATA=Attr(6, BYTES),
+)
 
 
-@attr_space
-class NftHookAttr(object):
-    NFTA_HOOK_HOOKNUM = Attr(1, BE32)
-    NFTA_HOOK_PRIORITY = Attr(2, BE32S)
+NftHookAttr = AttrSpace(
+    NFTA_HOOK_HOOKNUM=Attr(1, BE32),
+    NFTA_HOOK_PRIORITY=Attr(2, BE32S),
+)
 
 
-@attr_space
-class NftChainAttr(object):
-    NFTA_CHAIN_TABLE = Attr(1, STR)
-    NFTA_CHAIN_NAME = Attr(3, STR)
-    NFTA_CHAIN_HOOK = Attr(4, NEST, NftHookAttr)
-    NFTA_CHAIN_POLICY = Attr(5, BE32)
-    NFTA_CHAIN_TYPE = Attr(7, STR)
-    NFTA_CHAIN_USERDATA = Attr(12, BYTES)
+NftChainAttr = AttrSpace(
+    NFTA_CHAIN_TABLE=Attr(1, STR),
+    NFTA_CHAIN_NAME=Attr(3, STR),
+    NFTA_CHAIN_HOOK=Attr(4, NEST, NftHookAttr),
+    NFTA_CHAIN_POLICY=Attr(5, BE32),
+    NFTA_CHAIN_TYPE=Attr(7, STR),
+    NFTA_CHAIN_USERDATA=Attr(12, BYTES),
+)
 
 
-@attr_space
-class NftRuleAttr(object):
-    NFTA_RULE_TABLE = Attr(1, STR)
-    NFTA_RULE_CHAIN = Attr(2, STR)
-    NFTA_RULE_HANDLE = Attr(3, BE64)
-    NFTA_RULE_EXPRESSIONS = Attr(4, NEST)     # decoded only when needed (NftRule.expressions)
-    NFTA_RULE_USERDATA = Attr(7, BYTES)
+NftRuleAttr = AttrSpace(
+    NFTA_RULE_TABLE=Attr(1, STR),
+    NFTA_RULE_CHAIN=Attr(2, STR),
+    NFTA_RULE_HANDLE=Attr(3, BE64),
+    NFTA_RULE_EXPRESSIONS=Attr(4, NEST),      # decoded only when needed (NftRule.expressions)
+    NFTA_RULE_USERDATA=Attr(7, BYTES),
+)
 
 
-@attr_space
-class _NoAttr(object):
-    pass
+_NoAttr = AttrSpace()
 
 
 for _type, _space in ((NFT_MSG_NEWTABLE, NftTableAttr), (NFT_MSG_GETTABLE, NftTableAttr),

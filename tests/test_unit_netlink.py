@@ -181,29 +181,29 @@ def test_mac_parse_and_text():
 HEADER = cb.Header("=BxHi", ("family", "type", "index"))
 
 
-@cb.attr_space
-class Inner(object):
-    IN_U32 = cb.Attr(1, cb.U32)
-    IN_STR = cb.Attr(2, cb.STR)
+Inner = cb.AttrSpace(
+    IN_U32=cb.Attr(1, cb.U32),
+    IN_STR=cb.Attr(2, cb.STR),
+)
 
 
-@cb.attr_space
-class Sample(object):
-    S_U8 = cb.Attr(1, cb.U8)
-    S_U16 = cb.Attr(2, cb.U16)
-    S_U32 = cb.Attr(3, cb.U32)
-    S_S32 = cb.Attr(4, cb.S32)
-    S_U64 = cb.Attr(5, cb.U64)
-    S_BE16 = cb.Attr(6, cb.BE16)
-    S_BE32 = cb.Attr(7, cb.BE32)
-    S_BE64 = cb.Attr(8, cb.BE64)
-    S_STR = cb.Attr(9, cb.STR)
-    S_BYTES = cb.Attr(10, cb.BYTES)
-    S_FLAG = cb.Attr(11, cb.FLAG)
-    S_NEST = cb.Attr(12, cb.NEST, Inner)
-    S_RAW_NEST = cb.Attr(13, cb.NEST)
-    S_MSG = cb.Attr(14, cb.MSG, Inner, HEADER)
-    S_LIST = cb.Attr(15, cb.U32, repeated=True)
+Sample = cb.AttrSpace(
+    S_U8=cb.Attr(1, cb.U8),
+    S_U16=cb.Attr(2, cb.U16),
+    S_U32=cb.Attr(3, cb.U32),
+    S_S32=cb.Attr(4, cb.S32),
+    S_U64=cb.Attr(5, cb.U64),
+    S_BE16=cb.Attr(6, cb.BE16),
+    S_BE32=cb.Attr(7, cb.BE32),
+    S_BE64=cb.Attr(8, cb.BE64),
+    S_STR=cb.Attr(9, cb.STR),
+    S_BYTES=cb.Attr(10, cb.BYTES),
+    S_FLAG=cb.Attr(11, cb.FLAG),
+    S_NEST=cb.Attr(12, cb.NEST, Inner),
+    S_RAW_NEST=cb.Attr(13, cb.NEST),
+    S_MSG=cb.Attr(14, cb.MSG, Inner, HEADER),
+    S_LIST=cb.Attr(15, cb.U32, repeated=True),
+)
 
 
 def attrs_at(data):
@@ -701,3 +701,38 @@ def test_ensure_vlan_gateway_refuses_a_foreign_link(kernel):
     cb.create_bridge(nl, "cbtubr0.7")
     with pytest.raises(cb.CNIError, match="'cbtubr0.7' already exists but is not a veth pair"):
         cb.ensure_vlan_gateway(nl, vlan_gateway_conf(vlan=7), cb.get_link(nl, "cbtubr0"))
+
+
+# --- deadlines ------------------------------------------------------------------------------------
+# A kernel that never answers and an IPv6 address that never leaves the tentative state both end
+# in code 11 ("try again") instead of a hang.  The deadlines are shortened for the test.
+
+def test_netlink_deadline_is_code_11(kernel, monkeypatch):
+    """A request whose answer never comes: the socket's receive times out into code 11."""
+    _, plugin_ns, _ = kernel
+    monkeypatch.setattr(cb, "NETLINK_TIMEOUT", 0.2)
+    nl = plugin_ns.netlink()
+    try:
+        with pytest.raises(cb.CNIError) as caught:
+            nl._recv("waiting for an answer that was never asked for")
+    finally:
+        nl.close()
+    assert caught.value.code == 11
+    assert "did not answer within 0.2 s" in caught.value.msg
+
+
+def test_ipv6_settle_deadline_is_code_11(kernel, monkeypatch):
+    """An IPv6 address on a link without carrier stays tentative (DAD cannot run): waiting for it
+    to settle ends in code 11 after the deadline, naming the wait."""
+    ns, _, nl = kernel
+    monkeypatch.setattr(cb, "IPV6_SETTLE_TIMEOUT", 0.3)
+    cb.create_veth(nl, "cbtuv0", "cbtuv1")
+    link = cb.get_link(nl, "cbtuv0")
+    ns.run("sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/cbtuv0/accept_dad")
+    cb.set_link(nl, link.index, "up", up=True)                     # its peer stays down: no carrier
+    nl.transact([cb.addr_request(link.index, cb.Prefix.parse("fd00:99::5/64"))])
+    [entry] = ns.ip_json("-6", "addr", "show", "dev", "cbtuv0", "scope", "global")
+    assert entry["addr_info"][0].get("tentative") is True
+    with pytest.raises(cb.CNIError) as caught:
+        cb.wait_ipv6_settled(nl, link.index)
+    assert caught.value.code == 11 and "still tentative after 0.3 s" in caught.value.msg

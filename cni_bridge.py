@@ -2779,10 +2779,9 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
 
 def check_attachment_rules(conf, request, previous):
     """CHECK: the masquerade and spoof-check rules this attachment needs are in place."""
-    nl = node_nftables()
     if conf.ip_masq and conf.ip_masq_backend == "nftables":
         instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
-        mine = [r for r in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
+        mine = [r for r in list_rules(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
                 if r.comment.startswith(instance)]
         expected = len(previous.get("ips") or [])
         if len(mine) < expected:
@@ -2793,7 +2792,7 @@ def check_attachment_rules(conf, request, previous):
     if conf.macspoofchk:
         chain, _mac_chain, comment = spoofchk_names(request.container_id, request.ifname)
         if not any(r.comment == comment and r.jump_target == chain
-                   for r in list_rules(nl, NFPROTO_BRIDGE, "nat", "PREROUTING")):
+                   for r in list_rules(node_nftables(), NFPROTO_BRIDGE, "nat", "PREROUTING")):
             raise CNIError(ERR_INTERNAL, "macspoofchk rules of %s are missing" % request.container_id)
 
 

@@ -3007,6 +3007,9 @@ def ensure_vlan_gateway(nl, conf, bridge):
         nl.transact([link_change(port.index, up=True, master=bridge.index),
                      bridge_port_change(port.index, False, False)],
                     "failed to connect %r to bridge %s" % (port.name, conf.bridge))
+    untagged = BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED
+    if port_vlans(nl, port.index).get(conf.vlan, 0) & untagged != untagged:
+        # Also after an ADD killed between enslaving the port and giving it the VLAN.
         set_port_vlans(nl, port, *port_vlan_plan(conf.vlan, None, conf.preserve_default_vlan))
     if not gateway.up:
         set_link(nl, gateway.index, "failed to set %s up" % name, up=True)

@@ -674,9 +674,14 @@ def test_ensure_vlan_gateway_in_the_kernel(kernel, monkeypatch):
     VLAN as PVID; a second call reuses it, and a pair left half set up is completed.  The VLAN
     requests themselves are recorded (checked above), since this kernel may refuse them."""
     ns, _, nl = kernel
-    vlan_calls = []
-    monkeypatch.setattr(cb, "set_port_vlans", lambda nl, port, wanted, exclusive:
-                        vlan_calls.append((port.name, wanted, exclusive)))
+    vlan_calls, given = [], {}
+
+    def record_vlans(nl, port, wanted, exclusive):
+        vlan_calls.append((port.name, wanted, exclusive))
+        given[port.index] = dict(wanted)
+
+    monkeypatch.setattr(cb, "set_port_vlans", record_vlans)
+    monkeypatch.setattr(cb, "port_vlans", lambda nl, index: given.get(index, {}))
     cb.create_bridge(nl, "cbtubr0", mtu=1400)
     bridge = cb.get_link(nl, "cbtubr0")
     gateway = cb.ensure_vlan_gateway(nl, vlan_gateway_conf(), bridge)
@@ -690,8 +695,12 @@ def test_ensure_vlan_gateway_in_the_kernel(kernel, monkeypatch):
     assert cb.ensure_vlan_gateway(nl, vlan_gateway_conf(), bridge).index == gateway.index
     assert len(vlan_calls) == 1                                   # nothing to redo
     ns.run("ip", "link", "set", port.name, "nomaster")            # as if an ADD died half way
+    given.clear()                                                 # a port leaving a bridge loses its VLANs
     assert cb.ensure_vlan_gateway(nl, vlan_gateway_conf(), bridge).index == gateway.index
     assert link_json(ns, port.name)["master"] == "cbtubr0" and len(vlan_calls) == 2
+    given.clear()                                                 # enslaved, but killed before its VLAN
+    assert cb.ensure_vlan_gateway(nl, vlan_gateway_conf(), bridge).index == gateway.index
+    assert len(vlan_calls) == 3 and vlan_calls[-1] == (port.name, {100: PVID_UNTAGGED}, True)
     not_on_the_machine("cbtubr0.100")
 
 

@@ -16,6 +16,7 @@ Sections, in dependency order: CNI protocol and errors; addresses; netlink codec
 operations; nf_tables operations; namespaces; IPAM store; the three plugins; entry point.
 """
 
+import errno     # built in: about 0.06 ms, for names instead of numbers
 import posix
 import sys
 import time
@@ -294,7 +295,7 @@ def invoke_plugin(plugin_type, cni_path, env, stdin):
             proc = subprocess.run([path], input=stdin, env=env, stdout=subprocess.PIPE)
             break
         except OSError as err:
-            if err.errno != 26 or attempt == 5:    # ETXTBSY: the file is still being written
+            if err.errno != errno.ETXTBSY or attempt == 5:    # the file is still being written
                 raise CNIError(ERR_INTERNAL, "failed to execute %s: %s" % (path, err.strerror))
             time.sleep(1)
     output = proc.stdout.decode("utf-8", "replace").strip()
@@ -584,6 +585,9 @@ NETLINK_EXT_ACK = 11
 NETLINK_ROUTE = 0
 NETLINK_NETFILTER = 12
 
+# Refusals worth retrying (code 11): the kernel was busy or short of memory, not unwilling.
+TRANSIENT_ERRNOS = (errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ETIMEDOUT)
+
 NETLINK_TIMEOUT = 5.0                         # seconds; a kernel that does not answer is code 11
 
 # Attribute kinds: how a value is laid out on the wire.
@@ -751,10 +755,22 @@ class NetlinkError(CNIError):
         text = posix.strerror(errno_value)
         if reason:
             text = "%s (%s)" % (text, reason)
-        transient = errno_value in (4, 11, 16, 105, 110)   # EINTR, EAGAIN, EBUSY, ENOBUFS, ETIMEDOUT
+        transient = errno_value in TRANSIENT_ERRNOS
         CNIError.__init__(self, ERR_TRY_AGAIN if transient else ERR_INTERNAL,
                           "%s: %s" % (what, text) if what else text)
         self.errno = errno_value
+
+
+def unless_exists(action, *args, **kwargs):
+    """Run `action`; True when it made its object, False when that exists already (EEXIST:
+    a concurrent plugin or an earlier ADD made it first, which is success for the caller)."""
+    try:
+        action(*args, **kwargs)
+    except (OSError, NetlinkError) as err:
+        if err.errno != errno.EEXIST:
+            raise
+        return False
+    return True
 
 
 def _ack_error(payload, flags):
@@ -805,7 +821,7 @@ class NetlinkSocket(object):
             raise CNIError(ERR_TRY_AGAIN, "%s: the kernel did not answer within %g s"
                            % (what, NETLINK_TIMEOUT))
         except OSError as err:
-            raise NetlinkError(err.errno or 5, what)
+            raise NetlinkError(err.errno or errno.EIO, what)
 
     def transact(self, requests, what="", batch=None):
         """Send several requests in one datagram and wait for every acknowledgement.
@@ -1027,7 +1043,7 @@ def get_link(nl, name=None, index=0):
         replies = nl.request(RTM_GETLINK, 0, {"index": index}, attrs,
                              what="failed to look up link %s" % (name or index))
     except NetlinkError as err:
-        if err.errno in (19, 22):   # ENODEV; EINVAL for names the kernel cannot hold
+        if err.errno in (errno.ENODEV, errno.EINVAL):   # EINVAL: a name the kernel cannot hold
             return None
         raise
     return Link(replies[0]) if replies else None
@@ -1066,14 +1082,8 @@ def create_bridge(nl, name, mtu=0, vlan_filtering=False):
                                        (LinkInfoAttr.IFLA_INFO_DATA, data)))]
     if mtu:
         attrs.append((LinkAttr.IFLA_MTU, mtu))
-    try:
-        nl.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {}, attrs,
-                   what="failed to create bridge %r" % name)
-    except NetlinkError as err:
-        if err.errno == 17:
-            return False
-        raise
-    return True
+    return unless_exists(nl.request, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {}, attrs,
+                         what="failed to create bridge %r" % name)
 
 
 def create_veth(nl, name, peer_name, peer_netns_fd=None, mtu=0, mac=None):
@@ -1100,7 +1110,7 @@ def delete_link(nl, index, what=""):
     try:
         nl.request(RTM_DELLINK, 0, {"index": index}, (), what=what or "failed to delete link")
     except NetlinkError as err:
-        if err.errno != 19:
+        if err.errno != errno.ENODEV:
             raise
 
 
@@ -1598,7 +1608,7 @@ def chain_exists(nl, family, table, chain):
                    ((NftChainAttr.NFTA_CHAIN_TABLE, table), (NftChainAttr.NFTA_CHAIN_NAME, chain)),
                    what="failed to look up chain %s" % chain)
     except NetlinkError as err:
-        if err.errno == 2:      # ENOENT: no such table or chain
+        if err.errno == errno.ENOENT:      # no such table or chain
             return False
         raise
     return True
@@ -1613,7 +1623,7 @@ def list_rules(nl, family, table, chain=None):
         msgs = nl.dump(NFT_MSG_GETRULE, {"family": family}, attrs,
                        what="failed to list nf_tables rules of %s" % table)
     except NetlinkError as err:
-        if err.errno == 2:      # ENOENT
+        if err.errno == errno.ENOENT:
             return []
         raise
     return [NftRule(m) for m in msgs if not chain or m.get(NftRuleAttr.NFTA_RULE_CHAIN) == chain]
@@ -1700,7 +1710,7 @@ class Netns(object):
         try:
             self.fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NOCTTY | posix.O_NONBLOCK)
         except OSError as err:
-            if err.errno in (2, 20):     # ENOENT, ENOTDIR
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise NetnsGone(ERR_INVALID_NETNS, "failed to open netns %r: %s"
                                 % (path, err.strerror), "the network namespace does not exist")
             raise CNIError(ERR_INVALID_NETNS, "failed to open netns %r: %s" % (path, err.strerror))
@@ -1749,10 +1759,10 @@ def make_directories(path, mode=0o755):
         posix.mkdir(path, mode)
     except OSError as err:
         parent = path.rstrip("/").rpartition("/")[0]
-        if err.errno == 2 and parent:                       # ENOENT: a parent is missing
+        if err.errno == errno.ENOENT and parent:            # a parent is missing
             make_directories(parent, mode)
             make_directories(path, mode)
-        elif err.errno != 17 or not is_directory(path):
+        elif err.errno != errno.EEXIST or not is_directory(path):
             raise
 
 
@@ -1786,7 +1796,7 @@ def remove_named_netns(path):
     try:
         libc_call("umount2", path.encode(), MNT_DETACH)
     except OSError as err:
-        if err.errno not in (2, 22):        # not there, or not a mount point
+        if err.errno not in (errno.ENOENT, errno.EINVAL):        # not there, or not a mount point
             raise
     posix.unlink(path)
 
@@ -1810,7 +1820,7 @@ TEMP_PREFIX = ".tmp-"
 
 def os_error(err, what):
     """A CNIError for a failed file operation: a full disk is worth retrying, the rest is I/O."""
-    code = ERR_TRY_AGAIN if err.errno in (28, 122) else ERR_IO     # ENOSPC, EDQUOT
+    code = ERR_TRY_AGAIN if err.errno in (errno.ENOSPC, errno.EDQUOT) else ERR_IO
     return CNIError(code, "%s: %s" % (what, err.strerror or err), getattr(err, "filename", "") or "")
 
 
@@ -2069,7 +2079,7 @@ class Store(object):
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return self
             except OSError as err:
-                if err.errno not in (11, 4):        # EAGAIN/EWOULDBLOCK, EINTR
+                if err.errno not in (errno.EWOULDBLOCK, errno.EINTR):
                     self.__exit__()
                     raise os_error(err, "failed to lock %s/lock" % path)
             if time.time() > deadline:
@@ -2150,22 +2160,21 @@ class Store(object):
         """Create the reservation file of an address; False when it is taken already."""
         temp = self._write_temp(owner)
         try:
-            posix.link(temp, ip_to_text(family, ip), src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
-                       follow_symlinks=False)
-            self.created.add((family, ip))
-            return True
+            made = unless_exists(posix.link, temp, ip_to_text(family, ip), src_dir_fd=self.dir_fd,
+                                 dst_dir_fd=self.dir_fd, follow_symlinks=False)
         except OSError as err:
-            if err.errno == 17:
-                return False
             raise os_error(err, "failed to reserve %s" % ip_to_text(family, ip))
         finally:
             self.remove(temp)
+        if made:
+            self.created.add((family, ip))
+        return made
 
     def remove(self, name):
         try:
             posix.unlink(name, dir_fd=self.dir_fd)
         except OSError as err:
-            if err.errno != 2:
+            if err.errno != errno.ENOENT:
                 raise os_error(err, "failed to remove %s/%s/%s" % (self.data_dir, self.network, name))
 
     def last_reserved(self, set_index):
@@ -2771,7 +2780,7 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
             break
         except NetlinkError as err:
             # ENOENT: something listed was removed meanwhile and the batch was refused whole.
-            if err.errno != 2 or attempt == 2:
+            if err.errno != errno.ENOENT or attempt == 2:
                 raise
     if ipmasq_backend == "iptables":
         iptables_teardown(network, container_id)
@@ -2887,7 +2896,7 @@ def ensure_bridge(nl, conf):
     try:
         created = create_bridge(nl, conf.bridge, conf.mtu, conf.vlan_filtering)
     except NetlinkError as err:
-        if conf.vlan_filtering and err.errno == 95:         # EOPNOTSUPP
+        if conf.vlan_filtering and err.errno == errno.EOPNOTSUPP:
             raise CNIError(ERR_INTERNAL, err.msg, NO_VLAN_FILTERING)
         raise
     bridge = get_link(nl, conf.bridge)
@@ -2920,7 +2929,7 @@ def create_container_veth(container_nl, host_nl, request, conf):
             create_veth(container_nl, request.ifname, host_name, original_netns_fd(), conf.mtu, conf.mac)
             break
         except NetlinkError as err:
-            if err.errno != 17:
+            if err.errno != errno.EEXIST:
                 raise
             if get_link(container_nl, request.ifname) is not None:
                 raise CNIError(ERR_INVALID_CONFIG, "container veth name %r already exists"
@@ -2974,7 +2983,7 @@ def set_port_vlans(nl, port, wanted, exclusive):
     try:
         nl.transact(vlan_changes(port.index, current, wanted), "failed to set the VLANs of %s" % port.name)
     except NetlinkError as err:
-        if err.errno in (95, 22):           # EOPNOTSUPP, EINVAL: the bridge does not filter
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):           # the bridge does not filter
             raise CNIError(ERR_INTERNAL, err.msg, NO_VLAN_FILTERING)
         raise
 
@@ -2990,11 +2999,7 @@ def ensure_vlan_gateway(nl, conf, bridge):
     name = conf.vlan_gateway
     gateway = get_link(nl, name)
     if gateway is None:
-        try:
-            create_veth(nl, name, random_veth_name(), mtu=bridge.mtu)
-        except NetlinkError as err:
-            if err.errno != 17:
-                raise
+        unless_exists(create_veth, nl, name, random_veth_name(), mtu=bridge.mtu)
         gateway = get_link(nl, name)
         if gateway is None:
             raise CNIError(ERR_TRY_AGAIN, "failed to create the VLAN gateway %s" % name,
@@ -3111,12 +3116,8 @@ def ensure_gateway_address(nl, conf, link, gateway):
                            % theirs)
         nl.transact([addr_request(link.index, theirs, remove=True)],
                     "failed to remove %s from %s" % (theirs, link.name))
-    try:
-        nl.transact([addr_request(link.index, gateway)],
-                    "failed to add %s to %s" % (gateway, link.name))
-    except NetlinkError as err:
-        if err.errno != 17:
-            raise
+    unless_exists(nl.transact, [addr_request(link.index, gateway)],
+                  "failed to add %s to %s" % (gateway, link.name))
 
 
 def wait_port_up(nl, host):
@@ -3408,7 +3409,7 @@ def read_stdin(wait_for_data):
         try:
             chunk = posix.read(0, 1 << 16)
         except OSError as err:
-            if err.errno == 9 and not chunks:    # EBADF: no stdin at all
+            if err.errno == errno.EBADF and not chunks:    # no stdin at all
                 return b""
             raise CNIError(ERR_IO, "error reading from stdin: %s" % err.strerror)
         if not chunk:
@@ -3668,7 +3669,7 @@ def ping(ns, family, address, timeout=2.0):
             if data[0] == reply_type and struct.unpack("!H", data[4:6])[0] == ident:
                 return (time.time() - start) * 1000
             if time.time() - start > timeout:
-                raise OSError(110, "no echo reply")
+                raise OSError(errno.ETIMEDOUT, "no echo reply")
     finally:
         sock.close()
 

@@ -68,6 +68,23 @@ class CNIError(Exception):
                 "details": self.details}
 
 
+def poll_until(attempt, timeout, expired, delay=0.001, max_delay=0.1):
+    """Call `attempt()` until it returns something other than None, and return that; sleep
+    between calls, doubling `delay` up to `max_delay`.  After `timeout` seconds raise the
+    CNIError `expired()` makes.  Deadlines are on the monotonic clock: the wall clock jumps when
+    NTP steps it at boot, exactly when a node starts many containers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = attempt()
+        if value is not None:
+            return value
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise expired()
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, max_delay)
+
+
 def parse_version(text):
     """Parse a CNI version string into a tuple of three ints ("" means 0.1.0, as in the spec)."""
     if text == "":
@@ -2072,22 +2089,24 @@ class Store(object):
         except OSError as err:
             self.__exit__()
             raise os_error(err, "failed to open the IPAM state directory %s" % path)
-        deadline = time.time() + LOCK_TIMEOUT
-        delay = 0.001
-        while True:
+
+        def try_lock():
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return self
             except OSError as err:
                 if err.errno not in (errno.EWOULDBLOCK, errno.EINTR):
-                    self.__exit__()
                     raise os_error(err, "failed to lock %s/lock" % path)
-            if time.time() > deadline:
-                self.__exit__()
-                raise CNIError(ERR_TRY_AGAIN, "timed out after %g s waiting for the lock on %s"
-                               % (LOCK_TIMEOUT, path), "another plugin holds it; try again later")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+                return None
+
+        def timed_out():
+            return CNIError(ERR_TRY_AGAIN, "timed out after %g s waiting for the lock on %s"
+                            % (LOCK_TIMEOUT, path), "another plugin holds it; try again later")
+        try:
+            return poll_until(try_lock, LOCK_TIMEOUT, timed_out, max_delay=0.02)
+        except CNIError:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc):
         for fd in (self.lock_fd, self.dir_fd):
@@ -3084,17 +3103,17 @@ def configure_container(ns, nl, conf, request, container, result):
 
 def wait_ipv6_settled(nl, index):
     """Wait (bounded) until no IPv6 address of the link is tentative."""
-    deadline = time.time() + IPV6_SETTLE_TIMEOUT
-    while True:
+    def settled():
         addrs = list_addrs(nl, index, 6)
         if any(a.flags & IFA_F_DADFAILED for a in addrs):
             raise CNIError(ERR_INTERNAL, "IPv6 duplicate address detection failed",
                            ", ".join(str(a.prefix) for a in addrs if a.flags & IFA_F_DADFAILED))
-        if not any(a.flags & IFA_F_TENTATIVE for a in addrs):
-            return
-        if time.time() > deadline:
-            raise CNIError(ERR_TRY_AGAIN, "IPv6 addresses still tentative after %g s" % IPV6_SETTLE_TIMEOUT)
-        time.sleep(0.05)
+        return None if any(a.flags & IFA_F_TENTATIVE for a in addrs) else True
+
+    def timed_out():
+        return CNIError(ERR_TRY_AGAIN, "IPv6 addresses still tentative after %g s"
+                        % IPV6_SETTLE_TIMEOUT)
+    poll_until(settled, IPV6_SETTLE_TIMEOUT, timed_out, delay=0.05, max_delay=0.05)
 
 
 def ensure_gateway_address(nl, conf, link, gateway):
@@ -3122,19 +3141,20 @@ def ensure_gateway_address(nl, conf, link, gateway):
 
 def wait_port_up(nl, host):
     """Wait (bounded) for the host veth to report carrier, as the reference does."""
-    deadline = time.time() + PORT_UP_TIMEOUT
-    delay = 0.002
-    while True:
+    def port():
         link = get_link(nl, index=host.index)
         if link is None:
             raise CNIError(ERR_INTERNAL, "host veth %s disappeared" % host.name)
-        if link.operstate == IF_OPER_UP:
-            return link
-        if time.time() > deadline:
-            raise CNIError(ERR_TRY_AGAIN, "bridge port in error state: %s"
-                           % OPERSTATE_NAMES.get(link.operstate, link.operstate))
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        return link
+
+    def timed_out():
+        state = port().operstate
+        return CNIError(ERR_TRY_AGAIN, "bridge port in error state: %s"
+                        % OPERSTATE_NAMES.get(state, state))
+    def carrier():
+        link = port()
+        return link if link.operstate == IF_OPER_UP else None
+    return poll_until(carrier, PORT_UP_TIMEOUT, timed_out, delay=0.002)
 
 
 def bridge_add(request):
@@ -3659,7 +3679,7 @@ def ping(ns, family, address, timeout=2.0):
         body = struct.pack("!HH", ident, 1) + b"cni-bridge verify"
         header = struct.pack("!BBH", request_type, 0, 0)
         packet = struct.pack("!BBH", request_type, 0, icmp_checksum(header + body)) + body
-        start = time.time()
+        start = time.monotonic()
         sock.settimeout(timeout)
         sock.sendto(packet, (address, 0))
         while True:
@@ -3667,8 +3687,8 @@ def ping(ns, family, address, timeout=2.0):
             if family == 4:
                 data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
             if data[0] == reply_type and struct.unpack("!H", data[4:6])[0] == ident:
-                return (time.time() - start) * 1000
-            if time.time() - start > timeout:
+                return (time.monotonic() - start) * 1000
+            if time.monotonic() - start > timeout:
                 raise OSError(errno.ETIMEDOUT, "no echo reply")
     finally:
         sock.close()
@@ -3687,12 +3707,12 @@ class Verifier(object):
 
     def step(self, name, action):
         """Run `action`, which returns a detail text; a CNIError or OSError fails the step."""
-        start = time.time()
+        start = time.monotonic()
         try:
             detail, ok = action(), True
         except (CNIError, OSError) as err:
             detail, ok = getattr(err, "msg", None) or str(err), False
-        elapsed = (time.time() - start) * 1000
+        elapsed = (time.monotonic() - start) * 1000
         self.steps.append({"step": name, "ok": ok, "ms": round(elapsed, 1), "detail": detail or ""})
         self.say("  %s %-58s %8.1f ms" % ("\u2713" if ok else "\u2717", name, elapsed))
         for line in (detail or "").splitlines():

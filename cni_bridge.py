@@ -647,13 +647,19 @@ class AttrSpace(object):
 
 
 class Header(object):
-    """A fixed family header such as ifinfomsg, described by a struct format and field names."""
+    """A fixed family header such as ifinfomsg, described by a struct format and field names.
+
+    Fields left out of `pack` are zero; a field name the header does not have is an error, so a
+    misspelt one cannot silently become zero."""
 
     def __init__(self, fmt, fields):
         self.struct = struct.Struct(fmt)
         self.fields = fields
 
     def pack(self, values):
+        for name in values:
+            if name not in self.fields:
+                raise ValueError("header field %r is not one of %s" % (name, ", ".join(self.fields)))
         return self.struct.pack(*[values.get(f, 0) for f in self.fields])
 
     def unpack(self, data):
@@ -718,6 +724,36 @@ def decode_attrs(space, data, offset=0):
         else:
             result[attr] = value
     return result
+
+
+class NetlinkRequest(tuple):
+    """One request for NetlinkSocket.transact: message type, flags (NLM_F_REQUEST and NLM_F_ACK
+    are added when sent), family header field values and (Attr, value) attributes.  A tuple, so
+    it unpacks as (msg_type, flags, header, attrs) too."""
+
+    __slots__ = ()
+
+    def __new__(cls, msg_type, flags=0, header=None, attrs=()):
+        return tuple.__new__(cls, (msg_type, flags, header or {}, attrs))
+
+    msg_type = property(lambda self: self[0])
+    flags = property(lambda self: self[1])
+    header = property(lambda self: self[2])
+    attrs = property(lambda self: self[3])
+
+
+class BatchFrame(tuple):
+    """The messages that open and close a transaction (nf_tables): begin type, end type and
+    the family header values both carry."""
+
+    __slots__ = ()
+
+    def __new__(cls, begin, end, header):
+        return tuple.__new__(cls, (begin, end, header))
+
+    begin = property(lambda self: self[0])
+    end = property(lambda self: self[1])
+    header = property(lambda self: self[2])
 
 
 class Message(object):
@@ -843,24 +879,24 @@ class NetlinkSocket(object):
     def transact(self, requests, what="", batch=None):
         """Send several requests in one datagram and wait for every acknowledgement.
 
-        `requests` are (type, flags, header values, attrs) tuples; NLM_F_REQUEST|NLM_F_ACK are
-        added.  Returns the reply messages of each request (a list per request).  The first
-        refused request raises NetlinkError; rtnetlink still processed the others, while a
-        `batch` (begin type, end type, header values: nf_tables) is committed all or nothing.
+        `requests` are NetlinkRequests.  Returns the reply messages of each request (a list per
+        request).  The first refused request raises NetlinkError; rtnetlink still processed the
+        others, while a `batch` (a BatchFrame: nf_tables) is committed all or nothing.
         """
         seqs = []
         chunks = []
-        for msg_type, flags, header_values, attrs in requests:
+        for request in requests:
+            request = NetlinkRequest(*request)
             seq = self._next_seq()
             seqs.append(seq)
-            chunks.append(encode_message(self.layouts, msg_type, flags | NLM_F_REQUEST | NLM_F_ACK,
-                                         seq, header_values, attrs))
+            chunks.append(encode_message(self.layouts, request.msg_type,
+                                         request.flags | NLM_F_REQUEST | NLM_F_ACK, seq,
+                                         request.header, request.attrs))
         if batch is not None:
-            begin, end, header_values = batch
-            chunks.insert(0, encode_message(self.layouts, begin, NLM_F_REQUEST, self._next_seq(),
-                                            header_values, ()))
-            chunks.append(encode_message(self.layouts, end, NLM_F_REQUEST, self._next_seq(),
-                                         header_values, ()))
+            chunks.insert(0, encode_message(self.layouts, batch.begin, NLM_F_REQUEST,
+                                            self._next_seq(), batch.header, ()))
+            chunks.append(encode_message(self.layouts, batch.end, NLM_F_REQUEST, self._next_seq(),
+                                         batch.header, ()))
         self.sock.send(b"".join(chunks))
         replies = dict((seq, []) for seq in seqs)
         pending = set(seqs)
@@ -882,7 +918,7 @@ class NetlinkSocket(object):
 
     def request(self, msg_type, flags=0, header=None, attrs=(), what=""):
         """One request with its acknowledgement; returns the replies (for a GET, the object)."""
-        return self.transact([(msg_type, flags, header, attrs)], what)[0]
+        return self.transact([NetlinkRequest(msg_type, flags, header, attrs)], what)[0]
 
     def dump(self, msg_type, header=None, attrs=(), what=""):
         """A dump request; retried when the kernel flags it interrupted by a concurrent change."""
@@ -1084,7 +1120,8 @@ def link_change(index, up=None, promisc=None, master=None, mac=None, extra=()):
         attrs.append((LinkAttr.IFLA_MASTER, master))
     if mac is not None:
         attrs.append((LinkAttr.IFLA_ADDRESS, parse_mac(mac)))
-    return (RTM_NEWLINK, 0, {"index": index, "flags": flags, "change": change}, attrs)
+    return NetlinkRequest(RTM_NEWLINK, header={"index": index, "flags": flags, "change": change},
+                          attrs=attrs)
 
 
 def set_link(nl, index, what, **changes):
@@ -1133,17 +1170,18 @@ def delete_link(nl, index, what=""):
 
 def bridge_port_change(index, hairpin, isolated):
     """A request (for transact) setting a bridge port's hairpin and isolation flags."""
-    return (RTM_SETLINK, 0, {"family": AF_BRIDGE, "index": index},
-            ((LinkAttr.IFLA_PROTINFO, ((BridgePortAttr.IFLA_BRPORT_MODE, int(hairpin)),
-                                       (BridgePortAttr.IFLA_BRPORT_ISOLATED, int(isolated)))),))
+    return NetlinkRequest(RTM_SETLINK, header={"family": AF_BRIDGE, "index": index}, attrs=(
+        (LinkAttr.IFLA_PROTINFO, ((BridgePortAttr.IFLA_BRPORT_MODE, int(hairpin)),
+                                  (BridgePortAttr.IFLA_BRPORT_ISOLATED, int(isolated)))),))
 
 
 def bridge_vlan_request(index, vid, flags, remove=False):
     """A request (for transact) adding or removing one VLAN on a bridge port."""
-    return (RTM_DELLINK if remove else RTM_SETLINK, 0, {"family": AF_BRIDGE, "index": index},
-            ((LinkAttr.IFLA_AF_SPEC, ((BridgeAfSpecAttr.IFLA_BRIDGE_FLAGS, BRIDGE_FLAGS_MASTER),
-                                      (BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO,
-                                       BRIDGE_VLAN_INFO.pack(flags, vid)))),))
+    return NetlinkRequest(
+        RTM_DELLINK if remove else RTM_SETLINK, header={"family": AF_BRIDGE, "index": index},
+        attrs=((LinkAttr.IFLA_AF_SPEC, ((BridgeAfSpecAttr.IFLA_BRIDGE_FLAGS, BRIDGE_FLAGS_MASTER),
+                                        (BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO,
+                                         BRIDGE_VLAN_INFO.pack(flags, vid)))),))
 
 
 def port_vlans(nl, index):
@@ -1196,9 +1234,9 @@ def addr_request(index, prefix, remove=False, nodad=False):
     attrs = [(AddrAttr.IFA_LOCAL, raw), (AddrAttr.IFA_ADDRESS, raw)]
     if nodad:
         attrs.append((AddrAttr.IFA_FLAGS, IFA_F_NODAD))
-    return (RTM_DELADDR if remove else RTM_NEWADDR, 0 if remove else NLM_F_CREATE | NLM_F_EXCL,
-            {"family": AF_OF_FAMILY[prefix.family], "prefixlen": prefix.length, "index": index},
-            attrs)
+    return NetlinkRequest(
+        RTM_DELADDR if remove else RTM_NEWADDR, 0 if remove else NLM_F_CREATE | NLM_F_EXCL,
+        {"family": AF_OF_FAMILY[prefix.family], "prefixlen": prefix.length, "index": index}, attrs)
 
 
 def route_request(dst, gateway, oif, priority=0, table=0, scope=None, mtu=0, advmss=0):
@@ -1225,7 +1263,7 @@ def route_request(dst, gateway, oif, priority=0, table=0, scope=None, mtu=0, adv
     header = {"family": AF_OF_FAMILY[family], "dst_len": dst.length,
               "table": table if 0 < table <= 255 else RT_TABLE_MAIN, "protocol": RTPROT_BOOT,
               "scope": scope, "type": RTN_UNICAST}
-    return (RTM_NEWROUTE, NLM_F_CREATE, header, attrs)
+    return NetlinkRequest(RTM_NEWROUTE, NLM_F_CREATE, header, attrs)
 
 
 class Route(object):
@@ -1304,6 +1342,7 @@ BE32S = ">i"
 _SCALARS[BE32S] = struct.Struct(BE32S)
 
 NFGENMSG = Header("!BBH", ("family", "version", "res_id"))
+NFT_BATCH = BatchFrame(NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, {"res_id": NFNL_SUBSYS_NFTABLES})
 
 
 NftVerdictAttr = AttrSpace(
@@ -1508,7 +1547,7 @@ class NftBatch(object):
         self.requests = []
 
     def add(self, msg_type, family, attrs, flags=0):
-        self.requests.append((msg_type, flags, {"family": family}, attrs))
+        self.requests.append(NetlinkRequest(msg_type, flags, {"family": family}, attrs))
 
     def add_table(self, family, table, comment=None):
         attrs = [(NftTableAttr.NFTA_TABLE_NAME, table)]
@@ -1551,8 +1590,7 @@ class NftBatch(object):
 
     def commit(self, nl, what):
         if self.requests:
-            nl.transact(self.requests, what, batch=(NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END,
-                                                     {"res_id": NFNL_SUBSYS_NFTABLES}))
+            nl.transact(self.requests, what, batch=NFT_BATCH)
 
 
 class NftRule(object):

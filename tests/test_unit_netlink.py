@@ -275,6 +275,21 @@ def test_msg_round_trip():
     assert attrs == {Inner.IN_STR: "peer0", Inner.IN_U32: 9}
 
 
+def test_header_pack_refuses_a_field_it_does_not_have():
+    assert HEADER.pack({"index": 3}) != HEADER.pack({})
+    with pytest.raises(ValueError, match="idx"):
+        cb.IFINFOMSG.pack({"idx": 3})
+    with pytest.raises(ValueError):
+        cb.encode_message(cb.MESSAGE_LAYOUTS[cb.NETLINK_ROUTE], cb.RTM_GETLINK, 0, 1, {"idnex": 1}, ())
+
+
+def test_netlink_request_names_its_parts():
+    request = cb.NetlinkRequest(cb.RTM_GETLINK, header={"index": 4})
+    assert (request.msg_type, request.flags, request.header, request.attrs) == (cb.RTM_GETLINK, 0,
+                                                                                {"index": 4}, ())
+    assert tuple(request) == (cb.RTM_GETLINK, 0, {"index": 4}, ())
+
+
 def test_repeated_attrs_decode_into_a_list():
     data = cb.encode_attrs([(Sample.S_LIST, 1), (Sample.S_U8, 5), (Sample.S_LIST, 2), (Sample.S_LIST, 3)])
     assert cb.decode_attrs(Sample, data) == {Sample.S_LIST: [1, 2, 3], Sample.S_U8: 5}
@@ -395,7 +410,8 @@ def test_requests_built_for_transact():
                            cb.AddrAttr.IFA_FLAGS: cb.IFA_F_NODAD}
     assert cb.addr_request(3, prefix, remove=True)[:2] == (cb.RTM_DELADDR, 0)
     route = cb.route_request(cb.Prefix.parse("10.9.0.0/16"), (4, 0x0A000001), 3, table=1000, mtu=1400)
-    header, attrs = route[2], dict(route[3])
+    assert route.msg_type == cb.RTM_NEWROUTE and route.flags == cb.NLM_F_CREATE
+    header, attrs = route.header, dict(route.attrs)
     assert header["table"] == cb.RT_TABLE_MAIN and attrs[cb.RouteAttr.RTA_TABLE] == 1000
     assert header["scope"] == cb.RT_SCOPE_UNIVERSE
     assert attrs[cb.RouteAttr.RTA_METRICS] == [(cb.RouteMetricAttr.RTAX_MTU, 1400)]

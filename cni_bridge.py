@@ -13,7 +13,8 @@ path needs it (`os` costs a millisecond: it builds os.environ and imports `_coll
 VERSION, the call a runtime makes most, loads no socket module at all.
 
 Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
-operations; nf_tables operations; namespaces; IPAM store; the three plugins; entry point.
+operations; nf_tables messages; nf_tables rule sets (shared by every rule-writing plugin);
+namespaces; IPAM store; the three plugins; entry point.
 """
 
 import errno     # built in: about 0.06 ms, for names instead of numbers
@@ -283,6 +284,18 @@ class Request(object):
 
     def runtime_config(self):
         return conf_get(self.config, "runtimeConfig", dict, {})
+
+
+def sha512_hex(text):
+    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import)."""
+    try:
+        from _sha512 import sha512                       # Python 3.6 to 3.11
+    except ImportError:
+        try:
+            from _hashlib import openssl_sha512 as sha512  # later ones, built with OpenSSL
+        except ImportError:
+            from hashlib import sha512
+    return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 # --- invoking other plugins ----------------------------------------------------------------------
@@ -1314,13 +1327,12 @@ def write_sysctl(key, value, required=False):
 
 
 # ==============================================================================================
-# nf_tables operations
+# nf_tables messages
 # ==============================================================================================
-# Masquerade and MAC spoof checking are nf_tables rules written over NETLINK_NETFILTER in one
-# batched transaction per ADD or DEL, so no `nft` or `iptables` program is needed and a crash
-# never leaves half a rule set.  Names, layout and comments are the reference's (its nftables
-# backend drives the `nft` program with the same text), so each side finds and removes the
-# other's rules.
+# nf_tables spoken over NETLINK_NETFILTER, so no `nft` or `iptables` program is needed: message
+# types and attribute spaces (linux/netfilter/nf_tables.h), the user-data comment `nft` writes,
+# the expressions rules are made of, one transaction (NftBatch) and rules as listed (NftRule).
+# Nothing here knows a plugin's tables: that is the next section's and each plugin's business.
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
@@ -1642,6 +1654,20 @@ class NftRule(object):
         return self._scanned
 
 
+# ==============================================================================================
+# nf_tables rule sets
+# ==============================================================================================
+# The part of nf_tables every rule-writing plugin shares (the bridge's masquerade and MAC spoof
+# check, portmap, firewall); each plugin keeps only its own names, layouts and comments.
+# - Tables and chains are found by name, rules by their comment (the reference's, so each side
+#   finds and removes the other's rules); no handle is remembered between two calls.
+# - Every change is one NftBatch committed as one transaction: a crash leaves all or nothing.
+#   A transaction built from a listing is rebuilt when the kernel refuses it because a rule it
+#   lists vanished meanwhile (ENOENT: a concurrent DEL), see commit_rebuilt.
+# - A table that is not ours (kube-proxy's, iptables-nft's) is never listed whole: chains are
+#   looked up one by one before their rules are listed.
+# - GC removes the rules whose comment names an attachment that is no longer valid.
+
 _node_nftables = None
 
 
@@ -1682,6 +1708,50 @@ def list_rules(nl, family, table, chain=None):
             return []
         raise
     return [NftRule(m) for m in msgs if not chain or m.get(NftRuleAttr.NFTA_RULE_CHAIN) == chain]
+
+
+def rules_commented(nl, family, table, chain, prefix):
+    """The rules of a chain whose comment starts with `prefix` (an attachment's mark)."""
+    return [r for r in list_rules(nl, family, table, chain) if r.comment.startswith(prefix)]
+
+
+def remove_chains(batch, nl, family, table, base_chain, chains):
+    """Add to `batch` the removal of regular chains, their rules and the rules of `base_chain`
+    jumping to them.  Absent chains are looked up one by one, so a large table (kube-proxy's
+    iptables rules, say) is never listed."""
+    present = [c for c in chains if chain_exists(nl, family, table, c)]
+    if not present:
+        return
+    for rule in list_rules(nl, family, table, base_chain):
+        if rule.jump_target in present:
+            batch.delete_rule(rule)
+    for chain in present:
+        batch.flush_chain(family, table, chain)
+    for chain in present:
+        batch.delete_chain(family, table, chain)
+
+
+def commit_rebuilt(nl, build, what, attempts=3):
+    """Commit the transaction `build(batch)` fills, rebuilding it (from fresh listings) when the
+    kernel refuses it whole because something it lists was removed meanwhile (ENOENT)."""
+    for attempt in range(attempts):
+        batch = NftBatch()
+        build(batch)
+        try:
+            batch.commit(nl, what)
+            return
+        except NetlinkError as err:
+            if err.errno != errno.ENOENT or attempt == attempts - 1:
+                raise
+
+
+def remove_stale_rules(batch, nl, family, table, chain, owner_of, valid):
+    """Add to `batch` the removal of the rules of a chain whose owner is no longer valid:
+    `owner_of(rule)` names the attachment a rule belongs to (None: not one we manage)."""
+    for rule in list_rules(nl, family, table, chain):
+        owner = owner_of(rule)
+        if owner is not None and owner not in valid:
+            batch.delete_rule(rule)
 
 
 # ==============================================================================================
@@ -2691,18 +2761,6 @@ NF_BR_PRI_NAT_DST_BRIDGED = -300
 COMMENT_MAX = 128                              # bytes, as the reference truncates
 
 
-def sha512_hex(text):
-    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import)."""
-    try:
-        from _sha512 import sha512                       # Python 3.6 to 3.11
-    except ImportError:
-        try:
-            from _hashlib import openssl_sha512 as sha512  # later ones, built with OpenSSL
-        except ImportError:
-            from hashlib import sha512
-    return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def masq_instance_hash(network, container_id, ifname):
     return "%s-%s" % (sha512_hex(network)[:16], sha512_hex(ifname + ":" + container_id)[:16])
 
@@ -2740,8 +2798,7 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
     stale = []
     if replace_earlier:
         instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
-        stale = [r for r in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
-                 if r.comment.startswith(instance)]
+        stale = rules_commented(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)
     batch = NftBatch()
     # The reference rewrites the base chain on every ADD; here it is written only when it is not
     # as it should be, because deleting rules makes this process wait for an RCU grace period
@@ -2801,22 +2858,6 @@ def ifname_bytes(name):
     return name.encode("utf-8", "surrogateescape").ljust(16, b"\0")
 
 
-def remove_chains(batch, nl, family, table, base_chain, chains):
-    """Add to `batch` the removal of regular chains, their rules and the rules of `base_chain`
-    jumping to them.  Absent chains are looked up one by one, so a large table (kube-proxy's
-    iptables rules, say) is never listed."""
-    present = [c for c in chains if chain_exists(nl, family, table, c)]
-    if not present:
-        return
-    for rule in list_rules(nl, family, table, base_chain):
-        if rule.jump_target in present:
-            batch.delete_rule(rule)
-    for chain in present:
-        batch.flush_chain(family, table, chain)
-    for chain in present:
-        batch.delete_chain(family, table, chain)
-
-
 def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None):
     """Remove every rule of an attachment, found by name and comment alone: needs no netns, link,
     address or prevResult.  Also removes the reference's iptables chain where iptables is
@@ -2824,21 +2865,16 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
     that asks for that backend."""
     nl = node_nftables()
     instance = masq_instance_hash(network, container_id, ifname)
-    for attempt in range(3):
-        batch = NftBatch()
-        for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
-            if rule.comment.startswith(instance):
-                batch.delete_rule(rule)
-        remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", "PREROUTING", spoofchk_names(container_id, ifname)[:2])
+
+    def remove_all(batch):
+        for rule in rules_commented(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance):
+            batch.delete_rule(rule)
+        remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", "PREROUTING",
+                      spoofchk_names(container_id, ifname)[:2])
         for family in (NFPROTO_IPV4, NFPROTO_IPV6):
-            remove_chains(batch, nl, family, "nat", "POSTROUTING", (iptables_chain(network, container_id),))
-        try:
-            batch.commit(nl, "failed to remove the rules of %s" % container_id)
-            break
-        except NetlinkError as err:
-            # ENOENT: something listed was removed meanwhile and the batch was refused whole.
-            if err.errno != errno.ENOENT or attempt == 2:
-                raise
+            remove_chains(batch, nl, family, "nat", "POSTROUTING",
+                          (iptables_chain(network, container_id),))
+    commit_rebuilt(nl, remove_all, "failed to remove the rules of %s" % container_id)
     if ipmasq_backend == "iptables":
         iptables_teardown(network, container_id)
 
@@ -2847,8 +2883,7 @@ def check_attachment_rules(conf, request, previous):
     """CHECK: the masquerade and spoof-check rules this attachment needs are in place."""
     if conf.ip_masq and conf.ip_masq_backend == "nftables":
         instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
-        mine = [r for r in list_rules(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
-                if r.comment.startswith(instance)]
+        mine = rules_commented(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)
         expected = len(previous.get("ips") or [])
         if len(mine) < expected:
             raise CNIError(ERR_INTERNAL, "masquerade rules of %s are missing" % request.container_id,
@@ -2869,10 +2904,11 @@ def collect_stale_rules(network, valid):
     nl = node_nftables()
     keep = set(masq_instance_hash(network, cid, ifname) for cid, ifname in valid)
     network_hash = sha512_hex(network)[:16] + "-"
+
+    def masq_owner(rule):       # the attachment hash that starts the comment of this network's rules
+        return rule.comment.split(",", 1)[0] if rule.comment.startswith(network_hash) else None
     batch = NftBatch()
-    for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
-        if rule.comment.startswith(network_hash) and rule.comment.split(",", 1)[0] not in keep:
-            batch.delete_rule(rule)
+    remove_stale_rules(batch, nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, masq_owner, keep)
     valid_chains = set(spoofchk_names(cid, ifname)[0] for cid, ifname in valid)
     ports = set(link.name for link in list_links(NetlinkSocket()))
     stale = []
@@ -3860,8 +3896,8 @@ def verify(config_path, keep, as_json):
         with state["node"].entered():
             nft = NetlinkSocket(NETLINK_NETFILTER)
         instance = masq_instance_hash(config.get("name", ""), container_id, ifname)
-        left.extend("masquerade rule %d" % r.handle for r in list_rules(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
-                    if r.comment.startswith(instance))
+        left.extend("masquerade rule %d" % r.handle
+                    for r in rules_commented(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance))
         if left:
             raise CNIError(ERR_INTERNAL, "left behind: " + ", ".join(left))
         return "no %s, no host veth, no reservation, no masquerade rule" % ifname

@@ -1749,7 +1749,8 @@ def make_directories(path, mode=0o755):
         posix.mkdir(path, mode)
     except OSError as err:
         parent = path.rstrip("/").rpartition("/")[0]
-        if err.errno == 2 and parent:                       # ENOENT: a parent is missing
+        # ENOENT with the parent present (/proc/<pid>/x/y, say) cannot be cured by making it.
+        if err.errno == 2 and parent and not is_directory(parent):      # ENOENT: a parent is missing
             make_directories(parent, mode)
             make_directories(path, mode)
         elif err.errno != 17 or not is_directory(path):
@@ -2047,12 +2048,16 @@ class Store(object):
         self.network = network
         self.dir_fd = None
         self.lock_fd = None
+        self.runtime_umask = None
         self.file_names = {}
         self.created = set()      # (family, ip) of the reservations made through this object
 
     def __enter__(self):
         import fcntl
         path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
+        # The runtime's umask (077, say) would narrow the 0755 and 0644 that others read the
+        # state with; the runtime's own is back once the store is left.
+        self.runtime_umask = posix.umask(0o022)
         try:
             make_directories(path)
             self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
@@ -2084,6 +2089,9 @@ class Store(object):
             if fd is not None:
                 posix.close(fd)
         self.lock_fd = self.dir_fd = None
+        if self.runtime_umask is not None:
+            posix.umask(self.runtime_umask)
+            self.runtime_umask = None
         return False
 
     def read(self, name):

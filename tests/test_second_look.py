@@ -1,0 +1,94 @@
+"""Issue 20, a second look: each item's fix proved on the kernel and the disk.
+
+Every test works in namespaces it makes (a "node" namespace where `bridge` runs, container
+namespaces on its bridge) and a temporary dataDir; what the plugin did is read back with `ip -j`,
+`iptables -S`, `/proc/sys` and the state files, never taken from the plugin's own answer.
+"""
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import IP, REPO, cni_env, encode_conf, parse_output, run, run_cni
+
+NET = "slnet"
+BRIDGE = "sl0"
+SUBNETS = {4: "10.86.0.0/24", 6: "fd86::/64"}
+TIMEOUT = 60
+
+
+# --- configs, calls and read-backs ------------------------------------------------------------
+
+def make_conf(data_dir, version="1.0.0", families=(4,), ipam=None, **options):
+    """A gateway bridge with host-local IPAM on one range set per family; `ipam` keys override."""
+    config = {"cniVersion": version, "name": NET, "type": "bridge", "bridge": BRIDGE, "isGateway": True,
+              "ipam": {"type": "host-local", "dataDir": str(data_dir),
+                       "ranges": [[{"subnet": SUBNETS[f]}] for f in families]}}
+    config["ipam"].update(ipam or {})
+    config.update(options)
+    return config
+
+
+def bridge(bin_dir, command, config, node, netns, cid="c1", **kwargs):
+    """One `bridge` call inside the node namespace."""
+    return run_cni(bin_dir, "bridge", command, config, node=node, netns=netns, container_id=cid,
+                   timeout=TIMEOUT, **kwargs)
+
+
+def explain(res):
+    return "exit %d\nstdout: %s\nstderr: %s" % (res.returncode, res.stdout, res.stderr)
+
+
+def ok(res):
+    """The call succeeded; returns its parsed stdout."""
+    assert res.returncode == 0, explain(res)
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    return res.json
+
+
+def cni_error(res, code):
+    """The call failed the CNI way with `code`: non-zero exit, one error object, no traceback."""
+    assert res.returncode != 0, explain(res)
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    assert isinstance(res.json, dict) and res.json.get("code") == code, explain(res)
+    assert isinstance(res.json.get("msg"), str) and "cniVersion" in res.json, explain(res)
+    return res.json
+
+
+def node_links(node):
+    """Names of the node namespace's links other than lo."""
+    return sorted(name for name in node.links() if name != "lo")
+
+
+def state_entries(data_dir):
+    """Paths (relative to dataDir) of everything under it."""
+    return sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*"))
+
+
+def reservations(data_dir):
+    """{address: owner} of host-local's reservation files."""
+    directory = data_dir / NET
+    if not directory.is_dir():
+        return {}
+    return {p.name: p.read_text() for p in directory.iterdir()
+            if p.name != "lock" and not p.name.startswith(("last_reserved_ip", "."))}
+
+
+# === item 7: make_directories ends ==============================================================
+
+@pytest.mark.parametrize("plugin", ["host-local", "bridge"])
+def test_data_dir_below_a_proc_entry_is_an_io_error(ours_bin, node, container, tmp_path, plugin):
+    """A dataDir whose mkdir answers ENOENT although its parent exists (/proc/1/nonexist/x) is an
+    I/O error (code 5) naming the directory, not an endless recursion (999)."""
+    config = make_conf(tmp_path, ipam={"dataDir": "/proc/1/nonexist/x"})
+    if plugin == "host-local":
+        config = {"cniVersion": "1.0.0", "name": NET, "ipam": config["ipam"]}
+        res = run_cni(ours_bin, "host-local", "ADD", config, node=node, netns=container, timeout=TIMEOUT)
+    else:
+        res = bridge(ours_bin, "ADD", config, node, container)
+    error = cni_error(res, 5)
+    assert "/proc/1/nonexist" in error["msg"] + error["details"], error
+    assert not os.path.exists("/proc/1/nonexist")
+    assert "eth0" not in container.links()

@@ -92,3 +92,24 @@ def test_data_dir_below_a_proc_entry_is_an_io_error(ours_bin, node, container, t
     assert "/proc/1/nonexist" in error["msg"] + error["details"], error
     assert not os.path.exists("/proc/1/nonexist")
     assert "eth0" not in container.links()
+
+
+# === item 8: CHECK reads the bridge's MTU =========================================================
+
+def test_check_notices_a_changed_bridge_mtu(ours_bin, node, container, data_dir):
+    """With `mtu`, CHECK passes on what ADD made (bridge, host veth and container at 1400, read
+    back) and fails once the bridge's MTU is changed, naming the bridge."""
+    config = make_conf(data_dir, mtu=1400)
+    result = ok(bridge(ours_bin, "ADD", config, node, container))
+    host = result["interfaces"][1]["name"]
+    assert [node.links()[name]["mtu"] for name in (BRIDGE, host)] == [1400, 1400]
+    assert container.links()["eth0"]["mtu"] == 1400
+    checked = dict(config, prevResult=result)
+    ok(bridge(ours_bin, "CHECK", checked, node, container))
+    run([IP, "-n", node.name, "link", "set", BRIDGE, "mtu", "1300"])
+    assert node.links()[BRIDGE]["mtu"] == 1300
+    assert node.links()[host]["mtu"] == 1400 and container.links()["eth0"]["mtu"] == 1400
+    error = cni_error(bridge(ours_bin, "CHECK", checked, node, container), 999)
+    assert BRIDGE in error["msg"] and "1300" in error["msg"], error
+    run([IP, "-n", node.name, "link", "set", BRIDGE, "mtu", "1400"])
+    ok(bridge(ours_bin, "CHECK", checked, node, container))

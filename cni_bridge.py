@@ -3064,7 +3064,8 @@ def configure_container(ns, nl, conf, request, container, result):
         if has_ipv6:
             write_sysctl("net/ipv6/conf/lo/disable_ipv6", "0", required=True)
             write_sysctl(conf_dir + "/disable_ipv6", "0", required=True)
-            write_sysctl(conf_dir + "/keep_addr_on_down", "1", required=True)
+            # Best effort, as every sysctl the reference does not need (/proc/sys may be read-only).
+            write_sysctl(conf_dir + "/keep_addr_on_down", "1")
     requests = [addr_request(container.index, p, nodad=not conf.enable_dad) for p in prefixes]
     requests.append(link_change(container.index, up=True))
     nl.transact(requests, "failed to configure %s in the container" % request.ifname)

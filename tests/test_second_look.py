@@ -113,3 +113,38 @@ def test_check_notices_a_changed_bridge_mtu(ours_bin, node, container, data_dir)
     assert BRIDGE in error["msg"] and "1300" in error["msg"], error
     run([IP, "-n", node.name, "link", "set", BRIDGE, "mtu", "1400"])
     ok(bridge(ours_bin, "CHECK", checked, node, container))
+
+
+# === item 4: sysctls the reference does not need are best effort ===================================
+
+# Run in a private mount namespace ($0 = the node's netns path, then the plugin): /proc/sys bound
+# read-only over itself, a write refused as a proof, then the node's network namespace entered.
+READ_ONLY_PROC_SYS = r"""
+mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys || exit 96
+if echo 1 2>/dev/null > /proc/sys/net/ipv4/conf/lo/arp_notify; then echo "/proc/sys is writable" >&2; exit 97; fi
+exec nsenter --net="$0" "$@"
+"""
+
+
+def test_ipv6_add_works_where_proc_sys_is_read_only(ours_bin, node, container, data_dir):
+    """A dual-stack ADD where /proc/sys is read-only (forwarding already on, as a hardened node has
+    it) succeeds: keep_addr_on_down, which the reference never writes, is best effort.  The
+    container's addresses and routes are read back, and keep_addr_on_down stayed 0 (the write
+    really was refused)."""
+    for key in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
+        node.run("sh", "-c", "echo 1 > /proc/sys/" + key)
+    config = make_conf(data_dir, families=(4, 6), ipam={"routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]})
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", READ_ONLY_PROC_SYS,
+                           node.path, str(ours_bin / "bridge")],
+                          input=encode_conf(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=TIMEOUT, env=cni_env("ADD", ours_bin, netns=container, container_id="c1"))
+    res = parse_output(proc)
+    assert res.returncode not in (96, 97), "making /proc/sys read-only failed: " + res.stderr
+    result = ok(res)
+    expected = sorted(ip["address"] for ip in result["ips"])
+    assert len(expected) == 2 and expected[0].startswith("10.86.0.") and expected[1].startswith("fd86::")
+    held = sorted(addr for family, addr in container.addrs("eth0") if not addr.startswith("fe80:"))
+    assert held == expected
+    assert container.sysctl("net/ipv6/conf/eth0/keep_addr_on_down") == "0"
+    routes = container.ip_json("-6", "route", "show", "default")
+    assert [r["gateway"] for r in routes] == ["fd86::1"]

@@ -2878,6 +2878,47 @@ def iptables_teardown(network, container_id):
         run_iptables(family, ["-X", chain], check=False)
 
 
+def iptables_collect_stale(network, valid):
+    """GC: remove the iptables-backend chains, and the POSTROUTING jumps to them, of this network's
+    containers that have no valid attachment (a chain serves all interfaces of a container, as the
+    reference's).  A rule is attributed by its comment only when the chain it names is the one
+    that comment's container gets.  Returns the errors met."""
+    import shlex
+    valid_ids = set(cid for cid, _ifname in valid)
+    prefix = iptables_comment(network, "")[:-1]          # name: "<network>" id: "
+    errors = []
+    for family in (4, 6):
+        try:
+            status, listing = run_iptables(family, ["-S"], check=False)
+        except CNIError as err:
+            return [err.msg]
+        if status != 0:
+            errors.append(listing.strip())
+            continue
+        stale = []
+        for line in listing.splitlines():
+            words = shlex.split(line)
+            if len(words) < 4 or words[0] != "-A" or "--comment" not in words[:-1]:
+                continue
+            comment = words[words.index("--comment") + 1]
+            container_id = comment[len(prefix):-1]
+            if not comment.startswith(prefix) or container_id in valid_ids:
+                continue
+            chain = iptables_chain(network, container_id)
+            if words[1] == "POSTROUTING" and words[-2:] == ["-j", chain]:
+                status, output = run_iptables(family, ["-D"] + words[1:], check=False)
+                if status != 0:
+                    errors.append(output.strip())
+            if words[1] == chain and chain not in stale:
+                stale.append(chain)
+        for chain in stale:
+            for action in ("-F", "-X"):
+                status, output = run_iptables(family, [action, chain], check=False)
+                if status != 0:
+                    errors.append(output.strip())
+    return errors
+
+
 def iptables_check(network, container_id):
     chain = iptables_chain(network, container_id)
     if run_iptables(4, ["-S", chain], check=False)[0] != 0:
@@ -3374,6 +3415,8 @@ def bridge_gc(request):
                     except CNIError as err:
                         errors.append(err.msg)
         errors.extend(collect_stale_rules(conf.network, valid))
+        if conf.ip_masq_backend == "iptables":
+            errors.extend(iptables_collect_stale(conf.network, valid))
     if errors:
         raise CNIError(ERR_INTERNAL, "bridge GC could not remove everything", "; ".join(errors))
     return None

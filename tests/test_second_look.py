@@ -72,7 +72,7 @@ def reservations(data_dir):
     directory = data_dir / NET
     if not directory.is_dir():
         return {}
-    return {p.name: p.read_text() for p in directory.iterdir()
+    return {p.name: p.read_bytes().decode() for p in directory.iterdir()
             if p.name != "lock" and not p.name.startswith(("last_reserved_ip", "."))}
 
 
@@ -148,3 +148,41 @@ def test_ipv6_add_works_where_proc_sys_is_read_only(ours_bin, node, container, d
     assert container.sysctl("net/ipv6/conf/eth0/keep_addr_on_down") == "0"
     routes = container.ip_json("-6", "route", "show", "default")
     assert [r["gateway"] for r in routes] == ["fd86::1"]
+
+
+# === item 2: GC and the iptables backend ===========================================================
+
+def iptables_chain(cid, network=NET):
+    """The reference's iptables chain: CNI- and 24 hex digits of SHA-512(network + containerID)."""
+    import hashlib
+    return "CNI-" + hashlib.sha512((network + cid).encode()).hexdigest()[:24]
+
+
+def iptables_lines(ns, cid, family):
+    """`iptables -t nat -S` (ip6tables for IPv6) lines in `ns` naming the container's chain."""
+    program = "iptables" if family == 4 else "ip6tables"
+    return sorted(line for line in ns.run(program, "-t", "nat", "-S").stdout.splitlines()
+                  if iptables_chain(cid) in line)
+
+
+def test_gc_removes_iptables_backend_chains_in_both_families(ours_bin, node, make_netns, data_dir):
+    """With ipMasqBackend iptables on a dual-stack network, GC naming one of two containers in
+    cni.dev/valid-attachments removes the other's CNI- chain and POSTROUTING jumps from both
+    iptables and ip6tables (read back with -S), its reservations and its veth, and keeps every
+    line of the named one."""
+    if shutil.which("iptables") is None or shutil.which("ip6tables") is None:
+        pytest.skip("iptables/ip6tables are not installed")
+    config = make_conf(data_dir, version="1.1.0", families=(4, 6), ipMasq=True, ipMasqBackend="iptables")
+    keep = ok(bridge(ours_bin, "ADD", config, node, make_netns("ct"), "keep"))
+    ok(bridge(ours_bin, "ADD", config, node, make_netns("ct"), "stale"))
+    before = {(cid, family): iptables_lines(node, cid, family) for cid in ("keep", "stale") for family in (4, 6)}
+    for (cid, family), lines in before.items():    # -N, the ACCEPT and MASQUERADE rules, one jump
+        assert len(lines) == 4 and sum(line.startswith("-A POSTROUTING ") for line in lines) == 1, lines
+    gc = dict(config, **{"cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]})
+    ok(bridge(ours_bin, "GC", gc, node, None, None, ifname=None))
+    assert iptables_lines(node, "stale", 4) == [] and iptables_lines(node, "stale", 6) == []
+    assert [iptables_lines(node, "keep", family) for family in (4, 6)] == [before["keep", 4], before["keep", 6]]
+    assert sorted(reservations(data_dir).values()) == ["keep\r\neth0", "keep\r\neth0"]
+    assert [name for name in node_links(node) if name.startswith("veth")] == [keep["interfaces"][1]["name"]]
+    ok(bridge(ours_bin, "DEL", config, node, None, "keep"))
+    assert iptables_lines(node, "keep", 4) == [] and iptables_lines(node, "keep", 6) == []

@@ -2187,8 +2187,9 @@ class Store(object):
         self.file_names = {}
         self.created = set()      # (family, ip) of the reservations made through this object
 
-    def __enter__(self):
-        import fcntl
+    def open_directory(self):
+        """Make and open the state directory and its lock file, without locking (leave with
+        __exit__)."""
         path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
         # The runtime's umask (077, say) would narrow the 0755 and 0644 that others read the
         # state with; the runtime's own is back once the store is left.
@@ -2202,6 +2203,11 @@ class Store(object):
         except OSError as err:
             self.__exit__()
             raise os_error(err, "failed to open the IPAM state directory %s" % path)
+        return path
+
+    def __enter__(self):
+        import fcntl
+        path = self.open_directory()
 
         def try_lock():
             try:
@@ -2545,6 +2551,27 @@ def host_local_add(request):
     return {"ips": ips, "routes": config.routes, "dns": config.dns, "reused": reused}
 
 
+def host_local_check_add(request):
+    """What an ADD of this config would refuse, found without reserving anything: the ranges,
+    routes, resolvConf and requested addresses, and a state directory that cannot be made or
+    opened.  The bridge plugin asks this before it makes anything."""
+    config = IPAMConfig(request)
+    config.load_ranges(request)
+    for family, ip in config.requested:
+        ranges = [r for r in (s.find(family, ip) for s in config.range_sets) if r is not None]
+        if not ranges:
+            raise CNIError(ERR_INVALID_CONFIG, "failed to allocate all requested IPs: %s"
+                           % ip_to_text(family, ip), "a requested address lies in no range set")
+        if not ranges[0].usable(ip):
+            raise CNIError(ERR_INVALID_CONFIG, "requested ip %s is not usable in its range"
+                           % ip_to_text(family, ip), "it is the network, broadcast or gateway address")
+    store = Store(config.data_dir, config.network)
+    try:
+        store.open_directory()
+    finally:
+        store.__exit__()
+
+
 def host_local_del(request):
     """Release the attachment's addresses; needs only the network name and dataDir, so a range
     configuration that no longer validates does not leak them (decision 9)."""
@@ -2693,9 +2720,13 @@ class BridgeConfig(object):
                     request.args.get("MAC")):
             if mac:
                 try:
-                    parse_mac(mac)
+                    raw = parse_mac(mac)
                 except ValueError as err:
                     raise CNIError(ERR_INVALID_CONFIG, str(err))
+                if raw[0] & 1 or raw == bytes(6):       # the kernel gives an interface neither
+                    raise CNIError(ERR_INVALID_CONFIG, "invalid MAC address %r: %s" % (
+                        mac, "a multicast address" if raw[0] & 1 else "all zeros"),
+                        "a container MAC must be a unicast address")
                 return mac.lower()
         return None
 
@@ -3281,6 +3312,26 @@ def wait_port_up(nl, host):
     return poll_until(carrier, PORT_UP_TIMEOUT, timed_out, delay=0.002)
 
 
+def check_add_before_making(request, conf, host_nl, container_nl):
+    """Refuse, before the bridge or anything else is made, what the ADD would fail on later
+    because of the config or the request: the in-process IPAM's config and state directory, an
+    IPAM type absent from CNI_PATH, a CNI_IFNAME the container has, a `<bridge>.<vlan>` that is
+    not a veth."""
+    if conf.ipam_type == "host-local":
+        host_local_check_add(request)
+    elif conf.ipam_type:
+        find_plugin(conf.ipam_type, request.path)
+    if get_link(container_nl, request.ifname) is not None:
+        raise CNIError(ERR_INVALID_CONFIG, "container veth name %r already exists" % request.ifname,
+                       "the container %s already has an interface of that name" % request.container_id)
+    if conf.uses_vlan_gateway:
+        gateway = get_link(host_nl, conf.vlan_gateway)
+        if gateway is not None and gateway.kind != "veth":
+            raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not a veth pair"
+                           % conf.vlan_gateway, "the VLAN gateway of bridge %s: remove the %s link"
+                           % (conf.bridge, gateway.kind or "other"))
+
+
 def bridge_add(request):
     conf = BridgeConfig(request)
     if not conf.ipam_type and is_legacy_version(request.version):
@@ -3290,6 +3341,7 @@ def bridge_add(request):
     host_nl = NetlinkSocket()
     ns = Netns(request.netns)
     container_nl = ns.netlink()
+    check_add_before_making(request, conf, host_nl, container_nl)
     bridge = ensure_bridge(host_nl, conf)
     container, host = create_container_veth(container_nl, host_nl, request, conf)
     ipam_done = False

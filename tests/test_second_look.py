@@ -186,3 +186,57 @@ def test_gc_removes_iptables_backend_chains_in_both_families(ours_bin, node, mak
     assert [name for name in node_links(node) if name.startswith("veth")] == [keep["interfaces"][1]["name"]]
     ok(bridge(ours_bin, "DEL", config, node, None, "keep"))
     assert iptables_lines(node, "keep", 4) == [] and iptables_lines(node, "keep", 6) == []
+
+
+# === item 5: a failed ADD leaves no bridge it made ==================================================
+
+LATE_CONFIG_ERRORS = {
+    # name: (ipam keys, other config keys, CNI_ARGS, expected code)
+    "gateway outside the subnet": ({"ranges": [[{"subnet": "10.86.0.0/24", "gateway": "10.87.0.1"}]]}, {}, None, 7),
+    "overlapping range sets": ({"ranges": [[{"subnet": "10.86.0.0/24"}], [{"subnet": "10.86.0.0/25"}]]}, {}, None, 7),
+    "subnet /33": ({"ranges": [[{"subnet": "10.86.0.0/33"}]]}, {}, None, 7),
+    "dataDir a file": ({"dataDir": "FILE"}, {}, None, 5),
+    "multicast MAC": ({}, {"runtimeConfig": {"mac": "01:00:5e:00:00:01"}}, None, 7),
+    "all-zero MAC": ({}, {"args": {"cni": {"mac": "00:00:00:00:00:00"}}}, None, 7),
+    "IPAM type absent from CNI_PATH": ({"type": "no-such-ipam"}, {}, None, 7),
+    "requested address outside the ranges": ({}, {}, "IP=10.99.0.5", 7),
+    "requested address is the gateway": ({}, {}, "IP=10.86.0.1", 7),
+    "CNI_IFNAME taken in the container": ({}, {}, None, 7),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATE_CONFIG_ERRORS))
+def test_config_errors_are_found_before_the_bridge_is_made(ours_bin, node, container, data_dir, tmp_path,
+                                                          case):
+    """Each error the config or request holds is refused with its code before anything is made:
+    the node keeps no bridge and no veth, the container no new interface, the dataDir no
+    reservation (read back with ip -j and from the disk)."""
+    ipam, options, cni_args, code = LATE_CONFIG_ERRORS[case]
+    if ipam.get("dataDir") == "FILE":
+        (tmp_path / "a-file").write_text("not a directory\n")
+        ipam = dict(ipam, dataDir=str(tmp_path / "a-file"))
+    if case == "CNI_IFNAME taken in the container":
+        run([IP, "-n", container.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])
+    config = make_conf(data_dir, ipam=ipam, **options)
+    error = cni_error(bridge(ours_bin, "ADD", config, node, container, cni_args=cni_args), code)
+    assert node_links(node) == [], (case, error)
+    assert sorted(container.links()) == (["eth0", "eth0p", "lo"] if "CNI_IFNAME" in case else ["lo"]), (case, error)
+    assert reservations(data_dir) == {}
+
+
+def test_a_later_failure_leaves_at_most_the_bridge(ours_bin, node, make_netns, data_dir):
+    """A failure found after the checks (here: no free address, code 11) removes the attachment's
+    veth pair and makes no reservation; the bridge it made may stay, as README says, and the
+    next ADD that has an address uses it."""
+    config = make_conf(data_dir, ipam={"ranges": [[{"subnet": "10.86.0.0/24", "rangeStart": "10.86.0.2",
+                                                    "rangeEnd": "10.86.0.2"}]]})
+    first = make_netns("ct")
+    ok(bridge(ours_bin, "ADD", config, node, first, "c1"))
+    second = make_netns("ct")
+    cni_error(bridge(ours_bin, "ADD", config, node, second, "c2"), 11)
+    assert sorted(second.links()) == ["lo"]
+    assert reservations(data_dir) == {"10.86.0.2": "c1\r\neth0"}
+    ok(bridge(ours_bin, "DEL", config, node, first, "c1"))
+    assert node_links(node) == [BRIDGE]
+    ok(bridge(ours_bin, "ADD", config, node, second, "c2"))
+    assert [a for _f, a in second.addrs("eth0") if a.startswith("10.")] == ["10.86.0.2/24"]

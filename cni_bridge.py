@@ -3603,15 +3603,19 @@ def read_stdin(wait_for_data):
     size = 0
     if not wait_for_data:
         import select
-        if posix.isatty(0) or not select.select([0], [], [], 1.0)[0]:
+        try:
+            if posix.isatty(0) or not select.select([0], [], [], 1.0)[0]:
+                return b""
+        except (OSError, ValueError):     # stdin closed: VERSION needs no config
             return b""
     while True:
         try:
             chunk = posix.read(0, 1 << 16)
         except OSError as err:
-            if err.errno == errno.EBADF and not chunks:    # no stdin at all
+            if err.errno == errno.EBADF and not wait_for_data:
                 return b""
-            raise CNIError(ERR_IO, "error reading from stdin: %s" % err.strerror)
+            raise CNIError(ERR_IO, "error reading from stdin: %s" % err.strerror,
+                           "stdin is closed or not open for reading" if err.errno == errno.EBADF else "")
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)

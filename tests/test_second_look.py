@@ -240,3 +240,48 @@ def test_a_later_failure_leaves_at_most_the_bridge(ours_bin, node, make_netns, d
     assert node_links(node) == [BRIDGE]
     ok(bridge(ours_bin, "ADD", config, node, second, "c2"))
     assert [a for _f, a in second.addrs("eth0") if a.startswith("10.")] == ["10.86.0.2/24"]
+
+
+# === item 9: stdin that cannot be read ============================================================
+
+def run_with_stdin(bin_dir, command, stdin_fd, netns):
+    """`bridge` with fd 0 being `stdin_fd` (None: fd 0 closed), as a runtime might start it."""
+    env = cni_env(command, bin_dir, netns=netns, container_id="c1")
+    if stdin_fd is None:
+        argv = ["sh", "-c", 'exec "$0" 0<&-', str(bin_dir / "bridge")]
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=TIMEOUT, env=env)
+    else:
+        proc = subprocess.run([str(bin_dir / "bridge")], stdin=stdin_fd, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=TIMEOUT, env=env)
+    return parse_output(proc)
+
+
+@pytest.mark.parametrize("stdin", ["write-only", "closed"])
+def test_stdin_that_cannot_be_read_is_code_5(ours_bin, container, tmp_path, stdin):
+    """An ADD whose stdin is write-only or closed is an I/O error (code 5, README's "stdin cannot
+    be read", the reference's code), and the container gets nothing; VERSION, which needs no
+    config, still answers."""
+    path = tmp_path / "stdin"
+    path.write_text('{"cniVersion": "1.0.0", "name": "%s", "type": "bridge"}' % NET)
+    fd = os.open(str(path), os.O_WRONLY) if stdin == "write-only" else None
+    try:
+        error = cni_error(run_with_stdin(ours_bin, "ADD", fd, container), 5)
+        assert "stdin" in error["msg"], error
+        assert sorted(container.links()) == ["lo"]
+        version = ok(run_with_stdin(ours_bin, "VERSION", fd, container))
+        assert "1.0.0" in version["supportedVersions"]
+    finally:
+        if fd is not None:
+            os.close(fd)
+    assert "stdin" in readme_error_codes()[5]
+
+
+def readme_error_codes():
+    """README's error table: {code: its "when" text}."""
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 2 and cells[0].isdigit():
+            rows[int(cells[0])] = cells[1]
+    assert {1, 4, 5, 6, 7, 8, 11} <= set(rows), rows
+    return rows

@@ -285,3 +285,27 @@ def readme_error_codes():
             rows[int(cells[0])] = cells[1]
     assert {1, 4, 5, 6, 7, 8, 11} <= set(rows), rows
     return rows
+
+
+# === item 10: an unparsable cniVersion ============================================================
+
+UNPARSABLE_VERSION_CODES = {"ADD": 1, "DEL": 1, "CHECK": 6, "STATUS": 6, "GC": 6}
+
+
+@pytest.mark.parametrize("command", sorted(UNPARSABLE_VERSION_CODES))
+def test_unparsable_cni_version_codes_match_readme_and_the_reference(ours_bin, container, command):
+    """`"cniVersion": "abc"` is "incompatible" (1) on ADD and DEL, which only look the version up,
+    and a decoding error (6) on CHECK, STATUS and GC, which compare it: the reference's codes
+    (Debian's plugins answer ADD, DEL and CHECK; they predate STATUS and GC), and README's table
+    says the same.  Nothing is made in the container."""
+    config = {"cniVersion": "abc", "name": NET, "type": "bridge", "bridge": BRIDGE}
+    code = UNPARSABLE_VERSION_CODES[command]
+    error = cni_error(run_cni(ours_bin, "bridge", command, config, netns=container), code)
+    assert "abc" in error["msg"] + error["details"], error
+    assert sorted(container.links()) == ["lo"]
+    if command in ("ADD", "DEL", "CHECK") and os.path.isfile("/usr/lib/cni/bridge"):
+        reference = run_cni("/usr/lib/cni", "bridge", command, config, netns=container)
+        assert reference.returncode != 0 and reference.json["code"] == code, explain(reference)
+    rows = readme_error_codes()
+    assert "on ADD and DEL also one that cannot be parsed" in rows[1], rows[1]
+    assert "for CHECK, STATUS and GC, which compare versions, a `cniVersion` that cannot be parsed" in rows[6]

@@ -3638,16 +3638,10 @@ def version_answer():
 
 def build_request(command, env):
     """Validate the environment and stdin in the reference's order; the Request to act on."""
-    required = REQUIRED_ENV[command]
-    missing = [name for name in required if not env.get(name)]
-    if missing:
-        raise CNIError(ERR_INVALID_ENV, "required env variables [%s] missing" % ",".join(missing))
-    container_id = env.get("CNI_CONTAINERID", "")
-    ifname = env.get("CNI_IFNAME", "")
-    if "CNI_CONTAINERID" in required:
-        check_name(container_id, "containerID", ERR_INVALID_ENV)
-        check_ifname(ifname)
-    args = parse_cni_args(env.get("CNI_ARGS", ""))
+    try:
+        container_id, ifname, args = checked_environment(command, env)
+    except CNIError as err:
+        raise in_config_version(err)
     raw = read_stdin(True)
     try:
         config = json_loads(raw)
@@ -3661,6 +3655,32 @@ def build_request(command, env):
         if config.get("cniVersion") in SUPPORTED_VERSIONS:
             err.version = config["cniVersion"]      # answer in the caller's version when known
         raise
+
+
+def checked_environment(command, env):
+    """The container ID, interface name and CNI_ARGS of a request, each checked."""
+    required = REQUIRED_ENV[command]
+    missing = [name for name in required if not env.get(name)]
+    if missing:
+        raise CNIError(ERR_INVALID_ENV, "required env variables [%s] missing" % ",".join(missing))
+    container_id = env.get("CNI_CONTAINERID", "")
+    ifname = env.get("CNI_IFNAME", "")
+    if "CNI_CONTAINERID" in required:
+        check_name(container_id, "containerID", ERR_INVALID_ENV)
+        check_ifname(ifname)
+    return container_id, ifname, parse_cni_args(env.get("CNI_ARGS", ""))
+
+
+def in_config_version(err):
+    """`err`, found before the config was read, to be answered in the config's own cniVersion
+    when stdin holds a readable config (without waiting long for an idle stdin)."""
+    try:
+        config = json_loads(read_stdin(False))
+    except (ValueError, UnicodeError, CNIError):
+        return err
+    if isinstance(config, dict) and config.get("cniVersion") in SUPPORTED_VERSIONS:
+        err.version = config["cniVersion"]
+    return err
 
 
 def _validated_request(command, env, container_id, ifname, args, raw, config):
@@ -3710,7 +3730,7 @@ def run_plugin(plugin, env):
     error_version = LATEST_VERSION
     try:
         if command not in REQUIRED_ENV:
-            raise CNIError(ERR_INVALID_ENV, "unknown CNI_COMMAND: %s" % command[:100])
+            raise in_config_version(CNIError(ERR_INVALID_ENV, "unknown CNI_COMMAND: %s" % command[:100]))
         if command == "VERSION":
             write_json(version_answer())
             return 0

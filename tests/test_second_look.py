@@ -309,3 +309,37 @@ def test_unparsable_cni_version_codes_match_readme_and_the_reference(ours_bin, c
     rows = readme_error_codes()
     assert "on ADD and DEL also one that cannot be parsed" in rows[1], rows[1]
     assert "for CHECK, STATUS and GC, which compare versions, a `cniVersion` that cannot be parsed" in rows[6]
+
+
+# === item 11: environment errors answer in the config's version ==================================
+
+ENVIRONMENT_ERRORS = {
+    # name: (CNI_COMMAND, changed variables)
+    "CNI_CONTAINERID missing": ("ADD", {"CNI_CONTAINERID": None}),
+    "CNI_IFNAME missing": ("CHECK", {"CNI_IFNAME": None}),
+    "CNI_PATH missing": ("DEL", {"CNI_PATH": None}),
+    "container ID with a slash": ("ADD", {"CNI_CONTAINERID": "../c1"}),
+    "interface name too long": ("ADD", {"CNI_IFNAME": "a-name-longer-than-15"}),
+    "CNI_ARGS piece without =": ("ADD", {"CNI_ARGS": "IgnoreUnknown=1;garbage"}),
+    "unknown command": ("FROB", {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENVIRONMENT_ERRORS))
+def test_environment_errors_carry_the_configs_version(ours_bin, container, data_dir, case):
+    """An error in the CNI_* variables, found before the config is read, is answered in the
+    config's own cniVersion (0.4.0 here) when stdin holds a readable config, and in the latest
+    version when it does not; the container is left alone."""
+    command, changes = ENVIRONMENT_ERRORS[case]
+    config = make_conf(data_dir, version="0.4.0")
+    env = cni_env(command, ours_bin, netns=container, container_id="c1")
+    env.update((k, v) for k, v in changes.items() if v is not None)
+    for key in (k for k, v in changes.items() if v is None):
+        del env[key]
+    for stdin, version in ((encode_conf(config), "0.4.0"), (b"not json", "1.1.0"),
+                           (encode_conf(dict(config, cniVersion="9.9.9")), "1.1.0")):
+        proc = subprocess.run([str(ours_bin / "bridge")], input=stdin, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=TIMEOUT, env=env)
+        error = cni_error(parse_output(proc), 4)
+        assert error["cniVersion"] == version, (case, error)
+    assert sorted(container.links()) == ["lo"]

@@ -343,3 +343,68 @@ def test_environment_errors_carry_the_configs_version(ours_bin, container, data_
         error = cni_error(parse_output(proc), 4)
         assert error["cniVersion"] == version, (case, error)
     assert sorted(container.links()) == ["lo"]
+
+
+# === item 12: README's claims about start-up, the archive and the bench ===========================
+
+def readme_text():
+    """README.md with its lines joined, so a claim may wrap."""
+    return " ".join((REPO / "README.md").read_text().split())
+
+
+def test_no_command_prints_the_version_on_stderr_and_exits_0(ours_bin, ref_bin):
+    """With CNI_COMMAND unset, bridge prints its version text on stderr, nothing on stdout, and
+    exits 0, as the reference does; README says so."""
+    env = {"PATH": os.environ.get("PATH", ""), "CNI_CONTAINERID": "c1"}
+    for directory in (ours_bin, ref_bin):
+        proc = subprocess.run([str(directory / "bridge")], input=b"{}", stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=TIMEOUT, env=env)
+        assert (proc.returncode, proc.stdout) == (0, b""), (directory, proc)
+        assert b"CNI protocol versions supported: 0.1.0, " in proc.stderr, (directory, proc.stderr)
+    assert b"1.1.0" in subprocess.run([str(ours_bin / "bridge")], stdin=subprocess.DEVNULL, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE).stderr
+    assert ("With `CNI_COMMAND` unset, a plugin prints its name, version and the CNI versions it "
+            "supports on stderr, leaves stdout empty and exits 0") in readme_text()
+
+
+def test_readme_describes_the_archives_first_two_lines(ours_bin):
+    """The installed archive starts with `#!/bin/sh` and its second line execs the interpreter
+    with -IS; README says exactly that (the node needs /bin/sh)."""
+    with open(str(ours_bin / "cni-bridge.pyz"), "rb") as archive:
+        first, second = archive.readline(), archive.readline()
+    assert first == b"#!/bin/sh\n"
+    assert second.startswith(b"exec /usr/bin/python3 -IS ")
+    text = readme_text()
+    assert "Its first line is `#!/bin/sh` (so the node needs `/bin/sh` as well as Python)" in text
+    assert "its second line execs `/usr/bin/python3 -IS` on the archive" in text
+
+
+def bench_medians():
+    """{workload: (ours, reference)} medians (ms) of bench/README.md's latest results table."""
+    medians = {}
+    for line in (REPO / "bench" / "README.md").read_text().splitlines():
+        name, sep, rest = line.partition("|")
+        cells = rest.split("|")
+        if sep and len(cells) == 3 and cells[0].split() and cells[0].split()[0].replace(".", "").isdigit():
+            medians[name.strip()] = (float(cells[0].split()[0]), float(cells[1].split()[0]))
+    return medians
+
+
+def test_readme_quotes_the_measured_gap_without_masquerade():
+    """README's bench summary quotes the gaps bench/README.md's table shows for ADD, CHECK and
+    DEL without ipMasq (ours minus the reference's median), not a round "about 11 ms"."""
+    medians = bench_medians()
+    def gaps(verb):
+        values = [ours - ref for name, (ours, ref) in medians.items()
+                  if name in ("%s 1.0.0" % verb, "%s 0.4.0" % verb)]
+        assert len(values) == 2, medians
+        return values
+    add_check = gaps("ADD") + gaps("CHECK")
+    delete = gaps("DEL")
+    text = readme_text()
+    assert ("put our ADD and CHECK %.1f to %.1f ms behind the reference's and our DEL %.1f to %.1f ms "
+            "behind" % (min(add_check), max(add_check), min(delete), max(delete))) in text
+    floor = [line for line in (REPO / "bench" / "README.md").read_text().splitlines()
+             if line.strip().startswith("python -IS -c pass")]
+    assert len(floor) == 1 and "starts in %.1f ms there" % float(floor[0].split()[4]) in text
+    assert "about 11 ms" not in text

@@ -2767,7 +2767,7 @@ class BridgeConfig(object):
                 except ValueError as err:
                     raise CNIError(ERR_INVALID_CONFIG, str(err))
                 if raw[0] & 1 or raw == bytes(6):       # the kernel gives an interface neither
-                    raise CNIError(ERR_INVALID_CONFIG, "invalid MAC address %r: %s" % (
+                    raise config_error("MAC address %r is %s" % (
                         mac, "a multicast address" if raw[0] & 1 else "all zeros"),
                         "a container MAC must be a unicast address")
                 return mac.lower()

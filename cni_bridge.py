@@ -2597,8 +2597,7 @@ def host_local_check_add(request):
     """What an ADD of this config would refuse, found without reserving anything: the ranges,
     routes, resolvConf and requested addresses, and a state directory that cannot be made or
     opened.  The bridge plugin asks this before it makes anything."""
-    config = IPAMConfig(request)
-    config.load_ranges(request)
+    config = HostLocalConfig(request)
     for family, ip in config.requested:
         ranges = [r for r in (s.find(family, ip) for s in config.range_sets) if r is not None]
         if not ranges:

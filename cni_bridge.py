@@ -3532,7 +3532,8 @@ def bridge_check(request):
     if bool(bridge.flags & IFF_PROMISC) != conf.promisc:
         raise CNIError(ERR_INTERNAL, "bridge %s promiscuous mode is not %s" % (conf.bridge, conf.promisc))
     if conf.mtu and bridge.mtu != conf.mtu:
-        raise CNIError(ERR_INTERNAL, "MTU of bridge %s is %d, the config says %d" % (conf.bridge, bridge.mtu, conf.mtu))
+        raise CNIError(ERR_INTERNAL, "MTU of bridge %s is %d, the config says %d"
+                       % (conf.bridge, bridge.mtu, conf.mtu))
     container = get_link(container_nl, request.ifname)
     if container is None or container.kind != "veth":
         raise CNIError(ERR_INTERNAL, "container interface %s not found or not a veth" % request.ifname)

@@ -11,7 +11,10 @@ import subprocess
 
 import pytest
 
-from conftest import IP, REF_DIR, REPO, cni_env, encode_conf, parse_output, run, run_cni
+from tests.helpers import (IP, REF_DIR, REPO, cni_env, encode_conf, explain, parse_output, reservations,
+                           run, run_cni)
+
+pytestmark = pytest.mark.kernel
 
 NET = "slnet"
 BRIDGE = "sl0"
@@ -37,10 +40,6 @@ def bridge(bin_dir, command, config, node, netns, cid="c1", **kwargs):
                    timeout=TIMEOUT, **kwargs)
 
 
-def explain(res):
-    return "exit %d\nstdout: %s\nstderr: %s" % (res.returncode, res.stdout, res.stderr)
-
-
 def ok(res):
     """The call succeeded; returns its parsed stdout."""
     assert res.returncode == 0, explain(res)
@@ -62,18 +61,6 @@ def node_links(node):
     return sorted(name for name in node.links() if name != "lo")
 
 
-def state_entries(data_dir):
-    """Paths (relative to dataDir) of everything under it."""
-    return sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*"))
-
-
-def reservations(data_dir):
-    """{address: owner} of host-local's reservation files."""
-    directory = data_dir / NET
-    if not directory.is_dir():
-        return {}
-    return {p.name: p.read_bytes().decode() for p in directory.iterdir()
-            if p.name != "lock" and not p.name.startswith(("last_reserved_ip", "."))}
 
 
 # === item 7: make_directories ends ==============================================================

@@ -2891,7 +2891,7 @@ class BridgeConfig(object):
                     raw = parse_mac(mac)
                 except ValueError as err:
                     raise CNIError(ERR_INVALID_CONFIG, str(err))
-                if raw[0] & 1 or raw == bytes(6):       # the kernel gives an interface neither
+                if raw[0] & 1 or raw == bytes(6):     # the kernel refuses both on an interface
                     raise config_error("MAC address %r is %s" % (
                         mac, "a multicast address" if raw[0] & 1 else "all zeros"),
                         "a container MAC must be a unicast address")

@@ -1998,7 +1998,8 @@ def make_directories(path, mode=0o755):
         posix.mkdir(path, mode)
     except OSError as err:
         parent = path.rstrip("/").rpartition("/")[0]
-        if err.errno == errno.ENOENT and parent:            # a parent is missing
+        # ENOENT with the parent present (/proc/<pid>/x/y, say) cannot be cured by making it.
+        if err.errno == errno.ENOENT and parent and not is_directory(parent):   # parent missing
             make_directories(parent, mode)
             make_directories(path, mode)
         elif err.errno != errno.EEXIST or not is_directory(path):
@@ -2240,12 +2241,17 @@ class Store(object):
         self.network = network
         self.dir_fd = None
         self.lock_fd = None
+        self.runtime_umask = None
         self.file_names = {}
         self.created = set()      # (family, ip) of the reservations made through this object
 
-    def __enter__(self):
-        import fcntl
+    def open_directory(self):
+        """Make and open the state directory and its lock file, without locking (leave with
+        __exit__)."""
         path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
+        # The runtime's umask (077, say) would narrow the 0755 and 0644 that others read the
+        # state with; the runtime's own is back once the store is left.
+        self.runtime_umask = posix.umask(0o022)
         try:
             make_directories(path)
             self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
@@ -2255,6 +2261,11 @@ class Store(object):
         except OSError as err:
             self.__exit__()
             raise os_error(err, "failed to open the IPAM state directory %s" % path)
+        return path
+
+    def __enter__(self):
+        import fcntl
+        path = self.open_directory()
 
         def try_lock():
             try:
@@ -2279,6 +2290,9 @@ class Store(object):
             if fd is not None:
                 posix.close(fd)
         self.lock_fd = self.dir_fd = None
+        if self.runtime_umask is not None:
+            posix.umask(self.runtime_umask)
+            self.runtime_umask = None
         return False
 
     def read(self, name):
@@ -2698,6 +2712,27 @@ def host_local_add(request):
     return host_local_allocate(request)[0]
 
 
+def host_local_check_add(request):
+    """What an ADD of this config would refuse, found without reserving anything: the ranges,
+    routes, resolvConf and requested addresses, and a state directory that cannot be made or
+    opened.  The bridge plugin asks this before it makes anything."""
+    config = HostLocalConfig(request)
+    for family, ip in config.requested:
+        ranges = [r for r in (s.find(family, ip) for s in config.range_sets) if r is not None]
+        if not ranges:
+            raise CNIError(ERR_INVALID_CONFIG, "failed to allocate all requested IPs: %s"
+                           % ip_to_text(family, ip), "a requested address lies in no range set")
+        if not ranges[0].usable(ip):
+            raise CNIError(ERR_INVALID_CONFIG, "requested ip %s is not usable in its range"
+                           % ip_to_text(family, ip),
+                           "it is the network, broadcast or gateway address")
+    store = Store(config.data_dir, config.network)
+    try:
+        store.open_directory()
+    finally:
+        store.__exit__()
+
+
 def host_local_del(request):
     """Release the attachment's addresses; needs only the network name and dataDir, so a range
     configuration that no longer validates does not leak them (decision 9)."""
@@ -2857,9 +2892,13 @@ class BridgeConfig(object):
                     request.args.get("MAC")):
             if mac:
                 try:
-                    parse_mac(mac)
+                    raw = parse_mac(mac)
                 except ValueError as err:
                     raise CNIError(ERR_INVALID_CONFIG, str(err))
+                if raw[0] & 1 or raw == bytes(6):     # the kernel refuses both on an interface
+                    raise config_error("MAC address %r is %s" % (
+                        mac, "a multicast address" if raw[0] & 1 else "all zeros"),
+                        "a container MAC must be a unicast address")
                 return mac.lower()
         return None
 
@@ -3166,6 +3205,47 @@ def iptables_teardown(network, container_id):
         run_iptables(family, ["-X", chain], check=False)
 
 
+def iptables_collect_stale(network, valid):
+    """GC: remove the iptables-backend chains, and the POSTROUTING jumps to them, of this network's
+    containers that have no valid attachment (a chain serves all interfaces of a container, as the
+    reference's).  A rule is attributed by its comment only when the chain it names is the one
+    that comment's container gets.  Returns the errors met."""
+    import shlex
+    valid_ids = set(cid for cid, _ifname in valid)
+    prefix = iptables_comment(network, "")[:-1]          # name: "<network>" id: "
+    errors = []
+    for family in (4, 6):
+        try:
+            status, listing = run_iptables(family, ["-S"], check=False)
+        except CNIError as err:
+            return [err.msg]
+        if status != 0:
+            errors.append(listing.strip())
+            continue
+        stale = []
+        for line in listing.splitlines():
+            words = shlex.split(line)
+            if len(words) < 4 or words[0] != "-A" or "--comment" not in words[:-1]:
+                continue
+            comment = words[words.index("--comment") + 1]
+            container_id = comment[len(prefix):-1]
+            if not comment.startswith(prefix) or container_id in valid_ids:
+                continue
+            chain = iptables_chain(network, container_id)
+            if words[1] == "POSTROUTING" and words[-2:] == ["-j", chain]:
+                status, output = run_iptables(family, ["-D"] + words[1:], check=False)
+                if status != 0:
+                    errors.append(output.strip())
+            if words[1] == chain and chain not in stale:
+                stale.append(chain)
+        for chain in stale:
+            for action in ("-F", "-X"):
+                status, output = run_iptables(family, [action, chain], check=False)
+                if status != 0:
+                    errors.append(output.strip())
+    return errors
+
+
 def iptables_check(network, container_id):
     """CHECK of the iptables backend: the attachment's chain exists."""
     chain = iptables_chain(network, container_id)
@@ -3361,7 +3441,8 @@ def configure_container(ns, nl, conf, request, container, result):
         if has_ipv6:
             write_sysctl("net/ipv6/conf/lo/disable_ipv6", "0", required=True)
             write_sysctl(conf_dir + "/disable_ipv6", "0", required=True)
-            write_sysctl(conf_dir + "/keep_addr_on_down", "1", required=True)
+            # Best effort, as every sysctl the reference does not need (/proc/sys may be read-only).
+            write_sysctl(conf_dir + "/keep_addr_on_down", "1")
     requests = [addr_request(container.index, p, nodad=not conf.enable_dad) for p in prefixes]
     requests.append(link_change(container.index, up=True))
     nl.transact(requests, "failed to configure %s in the container" % request.ifname)
@@ -3438,6 +3519,27 @@ def wait_port_up(nl, host):
     return poll_until(carrier, PORT_UP_TIMEOUT, timed_out, delay=0.002)
 
 
+def check_add_before_making(request, conf, host_nl, container_nl):
+    """Refuse, before the bridge or anything else is made, what the ADD would fail on later
+    because of the config or the request: the in-process IPAM's config and state directory, an
+    IPAM type absent from CNI_PATH, a CNI_IFNAME the container has, a `<bridge>.<vlan>` that is
+    not a veth."""
+    if conf.ipam_type == "host-local":
+        host_local_check_add(request)
+    elif conf.ipam_type:
+        find_plugin(conf.ipam_type, request.path)
+    if get_link(container_nl, request.ifname) is not None:
+        raise CNIError(ERR_INVALID_CONFIG, "container veth name %r already exists" % request.ifname,
+                       "the container %s already has an interface of that name"
+                       % request.container_id)
+    if conf.uses_vlan_gateway:
+        gateway = get_link(host_nl, conf.vlan_gateway)
+        if gateway is not None and gateway.kind != "veth":
+            raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not a veth pair"
+                           % conf.vlan_gateway, "the VLAN gateway of bridge %s: remove the %s link"
+                           % (conf.bridge, gateway.kind or "other"))
+
+
 def bridge_add(request):
     """ADD: the bridge, a veth pair into the container, the IPAM's addresses, the gateway on the
     bridge, masquerade and spoof check; on any failure everything made is undone (rollback_add)."""
@@ -3449,6 +3551,7 @@ def bridge_add(request):
     host_nl = NetlinkSocket()
     ns = Netns(request.netns)
     container_nl = ns.netlink()
+    check_add_before_making(request, conf, host_nl, container_nl)
     bridge = ensure_bridge(host_nl, conf)
     container, host = create_container_veth(container_nl, host_nl, request, conf)
     ipam_done = False
@@ -3566,6 +3669,9 @@ def bridge_check(request):
     if bool(bridge.flags & IFF_PROMISC) != conf.promisc:
         raise CNIError(ERR_INTERNAL,
                        "bridge %s promiscuous mode is not %s" % (conf.bridge, conf.promisc))
+    if conf.mtu and bridge.mtu != conf.mtu:
+        raise CNIError(ERR_INTERNAL, "MTU of bridge %s is %d, the config says %d"
+                       % (conf.bridge, bridge.mtu, conf.mtu))
     container = get_link(container_nl, request.ifname)
     if container is None or container.kind != "veth":
         raise CNIError(ERR_INTERNAL,
@@ -3686,6 +3792,8 @@ def bridge_gc(request):
                     except CNIError as err:
                         errors.append(err.msg)
         errors.extend(collect_stale_rules(conf.network, valid))
+        if conf.ip_masq_backend == "iptables":
+            errors.extend(iptables_collect_stale(conf.network, valid))
     if errors:
         raise CNIError(ERR_INTERNAL, "bridge GC could not remove everything", "; ".join(errors))
     return None
@@ -3728,15 +3836,20 @@ def read_stdin(wait_for_data):
     size = 0
     if not wait_for_data:
         import select
-        if posix.isatty(0) or not select.select([0], [], [], 1.0)[0]:
+        try:
+            if posix.isatty(0) or not select.select([0], [], [], 1.0)[0]:
+                return b""
+        except (OSError, ValueError):     # stdin closed: VERSION needs no config
             return b""
     while True:
         try:
             chunk = posix.read(0, 1 << 16)
         except OSError as err:
-            if err.errno == errno.EBADF and not chunks:    # no stdin at all
+            if err.errno == errno.EBADF and not wait_for_data:
                 return b""
-            raise CNIError(ERR_IO, "error reading from stdin: %s" % err.strerror)
+            closed = err.errno == errno.EBADF
+            raise CNIError(ERR_IO, "error reading from stdin: %s" % err.strerror,
+                           "stdin is closed or not open for reading" if closed else "")
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
@@ -3760,16 +3873,10 @@ def version_answer():
 
 def build_request(command, env):
     """Validate the environment and stdin in the reference's order; the Request to act on."""
-    required = REQUIRED_ENV[command]
-    missing = [name for name in required if not env.get(name)]
-    if missing:
-        raise CNIError(ERR_INVALID_ENV, "required env variables [%s] missing" % ",".join(missing))
-    container_id = env.get("CNI_CONTAINERID", "")
-    ifname = env.get("CNI_IFNAME", "")
-    if "CNI_CONTAINERID" in required:
-        check_name(container_id, "containerID", ERR_INVALID_ENV)
-        check_ifname(ifname)
-    args = parse_cni_args(env.get("CNI_ARGS", ""))
+    try:
+        container_id, ifname, args = checked_environment(command, env)
+    except CNIError as err:
+        raise in_config_version(err)
     raw = read_stdin(True)
     try:
         config = json_loads(raw)
@@ -3785,6 +3892,32 @@ def build_request(command, env):
         if version in SUPPORTED_VERSIONS:
             err.version = version                   # answer in the caller's version when known
         raise
+
+
+def checked_environment(command, env):
+    """The container ID, interface name and CNI_ARGS of a request, each checked."""
+    required = REQUIRED_ENV[command]
+    missing = [name for name in required if not env.get(name)]
+    if missing:
+        raise CNIError(ERR_INVALID_ENV, "required env variables [%s] missing" % ",".join(missing))
+    container_id = env.get("CNI_CONTAINERID", "")
+    ifname = env.get("CNI_IFNAME", "")
+    if "CNI_CONTAINERID" in required:
+        check_name(container_id, "containerID", ERR_INVALID_ENV)
+        check_ifname(ifname)
+    return container_id, ifname, parse_cni_args(env.get("CNI_ARGS", ""))
+
+
+def in_config_version(err):
+    """`err`, found before the config was read, to be answered in the config's own cniVersion
+    when stdin holds a readable config (without waiting long for an idle stdin)."""
+    try:
+        config = json_loads(read_stdin(False))
+    except (ValueError, UnicodeError, CNIError):
+        return err
+    if isinstance(config, dict) and config.get("cniVersion") in SUPPORTED_VERSIONS:
+        err.version = config["cniVersion"]
+    return err
 
 
 def _validated_request(command, env, container_id, ifname, args, raw, config):
@@ -3837,7 +3970,8 @@ def run_plugin(plugin, env):
     error_version = LATEST_VERSION
     try:
         if command not in REQUIRED_ENV:
-            raise CNIError(ERR_INVALID_ENV, "unknown CNI_COMMAND: %s" % command[:100])
+            raise in_config_version(CNIError(ERR_INVALID_ENV,
+                                             "unknown CNI_COMMAND: %s" % command[:100]))
         if command == "VERSION":
             write_json(version_answer())
             return 0

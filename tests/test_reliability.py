@@ -780,9 +780,9 @@ def test_held_lock_makes_add_and_del_give_up_with_code_11(ours_bin, node, make_n
 
 # --- file modes -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("umask", ["000", "022"])
+@pytest.mark.parametrize("umask", ["000", "022", "077"])
 def test_state_modes(ours_bin, node, container, data_dir, umask):
-    """Under the runtime's umask 000 or 022, the directories the plugin makes are 0755 and its files
+    """Under the runtime's umask 000, 022 or 077, the directories the plugin makes are 0755 and its files
     (lock, reservations, last_reserved_ip) 0644: nothing is world-writable."""
     nested = data_dir / "made" / "by" / "plugin"
     config = conf(nested)

@@ -474,13 +474,16 @@ GOOD_CONFIG = {"cniVersion": "1.0.0", "name": "net", "type": "bridge"}
 
 @pytest.fixture
 def stdin(monkeypatch):
-    """Feed build_request's stdin; records whether it was read at all."""
+    """Feed build_request's stdin; records how often it was read, and how often waiting for data
+    (an error in the environment only peeks at stdin, for the config's version)."""
     class FakeStdin:
         data = json.dumps(GOOD_CONFIG).encode()
         reads = 0
+        waiting_reads = 0
 
         def read(self, wait_for_data):
             self.reads += 1
+            self.waiting_reads += bool(wait_for_data)
             return self.data
 
     fake = FakeStdin()
@@ -528,7 +531,10 @@ def test_build_request_ok(stdin):
 def test_missing_env_all_named_before_stdin(command, missing, stdin):
     err = code_of(command, stdin, raw=b"garbage", **dict((k, None) for k in BASE_ENV if k != "CNI_COMMAND"))
     assert (err.code, err.msg) == (4, "required env variables [%s] missing" % ",".join(missing))
-    assert stdin.reads == 0
+    assert stdin.waiting_reads == 0 and not hasattr(err, "version")
+    err = code_of(command, stdin, config=dict(GOOD_CONFIG, cniVersion="0.3.1"),
+                  **dict((k, None) for k in BASE_ENV if k != "CNI_COMMAND"))
+    assert (err.code, err.version, stdin.waiting_reads) == (4, "0.3.1", 0)
 
 
 def test_empty_env_counts_as_missing(stdin):
@@ -545,13 +551,13 @@ def test_netns_optional_outside_add_and_check(command, stdin):
 def test_bad_container_id_before_stdin(command, stdin):
     err = code_of(command, stdin, raw=b"{", CNI_CONTAINERID="bad/id")
     assert (err.code, err.msg, err.details) == (4, "invalid characters found in containerID", "bad/id")
-    assert stdin.reads == 0
+    assert stdin.waiting_reads == 0
 
 
 def test_bad_ifname_before_stdin(stdin):
     err = code_of("ADD", stdin, raw=b"{", CNI_IFNAME="x" * 16)
     assert (err.code, err.msg) == (4, "interface name is too long")
-    assert stdin.reads == 0
+    assert stdin.waiting_reads == 0
 
 
 @pytest.mark.parametrize("command", ["GC", "STATUS"])

@@ -1,4 +1,4 @@
-"""cni-bridge: the CNI `bridge`, `host-local` and `loopback` plugins in one stdlib-only module.
+"""cni-bridge: the CNI `bridge`, `host-local`, `loopback` and `tuning` plugins in one stdlib-only module.
 
 The program is exec'd by a container runtime at every container start and stop.  It picks the
 plugin from the name it was started as (argv[0]), reads its parameters from CNI_* environment
@@ -14,7 +14,7 @@ VERSION, the call a runtime makes most, loads no socket module at all.
 
 Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
 operations; nf_tables messages; nf_tables rule sets (shared by every rule-writing plugin);
-namespaces; IPAM store; the three plugins; entry point.
+namespaces; IPAM store; the three plugins; the tuning plugin (chained); entry point.
 """
 
 import errno     # built in: about 0.06 ms, for names instead of numbers
@@ -3517,7 +3517,8 @@ class TuningConfig(object):
     """The tuning plugin's keys (reference names, matched case-insensitively):
 
       sysctl        {key: value}: net.* sysctls in the container's namespace; a key's parts are
-                    separated by "." or "/", and a part "IFNAME" stands for CNI_IFNAME
+                    separated by "." or, in a key holding a "/", by "/"; a part "IFNAME" stands
+                    for CNI_IFNAME
       mac           MAC address of CNI_IFNAME (overridden, in this order, by CNI_ARGS MAC,
                     runtimeConfig.mac and args.cni.mac, as the reference does)
       promisc       promiscuous mode, true or false (absent: left as it is)
@@ -3636,7 +3637,7 @@ def check_sysctl_allowlist(sysctl):
         with open(TUNING_ALLOWLIST, "rb") as f:
             lines = f.read().decode("utf-8", "replace").splitlines()
     except OSError as err:
-        if err.errno == 2:          # ENOENT: no allowlist, every net.* key is allowed
+        if err.errno == errno.ENOENT:      # no allowlist: every net.* key is allowed
             return
         raise os_error(err, "failed to read %s" % TUNING_ALLOWLIST)
     import re
@@ -3657,17 +3658,19 @@ def check_sysctl_allowlist(sysctl):
 def resolve_sysctl(key, ifname):
     """(path under /proc/sys, whether it is CNI_IFNAME's own) of a tuning sysctl key.
 
-    Refused with code 7: keys outside net., empty parts (so no "..", no leading or trailing
-    separator), control characters, and per-interface entries of any interface but CNI_IFNAME.
+    A key's parts are separated by "." (net.ipv4.ip_forward) or, when it holds a "/", by "/"
+    only (net/ipv4/conf/eth0.100/forwarding: dots in interface names stay).  Refused with code 7:
+    keys outside net., empty, "." or ".." parts, control characters, and per-interface entries of
+    any interface but CNI_IFNAME.
     """
     def refuse(why):
         return CNIError(ERR_INVALID_CONFIG, "invalid sysctl key %s: %s" % (json_dumps(key[:200]), why))
     if (not key or len(key) > SYSCTL_KEY_MAX or not encodable(key)
             or any(ord(ch) <= 32 or ord(ch) == 127 for ch in key)):
         raise refuse("empty, too long, or holding spaces or control characters")
-    parts = key.replace("/", ".").split(".")
-    if "" in parts:
-        raise refuse("its parts, separated by '.' or '/', must not be empty")
+    parts = key.split("/") if "/" in key else key.split(".")
+    if "" in parts or "." in parts or ".." in parts:
+        raise refuse("its parts, separated by '.' (or all by '/'), must not be empty, '.' or '..'")
     parts = [ifname if part == IFNAME_PLACEHOLDER else part for part in parts]
     if parts[0] != "net" or len(parts) < 2:
         raise refuse("only net.* sysctls can be set (in the container's namespace)")
@@ -3683,14 +3686,14 @@ def resolve_sysctl(key, ifname):
 def sysctl_file_error(err, path, writing):
     """The CNIError for a sysctl file that cannot be opened, read or written."""
     name = path.replace("/", ".")
-    if err.errno in (2, 20):                     # ENOENT, ENOTDIR
+    if err.errno in (errno.ENOENT, errno.ENOTDIR):
         return CNIError(ERR_INVALID_CONFIG, "there is no sysctl %s in the container's namespace" % name,
                         "%s%s does not exist" % (SYSCTL_ROOT, path))
-    if err.errno == 21:                          # EISDIR
+    if err.errno == errno.EISDIR:
         return CNIError(ERR_INVALID_CONFIG, "sysctl %s is a directory, not a setting" % name)
-    if err.errno in (1, 13):                     # EPERM, EACCES
+    if err.errno in (errno.EPERM, errno.EACCES):
         return CNIError(ERR_INVALID_CONFIG, "sysctl %s cannot be %s" % (name, "written" if writing else "read"))
-    if err.errno in (22, 34):                    # EINVAL, ERANGE
+    if err.errno in (errno.EINVAL, errno.ERANGE):
         return CNIError(ERR_INVALID_CONFIG, "the kernel refused the value of sysctl %s: %s"
                         % (name, err.strerror))
     return CNIError(ERR_INTERNAL, "failed to %s sysctl %s: %s" % ("write" if writing else "read", name, err.strerror))
@@ -3702,7 +3705,7 @@ def sysctl_read(path):
     try:
         fd = posix.open(SYSCTL_ROOT + path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC)
     except OSError as err:
-        if err.errno == 13:                      # EACCES: write-only, such as route/flush
+        if err.errno == errno.EACCES:      # write-only, such as route/flush
             return None
         raise sysctl_file_error(err, path, False)
     try:
@@ -3779,7 +3782,7 @@ class TuningBackups(object):
             self.fd = posix.open(data_dir, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
                                  | posix.O_CLOEXEC)
         except OSError as err:
-            if create or err.errno not in (2, 20):
+            if create or err.errno not in (errno.ENOENT, errno.ENOTDIR):
                 raise os_error(err, "failed to open the tuning dataDir %s" % data_dir)
 
     def close(self):
@@ -3798,7 +3801,7 @@ class TuningBackups(object):
             fd = posix.open(name, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC | posix.O_NONBLOCK,
                             dir_fd=self.fd)
         except OSError as err:
-            if err.errno in (2, 40):                 # ENOENT, ELOOP (a planted symlink)
+            if err.errno in (errno.ENOENT, errno.ELOOP):     # ELOOP: a planted symlink
                 return None
             raise os_error(err, "failed to open %s/%s" % (self.data_dir, name))
         try:
@@ -3831,7 +3834,7 @@ class TuningBackups(object):
         try:
             posix.unlink(name, dir_fd=self.fd)
         except OSError as err:
-            if err.errno != 2:
+            if err.errno != errno.ENOENT:
                 raise os_error(err, "failed to remove %s/%s" % (self.data_dir, name))
 
 
@@ -4245,8 +4248,8 @@ def run_plugin(plugin, env):
 
 USAGE = """usage: %(prog)s COMMAND
 
-cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one program.
-Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
+cni-bridge %(version)s: the CNI bridge, host-local, loopback and tuning plugins in one program.
+Installed under the names bridge, host-local, loopback and tuning (symlinks) it is those plugins.
 
 commands:
   verify [CONFIG] [--keep] [--json]
@@ -4261,7 +4264,8 @@ commands:
   leases [--data-dir DIR] [--gc]
                           list host-local reservations (default DIR /var/lib/cni/networks) and
                           flag those whose container namespace is gone; --gc releases them
-  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
+  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback,
+                          tuning to it
                           (--force replaces regular files of those names)
   --version               print the program and CNI versions
   --help                  this text
@@ -4276,7 +4280,7 @@ def archive_path():
 
 
 def install(directory, force):
-    """Copy the zipapp into `directory` atomically and link the three plugin names to it."""
+    """Copy the zipapp into `directory` atomically and link every plugin name to it."""
     import os
     source = archive_path()
     if source is None:

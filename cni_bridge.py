@@ -180,24 +180,35 @@ _JSON_TYPE_NAMES = {bool: "a boolean", int: "an integer", str: "a string", list:
                     dict: "an object", float: "a number"}
 
 
-def conf_get(obj, key, kind=None, default=None, where=""):
-    """Read `key` from a config object, matching it case-insensitively as the reference does.
+def config_error(msg, details=""):
+    """The error for a configuration that does not hold together (code 7, the reference's text)."""
+    return CNIError(ERR_INVALID_CONFIG, "invalid network config: " + msg, details)
 
-    `kind` is the JSON type expected (bool, int, str, list, dict); a value of another type is
-    an invalid network config (code 7) naming the key.  null counts as absent.
-    """
+
+def conf_lookup(obj, key):
+    """The value of `key` in a config object, or None.  THE place of the key rule: matched
+    case-insensitively when not spelt exactly, as Go's JSON decoder (the reference's) does."""
     value = obj.get(key)
     if value is None:
         folded = key.lower()
         for k, v in obj.items():
             if isinstance(k, str) and k.lower() == folded:
-                value = v
-                break
+                return v
+    return value
+
+
+def conf_get(obj, key, kind=None, default=None, where=""):
+    """Read `key` from a config object (conf_lookup's key rule).
+
+    `kind` is the JSON type expected (bool, int, str, list, dict); a value of another type is
+    an invalid network config (code 7) naming the key.  null counts as absent.
+    """
+    value = conf_lookup(obj, key)
     if value is None:
         return default
     if kind is not None and not (type(value) is kind or (kind is float and type(value) is int)):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s%s must be %s"
-                       % (where, key, _JSON_TYPE_NAMES[kind]), "got %s" % json_dumps(value)[:200])
+        raise config_error("%s%s must be %s" % (where, key, _JSON_TYPE_NAMES[kind]),
+                           "got %s" % json_dumps(value)[:200])
     return value
 
 
@@ -205,8 +216,8 @@ def conf_int(obj, key, low, high, default=0, where=""):
     """Read an integer key and check it lies within [low, high]."""
     value = conf_get(obj, key, int, default, where)
     if not low <= value <= high:
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s%s must be between %d and %d"
-                       % (where, key, low, high), "got %d" % value)
+        raise config_error("%s%s must be between %d and %d" % (where, key, low, high),
+                           "got %d" % value)
     return value
 
 
@@ -268,9 +279,13 @@ def parse_cni_args(text):
 
 
 class Request(object):
-    """One plugin invocation: the CNI_* environment and the network configuration from stdin."""
+    """One plugin invocation: the CNI_* environment and the network configuration from stdin.
 
-    def __init__(self, command, container_id, netns, ifname, args, path, config, version):
+    `stdin` (the configuration's bytes) and `env` (the whole environment) are what a plugin
+    executed on our behalf gets (exec_plugin)."""
+
+    def __init__(self, command, container_id, netns, ifname, args, path, config, version,
+                 stdin=b"", env=None):
         self.command = command
         self.container_id = container_id
         self.netns = netns
@@ -279,8 +294,13 @@ class Request(object):
         self.path = path
         self.config = config
         self.version = version
-        self.stdin = b""
-        self.env = {}           # the whole environment, for a plugin executed on our behalf
+        self.stdin = stdin
+        self.env = env if env is not None else {}
+
+    @property
+    def network(self):
+        """The network's name (checked by build_request)."""
+        return conf_lookup(self.config, "name")
 
     def runtime_config(self):
         return conf_get(self.config, "runtimeConfig", dict, {})
@@ -1968,14 +1988,14 @@ class IPRange(object):
     @classmethod
     def parse(cls, obj, where):
         if not isinstance(obj, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be an object" % where)
+            raise config_error("%s must be an object" % where)
         text = conf_get(obj, "subnet", str, None, where + ".")
         if text is None:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.subnet is missing" % where)
+            raise config_error("%s.subnet is missing" % where)
         try:
             subnet = Prefix.parse(text)
         except ValueError as err:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.subnet: %s" % (where, err))
+            raise config_error("%s.subnet: %s" % (where, err))
         bits = IP_BITS[subnet.family]
         if subnet.length > bits - 2:
             raise CNIError(ERR_INVALID_CONFIG, "Network %s too small to allocate from" % text)
@@ -1992,7 +2012,7 @@ class IPRange(object):
             try:
                 family, ip = parse_ip(value)
             except ValueError as err:
-                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.%s: %s" % (where, key, err))
+                raise config_error("%s.%s: %s" % (where, key, err))
             if not subnet.contains(family, ip):
                 raise CNIError(ERR_INVALID_CONFIG, "%s %s not in network %s"
                                % (key[0].upper() + key[1:], value, text))
@@ -2002,9 +2022,9 @@ class IPRange(object):
         end = address("rangeEnd", last_usable)
         gateway = address("gateway", subnet.network + 1)
         if start > end:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s: rangeStart %s is after "
-                           "rangeEnd %s" % (where, ip_to_text(subnet.family, start),
-                                            ip_to_text(subnet.family, end)))
+            raise config_error("%s: rangeStart %s is after rangeEnd %s"
+                               % (where, ip_to_text(subnet.family, start),
+                                  ip_to_text(subnet.family, end)))
         return cls(subnet, start, end, gateway)
 
     @property
@@ -2050,7 +2070,7 @@ class RangeSet(list):
 
 def parse_range_set(items, where):
     if not isinstance(items, list):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list of ranges" % where)
+        raise config_error("%s must be a list of ranges" % where)
     if not items:
         raise CNIError(ERR_INVALID_CONFIG, "invalid range set %s: empty range set" % where)
     ranges = RangeSet(IPRange.parse(item, "%s[%d]" % (where, i)) for i, item in enumerate(items))
@@ -2088,12 +2108,12 @@ def parse_resolv_conf(path):
 def parse_routes(items, where):
     """Validate a `routes` list; routes are returned in canonical text form."""
     if not isinstance(items, list):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list" % where)
+        raise config_error("%s must be a list" % where)
     routes = []
     for i, item in enumerate(items):
         here = "%s[%d]." % (where, i)
         if not isinstance(item, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be an object" % here[:-1])
+            raise config_error("%s must be an object" % here[:-1])
         try:
             dst = Prefix.parse(conf_get(item, "dst", str, None, here))
             route = {"dst": dst.network_text()}
@@ -2104,7 +2124,7 @@ def parse_routes(items, where):
                     raise ValueError("gateway %s is not of the family of %s" % (gw, route["dst"]))
                 route["gw"] = ip_to_text(family, ip)
         except ValueError as err:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %sdst: %s" % (here, err))
+            raise config_error("%sdst: %s" % (here, err))
         for key, high in (("mtu", 65535), ("advmss", 65535), ("priority", 2 ** 32 - 1),
                           ("table", 2 ** 32 - 1), ("scope", 255)):
             if conf_get(item, key) is not None:
@@ -2113,46 +2133,67 @@ def parse_routes(items, where):
     return routes
 
 
-class IPAMConfig(object):
-    """host-local's configuration: where its state lives and what it hands out."""
+class IPAMLocation(object):
+    """Where a network's host-local state lives: all that DEL and GC read of the config, so a
+    range configuration that no longer validates does not leak reservations (decision 9)."""
 
     def __init__(self, request):
         ipam = conf_get(request.config, "ipam", dict)
         if ipam is None:
             raise CNIError(ERR_INVALID_CONFIG, "IPAM config missing 'ipam' key")
-        self.network = request.config["name"]
+        self.network = request.network
         self.data_dir = conf_get(ipam, "dataDir", str, DEFAULT_DATA_DIR, "ipam.")
-        if not self.data_dir.startswith("/") or "\0" in self.data_dir or not encodable(self.data_dir):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: ipam.dataDir must be an "
-                           "absolute path", self.data_dir[:300])
-        self.ipam = ipam
+        if (not self.data_dir.startswith("/") or "\0" in self.data_dir
+                or not encodable(self.data_dir)):
+            raise config_error("ipam.dataDir must be an absolute path", self.data_dir[:300])
 
-    def load_ranges(self, request):
-        """Parse and validate everything an ADD, CHECK or STATUS needs; DEL and GC do without."""
-        ipam, where = self.ipam, "ipam."
+
+class HostLocalConfig(IPAMLocation):
+    """host-local's keys (the reference's names, matched case-insensitively), read here alone:
+
+      ipam.dataDir          state directory (default /var/lib/cni/networks)        IPAMLocation
+      ipam.subnet, ipam.rangeStart, ipam.rangeEnd, ipam.gateway
+                            one range: the older single-range form                  IPRange.parse
+      ipam.ranges           [[range, ...], ...]: range sets, one address from each  parse_range_set
+      ipam.routes           [{dst, gw, mtu, advmss, priority, table, scope}]        parse_routes
+      ipam.resolvConf       a resolv.conf file whose contents are the result's dns
+      runtimeConfig.ipRanges  range sets from the runtime (capability "ipRanges"), first
+      CNI_ARGS IP, args.cni.ips, runtimeConfig.ips   addresses asked for, in that order
+
+    Everything ADD, CHECK and STATUS need, validated by the constructor.
+    """
+
+    def __init__(self, request):
+        IPAMLocation.__init__(self, request)
+        ipam = conf_get(request.config, "ipam", dict)
+        self.range_sets = self._range_sets(request, ipam)
+        self.routes = parse_routes(conf_get(ipam, "routes", list, [], "ipam."), "ipam.routes")
+        resolv = conf_get(ipam, "resolvConf", str, "", "ipam.")
+        self.dns = parse_resolv_conf(resolv) if resolv else {}
+        self.requested = self._requested_ips(request)
+
+    @staticmethod
+    def _range_sets(request, ipam):
+        """Range sets in the reference's order: the runtime's, ipam.subnet's, ipam.ranges."""
         sets = []
         for i, items in enumerate(conf_get(request.runtime_config(), "ipRanges", list, [])):
             sets.append(parse_range_set(items, "runtimeConfig.ipRanges[%d]" % i))
         if conf_get(ipam, "subnet") is not None:
             sets.append(parse_range_set([ipam], "ipam"))
-        for i, items in enumerate(conf_get(ipam, "ranges", list, [], where)):
+        for i, items in enumerate(conf_get(ipam, "ranges", list, [], "ipam.")):
             sets.append(parse_range_set(items, "ipam.ranges[%d]" % i))
         if not sets:
             raise CNIError(ERR_INVALID_CONFIG, "no IP ranges specified")
         if is_legacy_version(request.version):
             for family in (4, 6):
                 if sum(1 for s in sets if s[0].family == family) > 1:
-                    raise CNIError(ERR_INVALID_CONFIG, "CNI version %s does not support more than 1 "
-                                   "address per family" % request.version)
+                    raise CNIError(ERR_INVALID_CONFIG, "CNI version %s does not support more "
+                                   "than 1 address per family" % request.version)
         for i, a in enumerate(sets):
             for j in range(i + 1, len(sets)):
                 if any(x.overlaps(y) for x in a for y in sets[j]):
                     raise CNIError(ERR_INVALID_CONFIG, "range set %d overlaps with %d" % (i, j))
-        self.range_sets = sets
-        self.routes = parse_routes(conf_get(ipam, "routes", list, [], where), "ipam.routes")
-        resolv = conf_get(ipam, "resolvConf", str, "", where)
-        self.dns = parse_resolv_conf(resolv) if resolv else {}
-        self.requested = self._requested_ips(request)
+        return sets
 
     @staticmethod
     def _requested_ips(request):
@@ -2166,7 +2207,7 @@ class IPAMConfig(object):
                              ("runtimeConfig.ips", conf_get(request.runtime_config(), "ips", list, []))):
             for item in items:
                 if not isinstance(item, str):
-                    raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must hold strings" % where)
+                    raise config_error("%s must hold strings" % where)
                 texts.append(item)
         requested = []
         for text in texts:
@@ -2441,11 +2482,10 @@ def release(store, container_id, ifname, known=()):
 def valid_attachments(config):
     """The (containerID, ifname) pairs of a GC request, or None when the request names none."""
     for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
-        items = config.get(key)
+        items = conf_lookup(config, key)
         if items is not None:
             if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list of "
-                               "objects" % key)
+                raise config_error("%s must be a list of objects" % key)
             return set((str(conf_get(i, "containerID", None, "")), str(conf_get(i, "ifname", None, "")))
                        for i in items)
     return None
@@ -2526,26 +2566,28 @@ def nothing_to_do(request):
 # The host-local plugin
 # ==============================================================================================
 
-def host_local_add(request):
-    """Reserve one address per range set; the short IPAM result (no interfaces).
-
-    The result also says, for the bridge plugin in this process, whether the attachment already
-    held a reservation (a repeated ADD): only then can rules of an earlier ADD exist.
-    """
-    config = IPAMConfig(request)
-    config.load_ranges(request)
+def host_local_allocate(request):
+    """Reserve one address per range set.  Returns the short IPAM result (no interfaces) and
+    whether the attachment already held a reservation (a repeated ADD): the bridge plugin in
+    this process asks, because only then can rules of an earlier ADD exist."""
+    config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
         allocations = allocate(store, config, request.container_id, request.ifname)
     ips = [{"address": "%s/%d" % (ip_to_text(family, ip), r.subnet.length),
             "gateway": ip_to_text(family, r.gateway)} for r, family, ip in allocations]
     reused = any((family, ip) not in store.created for _r, family, ip in allocations)
-    return {"ips": ips, "routes": config.routes, "dns": config.dns, "reused": reused}
+    return {"ips": ips, "routes": config.routes, "dns": config.dns}, reused
+
+
+def host_local_add(request):
+    """ADD: reserve one address per range set; the short IPAM result (no interfaces)."""
+    return host_local_allocate(request)[0]
 
 
 def host_local_del(request):
     """Release the attachment's addresses; needs only the network name and dataDir, so a range
     configuration that no longer validates does not leak them (decision 9)."""
-    config = IPAMConfig(request)
+    config = IPAMLocation(request)
     try:
         known = [(p.family, p.ip) for p in (Prefix.parse(ip["address"])
                                              for ip in (previous_result(request) or {}).get("ips", []))]
@@ -2557,8 +2599,8 @@ def host_local_del(request):
 
 
 def host_local_check(request):
-    config = IPAMConfig(request)
-    config.load_ranges(request)
+    """CHECK: the attachment holds a reservation, and every prevResult address of our ranges."""
+    config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
         reserved = store.reservations()
     owner = owner_text(request.container_id, request.ifname)
@@ -2584,7 +2626,7 @@ def host_local_gc(request):
     valid = valid_attachments(request.config)
     if valid is None:
         return None
-    config = IPAMConfig(request)
+    config = IPAMLocation(request)
     with Store(config.data_dir, config.network) as store:
         errors = collect_garbage(store, valid)
     if errors:
@@ -2595,8 +2637,7 @@ def host_local_gc(request):
 
 def host_local_status(request):
     """Fail with code 50 when a range set has no free address (counted, never walked)."""
-    config = IPAMConfig(request)
-    config.load_ranges(request)
+    config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
         reserved = list(store.reservations())
     for index, ranges in enumerate(config.range_sets):
@@ -2616,6 +2657,9 @@ VLAN_MAX = 4094
 PORT_UP_TIMEOUT = 2.5                          # seconds to wait for the host veth to come up
 IPV6_SETTLE_TIMEOUT = 5.0                      # seconds to wait for duplicate address detection
 HOST_VETH_PREFIX = "veth"
+# Indexes in an ADD result's "interfaces" (bridge_add lists them in this order); its "ips"
+# name the container's interface by index.
+RESULT_BRIDGE, RESULT_HOST_VETH, RESULT_CONTAINER = 0, 1, 2
 
 
 class BridgeConfig(object):
@@ -2623,13 +2667,12 @@ class BridgeConfig(object):
 
     def __init__(self, request):
         c = request.config
-        self.network = c["name"]
+        self.network = request.network
         self.bridge = conf_get(c, "bridge", str, "cni0")
         try:
             check_ifname(self.bridge)
         except CNIError as err:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: bridge: %s" % err.msg,
-                           self.bridge[:100])
+            raise config_error("bridge: %s" % err.msg, self.bridge[:100])
         flag = lambda key: conf_get(c, key, bool, False)
         self.is_default_gateway = flag("isDefaultGateway")
         self.is_gateway = flag("isGateway") or self.is_default_gateway
@@ -2641,7 +2684,7 @@ class BridgeConfig(object):
                            'ipMasqBackend is "nftables" (the default) or "iptables"')
         self.mtu = conf_int(c, "mtu", 0, 65535)
         if 0 < self.mtu < 68:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: mtu %d is below 68" % self.mtu)
+            raise config_error("mtu %d is below 68" % self.mtu)
         self.hairpin = flag("hairpinMode")
         self.promisc = flag("promiscMode")
         self.port_isolation = flag("portIsolation")
@@ -2702,7 +2745,7 @@ def parse_vlan_trunk(items):
     vids = set()
     for item in items:
         if not isinstance(item, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: vlanTrunk entries are objects")
+            raise config_error("vlanTrunk entries are objects")
         low, high, one = (conf_get(item, k, int) for k in ("minID", "maxID", "id"))
         if low is not None or high is not None:
             if low is None:
@@ -2729,15 +2772,21 @@ IPAM_IN_PROCESS = {}      # filled below: command -> host-local function, for ip
 
 
 def ipam_call(request, ipam_type, command):
-    """Run the IPAM plugin for `command`: host-local in this process, anything else from CNI_PATH."""
+    """Run the IPAM plugin for `command`: host-local in this process, anything else from CNI_PATH.
+
+    The in-process host-local functions take the bridge's request as it is: none of them reads
+    its command."""
     if ipam_type == "host-local":
-        original = request.command
-        request.command = command
-        try:
-            return IPAM_IN_PROCESS[command](request)
-        finally:
-            request.command = original
+        return IPAM_IN_PROCESS[command](request)
     return exec_plugin(request, ipam_type, command)
+
+
+def ipam_add(request, ipam_type):
+    """The IPAM's ADD: its result, and whether the attachment held its addresses already (only
+    host-local in this process can tell; for another IPAM a repeated ADD is assumed)."""
+    if ipam_type == "host-local":
+        return host_local_allocate(request)
+    return exec_plugin(request, ipam_type, "ADD"), True
 
 
 def exec_plugin(request, plugin_type, command):
@@ -3120,7 +3169,8 @@ def ensure_vlan_gateway(nl, conf, bridge):
 
 
 def complete_gateways(conf, result):
-    """Give every IP interface 2 and, for a gateway bridge, a gateway; add default routes.
+    """Give every IP the container's interface and, for a gateway bridge, a gateway; add default
+    routes.
 
     Returns the gateway prefixes to put on the bridge, per family.
     """
@@ -3129,7 +3179,7 @@ def complete_gateways(conf, result):
     default_route_families = set(
         address_family_of(r["dst"]) for r in routes if r["dst"] in ("0.0.0.0/0", "::/0"))
     for ip in result["ips"]:
-        ip["interface"] = 2
+        ip["interface"] = RESULT_CONTAINER
         prefix = Prefix.parse(ip["address"])
         if not ip.get("gateway") and conf.is_gateway:
             ip["gateway"] = ip_to_text(prefix.family, prefix.network + 1)
@@ -3254,7 +3304,7 @@ def bridge_add(request):
                          attachment_alias(conf.network, request.container_id, request.ifname))
         result = {"interfaces": [], "ips": [], "routes": [], "dns": {}}
         if conf.ipam_type:
-            ipam_result = ipam_call(request, conf.ipam_type, "ADD")
+            ipam_result, reused = ipam_add(request, conf.ipam_type)
             ipam_done = True
             result.update((k, ipam_result.get(k) or result[k]) for k in ("ips", "routes", "dns"))
             if not result["ips"]:
@@ -3273,7 +3323,7 @@ def bridge_add(request):
                                  "net/ipv6/conf/all/forwarding", "1", required=True)
             if conf.ip_masq:
                 # Rules of an earlier ADD of this attachment can only exist if it held its address.
-                setup_masquerade(conf, request, result, ipam_result.get("reused", True))
+                setup_masquerade(conf, request, result, replace_earlier=reused)
         elif not conf.disable_container_interface:
             set_link(container_nl, container.index, "failed to set %s up" % request.ifname, up=True)
         if conf.macspoofchk:
@@ -3284,6 +3334,7 @@ def bridge_add(request):
     except BaseException:
         rollback_add(request, conf, container_nl, container, ipam_done)
         raise
+    # In the order RESULT_BRIDGE, RESULT_HOST_VETH, RESULT_CONTAINER name.
     result["interfaces"] = [{"name": bridge.name, "mac": bridge.mac},
                             {"name": host.name, "mac": host.mac},
                             {"name": container.name, "mac": container.mac, "sandbox": request.netns}]
@@ -3319,13 +3370,13 @@ def bridge_del(request):
     except CNIError as err:
         sys.stderr.write("DEL: the config does not validate (%s); cleaning up with what it says\n"
                          % err.msg)
-        ipam = request.config.get("ipam")
-        ipam_type = ipam.get("type") if isinstance(ipam, dict) else ""
+        ipam = conf_lookup(request.config, "ipam")
+        ipam_type = conf_lookup(ipam, "type") if isinstance(ipam, dict) else ""
         ipam_type = ipam_type if isinstance(ipam_type, str) else ""
-        backend = request.config.get("ipMasqBackend")
+        backend = conf_lookup(request.config, "ipMasqBackend")
     # Rules first: their removal frees memory after an RCU grace period, which then passes
     # while the veth is deleted instead of at exit.
-    teardown_attachment_rules(request.config["name"], request.container_id, request.ifname, backend)
+    teardown_attachment_rules(request.network, request.container_id, request.ifname, backend)
     if request.netns:
         try:
             ns = Netns(request.netns)
@@ -4140,8 +4191,9 @@ def version_answer():
     requested = LATEST_VERSION
     try:
         config = json_loads(read_stdin(False) or b"{}")
-        if isinstance(config, dict) and config.get("cniVersion") in SUPPORTED_VERSIONS:
-            requested = config["cniVersion"]
+        version = conf_lookup(config, "cniVersion") if isinstance(config, dict) else None
+        if version in SUPPORTED_VERSIONS:
+            requested = version
     except (ValueError, UnicodeError, CNIError):
         pass
     return {"cniVersion": requested, "supportedVersions": list(SUPPORTED_VERSIONS)}
@@ -4169,19 +4221,21 @@ def build_request(command, env):
     try:
         return _validated_request(command, env, container_id, ifname, args, raw, config)
     except CNIError as err:
-        if config.get("cniVersion") in SUPPORTED_VERSIONS:
-            err.version = config["cniVersion"]      # answer in the caller's version when known
+        version = conf_lookup(config, "cniVersion")
+        if version in SUPPORTED_VERSIONS:
+            err.version = version                   # answer in the caller's version when known
         raise
 
 
 def _validated_request(command, env, container_id, ifname, args, raw, config):
-    name = config.get("name")
+    name = conf_lookup(config, "name")
     if not name:
         raise CNIError(ERR_INVALID_CONFIG, "missing network name")
     if not isinstance(name, str):
         raise CNIError(ERR_DECODE, "error unmarshall network config: name must be a string")
     check_name(name, "network name", ERR_INVALID_CONFIG)
-    version = config.get("cniVersion", "")
+    version = conf_lookup(config, "cniVersion")
+    version = "" if version is None else version
     if not isinstance(version, str):
         raise CNIError(ERR_DECODE, "error unmarshall network config: cniVersion must be a string")
     if command in MIN_VERSION:
@@ -4191,11 +4245,8 @@ def _validated_request(command, env, container_id, ifname, args, raw, config):
     if (version or "0.1.0") not in SUPPORTED_VERSIONS:
         raise CNIError(ERR_INCOMPATIBLE_VERSION, "incompatible CNI versions",
                        "config is %s, plugin supports %s" % (json_dumps(version[:50]), json_dumps(list(SUPPORTED_VERSIONS))))
-    request = Request(command, container_id, env.get("CNI_NETNS", ""), ifname, args,
-                      env.get("CNI_PATH", ""), config, version or "0.1.0")
-    request.stdin = raw
-    request.env = env
-    return request
+    return Request(command, container_id, env.get("CNI_NETNS", ""), ifname, args,
+                   env.get("CNI_PATH", ""), config, version or "0.1.0", stdin=raw, env=env)
 
 
 def check_netns_target(request):
@@ -4235,7 +4286,7 @@ def run_plugin(plugin, env):
     except CNIError as err:
         write_json(err.to_json(getattr(err, "version", error_version)))
     except UnicodeError as err:   # a config string no file name or interface name can hold
-        write_json(CNIError(ERR_INVALID_CONFIG, "invalid network config: a string is not valid UTF-8",
+        write_json(config_error("a string is not valid UTF-8",
                             str(err)[:200]).to_json(error_version))
     except Exception as err:  # a bug: still answer in CNI form, never with a traceback on stdout
         tb = err.__traceback__
@@ -4508,7 +4559,9 @@ def verify(config_path, keep, as_json):
         left = []
         if get_link(state["ctr"].netlink(), ifname) is not None:
             left.append("%s in the container" % ifname)
-        host_name = state["internal"]["interfaces"][1]["name"] if len(state["internal"].get("interfaces") or []) > 1 else None
+        interfaces = state["internal"].get("interfaces") or []
+        host_name = (interfaces[RESULT_HOST_VETH]["name"] if len(interfaces) > RESULT_HOST_VETH
+                     else None)
         if host_name and get_link(state["node"].netlink(), host_name) is not None:
             left.append("host veth %s" % host_name)
         network_dir = os.path.join(data_dir, config.get("name", ""))

@@ -3583,7 +3583,7 @@ class TuningConfig(object):
 
     def __init__(self, request):
         c = request.config
-        self.network = c["name"]
+        self.network = request.network
         self.data_dir = tuning_data_dir(c)
         cni = conf_get(conf_get(c, "args", dict, {}), "cni", dict, {})
         self.sysctl = dict(conf_get(c, "sysctl", dict, {}))
@@ -3605,8 +3605,7 @@ class TuningConfig(object):
         self.txqlen = pick("txQLen", int)
         for key, value, low, high in (("mtu", self.mtu, 1, MTU_MAX), ("txQLen", self.txqlen, 0, TXQLEN_MAX)):
             if value is not None and not low <= value <= high:
-                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be between %d and %d"
-                               % (key, low, high), "got %d" % value)
+                raise config_error("%s must be between %d and %d" % (key, low, high), "got %d" % value)
         if self.sysctl:
             check_sysctl_allowlist(self.sysctl)
 
@@ -3621,8 +3620,7 @@ def tuning_data_dir(config):
     """The dataDir key: an absolute path (DEL and GC read only this key of the config)."""
     data_dir = conf_get(config, "dataDir", str, TUNING_DATA_DIR)
     if not data_dir.startswith("/") or not encodable(data_dir) or "\0" in data_dir:
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: dataDir must be an absolute path",
-                       data_dir[:200])
+        raise config_error("dataDir must be an absolute path", data_dir[:200])
     return data_dir
 
 
@@ -3647,13 +3645,13 @@ def refuse_duplicate_sysctl_keys(raw):
     """Refuse a sysctl object naming a key twice (which value would win is the parser's whim),
     as the reference does.  Only configs with sysctls pay for this second parse."""
     config = _json.make_scanner(_DuplicateNotingContext())(raw.decode("utf-8", "surrogateescape"), 0)[0]
-    args = conf_get(config, "args")
-    cni = conf_get(args, "cni") if isinstance(args, dict) else None
+    args = conf_lookup(config, "args")
+    cni = conf_lookup(args, "cni") if isinstance(args, dict) else None
     for where, obj in (("", config), ("args.cni.", cni if isinstance(cni, dict) else {})):
-        sysctl = conf_get(obj, "sysctl")
+        sysctl = conf_lookup(obj, "sysctl")
         if isinstance(sysctl, _DuplicateKeys):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %ssysctl names %s more than once"
-                           % (where, ", ".join(sysctl.duplicates)[:200]), "duplicated sysctl keys are not allowed")
+            raise config_error("%ssysctl names %s more than once" % (where, ", ".join(sysctl.duplicates)[:200]),
+                               "duplicated sysctl keys are not allowed")
 
 
 def sysctl_value(key, value):
@@ -3661,12 +3659,12 @@ def sysctl_value(key, value):
     if type(value) is int:
         value = str(value)
     if not isinstance(value, str):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: sysctl %s must be a string"
-                       % json_dumps(str(key)[:200]), "got %s" % json_dumps(value)[:200])
+        raise config_error("sysctl %s must be a string" % json_dumps(str(key)[:200]),
+                           "got %s" % json_dumps(value)[:200])
     if (not value or len(value) > SYSCTL_VALUE_MAX or not encodable(value)
             or any(ord(ch) < 32 and ch != "\t" or ord(ch) == 127 for ch in value)):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: sysctl %s has an empty, overlong "
-                       "or non-printable value" % json_dumps(key[:200]), json_dumps(value[:200]))
+        raise config_error("sysctl %s has an empty, overlong or non-printable value"
+                           % json_dumps(key[:200]), json_dumps(value[:200]))
     return value
 
 
@@ -3675,10 +3673,10 @@ def tuning_mac(text):
     try:
         raw = parse_mac(text.replace("-", ":"))
     except ValueError as err:
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s" % err)
+        raise config_error(str(err))
     if raw[0] & 1 or raw == b"\0" * 6:
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: MAC %s is not a unicast address" % text,
-                       "the kernel accepts neither multicast nor all-zero addresses for an interface")
+        raise config_error("MAC %s is not a unicast address" % text,
+                           "the kernel accepts neither multicast nor all-zero addresses for an interface")
     return mac_to_text(raw)
 
 
@@ -3812,9 +3810,9 @@ def check_mtu_bounds(link, mtu):
     low = link.min_mtu if link.min_mtu is not None else DEFAULT_MTU_BOUNDS[0]
     high = link.max_mtu if link.max_mtu is not None else DEFAULT_MTU_BOUNDS[1]
     if mtu < low or (high and mtu > high):     # a max of 0: the device sets no upper bound
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: mtu %d is outside the range of %s"
-                       % (mtu, link.name), "%s (%s) takes an MTU from %d to %s"
-                       % (link.name, link.kind or "device", low, high or MTU_MAX))
+        raise config_error("mtu %d is outside the range of %s" % (mtu, link.name),
+                           "%s (%s) takes an MTU from %d to %s"
+                           % (link.name, link.kind or "device", low, high or MTU_MAX))
 
 
 def backup_name(container_id, ifname):
@@ -4118,7 +4116,7 @@ def tuning_gc(request):
                 if not name.endswith(".json"):
                     continue
                 saved = backups.read(name) or {}
-                if saved.get("network") != request.config["name"]:
+                if saved.get("network") != request.network:
                     continue
                 if (saved.get("containerID"), saved.get("ifname")) not in valid:
                     backups.remove(name)

@@ -12,9 +12,25 @@ it uses their C cores (`posix`, `_json`, `_socket`) directly and imports the res
 path needs it (`os` costs a millisecond: it builds os.environ and imports `_collections_abc`).
 VERSION, the call a runtime makes most, loads no socket module at all.
 
-Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
-operations; nf_tables messages; nf_tables rule sets (shared by every rule-writing plugin);
-namespaces; IPAM store; the three plugins; the tuning plugin (chained); entry point.
+Sections, in dependency order (each opens with a banner stating its invariants):
+  CNI protocol and errors       errors, JSON, config keys, CNI_ARGS, results, per-process state
+  Addresses                     IPv4/IPv6 addresses and prefixes without `ipaddress`
+  Netlink codec                 Attr/AttrSpace/Header tables, one encoder/decoder, NetlinkSocket
+  rtnetlink operations          links, addresses, routes, bridge ports and VLANs, /proc/sys
+  nf_tables messages            nf_tables attribute spaces, expressions, NftBatch, NftRule
+  nf_tables rule sets           what every rule-writing plugin shares: by name, by comment, GC
+  Namespaces                    setns, Netns, named namespaces
+  IPAM store                    host-local's locked state directory and allocation
+  The loopback plugin
+  The host-local plugin         HostLocalConfig lists its keys
+  The bridge plugin             BridgeConfig lists its keys; masquerade and spoof check
+  The tuning plugin             TuningConfig lists its keys; chained after the interface's maker
+  Serving a CNI request         PLUGINS, the environment and stdin checks, run_plugin
+  Operator tools: install
+  Operator tools: verify        the walkthrough, one Verifier method per step
+  Operator tools: network commands   cnitool's add/check/del/status/gc
+  Operator tools: leases
+  Entry point                   USAGE, the command line, main
 """
 
 import errno     # built in: about 0.06 ms, for names instead of numbers
@@ -257,9 +273,9 @@ def check_ifname(name):
 KNOWN_CNI_ARGS = ("IP", "MAC", "IGNOREUNKNOWN")
 
 
-def parse_cni_args(text):
+def parse_cni_args(text, warn=True):
     """Parse CNI_ARGS "K=V;K2=V2" leniently: empty pieces are skipped, keys are case-insensitive,
-    unknown keys (Kubernetes' K8S_POD_*) are ignored with a note on stderr.
+    unknown keys (Kubernetes' K8S_POD_*) are ignored, with a note on stderr when `warn`.
 
     Returns {upper-case key: value}; a piece without "=" is an error (code 4) naming it.
     """
@@ -273,7 +289,7 @@ def parse_cni_args(text):
                            "CNI_ARGS must be KEY=VALUE pairs separated by ';'")
         args[key.upper()] = value
     unknown = sorted(k for k in args if k not in KNOWN_CNI_ARGS)
-    if unknown:
+    if unknown and warn:
         sys.stderr.write("CNI_ARGS: ignoring unknown keys %s\n" % " ".join(unknown)[:300])
     return args
 
@@ -316,6 +332,25 @@ def sha512_hex(text):
         except ImportError:
             from hashlib import sha512
     return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+# --- per-process state --------------------------------------------------------------------------
+# What a plugin process keeps open from one call to the next, all here so that a forked child
+# that starts over in another namespace (verify's run_plugin_in) has one thing to reset.
+
+class ProcessState(object):
+    """Per-process caches, each filled on first use by the section that owns it."""
+
+    def __init__(self):
+        self.original_netns_fd = None   # the namespace the process started in (Namespaces)
+        self.node_nftables = None       # nf_tables socket in that namespace (nf_tables rule sets)
+
+    def reset(self):
+        """Forget everything (the fds stay open: a forked child shares them with its parent)."""
+        self.__init__()
+
+
+PROCESS = ProcessState()
 
 
 # --- invoking other plugins ----------------------------------------------------------------------
@@ -1693,19 +1728,15 @@ class NftRule(object):
 #   looked up one by one before their rules are listed.
 # - GC removes the rules whose comment names an attachment that is no longer valid.
 
-_node_nftables = None
-
-
 def node_nftables():
     """The plugin's nf_tables socket in the node's namespace, kept open until the process exits.
 
     Closing an nf_tables socket right after a transaction that deleted rules waits for an RCU
     grace period (10-20 ms); kept open, that wait overlaps the rest of the plugin's work.
     """
-    global _node_nftables
-    if _node_nftables is None:
-        _node_nftables = NetlinkSocket(NETLINK_NETFILTER)
-    return _node_nftables
+    if PROCESS.node_nftables is None:
+        PROCESS.node_nftables = NetlinkSocket(NETLINK_NETFILTER)
+    return PROCESS.node_nftables
 
 
 def chain_exists(nl, family, table, chain):
@@ -1793,8 +1824,7 @@ OWN_NETNS_PATH = "/proc/self/ns/net"
 MS_BIND = 4096
 MNT_DETACH = 2
 
-_libc_functions = {}
-_original_netns_fd = None
+_libc_functions = {}        # libc function pointers: valid in a forked child too
 
 
 def libc_call(name, *args):
@@ -1829,10 +1859,9 @@ def setns(fd, nstype=CLONE_NEWNET):
 
 def original_netns_fd():
     """An fd of the namespace the plugin was started in (the node's), opened before any switch."""
-    global _original_netns_fd
-    if _original_netns_fd is None:
-        _original_netns_fd = posix.open(OWN_NETNS_PATH, posix.O_RDONLY | posix.O_CLOEXEC)
-    return _original_netns_fd
+    if PROCESS.original_netns_fd is None:
+        PROCESS.original_netns_fd = posix.open(OWN_NETNS_PATH, posix.O_RDONLY | posix.O_CLOEXEC)
+    return PROCESS.original_netns_fd
 
 
 class NetnsGone(CNIError):
@@ -4132,8 +4161,11 @@ def tuning_gc(request):
 
 
 # ==============================================================================================
-# Entry point
+# Serving a CNI request
 # ==============================================================================================
+# The plugins by name and the reference's checks of the environment and stdin, in its order.
+# run_plugin is the one place where every failure becomes a CNI error JSON on stdout: no
+# traceback ever reaches the runtime.  New plugins register in PLUGINS.
 
 PLUGINS = {
     "bridge": {"ADD": bridge_add, "DEL": bridge_del, "CHECK": bridge_check,
@@ -4295,31 +4327,10 @@ def run_plugin(plugin, env):
     return 1
 
 
-USAGE = """usage: %(prog)s COMMAND
-
-cni-bridge %(version)s: the CNI bridge, host-local, loopback and tuning plugins in one program.
-Installed under the names bridge, host-local, loopback and tuning (symlinks) it is those plugins.
-
-commands:
-  verify [CONFIG] [--keep] [--json]
-                          run the walkthrough on throwaway namespaces: ADD (default config
-                          conf/10-mynet.conf), read back, ping the gateway, CHECK, DEL, and
-                          show that nothing is left; --keep leaves it all for inspection
-  add|check|del|status|gc NETWORK NETNS
-                          run a network's plugin chain like the CNI project's cnitool: configs
-                          from NETCONFPATH (/etc/cni/net.d), plugins from CNI_PATH (/opt/cni/bin),
-                          CNI_IFNAME (eth0), CNI_ARGS, CAP_ARGS; results cached in
-                          /var/lib/cni/results as libcni does
-  leases [--data-dir DIR] [--gc]
-                          list host-local reservations (default DIR /var/lib/cni/networks) and
-                          flag those whose container namespace is gone; --gc releases them
-  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback,
-                          tuning to it
-                          (--force replaces regular files of those names)
-  --version               print the program and CNI versions
-  --help                  this text
-"""
-
+# ==============================================================================================
+# Operator tools: install
+# ==============================================================================================
+# `install` copies the zipapp into a directory atomically and links every plugin name to it.
 
 def archive_path():
     """The zipapp this module runs from, or None when it runs from a plain file."""
@@ -4353,7 +4364,14 @@ def install(directory, force):
     sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)), directory))
 
 
-# --- verify: the walkthrough on throwaway namespaces -----------------------------------------------
+# ==============================================================================================
+# Operator tools: verify
+# ==============================================================================================
+# `verify` runs the README's walkthrough on throwaway namespaces: ADD, read back from the kernel,
+# ping the gateway, CHECK, DEL, nothing left.  Each step is a Verifier method whose inputs are
+# its arguments and whose outcome is its return value (a detail text and what later steps
+# need), so each can be run and tested alone; `verify` only chains them.  The plugin runs in a
+# forked child inside the node namespace, as a runtime would exec it there.
 
 # conf/10-mynet.conf, for `verify` run away from a checkout.
 BUILTIN_CONFIG = """{
@@ -4362,6 +4380,7 @@ BUILTIN_CONFIG = """{
   "ipam": {"type": "host-local", "subnet": "172.19.0.0/24", "routes": [{"dst": "0.0.0.0/0"}]}
 }"""
 ICMP_ECHO = {4: (8, 0), 6: (128, 129)}         # family -> (request type, reply type)
+VERIFY_NETNS_PREFIX = "cbv-"                   # the prefix of the throwaway namespaces' names
 
 
 def run_plugin_in(netns_fd, plugin, env, stdin):
@@ -4372,9 +4391,8 @@ def run_plugin_in(netns_fd, plugin, env, stdin):
     if pid == 0:
         status = 1
         try:
-            global _original_netns_fd
             setns(netns_fd)
-            _original_netns_fd = None
+            PROCESS.reset()         # the child starts over in the node namespace
             for fd, (r, w) in enumerate(pipes):
                 posix.dup2(r if fd == 0 else w, fd)
             for r, w in pipes:          # else stdin never reaches end of file
@@ -4404,6 +4422,7 @@ def run_plugin_in(netns_fd, plugin, env, stdin):
 
 
 def icmp_checksum(data):
+    """The Internet checksum (RFC 1071) of an ICMP message."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
@@ -4439,8 +4458,32 @@ def ping(ns, family, address, timeout=2.0):
         sock.close()
 
 
+class PluginRunner(object):
+    """How the walkthrough calls the plugin: `plugin` from the node namespace `node`, with the
+    CNI environment `env` (CNI_COMMAND added per call)."""
+
+    def __init__(self, node, plugin, env):
+        self.node = node
+        self.plugin = plugin
+        self.env = env
+
+    def call(self, command, stdin):
+        """Run one command; its stdout, or a CNIError with what the plugin printed."""
+        status, out, err = run_plugin_in(self.node.fd, self.plugin,
+                                         dict(self.env, CNI_COMMAND=command), stdin)
+        if status != 0:
+            raise CNIError(ERR_INTERNAL, "%s failed (exit %d): %s%s"
+                           % (command, status, out.strip(), err.strip()))
+        return out.strip()
+
+
 class Verifier(object):
-    """Runs the walkthrough step by step, recording each step's outcome."""
+    """The walkthrough's steps and the record of their outcomes.
+
+    step() runs one step method and records its name, success, duration and detail.  Every step
+    method returns (detail text, value for later steps) and raises CNIError or OSError on
+    failure; its inputs are its arguments.
+    """
 
     def __init__(self, as_json):
         self.as_json = as_json
@@ -4450,82 +4493,45 @@ class Verifier(object):
         if not self.as_json:
             posix.write(1, (text + "\n").encode("utf-8"))
 
-    def step(self, name, action):
-        """Run `action`, which returns a detail text; a CNIError or OSError fails the step."""
+    def step(self, name, action, *args):
+        """Run action(*args); record the outcome.  The step's value, or None when it failed."""
         start = time.monotonic()
         try:
-            detail, ok = action(), True
+            detail, value = action(*args)
+            ok = True
         except (CNIError, OSError) as err:
-            detail, ok = getattr(err, "msg", None) or str(err), False
+            detail, value, ok = getattr(err, "msg", None) or str(err), None, False
         elapsed = (time.monotonic() - start) * 1000
         self.steps.append({"step": name, "ok": ok, "ms": round(elapsed, 1), "detail": detail or ""})
         self.say("  %s %-58s %8.1f ms" % ("\u2713" if ok else "\u2717", name, elapsed))
         for line in (detail or "").splitlines():
             self.say("      " + line)
-        return ok
+        return value
 
-
-def verify(config_path, keep, as_json):
-    """The walkthrough: namespaces, ADD, read back, ping, CHECK, DEL, nothing left."""
-    import os
-    if config_path is None:
-        config_path = "conf/10-mynet.conf" if os.path.isfile("conf/10-mynet.conf") else None
-    try:
-        text = open(config_path).read() if config_path else BUILTIN_CONFIG
-        config = json_loads(text)
-        if not isinstance(config, dict):
-            raise ValueError("the configuration must be a JSON object")
-    except (OSError, ValueError) as err:
-        sys.stderr.write("verify: cannot read %s: %s\n" % (config_path, err))
-        return 2
-    if "plugins" in config:        # a .conflist: the walkthrough drives its first plugin
-        plugin_config = dict(config["plugins"][0])
-        plugin_config.update(cniVersion=config.get("cniVersion", ""), name=config.get("name", ""))
-        config = plugin_config
-    tag = posix.urandom(4).hex()
-    node_path, ctr_path = "/run/netns/cbv-node-" + tag, "/run/netns/cbv-ctr-" + tag
-    data_dir = "/run/cni-bridge-verify-" + tag
-    if isinstance(config.get("ipam"), dict):
-        config["ipam"] = dict(config["ipam"], dataDir=data_dir)
-    version = config.get("cniVersion") or "0.1.0"
-    container_id = "verify-" + tag
-    ifname = "eth0"
-    stdin = json_dumps(config).encode()
-    env = {"CNI_CONTAINERID": container_id, "CNI_NETNS": ctr_path, "CNI_IFNAME": ifname,
-           "CNI_PATH": os.path.dirname(archive_path() or os.path.abspath(__file__)),
-           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    v = Verifier(as_json)
-    v.say("cni-bridge verify: %s (network %s, type %s, cniVersion %s)"
-          % (config_path or "built-in conf/10-mynet.conf", config.get("name"), config.get("type"), version))
-    state = {}
-
-    def call(command, body=stdin):
-        status, out, err = run_plugin_in(state["node"].fd, config.get("type", ""),
-                                         dict(env, CNI_COMMAND=command), body)
-        if status != 0:
-            raise CNIError(ERR_INTERNAL, "%s failed (exit %d): %s%s" % (command, status, out.strip(), err.strip()))
-        return out.strip()
-
-    def make_namespaces():
+    @staticmethod
+    def make_namespaces(node_path, ctr_path):
+        """The node and container namespaces, lo up on the node; value (node, container)."""
         create_named_netns(node_path)
         create_named_netns(ctr_path)
-        state["node"], state["ctr"] = Netns(node_path), Netns(ctr_path)
-        nl = state["node"].netlink()
+        node, ctr = Netns(node_path), Netns(ctr_path)
+        nl = node.netlink()
         set_link(nl, get_link(nl, "lo").index, "failed to set lo up", up=True)
-        return "node %s, container %s" % (node_path, ctr_path)
+        return "node %s, container %s" % (node_path, ctr_path), (node, ctr)
 
-    def add():
-        state["result"] = json_loads(call("ADD"))
-        state["internal"] = decode_result(state["result"], version)
-        return json_dumps(state["result"])
+    @staticmethod
+    def add(runner, stdin, version):
+        """ADD; value (the result as printed, the result in internal form)."""
+        result = json_loads(runner.call("ADD", stdin))
+        return json_dumps(result), (result, decode_result(result, version))
 
-    def read_back():
-        nl = state["ctr"].netlink()
+    @staticmethod
+    def read_back(ctr, ifname, expected):
+        """The container interface is up and holds the `expected` addresses ("ip/len")."""
+        nl = ctr.netlink()
         link = get_link(nl, ifname)
         if link is None:
             raise CNIError(ERR_INTERNAL, "the container has no %s" % ifname)
         addrs = [str(a.prefix) for a in list_addrs(nl, link.index) if a.scope != RT_SCOPE_LINK]
-        expected = [ip["address"] for ip in state["internal"]["ips"]]
         missing = [a for a in expected if a not in addrs]
         if missing or not link.up:
             raise CNIError(ERR_INTERNAL, "%s is %s with %s; expected %s"
@@ -4533,74 +4539,132 @@ def verify(config_path, keep, as_json):
         routes = ["%s via %s" % (r.dst.network_text(), ip_to_text(*r.gateway))
                   for family in (4, 6) for r in list_routes(nl, family)
                   if r.oif == link.index and r.gateway]
-        return "%s %s up, mac %s, addresses %s%s" % (ifname, link.kind, link.mac, ", ".join(addrs),
-                                                      ("; routes " + ", ".join(routes)) if routes else "")
+        return "%s %s up, mac %s, addresses %s%s" % (
+            ifname, link.kind, link.mac, ", ".join(addrs),
+            ("; routes " + ", ".join(routes)) if routes else ""), True
 
-    def ping_gateway():
-        for ip in state["internal"]["ips"]:
+    @staticmethod
+    def ping_gateway(ctr, ips):
+        """The first gateway of the result's `ips` answers an echo from the container."""
+        for ip in ips:
             if ip.get("gateway"):
                 family, _ = parse_ip(ip["gateway"])
-                return "%s answered in %.2f ms" % (ip["gateway"], ping(state["ctr"], family, ip["gateway"]))
-        return "no gateway in the result: nothing to ping"
+                return "%s answered in %.2f ms" % (ip["gateway"], ping(ctr, family, ip["gateway"])), True
+        return "no gateway in the result: nothing to ping", True
 
-    def check():
-        if parse_version(version) < (0, 4, 0):
-            return "cniVersion %s has no CHECK" % version
-        call("CHECK", json_dumps(dict(config, prevResult=state["result"])).encode())
-        return ""
+    @staticmethod
+    def check(runner, config, version, result):
+        """CHECK with the ADD's result as prevResult (where the version has CHECK)."""
+        if parse_version(version) < MIN_VERSION["CHECK"]:
+            return "cniVersion %s has no CHECK" % version, True
+        runner.call("CHECK", json_dumps(dict(config, prevResult=result)).encode())
+        return "", True
 
-    def delete():
-        call("DEL", json_dumps(dict(config, prevResult=state["result"])).encode())
-        return ""
+    @staticmethod
+    def delete(runner, config, result):
+        """DEL with the ADD's result as prevResult."""
+        runner.call("DEL", json_dumps(dict(config, prevResult=result)).encode())
+        return "", True
 
-    def nothing_left():
+    @staticmethod
+    def nothing_left(node, ctr, attachment, host_veth, network_dir):
+        """No container interface, host veth, reservation or masquerade rule is left.
+        `attachment` is (network, container ID, ifname)."""
+        network, container_id, ifname = attachment
         left = []
-        if get_link(state["ctr"].netlink(), ifname) is not None:
+        if get_link(ctr.netlink(), ifname) is not None:
             left.append("%s in the container" % ifname)
-        interfaces = state["internal"].get("interfaces") or []
-        host_name = (interfaces[RESULT_HOST_VETH]["name"] if len(interfaces) > RESULT_HOST_VETH
-                     else None)
-        if host_name and get_link(state["node"].netlink(), host_name) is not None:
-            left.append("host veth %s" % host_name)
-        network_dir = os.path.join(data_dir, config.get("name", ""))
-        if os.path.isdir(network_dir):
+        if host_veth and get_link(node.netlink(), host_veth) is not None:
+            left.append("host veth %s" % host_veth)
+        if is_directory(network_dir):
             left.extend("reservation %s" % name for name in posix.listdir(network_dir)
                         if name != "lock" and not name.startswith(LAST_RESERVED_PREFIX))
-        with state["node"].entered():
-            nft = NetlinkSocket(NETLINK_NETFILTER)
-        instance = masq_instance_hash(config.get("name", ""), container_id, ifname)
+        nft = node.netlink(NETLINK_NETFILTER)
+        instance = masq_instance_hash(network, container_id, ifname)
         left.extend("masquerade rule %d" % r.handle
                     for r in rules_commented(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance))
         if left:
             raise CNIError(ERR_INTERNAL, "left behind: " + ", ".join(left))
-        return "no %s, no host veth, no reservation, no masquerade rule" % ifname
+        return "no %s, no host veth, no reservation, no masquerade rule" % ifname, True
 
-    def remove_namespaces():
-        for ns in (state.get("node"), state.get("ctr")):
-            if ns is not None:
-                ns.close()
-        for path in (node_path, ctr_path):
-            if os.path.exists(path):
+    @staticmethod
+    def remove_namespaces(namespaces, paths, data_dir):
+        """Close and remove the namespaces made, and the throwaway dataDir."""
+        for ns in namespaces:
+            ns.close()
+        for path in paths:
+            if posix.access(path, posix.F_OK):
                 remove_named_netns(path)
-        if os.path.isdir(data_dir):
+        if is_directory(data_dir):
             import shutil
             shutil.rmtree(data_dir)
-        return ""
+        return "", True
 
-    steps = [("create namespaces", make_namespaces), ("ADD", add),
-             ("container interface read back from the kernel", read_back),
-             ("ping the gateway from the container", ping_gateway), ("CHECK", check)]
-    if not keep:
-        steps += [("DEL", delete), ("nothing left behind", nothing_left)]
-    for name, action in steps:
-        if not v.step(name, action):
-            break
+
+def load_verify_config(config_path):
+    """The config `verify` drives (a .conflist's first plugin) and where it came from."""
+    if config_path is None and posix.access("conf/10-mynet.conf", posix.F_OK):
+        config_path = "conf/10-mynet.conf"
+    text = open(config_path).read() if config_path else BUILTIN_CONFIG
+    config = json_loads(text)
+    if not isinstance(config, dict):
+        raise ValueError("the configuration must be a JSON object")
+    if "plugins" in config:        # a .conflist: the walkthrough drives its first plugin
+        plugin_config = dict(config["plugins"][0])
+        plugin_config.update(cniVersion=config.get("cniVersion", ""), name=config.get("name", ""))
+        config = plugin_config
+    return config, config_path
+
+
+def verify(config_path, keep, as_json):
+    """The walkthrough: namespaces, ADD, read back, ping, CHECK, DEL, nothing left."""
+    import os
+    try:
+        config, config_path = load_verify_config(config_path)
+    except (OSError, ValueError) as err:
+        sys.stderr.write("verify: cannot read %s: %s\n" % (config_path, err))
+        return 2
+    prefix = os.environ.get("CNI_BRIDGE_VERIFY_PREFIX", VERIFY_NETNS_PREFIX)
+    tag = posix.urandom(4).hex()
+    node_name, ctr_name = "%snode-%s" % (prefix, tag), "%sctr-%s" % (prefix, tag)
+    node_path, ctr_path = "/run/netns/" + node_name, "/run/netns/" + ctr_name
+    data_dir = "/run/cni-bridge-verify-" + tag
+    if isinstance(config.get("ipam"), dict):
+        config["ipam"] = dict(config["ipam"], dataDir=data_dir)
+    version = config.get("cniVersion") or "0.1.0"
+    attachment = (config.get("name", ""), "verify-" + tag, "eth0")
+    env = {"CNI_CONTAINERID": attachment[1], "CNI_NETNS": ctr_path, "CNI_IFNAME": attachment[2],
+           "CNI_PATH": os.path.dirname(archive_path() or os.path.abspath(__file__)),
+           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    v = Verifier(as_json)
+    v.say("cni-bridge verify: %s (network %s, type %s, cniVersion %s)"
+          % (config_path or "built-in conf/10-mynet.conf", config.get("name"), config.get("type"),
+             version))
+    namespaces = v.step("create namespaces", v.make_namespaces, node_path, ctr_path) or ()
+    if namespaces:
+        node, ctr = namespaces
+        runner = PluginRunner(node, config.get("type", ""), env)
+        added = v.step("ADD", v.add, runner, json_dumps(config).encode(), version)
+        if added:
+            result, internal = added
+            interfaces = internal.get("interfaces") or []
+            host_veth = (interfaces[RESULT_HOST_VETH]["name"]
+                         if len(interfaces) > RESULT_HOST_VETH else None)
+            done = (v.step("container interface read back from the kernel", v.read_back, ctr,
+                           attachment[2], [ip["address"] for ip in internal["ips"]])
+                    and v.step("ping the gateway from the container", v.ping_gateway, ctr,
+                               internal["ips"])
+                    and v.step("CHECK", v.check, runner, config, version, result))
+            if done and not keep and v.step("DEL", v.delete, runner, config, result):
+                v.step("nothing left behind", v.nothing_left, node, ctr, attachment, host_veth,
+                       os.path.join(data_dir, attachment[0]))
     if keep:
-        v.say("kept for inspection:\n  ip netns exec cbv-node-%s ip addr\n  ip netns exec cbv-ctr-%s ip addr\n"
-              "remove with: ip netns del cbv-node-%s; ip netns del cbv-ctr-%s; rm -r %s"
-              % (tag, tag, tag, tag, data_dir))
+        v.say("kept for inspection:\n  ip netns exec %s ip addr\n  ip netns exec %s ip addr\n"
+              "remove with: ip netns del %s; ip netns del %s; rm -r %s"
+              % (node_name, ctr_name, node_name, ctr_name, data_dir))
     else:
-        v.step("remove namespaces", remove_namespaces)
+        v.step("remove namespaces", v.remove_namespaces, namespaces, (node_path, ctr_path),
+               data_dir)
     failed = [s for s in v.steps if not s["ok"]]
     if as_json:
         write_json({"config": config_path or "built-in", "ok": not failed, "steps": v.steps,
@@ -4611,9 +4675,29 @@ def verify(config_path, keep, as_json):
     return 1 if failed else 0
 
 
-# --- add, check, del, status, gc: a runtime's side, like the CNI project's cnitool --------------
+# ==============================================================================================
+# Operator tools: network commands
+# ==============================================================================================
+# add, check, del, status and gc drive a network's plugin chain from the runtime's side, like
+# the CNI project's cnitool: configs from NETCONFPATH, plugins from CNI_PATH, prevResult threaded
+# through ADD, DEL in reverse order with the cached result, capability args from CAP_ARGS.
+# Results are cached in libcni's format and place (CNI_CACHE_DIR, default /var/lib/cni), so
+# attachments made here and by containerd or podman are interchangeable.  One function per
+# command, over NetworkCall, which holds what every command needs.
 
-RESULTS_CACHE_DIR = "/var/lib/cni/results"
+DEFAULT_CACHE_DIR = "/var/lib/cni"
+
+
+def results_cache_dir(env):
+    """libcni's result cache: <cache dir>/results."""
+    return env.get("CNI_CACHE_DIR", DEFAULT_CACHE_DIR).rstrip("/") + "/results"
+
+
+def split_cni_args(text):
+    """CNI_ARGS as the (key, value) pairs libcni records, keys as written; checked by
+    parse_cni_args's rule (every piece KEY=VALUE)."""
+    parse_cni_args(text, warn=False)
+    return [list(piece.split("=", 1)) for piece in text.split(";") if piece]
 
 
 def load_network_list(name, conf_dir):
@@ -4636,96 +4720,162 @@ def load_network_list(name, conf_dir):
             except (OSError, ValueError) as err:
                 sys.stderr.write("skipping %s: %s\n" % (path, err))
                 continue
-            if not isinstance(conf, dict) or conf.get("name") != name:
+            if not isinstance(conf, dict) or conf_lookup(conf, "name") != name:
                 continue
             if "plugins" not in conf:
-                conf = {"cniVersion": conf.get("cniVersion", ""), "name": name, "plugins": [conf]}
+                conf = {"cniVersion": conf_lookup(conf, "cniVersion") or "", "name": name,
+                        "plugins": [conf]}
             if not isinstance(conf["plugins"], list) or not conf["plugins"]:
                 raise CNIError(ERR_INVALID_CONFIG, "%s: `plugins` must be a non-empty list" % path)
             return conf, raw
     raise CNIError(ERR_INVALID_CONFIG, "no network %r in %s" % (name, conf_dir))
 
 
-def cache_path(network, container_id, ifname):
-    import os
-    return os.path.join(RESULTS_CACHE_DIR, "%s-%s-%s" % (network, container_id, ifname))
+class NetworkCall(object):
+    """What every network command needs, read from the environment `env` as cnitool does: the
+    network's config list, the attachment (container ID derived from the netns path, CNI_IFNAME),
+    CAP_ARGS, CNI_ARGS, CNI_PATH and the result cache."""
 
+    def __init__(self, network, netns, env):
+        self.network = network
+        self.netns = netns
+        self.env = env
+        self.conf, self.raw = load_network_list(network, env.get("NETCONFPATH", "/etc/cni/net.d"))
+        self.version = conf_lookup(self.conf, "cniVersion") or ""
+        self.ifname = env.get("CNI_IFNAME", "eth0")
+        self.container_id = "cnitool-" + sha512_hex(netns)[:20]
+        self.capability_args = json_loads(env.get("CAP_ARGS") or "{}")
+        self.cni_args = split_cni_args(env.get("CNI_ARGS", ""))
+        self.cni_path = env.get("CNI_PATH", "/opt/cni/bin")
+        self.cache_dir = results_cache_dir(env)
 
-def run_network_command(command, network, netns):
-    """Drive a network's plugin chain as libcni does: prevResult threaded through ADD, DEL in
-    reverse order with the cached result, capability args from CAP_ARGS, results cached in
-    libcni's format so attachments made here and by containerd or podman are interchangeable."""
-    import os
-    import base64
-    env = os.environ
-    conf, raw = load_network_list(network, env.get("NETCONFPATH", "/etc/cni/net.d"))
-    version = conf.get("cniVersion", "")
-    ifname = env.get("CNI_IFNAME", "eth0")
-    container_id = "cnitool-" + sha512_hex(netns)[:20]
-    capability_args = json_loads(env.get("CAP_ARGS") or "{}")
-    cni_args = [piece.split("=", 1) for piece in env.get("CNI_ARGS", "").split(";") if "=" in piece]
-    cached = None
-    try:
-        with open(cache_path(network, container_id, ifname), "rb") as f:
-            cached = json_loads(f.read())
-    except (OSError, ValueError):
-        pass
-    minimum = MIN_VERSION.get(command.upper())
-    if minimum and parse_version(version) < minimum:
-        sys.stderr.write("network %s (cniVersion %s) does not support %s\n" % (network, version, command))
-        return 0 if command in ("status", "gc") else 1
-    plugin_env = dict(env, CNI_COMMAND=command.upper(), CNI_CONTAINERID=container_id, CNI_NETNS=netns,
-                      CNI_IFNAME=ifname, CNI_PATH=env.get("CNI_PATH", "/opt/cni/bin"))
-    if command in ("status", "gc"):
-        for key in ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"):
-            plugin_env[key] = ""
-    plugins = conf["plugins"] if command != "del" else list(reversed(conf["plugins"]))
-    result = cached.get("result") if command in ("check", "del") and cached else None
-    if command == "check" and result is None:
-        raise CNIError(ERR_INVALID_CONFIG, "no cached result for %s on %s: was it added?" % (network, netns))
-    for plugin in plugins:
-        request = dict(plugin, cniVersion=version, name=network)
-        request.pop("capabilities", None)
-        runtime = dict((k, v) for k, v in capability_args.items() if (plugin.get("capabilities") or {}).get(k))
+    @property
+    def plugins(self):
+        return self.conf["plugins"]
+
+    def allows(self, command):
+        """Whether the network's cniVersion has `command` (CHECK from 0.4.0, GC, STATUS 1.1.0)."""
+        minimum = MIN_VERSION.get(command)
+        return not minimum or parse_version(self.version) >= minimum
+
+    def invoke(self, plugin, command, extra=None, attachment=True):
+        """Run one plugin of the chain; its output.  `extra` keys go into its config (prevResult,
+        cni.dev/valid-attachments); STATUS and GC concern no attachment."""
+        config = dict(plugin, cniVersion=self.version, name=self.network)
+        config.pop("capabilities", None)
+        wanted = plugin.get("capabilities") or {}
+        runtime = dict((k, v) for k, v in self.capability_args.items() if wanted.get(k))
         if runtime:
-            request["runtimeConfig"] = runtime
-        if command == "gc":
-            request["cni.dev/valid-attachments"] = cached_attachments(network)
-        elif result is not None and (command != "del" or parse_version(version) >= (0, 4, 0)):
-            request["prevResult"] = result
-        output = invoke_plugin(plugin.get("type", ""), plugin_env["CNI_PATH"], plugin_env,
-                               json_dumps(request).encode())
-        if command == "add":
-            result = output
-    if command == "add":
-        make_directories(RESULTS_CACHE_DIR, 0o700)
-        entry = {"kind": "cniCacheV1", "containerId": container_id, "config": base64.b64encode(raw).decode(),
-                 "ifName": ifname, "networkName": network, "netns": netns, "cniArgs": cni_args,
-                 "capabilityArgs": capability_args, "result": result}
-        path = cache_path(network, container_id, ifname)
+            config["runtimeConfig"] = runtime
+        config.update(extra or {})
+        env = dict(self.env, CNI_COMMAND=command, CNI_PATH=self.cni_path,
+                   CNI_CONTAINERID=self.container_id if attachment else "",
+                   CNI_NETNS=self.netns if attachment else "",
+                   CNI_IFNAME=self.ifname if attachment else "")
+        return invoke_plugin(plugin.get("type", ""), self.cni_path, env, json_dumps(config).encode())
+
+    def cache_path(self):
+        return "%s/%s-%s-%s" % (self.cache_dir, self.network, self.container_id, self.ifname)
+
+    def cached_result(self):
+        """The result cached by `add`, or None."""
+        try:
+            with open(self.cache_path(), "rb") as f:
+                entry = json_loads(f.read())
+        except (OSError, ValueError):
+            return None
+        return entry.get("result") if isinstance(entry, dict) else None
+
+    def store_result(self, result):
+        """Cache the ADD result in libcni's cniCacheV1 format (atomically)."""
+        import base64
+        make_directories(self.cache_dir, 0o700)
+        entry = {"kind": "cniCacheV1", "containerId": self.container_id,
+                 "config": base64.b64encode(self.raw).decode(), "ifName": self.ifname,
+                 "networkName": self.network, "netns": self.netns, "cniArgs": self.cni_args,
+                 "capabilityArgs": self.capability_args, "result": result}
+        path = self.cache_path()
         with open(path + ".tmp", "w") as f:
             f.write(json_dumps(entry))
         posix.rename(path + ".tmp", path)
-        write_json(result)
-    elif command == "del":
+
+    def forget_result(self):
         try:
-            posix.unlink(cache_path(network, container_id, ifname))
+            posix.unlink(self.cache_path())
         except OSError:
             pass
+
+
+def network_add(call):
+    """ADD through the chain, each plugin getting the previous one's result; cache and print it."""
+    result = None
+    for plugin in call.plugins:
+        result = call.invoke(plugin, "ADD", {"prevResult": result} if result is not None else {})
+    call.store_result(result)
+    write_json(result)
+
+
+def network_check(call):
+    """CHECK through the chain with the cached ADD result."""
+    result = call.cached_result()
+    if result is None:
+        raise CNIError(ERR_INVALID_CONFIG, "no cached result for %s on %s: was it added?"
+                       % (call.network, call.netns))
+    for plugin in call.plugins:
+        call.invoke(plugin, "CHECK", {"prevResult": result})
+
+
+def network_del(call):
+    """DEL through the chain in reverse, with the cached result from 0.4.0 on; forget it."""
+    result = call.cached_result()
+    extra = {}
+    if result is not None and parse_version(call.version) >= (0, 4, 0):
+        extra["prevResult"] = result
+    for plugin in reversed(call.plugins):
+        call.invoke(plugin, "DEL", extra)
+    call.forget_result()
+
+
+def network_status(call):
+    """STATUS of every plugin of the chain."""
+    for plugin in call.plugins:
+        call.invoke(plugin, "STATUS", attachment=False)
+
+
+def network_gc(call):
+    """GC through the chain; the valid attachments are those in the result cache."""
+    valid = cached_attachments(call.cache_dir, call.network)
+    for plugin in call.plugins:
+        call.invoke(plugin, "GC", {"cni.dev/valid-attachments": valid}, attachment=False)
+
+
+NETWORK_COMMANDS = {"add": network_add, "check": network_check, "del": network_del,
+                    "status": network_status, "gc": network_gc}
+
+
+def run_network_command(command, network, netns):
+    """Run one network command; the exit status.  A command the network's version lacks is
+    refused (and, for status and gc, a success with nothing to do)."""
+    import os
+    call = NetworkCall(network, netns, os.environ)
+    if not call.allows(command.upper()):
+        sys.stderr.write("network %s (cniVersion %s) does not support %s\n"
+                         % (network, call.version, command))
+        return 0 if command in ("status", "gc") else 1
+    NETWORK_COMMANDS[command](call)
     return 0
 
 
-def cached_results():
-    """Every libcni result-cache entry on this node."""
-    import os
+def cached_results(cache_dir):
+    """Every libcni result-cache entry in `cache_dir`."""
     entries = []
     try:
-        names = sorted(posix.listdir(RESULTS_CACHE_DIR))
+        names = sorted(posix.listdir(cache_dir))
     except OSError:
         return entries
     for name in names:
         try:
-            with open(os.path.join(RESULTS_CACHE_DIR, name), "rb") as f:
+            with open("%s/%s" % (cache_dir, name), "rb") as f:
                 entry = json_loads(f.read())
         except (OSError, ValueError):
             continue
@@ -4734,12 +4884,20 @@ def cached_results():
     return entries
 
 
-def cached_attachments(network):
+def cached_attachments(cache_dir, network):
+    """The attachments of `network` the result cache knows, as GC's valid-attachments."""
     return [{"containerID": e.get("containerId"), "ifname": e.get("ifName")}
-            for e in cached_results() if e.get("networkName") == network]
+            for e in cached_results(cache_dir) if e.get("networkName") == network]
 
 
-# --- leases: what host-local holds ----------------------------------------------------------------
+# ==============================================================================================
+# Operator tools: leases
+# ==============================================================================================
+# `leases` lists what host-local holds, flags reservations whose container namespace is gone
+# (known from the runtime's result cache) and with --gc releases them.
+
+LEASE_COLUMNS = ("NETWORK", "ADDRESS", "CONTAINER", "IFNAME", "AGE", "STATUS")
+
 
 def attachment_netns(entry):
     """The namespace path of a cached attachment (its result's sandbox)."""
@@ -4754,7 +4912,7 @@ def leases(data_dir, collect):
     (known from the runtime's result cache) and with `collect` release them through GC."""
     import os
     netns_of = {}
-    for entry in cached_results():
+    for entry in cached_results(results_cache_dir(os.environ)):
         netns_of[(entry.get("networkName"), entry.get("containerId"), entry.get("ifName"))] = attachment_netns(entry)
     try:
         networks = sorted(posix.listdir(data_dir))
@@ -4794,7 +4952,36 @@ def leases(data_dir, collect):
     return 0
 
 
-LEASE_COLUMNS = ("NETWORK", "ADDRESS", "CONTAINER", "IFNAME", "AGE", "STATUS")
+# ==============================================================================================
+# Entry point
+# ==============================================================================================
+# Started under a plugin's name the program serves one CNI request; under any other name it is
+# the operator's command line.
+
+USAGE = """usage: %(prog)s COMMAND
+
+cni-bridge %(version)s: the CNI bridge, host-local, loopback and tuning plugins in one program.
+Installed under the names bridge, host-local, loopback and tuning (symlinks) it is those plugins.
+
+commands:
+  verify [CONFIG] [--keep] [--json]
+                          run the walkthrough on throwaway namespaces: ADD (default config
+                          conf/10-mynet.conf), read back, ping the gateway, CHECK, DEL, and
+                          show that nothing is left; --keep leaves it all for inspection
+  add|check|del|status|gc NETWORK NETNS
+                          run a network's plugin chain like the CNI project's cnitool: configs
+                          from NETCONFPATH (/etc/cni/net.d), plugins from CNI_PATH (/opt/cni/bin),
+                          CNI_IFNAME (eth0), CNI_ARGS, CAP_ARGS; results cached in
+                          CNI_CACHE_DIR/results (/var/lib/cni/results) as libcni does
+  leases [--data-dir DIR] [--gc]
+                          list host-local reservations (default DIR /var/lib/cni/networks) and
+                          flag those whose container namespace is gone; --gc releases them
+  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback,
+                          tuning to it
+                          (--force replaces regular files of those names)
+  --version               print the program and CNI versions
+  --help                  this text
+"""
 
 
 def run_cli(prog, argv):

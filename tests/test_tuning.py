@@ -8,12 +8,16 @@ read from the temporary dataDir.  The differential tests run the reference Go tu
 """
 
 import json
+import random
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REF_DIR, delete_netns, run_cni
+from conftest import IP, REF_DIR, cni_env, delete_netns, encode_conf, run_cni
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -458,3 +462,33 @@ def test_chained_after_our_bridge(ours_bin, node, container, data_dir):
     assert link_state(container)["mac"] == added["interfaces"][2]["mac"]
     assert_ok(run_cni(ours_bin, "bridge", "DEL", bridge_conf, node=node, netns=container))
     assert "eth0" not in container.links()
+
+
+def test_add_killed_at_any_instant_then_del_restores(ours_bin, node, sandbox, data_dir):
+    """ADDs killed with SIGKILL at random instants: the values are saved before anything changes,
+    so DEL always brings eth0 and its sysctls back, and leaves no saved file (a temporary file
+    of a write cut short is GC's, after a minute)."""
+    rng = random.Random(1616)
+    conf = full_conf(sandbox, data_dir)
+    before = kernel_state(sandbox)
+    own = ("net/ipv4/conf/eth0/forwarding", "net/ipv6/conf/eth0/accept_ra")
+    argv = [IP, "netns", "exec", node.name, str(ours_bin / "tuning")]
+    started = time.monotonic()
+    assert_ok(call(ours_bin, "ADD", conf, node, sandbox))
+    duration = time.monotonic() - started
+    assert_ok(call(ours_bin, "DEL", conf, node, sandbox))
+    for attempt in range(12):
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=cni_env("ADD", ours_bin, netns=sandbox))
+        proc.stdin.write(encode_conf(conf))
+        proc.stdin.close()
+        time.sleep(rng.uniform(0, duration * 1.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert_ok(call(ours_bin, "DEL", conf, node, sandbox))
+        after = kernel_state(sandbox)
+        assert after["eth0"] == before["eth0"], attempt
+        for key in own:
+            assert after["sysctl"][key] == before["sysctl"][key], (attempt, key)
+        left = [p.name for p in Path(data_dir).iterdir()] if Path(data_dir).exists() else []
+        assert all(name.startswith(".tmp-") for name in left), (attempt, left)

@@ -492,3 +492,46 @@ def test_add_killed_at_any_instant_then_del_restores(ours_bin, node, sandbox, da
             assert after["sysctl"][key] == before["sysctl"][key], (attempt, key)
         left = [p.name for p in Path(data_dir).iterdir()] if Path(data_dir).exists() else []
         assert all(name.startswith(".tmp-") for name in left), (attempt, left)
+
+
+# --- generated keys: never a write outside the container's net sysctls -------------------------------
+
+KEY_PIECES = ["net", "ipv4", "ipv6", "conf", "neigh", "IFNAME", "eth0", "lo", "peer0", "all", "default",
+              "forwarding", "ip_forward", "kernel", "hostname", "vm", "..", ".", "", "proc", "sys", "\n", " ",
+              "eth0.100", "mpls", "core", "somaxconn", "x" * 40]
+NODE_WATCHED = ("net/ipv4/ip_forward", "net/ipv4/conf/all/forwarding", "net/ipv4/conf/lo/forwarding",
+                "net/core/somaxconn")
+
+
+def test_generated_sysctl_keys(ours_bin, node, sandbox, tmp_path):
+    """Keys built from net.* pieces, path climbing and other subsystems, joined by '.' or '/':
+    every call answers with a result or one CNI error; a refused ADD changes nothing in the
+    container; nothing in the node namespace or outside /proc/sys/net ever changes."""
+    hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
+    st = hypothesis.strategies
+    hostname = Path("/proc/sys/kernel/hostname").read_text()
+    node_before = dict((key, node.sysctl(key)) for key in NODE_WATCHED)
+    calls = []
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(pieces=st.lists(st.sampled_from(KEY_PIECES), min_size=1, max_size=7),
+                      separator=st.sampled_from([".", "/"]), value=st.sampled_from(["0", "1", "2", "-1", "x", "1 2"]))
+    def exercise(pieces, separator, value):
+        key = separator.join(pieces)
+        data_dir = tmp_path / ("d%d" % len(calls))
+        calls.append(key)
+        before = kernel_state(sandbox)
+        added = call(ours_bin, "ADD", tuning_conf(sandbox, data_dir, sysctl={key: value}), node, sandbox)
+        assert "Traceback" not in added.stdout + added.stderr
+        assert isinstance(added.json, dict), added
+        if added.returncode != 0:
+            assert type(added.json.get("code")) is int and added.json.get("msg"), added
+            assert kernel_state(sandbox) == before, key
+        assert_ok(call(ours_bin, "DEL", tuning_conf(sandbox, data_dir, sysctl={key: value}), node, sandbox))
+        assert not data_dir.exists() or saved_files(data_dir) == {}
+
+    exercise()
+    assert len(calls) >= 20
+    assert Path("/proc/sys/kernel/hostname").read_text() == hostname
+    assert dict((key, node.sysctl(key)) for key in NODE_WATCHED) == node_before

@@ -11,17 +11,15 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import IP, REF_DIR, cni_env, delete_netns, encode_conf, run_cni
+import cni_bridge as cb
+from tests.helpers import IP, REF_DIR, cni_env, delete_netns, encode_conf, run_cni
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import cni_bridge as cb  # noqa: E402  (in-process checks of the key resolver)
+pytestmark = pytest.mark.kernel
 
 ORIGINAL_MAC = "02:00:00:aa:bb:01"
 NEW_MAC = "c2:11:22:33:44:55"
@@ -290,6 +288,7 @@ def test_missing_prev_result_and_missing_interface(ours_bin, node, sandbox, data
     assert not Path(data_dir).exists() or saved_files(data_dir) == {}
 
 
+@pytest.mark.unit
 def test_resolver_never_leaves_net():
     """In-process: every refused shape, and the paths the accepted ones map to."""
     assert cb.resolve_sysctl("net.ipv4.conf.IFNAME.forwarding", "eth0.100") == ("net/ipv4/conf/eth0.100/forwarding", True)
@@ -305,6 +304,7 @@ def test_resolver_never_leaves_net():
         assert err.value.code == 7, key
 
 
+@pytest.mark.unit
 def test_allowlist_of_the_reference(tmp_path, monkeypatch):
     allowlist = tmp_path / "allowlist.conf"
     allowlist.write_text("^net\\.ipv4\\.conf\\.IFNAME\\.[a-z_]*$\n\n  ^net\\.core\\.somaxconn$ \n")
@@ -464,6 +464,7 @@ def test_chained_after_our_bridge(ours_bin, node, container, data_dir):
     assert "eth0" not in container.links()
 
 
+@pytest.mark.slow
 def test_add_killed_at_any_instant_then_del_restores(ours_bin, node, sandbox, data_dir):
     """ADDs killed with SIGKILL at random instants: the values are saved before anything changes,
     so DEL always brings eth0 and its sysctls back, and leaves no saved file (a temporary file
@@ -503,6 +504,7 @@ NODE_WATCHED = ("net/ipv4/ip_forward", "net/ipv4/conf/all/forwarding", "net/ipv4
                 "net/core/somaxconn")
 
 
+@pytest.mark.slow
 def test_generated_sysctl_keys(ours_bin, node, sandbox, tmp_path):
     """Keys built from net.* pieces, path climbing and other subsystems, joined by '.' or '/':
     every call answers with a result or one CNI error; a refused ADD changes nothing in the
@@ -535,3 +537,26 @@ def test_generated_sysctl_keys(ours_bin, node, sandbox, tmp_path):
     assert len(calls) >= 20
     assert Path("/proc/sys/kernel/hostname").read_text() == hostname
     assert dict((key, node.sysctl(key)) for key in NODE_WATCHED) == node_before
+
+
+HEAVY = ("os", "json", "re", "socket", "subprocess", "ipaddress", "hashlib", "ctypes", "base64", "shutil")
+LIST_MODULES = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import cni_bridge as cb; "
+    "status = cb.run_plugin('tuning', cb.process_environment()); "
+    "sys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)) + '\\n'); sys.exit(status)")
+
+
+def test_add_check_del_import_no_heavy_module(ours_bin, node, sandbox, data_dir):
+    """Start-up is paid at every container start: tuning's paths load none of the heavy modules
+    (`re` only when the reference's allowlist file exists)."""
+    conf = full_conf(sandbox, data_dir)
+    for command in ("ADD", "CHECK", "DEL"):
+        argv = [IP, "netns", "exec", node.name, "/usr/bin/python3", "-IS", "-c", LIST_MODULES,
+                str(ours_bin / "cni-bridge.pyz")]
+        proc = subprocess.run(argv, input=encode_conf(conf), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=60, env=cni_env(command, ours_bin, netns=sandbox))
+        assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
+        line = [text for text in proc.stderr.decode().splitlines() if text.startswith("MODULES ")][-1]
+        loaded = set(line.split()[1:])
+        assert loaded.isdisjoint(HEAVY), (command, sorted(loaded & set(HEAVY)))
+    assert link_state(sandbox)["mac"] == ORIGINAL_MAC

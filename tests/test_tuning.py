@@ -8,6 +8,7 @@ read from the temporary dataDir.  The differential tests run the reference Go tu
 """
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -369,10 +370,16 @@ def test_gc_forgets_only_this_networks_stale_attachments(ours_bin, node, make_ne
     foreign.write_text('{"mtu": 1500}')
     other = Path(data_dir) / "ctrY_eth0.json"
     other.write_text(json.dumps({"mtu": 1500, "network": "another", "containerID": "ctrY", "ifname": "eth0"}))
+    killed = Path(data_dir) / ".tmp-4242-ctrQ_eth0.json"       # a write cut short by SIGKILL, long ago
+    killed.write_text("{")
+    os.utime(str(killed), (time.time() - 3600, time.time() - 3600))
+    writing = Path(data_dir) / ".tmp-4243-ctrR_eth0.json"      # an ADD writing right now
+    writing.write_text("{")
     gc = {"cniVersion": "1.1.0", "name": "cbttune", "type": "tuning", "dataDir": str(data_dir),
           "cni.dev/valid-attachments": [{"containerID": "ctrA", "ifname": "eth0"}]}
     assert_ok(run_cni(ours_bin, "tuning", "GC", gc, node=node, container_id=None, ifname=None))
-    assert sorted(saved_files(data_dir)) == ["ctrA_eth0.json", "ctrY_eth0.json", "ctrZ_eth0.json"]
+    assert sorted(p.name for p in Path(data_dir).iterdir()) == [
+        writing.name, "ctrA_eth0.json", "ctrY_eth0.json", "ctrZ_eth0.json"]
     status = dict(gc)
     del status["cni.dev/valid-attachments"]
     assert_ok(run_cni(ours_bin, "tuning", "STATUS", status, node=node, container_id=None, ifname=None))

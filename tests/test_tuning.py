@@ -567,3 +567,30 @@ def test_add_check_del_import_no_heavy_module(ours_bin, node, sandbox, data_dir)
         loaded = set(line.split()[1:])
         assert loaded.isdisjoint(HEAVY), (command, sorted(loaded & set(HEAVY)))
     assert link_state(sandbox)["mac"] == ORIGINAL_MAC
+
+
+@pytest.mark.unit
+def test_failed_add_puts_back_what_it_changed(sandbox, data_dir, monkeypatch):
+    """In-process: the kernel refusing a later link change (all-multicast, after the MAC,
+    promiscuous mode and MTU were set, and the sysctls written) undoes all of it and leaves no
+    saved file."""
+    conf = full_conf(sandbox, data_dir)
+    raw = json.dumps(conf).encode()
+    request = cb.Request("ADD", "ctr1", sandbox.path, "eth0", {}, "/nonexistent", json.loads(raw),
+                         "1.0.0", stdin=raw)
+    real = cb.set_link_tunable
+    done = []
+
+    def refusing(nl, link, key, value):
+        if key == "allmulti" and value:
+            raise cb.NetlinkError(95, "failed to set the all-multicast mode of eth0")   # EOPNOTSUPP
+        real(nl, link, key, value)
+        done.append(key)
+    monkeypatch.setattr(cb, "set_link_tunable", refusing)
+    before = kernel_state(sandbox)
+    with pytest.raises(cb.CNIError) as err:
+        cb.tuning_add(request)
+    assert "all-multicast" in err.value.msg
+    assert done[:3] == ["mac", "promisc", "mtu"]           # then undone, in reverse
+    assert kernel_state(sandbox) == before
+    assert saved_files(data_dir) == {}

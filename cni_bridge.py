@@ -1120,7 +1120,7 @@ LinkAttr = AttrSpace(
     IFLA_AF_SPEC=Attr(26, NEST, BridgeAfSpecAttr),
     IFLA_NET_NS_FD=Attr(28, U32),
     IFLA_EXT_MASK=Attr(29, U32),
-    IFLA_MIN_MTU=Attr(50, U32),               # the device's MTU bounds (Linux 4.19 and later)
+    IFLA_MIN_MTU=Attr(50, U32),               # the device's MTU bounds, where the kernel has them
     IFLA_MAX_MTU=Attr(51, U32),
 )
 

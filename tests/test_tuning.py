@@ -594,3 +594,11 @@ def test_failed_add_puts_back_what_it_changed(sandbox, data_dir, monkeypatch):
     assert done[:3] == ["mac", "promisc", "mtu"]           # then undone, in reverse
     assert kernel_state(sandbox) == before
     assert saved_files(data_dir) == {}
+
+
+@pytest.mark.unit
+def test_link_change_sets_only_the_flags_asked_for():
+    request = cb.link_change(7, allmulti=True, promisc=False)
+    assert request.header == {"index": 7, "flags": cb.IFF_ALLMULTI, "change": cb.IFF_ALLMULTI | cb.IFF_PROMISC}
+    request = cb.link_change(7, extra=((cb.LinkAttr.IFLA_TXQLEN, 5),))
+    assert request.header["change"] == 0 and list(request.attrs) == [(cb.LinkAttr.IFLA_TXQLEN, 5)]

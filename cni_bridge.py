@@ -1,4 +1,5 @@
-"""cni-bridge: the CNI `bridge`, `host-local` and `loopback` plugins in one stdlib-only module.
+"""cni-bridge: the CNI `bridge`, `host-local`, `loopback` and `tuning` plugins in one stdlib-only
+module.
 
 The program is exec'd by a container runtime at every container start and stop.  It picks the
 plugin from the name it was started as (argv[0]), reads its parameters from CNI_* environment
@@ -24,6 +25,7 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   The loopback plugin
   The host-local plugin         HostLocalConfig lists its keys
   The bridge plugin             BridgeConfig lists its keys; masquerade and spoof check
+  The tuning plugin             TuningConfig lists its keys; chained after the interface's maker
   Serving a CNI request         PLUGINS, the environment and stdin checks, run_plugin
   Operator tools: install
   Operator tools: verify        the walkthrough, one Verifier method per step
@@ -1058,6 +1060,7 @@ AF_OF_FAMILY = {4: AF_INET, 6: AF_INET6}
 
 IFF_UP = 0x1
 IFF_PROMISC = 0x100
+IFF_ALLMULTI = 0x200
 IF_OPER_UP = 6
 OPERSTATE_NAMES = {0: "unknown", 1: "notpresent", 2: "down", 3: "lowerlayerdown",
                    4: "testing", 5: "dormant", 6: "up"}
@@ -1111,6 +1114,7 @@ LinkAttr = AttrSpace(
     IFLA_MTU=Attr(4, U32),
     IFLA_LINK=Attr(5, U32),                   # a veth's peer index
     IFLA_MASTER=Attr(10, U32),
+    IFLA_TXQLEN=Attr(13, U32),
     IFLA_PROTINFO=Attr(12, NEST, BridgePortAttr),
     IFLA_OPERSTATE=Attr(16, U8),
     IFLA_IFALIAS=Attr(20, STR),
@@ -1118,6 +1122,8 @@ LinkAttr = AttrSpace(
     IFLA_AF_SPEC=Attr(26, NEST, BridgeAfSpecAttr),
     IFLA_NET_NS_FD=Attr(28, U32),
     IFLA_EXT_MASK=Attr(29, U32),
+    IFLA_MIN_MTU=Attr(50, U32),               # the device's MTU bounds, where the kernel has them
+    IFLA_MAX_MTU=Attr(51, U32),
 )
 
 
@@ -1162,7 +1168,7 @@ class Link(object):
     """What the plugins need to know of a network interface."""
 
     __slots__ = ("index", "name", "kind", "mac", "mtu", "flags", "master", "operstate",
-                 "peer_index", "alias", "port")
+                 "peer_index", "alias", "port", "txqlen", "min_mtu", "max_mtu")
 
     def __init__(self, msg):
         attrs = msg.attrs
@@ -1179,6 +1185,9 @@ class Link(object):
         self.peer_index = attrs.get(LinkAttr.IFLA_LINK, 0)
         self.alias = attrs.get(LinkAttr.IFLA_IFALIAS, "")
         self.port = info.get(LinkInfoAttr.IFLA_INFO_SLAVE_DATA, {})
+        self.txqlen = attrs.get(LinkAttr.IFLA_TXQLEN, 0)
+        self.min_mtu = attrs.get(LinkAttr.IFLA_MIN_MTU)
+        self.max_mtu = attrs.get(LinkAttr.IFLA_MAX_MTU)
 
     @property
     def up(self):
@@ -1207,15 +1216,13 @@ def list_links(nl):
     return [Link(m) for m in nl.dump(RTM_GETLINK, {}, _LINK_QUERY, what="failed to list links")]
 
 
-def link_change(index, up=None, promisc=None, master=None, mac=None, extra=()):
+def link_change(index, up=None, promisc=None, master=None, mac=None, allmulti=None, extra=()):
     """A RTM_NEWLINK request (for transact) changing an existing link."""
     flags = change = 0
-    if up is not None:
-        change |= IFF_UP
-        flags |= IFF_UP if up else 0
-    if promisc is not None:
-        change |= IFF_PROMISC
-        flags |= IFF_PROMISC if promisc else 0
+    for flag, wanted in ((IFF_UP, up), (IFF_PROMISC, promisc), (IFF_ALLMULTI, allmulti)):
+        if wanted is not None:
+            change |= flag
+            flags |= flag if wanted else 0
     attrs = list(extra)
     if master is not None:
         attrs.append((LinkAttr.IFLA_MASTER, master))
@@ -3800,6 +3807,649 @@ def bridge_gc(request):
 
 
 # ==============================================================================================
+# The tuning plugin
+# ==============================================================================================
+# A chained plugin: it tunes the container interface CNI_IFNAME (MAC address, MTU, promiscuous
+# and all-multicast modes, transmit queue length) and `net.*` sysctls inside the container's
+# namespace, and passes prevResult on (with the new MAC on the interface it names).
+# Invariants:
+# - Nothing reaches the kernel before the whole request is checked: every key's type and range,
+#   every sysctl resolved to an existing, writable file under /proc/sys/net of the container's
+#   namespace (the path is built from checked parts only, never from the key's raw text), the
+#   MTU against the device's own bounds.
+# - The values an ADD replaces are saved before it changes anything, in the reference's place
+#   and format (<dataDir>/<containerID>_<ifname>.json, dataDir /run/cni/tuning: a tmpfs, gone at
+#   reboot with the interfaces it describes), so either side's DEL restores the other's ADD; our
+#   extra keys ("sysctl", "network", "containerID", "ifname") are ignored by the reference.  A
+#   repeated ADD keeps the values saved first.
+# - A failed ADD puts back what it changed and leaves the saved file as it found it.
+# - DEL restores the saved values and removes the file; a namespace or interface that is gone
+#   has nothing left to restore, and its file is removed too.  Namespace-wide sysctls (not
+#   naming CNI_IFNAME) are not restored, as in the reference: another attachment of the same
+#   container may rely on them, and they die with the namespace.
+
+TUNING_DATA_DIR = "/run/cni/tuning"
+TUNING_ALLOWLIST = "/etc/cni/tuning/allowlist.conf"   # the reference's optional key filter
+SYSCTL_ROOT = "/proc/sys/"
+IFNAME_PLACEHOLDER = "IFNAME"                          # a key part standing for CNI_IFNAME
+# /proc/sys/net/<a>/<b>/<entry>/...: directories with one entry per interface, besides the
+# namespace-wide "all" and "default" entries.
+PER_INTERFACE_SYSCTL_DIRS = frozenset([("ipv4", "conf"), ("ipv4", "neigh"), ("ipv6", "conf"),
+                                       ("ipv6", "neigh"), ("mpls", "conf")])
+NAMESPACE_WIDE_ENTRIES = ("all", "default")
+SYSCTL_KEY_MAX = 256
+SYSCTL_VALUE_MAX = 1024
+MTU_MAX = 0x7FFFFFFF                          # the kernel's int; the device's bounds apply too
+DEFAULT_MTU_BOUNDS = (68, 65535)              # Ethernet's, for kernels that report none
+TXQLEN_MAX = 0xFFFFFFFF
+STALE_TEMP_AGE = 60.0                         # seconds before GC removes a killed ADD's temp file
+# The link attributes, by their key in the saved file, in the reference's order of setting them.
+LINK_TUNABLES = ("mac", "promisc", "mtu", "allmulti", "txQLen")
+LINK_RESTORE_ORDER = ("mtu", "mac", "promisc", "allmulti", "txQLen")
+TUNABLE_NAMES = {"mac": "MAC address", "promisc": "promiscuous mode", "mtu": "MTU",
+                 "allmulti": "all-multicast mode", "txQLen": "transmit queue length"}
+TUNABLE_TYPES = {"mac": str, "promisc": bool, "mtu": int, "allmulti": bool, "txQLen": int}
+
+
+class TuningConfig(object):
+    """The tuning plugin's keys (reference names, matched case-insensitively):
+
+      sysctl        {key: value}: net.* sysctls in the container's namespace; a key's parts are
+                    separated by "." or, in a key holding a "/", by "/"; a part "IFNAME" stands
+                    for CNI_IFNAME
+      mac           MAC address of CNI_IFNAME (overridden, in this order, by CNI_ARGS MAC,
+                    runtimeConfig.mac and args.cni.mac, as the reference does)
+      promisc       promiscuous mode, true or false (absent: left as it is)
+      allmulti      all-multicast mode, true or false (absent: left as it is)
+      mtu           MTU (absent or 0: left as it is)
+      txQLen        transmit queue length
+      dataDir       where ADD saves the values DEL restores (default /run/cni/tuning)
+      runtimeConfig.mac                                       the `mac` capability
+      args.cni.{sysctl, mac, promisc, allmulti, mtu, txQLen}  per-container overrides
+    """
+
+    def __init__(self, request):
+        c = request.config
+        self.network = request.network
+        self.data_dir = tuning_data_dir(c)
+        cni = conf_get(conf_get(c, "args", dict, {}), "cni", dict, {})
+        self.sysctl = dict(conf_get(c, "sysctl", dict, {}))
+        self.sysctl.update(conf_get(cni, "sysctl", dict, {}, "args.cni."))
+        if self.sysctl:
+            refuse_duplicate_sysctl_keys(request.stdin)
+            for key in list(self.sysctl):
+                self.sysctl[key] = sysctl_value(key, self.sysctl[key])
+        mac = conf_get(c, "mac", str)
+        for override in (request.args.get("MAC"), conf_get(request.runtime_config(), "mac", str),
+                         conf_get(cni, "mac", str, None, "args.cni.")):
+            if override:
+                mac = override
+        self.mac = tuning_mac(mac) if mac else None
+        pick = lambda key, kind: conf_get(cni, key, kind, conf_get(c, key, kind), "args.cni.")
+        self.promisc = pick("promisc", bool)
+        self.allmulti = pick("allmulti", bool)
+        self.mtu = pick("mtu", int) or None
+        self.txqlen = pick("txQLen", int)
+        for key, value, low, high in (("mtu", self.mtu, 1, MTU_MAX),
+                                      ("txQLen", self.txqlen, 0, TXQLEN_MAX)):
+            if value is not None and not low <= value <= high:
+                raise config_error("%s must be between %d and %d" % (key, low, high),
+                                   "got %d" % value)
+        if self.sysctl:
+            check_sysctl_allowlist(self.sysctl)
+
+    def link_settings(self):
+        """{saved-file key: wanted value} of the link attributes the config sets."""
+        wanted = {"mac": self.mac, "promisc": self.promisc, "mtu": self.mtu,
+                  "allmulti": self.allmulti, "txQLen": self.txqlen}
+        return dict((k, v) for k, v in wanted.items() if v is not None)
+
+
+def tuning_data_dir(config):
+    """The dataDir key: an absolute path (DEL and GC read only this key of the config)."""
+    data_dir = conf_get(config, "dataDir", str, TUNING_DATA_DIR)
+    if not data_dir.startswith("/") or not encodable(data_dir) or "\0" in data_dir:
+        raise config_error("dataDir must be an absolute path", data_dir[:200])
+    return data_dir
+
+
+class _DuplicateKeys(dict):
+    """A JSON object that spelled some key more than once (`duplicates`)."""
+
+
+def _pairs_noting_duplicates(pairs):
+    """The JSON decoder's object hook: a dict, or a _DuplicateKeys when a key came twice."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        obj = _DuplicateKeys(obj)
+        seen = set()
+        obj.duplicates = sorted(set(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+class _DuplicateNotingContext(_ScannerContext):
+    """The module's JSON decoder settings, with objects built by _pairs_noting_duplicates."""
+
+    object_pairs_hook = staticmethod(_pairs_noting_duplicates)
+
+
+def refuse_duplicate_sysctl_keys(raw):
+    """Refuse a sysctl object naming a key twice (which value would win is the parser's whim),
+    as the reference does.  Only configs with sysctls pay for this second parse."""
+    scan = _json.make_scanner(_DuplicateNotingContext())
+    config = scan(raw.decode("utf-8", "surrogateescape"), 0)[0]
+    args = conf_lookup(config, "args")
+    cni = conf_lookup(args, "cni") if isinstance(args, dict) else None
+    for where, obj in (("", config), ("args.cni.", cni if isinstance(cni, dict) else {})):
+        sysctl = conf_lookup(obj, "sysctl")
+        if isinstance(sysctl, _DuplicateKeys):
+            raise config_error("%ssysctl names %s more than once"
+                               % (where, ", ".join(sysctl.duplicates)[:200]),
+                               "duplicated sysctl keys are not allowed")
+
+
+def sysctl_value(key, value):
+    """A sysctl value as the text written to its file: a string (or integer) of printable text."""
+    if type(value) is int:
+        value = str(value)
+    if not isinstance(value, str):
+        raise config_error("sysctl %s must be a string" % json_dumps(str(key)[:200]),
+                           "got %s" % json_dumps(value)[:200])
+    if (not value or len(value) > SYSCTL_VALUE_MAX or not encodable(value)
+            or any(ord(ch) < 32 and ch != "\t" or ord(ch) == 127 for ch in value)):
+        raise config_error("sysctl %s has an empty, overlong or non-printable value"
+                           % json_dumps(key[:200]), json_dumps(value[:200]))
+    return value
+
+
+def tuning_mac(text):
+    """A MAC for a unicast Ethernet interface ("aa:bb:..." or "aa-bb-..."), in lower case."""
+    try:
+        raw = parse_mac(text.replace("-", ":"))
+    except ValueError as err:
+        raise config_error(str(err))
+    if raw[0] & 1 or raw == b"\0" * 6:
+        raise config_error("MAC %s is not a unicast address" % text,
+                           "an interface takes neither a multicast nor the all-zero address")
+    return mac_to_text(raw)
+
+
+def check_sysctl_allowlist(sysctl):
+    """Apply the reference's optional allowlist: a regular expression per line; every key must
+    match one (searched, as Go's MatchString does)."""
+    try:
+        with open(TUNING_ALLOWLIST, "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError as err:
+        if err.errno == errno.ENOENT:      # no allowlist: every net.* key is allowed
+            return
+        raise os_error(err, "failed to read %s" % TUNING_ALLOWLIST)
+    import re
+    patterns = []
+    for line in lines:
+        if line.strip():
+            try:
+                patterns.append(re.compile(line.strip()))
+            except re.error as err:
+                raise CNIError(ERR_INVALID_CONFIG, "invalid pattern in %s: %s"
+                               % (TUNING_ALLOWLIST, err), line.strip()[:200])
+    for key in sorted(sysctl):
+        if not any(p.search(key) for p in patterns):
+            raise CNIError(ERR_INVALID_CONFIG, "sysctl %s is not allowed by %s"
+                           % (key[:200], TUNING_ALLOWLIST),
+                           "allowed: %s" % " ".join(p.pattern for p in patterns)[:500])
+
+
+def resolve_sysctl(key, ifname):
+    """(path under /proc/sys, whether it is CNI_IFNAME's own) of a tuning sysctl key.
+
+    A key's parts are separated by "." (net.ipv4.ip_forward) or, when it holds a "/", by "/"
+    only (net/ipv4/conf/eth0.100/forwarding: dots in interface names stay).  Refused with code 7:
+    keys outside net., empty, "." or ".." parts, control characters, and per-interface entries of
+    any interface but CNI_IFNAME.
+    """
+    def refuse(why):
+        return CNIError(ERR_INVALID_CONFIG, "invalid sysctl key %s: %s"
+                        % (json_dumps(key[:200]), why))
+    if (not key or len(key) > SYSCTL_KEY_MAX or not encodable(key)
+            or any(ord(ch) <= 32 or ord(ch) == 127 for ch in key)):
+        raise refuse("empty, too long, or holding spaces or control characters")
+    parts = key.split("/") if "/" in key else key.split(".")
+    if "" in parts or "." in parts or ".." in parts:
+        raise refuse("its parts, separated by '.' (or all by '/'), must not be empty, '.' or '..'")
+    parts = [ifname if part == IFNAME_PLACEHOLDER else part for part in parts]
+    if parts[0] != "net" or len(parts) < 2:
+        raise refuse("only net.* sysctls can be set (in the container's namespace)")
+    own = False
+    if len(parts) >= 4 and (parts[1], parts[2]) in PER_INTERFACE_SYSCTL_DIRS:
+        own = parts[3] == ifname
+        if not own and parts[3] not in NAMESPACE_WIDE_ENTRIES:
+            raise refuse("it names interface %s, but only CNI_IFNAME (%s; write IFNAME), all and "
+                         "default can be tuned" % (parts[3], ifname))
+    return "/".join(parts), own
+
+
+def sysctl_file_error(err, path, writing):
+    """The CNIError for a sysctl file that cannot be opened, read or written."""
+    name = path.replace("/", ".")
+    verb = "write" if writing else "read"
+    if err.errno in (errno.ENOENT, errno.ENOTDIR):
+        return CNIError(ERR_INVALID_CONFIG, "there is no sysctl %s in the container's namespace"
+                        % name, "%s%s does not exist" % (SYSCTL_ROOT, path))
+    if err.errno == errno.EISDIR:
+        return CNIError(ERR_INVALID_CONFIG, "sysctl %s is a directory, not a setting" % name)
+    if err.errno in (errno.EPERM, errno.EACCES):
+        return CNIError(ERR_INVALID_CONFIG, "sysctl %s cannot be %s"
+                        % (name, "written" if writing else "read"))
+    if err.errno in (errno.EINVAL, errno.ERANGE):
+        return CNIError(ERR_INVALID_CONFIG, "the kernel refused the value of sysctl %s: %s"
+                        % (name, err.strerror))
+    return CNIError(ERR_INTERNAL, "failed to %s sysctl %s: %s" % (verb, name, err.strerror))
+
+
+def sysctl_read(path):
+    """The value of /proc/sys/<path> (without its newline), or None for a write-only file.
+    Call inside the container's namespace."""
+    try:
+        fd = posix.open(SYSCTL_ROOT + path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.EACCES:      # write-only, such as route/flush
+            return None
+        raise sysctl_file_error(err, path, False)
+    try:
+        return posix.read(fd, 8192).decode("utf-8", "surrogateescape").rstrip("\n")
+    except OSError as err:
+        raise sysctl_file_error(err, path, False)
+    finally:
+        posix.close(fd)
+
+
+def sysctl_check_writable(path):
+    """Refuse a sysctl that does not exist or cannot be written, before anything is changed."""
+    try:
+        posix.close(posix.open(SYSCTL_ROOT + path,
+                               posix.O_WRONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC))
+    except OSError as err:
+        raise sysctl_file_error(err, path, True)
+
+
+def sysctl_write(path, value):
+    """Write /proc/sys/<path>.  Call inside the container's namespace."""
+    try:
+        fd = posix.open(SYSCTL_ROOT + path, posix.O_WRONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC)
+        try:
+            posix.write(fd, value.encode("utf-8", "surrogateescape"))
+        finally:
+            posix.close(fd)
+    except OSError as err:
+        raise sysctl_file_error(err, path, True)
+
+
+def same_sysctl_value(a, b):
+    """Whether two sysctl texts say the same: the kernel prints multi-value settings with tabs."""
+    return a.split() == b.split()
+
+
+def link_tunables(link):
+    """The tunable attributes of `link`, by their saved-file key."""
+    return {"mac": link.mac, "promisc": bool(link.flags & IFF_PROMISC), "mtu": link.mtu,
+            "allmulti": bool(link.flags & IFF_ALLMULTI), "txQLen": link.txqlen}
+
+
+def set_link_tunable(nl, link, key, value):
+    """Set one tunable attribute of `link` (a saved-file key and its value)."""
+    if key == "mtu":
+        change = link_change(link.index, extra=((LinkAttr.IFLA_MTU, value),))
+    elif key == "txQLen":
+        change = link_change(link.index, extra=((LinkAttr.IFLA_TXQLEN, value),))
+    else:
+        change = link_change(link.index, **{key: value})
+    nl.transact([change], "failed to set the %s of %s to %s"
+                % (TUNABLE_NAMES[key], link.name, json_dumps(value)))
+
+
+def check_mtu_bounds(link, mtu):
+    """Refuse an MTU outside the device's own bounds (IFLA_MIN_MTU, IFLA_MAX_MTU)."""
+    low = link.min_mtu if link.min_mtu is not None else DEFAULT_MTU_BOUNDS[0]
+    high = link.max_mtu if link.max_mtu is not None else DEFAULT_MTU_BOUNDS[1]
+    if mtu < low or (high and mtu > high):     # a max of 0: the device sets no upper bound
+        raise config_error("mtu %d is outside the range of %s" % (mtu, link.name),
+                           "%s (%s) takes an MTU from %d to %s"
+                           % (link.name, link.kind or "device", low, high or MTU_MAX))
+
+
+def backup_name(container_id, ifname):
+    """The saved file of an attachment, named as the reference names it."""
+    return "%s_%s.json" % (container_id, ifname)
+
+
+class TuningBackups(object):
+    """The saved-values directory (dataDir), reached through its fd with O_NOFOLLOW."""
+
+    def __init__(self, data_dir, create):
+        self.data_dir = data_dir
+        self.fd = None
+        try:
+            if create:
+                make_directories(data_dir)
+            self.fd = posix.open(data_dir, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
+                                 | posix.O_CLOEXEC)
+        except OSError as err:
+            if create or err.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise os_error(err, "failed to open the tuning dataDir %s" % data_dir)
+
+    def close(self):
+        """Close the directory (a no-op when it was never opened)."""
+        if self.fd is not None:
+            posix.close(self.fd)
+            self.fd = None
+
+    def names(self):
+        """The names in the directory (none when it does not exist)."""
+        return posix.listdir(self.fd) if self.fd is not None else []
+
+    def read(self, name):
+        """The saved values in file `name` ({} when the file is malformed), or None without one."""
+        if self.fd is None:
+            return None
+        try:
+            fd = posix.open(name, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC
+                            | posix.O_NONBLOCK, dir_fd=self.fd)
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ELOOP):     # ELOOP: a planted symlink
+                return None
+            raise os_error(err, "failed to open %s/%s" % (self.data_dir, name))
+        try:
+            data = json_loads(posix.read(fd, 1 << 16))
+        except (OSError, ValueError, UnicodeError) as err:
+            sys.stderr.write("tuning: ignoring unreadable %s/%s: %s\n" % (self.data_dir, name, err))
+            data = {}
+        finally:
+            posix.close(fd)
+        return data if isinstance(data, dict) else {}
+
+    def write(self, name, data):
+        """Replace file `name` atomically (a temporary file renamed into place)."""
+        temp = "%s%d-%s" % (TEMP_PREFIX, posix.getpid(), name)
+        try:
+            fd = posix.open(temp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_NOFOLLOW
+                            | posix.O_CLOEXEC, 0o600, dir_fd=self.fd)
+            try:
+                posix.write(fd, json_dumps(data).encode())
+            finally:
+                posix.close(fd)
+            posix.rename(temp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except OSError as err:
+            self.remove(temp)
+            raise os_error(err, "failed to save the original values in %s/%s"
+                           % (self.data_dir, name))
+
+    def remove(self, name):
+        """Remove file `name`; one that is not there is not an error."""
+        if self.fd is None:
+            return
+        try:
+            posix.unlink(name, dir_fd=self.fd)
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                raise os_error(err, "failed to remove %s/%s" % (self.data_dir, name))
+
+
+def saved_link_values(saved):
+    """The well-formed link attributes of a saved file, by key (others are skipped with a note)."""
+    values = {}
+    for key in LINK_RESTORE_ORDER:
+        value = saved.get(key)
+        if value is None or (key == "mac" and value == "") or (key == "mtu" and value == 0):
+            continue                        # the reference's "not saved" (its omitempty)
+        if type(value) is not TUNABLE_TYPES[key] or (key == "mac" and not _is_mac(value)):
+            sys.stderr.write("tuning: ignoring a malformed saved %s: %s\n"
+                             % (key, json_dumps(value)[:100]))
+            continue
+        values[key] = value.lower() if key == "mac" else value
+    return values
+
+
+def _is_mac(text):
+    """Whether `text` is a MAC address in the "aa:bb:cc:dd:ee:ff" form."""
+    try:
+        parse_mac(text)
+        return True
+    except ValueError:
+        return False
+
+
+def with_new_mac(result, ifname, mac):
+    """prevResult with `mac` on the interface CNI_IFNAME (the one in a sandbox, when several share
+    the name), as the reference reports it."""
+    named = [i for i in result.get("interfaces") or [] if i.get("name") == ifname]
+    for interface in [i for i in named if i.get("sandbox")] or named:
+        interface["mac"] = mac
+    return result
+
+
+# --- ADD ------------------------------------------------------------------------------------------
+
+def tuning_add(request):
+    """ADD: check everything, save the values to be replaced, then set sysctls and the link's
+    attributes; prevResult is the result (with the new MAC)."""
+    conf = TuningConfig(request)
+    result = previous_result(request)
+    if result is None:
+        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing",
+                       "tuning is a chained plugin: it runs after the one that makes the interface")
+    ns = Netns(request.netns)
+    wanted = conf.link_settings()
+    nl = link = None
+    if wanted:
+        nl = ns.netlink()
+        link = get_link(nl, request.ifname)
+        if link is None:
+            raise CNIError(ERR_INTERNAL, "failed to get %s: no such interface in the container's "
+                           "namespace" % request.ifname, request.netns)
+        if conf.mtu is not None:
+            check_mtu_bounds(link, conf.mtu)
+    sysctls = []                    # (path, own, wanted value, current value)
+    with ns.entered():
+        for key, value in sorted(conf.sysctl.items()):
+            path, own = resolve_sysctl(key, request.ifname)
+            sysctl_check_writable(path)
+            sysctls.append((path, own, value, sysctl_read(path)))
+    before = link_tunables(link) if link is not None else {}
+    originals = dict((k, before[k]) for k in wanted)
+    own_sysctls = dict((path, current) for path, own, _, current in sysctls
+                       if own and current is not None)
+    backups = None
+    name = backup_name(request.container_id, request.ifname)
+    earlier = None
+    if originals or own_sysctls:
+        backups = TuningBackups(conf.data_dir, create=True)
+        earlier = backups.read(name)
+        saved = dict(originals)
+        saved["sysctl"] = own_sysctls
+        if earlier:                 # a repeated ADD: what the first one saved is the original
+            saved.update((k, v) for k, v in earlier.items() if k != "sysctl")
+            earlier_sysctls = earlier.get("sysctl")
+            saved["sysctl"].update(earlier_sysctls if isinstance(earlier_sysctls, dict) else {})
+        saved.update(network=conf.network, containerID=request.container_id, ifname=request.ifname)
+        if saved != earlier:
+            backups.write(name, saved)
+    changed_sysctls, changed_link = [], []
+    try:
+        with ns.entered():
+            for path, _own, value, current in sysctls:
+                if current is None or not same_sysctl_value(current, value):
+                    sysctl_write(path, value)
+                    changed_sysctls.append((path, current))
+        for key in LINK_TUNABLES:
+            if key in wanted and wanted[key] != before[key]:
+                set_link_tunable(nl, link, key, wanted[key])
+                changed_link.append(key)
+    except BaseException:
+        undo_tuning(ns, nl, link, before, changed_link, changed_sysctls)
+        if backups is not None:
+            try:
+                if earlier is None:
+                    backups.remove(name)
+                elif saved != earlier:
+                    backups.write(name, earlier)
+            except CNIError as err:
+                sys.stderr.write("rollback: %s\n" % err.msg)
+        raise
+    finally:
+        if backups is not None:
+            backups.close()
+    if conf.mac is not None:
+        with_new_mac(result, request.ifname, conf.mac)
+    return result
+
+
+def undo_tuning(ns, nl, link, before, changed_link, changed_sysctls):
+    """Put back what a failed ADD changed (best effort: the ADD's own error is the one reported)."""
+    for key in reversed(changed_link):
+        try:
+            set_link_tunable(nl, link, key, before[key])
+        except CNIError as err:
+            sys.stderr.write("rollback: %s\n" % err.msg)
+    with ns.entered():
+        for path, value in reversed(changed_sysctls):
+            if value is not None:
+                try:
+                    sysctl_write(path, value)
+                except CNIError as err:
+                    sys.stderr.write("rollback: %s\n" % err.msg)
+
+
+# --- DEL, CHECK, STATUS, GC ----------------------------------------------------------------------
+
+def tuning_del(request):
+    """Restore what ADD saved, then forget it.  Best effort and idempotent, as the reference: a
+    value that cannot be restored is reported on stderr and its file kept for a later DEL."""
+    data_dir = tuning_data_dir(request.config)
+    backups = TuningBackups(data_dir, create=False)
+    name = backup_name(request.container_id, request.ifname)
+    try:
+        saved = backups.read(name)
+        if saved is None:
+            return None
+        failures = []
+        ns = None
+        if request.netns:
+            try:
+                ns = Netns(request.netns)
+            except NetnsGone:
+                ns = None
+        if ns is not None:
+            failures = restore_tuning(ns, request.ifname, saved)
+        if failures:
+            sys.stderr.write("tuning: could not restore %s; %s/%s kept for the next DEL\n"
+                             % ("; ".join(failures), data_dir, name))
+        else:
+            backups.remove(name)
+    finally:
+        backups.close()
+    return None
+
+
+def restore_tuning(ns, ifname, saved):
+    """Put the saved values back on `ifname` in namespace `ns`; the failures, as messages."""
+    failures = []
+    nl = ns.netlink()
+    link = get_link(nl, ifname)
+    if link is None:
+        return failures                       # gone with everything it had
+    current = link_tunables(link)
+    for key, value in saved_link_values(saved).items():
+        if current[key] != value:
+            try:
+                set_link_tunable(nl, link, key, value)
+            except CNIError as err:
+                failures.append(err.msg)
+    sysctls = saved.get("sysctl")
+    with ns.entered():
+        for path, value in sorted(sysctls.items()) if isinstance(sysctls, dict) else ():
+            try:
+                path, own = resolve_sysctl(path, ifname)
+                if not own or not isinstance(value, str):
+                    raise CNIError(ERR_INVALID_CONFIG, "saved sysctl %s is not %s's own"
+                                   % (path, ifname))
+                sysctl_write(path, sysctl_value(path, value))
+            except CNIError as err:
+                failures.append(err.msg)
+    return failures
+
+
+def tuning_check(request):
+    """CHECK: every configured sysctl and link attribute holds the configured value."""
+    conf = TuningConfig(request)
+    if previous_result(request) is None:
+        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    ns = Netns(request.netns)
+    with ns.entered():
+        for key, value in sorted(conf.sysctl.items()):
+            path, _own = resolve_sysctl(key, request.ifname)
+            current = sysctl_read(path)
+            if current is not None and not same_sysctl_value(current, value):
+                raise CNIError(ERR_INTERNAL, "tuning: sysctl %s is %s, the config says %s"
+                               % (path.replace("/", "."), json_dumps(current), json_dumps(value)))
+    wanted = conf.link_settings()
+    if wanted:
+        link = get_link(ns.netlink(), request.ifname)
+        if link is None:
+            raise CNIError(ERR_INTERNAL, "Cannot find container link %s" % request.ifname)
+        current = link_tunables(link)
+        for key in LINK_TUNABLES:
+            if key in wanted and current[key] != wanted[key]:
+                raise CNIError(ERR_INTERNAL, "tuning: the %s of %s is %s, the config says %s"
+                               % (TUNABLE_NAMES[key], request.ifname, json_dumps(current[key]),
+                                  json_dumps(wanted[key])))
+    return None
+
+
+def tuning_status(request):
+    """STATUS: ready whenever the config is valid (tuning needs no resource of its own)."""
+    TuningConfig(request)
+    return None
+
+
+def tuning_gc(request):
+    """Forget saved values of this network's attachments that are no longer valid (files the
+    reference wrote name no network, so they are left alone), and temporary files of killed ADDs."""
+    valid = valid_attachments(request.config)
+    data_dir = tuning_data_dir(request.config)
+    if valid is None:
+        return None
+    backups = TuningBackups(data_dir, create=False)
+    errors = []
+    try:
+        now = time.time()
+        for name in backups.names():
+            try:
+                if name.startswith(TEMP_PREFIX):
+                    age = now - posix.stat(name, dir_fd=backups.fd, follow_symlinks=False).st_mtime
+                    if age > STALE_TEMP_AGE:
+                        backups.remove(name)
+                    continue
+                if not name.endswith(".json"):
+                    continue
+                saved = backups.read(name) or {}
+                if saved.get("network") != request.network:
+                    continue
+                if (saved.get("containerID"), saved.get("ifname")) not in valid:
+                    backups.remove(name)
+            except OSError as err:
+                errors.append("%s: %s" % (name, err.strerror))
+            except CNIError as err:
+                errors.append(err.msg)
+    finally:
+        backups.close()
+    if errors:
+        raise CNIError(ERR_IO, "tuning GC could not remove every stale file",
+                       "; ".join(errors)[:1000])
+    return None
+
+
+# ==============================================================================================
 # Serving a CNI request
 # ==============================================================================================
 # The plugins by name and the reference's checks of the environment and stdin, in its order.
@@ -3813,6 +4463,8 @@ PLUGINS = {
                    "STATUS": host_local_status, "GC": host_local_gc},
     "loopback": {"ADD": loopback_add, "DEL": loopback_del, "CHECK": loopback_check,
                  "STATUS": nothing_to_do, "GC": nothing_to_do},
+    "tuning": {"ADD": tuning_add, "DEL": tuning_del, "CHECK": tuning_check,
+               "STATUS": tuning_status, "GC": tuning_gc},
 }
 IPAM_IN_PROCESS.update(PLUGINS["host-local"])
 
@@ -4010,7 +4662,7 @@ def archive_path():
 
 
 def install(directory, force):
-    """Copy the zipapp into `directory` atomically and link the three plugin names to it."""
+    """Copy the zipapp into `directory` atomically and link every plugin name to it."""
     import os
     source = archive_path()
     if source is None:
@@ -4643,8 +5295,8 @@ def leases(data_dir, collect):
 
 USAGE = """usage: %(prog)s COMMAND
 
-cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one program.
-Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
+cni-bridge %(version)s: the CNI bridge, host-local, loopback and tuning plugins in one program.
+Installed under the names bridge, host-local, loopback and tuning (symlinks) it is those plugins.
 
 commands:
   verify [CONFIG] [--keep] [--json]
@@ -4659,7 +5311,8 @@ commands:
   leases [--data-dir DIR] [--gc]
                           list host-local reservations (default DIR /var/lib/cni/networks) and
                           flag those whose container namespace is gone; --gc releases them
-  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
+  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback,
+                          tuning to it
                           (--force replaces regular files of those names)
   --version               print the program and CNI versions
   --help                  this text

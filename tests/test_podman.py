@@ -1,6 +1,6 @@
 """A real runtime: podman 4.3 (CNI backend, calling plugins through libcni) runs busybox containers
-on our bridge and host-local, with the reference portmap, firewall and tuning after them in the chain
-as in the networks podman generates.  The checks read the kernel (the container's addresses, MAC and
+on our plugins (conftest's PLUGIN_NAMES), with the reference's for the chained plugins we do not have
+(portmap, firewall, tuning follow bridge as in the networks podman generates).  The checks read the kernel (the container's addresses, MAC and
 routes through /proc/<pid>/ns/net, the node's veths and nftables ruleset), the reservation files and
 libcni's result cache, and compare them with what `podman inspect` reports.
 
@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.helpers import DEFAULT_PATH, IP, REF_DIR, reservations, run
+from tests.helpers import DEFAULT_PATH, IP, PLUGIN_NAMES, REF_DIR, reservations, run
 
 RUNTIME_PROGRAMS = ("podman", "crun", "conmon", "iptables", "nsenter")
 REFERENCE_CHAINED = ("portmap", "firewall", "tuning")   # what podman's generated networks add after bridge
@@ -230,14 +230,15 @@ class Attachment(NamedTuple):
 @pytest.fixture
 def podman(tmp_path, ours_bin, node):
     """A private podman in `node`, with the busybox image imported; our plugins in its CNI dir."""
-    absent = [name for name in REFERENCE_CHAINED if not (REF_DIR / name).is_file()]
+    borrowed = [name for name in REFERENCE_CHAINED if name not in PLUGIN_NAMES]    # ours where we have it
+    absent = [name for name in borrowed if not (REF_DIR / name).is_file()]
     if absent:
         pytest.skip("reference %s not installed: apt-get install containernetworking-plugins" % ", ".join(absent))
     plugins, rootfs = tmp_path / "cni-bin", tmp_path / "rootfs"
     plugins.mkdir()
-    for name in ("bridge", "host-local", "loopback"):
+    for name in PLUGIN_NAMES:
         (plugins / name).symlink_to(ours_bin / name)
-    for name in REFERENCE_CHAINED:
+    for name in borrowed:
         (plugins / name).symlink_to(REF_DIR / name)
     (rootfs / "bin").mkdir(parents=True)
     shutil.copy(str(BUSYBOX), str(rootfs / "bin" / "busybox"))

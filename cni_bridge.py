@@ -860,9 +860,11 @@ class NetlinkSocket(object):
             seqs.append(seq)
             chunks.append(encode_message(self.layouts, msg_type, flags | NLM_F_REQUEST | NLM_F_ACK,
                                          seq, header_values, attrs))
+        begin_seq = None
         if batch is not None:
             begin, end, header_values, begin_attrs = batch
-            chunks.insert(0, encode_message(self.layouts, begin, NLM_F_REQUEST, self._next_seq(),
+            begin_seq = self._next_seq()
+            chunks.insert(0, encode_message(self.layouts, begin, NLM_F_REQUEST, begin_seq,
                                             header_values, begin_attrs))
             chunks.append(encode_message(self.layouts, end, NLM_F_REQUEST, self._next_seq(),
                                          header_values, ()))
@@ -872,6 +874,11 @@ class NetlinkSocket(object):
         failure = None
         while pending:
             for msg_type, flags, seq, payload in decode_messages(self._recv(what)):
+                if seq == begin_seq and msg_type == NLMSG_ERROR:
+                    # The batch refused whole (a stale generation: ERESTART); nothing else answers.
+                    errno_value, reason = _ack_error(payload, flags)
+                    if errno_value:
+                        raise NetlinkError(errno_value, what, reason)
                 if seq not in pending:
                     continue
                 if msg_type == NLMSG_ERROR:
@@ -3729,7 +3736,7 @@ def shared_rules(conf, family):
 
 
 def shared_rule_forms(rule):
-    """The expressions of a shared rule as this and older references write it: before 1.7.1 the
+    """The expressions of a shared rule as this and older references write it: before 1.7.0 the
     rules both policies share were commented "(ingressPolicy: same-bridge)"; such a rule counts as
     present rather than getting a twin."""
     forms = [rule.expressions()]
@@ -3880,6 +3887,8 @@ def firewall_add(request):
     conf = FirewallConfig(request)
     if conf.previous is None:
         raise CNIError(ERR_INVALID_CONFIG, "missing prevResult from earlier plugin")
+    if conf.isolates:
+        conf.bridge_name()                    # refused before anything is written
     comment = firewall_comment(conf.network, request.container_id, request.ifname)
     owner = attachment_comment_prefix(conf.network, request.container_id, request.ifname)
     nl = node_nftables()

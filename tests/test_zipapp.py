@@ -173,7 +173,7 @@ def test_install_makes_symlinks(ours_bin, tmp_path):
         assert sorted(os.listdir(str(target))) == sorted((ARCHIVE,) + PLUGIN_NAMES)
         for name in PLUGIN_NAMES:
             assert os.readlink(str(target / name)) == ARCHIVE
-            assert_version_answer(call([target / name], "VERSION", container_id=None, ifname=None))
+            assert_version_answer(call([target / name], "VERSION", container_id=None, ifname=None), name)
 
 
 def test_install_replaces_regular_file_only_with_force(ours_bin, tmp_path):

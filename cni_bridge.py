@@ -1,4 +1,4 @@
-"""cni-bridge: the CNI `bridge`, `host-local` and `loopback` plugins in one stdlib-only module.
+"""cni-bridge: the CNI `bridge`, `host-local`, `loopback` and `firewall` plugins, one stdlib module.
 
 The program is exec'd by a container runtime at every container start and stop.  It picks the
 plugin from the name it was started as (argv[0]), reads its parameters from CNI_* environment
@@ -13,7 +13,8 @@ path needs it (`os` costs a millisecond: it builds os.environ and imports `_coll
 VERSION, the call a runtime makes most, loads no socket module at all.
 
 Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
-operations; nf_tables operations; namespaces; IPAM store; the three plugins; entry point.
+operations; nf_tables operations; namespaces; IPAM store; the plugins (loopback, host-local,
+bridge, firewall); entry point.
 """
 
 import errno     # built in: about 0.06 ms, for names instead of numbers
@@ -1527,11 +1528,12 @@ def expr_counter():
 
 
 def expr_xt_match(name, revision, info):
-    return _expr("match", ((NftMatchAttr.NFTA_MATCH_NAME, name), (NftMatchAttr.NFTA_MATCH_REV, revision),
+    return _expr("match", ((NftMatchAttr.NFTA_MATCH_NAME, name),
+                           (NftMatchAttr.NFTA_MATCH_REV, revision),
                            (NftMatchAttr.NFTA_MATCH_INFO, info)))
 
 
-# --- rules in iptables-nft's form ------------------------------------------------------------------
+# --- rules in iptables-nft's form -------------------------------------------------------------
 # What iptables-nft 1.8 writes for an iptables rule, learnt by dumping its rules: -s/-d are native
 # payload and cmp (no bitwise for a full-length prefix), -i/-o a `meta iifname/oifname` compared
 # with the name and its NUL, `-m comment` and `-m conntrack` x_tables matches (revisions 0 and 3)
@@ -1554,7 +1556,8 @@ def xt_comment(text):
 
 def xt_ctstate(states):
     """`-m conntrack --ctstate ...` for a mask of CT_STATE_* bits."""
-    info = XT_CONNTRACK_INFO3.pack(0, 0, 0, 0, 0, 0, 0, XT_CONNTRACK_STATE, 0, states, 0, 0, 0, 0, 0)
+    info = XT_CONNTRACK_INFO3.pack(0, 0, 0, 0, 0, 0, 0, XT_CONNTRACK_STATE, 0, states,
+                                   0, 0, 0, 0, 0)
     return expr_xt_match("conntrack", 3, info)
 
 
@@ -1631,9 +1634,9 @@ class NftBatch(object):
         self.add(NFT_MSG_NEWTABLE, family, attrs, NLM_F_CREATE)
 
     def add_chain(self, family, table, chain, hook=None, comment=None, policy=NF_ACCEPT):
-        """A chain (`hook` = (type, hook number, priority) makes it a base chain); kept if it exists.
-        A base chain gets `policy`; None leaves an existing chain's policy alone (a new one
-        accepts)."""
+        """A chain (`hook` = (type, hook number, priority) makes it a base chain); kept if it
+        exists.  A base chain gets `policy`; None leaves an existing chain's policy alone (a new
+        one accepts)."""
         attrs = [(NftChainAttr.NFTA_CHAIN_TABLE, table), (NftChainAttr.NFTA_CHAIN_NAME, chain)]
         if hook is not None:
             chain_type, hooknum, priority = hook
@@ -1738,7 +1741,8 @@ class NftRule(object):
                     loaded_name = data.get(NftMetaAttr.NFTA_META_KEY)
                 elif name == "cmp" and loaded_name in (NFT_META_IIFNAME, NFT_META_OIFNAME):
                     raw = data.get(NftCmpAttr.NFTA_CMP_DATA, {}).get(NftDataAttr.NFTA_DATA_VALUE, b"")
-                    interfaces[loaded_name] = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                    name_bytes = raw.split(b"\0", 1)[0]
+                    interfaces[loaded_name] = name_bytes.decode("utf-8", "surrogateescape")
                     loaded_name = None
                 elif name == "match" and data.get(NftMatchAttr.NFTA_MATCH_NAME) == "comment":
                     raw = data.get(NftMatchAttr.NFTA_MATCH_INFO, b"")
@@ -1765,7 +1769,8 @@ def node_nftables():
 def nft_generation(nl):
     """The ruleset's generation id: read before planning a change that must see the ruleset as
     it was (see NftBatch.commit)."""
-    replies = nl.request(NFT_MSG_GETGEN, 0, {"family": 0}, (), what="failed to read the nf_tables generation")
+    replies = nl.request(NFT_MSG_GETGEN, 0, {"family": 0}, (),
+                         what="failed to read the nf_tables generation")
     return replies[0].get(NftGenAttr.NFTA_GEN_ID, 0) if replies else 0
 
 
@@ -3015,7 +3020,8 @@ def run_iptables(family, args, check=True, table="nat"):
                        % (program, err.strerror), "install iptables or use the nftables backend")
     output = proc.stdout.decode("utf-8", "replace")
     if check and proc.returncode != 0:
-        raise CNIError(ERR_INTERNAL, "%s -t %s %s failed: %s" % (program, table, " ".join(args), output.strip()))
+        raise CNIError(ERR_INTERNAL, "%s -t %s %s failed: %s"
+                       % (program, table, " ".join(args), output.strip()))
     return proc.returncode, output
 
 
@@ -3594,13 +3600,15 @@ class FirewallConfig(object):
         self.ingress_policy = conf_get(c, "ingressPolicy", str, "") or "open"
         if self.backend == "firewalld":
             raise CNIError(ERR_INVALID_CONFIG, "the firewalld backend is not supported",
-                           'it needs a D-Bus client; use "backend": "iptables" (the rules then live '
-                           "in table filter, chain FORWARD) or the reference firewall plugin")
+                           'it needs a D-Bus client; use "backend": "iptables" (the rules then '
+                           "live in table filter, chain FORWARD) or the reference firewall plugin")
         if self.backend not in ("", "iptables"):
-            raise CNIError(ERR_INVALID_CONFIG, "unknown firewall backend %s" % json_dumps(self.backend[:50]),
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "unknown firewall backend %s" % json_dumps(self.backend[:50]),
                            'backend is "iptables" (or "firewalld", not supported here)')
         if self.ingress_policy not in INGRESS_POLICIES:
-            raise CNIError(ERR_INVALID_CONFIG, "unknown ingress policy: %s" % json_dumps(self.ingress_policy[:50]),
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "unknown ingress policy: %s" % json_dumps(self.ingress_policy[:50]),
                            'ingressPolicy is "open", "same-bridge" or "isolated"')
         self._check_chain_name(self.admin_chain)
         self.previous = previous_result(request)
@@ -3610,9 +3618,11 @@ class FirewallConfig(object):
         raw = name.encode("utf-8", "surrogateescape")
         if (len(raw) > IPT_CHAIN_MAX or name[0] in "-!" or name in IPT_BUILTIN_NAMES
                 or any(c <= 32 or c >= 127 or c in b"\"'\\" for c in raw)):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid iptablesAdminChainName %s" % json_dumps(name[:50]),
-                           "an iptables chain name: at most %d printable ASCII characters without "
-                           "quotes or spaces, not starting with - or !, not a built-in name" % IPT_CHAIN_MAX)
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "invalid iptablesAdminChainName %s" % json_dumps(name[:50]),
+                           "an iptables chain name: at most %d printable ASCII characters "
+                           "without quotes or spaces, not starting with - or !, not a built-in "
+                           "name" % IPT_CHAIN_MAX)
 
     @property
     def isolates(self):
@@ -3627,18 +3637,21 @@ class FirewallConfig(object):
         return out
 
     def bridge_name(self):
-        """The bridge isolation is about: prevResult's first interface, as the reference takes it."""
+        """The bridge isolation is about: prevResult's first interface, as the reference
+        takes it."""
         interfaces = (self.previous or {}).get("interfaces") or []
         if not interfaces:
-            raise CNIError(ERR_INVALID_CONFIG, "interface needs to be set for ingress policy %s, make sure "
-                           'to chain "firewall" plugin with "bridge"' % json_dumps(self.ingress_policy))
+            raise CNIError(ERR_INVALID_CONFIG, "interface needs to be set for ingress policy %s, "
+                           'make sure to chain "firewall" plugin with "bridge"'
+                           % json_dumps(self.ingress_policy))
         name = interfaces[0].get("name")
         if not isinstance(name, str) or not name:
             raise CNIError(ERR_INVALID_CONFIG, "got empty bridge name")
         try:
             check_ifname(name)
         except CNIError as err:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid bridge name in prevResult: %s" % err.msg, name[:100])
+            raise CNIError(ERR_INVALID_CONFIG, "invalid bridge name in prevResult: %s" % err.msg,
+                           name[:100])
         return name
 
 
@@ -3710,28 +3723,31 @@ def attachment_comment_prefix(network, container_id, ifname):
 
 def address_rules(family, ip, comment):
     """The two rules of one container address: replies to it, and everything from it."""
-    return [IptRule(FIREWALL_FORWARD_CHAIN, family, "ACCEPT", comment, dst=(family, ip), established=True),
+    return [IptRule(FIREWALL_FORWARD_CHAIN, family, "ACCEPT", comment, dst=(family, ip),
+                    established=True),
             IptRule(FIREWALL_FORWARD_CHAIN, family, "ACCEPT", comment, src=(family, ip))]
 
 
 def shared_rules(conf, family):
     """(rule, first) of the chains every attachment shares, in the order the reference ensures
     them; `first` rules go to the head of their chain, the others to its end."""
+    shared = FIREWALL_SHARED_COMMENT
     plan = [(IptRule(FORWARD_CHAIN, family, FIREWALL_FORWARD_CHAIN, FIREWALL_JUMP_COMMENT), True),
-            (IptRule(FIREWALL_FORWARD_CHAIN, family, conf.admin_chain, FIREWALL_ADMIN_COMMENT), True)]
+            (IptRule(FIREWALL_FORWARD_CHAIN, family, conf.admin_chain, FIREWALL_ADMIN_COMMENT),
+             True)]
     if conf.isolates:
         bridge = conf.bridge_name()
         policy = FIREWALL_POLICY_COMMENT % conf.ingress_policy
-        plan.append((IptRule(FORWARD_CHAIN, family, FIREWALL_STAGE1_CHAIN, FIREWALL_SHARED_COMMENT), True))
-        plan.append((IptRule(FIREWALL_STAGE1_CHAIN, family, FIREWALL_STAGE2_CHAIN, policy,
-                             in_iface=(bridge, False), out_iface=(bridge, True)), True))
+        stage1, stage2 = FIREWALL_STAGE1_CHAIN, FIREWALL_STAGE2_CHAIN
+        plan.append((IptRule(FORWARD_CHAIN, family, stage1, shared), True))
+        plan.append((IptRule(stage1, family, stage2, policy, in_iface=(bridge, False),
+                             out_iface=(bridge, True)), True))
         if conf.ingress_policy == "isolated":
-            plan.append((IptRule(FIREWALL_STAGE1_CHAIN, family, "DROP", policy,
-                                 in_iface=(bridge, False), out_iface=(bridge, False)), True))
-        plan.append((IptRule(FIREWALL_STAGE1_CHAIN, family, "RETURN", FIREWALL_SHARED_COMMENT), False))
-        plan.append((IptRule(FIREWALL_STAGE2_CHAIN, family, "DROP", FIREWALL_SHARED_COMMENT,
-                             out_iface=(bridge, False)), True))
-        plan.append((IptRule(FIREWALL_STAGE2_CHAIN, family, "RETURN", FIREWALL_SHARED_COMMENT), False))
+            plan.append((IptRule(stage1, family, "DROP", policy, in_iface=(bridge, False),
+                                 out_iface=(bridge, False)), True))
+        plan.append((IptRule(stage1, family, "RETURN", shared), False))
+        plan.append((IptRule(stage2, family, "DROP", shared, out_iface=(bridge, False)), True))
+        plan.append((IptRule(stage2, family, "RETURN", shared), False))
     return plan
 
 
@@ -3741,8 +3757,9 @@ def shared_rule_forms(rule):
     present rather than getting a twin."""
     forms = [rule.expressions()]
     if rule.comment == FIREWALL_SHARED_COMMENT:
-        older = IptRule(rule.chain, rule.family, rule.target, FIREWALL_POLICY_COMMENT % "same-bridge",
-                        in_iface=rule.in_iface, out_iface=rule.out_iface)
+        older = IptRule(rule.chain, rule.family, rule.target,
+                        FIREWALL_POLICY_COMMENT % "same-bridge", in_iface=rule.in_iface,
+                        out_iface=rule.out_iface)
         forms.append(older.expressions())
     return forms
 
@@ -3760,13 +3777,15 @@ def filter_table_is_legacy(nl, family):
     node with neither gets the nf_tables form, which is what iptables-nft would create."""
     try:
         nl.request(NFT_MSG_GETTABLE, 0, {"family": NFPROTO_OF_FAMILY[family]},
-                   ((NftTableAttr.NFTA_TABLE_NAME, FILTER_TABLE),), what="failed to look up table filter")
+                   ((NftTableAttr.NFTA_TABLE_NAME, FILTER_TABLE),),
+                   what="failed to look up table filter")
         return False
     except NetlinkError as err:
         if err.errno != errno.ENOENT:
             raise
     try:
-        fd = posix.open("/proc/self/net/%s_tables_names" % ("ip" if family == 4 else "ip6"), posix.O_RDONLY)
+        fd = posix.open("/proc/self/net/%s_tables_names" % ("ip" if family == 4 else "ip6"),
+                        posix.O_RDONLY)
     except OSError:
         return False                          # no x_tables in this kernel, or not loaded
     try:
@@ -3802,7 +3821,8 @@ def nft_ensure_rules(nl, conf, family, wanted, owner_prefix, what):
             if not any(expression_signature(form) in present for form in shared_rule_forms(rule)):
                 batch.add_rule(nfproto, FILTER_TABLE, rule.chain, rule.expressions(), first=first)
         wanted_signatures = [expression_signature(rule.expressions()) for rule in wanted]
-        mine = [r for r in chains[FIREWALL_FORWARD_CHAIN] if r.match_comment.startswith(owner_prefix)]
+        mine = [r for r in chains[FIREWALL_FORWARD_CHAIN]
+                if r.match_comment.startswith(owner_prefix)]
         for rule in mine:
             if rule.signature not in wanted_signatures:
                 batch.delete_rule(rule)
@@ -3852,7 +3872,7 @@ def ipt_ensure_rules(conf, family, wanted, owner_prefix):
         if run_iptables(family, ["-S", chain], check=False, table=FILTER_TABLE)[0] != 0:
             run_iptables(family, ["-N", chain], check=False, table=FILTER_TABLE)
     for rule, first in shared_rules(conf, family) + [(rule, False) for rule in wanted]:
-        if run_iptables(family, ["-C", rule.chain] + rule.arguments(), check=False, table=FILTER_TABLE)[0] != 0:
+        if not ipt_has_rule(family, rule):
             where = ["-I", rule.chain, "1"] if first else ["-A", rule.chain]
             run_iptables(family, where + rule.arguments(), table=FILTER_TABLE)
     wanted_args = [rule.arguments() for rule in wanted]
@@ -3861,8 +3881,14 @@ def ipt_ensure_rules(conf, family, wanted, owner_prefix):
             run_iptables(family, ["-D"] + args[1:], check=False, table=FILTER_TABLE)
 
 
+def ipt_has_rule(family, rule):
+    args = ["-C", rule.chain] + rule.arguments()
+    return run_iptables(family, args, check=False, table=FILTER_TABLE)[0] == 0
+
+
 def ipt_listed_rules(family, chain):
-    """The rules of `chain` as `iptables -S` prints them, split into arguments ("-A", chain, ...)."""
+    """The rules of `chain` as `iptables -S` prints them, split into arguments ("-A", chain,
+    ...)."""
     status, output = run_iptables(family, ["-S", chain], check=False, table=FILTER_TABLE)
     if status != 0:
         return []
@@ -3883,7 +3909,16 @@ def firewall_families(conf):
     return sorted(set(family for family, _ip in conf.addresses()))
 
 
+def attachment_rules(conf, family, comment):
+    """The per-address rules of prevResult's addresses of `family` (comment None: the
+    reference's form)."""
+    return [rule for fam, ip in conf.addresses() if fam == family
+            for rule in address_rules(family, ip, comment)]
+
+
 def firewall_add(request):
+    """Put the shared layout and the attachment's per-address rules in place; returns
+    prevResult."""
     conf = FirewallConfig(request)
     if conf.previous is None:
         raise CNIError(ERR_INVALID_CONFIG, "missing prevResult from earlier plugin")
@@ -3893,8 +3928,7 @@ def firewall_add(request):
     owner = attachment_comment_prefix(conf.network, request.container_id, request.ifname)
     nl = node_nftables()
     for family in firewall_families(conf):
-        wanted = [rule for fam, ip in conf.addresses() if fam == family
-                  for rule in address_rules(family, ip, comment)]
+        wanted = attachment_rules(conf, family, comment)
         if filter_table_is_legacy(nl, family):
             ipt_ensure_rules(conf, family, wanted, owner)
         else:
@@ -3903,56 +3937,57 @@ def firewall_add(request):
     return conf.previous
 
 
-def reference_rule_signatures(conf, family):
-    """The reference's per-address rules (no comment) of prevResult's addresses: DEL removes
-    them too, so an attachment the reference added is cleaned up by us."""
-    return [expression_signature(rule.expressions()) for fam, ip in conf.addresses() if fam == family
-            for rule in address_rules(family, ip, None)]
-
-
 def firewall_del(request):
-    """Remove the attachment's per-address rules, found by comment (and the reference's, by
-    prevResult's addresses); needs no netns, and finds nothing the second time.  The shared
-    chains stay, as with the reference: other attachments use them."""
+    """Remove the attachment's per-address rules, found by comment, and the reference's for
+    prevResult's addresses (so an attachment the reference added is cleaned up too); needs no
+    netns, and finds nothing the second time.  The shared chains stay, as with the reference:
+    other attachments use them."""
     conf = FirewallConfig(request)
     owner = attachment_comment_prefix(conf.network, request.container_id, request.ifname)
+    what = "failed to remove the firewall rules of %s" % request.container_id
     nl = node_nftables()
     for family in (4, 6):
+        reference = attachment_rules(conf, family, None)
         if filter_table_is_legacy(nl, family):
-            reference = [rule.arguments() for fam, ip in conf.addresses() if fam == family
-                         for rule in address_rules(family, ip, None)]
-            ipt_remove_rules(family, lambda chain, args: owner in " ".join(args) or args[2:] in reference)
+            reference_args = [rule.arguments() for rule in reference]
+            ipt_remove_rules(family, lambda chain, args: (
+                owner in " ".join(args) or args[2:] in reference_args))
             continue
-        reference = reference_rule_signatures(conf, family)
+        signatures = [expression_signature(rule.expressions()) for rule in reference]
         nft_remove_rules(nl, family, (FIREWALL_FORWARD_CHAIN,), lambda chain, rule: (
-            rule.match_comment.startswith(owner) or (not rule.match_comment and rule.signature in reference)),
-            "failed to remove the firewall rules of %s" % request.container_id)
+            rule.match_comment.startswith(owner)
+            or (not rule.match_comment and rule.signature in signatures)), what)
     return None
 
 
 def firewall_check(request):
+    """Every rule the attachment needs is in place (ours, or the reference's form of a
+    per-address rule)."""
     conf = FirewallConfig(request)
     if conf.previous is None:
         raise CNIError(ERR_INVALID_CONFIG, "missing prevResult from earlier plugin")
     comment = firewall_comment(conf.network, request.container_id, request.ifname)
     nl = node_nftables()
     for family in firewall_families(conf):
-        wanted = [rule for fam, ip in conf.addresses() if fam == family
-                  for rule in address_rules(family, ip, comment)]
-        shared = [rule for rule, _first in shared_rules(conf, family)]
+        needed = [(rule, [rule]) for rule, _first in shared_rules(conf, family)]
+        needed += zip(attachment_rules(conf, family, comment),
+                      [[r] for r in attachment_rules(conf, family, None)])
         if filter_table_is_legacy(nl, family):
-            missing = [r for r in shared + wanted if run_iptables(
-                family, ["-C", r.chain] + r.arguments(), check=False, table=FILTER_TABLE)[0] != 0]
+            missing = [rule for rule, others in needed
+                       if not any(ipt_has_rule(family, r) for r in [rule] + others)]
         else:
             nfproto = NFPROTO_OF_FAMILY[family]
-            chains = dict((chain, [r.signature for r in list_rules(nl, nfproto, FILTER_TABLE, chain)])
-                          for chain in [FORWARD_CHAIN] + firewall_chains(conf))
-            missing = [r for r in shared + wanted if expression_signature(r.expressions()) not in chains[r.chain]]
             if not chain_exists(nl, nfproto, FILTER_TABLE, conf.admin_chain):
                 raise CNIError(ERR_INTERNAL, "firewall admin chain %s is missing" % conf.admin_chain)
+            chains = dict((chain, [r.signature for r in list_rules(nl, nfproto, FILTER_TABLE, chain)])
+                          for chain in [FORWARD_CHAIN] + firewall_chains(conf))
+            missing = [rule for rule, others in needed
+                       if not any(expression_signature(r.expressions()) in chains[rule.chain]
+                                  for r in [rule] + others)]
         if missing:
             raise CNIError(ERR_INTERNAL, "firewall rules of %s are missing" % request.container_id,
-                           "expected in chain %s: %s" % (missing[0].chain, " ".join(missing[0].arguments())))
+                           "expected in chain %s: %s"
+                           % (missing[0].chain, " ".join(missing[0].arguments())))
     return None
 
 
@@ -3971,23 +4006,26 @@ def firewall_gc(request):
     keep = set(attachment_comment_prefix(conf.network, cid, ifname) for cid, ifname in valid)
     network_prefix = FIREWALL_ATTACHMENT_COMMENT + sha512_hex(conf.network)[:16] + "-"
     owner_length = len(attachment_comment_prefix(conf.network, "", ""))
+    policy_prefix = FIREWALL_POLICY_COMMENT.split("%")[0]
     links = set(link.name for link in list_links(NetlinkSocket()))
 
     def stale(comment):
         return comment.startswith(network_prefix) and comment[:owner_length] not in keep
 
-    def gone_bridge(rule):
-        return (rule.match_comment.startswith(FIREWALL_POLICY_COMMENT.split("%")[0])
-                and any(name is not None and name not in links for name in (rule.iifname, rule.oifname)))
+    def doomed(chain, rule):
+        if chain == FIREWALL_FORWARD_CHAIN:
+            return stale(rule.match_comment)
+        return rule.match_comment.startswith(policy_prefix) and any(
+            name is not None and name not in links for name in (rule.iifname, rule.oifname))
 
+    chains = (FIREWALL_FORWARD_CHAIN, FIREWALL_STAGE1_CHAIN, FIREWALL_STAGE2_CHAIN)
     nl = node_nftables()
     for family in (4, 6):
         if filter_table_is_legacy(nl, family):
             ipt_remove_rules(family, lambda chain, args: any(stale(a) for a in args))
-            continue
-        nft_remove_rules(nl, family, (FIREWALL_FORWARD_CHAIN, FIREWALL_STAGE1_CHAIN, FIREWALL_STAGE2_CHAIN),
-                         lambda chain, rule: stale(rule.match_comment) if chain == FIREWALL_FORWARD_CHAIN
-                         else gone_bridge(rule), "failed to remove stale firewall rules of %s" % conf.network)
+        else:
+            nft_remove_rules(nl, family, chains, doomed,
+                             "failed to remove stale firewall rules of %s" % conf.network)
     return None
 
 
@@ -4070,7 +4108,8 @@ def check_plugin_version(plugin, request):
     supported = plugin_versions(plugin)
     if request.version not in supported:
         raise CNIError(ERR_INCOMPATIBLE_VERSION, "incompatible CNI versions",
-                       "config is %s, plugin supports %s" % (json_dumps(request.version), json_dumps(supported)))
+                       "config is %s, plugin supports %s"
+                       % (json_dumps(request.version), json_dumps(supported)))
 
 
 def build_request(command, env):
@@ -4143,7 +4182,8 @@ def run_plugin(plugin, env):
     if not command:
         # The reference's first line; nerdctl parses its version (semver) to pick firewall features.
         sys.stderr.write("CNI %s plugin v%s\ncni-bridge %s; CNI protocol versions supported: %s\n"
-                         % (plugin, REFERENCE_RELEASE, PROGRAM_VERSION, ", ".join(plugin_versions(plugin))))
+                         % (plugin, REFERENCE_RELEASE, PROGRAM_VERSION,
+                            ", ".join(plugin_versions(plugin))))
         return 0
     error_version = LATEST_VERSION
     try:
@@ -4176,8 +4216,8 @@ def run_plugin(plugin, env):
 
 USAGE = """usage: %(prog)s COMMAND
 
-cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one program.
-Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
+cni-bridge %(version)s: the CNI bridge, host-local, loopback and firewall plugins in one program.
+Installed under the names bridge, host-local, loopback and firewall (symlinks) it is those plugins.
 
 commands:
   verify [CONFIG] [--keep] [--json]
@@ -4192,7 +4232,7 @@ commands:
   leases [--data-dir DIR] [--gc]
                           list host-local reservations (default DIR /var/lib/cni/networks) and
                           flag those whose container namespace is gone; --gc releases them
-  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
+  install DIR [--force]   copy this program into DIR and link the plugin names to it
                           (--force replaces regular files of those names)
   --version               print the program and CNI versions
   --help                  this text

@@ -4000,22 +4000,13 @@ def nft_remove_rules(nl, family, chains, doomed, what):
     transaction (listed again if a rule went away meanwhile)."""
     nfproto = NFPROTO_OF_FAMILY[family]
 
-    def attempt():
-        batch = NftBatch()
+    def build(batch):
         for chain in chains:
             for rule in list_rules(nl, nfproto, FILTER_TABLE, chain):
                 if doomed(chain, rule):
                     batch.delete_rule(rule)
-        try:
-            batch.commit(nl, what)
-        except NetlinkError as err:
-            if err.errno == errno.ENOENT:
-                return None
-            raise
-        return True
 
-    poll_until(attempt, FIREWALL_PLAN_TIMEOUT,
-               lambda: CNIError(ERR_TRY_AGAIN, "%s: the filter table kept changing" % what))
+    commit_rebuilt(nl, build, what, attempts=10)
 
 
 # --- legacy form (the iptables program) --------------------------------------------------------

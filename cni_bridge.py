@@ -4122,8 +4122,10 @@ def firewall_check(request):
         else:
             nfproto = NFPROTO_OF_FAMILY[family]
             if not chain_exists(nl, nfproto, FILTER_TABLE, conf.admin_chain):
-                raise CNIError(ERR_INTERNAL, "firewall admin chain %s is missing" % conf.admin_chain)
-            chains = dict((chain, [r.signature for r in list_rules(nl, nfproto, FILTER_TABLE, chain)])
+                raise CNIError(ERR_INTERNAL,
+                               "firewall admin chain %s is missing" % conf.admin_chain)
+            chains = dict((chain, [r.signature
+                                   for r in list_rules(nl, nfproto, FILTER_TABLE, chain)])
                           for chain in [FORWARD_CHAIN] + firewall_chains(conf))
             missing = [rule for rule, others in needed
                        if not any(expression_signature(r.expressions()) in chains[rule.chain]

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -35,7 +34,8 @@ def iptables_available():
     return shutil.which("iptables-save") is not None
 
 
-pytestmark = pytest.mark.skipif(not iptables_available(), reason="iptables (the reading side of these tests) is not installed")
+pytestmark = pytest.mark.skipif(not iptables_available(),
+                                reason="iptables (the reading side of these tests) is not installed")
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IP, REF_DIR, cni_env, encode_conf, run, run_cni
+from tests.helpers import IP, REF_DIR, cni_env, encode_conf, run, run_cni
 
 NET = "fwnet"
 BRIDGE = "fw0"
@@ -34,8 +34,9 @@ def iptables_available():
     return shutil.which("iptables-save") is not None
 
 
-pytestmark = pytest.mark.skipif(not iptables_available(),
-                                reason="iptables (the reading side of these tests) is not installed")
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.skipif(not iptables_available(),
+                                 reason="iptables (the reading side of these tests) is not installed")]
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -442,3 +442,28 @@ def test_admin_chain_name_is_used(ours_bin, node):
     node.run("iptables", "-A", "MY-ADMIN", "-s", "10.77.0.5", "-j", "DROP")
     assert rules(node).index("-A CNI-FORWARD -m comment --comment \"CNI firewall plugin admin overrides\" -j MY-ADMIN") \
         < min(rules(node).index(l) for l in address_rules(node))
+
+
+# --- start-up: what the firewall path imports -----------------------------------------------------
+
+HEAVY = ("os", "json", "re", "socket", "subprocess", "ipaddress", "hashlib", "ctypes", "shlex", "shutil")
+LIST_MODULES = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import cni_bridge as cb; "
+    "status = cb.run_plugin('firewall', cb.process_environment()); "
+    "sys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)) + '\\n'); sys.exit(status)")
+
+
+def test_firewall_verbs_import_no_heavy_module_and_run_nothing(ours_bin, node):
+    """On an nf_tables node no program runs (no subprocess) and nothing heavy is imported."""
+    archive = os.path.realpath(str(ours_bin / "firewall"))
+    conf = firewall_conf(fake_result("10.77.0.5/24", "fd77::5/64"), version="1.1.0", ingressPolicy="isolated")
+    gc = {"cniVersion": "1.1.0", "name": NET, "type": "firewall", "cni.dev/valid-attachments": []}
+    for command, stdin in (("ADD", conf), ("CHECK", conf), ("DEL", conf), ("GC", gc), ("STATUS", gc)):
+        proc = subprocess.run([IP, "netns", "exec", node.name, "/usr/bin/python3", "-IS", "-c", LIST_MODULES,
+                               archive], input=encode_conf(stdin), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=TIMEOUT,
+                              env=cni_env(command, ours_bin, netns="/var/run/netns/none"))
+        assert proc.returncode == 0, (command, proc.stdout, proc.stderr)
+        line = [t for t in proc.stderr.decode().splitlines() if t.startswith("MODULES ")][-1]
+        loaded = set(line.split()[1:])
+        assert loaded.isdisjoint(HEAVY), (command, sorted(loaded & set(HEAVY)))

@@ -1878,6 +1878,11 @@ class NftRule(object):
         """The text of the rule's x_tables comment match (iptables' `-m comment`), or ""."""
         return self._scan()[2]
 
+    def mentions(self, data):
+        """Whether the rule's encoded expressions hold `data` (a comment's bytes, say): a cheap
+        test before decoding, for chains of thousands of rules."""
+        return data in self._expressions
+
     @property
     def signature(self):
         """What the rule does (see expression_signature)."""
@@ -4047,16 +4052,23 @@ def shared_rules(conf, family):
 
 
 def shared_rule_forms(rule):
-    """The expressions of a shared rule as this and older references write it: before 1.7.0 the
-    rules both policies share were commented "(ingressPolicy: same-bridge)"; such a rule counts as
-    present rather than getting a twin."""
-    forms = [rule.expressions()]
+    """A shared rule as this and older references write it: before 1.7.0 the rules both
+    policies share were commented "(ingressPolicy: same-bridge)"; such a rule counts as present
+    rather than getting a twin."""
+    forms = [rule]
     if rule.comment == FIREWALL_SHARED_COMMENT:
-        older = IptRule(rule.chain, rule.family, rule.target,
-                        FIREWALL_POLICY_COMMENT % "same-bridge", in_iface=rule.in_iface,
-                        out_iface=rule.out_iface)
-        forms.append(older.expressions())
+        forms.append(IptRule(rule.chain, rule.family, rule.target,
+                             FIREWALL_POLICY_COMMENT % "same-bridge", in_iface=rule.in_iface,
+                             out_iface=rule.out_iface))
     return forms
+
+
+def nft_rule_present(listed, rule):
+    """Whether the listed rules hold `rule` (a commented one: only rules holding its comment's
+    bytes are decoded, so a FORWARD chain of a thousand other rules stays cheap)."""
+    needle = (rule.comment or "").encode("utf-8", "surrogateescape") + b"\0"
+    signature = expression_signature(rule.expressions())
+    return any(r.mentions(needle) and r.signature == signature for r in listed)
 
 
 def firewall_chains(conf):
@@ -4112,12 +4124,13 @@ def nft_ensure_rules(nl, conf, family, wanted, owner_prefix, what):
             if not chains[chain]:               # missing or empty: creating it again is harmless
                 batch.add_chain(nfproto, FILTER_TABLE, chain)
         for rule, first in shared:
-            present = [r.signature for r in chains[rule.chain]]
-            if not any(expression_signature(form) in present for form in shared_rule_forms(rule)):
+            forms = shared_rule_forms(rule)
+            if not any(nft_rule_present(chains[rule.chain], form) for form in forms):
                 batch.add_rule(nfproto, FILTER_TABLE, rule.chain, rule.expressions(), first=first)
         wanted_signatures = [expression_signature(rule.expressions()) for rule in wanted]
+        owner_bytes = owner_prefix.encode("utf-8", "surrogateescape")
         mine = [r for r in chains[FIREWALL_FORWARD_CHAIN]
-                if r.match_comment.startswith(owner_prefix)]
+                if r.mentions(owner_bytes) and r.match_comment.startswith(owner_prefix)]
         for rule in mine:
             if rule.signature not in wanted_signatures:
                 batch.delete_rule(rule)
@@ -4240,9 +4253,16 @@ def firewall_del(request):
                 owner in " ".join(args) or args[2:] in reference_args))
             continue
         signatures = [expression_signature(rule.expressions()) for rule in reference]
-        nft_remove_rules(nl, family, (FIREWALL_FORWARD_CHAIN,), lambda chain, rule: (
-            rule.match_comment.startswith(owner)
-            or (not rule.match_comment and rule.signature in signatures)), what)
+        addresses = [ip_bytes(family, ip) for fam, ip in conf.addresses() if fam == family]
+        owner_bytes = owner.encode("utf-8", "surrogateescape")
+
+        def doomed(chain, rule):
+            # Raw-byte tests first: only candidate rules are decoded.
+            if rule.mentions(owner_bytes):
+                return rule.match_comment.startswith(owner)
+            return (any(rule.mentions(address) for address in addresses)
+                    and not rule.match_comment and rule.signature in signatures)
+        nft_remove_rules(nl, family, (FIREWALL_FORWARD_CHAIN,), doomed, what)
     return None
 
 
@@ -4255,23 +4275,22 @@ def firewall_check(request):
     comment = firewall_comment(conf.network, request.container_id, request.ifname)
     nl = node_nftables()
     for family in firewall_families(conf):
-        needed = [(rule, [rule]) for rule, _first in shared_rules(conf, family)]
-        needed += zip(attachment_rules(conf, family, comment),
-                      [[r] for r in attachment_rules(conf, family, None)])
+        # Each needed rule with the forms that count for it (older or the reference's).
+        needed = [shared_rule_forms(rule) for rule, _first in shared_rules(conf, family)]
+        needed += [list(forms) for forms in zip(attachment_rules(conf, family, comment),
+                                                attachment_rules(conf, family, None))]
         if filter_table_is_legacy(nl, family):
-            missing = [rule for rule, others in needed
-                       if not any(ipt_has_rule(family, r) for r in [rule] + others)]
+            missing = [forms[0] for forms in needed
+                       if not any(ipt_has_rule(family, r) for r in forms)]
         else:
             nfproto = NFPROTO_OF_FAMILY[family]
             if not chain_exists(nl, nfproto, FILTER_TABLE, conf.admin_chain):
                 raise CNIError(ERR_INTERNAL,
                                "firewall admin chain %s is missing" % conf.admin_chain)
-            chains = dict((chain, [r.signature
-                                   for r in list_rules(nl, nfproto, FILTER_TABLE, chain)])
+            chains = dict((chain, list_rules(nl, nfproto, FILTER_TABLE, chain))
                           for chain in [FORWARD_CHAIN] + firewall_chains(conf))
-            missing = [rule for rule, others in needed
-                       if not any(expression_signature(r.expressions()) in chains[rule.chain]
-                                  for r in [rule] + others)]
+            missing = [forms[0] for forms in needed
+                       if not any(nft_rule_present(chains[r.chain], r) for r in forms)]
         if missing:
             raise CNIError(ERR_INTERNAL, "firewall rules of %s are missing" % request.container_id,
                            "expected in chain %s: %s"
@@ -4300,9 +4319,11 @@ def firewall_gc(request):
     def stale(comment):
         return comment.startswith(network_prefix) and comment[:owner_length] not in keep
 
+    network_bytes = network_prefix.encode("utf-8", "surrogateescape")
+
     def doomed(chain, rule):
         if chain == FIREWALL_FORWARD_CHAIN:
-            return stale(rule.match_comment)
+            return rule.mentions(network_bytes) and stale(rule.match_comment)
         return rule.match_comment.startswith(policy_prefix) and any(
             name is not None and name not in links for name in (rule.iifname, rule.oifname))
 

@@ -149,6 +149,27 @@ def test_forward_drop_passes_after_add_and_stops_after_del(ours_bin, make_netns,
     assert not pings(container, UPLINK_REMOTE)
 
 
+def test_ipv6_forward_drop_passes_after_add(ours_bin, make_netns, data_dir):
+    node, container = make_netns("node"), make_netns("ct")
+    drop_forwarding(node)
+    remote = add_remote(make_netns, node)
+    run([IP, "-n", node.name, "addr", "add", "2001:db8:51::1/64", "dev", "uplink0", "nodad"])
+    run([IP, "-n", remote.name, "addr", "add", "2001:db8:51::2/64", "dev", "eth0", "nodad"])
+    run([IP, "-n", remote.name, "-6", "route", "add", "default", "via", "2001:db8:51::1"])
+    conf = bridge_conf(data_dir)
+    conf["ipam"] = {"type": "host-local", "dataDir": str(data_dir),
+                    "ranges": [[{"subnet": SUBNET}], [{"subnet": "fd77::/64"}]],
+                    "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}
+    result = ok(call(ours_bin, "bridge", "ADD", conf, node, "c6", netns=container))
+    assert not pings(container, "2001:db8:51::2")
+    ok(call(ours_bin, "firewall", "ADD", firewall_conf(result), node, "c6", netns=container))
+    assert pings(container, "2001:db8:51::2", count=3), "IPv6 traffic and its replies must pass after ADD"
+    assert pings(container, UPLINK_REMOTE)
+    assert len(address_rules(node, 6)) == 2
+    ok(call(ours_bin, "firewall", "DEL", firewall_conf(result), node, "c6", netns=container))
+    assert address_rules(node, 6) == [] and not pings(container, "2001:db8:51::2")
+
+
 @pytest.mark.parametrize("policy", ["same-bridge", "isolated"])
 def test_ingress_policy_blocks_another_bridge(ours_bin, make_netns, data_dir, policy):
     node = make_netns("node")
@@ -260,6 +281,24 @@ def test_reference_and_ours_remove_each_others_rules(ours_bin, node):
     assert len(address_rules(node)) == 2
     ok(call(ours_bin, "firewall", "DEL", dict(conf, prevResult=None), node))
     assert address_rules(node) == []
+
+
+def test_after_the_reference_no_shared_rule_gets_a_twin(ours_bin, node):
+    """Debian's reference comments the shared isolation rules "(ingressPolicy: same-bridge)";
+    ours count them as present, so FORWARD keeps one jump to each chain."""
+    if not (REF_DIR / "firewall").is_file():
+        pytest.skip("reference firewall plugin not installed")
+    drop_forwarding(node)
+    conf = firewall_conf(fake_result("10.77.0.5/24"), ingressPolicy="same-bridge")
+    ok(call(REF_DIR, "firewall", "ADD", conf, node, "r1"))
+    ok(call(ours_bin, "firewall", "ADD", dict(conf, prevResult=fake_result("10.77.0.6/24")), node, "o1"))
+    lines = rules(node)
+    for target in ("CNI-FORWARD", "CNI-ISOLATION-STAGE-1"):
+        assert len([l for l in lines if l.startswith("-A FORWARD ") and l.endswith("-j " + target)]) == 1, lines
+    for chain in ("CNI-ISOLATION-STAGE-1", "CNI-ISOLATION-STAGE-2"):
+        assert len([l for l in lines if l.startswith("-A %s " % chain) and l.endswith("-j RETURN")]) == 1, lines
+    assert len(address_rules(node)) == 4
+    ok(call(ours_bin, "firewall", "CHECK", dict(conf, prevResult=fake_result("10.77.0.6/24")), node, "o1"))
 
 
 # --- DEL, GC, CHECK ----------------------------------------------------------------------------------

@@ -3904,14 +3904,16 @@ class FirewallConfig(object):
         self.ingress_policy = conf_get(c, "ingressPolicy", str, "") or "open"
         if self.backend == "firewalld":
             raise config_error("the firewalld backend is not supported",
-                           'it needs a D-Bus client; use "backend": "iptables" (the rules then '
-                           "live in table filter, chain FORWARD) or the reference firewall plugin")
+                               'it needs a D-Bus client; use "backend": "iptables" (the rules '
+                               "then live in table filter, chain FORWARD) or the reference "
+                               "firewall plugin")
         if self.backend not in ("", "iptables"):
             raise config_error("unknown firewall backend %s" % json_dumps(self.backend[:50]),
-                           'backend is "iptables" (or "firewalld", not supported here)')
+                               'backend is "iptables" (or "firewalld", not supported here)')
         if self.ingress_policy not in INGRESS_POLICIES:
-            raise config_error("unknown ingress policy: %s" % json_dumps(self.ingress_policy[:50]),
-                           'ingressPolicy is "open", "same-bridge" or "isolated"')
+            raise config_error("unknown ingress policy: %s"
+                               % json_dumps(self.ingress_policy[:50]),
+                               'ingressPolicy is "open", "same-bridge" or "isolated"')
         self._check_chain_name(self.admin_chain)
         self.previous = previous_result(request)
 
@@ -3921,9 +3923,9 @@ class FirewallConfig(object):
         if (len(raw) > IPT_CHAIN_MAX or name[0] in "-!" or name in IPT_BUILTIN_NAMES
                 or any(c <= 32 or c >= 127 or c in b"\"'\\" for c in raw)):
             raise config_error("invalid iptablesAdminChainName %s" % json_dumps(name[:50]),
-                           "an iptables chain name: at most %d printable ASCII characters "
-                           "without quotes or spaces, not starting with - or !, not a built-in "
-                           "name" % IPT_CHAIN_MAX)
+                               "an iptables chain name: at most %d printable ASCII characters "
+                               "without quotes or spaces, not starting with - or !, not a "
+                               "built-in name" % IPT_CHAIN_MAX)
 
     @property
     def isolates(self):
@@ -3943,8 +3945,8 @@ class FirewallConfig(object):
         interfaces = (self.previous or {}).get("interfaces") or []
         if not interfaces:
             raise config_error("interface needs to be set for ingress policy %s, "
-                           'make sure to chain "firewall" plugin with "bridge"'
-                           % json_dumps(self.ingress_policy))
+                               'make sure to chain "firewall" plugin with "bridge"'
+                               % json_dumps(self.ingress_policy))
         name = interfaces[0].get("name")
         if not isinstance(name, str) or not name:
             raise config_error("got empty bridge name")
@@ -3978,6 +3980,7 @@ class IptRule(object):
         self.established = established
 
     def expressions(self):
+        """The rule as iptables-nft encodes it (see "rules in iptables-nft's form")."""
         exprs = []
         for key, iface in ((NFT_META_IIFNAME, self.in_iface), (NFT_META_OIFNAME, self.out_iface)):
             if iface is not None:
@@ -3993,6 +3996,7 @@ class IptRule(object):
         return ipt_rule(exprs, expr_verdict(*verdicts.get(self.target, (NFT_JUMP, self.target))))
 
     def arguments(self):
+        """The rule as `iptables -A CHAIN` arguments, in the order `iptables -S` prints them."""
         args = []
         for flag, iface in (("-i", self.in_iface), ("-o", self.out_iface)):
             if iface is not None:
@@ -4018,6 +4022,7 @@ def firewall_comment(network, container_id, ifname):
 
 
 def attachment_comment_prefix(network, container_id, ifname):
+    """What every per-address rule comment of the attachment starts with."""
     return FIREWALL_ATTACHMENT_COMMENT + masq_instance_hash(network, container_id, ifname)
 
 
@@ -4072,6 +4077,7 @@ def nft_rule_present(listed, rule):
 
 
 def firewall_chains(conf):
+    """The user chains the config's layout uses (the admin chain included)."""
     chains = [FIREWALL_FORWARD_CHAIN, conf.admin_chain]
     if conf.isolates:
         chains += [FIREWALL_STAGE1_CHAIN, FIREWALL_STAGE2_CHAIN]
@@ -4167,6 +4173,8 @@ def nft_remove_rules(nl, family, chains, doomed, what):
 # --- legacy form (the iptables program) --------------------------------------------------------
 
 def ipt_ensure_rules(conf, family, wanted, owner_prefix):
+    """nft_ensure_rules through the iptables program (a legacy node): each rule checked with -C
+    and added when missing, the attachment's other rules deleted."""
     for chain in firewall_chains(conf):
         if run_iptables(family, ["-S", chain], check=False, table=FILTER_TABLE)[0] != 0:
             run_iptables(family, ["-N", chain], check=False, table=FILTER_TABLE)
@@ -4181,6 +4189,7 @@ def ipt_ensure_rules(conf, family, wanted, owner_prefix):
 
 
 def ipt_has_rule(family, rule):
+    """`iptables -C`: whether the chain holds the rule."""
     args = ["-C", rule.chain] + rule.arguments()
     return run_iptables(family, args, check=False, table=FILTER_TABLE)[0] == 0
 
@@ -4196,6 +4205,7 @@ def ipt_listed_rules(family, chain):
 
 
 def ipt_remove_rules(family, doomed):
+    """Delete the rules of CNI-FORWARD that `doomed(chain, arguments)` picks."""
     for chain in (FIREWALL_FORWARD_CHAIN,):
         for args in ipt_listed_rules(family, chain):
             if doomed(chain, args):
@@ -4205,6 +4215,7 @@ def ipt_remove_rules(family, doomed):
 # --- verbs ----------------------------------------------------------------------------------------
 
 def firewall_families(conf):
+    """The address families of prevResult's addresses: the tables ADD and CHECK touch."""
     return sorted(set(family for family, _ip in conf.addresses()))
 
 
@@ -4299,6 +4310,7 @@ def firewall_check(request):
 
 
 def firewall_status(request):
+    """Ready whenever the config is valid: the rules need nothing that can run out."""
     FirewallConfig(request)
     return None
 

@@ -424,6 +424,14 @@ def test_legacy_iptables_node_runs_iptables(ours_bin, node, tmp_path):
     ok(call(ours_bin, "firewall", "DEL", dict(conf, prevResult=None), node, env={"PATH": path}))
     lines = node.run("iptables-legacy-save", "-t", "filter").stdout
     assert not [l for l in lines.splitlines() if "-j ACCEPT" in l and "CNI-FORWARD -" in l], lines
+    # GC: an attachment not listed as valid loses its rules there too.
+    ok(call(ours_bin, "firewall", "ADD", conf, node, "gone", env={"PATH": path}))
+    lines = node.run("iptables-legacy-save", "-t", "filter").stdout
+    assert len([l for l in lines.splitlines() if "-j ACCEPT" in l and "id: gone" in l]) == 2, lines
+    gc = {"cniVersion": "1.1.0", "name": NET, "type": "firewall", "cni.dev/valid-attachments": []}
+    ok(call(ours_bin, "firewall", "GC", gc, node, env={"PATH": path}))
+    lines = node.run("iptables-legacy-save", "-t", "filter").stdout
+    assert not [l for l in lines.splitlines() if "-j ACCEPT" in l and "CNI-FORWARD -" in l], lines
 
 
 # --- the plugin's face -------------------------------------------------------------------------------

@@ -1675,11 +1675,13 @@ def expr_masquerade():
 
 
 def expr_counter():
+    """`counter`: packets and bytes, from zero (iptables-nft puts one in every rule)."""
     return _expr("counter", ((NftCounterAttr.NFTA_COUNTER_BYTES, 0),
                              (NftCounterAttr.NFTA_COUNTER_PACKETS, 0)))
 
 
 def expr_xt_match(name, revision, info):
+    """An x_tables match (nft_compat): its name, revision and C struct `info`."""
     return _expr("match", ((NftMatchAttr.NFTA_MATCH_NAME, name),
                            (NftMatchAttr.NFTA_MATCH_REV, revision),
                            (NftMatchAttr.NFTA_MATCH_INFO, info)))
@@ -1736,6 +1738,7 @@ def expression_signature(exprs):
 
 
 def _signature(raw):
+    """(name, decoded data) of each expression of an encoded list, counters left out."""
     out = []
     for element in decode_attrs(NftListAttr, raw).get(NftListAttr.NFTA_LIST_ELEM, []):
         name = element.get(NftExprAttr.NFTA_EXPR_NAME)

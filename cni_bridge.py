@@ -3890,7 +3890,7 @@ IPT_CHAIN_MAX = 28                             # bytes: x_tables' XT_EXTENSION_M
 IPT_BUILTIN_NAMES = ("ACCEPT", "DROP", "QUEUE", "RETURN", "INPUT", "FORWARD", "OUTPUT",
                      "PREROUTING", "POSTROUTING")
 NFPROTO_OF_FAMILY = {4: NFPROTO_IPV4, 6: NFPROTO_IPV6}
-FIREWALL_PLAN_TIMEOUT = 5.0                    # seconds of re-planning while others change rules
+FIREWALL_PLAN_TIMEOUT = 10.0                   # seconds of re-planning while others change rules
 
 
 class FirewallConfig(object):
@@ -4147,15 +4147,26 @@ def nft_ensure_rules(nl, conf, family, wanted, owner_prefix, what):
         for rule, signature in zip(wanted, wanted_signatures):
             if signature not in present:
                 batch.add_rule(nfproto, FILTER_TABLE, rule.chain, rule.expressions())
-        try:
-            batch.commit(nl, what, generation)
-        except NetlinkError as err:
-            if err.errno in (errno.ERESTART, errno.ENOENT):   # the ruleset changed under us
-                return None
-            raise
+        batch.commit(nl, what, generation)
         return True
 
-    poll_until(attempt, FIREWALL_PLAN_TIMEOUT,
+    retry_while_changing(attempt, what)
+
+
+def retry_while_changing(attempt, what):
+    """Run `attempt()` until it returns True, again (with growing pauses) whenever the ruleset
+    changed under it: its batch refused as stale (ERESTART) or for a rule gone (ENOENT), or its
+    listing interrupted by other writers again and again (many ADDs at once)."""
+    def once():
+        try:
+            return attempt()
+        except CNIError as err:
+            if getattr(err, "errno", None) in (errno.ERESTART, errno.ENOENT) \
+                    or err.code == ERR_TRY_AGAIN:
+                return None
+            raise
+
+    poll_until(once, FIREWALL_PLAN_TIMEOUT,
                lambda: CNIError(ERR_TRY_AGAIN, "%s: the filter table kept changing" % what))
 
 
@@ -4164,13 +4175,16 @@ def nft_remove_rules(nl, family, chains, doomed, what):
     transaction (listed again if a rule went away meanwhile)."""
     nfproto = NFPROTO_OF_FAMILY[family]
 
-    def build(batch):
+    def attempt():
+        batch = NftBatch()
         for chain in chains:
             for rule in list_rules(nl, nfproto, FILTER_TABLE, chain):
                 if doomed(chain, rule):
                     batch.delete_rule(rule)
+        batch.commit(nl, what)
+        return True
 
-    commit_rebuilt(nl, build, what, attempts=10)
+    retry_while_changing(attempt, what)
 
 
 # --- legacy form (the iptables program) --------------------------------------------------------

@@ -362,7 +362,7 @@ def test_gc_removes_invalid_attachments_and_gone_bridges(ours_bin, node):
 
 def test_concurrent_adds_and_dels(ours_bin, node):
     drop_forwarding(node)
-    count = 24
+    count = 32
     confs = [firewall_conf(fake_result("10.77.0.%d/24" % (10 + i)), ingressPolicy="same-bridge")
              for i in range(count)]
     with ThreadPoolExecutor(count) as pool:

@@ -3923,6 +3923,9 @@ class FirewallConfig(object):
                                'ingressPolicy is "open", "same-bridge" or "isolated"')
         self._check_chain_name(self.admin_chain)
         self.previous = previous_result(request)
+        # (family, ip) of every address of prevResult: the per-address rules' subjects.
+        prefixes = [Prefix.parse(ip["address"]) for ip in (self.previous or {}).get("ips") or []]
+        self.addresses = [(prefix.family, prefix.ip) for prefix in prefixes]
 
     @staticmethod
     def _check_chain_name(name):
@@ -3937,14 +3940,6 @@ class FirewallConfig(object):
     @property
     def isolates(self):
         return self.ingress_policy != "open"
-
-    def addresses(self):
-        """(family, ip) of every address of prevResult."""
-        out = []
-        for ip in (self.previous or {}).get("ips") or []:
-            prefix = Prefix.parse(ip["address"])
-            out.append((prefix.family, prefix.ip))
-        return out
 
     def bridge_name(self):
         """The bridge isolation is about: prevResult's first interface, as the reference
@@ -4237,13 +4232,13 @@ def ipt_remove_rules(family, doomed):
 
 def firewall_families(conf):
     """The address families of prevResult's addresses: the tables ADD and CHECK touch."""
-    return sorted(set(family for family, _ip in conf.addresses()))
+    return sorted(set(family for family, _ip in conf.addresses))
 
 
 def attachment_rules(conf, family, comment):
     """The per-address rules of prevResult's addresses of `family` (comment None: the
     reference's form)."""
-    return [rule for fam, ip in conf.addresses() if fam == family
+    return [rule for fam, ip in conf.addresses if fam == family
             for rule in address_rules(family, ip, comment)]
 
 
@@ -4285,7 +4280,7 @@ def firewall_del(request):
                 owner in " ".join(args) or args[2:] in reference_args))
             continue
         signatures = [expression_signature(rule.expressions()) for rule in reference]
-        addresses = [ip_bytes(family, ip) for fam, ip in conf.addresses() if fam == family]
+        addresses = [ip_bytes(family, ip) for fam, ip in conf.addresses if fam == family]
         owner_bytes = owner.encode("utf-8", "surrogateescape")
 
         def doomed(chain, rule):

@@ -1,5 +1,5 @@
-"""cni-bridge: the CNI `bridge`, `host-local`, `loopback` and `tuning` plugins in one stdlib-only
-module.
+"""cni-bridge: the CNI `bridge`, `host-local`, `loopback`, `tuning` and `firewall` plugins in one
+stdlib-only module.
 
 The program is exec'd by a container runtime at every container start and stop.  It picks the
 plugin from the name it was started as (argv[0]), reads its parameters from CNI_* environment
@@ -26,6 +26,7 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   The host-local plugin         HostLocalConfig lists its keys
   The bridge plugin             BridgeConfig lists its keys; masquerade and spoof check
   The tuning plugin             TuningConfig lists its keys; chained after the interface's maker
+  The firewall plugin           FirewallConfig lists its keys; iptables' FORWARD layout
   Serving a CNI request         PLUGINS, the environment and stdin checks, run_plugin
   Operator tools: install
   Operator tools: verify        the walkthrough, one Verifier method per step
@@ -43,6 +44,10 @@ import _json
 import _struct as struct    # what struct.py re-exports, without looking that file up at each start
 
 PROGRAM_VERSION = "0.1.0"
+# The release of the reference plugins (github.com/containernetworking/plugins) whose behaviour
+# these follow; runtimes read it from the plugins' no-command output (nerdctl: firewall >= 1.7.1
+# for ingressPolicy "isolated").
+REFERENCE_RELEASE = "1.9.1"
 
 
 # ==============================================================================================
@@ -837,17 +842,19 @@ class NetlinkRequest(tuple):
 
 
 class BatchFrame(tuple):
-    """The messages that open and close a transaction (nf_tables): begin type, end type and
-    the family header values both carry."""
+    """The messages that open and close a transaction (nf_tables): begin type, end type, the
+    family header values both carry, and attributes of the begin message (the generation the
+    batch was planned against)."""
 
     __slots__ = ()
 
-    def __new__(cls, begin, end, header):
-        return tuple.__new__(cls, (begin, end, header))
+    def __new__(cls, begin, end, header, begin_attrs=()):
+        return tuple.__new__(cls, (begin, end, header, begin_attrs))
 
     begin = property(lambda self: self[0])
     end = property(lambda self: self[1])
     header = property(lambda self: self[2])
+    begin_attrs = property(lambda self: self[3])
 
 
 class Message(object):
@@ -992,9 +999,11 @@ class NetlinkSocket(object):
             chunks.append(encode_message(self.layouts, request.msg_type,
                                          request.flags | NLM_F_REQUEST | NLM_F_ACK, seq,
                                          request.header, request.attrs))
+        begin_seq = None
         if batch is not None:
+            begin_seq = self._next_seq()
             chunks.insert(0, encode_message(self.layouts, batch.begin, NLM_F_REQUEST,
-                                            self._next_seq(), batch.header, ()))
+                                            begin_seq, batch.header, batch.begin_attrs))
             chunks.append(encode_message(self.layouts, batch.end, NLM_F_REQUEST, self._next_seq(),
                                          batch.header, ()))
         self.sock.send(b"".join(chunks))
@@ -1003,6 +1012,11 @@ class NetlinkSocket(object):
         failure = None
         while pending:
             for msg_type, flags, seq, payload in decode_messages(self._recv(what)):
+                if seq == begin_seq and msg_type == NLMSG_ERROR:
+                    # The batch refused whole (a stale generation: ERESTART); nothing else answers.
+                    errno_value, reason = _ack_error(payload, flags)
+                    if errno_value:
+                        raise NetlinkError(errno_value, what, reason)
                 if seq not in pending:
                     continue
                 if msg_type == NLMSG_ERROR:
@@ -1439,14 +1453,16 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
  NFT_MSG_DELCHAIN, NFT_MSG_NEWRULE, NFT_MSG_GETRULE, NFT_MSG_DELRULE) = [
     (NFNL_SUBSYS_NFTABLES << 8) | n for n in range(9)]
 
+NFT_MSG_NEWGEN, NFT_MSG_GETGEN = (NFNL_SUBSYS_NFTABLES << 8) | 15, (NFNL_SUBSYS_NFTABLES << 8) | 16
+
 NFPROTO_INET, NFPROTO_IPV4, NFPROTO_BRIDGE, NFPROTO_IPV6 = 1, 2, 7, 10
-NF_INET_POST_ROUTING = 4
+NF_INET_FORWARD, NF_INET_POST_ROUTING = 2, 4
 NF_BR_PRE_ROUTING = 0
 NF_ACCEPT, NF_DROP = 1, 0
 NFT_JUMP, NFT_GOTO, NFT_RETURN = -3, -4, -5
 NFT_REG_VERDICT, NFT_REG_1 = 0, 1
 NFT_CMP_EQ, NFT_CMP_NEQ = 0, 1
-NFT_META_IIFNAME, NFT_META_NFPROTO = 6, 15
+NFT_META_IIFNAME, NFT_META_OIFNAME, NFT_META_NFPROTO = 6, 7, 15
 NFT_PAYLOAD_LL_HEADER, NFT_PAYLOAD_NETWORK_HEADER = 0, 1
 NFTNL_UDATA_COMMENT = 0          # the comment TLV in table, chain and rule user data
 BE32S = ">i"
@@ -1504,9 +1520,25 @@ NftImmediateAttr = AttrSpace(
 )
 
 
+NftCounterAttr = AttrSpace(
+    NFTA_COUNTER_BYTES=Attr(1, BE64),
+    NFTA_COUNTER_PACKETS=Attr(2, BE64),
+)
+
+
+# An x_tables match run by nf_tables (nft_compat): how iptables-nft writes the matches it has no
+# native form for (`-m comment`, `-m conntrack`); INFO is the match's own C struct.
+NftMatchAttr = AttrSpace(
+    NFTA_MATCH_NAME=Attr(1, STR),
+    NFTA_MATCH_REV=Attr(2, BE32),
+    NFTA_MATCH_INFO=Attr(3, BYTES),
+)
+
+
 # An expression's data is laid out by its name; these are the expressions the rules use.
 EXPRESSION_SPACES = {"meta": NftMetaAttr, "payload": NftPayloadAttr, "cmp": NftCmpAttr,
-                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr}
+                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr,
+                     "counter": NftCounterAttr, "match": NftMatchAttr}
 
 
 NftExprAttr = AttrSpace(
@@ -1551,6 +1583,18 @@ NftRuleAttr = AttrSpace(
 )
 
 
+NftGenAttr = AttrSpace(
+    NFTA_GEN_ID=Attr(1, BE32),
+)
+
+
+# The batch-begin message may name the ruleset generation its changes were planned against: the
+# kernel then refuses the whole batch with ERESTART if anyone changed the ruleset meanwhile.
+NfnlBatchAttr = AttrSpace(
+    NFNL_BATCH_GENID=Attr(1, BE32),
+)
+
+
 _NoAttr = AttrSpace()
 
 
@@ -1558,7 +1602,8 @@ for _type, _space in ((NFT_MSG_NEWTABLE, NftTableAttr), (NFT_MSG_GETTABLE, NftTa
                       (NFT_MSG_DELTABLE, NftTableAttr), (NFT_MSG_NEWCHAIN, NftChainAttr),
                       (NFT_MSG_GETCHAIN, NftChainAttr), (NFT_MSG_DELCHAIN, NftChainAttr),
                       (NFT_MSG_NEWRULE, NftRuleAttr), (NFT_MSG_GETRULE, NftRuleAttr),
-                      (NFT_MSG_DELRULE, NftRuleAttr), (NFNL_MSG_BATCH_BEGIN, _NoAttr),
+                      (NFT_MSG_DELRULE, NftRuleAttr), (NFT_MSG_NEWGEN, NftGenAttr),
+                      (NFT_MSG_GETGEN, NftGenAttr), (NFNL_MSG_BATCH_BEGIN, NfnlBatchAttr),
                       (NFNL_MSG_BATCH_END, _NoAttr)):
     MESSAGE_LAYOUTS.setdefault(NETLINK_NETFILTER, {})[_type] = (NFGENMSG, _space)
 
@@ -1638,6 +1683,82 @@ def expr_masquerade():
     return _expr("masq", ())
 
 
+def expr_counter():
+    """`counter`: packets and bytes, from zero (iptables-nft puts one in every rule)."""
+    return _expr("counter", ((NftCounterAttr.NFTA_COUNTER_BYTES, 0),
+                             (NftCounterAttr.NFTA_COUNTER_PACKETS, 0)))
+
+
+def expr_xt_match(name, revision, info):
+    """An x_tables match (nft_compat): its name, revision and C struct `info`."""
+    return _expr("match", ((NftMatchAttr.NFTA_MATCH_NAME, name),
+                           (NftMatchAttr.NFTA_MATCH_REV, revision),
+                           (NftMatchAttr.NFTA_MATCH_INFO, info)))
+
+
+# --- rules in iptables-nft's form -------------------------------------------------------------
+# What iptables-nft 1.8 writes for an iptables rule, learnt by dumping its rules: -s/-d are native
+# payload and cmp (no bitwise for a full-length prefix), -i/-o a `meta iifname/oifname` compared
+# with the name and its NUL, `-m comment` and `-m conntrack` x_tables matches (revisions 0 and 3)
+# in command-line order, then a counter, then the verdict.  It writes no rule user data.  Written
+# this way, `iptables -S`, `iptables-save` and `iptables -D` treat our rules as their own.
+
+XT_COMMENT_SIZE = 256                          # struct xt_comment_info: the comment and its NUL
+# struct xt_conntrack_mtinfo3: eight address/mask unions, expires min/max, l4proto, four ports,
+# match and invert flags, state and status masks, four high ports; padded to 8 bytes.
+XT_CONNTRACK_INFO3 = struct.Struct("=128xIIHHHHHHHHHHHHH6x")
+XT_CONNTRACK_STATE = 0x1                       # match_flags: --ctstate
+CT_STATE_ESTABLISHED, CT_STATE_RELATED = 1 << 1, 1 << 2
+
+
+def xt_comment(text):
+    """`-m comment --comment text` (at most 255 bytes, as iptables allows)."""
+    raw = text.encode("utf-8", "surrogateescape")[:XT_COMMENT_SIZE - 1]
+    return expr_xt_match("comment", 0, raw.ljust(XT_COMMENT_SIZE, b"\0"))
+
+
+def xt_ctstate(states):
+    """`-m conntrack --ctstate ...` for a mask of CT_STATE_* bits."""
+    info = XT_CONNTRACK_INFO3.pack(0, 0, 0, 0, 0, 0, 0, XT_CONNTRACK_STATE, 0, states,
+                                   0, 0, 0, 0, 0)
+    return expr_xt_match("conntrack", 3, info)
+
+
+def ipt_interface(key, name, negate=False):
+    """`[!] -i|-o name` (key NFT_META_IIFNAME or NFT_META_OIFNAME)."""
+    return [expr_meta(key), expr_cmp(NFT_CMP_NEQ if negate else NFT_CMP_EQ,
+                                     name.encode("utf-8", "surrogateescape") + b"\0")]
+
+
+def ipt_host(field, family, ip):
+    """`-s|-d ip/32` (or /128)."""
+    return match_address(field, Prefix(family, ip, IP_BITS[family]))
+
+
+def ipt_rule(matches, verdict):
+    """A whole rule: its matches, iptables-nft's counter, the verdict."""
+    return matches + [expr_counter(), verdict]
+
+
+def expression_signature(exprs):
+    """What a rule does, comparable with NftRule.signature: the expressions as the kernel lists
+    them, counters left out."""
+    return _signature(encode_attrs(exprs))
+
+
+def _signature(raw):
+    """(name, decoded data) of each expression of an encoded list, counters left out."""
+    out = []
+    for element in decode_attrs(NftListAttr, raw).get(NftListAttr.NFTA_LIST_ELEM, []):
+        name = element.get(NftExprAttr.NFTA_EXPR_NAME)
+        if name == "counter":
+            continue
+        space = EXPRESSION_SPACES.get(name)
+        data = element.get(NftExprAttr.NFTA_EXPR_DATA, b"")
+        out.append((name, decode_attrs(space, data) if space is not None else data))
+    return out
+
+
 # Offsets of the address fields in the IPv4 and IPv6 headers: (saddr, daddr, length).
 IP_HEADER_FIELDS = {4: (12, 16, 4), 6: (8, 24, 16)}
 
@@ -1678,16 +1799,18 @@ class NftBatch(object):
             attrs.append((NftTableAttr.NFTA_TABLE_USERDATA, udata_comment(comment)))
         self.add(NFT_MSG_NEWTABLE, family, attrs, NLM_F_CREATE)
 
-    def add_chain(self, family, table, chain, hook=None, comment=None):
+    def add_chain(self, family, table, chain, hook=None, comment=None, policy=NF_ACCEPT):
         """A chain (`hook` = (type, hook number, priority) makes it a base chain); kept if it
-        exists."""
+        exists.  A base chain gets `policy`; None leaves an existing chain's policy alone (a new
+        one accepts)."""
         attrs = [(NftChainAttr.NFTA_CHAIN_TABLE, table), (NftChainAttr.NFTA_CHAIN_NAME, chain)]
         if hook is not None:
             chain_type, hooknum, priority = hook
             attrs.append((NftChainAttr.NFTA_CHAIN_HOOK,
                           ((NftHookAttr.NFTA_HOOK_HOOKNUM, hooknum),
                            (NftHookAttr.NFTA_HOOK_PRIORITY, priority))))
-            attrs.append((NftChainAttr.NFTA_CHAIN_POLICY, NF_ACCEPT))
+            if policy is not None:
+                attrs.append((NftChainAttr.NFTA_CHAIN_POLICY, policy))
             attrs.append((NftChainAttr.NFTA_CHAIN_TYPE, chain_type))
         if comment:
             attrs.append((NftChainAttr.NFTA_CHAIN_USERDATA, udata_comment(comment)))
@@ -1703,13 +1826,13 @@ class NftBatch(object):
         self.add(NFT_MSG_DELCHAIN, family, ((NftChainAttr.NFTA_CHAIN_TABLE, table),
                                             (NftChainAttr.NFTA_CHAIN_NAME, chain)))
 
-    def add_rule(self, family, table, chain, exprs, comment=None):
-        """Append a rule of `exprs` to a chain, with an optional comment."""
+    def add_rule(self, family, table, chain, exprs, comment=None, first=False):
+        """Append a rule to `chain`, or with `first` put it at the head (`iptables -I chain 1`)."""
         attrs = [(NftRuleAttr.NFTA_RULE_TABLE, table), (NftRuleAttr.NFTA_RULE_CHAIN, chain),
                  (NftRuleAttr.NFTA_RULE_EXPRESSIONS, exprs)]
         if comment:
             attrs.append((NftRuleAttr.NFTA_RULE_USERDATA, udata_comment(comment)))
-        self.add(NFT_MSG_NEWRULE, family, attrs, NLM_F_CREATE | NLM_F_APPEND)
+        self.add(NFT_MSG_NEWRULE, family, attrs, NLM_F_CREATE | (0 if first else NLM_F_APPEND))
 
     def delete_rule(self, rule):
         """Remove a rule listed by list_rules (by handle)."""
@@ -1717,10 +1840,16 @@ class NftBatch(object):
                                                 (NftRuleAttr.NFTA_RULE_CHAIN, rule.chain),
                                                 (NftRuleAttr.NFTA_RULE_HANDLE, rule.handle)))
 
-    def commit(self, nl, what):
-        """Send the messages as one transaction (nothing when there are none)."""
+    def commit(self, nl, what, generation=None):
+        """Send the messages as one transaction (nothing when there are none); with
+        `generation` (nft_generation()), only if the ruleset is still that one, else
+        NetlinkError ERESTART."""
         if self.requests:
-            nl.transact(self.requests, what, batch=NFT_BATCH)
+            batch = NFT_BATCH
+            if generation is not None:
+                batch = BatchFrame(batch.begin, batch.end, batch.header,
+                                   ((NfnlBatchAttr.NFNL_BATCH_GENID, generation),))
+            nl.transact(self.requests, what, batch=batch)
 
 
 class NftRule(object):
@@ -1728,7 +1857,8 @@ class NftRule(object):
     are decoded only when asked for (a jump target, a matched input interface): listing a chain
     of a thousand masquerade rules must stay cheap."""
 
-    __slots__ = ("family", "table", "chain", "handle", "comment", "_expressions", "_scanned")
+    __slots__ = ("family", "table", "chain", "handle", "comment", "_expressions", "_scanned",
+                 "_signature")
 
     def __init__(self, msg):
         self.family = msg.header["family"]
@@ -1738,6 +1868,7 @@ class NftRule(object):
         self.comment = comment_of(msg.get(NftRuleAttr.NFTA_RULE_USERDATA, b""))
         self._expressions = msg.get(NftRuleAttr.NFTA_RULE_EXPRESSIONS, b"")
         self._scanned = None
+        self._signature = None
 
     @property
     def jump_target(self):
@@ -1747,13 +1878,35 @@ class NftRule(object):
     @property
     def iifname(self):
         """The input interface this rule matches (`iifname "x"`), or None."""
-        return self._scan()[1]
+        return self._scan()[1].get(NFT_META_IIFNAME)
+
+    @property
+    def oifname(self):
+        """The output interface this rule matches (`oifname "x"`), or None."""
+        return self._scan()[1].get(NFT_META_OIFNAME)
+
+    @property
+    def match_comment(self):
+        """The text of the rule's x_tables comment match (iptables' `-m comment`), or ""."""
+        return self._scan()[2]
+
+    def mentions(self, data):
+        """Whether the rule's encoded expressions hold `data` (a comment's bytes, say): a cheap
+        test before decoding, for chains of thousands of rules."""
+        return data in self._expressions
+
+    @property
+    def signature(self):
+        """What the rule does (see expression_signature)."""
+        if self._signature is None:
+            self._signature = _signature(self._expressions)
+        return self._signature
 
     def _scan(self):
-        """Decode the expressions once: (jump target, matched input interface)."""
+        """Decode the expressions once: (jump target, matched interfaces, x_tables comment)."""
         if self._scanned is None:
-            target = iifname = None
-            loaded_iifname = False
+            target, interfaces, xt_comment_text = None, {}, ""
+            loaded_name = None
             elements = decode_attrs(NftListAttr, self._expressions).get(
                 NftListAttr.NFTA_LIST_ELEM, [])
             for element in elements:
@@ -1767,13 +1920,17 @@ class NftRule(object):
                     verdict = immediate.get(NftDataAttr.NFTA_DATA_VERDICT, {})
                     target = verdict.get(NftVerdictAttr.NFTA_VERDICT_CHAIN, target)
                 elif name == "meta":
-                    loaded_iifname = data.get(NftMetaAttr.NFTA_META_KEY) == NFT_META_IIFNAME
-                elif name == "cmp" and loaded_iifname:
+                    loaded_name = data.get(NftMetaAttr.NFTA_META_KEY)
+                elif name == "cmp" and loaded_name in (NFT_META_IIFNAME, NFT_META_OIFNAME):
                     compared = data.get(NftCmpAttr.NFTA_CMP_DATA, {})
                     raw = compared.get(NftDataAttr.NFTA_DATA_VALUE, b"")
-                    iifname = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    loaded_iifname = False
-            self._scanned = (target, iifname)
+                    name_bytes = raw.split(b"\0", 1)[0]
+                    interfaces[loaded_name] = name_bytes.decode("utf-8", "surrogateescape")
+                    loaded_name = None
+                elif name == "match" and data.get(NftMatchAttr.NFTA_MATCH_NAME) == "comment":
+                    raw = data.get(NftMatchAttr.NFTA_MATCH_INFO, b"")
+                    xt_comment_text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+            self._scanned = (target, interfaces, xt_comment_text)
         return self._scanned
 
 
@@ -1800,6 +1957,14 @@ def node_nftables():
     if PROCESS.node_nftables is None:
         PROCESS.node_nftables = NetlinkSocket(NETLINK_NETFILTER)
     return PROCESS.node_nftables
+
+
+def nft_generation(nl):
+    """The ruleset's generation id: read before planning a change that must see the ruleset as
+    it was (see NftBatch.commit)."""
+    replies = nl.request(NFT_MSG_GETGEN, 0, {"family": 0}, (),
+                         what="failed to read the nf_tables generation")
+    return replies[0].get(NftGenAttr.NFTA_GEN_ID, 0) if replies else 0
 
 
 def chain_exists(nl, family, table, chain):
@@ -3164,20 +3329,20 @@ def collect_stale_rules(network, valid):
 
 # --- the iptables backend (only when a config asks for it) ---------------------------------------
 
-def run_iptables(family, args, check=True):
-    """Run iptables or ip6tables on table nat; returns (exit status, output)."""
+def run_iptables(family, args, check=True, table="nat"):
+    """Run iptables or ip6tables on `table`; returns (exit status, output)."""
     import subprocess
     program = "iptables" if family == 4 else "ip6tables"
     try:
-        proc = subprocess.run([program, "-w", "5", "-t", "nat"] + args, stdout=subprocess.PIPE,
+        proc = subprocess.run([program, "-w", "5", "-t", table] + args, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
     except OSError as err:
-        raise CNIError(ERR_INTERNAL, "ipMasqBackend iptables needs the %s program: %s"
+        raise CNIError(ERR_INTERNAL, "the iptables backend needs the %s program: %s"
                        % (program, err.strerror), "install iptables or use the nftables backend")
     output = proc.stdout.decode("utf-8", "replace")
     if check and proc.returncode != 0:
-        raise CNIError(ERR_INTERNAL,
-                       "%s -t nat %s failed: %s" % (program, " ".join(args), output.strip()))
+        raise CNIError(ERR_INTERNAL, "%s -t %s %s failed: %s"
+                       % (program, table, " ".join(args), output.strip()))
     return proc.returncode, output
 
 
@@ -4450,6 +4615,516 @@ def tuning_gc(request):
 
 
 # ==============================================================================================
+# The firewall plugin
+# ==============================================================================================
+# A chained plugin: lets a container's traffic through a node whose forwarding is dropped by
+# default (iptables FORWARD policy DROP, as Docker leaves it), and with ingressPolicy keeps other
+# bridges out.  An accept in one nf_tables base chain does not overrule a drop in another, so the
+# rules live where the drop is: table `filter`, chain FORWARD, in the reference's layout --
+#   FORWARD      -m comment --comment "CNI firewall plugin rules" -j CNI-FORWARD       (first)
+#   CNI-FORWARD  -m comment --comment "CNI firewall plugin admin overrides" -j CNI-ADMIN (first)
+#                -d IP -m conntrack --ctstate RELATED,ESTABLISHED ... -j ACCEPT    (per address)
+#                -s IP ... -j ACCEPT                                                (per address)
+#   FORWARD      -j CNI-ISOLATION-STAGE-1 (first), stage 1: `-i BR ! -o BR -j STAGE-2`,
+#                [isolated: `-i BR -o BR -j DROP`], RETURN; stage 2: `-o BR -j DROP`, RETURN.
+# Where the node's iptables is nf_tables-based (or there is none yet) the rules are written over
+# nf_tables netlink exactly as iptables-nft writes them, in one transaction planned against the
+# ruleset generation it read (a concurrent change makes the kernel refuse it; it is planned
+# again), so no program runs and `iptables` sees its own rules.  Where the node's filter table is
+# a legacy x_tables one, the `iptables` program writes the same rules.
+# Unlike the reference, the per-address rules carry their attachment in a comment, so DEL needs
+# no prevResult, two attachments sharing an address keep their own rules, and GC finds leftovers.
+
+FIREWALL_FORWARD_CHAIN = "CNI-FORWARD"
+FIREWALL_ADMIN_CHAIN = "CNI-ADMIN"
+FIREWALL_STAGE1_CHAIN = "CNI-ISOLATION-STAGE-1"
+FIREWALL_STAGE2_CHAIN = "CNI-ISOLATION-STAGE-2"
+FIREWALL_JUMP_COMMENT = "CNI firewall plugin rules"
+FIREWALL_ADMIN_COMMENT = "CNI firewall plugin admin overrides"
+FIREWALL_POLICY_COMMENT = "CNI firewall plugin rules (ingressPolicy: %s)"
+FIREWALL_SHARED_COMMENT = "CNI firewall plugin rules (ingressPolicy: same-bridge|isolated)"
+FIREWALL_ATTACHMENT_COMMENT = "CNI firewall plugin rules of "   # + attachment hash, names
+INGRESS_POLICIES = ("open", "same-bridge", "isolated")
+FILTER_TABLE = "filter"
+FORWARD_CHAIN = "FORWARD"
+NF_IP_PRI_FILTER = 0
+IPT_CHAIN_MAX = 28                             # bytes: x_tables' XT_EXTENSION_MAXNAMELEN - 1
+IPT_BUILTIN_NAMES = ("ACCEPT", "DROP", "QUEUE", "RETURN", "INPUT", "FORWARD", "OUTPUT",
+                     "PREROUTING", "POSTROUTING")
+NFPROTO_OF_FAMILY = {4: NFPROTO_IPV4, 6: NFPROTO_IPV6}
+FIREWALL_PLAN_TIMEOUT = 10.0                   # seconds of re-planning while others change rules
+
+
+class FirewallConfig(object):
+    """The firewall plugin's keys (reference names, matched case-insensitively)."""
+
+    def __init__(self, request):
+        c = request.config
+        self.network = request.network
+        # "" (the reference: firewalld if it runs, else iptables) and "iptables" both mean the
+        # iptables layout here; firewalld needs a D-Bus client this program does not have.
+        self.backend = conf_get(c, "backend", str, "")
+        self.admin_chain = conf_get(c, "iptablesAdminChainName", str, "") or FIREWALL_ADMIN_CHAIN
+        self.firewalld_zone = conf_get(c, "firewalldZone", str, "trusted")   # firewalld only
+        self.ingress_policy = conf_get(c, "ingressPolicy", str, "") or "open"
+        if self.backend == "firewalld":
+            raise config_error("the firewalld backend is not supported",
+                               'it needs a D-Bus client; use "backend": "iptables" (the rules '
+                               "then live in table filter, chain FORWARD) or the reference "
+                               "firewall plugin")
+        if self.backend not in ("", "iptables"):
+            raise config_error("unknown firewall backend %s" % json_dumps(self.backend[:50]),
+                               'backend is "iptables" (or "firewalld", not supported here)')
+        if self.ingress_policy not in INGRESS_POLICIES:
+            raise config_error("unknown ingress policy: %s"
+                               % json_dumps(self.ingress_policy[:50]),
+                               'ingressPolicy is "open", "same-bridge" or "isolated"')
+        self._check_chain_name(self.admin_chain)
+        self.previous = previous_result(request)
+        # (family, ip) of every address of prevResult: the per-address rules' subjects.
+        prefixes = [Prefix.parse(ip["address"]) for ip in (self.previous or {}).get("ips") or []]
+        self.addresses = [(prefix.family, prefix.ip) for prefix in prefixes]
+
+    @staticmethod
+    def _check_chain_name(name):
+        raw = name.encode("utf-8", "surrogateescape")
+        if (len(raw) > IPT_CHAIN_MAX or name[0] in "-!" or name in IPT_BUILTIN_NAMES
+                or any(c <= 32 or c >= 127 or c in b"\"'\\" for c in raw)):
+            raise config_error("invalid iptablesAdminChainName %s" % json_dumps(name[:50]),
+                               "an iptables chain name: at most %d printable ASCII characters "
+                               "without quotes or spaces, not starting with - or !, not a "
+                               "built-in name" % IPT_CHAIN_MAX)
+
+    @property
+    def isolates(self):
+        return self.ingress_policy != "open"
+
+    def bridge_name(self):
+        """The bridge isolation is about: prevResult's first interface, as the reference
+        takes it."""
+        interfaces = (self.previous or {}).get("interfaces") or []
+        if not interfaces:
+            raise config_error("interface needs to be set for ingress policy %s, "
+                               'make sure to chain "firewall" plugin with "bridge"'
+                               % json_dumps(self.ingress_policy))
+        name = interfaces[0].get("name")
+        if not isinstance(name, str) or not name:
+            raise config_error("got empty bridge name")
+        try:
+            check_ifname(name)
+        except CNIError as err:
+            raise config_error("invalid bridge name in prevResult: %s" % err.msg, name[:100])
+        return name
+
+
+# --- rules ----------------------------------------------------------------------------------------
+
+class IptRule(object):
+    """One iptables rule of the layout, rendered either as iptables-nft's expressions or as
+    `iptables` arguments.  `src`/`dst` are (family, ip); `in_iface`/`out_iface` are (name,
+    negated); `target` is ACCEPT, DROP, RETURN or a chain to jump to."""
+
+    __slots__ = ("chain", "family", "src", "dst", "in_iface", "out_iface", "established",
+                 "comment", "target")
+
+    def __init__(self, chain, family, target, comment=None, src=None, dst=None, in_iface=None,
+                 out_iface=None, established=False):
+        self.chain = chain
+        self.family = family
+        self.target = target
+        self.comment = comment
+        self.src = src
+        self.dst = dst
+        self.in_iface = in_iface
+        self.out_iface = out_iface
+        self.established = established
+
+    def expressions(self):
+        """The rule as iptables-nft encodes it (see "rules in iptables-nft's form")."""
+        exprs = []
+        for key, iface in ((NFT_META_IIFNAME, self.in_iface), (NFT_META_OIFNAME, self.out_iface)):
+            if iface is not None:
+                exprs += ipt_interface(key, iface[0], negate=iface[1])
+        for field, host in (("saddr", self.src), ("daddr", self.dst)):
+            if host is not None:
+                exprs += ipt_host(field, host[0], host[1])
+        if self.established:
+            exprs.append(xt_ctstate(CT_STATE_RELATED | CT_STATE_ESTABLISHED))
+        if self.comment is not None:
+            exprs.append(xt_comment(self.comment))
+        verdicts = {"ACCEPT": (NF_ACCEPT,), "DROP": (NF_DROP,), "RETURN": (NFT_RETURN,)}
+        return ipt_rule(exprs, expr_verdict(*verdicts.get(self.target, (NFT_JUMP, self.target))))
+
+    def arguments(self):
+        """The rule as `iptables -A CHAIN` arguments, in the order `iptables -S` prints them."""
+        args = []
+        for flag, iface in (("-i", self.in_iface), ("-o", self.out_iface)):
+            if iface is not None:
+                args += (["!"] if iface[1] else []) + [flag, iface[0]]
+        for flag, host in (("-s", self.src), ("-d", self.dst)):
+            if host is not None:
+                args += [flag, "%s/%d" % (ip_to_text(host[0], host[1]), IP_BITS[host[0]])]
+        if self.established:
+            args += ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"]
+        if self.comment is not None:
+            args += ["-m", "comment", "--comment", self.comment]
+        return args + ["-j", self.target]
+
+
+def firewall_comment(network, container_id, ifname):
+    """The comment of an attachment's per-address rules: its hash first (what DEL and GC match),
+    then its names for people reading `iptables -S`; at most 255 bytes, as iptables allows."""
+    text = "%s%s, net: %s, if: %s, id: %s" % (FIREWALL_ATTACHMENT_COMMENT,
+                                             masq_instance_hash(network, container_id, ifname),
+                                             network, ifname, container_id)
+    text = text.replace('"', "")
+    return text.encode("utf-8", "surrogateescape")[:XT_COMMENT_SIZE - 1].decode("utf-8", "ignore")
+
+
+def attachment_comment_prefix(network, container_id, ifname):
+    """What every per-address rule comment of the attachment starts with."""
+    return FIREWALL_ATTACHMENT_COMMENT + masq_instance_hash(network, container_id, ifname)
+
+
+def address_rules(family, ip, comment):
+    """The two rules of one container address: replies to it, and everything from it."""
+    return [IptRule(FIREWALL_FORWARD_CHAIN, family, "ACCEPT", comment, dst=(family, ip),
+                    established=True),
+            IptRule(FIREWALL_FORWARD_CHAIN, family, "ACCEPT", comment, src=(family, ip))]
+
+
+def shared_rules(conf, family):
+    """(rule, first) of the chains every attachment shares, in the order the reference ensures
+    them; `first` rules go to the head of their chain, the others to its end."""
+    shared = FIREWALL_SHARED_COMMENT
+    plan = [(IptRule(FORWARD_CHAIN, family, FIREWALL_FORWARD_CHAIN, FIREWALL_JUMP_COMMENT), True),
+            (IptRule(FIREWALL_FORWARD_CHAIN, family, conf.admin_chain, FIREWALL_ADMIN_COMMENT),
+             True)]
+    if conf.isolates:
+        bridge = conf.bridge_name()
+        policy = FIREWALL_POLICY_COMMENT % conf.ingress_policy
+        stage1, stage2 = FIREWALL_STAGE1_CHAIN, FIREWALL_STAGE2_CHAIN
+        plan.append((IptRule(FORWARD_CHAIN, family, stage1, shared), True))
+        plan.append((IptRule(stage1, family, stage2, policy, in_iface=(bridge, False),
+                             out_iface=(bridge, True)), True))
+        if conf.ingress_policy == "isolated":
+            plan.append((IptRule(stage1, family, "DROP", policy, in_iface=(bridge, False),
+                                 out_iface=(bridge, False)), True))
+        plan.append((IptRule(stage1, family, "RETURN", shared), False))
+        plan.append((IptRule(stage2, family, "DROP", shared, out_iface=(bridge, False)), True))
+        plan.append((IptRule(stage2, family, "RETURN", shared), False))
+    return plan
+
+
+def shared_rule_forms(rule):
+    """A shared rule as this and older references write it: before 1.7.0 the rules both
+    policies share were commented "(ingressPolicy: same-bridge)"; such a rule counts as present
+    rather than getting a twin."""
+    forms = [rule]
+    if rule.comment == FIREWALL_SHARED_COMMENT:
+        forms.append(IptRule(rule.chain, rule.family, rule.target,
+                             FIREWALL_POLICY_COMMENT % "same-bridge", in_iface=rule.in_iface,
+                             out_iface=rule.out_iface))
+    return forms
+
+
+def nft_rule_present(listed, rule):
+    """Whether the listed rules hold `rule` (a commented one: only rules holding its comment's
+    bytes are decoded, so a FORWARD chain of a thousand other rules stays cheap)."""
+    needle = (rule.comment or "").encode("utf-8", "surrogateescape") + b"\0"
+    signature = expression_signature(rule.expressions())
+    return any(r.mentions(needle) and r.signature == signature for r in listed)
+
+
+def firewall_chains(conf):
+    """The user chains the config's layout uses (the admin chain included)."""
+    chains = [FIREWALL_FORWARD_CHAIN, conf.admin_chain]
+    if conf.isolates:
+        chains += [FIREWALL_STAGE1_CHAIN, FIREWALL_STAGE2_CHAIN]
+    return chains
+
+
+def filter_table_is_legacy(nl, family):
+    """Whether `family`'s filter table is a legacy x_tables one (then the iptables program must
+    write it): no nf_tables table `filter` of that family, but the kernel lists a legacy one.  A
+    node with neither gets the nf_tables form, which is what iptables-nft would create."""
+    try:
+        nl.request(NFT_MSG_GETTABLE, 0, {"family": NFPROTO_OF_FAMILY[family]},
+                   ((NftTableAttr.NFTA_TABLE_NAME, FILTER_TABLE),),
+                   what="failed to look up table filter")
+        return False
+    except NetlinkError as err:
+        if err.errno != errno.ENOENT:
+            raise
+    try:
+        fd = posix.open("/proc/self/net/%s_tables_names" % ("ip" if family == 4 else "ip6"),
+                        posix.O_RDONLY)
+    except OSError:
+        return False                          # no x_tables in this kernel, or not loaded
+    try:
+        names = posix.read(fd, 4096).decode("ascii", "replace").split()
+    finally:
+        posix.close(fd)
+    return FILTER_TABLE in names
+
+
+# --- nf_tables form -------------------------------------------------------------------------------
+
+def nft_ensure_rules(nl, conf, family, wanted, owner_prefix, what):
+    """Make `family`'s filter table hold the shared layout and exactly `wanted` as the rules of
+    the attachment whose comments start with `owner_prefix`; rules already there are kept.  One
+    transaction, planned against the generation it read and planned again if that changed."""
+    nfproto = NFPROTO_OF_FAMILY[family]
+    shared = shared_rules(conf, family)
+
+    def attempt():
+        generation = nft_generation(nl)
+        chains = dict((chain, list_rules(nl, nfproto, FILTER_TABLE, chain))
+                      for chain in [FORWARD_CHAIN] + firewall_chains(conf))
+        batch = NftBatch()
+        if not chains[FORWARD_CHAIN]:           # the table or its FORWARD chain may be missing
+            batch.add_table(nfproto, FILTER_TABLE)
+            batch.add_chain(nfproto, FILTER_TABLE, FORWARD_CHAIN, policy=None,
+                            hook=("filter", NF_INET_FORWARD, NF_IP_PRI_FILTER))
+        for chain in firewall_chains(conf):
+            if not chains[chain]:               # missing or empty: creating it again is harmless
+                batch.add_chain(nfproto, FILTER_TABLE, chain)
+        for rule, first in shared:
+            forms = shared_rule_forms(rule)
+            if not any(nft_rule_present(chains[rule.chain], form) for form in forms):
+                batch.add_rule(nfproto, FILTER_TABLE, rule.chain, rule.expressions(), first=first)
+        wanted_signatures = [expression_signature(rule.expressions()) for rule in wanted]
+        owner_bytes = owner_prefix.encode("utf-8", "surrogateescape")
+        mine = [r for r in chains[FIREWALL_FORWARD_CHAIN]
+                if r.mentions(owner_bytes) and r.match_comment.startswith(owner_prefix)]
+        for rule in mine:
+            if rule.signature not in wanted_signatures:
+                batch.delete_rule(rule)
+        present = [r.signature for r in mine]
+        for rule, signature in zip(wanted, wanted_signatures):
+            if signature not in present:
+                batch.add_rule(nfproto, FILTER_TABLE, rule.chain, rule.expressions())
+        batch.commit(nl, what, generation)
+        return True
+
+    retry_while_changing(attempt, what)
+
+
+def retry_while_changing(attempt, what):
+    """Run `attempt()` until it returns True, again (with growing pauses) whenever the ruleset
+    changed under it: its batch refused as stale (ERESTART) or for a rule gone (ENOENT), or its
+    listing interrupted by other writers again and again (many ADDs at once)."""
+    def once():
+        try:
+            return attempt()
+        except CNIError as err:
+            if getattr(err, "errno", None) in (errno.ERESTART, errno.ENOENT) \
+                    or err.code == ERR_TRY_AGAIN:
+                return None
+            raise
+
+    poll_until(once, FIREWALL_PLAN_TIMEOUT,
+               lambda: CNIError(ERR_TRY_AGAIN, "%s: the filter table kept changing" % what))
+
+
+def nft_remove_rules(nl, family, chains, doomed, what):
+    """Delete the rules of `chains` in table `filter` that `doomed(chain, rule)` picks, in one
+    transaction (listed again if a rule went away meanwhile)."""
+    nfproto = NFPROTO_OF_FAMILY[family]
+
+    def attempt():
+        batch = NftBatch()
+        for chain in chains:
+            for rule in list_rules(nl, nfproto, FILTER_TABLE, chain):
+                if doomed(chain, rule):
+                    batch.delete_rule(rule)
+        batch.commit(nl, what)
+        return True
+
+    retry_while_changing(attempt, what)
+
+
+# --- legacy form (the iptables program) --------------------------------------------------------
+
+def ipt_ensure_rules(conf, family, wanted, owner_prefix):
+    """nft_ensure_rules through the iptables program (a legacy node): each rule checked with -C
+    and added when missing, the attachment's other rules deleted."""
+    for chain in firewall_chains(conf):
+        if run_iptables(family, ["-S", chain], check=False, table=FILTER_TABLE)[0] != 0:
+            run_iptables(family, ["-N", chain], check=False, table=FILTER_TABLE)
+    for rule, first in shared_rules(conf, family) + [(rule, False) for rule in wanted]:
+        if not ipt_has_rule(family, rule):
+            where = ["-I", rule.chain, "1"] if first else ["-A", rule.chain]
+            run_iptables(family, where + rule.arguments(), table=FILTER_TABLE)
+    wanted_args = [rule.arguments() for rule in wanted]
+    for args in ipt_listed_rules(family, FIREWALL_FORWARD_CHAIN):
+        if owner_prefix in " ".join(args) and args[2:] not in wanted_args:
+            run_iptables(family, ["-D"] + args[1:], check=False, table=FILTER_TABLE)
+
+
+def ipt_has_rule(family, rule):
+    """`iptables -C`: whether the chain holds the rule."""
+    args = ["-C", rule.chain] + rule.arguments()
+    return run_iptables(family, args, check=False, table=FILTER_TABLE)[0] == 0
+
+
+def ipt_listed_rules(family, chain):
+    """The rules of `chain` as `iptables -S` prints them, split into arguments ("-A", chain,
+    ...)."""
+    status, output = run_iptables(family, ["-S", chain], check=False, table=FILTER_TABLE)
+    if status != 0:
+        return []
+    import shlex
+    return [shlex.split(line) for line in output.splitlines() if line.startswith("-A ")]
+
+
+def ipt_remove_rules(family, doomed):
+    """Delete the rules of CNI-FORWARD that `doomed(chain, arguments)` picks."""
+    for chain in (FIREWALL_FORWARD_CHAIN,):
+        for args in ipt_listed_rules(family, chain):
+            if doomed(chain, args):
+                run_iptables(family, ["-D"] + args[1:], check=False, table=FILTER_TABLE)
+
+
+# --- verbs ----------------------------------------------------------------------------------------
+
+def firewall_families(conf):
+    """The address families of prevResult's addresses: the tables ADD and CHECK touch."""
+    return sorted(set(family for family, _ip in conf.addresses))
+
+
+def attachment_rules(conf, family, comment):
+    """The per-address rules of prevResult's addresses of `family` (comment None: the
+    reference's form)."""
+    return [rule for fam, ip in conf.addresses if fam == family
+            for rule in address_rules(family, ip, comment)]
+
+
+def firewall_add(request):
+    """Put the shared layout and the attachment's per-address rules in place; returns
+    prevResult."""
+    conf = FirewallConfig(request)
+    if conf.previous is None:
+        raise config_error("missing prevResult from earlier plugin")
+    if conf.isolates:
+        conf.bridge_name()                    # refused before anything is written
+    comment = firewall_comment(conf.network, request.container_id, request.ifname)
+    owner = attachment_comment_prefix(conf.network, request.container_id, request.ifname)
+    nl = node_nftables()
+    for family in firewall_families(conf):
+        wanted = attachment_rules(conf, family, comment)
+        if filter_table_is_legacy(nl, family):
+            ipt_ensure_rules(conf, family, wanted, owner)
+        else:
+            nft_ensure_rules(nl, conf, family, wanted, owner,
+                             "failed to set up the firewall rules of %s" % request.container_id)
+    return conf.previous
+
+
+def firewall_del(request):
+    """Remove the attachment's per-address rules, found by comment, and the reference's for
+    prevResult's addresses (so an attachment the reference added is cleaned up too); needs no
+    netns, and finds nothing the second time.  The shared chains stay, as with the reference:
+    other attachments use them."""
+    conf = FirewallConfig(request)
+    owner = attachment_comment_prefix(conf.network, request.container_id, request.ifname)
+    what = "failed to remove the firewall rules of %s" % request.container_id
+    nl = node_nftables()
+    for family in (4, 6):
+        reference = attachment_rules(conf, family, None)
+        if filter_table_is_legacy(nl, family):
+            reference_args = [rule.arguments() for rule in reference]
+            ipt_remove_rules(family, lambda chain, args: (
+                owner in " ".join(args) or args[2:] in reference_args))
+            continue
+        signatures = [expression_signature(rule.expressions()) for rule in reference]
+        addresses = [ip_bytes(family, ip) for fam, ip in conf.addresses if fam == family]
+        owner_bytes = owner.encode("utf-8", "surrogateescape")
+
+        def doomed(chain, rule):
+            # Raw-byte tests first: only candidate rules are decoded.
+            if rule.mentions(owner_bytes):
+                return rule.match_comment.startswith(owner)
+            return (any(rule.mentions(address) for address in addresses)
+                    and not rule.match_comment and rule.signature in signatures)
+        nft_remove_rules(nl, family, (FIREWALL_FORWARD_CHAIN,), doomed, what)
+    return None
+
+
+def firewall_check(request):
+    """Every rule the attachment needs is in place (ours, or the reference's form of a
+    per-address rule)."""
+    conf = FirewallConfig(request)
+    if conf.previous is None:
+        raise config_error("missing prevResult from earlier plugin")
+    comment = firewall_comment(conf.network, request.container_id, request.ifname)
+    nl = node_nftables()
+    for family in firewall_families(conf):
+        # Each needed rule with the forms that count for it (older or the reference's).
+        needed = [shared_rule_forms(rule) for rule, _first in shared_rules(conf, family)]
+        needed += [list(forms) for forms in zip(attachment_rules(conf, family, comment),
+                                                attachment_rules(conf, family, None))]
+        if filter_table_is_legacy(nl, family):
+            missing = [forms[0] for forms in needed
+                       if not any(ipt_has_rule(family, r) for r in forms)]
+        else:
+            nfproto = NFPROTO_OF_FAMILY[family]
+            if not chain_exists(nl, nfproto, FILTER_TABLE, conf.admin_chain):
+                raise CNIError(ERR_INTERNAL,
+                               "firewall admin chain %s is missing" % conf.admin_chain)
+            chains = dict((chain, list_rules(nl, nfproto, FILTER_TABLE, chain))
+                          for chain in [FORWARD_CHAIN] + firewall_chains(conf))
+            missing = [forms[0] for forms in needed
+                       if not any(nft_rule_present(chains[r.chain], r) for r in forms)]
+        if missing:
+            raise CNIError(ERR_INTERNAL, "firewall rules of %s are missing" % request.container_id,
+                           "expected in chain %s: %s"
+                           % (missing[0].chain, " ".join(missing[0].arguments())))
+    return None
+
+
+def firewall_status(request):
+    """Ready whenever the config is valid: the rules need nothing that can run out."""
+    FirewallConfig(request)
+    return None
+
+
+def firewall_gc(request):
+    """Remove this network's per-address rules whose attachment is not valid, and isolation
+    rules naming a bridge that no longer exists (the reference never removes those)."""
+    conf = FirewallConfig(request)
+    valid = valid_attachments(request.config)
+    if valid is None:
+        return None
+    keep = set(attachment_comment_prefix(conf.network, cid, ifname) for cid, ifname in valid)
+    network_prefix = FIREWALL_ATTACHMENT_COMMENT + sha512_hex(conf.network)[:16] + "-"
+    owner_length = len(attachment_comment_prefix(conf.network, "", ""))
+    policy_prefix = FIREWALL_POLICY_COMMENT.split("%")[0]
+    links = set(link.name for link in list_links(NetlinkSocket()))
+
+    def stale(comment):
+        return comment.startswith(network_prefix) and comment[:owner_length] not in keep
+
+    network_bytes = network_prefix.encode("utf-8", "surrogateescape")
+
+    def doomed(chain, rule):
+        if chain == FIREWALL_FORWARD_CHAIN:
+            return rule.mentions(network_bytes) and stale(rule.match_comment)
+        return rule.match_comment.startswith(policy_prefix) and any(
+            name is not None and name not in links for name in (rule.iifname, rule.oifname))
+
+    chains = (FIREWALL_FORWARD_CHAIN, FIREWALL_STAGE1_CHAIN, FIREWALL_STAGE2_CHAIN)
+    nl = node_nftables()
+    for family in (4, 6):
+        if filter_table_is_legacy(nl, family):
+            ipt_remove_rules(family, lambda chain, args: any(stale(a) for a in args))
+        else:
+            nft_remove_rules(nl, family, chains, doomed,
+                             "failed to remove stale firewall rules of %s" % conf.network)
+    return None
+
+
+# ==============================================================================================
 # Serving a CNI request
 # ==============================================================================================
 # The plugins by name and the reference's checks of the environment and stdin, in its order.
@@ -4465,7 +5140,11 @@ PLUGINS = {
                  "STATUS": nothing_to_do, "GC": nothing_to_do},
     "tuning": {"ADD": tuning_add, "DEL": tuning_del, "CHECK": tuning_check,
                "STATUS": tuning_status, "GC": tuning_gc},
+    "firewall": {"ADD": firewall_add, "DEL": firewall_del, "CHECK": firewall_check,
+                 "STATUS": firewall_status, "GC": firewall_gc},
 }
+# Plugins that speak only later spec versions (the reference firewall starts at 0.4.0).
+FIRST_VERSION = {"firewall": "0.4.0"}
 IPAM_IN_PROCESS.update(PLUGINS["host-local"])
 
 # Which CNI_* variables each command needs (the reference's skel table).
@@ -4510,17 +5189,33 @@ def read_stdin(wait_for_data):
         chunks.append(chunk)
 
 
-def version_answer():
-    """VERSION: echo the version the caller speaks (spec) with the versions we support."""
+def plugin_versions(plugin):
+    """The spec versions `plugin` speaks."""
+    first = SUPPORTED_VERSIONS.index(FIRST_VERSION.get(plugin, SUPPORTED_VERSIONS[0]))
+    return list(SUPPORTED_VERSIONS[first:])
+
+
+def version_answer(plugin):
+    """VERSION: echo the version the caller speaks (spec) with the versions `plugin` supports."""
+    supported = plugin_versions(plugin)
     requested = LATEST_VERSION
     try:
         config = json_loads(read_stdin(False) or b"{}")
         version = conf_lookup(config, "cniVersion") if isinstance(config, dict) else None
-        if version in SUPPORTED_VERSIONS:
+        if version in supported:
             requested = version
     except (ValueError, UnicodeError, CNIError):
         pass
-    return {"cniVersion": requested, "supportedVersions": list(SUPPORTED_VERSIONS)}
+    return {"cniVersion": requested, "supportedVersions": supported}
+
+
+def check_plugin_version(plugin, request):
+    """Refuse a config version older than the plugin speaks, with the reference's words."""
+    supported = plugin_versions(plugin)
+    if request.version not in supported:
+        raise CNIError(ERR_INCOMPATIBLE_VERSION, "incompatible CNI versions",
+                       "config is %s, plugin supports %s"
+                       % (json_dumps(request.version), json_dumps(supported)))
 
 
 def build_request(command, env):
@@ -4616,8 +5311,10 @@ def run_plugin(plugin, env):
     """Serve one CNI request as `plugin` with environment `env`; returns the exit status."""
     command = env.get("CNI_COMMAND", "")
     if not command:
-        sys.stderr.write("CNI %s plugin %s (cni-bridge)\nCNI protocol versions supported: %s\n"
-                         % (plugin, PROGRAM_VERSION, ", ".join(SUPPORTED_VERSIONS)))
+        # The reference's first line; nerdctl parses its version (semver) to pick firewall features.
+        sys.stderr.write("CNI %s plugin v%s\ncni-bridge %s; CNI protocol versions supported: %s\n"
+                         % (plugin, REFERENCE_RELEASE, PROGRAM_VERSION,
+                            ", ".join(plugin_versions(plugin))))
         return 0
     error_version = LATEST_VERSION
     try:
@@ -4625,10 +5322,11 @@ def run_plugin(plugin, env):
             raise in_config_version(CNIError(ERR_INVALID_ENV,
                                              "unknown CNI_COMMAND: %s" % command[:100]))
         if command == "VERSION":
-            write_json(version_answer())
+            write_json(version_answer(plugin))
             return 0
         request = build_request(command, env)
         error_version = request.version
+        check_plugin_version(plugin, request)
         check_netns_target(request)
         result = PLUGINS[plugin][command](request)
         if result is not None:
@@ -5295,8 +5993,8 @@ def leases(data_dir, collect):
 
 USAGE = """usage: %(prog)s COMMAND
 
-cni-bridge %(version)s: the CNI bridge, host-local, loopback and tuning plugins in one program.
-Installed under the names bridge, host-local, loopback and tuning (symlinks) it is those plugins.
+cni-bridge %(version)s: the CNI plugins %(plugins)s in one program.
+Installed under those names (symlinks) it is those plugins.
 
 commands:
   verify [CONFIG] [--keep] [--json]
@@ -5311,8 +6009,7 @@ commands:
   leases [--data-dir DIR] [--gc]
                           list host-local reservations (default DIR /var/lib/cni/networks) and
                           flag those whose container namespace is gone; --gc releases them
-  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback,
-                          tuning to it
+  install DIR [--force]   copy this program into DIR and link the plugin names to it
                           (--force replaces regular files of those names)
   --version               print the program and CNI versions
   --help                  this text
@@ -5322,7 +6019,8 @@ commands:
 def run_cli(prog, argv):
     """The operator's command line, when started under a name that is not a plugin's."""
     if not argv or argv[0] in ("-h", "--help", "help"):
-        sys.stdout.write(USAGE % {"prog": prog, "version": PROGRAM_VERSION})
+        sys.stdout.write(USAGE % {"prog": prog, "version": PROGRAM_VERSION,
+                                    "plugins": ", ".join(PLUGINS)})
         return 0 if argv else 2
     if argv[0] == "--version":
         sys.stdout.write("cni-bridge %s\nCNI protocol versions supported: %s\n"
@@ -5349,7 +6047,8 @@ def run_cli(prog, argv):
     except (CNIError, OSError) as err:
         sys.stderr.write("%s: %s\n" % (prog, getattr(err, "msg", None) or err))
         return 1
-    sys.stderr.write(USAGE % {"prog": prog, "version": PROGRAM_VERSION})
+    sys.stderr.write(USAGE % {"prog": prog, "version": PROGRAM_VERSION,
+                              "plugins": ", ".join(PLUGINS)})
     return 2
 
 

@@ -29,7 +29,7 @@ import zipapp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_DIR = "/usr/lib/cni"
-PLUGIN_NAMES = ("bridge", "host-local", "loopback", "tuning")
+PLUGIN_NAMES = ("bridge", "host-local", "loopback", "tuning", "firewall")
 NS_PREFIX = "cbb-"                      # bench namespaces: cbb-<pid>-<tag>
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
@@ -572,6 +572,24 @@ def workload_tuning(results, impls, spaces, count, scratch):
                 results.leak("tuning", impl.key, ["eth0 not restored: %s %d %s" % (
                     link["address"], link["mtu"], ",".join(link["flags"]))] + leftovers)
         spaces.delete(names)
+def workload_firewall(results, impls, count):
+    """firewall ADD and DEL (prevResult passed, as a runtime does) in each node namespace, whose
+    FORWARD policy drops; a new address and container ID per sample."""
+    for impl in impls:
+        run_tool([IP, "netns", "exec", impl.node.name, "iptables", "-P", "FORWARD", "DROP"])
+    for i in range(-1, count):          # i = -1: warm-up (table filter and chains made), not recorded
+        for impl in interleaved(impls, i):
+            prev = {"cniVersion": "1.0.0", "interfaces": [{"name": impl.main.bridge}, {"name": "eth0"}],
+                    "ips": [{"address": "10.%d.%d.%d/16" % (60 + (impl.key == "ref"), 1 + (i + 1) // 250,
+                                                            1 + (i + 1) % 250), "interface": 1}]}
+            conf = {"cniVersion": "1.0.0", "name": impl.main.name, "type": "firewall", "prevResult": prev}
+            container_id = "bench-fw-%s-%d" % (impl.key, i)
+            add = run_one(impl.call("firewall", "ADD", conf, container_id, "cbb-no-netns"))
+            delete = run_one(impl.call("firewall", "DEL", conf, container_id, "cbb-no-netns"))
+            if expect_ok(results, "firewall ADD", impl.key, add, container_id) and i >= 0:
+                results.add("firewall ADD", impl.key, add)
+            if expect_ok(results, "firewall DEL", impl.key, delete, container_id) and i >= 0:
+                results.add("firewall DEL", impl.key, delete)
 
 
 def workload_burst(results, impls, spaces, rounds, width=32):
@@ -804,6 +822,8 @@ def target_rows(results, rows, rng):
             against_ref("%s %s ours/ref <= 1.0" % (command, version), "%s %s" % (command, version), 1.0)
     for command in ("ADD", "DEL"):      # issue 16: both are mostly start-up
         against_ref("tuning %s ours/ref <= 1.5" % command, "tuning " + command, 1.5)
+    for command in ("ADD", "DEL"):      # issue 16: the reference execs iptables
+        against_ref("firewall %s ours/ref <= 0.5" % command, "firewall %s" % command, 0.5)
     for masq in ("", " ipMasq"):
         for command in ("ADD", "DEL"):
             against_ref("burst 32%s %s wall ours/ref <= 0.8" % (masq, command),
@@ -1000,6 +1020,8 @@ def run(args, scratch, spaces):
              lambda: workload_loopback(results, impls, spaces, size["samples"])),
             ("tuning ADD/DEL: %d samples" % size["samples"], True,
              lambda: workload_tuning(results, impls, spaces, size["samples"], scratch)),
+            ("firewall ADD/DEL: %d samples" % size["samples"], True,
+             lambda: workload_firewall(results, impls, size["samples"])),
             ("burst", False, lambda: workload_burst(results, impls, spaces, size["bursts"])),
             ("sequential", False, lambda: workload_sequential(results, impls, spaces, size["sequential"])),
             ("peak RSS: %d rounds" % size["rss"], True,

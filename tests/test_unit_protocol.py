@@ -659,7 +659,7 @@ def test_every_command_accepts_1_1_0(command, stdin):
 ])
 def test_version_answer(raw, expected, monkeypatch, json_state):
     monkeypatch.setattr(cb, "read_stdin", lambda wait_for_data: raw)
-    assert cb.version_answer() == {"cniVersion": expected, "supportedVersions": VERSIONS}
+    assert cb.version_answer("bridge") == {"cniVersion": expected, "supportedVersions": VERSIONS}
 
 
 def test_error_json_shape():

@@ -47,9 +47,14 @@ def call(argv, command, conf=b"", bin_dir="/nonexistent", cwd=None, **cni):
     return parse_output(proc)
 
 
-def assert_version_answer(result):
+# Plugins that, like their reference, start at a later spec version.
+FIRST_VERSION = {"firewall": "0.4.0"}
+
+
+def assert_version_answer(result, plugin="bridge"):
     assert result.returncode == 0, result
-    assert result.json["supportedVersions"] == VERSIONS, result
+    first = VERSIONS.index(FIRST_VERSION.get(plugin, VERSIONS[0]))
+    assert result.json["supportedVersions"] == VERSIONS[first:], result
 
 
 def lo_is_up(netns):
@@ -170,7 +175,7 @@ def test_install_makes_symlinks(ours_bin, tmp_path):
         assert sorted(os.listdir(str(target))) == sorted((ARCHIVE,) + PLUGIN_NAMES)
         for name in PLUGIN_NAMES:
             assert os.readlink(str(target / name)) == ARCHIVE
-            assert_version_answer(call([target / name], "VERSION", container_id=None, ifname=None))
+            assert_version_answer(call([target / name], "VERSION", container_id=None, ifname=None), name)
 
 
 def test_install_replaces_regular_file_only_with_force(ours_bin, tmp_path):
@@ -192,7 +197,7 @@ def test_version_through_each_symlink_with_only_cni_command(ours_bin, plugin):
     for conf in (b'{"cniVersion": "1.1.0"}', b""):
         proc = subprocess.run(["env", "-i", "CNI_COMMAND=VERSION", str(ours_bin / plugin)], input=conf,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-        assert_version_answer(parse_output(proc))
+        assert_version_answer(parse_output(proc), plugin)
 
 
 def test_runs_without_home_from_root_directory(ours_bin, node, container):

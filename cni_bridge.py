@@ -1,4 +1,4 @@
-"""cni-bridge: the CNI `bridge`, `host-local` and `loopback` plugins in one stdlib-only module.
+"""cni-bridge: the CNI `bridge`, `host-local`, `loopback` and `portmap` plugins in one stdlib-only module.
 
 The program is exec'd by a container runtime at every container start and stop.  It picks the
 plugin from the name it was started as (argv[0]), reads its parameters from CNI_* environment
@@ -13,7 +13,8 @@ path needs it (`os` costs a millisecond: it builds os.environ and imports `_coll
 VERSION, the call a runtime makes most, loads no socket module at all.
 
 Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
-operations; nf_tables operations; namespaces; IPAM store; the three plugins; entry point.
+operations; nf_tables operations (with conntrack); namespaces; IPAM store; the loopback,
+host-local, bridge and portmap plugins; entry point.
 """
 
 import posix
@@ -1217,6 +1218,20 @@ class Route(object):
         self.table = msg.get(RouteAttr.RTA_TABLE, msg.header["table"])
 
 
+def route_lookup(nl, family, ip):
+    """The outgoing interface index of the route the kernel picks for `ip` (`ip route get`),
+    or 0 when there is none."""
+    try:
+        replies = nl.request(RTM_GETROUTE, 0, {"family": AF_OF_FAMILY[family], "dst_len": IP_BITS[family]},
+                             ((RouteAttr.RTA_DST, ip_bytes(family, ip)),),
+                             what="failed to look up the route to %s" % ip_to_text(family, ip))
+    except NetlinkError as err:
+        if err.errno in (101, 113):     # ENETUNREACH, EHOSTUNREACH
+            return 0
+        raise
+    return replies[0].get(RouteAttr.RTA_OIF, 0) if replies else 0
+
+
 def list_routes(nl, family):
     msgs = nl.dump(RTM_GETROUTE, {"family": AF_OF_FAMILY[family]}, what="failed to list routes")
     return [Route(m) for m in msgs if m.header["family"] == AF_OF_FAMILY[family]]
@@ -1264,14 +1279,21 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
     (NFNL_SUBSYS_NFTABLES << 8) | n for n in range(9)]
 
 NFPROTO_INET, NFPROTO_IPV4, NFPROTO_BRIDGE, NFPROTO_IPV6 = 1, 2, 7, 10
-NF_INET_POST_ROUTING = 4
+NF_INET_PRE_ROUTING, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING = 0, 3, 4
 NF_BR_PRE_ROUTING = 0
 NF_ACCEPT, NF_DROP = 1, 0
 NFT_JUMP, NFT_GOTO, NFT_RETURN = -3, -4, -5
-NFT_REG_VERDICT, NFT_REG_1 = 0, 1
+NFT_REG_VERDICT, NFT_REG_1, NFT_REG_2 = 0, 1, 2
 NFT_CMP_EQ, NFT_CMP_NEQ = 0, 1
-NFT_META_IIFNAME, NFT_META_NFPROTO = 6, 15
-NFT_PAYLOAD_LL_HEADER, NFT_PAYLOAD_NETWORK_HEADER = 0, 1
+NFT_META_IIFNAME, NFT_META_OIFNAME, NFT_META_NFPROTO, NFT_META_L4PROTO = 6, 7, 15, 16
+NFT_PAYLOAD_LL_HEADER, NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 0, 1, 2
+NFT_FIB_RESULT_ADDRTYPE, NFTA_FIB_F_DADDR = 3, 2
+RTN_LOCAL = 2                                 # the address type `fib daddr type local` compares
+NFT_NAT_DNAT = 1
+NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED = 1, 2
+NFT_CT_STATUS = 2
+IPS_DST_NAT = 0x20                            # conntrack status bit: the connection was DNATed
+IPPROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 NFTNL_UDATA_COMMENT = 0          # the comment TLV in table, chain and rule user data
 BE32S = ">i"
 _SCALARS[BE32S] = struct.Struct(BE32S)
@@ -1327,9 +1349,39 @@ NftImmediateAttr = AttrSpace(
 )
 
 
+NftFibAttr = AttrSpace(
+    NFTA_FIB_DREG=Attr(1, BE32),
+    NFTA_FIB_RESULT=Attr(2, BE32),
+    NFTA_FIB_FLAGS=Attr(3, BE32),
+)
+
+
+NftNatAttr = AttrSpace(
+    NFTA_NAT_TYPE=Attr(1, BE32),
+    NFTA_NAT_FAMILY=Attr(2, BE32),
+    NFTA_NAT_REG_ADDR_MIN=Attr(3, BE32),
+    NFTA_NAT_REG_ADDR_MAX=Attr(4, BE32),
+    NFTA_NAT_REG_PROTO_MIN=Attr(5, BE32),
+    NFTA_NAT_REG_PROTO_MAX=Attr(6, BE32),
+    NFTA_NAT_FLAGS=Attr(7, BE32),
+)
+
+
+NftCtAttr = AttrSpace(
+    NFTA_CT_DREG=Attr(1, BE32),
+    NFTA_CT_KEY=Attr(2, BE32),
+)
+
+
+NftMasqAttr = AttrSpace(
+    NFTA_MASQ_FLAGS=Attr(1, BE32),
+)
+
+
 # An expression's data is laid out by its name; these are the expressions the rules use.
 EXPRESSION_SPACES = {"meta": NftMetaAttr, "payload": NftPayloadAttr, "cmp": NftCmpAttr,
-                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr}
+                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr, "fib": NftFibAttr,
+                     "nat": NftNatAttr, "ct": NftCtAttr, "masq": NftMasqAttr}
 
 
 NftExprAttr = AttrSpace(
@@ -1451,6 +1503,66 @@ def expr_masquerade():
     return _expr("masq", ())
 
 
+def expr_immediate(register, data):
+    """Load constant bytes into a data register (a DNAT target's address or port)."""
+    return _expr("immediate", ((NftImmediateAttr.NFTA_IMMEDIATE_DREG, register),
+                               (NftImmediateAttr.NFTA_IMMEDIATE_DATA, _value(data))))
+
+
+def expr_dnat(family, address_register, port_register):
+    """`dnat to <address>:<port>` from the two registers (as nft encodes it, flags included, so
+    the rule reads back as it was written)."""
+    return _expr("nat", ((NftNatAttr.NFTA_NAT_TYPE, NFT_NAT_DNAT),
+                         (NftNatAttr.NFTA_NAT_FAMILY, NFPROTO_IPV4 if family == 4 else NFPROTO_IPV6),
+                         (NftNatAttr.NFTA_NAT_REG_ADDR_MIN, address_register),
+                         (NftNatAttr.NFTA_NAT_REG_ADDR_MAX, address_register),
+                         (NftNatAttr.NFTA_NAT_REG_PROTO_MIN, port_register),
+                         (NftNatAttr.NFTA_NAT_REG_PROTO_MAX, port_register),
+                         (NftNatAttr.NFTA_NAT_FLAGS, NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED)))
+
+
+def match_daddr_local():
+    """`fib daddr type local`: the packet is addressed to one of this namespace's addresses."""
+    return [_expr("fib", ((NftFibAttr.NFTA_FIB_DREG, NFT_REG_1),
+                          (NftFibAttr.NFTA_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE),
+                          (NftFibAttr.NFTA_FIB_FLAGS, NFTA_FIB_F_DADDR))),
+            expr_cmp(NFT_CMP_EQ, struct.pack("=I", RTN_LOCAL))]
+
+
+def match_ct_dnat():
+    """`ct status dnat`: the connection's destination was rewritten (by a DNAT rule)."""
+    return [_expr("ct", ((NftCtAttr.NFTA_CT_DREG, NFT_REG_1), (NftCtAttr.NFTA_CT_KEY, NFT_CT_STATUS))),
+            expr_bitwise(struct.pack("=I", IPS_DST_NAT)),
+            expr_cmp(NFT_CMP_NEQ, b"\0\0\0\0")]
+
+
+def match_dport(protocol, port):
+    """`tcp|udp|sctp dport <port>`: the transport protocol, then its destination port."""
+    return [expr_meta(NFT_META_L4PROTO), expr_cmp(NFT_CMP_EQ, struct.pack("=B", IPPROTO_NUMBERS[protocol])),
+            expr_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2), expr_cmp(NFT_CMP_EQ, struct.pack(">H", port))]
+
+
+def match_ifname(key, name, negate=False):
+    """`iifname|oifname [!=] "name"`; a name ending in `*` matches every name it begins."""
+    raw = name.encode("utf-8", "surrogateescape")
+    data = raw[:-1] if raw.endswith(b"*") else raw.ljust(16, b"\0")
+    return [expr_meta(key), expr_cmp(NFT_CMP_NEQ if negate else NFT_CMP_EQ, data)]
+
+
+def expressions_signature(blob):
+    """A rule's expressions as comparable data: (name, {attribute: value}) per expression, with
+    only the attributes these rules use, so a rule we would write compares equal to the kernel's
+    copy of it (the kernel adds attributes of its own, such as a bitwise operation)."""
+    signature = []
+    for element in decode_attrs(NftListAttr, blob).get(NftListAttr.NFTA_LIST_ELEM, []):
+        name = element.get(NftExprAttr.NFTA_EXPR_NAME)
+        data = element.get(NftExprAttr.NFTA_EXPR_DATA, b"")
+        space = EXPRESSION_SPACES.get(name)
+        signature.append((name, sorted((attr.number, repr(value)) for attr, value
+                                       in decode_attrs(space, data).items()) if space else data))
+    return signature
+
+
 # Offsets of the address fields in the IPv4 and IPv6 headers: (saddr, daddr, length).
 IP_HEADER_FIELDS = {4: (12, 16, 4), 6: (8, 24, 16)}
 
@@ -1545,6 +1657,11 @@ class NftRule(object):
         self._scanned = None
 
     @property
+    def signature(self):
+        """Its expressions as expressions_signature gives them."""
+        return expressions_signature(self._expressions)
+
+    @property
     def jump_target(self):
         """The chain this rule jumps or goes to, or None."""
         return self._scan()[0]
@@ -1617,6 +1734,75 @@ def list_rules(nl, family, table, chain=None):
             return []
         raise
     return [NftRule(m) for m in msgs if not chain or m.get(NftRuleAttr.NFTA_RULE_CHAIN) == chain]
+
+
+# --- conntrack (ctnetlink) -------------------------------------------------------------------
+# The connection tracking table, over the same NETLINK_NETFILTER socket (subsystem CTNETLINK,
+# linux/netfilter/nfnetlink_conntrack.h): entries are dumped per address family and deleted by
+# their original tuple.
+
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = [(NFNL_SUBSYS_CTNETLINK << 8) | n
+                                                              for n in range(3)]
+
+CtIpAttr = AttrSpace(
+    CTA_IP_V4_SRC=Attr(1, BYTES),
+    CTA_IP_V4_DST=Attr(2, BYTES),
+    CTA_IP_V6_SRC=Attr(3, BYTES),
+    CTA_IP_V6_DST=Attr(4, BYTES),
+)
+
+
+CtProtoAttr = AttrSpace(
+    CTA_PROTO_NUM=Attr(1, U8),
+    CTA_PROTO_SRC_PORT=Attr(2, BE16),
+    CTA_PROTO_DST_PORT=Attr(3, BE16),
+)
+
+
+CtTupleAttr = AttrSpace(
+    CTA_TUPLE_IP=Attr(1, NEST, CtIpAttr),
+    CTA_TUPLE_PROTO=Attr(2, NEST, CtProtoAttr),
+    CTA_TUPLE_ZONE=Attr(3, BE16),
+)
+
+
+CtAttr = AttrSpace(
+    CTA_TUPLE_ORIG=Attr(1, NEST, CtTupleAttr),
+    CTA_ZONE=Attr(18, BE16),
+)
+
+
+for _type in (IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE):
+    MESSAGE_LAYOUTS[NETLINK_NETFILTER][_type] = (NFGENMSG, CtAttr)
+
+
+def delete_conntrack_entries(nl, family, protocol, dst_port):
+    """Delete the conntrack entries of one address family whose original direction goes to
+    `dst_port` over `protocol`; returns how many there were.  An entry that expires meanwhile is
+    not an error."""
+    af = AF_INET if family == 4 else AF_INET6
+    requests = []
+    for msg in nl.dump(IPCTNL_MSG_CT_GET, {"family": af}, what="failed to list conntrack entries"):
+        tuple_attrs = msg.get(CtAttr.CTA_TUPLE_ORIG) or {}
+        proto = tuple_attrs.get(CtTupleAttr.CTA_TUPLE_PROTO) or {}
+        if (proto.get(CtProtoAttr.CTA_PROTO_NUM) != protocol
+                or proto.get(CtProtoAttr.CTA_PROTO_DST_PORT) != dst_port):
+            continue
+        ips = tuple_attrs.get(CtTupleAttr.CTA_TUPLE_IP) or {}
+        attrs = [(CtAttr.CTA_TUPLE_ORIG, (
+            (CtTupleAttr.CTA_TUPLE_IP, [(attr, value) for attr, value in ips.items()]),
+            (CtTupleAttr.CTA_TUPLE_PROTO, [(attr, value) for attr, value in proto.items()])))]
+        if msg.get(CtAttr.CTA_ZONE):
+            attrs.append((CtAttr.CTA_ZONE, msg.get(CtAttr.CTA_ZONE)))
+        requests.append((IPCTNL_MSG_CT_DELETE, 0, {"family": af}, attrs))
+    for request in requests:
+        try:
+            nl.transact([request], "failed to delete a conntrack entry")
+        except NetlinkError as err:
+            if err.errno != 2:          # ENOENT: it expired meanwhile
+                raise
+    return len(requests)
 
 
 # ==============================================================================================
@@ -3369,6 +3555,620 @@ def bridge_gc(request):
 
 
 # ==============================================================================================
+# The portmap plugin
+# ==============================================================================================
+# Host ports forwarded to a container (runtimeConfig.portMappings), chained after the plugin that
+# gave the container its addresses; prevResult passes through unchanged.  The reference's
+# nftables layout, written over nf_tables netlink in one transaction per ADD, DEL or GC:
+#   table ip|ip6 cni_hostport
+#     prerouting  (nat, dstnat)   fib daddr type local jump hostports_all
+#     output      (nat, dstnat)   fib daddr type local jump hostports_all
+#     hostports_all               jump hostip_hostports; jump hostports
+#     hostip_hostports            kept empty (the reference keeps it for upgrades)
+#     hostports                   per mapping: <conditions> [ip daddr HOSTIP] tcp dport N dnat to CIP:P
+#     masquerading (nat, srcnat)  per address, with snat: ct status dnat ip saddr SUBNET|127.0.0.1
+#                                 ip daddr CIP masquerade
+# The shared chains hold only constants, written when they are not as they should be, so no ADD
+# rewrites another network's rules; a network's conditions are part of each of its own mapping
+# rules.  Every rule of an attachment carries the comment `net:<network> id:<container> if:<ifname>`
+# (a name too long for the comment is replaced by `#` and its hash), and DEL, CHECK and GC find
+# rules by that comment alone: no netns, link or prevResult needed, nothing else ever touched.
+
+PORTMAP_TABLE = "cni_hostport"
+PORTMAP_TABLE_COMMENT = "CNI portmap plugin"
+HOSTPORTS_ALL_CHAIN = "hostports_all"
+HOSTIP_HOSTPORTS_CHAIN = "hostip_hostports"
+HOSTPORTS_CHAIN = "hostports"
+PORTMAP_MASQ_CHAIN = "masquerading"
+PORTMAP_ENTRY_CHAINS = (("prerouting", NF_INET_PRE_ROUTING), ("output", NF_INET_LOCAL_OUT))
+PORTMAP_RULE_CHAINS = (HOSTPORTS_CHAIN, HOSTIP_HOSTPORTS_CHAIN, PORTMAP_MASQ_CHAIN)
+NF_PRIORITY_DSTNAT = -100
+PORTMAP_FAMILIES = {4: NFPROTO_IPV4, 6: NFPROTO_IPV6}
+DEFAULT_MARK_MASQ_BIT = 13
+MAX_CONDITION_RULES = 64                       # rules one mapping may expand into (condition sets)
+COMMENT_NETWORK_MAX, COMMENT_ID_MAX = 32, 64   # longer names are hashed: the comment stays < 128
+LOCALHOST_V4 = Prefix(4, 0x7F000001, 32)
+
+
+class PortMapping(object):
+    """One runtimeConfig.portMappings entry."""
+
+    __slots__ = ("host_port", "container_port", "protocol", "host_family", "host_ip")
+
+    def __init__(self, host_port, container_port, protocol, host_family=None, host_ip=None):
+        self.host_port = host_port
+        self.container_port = container_port
+        self.protocol = protocol
+        self.host_family = host_family      # None: both families; else only 4 or 6
+        self.host_ip = host_ip              # None: every local address of the family
+
+    def applies_to(self, family):
+        """A mapping with a hostIP of the other family is skipped (as the reference does)."""
+        return self.host_family is None or self.host_family == family
+
+
+class PortmapConfig(object):
+    """The portmap plugin's keys (reference names, matched case-insensitively):
+
+    runtimeConfig.portMappings  [{hostPort, containerPort, protocol (tcp|udp|sctp), hostIP}]
+    snat                        bool, default true: masquerade hairpin and localhost traffic
+    masqAll                     bool: masquerade forwarded traffic from every source
+    markMasqBit                 0..31, default 13 (iptables backend: the masquerade mark)
+    externalSetMarkChain        iptables backend: a chain that marks for masquerade instead
+    conditionsV4, conditionsV6  lists of nftables match text (iptables text for that backend)
+    backend                     "nftables" (default) or "iptables"; iptables-only keys
+                                without a backend choose iptables, as they would upstream
+    """
+
+    def __init__(self, request):
+        c = request.config
+        self.network = c["name"]
+        self.snat = conf_get(c, "snat", bool, True)
+        self.masq_all = conf_get(c, "masqAll", bool, False)
+        mark_bit = conf_get(c, "markMasqBit", int)
+        self.external_set_mark_chain = conf_get(c, "externalSetMarkChain", str)
+        if mark_bit is not None and self.external_set_mark_chain is not None:
+            raise CNIError(ERR_INVALID_CONFIG, "Cannot specify externalSetMarkChain and markMasqBit")
+        self.mark_masq_bit = conf_int(c, "markMasqBit", 0, 31, DEFAULT_MARK_MASQ_BIT)
+        raw_conditions = {4: conf_get(c, "conditionsV4", list, []), 6: conf_get(c, "conditionsV6", list, [])}
+        for family, items in raw_conditions.items():
+            if not all(isinstance(i, str) for i in items):
+                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: conditionsV%d must be a list "
+                               "of strings" % family)
+        self.backend = self._backend(conf_get(c, "backend", str), raw_conditions)
+        self.iptables_conditions = raw_conditions if self.backend == "iptables" else {4: [], 6: []}
+        self.conditions = dict((family, parse_conditions(family, items) if self.backend == "nftables" else [])
+                               for family, items in raw_conditions.items())
+        self.mappings = parse_port_mappings(conf_get(request.runtime_config(), "portMappings", list, []))
+
+    def _backend(self, requested, conditions):
+        iptables_only = ["conditionsV%d" % f for f in (4, 6) if is_iptables_syntax(conditions[f])]
+        if self.external_set_mark_chain is not None:
+            iptables_only.insert(0, "externalSetMarkChain")
+        nftables_only = ["conditionsV%d" % f for f in (4, 6)
+                         if conditions[f] and not is_iptables_syntax(conditions[f])]
+        backend = requested or ("iptables" if iptables_only else "nftables")
+        if backend not in ("nftables", "iptables"):
+            raise CNIError(ERR_INVALID_CONFIG, "unrecognized backend %r" % backend[:50],
+                           'backend is "nftables" (the default) or "iptables"')
+        wrong = iptables_only if backend == "nftables" else nftables_only
+        if wrong:
+            raise CNIError(ERR_INVALID_CONFIG, "%s backend was requested but configuration contains "
+                           "%s-specific options %s" % (backend, "iptables" if backend == "nftables" else
+                                                       "nftables", " ".join(wrong)))
+        return backend
+
+
+def is_iptables_syntax(conditions):
+    """iptables conditions begin with an option ("-s") or a negation ("!"); nftables ones never do."""
+    return bool(conditions) and conditions[0][:1] in ("-", "!")
+
+
+def parse_port_mappings(items):
+    mappings = []
+    for i, item in enumerate(items):
+        where = "runtimeConfig.portMappings[%d]." % i
+        if not isinstance(item, dict):
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be an object" % where[:-1])
+        host_port = conf_get(item, "hostPort", int, 0, where)
+        container_port = conf_get(item, "containerPort", int, 0, where)
+        if not 0 < container_port <= 65535:
+            raise CNIError(ERR_INVALID_CONFIG, "Invalid container port number: %d" % container_port)
+        if not 0 < host_port <= 65535:
+            raise CNIError(ERR_INVALID_CONFIG, "Invalid host port number: %d" % host_port)
+        protocol = conf_get(item, "protocol", str, "", where).lower()
+        if protocol not in IPPROTO_NUMBERS:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %sprotocol %r is not tcp, udp or "
+                           "sctp" % (where, protocol[:20]))
+        host_ip_text = conf_get(item, "hostIP", str, "", where)
+        host_family = host_ip = None
+        if host_ip_text:
+            try:
+                host_family, host_ip = parse_ip(host_ip_text)
+            except ValueError:
+                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %shostIP %r is not an IP "
+                               "address" % (where, host_ip_text[:50]))
+            host_ip = host_ip or None      # 0.0.0.0 or ::: every address of that family
+        mappings.append(PortMapping(host_port, container_port, protocol, host_family, host_ip))
+    return mappings
+
+
+# --- conditions: the nftables match text of conditionsV4/V6 ------------------------------------
+# Accepted: `[meta] iifname|oifname`, `ip saddr|daddr` (`ip6` in conditionsV6), each with an
+# optional `==`/`eq` or `!=`/`ne` and a value or an anonymous set `{ a, b }`; names may be quoted
+# and end in `*`.  A positive set becomes one rule per element, a negated one a rule that
+# excludes every element.  Anything else is refused (code 7) naming the condition.
+
+CONDITION_SUPPORTED = ("supported: [meta] iifname|oifname, ip saddr|daddr (ip6 in conditionsV6), "
+                       "each with an optional == or != and a value or { set }")
+
+
+def condition_tokens(text):
+    """Split nft text into words, quoted strings (unquoted) and the set punctuation { } ,"""
+    tokens, i = [], 0
+    while i < len(text):
+        char = text[i]
+        if char.isspace():
+            i += 1
+        elif char in "{},":
+            tokens.append(char)
+            i += 1
+        elif char == '"':
+            end = text.find('"', i + 1)
+            if end < 0:
+                raise ValueError("unterminated string")
+            tokens.append(text[i + 1:end])
+            i = end + 1
+        else:
+            start = i
+            while i < len(text) and not text[i].isspace() and text[i] not in '{},"':
+                i += 1
+            tokens.append(text[start:i])
+    return tokens
+
+
+def parse_conditions(family, items):
+    """The rules' condition expressions: a list of alternatives, each a list of expressions that
+    must all match ([[]]: no condition).  Raises code 7 naming what it cannot express."""
+    key = "conditionsV%d" % family
+    text = " ".join(items)
+    try:
+        tokens = condition_tokens(text)
+    except ValueError as err:
+        raise CNIError(ERR_INVALID_CONFIG, "%s: %s in %r" % (key, err, text[:200]))
+    clauses, i = [], 0
+    while i < len(tokens):
+        start = i
+        try:
+            clause, i = _parse_condition(family, tokens, i)
+        except (ValueError, IndexError) as err:
+            raise CNIError(ERR_INVALID_CONFIG, "%s: unsupported condition %r" % (key, " ".join(tokens[start:])[:200]),
+                           "%s; %s" % (err, CONDITION_SUPPORTED))
+        clauses.append(clause)
+    alternatives = [[]]
+    for clause in clauses:
+        alternatives = [a + b for a in alternatives for b in clause]
+        if len(alternatives) > MAX_CONDITION_RULES:
+            raise CNIError(ERR_INVALID_CONFIG, "%s: its sets make more than %d rules per mapping"
+                           % (key, MAX_CONDITION_RULES), text[:200])
+    return alternatives
+
+
+def _parse_condition(family, tokens, i):
+    """One condition at tokens[i]: (its alternatives, the index after it)."""
+    word = tokens[i]
+    if word == "meta":
+        i += 1
+        word = tokens[i]
+    if word in ("iifname", "oifname"):
+        meta_key = NFT_META_IIFNAME if word == "iifname" else NFT_META_OIFNAME
+        negate, values, i = _operator_and_values(tokens, i + 1)
+        for name in values:
+            if not 0 < len(name.rstrip("*").encode("utf-8", "surrogateescape")) <= 15:
+                raise ValueError("%r is not an interface name" % name)
+        matches = [match_ifname(meta_key, name, negate) for name in values]
+    elif word in ("ip", "ip6"):
+        if word != ("ip" if family == 4 else "ip6"):
+            raise ValueError("%s matches the other address family" % word)
+        field = tokens[i + 1]
+        if field not in ("saddr", "daddr"):
+            raise ValueError("%s %s is not an address match" % (word, field))
+        negate, values, i = _operator_and_values(tokens, i + 2)
+        matches = [match_address(field, _condition_prefix(family, value), negate) for value in values]
+    else:
+        raise ValueError("%r cannot be expressed" % word)
+    if negate:          # not any of them: every exclusion in one rule
+        return [[expr for match in matches for expr in match]], i
+    return matches, i
+
+
+def _operator_and_values(tokens, i):
+    """(negated, values, next index) of `[==|!=|eq|ne] value` or `[op] { v1, v2 }`."""
+    negate = False
+    if tokens[i] in ("==", "eq", "!=", "ne"):
+        negate = tokens[i] in ("!=", "ne")
+        i += 1
+    if tokens[i] != "{":
+        if tokens[i] in ("}", ","):
+            raise ValueError("a value is missing")
+        return negate, [tokens[i]], i + 1
+    values, i = [], i + 1
+    while tokens[i] != "}":
+        if tokens[i] != ",":
+            values.append(tokens[i])
+        i += 1
+    if not values:
+        raise ValueError("an empty set")
+    return negate, values, i + 1
+
+
+def _condition_prefix(family, text):
+    if "/" not in text:
+        text += "/%d" % IP_BITS[family]
+    prefix = Prefix.parse(text)
+    if prefix.family != family:
+        raise ValueError("%s is not an IPv%d address" % (text, family))
+    return prefix
+
+
+# --- the attachment's rules ------------------------------------------------------------------------
+
+def comment_name(name, limit):
+    """A name as the comment holds it: itself, or `#` and a hash when longer than `limit` (names
+    cannot contain `#`, so the two never meet)."""
+    return name if len(name) <= limit else "#" + sha512_hex(name)[:16]
+
+
+def portmap_comment(network, container_id, ifname):
+    """The comment every rule of one attachment carries (at most 123 bytes: interface names have
+    at most 15)."""
+    return "net:%s id:%s if:%s" % (comment_name(network, COMMENT_NETWORK_MAX),
+                                   comment_name(container_id, COMMENT_ID_MAX), ifname)
+
+
+def parse_portmap_comment(comment):
+    """(network, container ID, ifname) as a comment holds them, or None for anyone else's rule."""
+    parts = comment.split(" ")
+    if len(parts) != 3 or not all(p.startswith(k) for p, k in zip(parts, ("net:", "id:", "if:"))):
+        return None
+    return parts[0][4:], parts[1][3:], parts[2][3:]
+
+
+def container_addresses(previous, ifname):
+    """{family: Prefix}: per family, the first address of prevResult that belongs to the
+    container's interface (an address pointing at another or a host-side interface is skipped)."""
+    interfaces = previous.get("interfaces") or []
+    found = {}
+    for ip in previous.get("ips") or []:
+        prefix = Prefix.parse(ip["address"])
+        if prefix.family in found:
+            continue
+        index = ip.get("interface")
+        if isinstance(index, int) and 0 <= index < len(interfaces):
+            if interfaces[index].get("name") != ifname or not interfaces[index].get("sandbox"):
+                continue
+        found[prefix.family] = prefix
+    return found
+
+
+def portmap_rules(conf, family, address):
+    """[(chain, expressions)] of one container address: a DNAT rule per mapping (and per
+    condition alternative), then with snat the masquerade rules for hairpin and localhost
+    traffic (every source with masqAll), each only for connections a DNAT rule rewrote."""
+    rules = []
+    target = [expr_immediate(NFT_REG_1, ip_bytes(family, address.ip))]
+    host = Prefix(family, address.ip, IP_BITS[family])
+    for mapping in conf.mappings:
+        if not mapping.applies_to(family):
+            continue
+        destination = []
+        if mapping.host_ip is not None:
+            destination = match_address("daddr", Prefix(family, mapping.host_ip, IP_BITS[family]))
+        dnat = (match_dport(mapping.protocol, mapping.host_port) + target
+                + [expr_immediate(NFT_REG_2, struct.pack(">H", mapping.container_port)),
+                   expr_dnat(family, NFT_REG_1, NFT_REG_2)])
+        for condition in conf.conditions[family]:
+            rules.append((HOSTPORTS_CHAIN, condition + destination + dnat))
+    if conf.snat and rules:
+        sources = [None] if conf.masq_all else [address] + ([LOCALHOST_V4] if family == 4 else [])
+        for source in sources:
+            rules.append((PORTMAP_MASQ_CHAIN, match_ct_dnat()
+                          + (match_address("saddr", source) if source is not None else [])
+                          + match_address("daddr", host) + [expr_masquerade()]))
+    return rules
+
+
+def expected_signature(exprs):
+    return expressions_signature(encode_attrs(exprs))
+
+
+ENTRY_RULE = match_daddr_local() + [expr_verdict(NFT_JUMP, HOSTPORTS_ALL_CHAIN)]
+
+
+def portmap_skeleton_ok(rules):
+    """Whether the shared chains of one family's table are as they should be (from its rules)."""
+    by_chain = {}
+    for rule in rules:
+        by_chain.setdefault(rule.chain, []).append(rule)
+    if [r.jump_target for r in by_chain.get(HOSTPORTS_ALL_CHAIN, [])] != [HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN]:
+        return False
+    entry = expected_signature(ENTRY_RULE)
+    return all([r.signature for r in by_chain.get(chain, [])] == [entry] for chain, _hook in PORTMAP_ENTRY_CHAINS)
+
+
+def add_portmap_skeleton(batch, nf_family, snat, rewrite):
+    """The table and its chains (kept when they exist); with `rewrite`, the shared chains are
+    flushed and refilled, in the same transaction, so nobody sees them half written."""
+    batch.add_table(nf_family, PORTMAP_TABLE, PORTMAP_TABLE_COMMENT)
+    for chain in (HOSTPORTS_CHAIN, HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_ALL_CHAIN):
+        batch.add_chain(nf_family, PORTMAP_TABLE, chain)
+    for chain, hook in PORTMAP_ENTRY_CHAINS:
+        batch.add_chain(nf_family, PORTMAP_TABLE, chain, hook=("nat", hook, NF_PRIORITY_DSTNAT))
+    if snat:
+        batch.add_chain(nf_family, PORTMAP_TABLE, PORTMAP_MASQ_CHAIN,
+                        hook=("nat", NF_INET_POST_ROUTING, NF_PRIORITY_SRCNAT))
+    if rewrite:
+        batch.flush_chain(nf_family, PORTMAP_TABLE, HOSTPORTS_ALL_CHAIN)
+        for chain in (HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN):
+            batch.add_rule(nf_family, PORTMAP_TABLE, HOSTPORTS_ALL_CHAIN, [expr_verdict(NFT_JUMP, chain)])
+        for chain, _hook in PORTMAP_ENTRY_CHAINS:
+            batch.flush_chain(nf_family, PORTMAP_TABLE, chain)
+            batch.add_rule(nf_family, PORTMAP_TABLE, chain, ENTRY_RULE)
+
+
+def forward_ports(conf, comment, addresses):
+    """ADD over nf_tables: one transaction writes both families' rules, replacing those an
+    earlier ADD of the attachment left, and repairing the shared chains if needed."""
+    nl = node_nftables()
+    for attempt in range(3):
+        batch = NftBatch()
+        for family, address in sorted(addresses.items()):
+            rules = portmap_rules(conf, family, address)
+            if not rules:
+                continue
+            nf_family = PORTMAP_FAMILIES[family]
+            present = list_rules(nl, nf_family, PORTMAP_TABLE)
+            add_portmap_skeleton(batch, nf_family, conf.snat, not portmap_skeleton_ok(present))
+            for rule in present:
+                if rule.comment == comment:
+                    batch.delete_rule(rule)
+            for chain, exprs in rules:
+                batch.add_rule(nf_family, PORTMAP_TABLE, chain, exprs, comment)
+        try:
+            batch.commit(nl, "failed to set up nftables rules for port mappings")
+            return
+        except NetlinkError as err:
+            # ENOENT: a rule listed was removed meanwhile and the batch was refused whole.
+            if err.errno != 2 or attempt == 2:
+                raise
+
+
+def remove_portmap_rules(select, what):
+    """Delete, in one transaction, every rule of both families' tables whose comment `select`
+    accepts; retried when a concurrent change removed one first."""
+    nl = node_nftables()
+    for attempt in range(3):
+        batch = NftBatch()
+        for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
+            for rule in list_rules(nl, nf_family, PORTMAP_TABLE):
+                if rule.chain in PORTMAP_RULE_CHAINS and select(rule.comment):
+                    batch.delete_rule(rule)
+        try:
+            batch.commit(nl, what)
+            return
+        except NetlinkError as err:
+            if err.errno != 2 or attempt == 2:
+                raise
+
+
+def delete_stale_udp_flows(conf, families):
+    """Forget conntrack entries of the mapped UDP ports, so a flow that began before the mapping
+    (and would keep its old destination) starts over through the new rule.  Failures are only
+    reported: the mapping itself is in place."""
+    ports = sorted(set(m.host_port for m in conf.mappings if m.protocol == "udp"))
+    for family in sorted(families):
+        for port in ports:
+            try:
+                delete_conntrack_entries(node_nftables(), family, IPPROTO_NUMBERS["udp"], port)
+            except CNIError as err:
+                sys.stderr.write("portmap: failed to delete stale UDP conntrack entries for port %d: %s\n"
+                                 % (port, err.msg))
+
+
+def enable_localnet_routing(address):
+    """Let 127.0.0.1 cross into the container's interface (route_localnet on the node's
+    interface toward it), so `127.0.0.1:hostPort` reaches the container."""
+    nl = NetlinkSocket()
+    index = route_lookup(nl, 4, address.ip)
+    link = get_link(nl, index=index) if index else None
+    if link is not None:
+        write_sysctl("net/ipv4/conf/%s/route_localnet" % link.name, "1", required=True)
+
+
+# --- verbs -----------------------------------------------------------------------------------------
+
+def portmap_add(request):
+    """Forward the host ports to the container's addresses; prevResult passes through."""
+    conf = PortmapConfig(request)
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "must be called as chained plugin", "portmap needs prevResult")
+    if not conf.mappings:
+        return previous
+    addresses = container_addresses(previous, request.ifname)
+    comment = portmap_comment(conf.network, request.container_id, request.ifname)
+    if conf.backend == "iptables":
+        for family, address in sorted(addresses.items()):
+            iptables_forward_ports(conf, request.container_id, family, address)
+    else:
+        forward_ports(conf, comment, addresses)
+    delete_stale_udp_flows(conf, addresses)
+    if conf.snat and 4 in addresses:
+        enable_localnet_routing(addresses[4])
+    return previous
+
+
+def portmap_del(request):
+    """Remove the attachment's rules, found by comment alone: works with the namespace gone,
+    without prevResult, and twice."""
+    try:
+        backend = PortmapConfig(request).backend
+    except CNIError as err:
+        sys.stderr.write("DEL: the config does not validate (%s); cleaning up with what it says\n" % err.msg)
+        backend = request.config.get("backend")
+    comment = portmap_comment(request.config["name"], request.container_id, request.ifname)
+    remove_portmap_rules(lambda text: text == comment, "failed to remove the port mappings of %s"
+                         % request.container_id)
+    if backend == "iptables":
+        iptables_unforward_ports(request.config["name"], request.container_id)
+    return None
+
+
+def portmap_check(request):
+    """The attachment's rules are all there, exactly as ADD writes them (addresses, ports,
+    conditions), and the shared chains lead to them."""
+    conf = PortmapConfig(request)
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    if not conf.mappings:
+        return None
+    addresses = container_addresses(previous, request.ifname)
+    if conf.backend == "iptables":
+        for family in sorted(addresses):
+            iptables_check_ports(conf, request.container_id, family)
+        return None
+    comment = portmap_comment(conf.network, request.container_id, request.ifname)
+    for family, address in sorted(addresses.items()):
+        expected = sorted(repr(expected_signature(exprs)) for _chain, exprs in portmap_rules(conf, family, address))
+        if not expected:
+            continue
+        present = list_rules(node_nftables(), PORTMAP_FAMILIES[family], PORTMAP_TABLE)
+        found = sorted(repr(r.signature) for r in present if r.comment == comment)
+        table = "table %s %s" % ("ip" if family == 4 else "ip6", PORTMAP_TABLE)
+        if found != expected:
+            raise CNIError(ERR_INTERNAL, "port mapping rules of %s are missing or changed"
+                           % request.container_id, "%s holds %d rules commented %r, %d expected"
+                           % (table, len(found), comment, len(expected)))
+        if not portmap_skeleton_ok(present):
+            raise CNIError(ERR_INTERNAL, "the chains leading to the port mappings are missing or changed",
+                           "%s: prerouting and output must jump to %s" % (table, HOSTPORTS_ALL_CHAIN))
+    return None
+
+
+def portmap_gc(request):
+    """Remove this network's rules whose attachment is not in cni.dev/valid-attachments."""
+    conf = PortmapConfig(request)
+    valid = valid_attachments(request.config)
+    if valid is None:
+        return None
+    network = comment_name(conf.network, COMMENT_NETWORK_MAX)
+    keep = set((comment_name(cid, COMMENT_ID_MAX), ifname) for cid, ifname in valid)
+
+    def stale(comment):
+        owner = parse_portmap_comment(comment)
+        return owner is not None and owner[0] == network and owner[1:] not in keep
+    remove_portmap_rules(stale, "failed to remove stale port mappings of network %s" % conf.network)
+    return None
+
+
+def portmap_status(request):
+    """Ready whenever the config is valid: the rules need nothing that could run out."""
+    PortmapConfig(request)
+    return None
+
+
+# --- the iptables backend (only when a config asks for it) ------------------------------------------
+# The reference's layout in table nat: PREROUTING and OUTPUT `-m addrtype --dst-type LOCAL -j
+# CNI-HOSTPORT-DNAT`, which jumps per attachment (multiport, up to 15 ports a rule) to
+# CNI-DN-<hash of network and container>; that chain marks hairpin and localhost traffic through
+# CNI-HOSTPORT-SETMARK (or externalSetMarkChain) and DNATs; CNI-HOSTPORT-MASQ, jumped to first
+# from POSTROUTING, masquerades what is marked.
+
+IPT_DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
+IPT_SETMARK_CHAIN = "CNI-HOSTPORT-SETMARK"
+IPT_MASQ_CHAIN = "CNI-HOSTPORT-MASQ"
+IPT_MULTIPORT_MAX = 15
+
+
+def iptables_dnat_chain(network, container_id):
+    return ("CNI-DN-" + sha512_hex(network + container_id))[:28]
+
+
+def iptables_ensure_rule(family, chain, rule, first=False):
+    if run_iptables(family, ["-C", chain] + rule, check=False)[0] != 0:
+        run_iptables(family, (["-I", chain, "1"] if first else ["-A", chain]) + rule)
+
+
+def iptables_ensure_chain(family, chain):
+    if run_iptables(family, ["-S", chain], check=False)[0] != 0:
+        run_iptables(family, ["-N", chain], check=False)
+
+
+def iptables_forward_ports(conf, container_id, family, address):
+    mark = "%#x/%#x" % (1 << conf.mark_masq_bit, 1 << conf.mark_masq_bit)
+    setmark = conf.external_set_mark_chain or IPT_SETMARK_CHAIN
+    if conf.snat and conf.external_set_mark_chain is None:
+        iptables_ensure_chain(family, IPT_SETMARK_CHAIN)
+        iptables_ensure_rule(family, IPT_SETMARK_CHAIN, ["-m", "comment", "--comment", "CNI portfwd masquerade mark",
+                                                         "-j", "MARK", "--set-xmark", mark])
+        iptables_ensure_chain(family, IPT_MASQ_CHAIN)
+        iptables_ensure_rule(family, IPT_MASQ_CHAIN, ["-m", "mark", "--mark", mark, "-j", "MASQUERADE"])
+        iptables_ensure_rule(family, "POSTROUTING", ["-m", "comment", "--comment", "CNI portfwd requiring masquerade",
+                                                     "-j", IPT_MASQ_CHAIN], first=True)
+    iptables_ensure_chain(family, IPT_DNAT_CHAIN)
+    for entry in ("PREROUTING", "OUTPUT"):
+        iptables_ensure_rule(family, entry, ["-m", "addrtype", "--dst-type", "LOCAL", "-j", IPT_DNAT_CHAIN])
+    chain = iptables_dnat_chain(conf.network, container_id)
+    iptables_ensure_chain(family, chain)
+    run_iptables(family, ["-F", chain])
+    mappings = [m for m in conf.mappings if m.applies_to(family)]
+    for mapping in mappings:
+        base = ["-p", mapping.protocol, "--dport", str(mapping.host_port)]
+        if mapping.host_ip is not None:
+            base += ["-d", ip_to_text(family, mapping.host_ip)]
+        if conf.snat:
+            sources = ["::/0" if family == 6 else "0.0.0.0/0"] if conf.masq_all else [str(address)]
+            if family == 4 and not conf.masq_all:
+                sources.append("127.0.0.1")
+            for source in sources:
+                run_iptables(family, ["-A", chain] + base + ["-s", source, "-j", setmark])
+        target = ip_to_text(family, address.ip)
+        target = "[%s]" % target if family == 6 else target
+        run_iptables(family, ["-A", chain] + base + ["-j", "DNAT", "--to-destination",
+                                                     "%s:%d" % (target, mapping.container_port)])
+    comment = ("dnat name: \"%s\" id: \"%s\"" % (conf.network, container_id))[:255]
+    for protocol in sorted(set(m.protocol for m in mappings)):
+        ports = [str(m.host_port) for m in mappings if m.protocol == protocol]
+        for start in range(0, len(ports), IPT_MULTIPORT_MAX):
+            iptables_ensure_rule(family, IPT_DNAT_CHAIN, ["-m", "comment", "--comment", comment, "-m", "multiport",
+                                                          "-p", protocol, "--destination-ports",
+                                                          ",".join(ports[start:start + IPT_MULTIPORT_MAX])]
+                                 + conf.iptables_conditions[family] + ["-j", chain])
+
+
+def iptables_unforward_ports(network, container_id):
+    """Remove the jumps to the attachment's chain, then the chain, in both families."""
+    import shlex
+    chain = iptables_dnat_chain(network, container_id)
+    for family in (4, 6):
+        status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
+        for line in rules.splitlines() if status == 0 else ():
+            if line.endswith(" -j " + chain):
+                run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
+        run_iptables(family, ["-F", chain], check=False)
+        run_iptables(family, ["-X", chain], check=False)
+
+
+def iptables_check_ports(conf, container_id, family):
+    chain = iptables_dnat_chain(conf.network, container_id)
+    status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
+    if run_iptables(family, ["-S", chain], check=False)[0] != 0 or not any(
+            line.endswith(" -j " + chain) for line in rules.splitlines()):
+        raise CNIError(ERR_INTERNAL, "port mapping chain %s of %s is missing" % (chain, container_id))
+
+
+# ==============================================================================================
 # Entry point
 # ==============================================================================================
 
@@ -3379,6 +4179,8 @@ PLUGINS = {
                    "STATUS": host_local_status, "GC": host_local_gc},
     "loopback": {"ADD": loopback_add, "DEL": loopback_del, "CHECK": loopback_check,
                  "STATUS": nothing_to_do, "GC": nothing_to_do},
+    "portmap": {"ADD": portmap_add, "DEL": portmap_del, "CHECK": portmap_check,
+                "STATUS": portmap_status, "GC": portmap_gc},
 }
 IPAM_IN_PROCESS.update(PLUGINS["host-local"])
 
@@ -3532,8 +4334,8 @@ def run_plugin(plugin, env):
 
 USAGE = """usage: %(prog)s COMMAND
 
-cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one program.
-Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
+cni-bridge %(version)s: the CNI bridge, host-local, loopback and portmap plugins in one program.
+Installed under the names bridge, host-local, loopback and portmap (symlinks) it is those plugins.
 
 commands:
   verify [CONFIG] [--keep] [--json]
@@ -3548,7 +4350,8 @@ commands:
   leases [--data-dir DIR] [--gc]
                           list host-local reservations (default DIR /var/lib/cni/networks) and
                           flag those whose container namespace is gone; --gc releases them
-  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
+  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback,
+                          portmap to it
                           (--force replaces regular files of those names)
   --version               print the program and CNI versions
   --help                  this text

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IP, REF_DIR, cni_env, encode_conf, run, run_cni
+from tests.helpers import IP, REF_DIR, cni_env, encode_conf, run, run_cni
+
+pytestmark = pytest.mark.kernel
 
 NODE_UP = {4: "198.51.100.1", 6: "2001:db8:51::1"}
 NODE_UP2 = {4: "198.51.100.3", 6: "2001:db8:51::3"}

@@ -4719,7 +4719,8 @@ def install(directory, force):
 # Operator tools: verify
 # ==============================================================================================
 # `verify` runs the README's walkthrough on throwaway namespaces: ADD, read back from the kernel,
-# ping the gateway, CHECK, DEL, nothing left.  Each step is a Verifier method whose inputs are
+# ping the gateway, CHECK, a host port mapped by portmap and reached from a third namespace
+# outside the node, DEL, nothing left.  Each step is a Verifier method whose inputs are
 # its arguments and whose outcome is its return value (a detail text and what later steps
 # need), so each can be run and tested alone; `verify` only chains them.  The plugin runs in a
 # forked child inside the node namespace, as a runtime would exec it there.
@@ -4732,6 +4733,9 @@ BUILTIN_CONFIG = """{
 }"""
 ICMP_ECHO = {4: (8, 0), 6: (128, 129)}         # family -> (request type, reply type)
 VERIFY_NETNS_PREFIX = "cbv-"                   # the prefix of the throwaway namespaces' names
+# The outside namespace's link to the node (TEST-NET-1), and the port verify maps.
+VERIFY_OUTSIDE = {"node": Prefix(4, 0xC0000201, 24), "outside": Prefix(4, 0xC0000202, 24)}
+VERIFY_HOST_PORT, VERIFY_CONTAINER_PORT = 8080, 80
 
 
 def run_plugin_in(netns_fd, plugin, env, stdin):
@@ -4861,14 +4865,22 @@ class Verifier(object):
         return value
 
     @staticmethod
-    def make_namespaces(node_path, ctr_path):
-        """The node and container namespaces, lo up on the node; value (node, container)."""
-        create_named_netns(node_path)
-        create_named_netns(ctr_path)
-        node, ctr = Netns(node_path), Netns(ctr_path)
-        nl = node.netlink()
+    def make_namespaces(node_path, ctr_path, outside_path):
+        """The node, container and outside namespaces, lo up on the node, the outside one linked
+        to the node (192.0.2.0/24); value (node, container, outside)."""
+        for path in (node_path, ctr_path, outside_path):
+            create_named_netns(path)
+        node, ctr, outside = Netns(node_path), Netns(ctr_path), Netns(outside_path)
+        nl, outside_nl = node.netlink(), outside.netlink()
         set_link(nl, get_link(nl, "lo").index, "failed to set lo up", up=True)
-        return "node %s, container %s" % (node_path, ctr_path), (node, ctr)
+        create_veth(nl, "cbvout0", "out0", outside.fd)
+        for link_nl, name, prefix in ((nl, "cbvout0", VERIFY_OUTSIDE["node"]),
+                                      (outside_nl, "out0", VERIFY_OUTSIDE["outside"])):
+            link = get_link(link_nl, name)
+            link_nl.transact([addr_request(link.index, prefix, nodad=True),
+                              link_change(link.index, up=True)], "failed to set up %s" % name)
+        return ("node %s, container %s, outside %s" % (node_path, ctr_path, outside_path),
+                (node, ctr, outside))
 
     @staticmethod
     def add(runner, stdin, version):
@@ -4914,8 +4926,59 @@ class Verifier(object):
         return "", True
 
     @staticmethod
-    def delete(runner, config, result):
-        """DEL with the ADD's result as prevResult."""
+    def map_port(runner, ctr, outside, config, version, result):
+        """portmap ADD (and CHECK) of VERIFY_HOST_PORT to the container, then a TCP connection
+        from the outside namespace to the node's address reaches a listener in the container;
+        value: the portmap config, for DEL.  Versions without prevResult skip it."""
+        if is_legacy_version(version):
+            return "cniVersion %s has no prevResult to chain portmap to" % version, None
+        container_ip = next((Prefix.parse(ip["address"]) for ip in result.get("ips") or []
+                             if address_family_of(ip["address"]) == 4), None)
+        if container_ip is None:
+            return "no IPv4 address in the result: nothing to map", None
+        # Without a default route the container cannot answer the outside: masquerade it all.
+        routed = any(r.get("dst") == "0.0.0.0/0" for r in result.get("routes") or [])
+        mapping = {"hostPort": VERIFY_HOST_PORT, "containerPort": VERIFY_CONTAINER_PORT,
+                   "protocol": "tcp"}
+        mapped = {"cniVersion": version, "name": config.get("name", ""), "type": "portmap",
+                  "masqAll": not routed, "runtimeConfig": {"portMappings": [mapping]}}
+        runner.call("ADD", json_dumps(dict(mapped, prevResult=result)).encode())
+        if parse_version(version) >= MIN_VERSION["CHECK"]:
+            runner.call("CHECK", json_dumps(dict(mapped, prevResult=result)).encode())
+        import _socket
+        with ctr.entered():
+            listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        with outside.entered():
+            client = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            listener.bind(("0.0.0.0", VERIFY_CONTAINER_PORT))
+            listener.listen(1)
+            listener.settimeout(3.0)
+            client.settimeout(3.0)
+            node_ip = ip_to_text(4, VERIFY_OUTSIDE["node"].ip)
+            client.connect((node_ip, VERIFY_HOST_PORT))
+            fd, peer = listener._accept()      # _socket's accept: a file descriptor
+            conn = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
+            conn.sendall(b"ok")
+            conn.close()
+            if client.recv(2) != b"ok":
+                raise OSError(errno.ECONNRESET, "the connection through the mapping broke")
+        except OSError as err:
+            raise CNIError(ERR_INTERNAL, "connecting to %s:%d from outside the node failed: %s"
+                           % (ip_to_text(4, VERIFY_OUTSIDE["node"].ip), VERIFY_HOST_PORT,
+                              err.strerror or err))
+        finally:
+            listener.close()
+            client.close()
+        return ("%s -> %s:%d reached %s:%d in the container, from %s"
+                % (ip_to_text(4, VERIFY_OUTSIDE["outside"].ip), node_ip, VERIFY_HOST_PORT,
+                   ip_to_text(4, container_ip.ip), VERIFY_CONTAINER_PORT, peer[0])), mapped
+
+    @staticmethod
+    def delete(runner, config, result, portmap_runner=None, mapped=None):
+        """DEL with the ADD's result as prevResult (portmap's first, as a runtime goes back)."""
+        if mapped is not None:
+            portmap_runner.call("DEL", json_dumps(dict(mapped, prevResult=result)).encode())
         runner.call("DEL", json_dumps(dict(config, prevResult=result)).encode())
         return "", True
 
@@ -4936,9 +4999,13 @@ class Verifier(object):
         instance = masq_instance_hash(network, container_id, ifname)
         left.extend("masquerade rule %d" % r.handle
                     for r in rules_commented(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance))
+        mapping = portmap_comment(network, container_id, ifname)
+        left.extend("port mapping rule %d" % r.handle for family in (NFPROTO_IPV4, NFPROTO_IPV6)
+                    for r in list_rules(nft, family, PORTMAP_TABLE) if r.comment == mapping)
         if left:
             raise CNIError(ERR_INTERNAL, "left behind: " + ", ".join(left))
-        return "no %s, no host veth, no reservation, no masquerade rule" % ifname, True
+        return ("no %s, no host veth, no reservation, no masquerade or port mapping rule"
+                % ifname), True
 
     @staticmethod
     def remove_namespaces(namespaces, paths, data_dir):
@@ -4980,7 +5047,9 @@ def verify(config_path, keep, as_json):
     prefix = os.environ.get("CNI_BRIDGE_VERIFY_PREFIX", VERIFY_NETNS_PREFIX)
     tag = posix.urandom(4).hex()
     node_name, ctr_name = "%snode-%s" % (prefix, tag), "%sctr-%s" % (prefix, tag)
+    outside_name = "%sout-%s" % (prefix, tag)
     node_path, ctr_path = "/run/netns/" + node_name, "/run/netns/" + ctr_name
+    outside_path = "/run/netns/" + outside_name
     data_dir = "/run/cni-bridge-verify-" + tag
     if isinstance(config.get("ipam"), dict):
         config["ipam"] = dict(config["ipam"], dataDir=data_dir)
@@ -4993,10 +5062,12 @@ def verify(config_path, keep, as_json):
     v.say("cni-bridge verify: %s (network %s, type %s, cniVersion %s)"
           % (config_path or "built-in conf/10-mynet.conf", config.get("name"), config.get("type"),
              version))
-    namespaces = v.step("create namespaces", v.make_namespaces, node_path, ctr_path) or ()
+    namespaces = v.step("create namespaces", v.make_namespaces, node_path, ctr_path,
+                        outside_path) or ()
     if namespaces:
-        node, ctr = namespaces
+        node, ctr, outside = namespaces
         runner = PluginRunner(node, config.get("type", ""), env)
+        portmap_runner = PluginRunner(node, "portmap", env)
         added = v.step("ADD", v.add, runner, json_dumps(config).encode(), version)
         if added:
             result, internal = added
@@ -5008,20 +5079,26 @@ def verify(config_path, keep, as_json):
                     and v.step("ping the gateway from the container", v.ping_gateway, ctr,
                                internal["ips"])
                     and v.step("CHECK", v.check, runner, config, version, result))
-            if done and not keep and v.step("DEL", v.delete, runner, config, result):
+            mapped = done and v.step("map host port %d, connect to it from outside the node"
+                                     % VERIFY_HOST_PORT, v.map_port, portmap_runner, ctr, outside,
+                                     config, version, internal)
+            done = done and v.steps[-1]["ok"]
+            if done and not keep and v.step("DEL", v.delete, runner, config, result,
+                                            portmap_runner, mapped):
                 v.step("nothing left behind", v.nothing_left, node, ctr, attachment, host_veth,
                        os.path.join(data_dir, attachment[0]))
     if keep:
         v.say("kept for inspection:\n  ip netns exec %s ip addr\n  ip netns exec %s ip addr\n"
-              "remove with: ip netns del %s; ip netns del %s; rm -r %s"
-              % (node_name, ctr_name, node_name, ctr_name, data_dir))
+              "  ip netns exec %s nft list ruleset\n"
+              "remove with: ip netns del %s; ip netns del %s; ip netns del %s; rm -r %s"
+              % (node_name, ctr_name, node_name, node_name, ctr_name, outside_name, data_dir))
     else:
-        v.step("remove namespaces", v.remove_namespaces, namespaces, (node_path, ctr_path),
-               data_dir)
+        v.step("remove namespaces", v.remove_namespaces, namespaces,
+               (node_path, ctr_path, outside_path), data_dir)
     failed = [s for s in v.steps if not s["ok"]]
     if as_json:
         write_json({"config": config_path or "built-in", "ok": not failed, "steps": v.steps,
-                    "kept": [node_path, ctr_path] if keep else []})
+                    "kept": [node_path, ctr_path, outside_path] if keep else []})
     else:
         v.say("verify: %s" % ("all %d steps passed" % len(v.steps) if not failed
                               else "FAILED at: " + failed[0]["step"]))

@@ -334,11 +334,16 @@ def test_sctp_rules_are_written(site, container):
 def test_stale_udp_flow_is_forgotten_after_add(site, container):
     """A UDP flow that hit the node before the mapping existed is tracked without NAT; ADD
     deletes that conntrack entry, so the same flow (same source port) reaches the container."""
-    prev = site.attach(site.network(), container, "ctr1")
+    prev = site.attach(site.network(ipMasq=True), container, "ctr1")   # its nat chain: conntrack on
     site.serve(container, 81)
-    assert site.connect(site.remote, "udp", NODE_UP[4], 8081, wait=0.3, sport=40123) is None
+    for family in (4, 6):
+        assert site.connect(site.remote, "udp", NODE_UP[family], 8081, wait=0.3, sport=40123) is None
+    conntrack = site.node.sysctl("net/netfilter/nf_conntrack_count")
+    assert int(conntrack) >= 2, conntrack        # both flows are tracked, without NAT
     site.portmap("ADD", portmap_conf(prev, [mapping(8081, 81, "udp")]), container)
-    assert site.connect(site.remote, "udp", NODE_UP[4], 8081, wait=3, sport=40123) == (REMOTE[4], address(prev))
+    for family in (4, 6):
+        assert site.connect(site.remote, "udp", NODE_UP[family], 8081, wait=3, sport=40123) == (
+            REMOTE[family], address(prev, family))
 
 
 # --- several networks and containers ------------------------------------------------------------------

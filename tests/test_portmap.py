@@ -373,6 +373,26 @@ def test_two_networks_same_host_port_on_different_host_ips(site, make_netns):
     site.portmap("CHECK", conf2, ctr, "pod", "eth1")
 
 
+def test_two_containers_same_host_port_on_different_host_ips(site, make_netns):
+    first, second = make_netns("pmc"), make_netns("pmc")
+    network = site.network()
+    prev1 = site.attach(network, first, "ctr1")
+    prev2 = site.attach(network, second, "ctr2")
+    conf1 = portmap_conf(prev1, [mapping(8080, 80, "tcp", NODE_UP[4]), mapping(8080, 80, "udp", NODE_UP[6])])
+    conf2 = portmap_conf(prev2, [mapping(8080, 80, "tcp", NODE_UP2[4]), mapping(8080, 80, "udp", NODE_UP2[6])])
+    site.portmap("ADD", conf1, first, "ctr1")
+    site.portmap("ADD", conf2, second, "ctr2")
+    site.serve(first, 80)
+    site.serve(second, 80)
+    assert site.connect(site.remote, "tcp", NODE_UP[4], 8080) == (REMOTE[4], address(prev1))
+    assert site.connect(site.remote, "tcp", NODE_UP2[4], 8080) == (REMOTE[4], address(prev2))
+    assert site.connect(site.remote, "udp", NODE_UP[6], 8080) == (REMOTE[6], address(prev1, 6))
+    assert site.connect(site.remote, "udp", NODE_UP2[6], 8080) == (REMOTE[6], address(prev2, 6))
+    site.portmap("DEL", conf2, second, "ctr2")
+    assert site.connect(site.remote, "tcp", NODE_UP2[4], 8080, wait=0.5) is None
+    assert site.connect(site.remote, "tcp", NODE_UP[4], 8080) == (REMOTE[4], address(prev1))
+
+
 def test_conditions_apply_to_their_own_network_only(site, make_netns):
     first, second = make_netns("pmc"), make_netns("pmc")
     prev1 = site.attach(site.network("pmnet", 1), first, "ctr1")

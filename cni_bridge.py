@@ -4006,6 +4006,7 @@ def is_iptables_syntax(conditions):
 
 
 def parse_port_mappings(items):
+    """PortMappings of runtimeConfig.portMappings; a bad entry is a config error naming it."""
     mappings = []
     for i, item in enumerate(items):
         where = "runtimeConfig.portMappings[%d]." % i
@@ -4281,15 +4282,15 @@ def forward_ports(conf, comment, addresses):
     commit_rebuilt(nl, build, "failed to set up nftables rules for port mappings")
 
 
-def remove_portmap_rules(select, what):
-    """Delete, in one transaction, every rule of both families' tables whose comment `select`
-    accepts."""
+def remove_attachment_mappings(comment, what):
+    """Delete, in one transaction, every rule of both families' tables carrying the
+    attachment's `comment` (one listing of each table)."""
     nl = node_nftables()
 
     def build(batch):
         for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
             for rule in list_rules(nl, nf_family, PORTMAP_TABLE):
-                if rule.chain in PORTMAP_RULE_CHAINS and select(rule.comment):
+                if rule.chain in PORTMAP_RULE_CHAINS and rule.comment == comment:
                     batch.delete_rule(rule)
     commit_rebuilt(nl, build, what)
 
@@ -4352,8 +4353,8 @@ def portmap_del(request):
                          % err.msg)
         backend = conf_lookup(request.config, "backend")
     comment = portmap_comment(request.network, request.container_id, request.ifname)
-    remove_portmap_rules(lambda text: text == comment, "failed to remove the port mappings of %s"
-                         % request.container_id)
+    remove_attachment_mappings(comment, "failed to remove the port mappings of %s"
+                               % request.container_id)
     if backend == "iptables":
         iptables_unforward_ports(request.network, request.container_id)
     return None
@@ -4401,11 +4402,17 @@ def portmap_gc(request):
         return None
     network = comment_name(conf.network, COMMENT_NETWORK_MAX)
     keep = set((comment_name(cid, COMMENT_ID_MAX), ifname) for cid, ifname in valid)
+    nl = node_nftables()
 
-    def stale(comment):
-        owner = parse_portmap_comment(comment)
-        return owner is not None and owner[0] == network and owner[1:] not in keep
-    remove_portmap_rules(stale, "failed to remove stale port mappings of network %s" % conf.network)
+    def owner_of(rule):         # (container ID, ifname) as the comment holds them
+        owner = parse_portmap_comment(rule.comment)
+        return owner[1:] if owner is not None and owner[0] == network else None
+
+    def build(batch):
+        for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
+            for chain in PORTMAP_RULE_CHAINS:
+                remove_stale_rules(batch, nl, nf_family, PORTMAP_TABLE, chain, owner_of, keep)
+    commit_rebuilt(nl, build, "failed to remove stale port mappings of network %s" % conf.network)
     return None
 
 

@@ -2047,7 +2047,8 @@ def delete_conntrack_entries(nl, families, protocol, dst_ports):
     families = set(families)
     dump_af = AF_OF_FAMILY[list(families)[0]] if len(families) == 1 else AF_UNSPEC
     requests = []
-    entries = nl.dump(IPCTNL_MSG_CT_GET, {"family": dump_af}, what="failed to list conntrack entries")
+    entries = nl.dump(IPCTNL_MSG_CT_GET, {"family": dump_af},
+                      what="failed to list conntrack entries")
     for msg in entries:
         tuple_attrs = msg.get(CtAttr.CTA_TUPLE_ORIG) or {}
         proto = tuple_attrs.get(CtTupleAttr.CTA_TUPLE_PROTO) or {}

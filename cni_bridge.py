@@ -3931,6 +3931,17 @@ DEFAULT_MARK_MASQ_BIT = 13
 MAX_CONDITION_RULES = 64                       # rules one mapping may expand into (condition sets)
 COMMENT_NETWORK_MAX, COMMENT_ID_MAX = 32, 64   # longer names are hashed: the comment stays < 128
 LOCALHOST_V4 = Prefix(4, 0x7F000001, 32)
+# The reference's iptables backend (ours runs it on request; DEL also removes its chains where
+# iptables is nf_tables-based): its chains in table nat, and the attachment's own chain.
+IPT_DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
+IPT_SETMARK_CHAIN = "CNI-HOSTPORT-SETMARK"
+IPT_MASQ_CHAIN = "CNI-HOSTPORT-MASQ"
+IPT_MULTIPORT_MAX = 15
+
+
+def iptables_dnat_chain(network, container_id):
+    """CNI-DN- and the hash of network and container, cut at 28 characters, as the reference."""
+    return ("CNI-DN-" + sha512_hex(network + container_id))[:28]
 
 
 class PortMapping(object):
@@ -4287,9 +4298,11 @@ def forward_ports(conf, comment, addresses):
     commit_rebuilt(nl, build, "failed to set up nftables rules for port mappings")
 
 
-def remove_attachment_mappings(comment, what):
+def remove_attachment_mappings(network, container_id, comment):
     """Delete, in one transaction, every rule of both families' tables carrying the
-    attachment's `comment` (one listing of each table)."""
+    attachment's `comment` (one listing of each table), and the reference's iptables chain of
+    the attachment where iptables is nf_tables-based (then it is visible here, in table nat),
+    so a container mapped by the reference's iptables backend is unmapped by our DEL."""
     nl = node_nftables()
 
     def build(batch):
@@ -4297,7 +4310,9 @@ def remove_attachment_mappings(comment, what):
             for rule in list_rules(nl, nf_family, PORTMAP_TABLE):
                 if rule.chain in PORTMAP_RULE_CHAINS and rule.comment == comment:
                     batch.delete_rule(rule)
-    commit_rebuilt(nl, build, what)
+            remove_chains(batch, nl, nf_family, "nat", IPT_DNAT_CHAIN,
+                          (iptables_dnat_chain(network, container_id),))
+    commit_rebuilt(nl, build, "failed to remove the port mappings of %s" % container_id)
 
 
 def delete_stale_udp_flows(conf, families):
@@ -4358,8 +4373,7 @@ def portmap_del(request):
                          % err.msg)
         backend = conf_lookup(request.config, "backend")
     comment = portmap_comment(request.network, request.container_id, request.ifname)
-    remove_attachment_mappings(comment, "failed to remove the port mappings of %s"
-                               % request.container_id)
+    remove_attachment_mappings(request.network, request.container_id, comment)
     if backend == "iptables":
         iptables_unforward_ports(request.network, request.container_id)
     return None
@@ -4433,16 +4447,6 @@ def portmap_status(request):
 # CNI-DN-<hash of network and container>; that chain marks hairpin and localhost traffic through
 # CNI-HOSTPORT-SETMARK (or externalSetMarkChain) and DNATs; CNI-HOSTPORT-MASQ, jumped to first
 # from POSTROUTING, masquerades what is marked.
-
-IPT_DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
-IPT_SETMARK_CHAIN = "CNI-HOSTPORT-SETMARK"
-IPT_MASQ_CHAIN = "CNI-HOSTPORT-MASQ"
-IPT_MULTIPORT_MAX = 15
-
-
-def iptables_dnat_chain(network, container_id):
-    return ("CNI-DN-" + sha512_hex(network + container_id))[:28]
-
 
 def iptables_ensure_rule(family, chain, rule, first=False):
     if run_iptables(family, ["-C", chain] + rule, check=False)[0] != 0:

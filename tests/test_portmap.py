@@ -722,6 +722,21 @@ def test_reference_iptables_rules_and_ours_live_side_by_side(site, make_netns):
     site.portmap("DEL", theirs, second, cid="theirs", bin_dir=ref_bin)
 
 
+def test_our_del_removes_the_reference_iptables_mapping(site, container):
+    """A container mapped by the reference (iptables-nft) and unmapped by our DEL, as after
+    switching plugins on a node: its CNI-DN chain and the jump to it are gone, iptables not run."""
+    ref_bin = reference_portmap()
+    prev = site.attach(site.network(cniVersion="0.4.0"), container, "ctr1")
+    conf = portmap_conf(prev, [mapping(8080, 80), mapping(8081, 81, "udp")], version="0.4.0")
+    site.portmap("ADD", conf, container, bin_dir=ref_bin)
+    assert "CNI-DN-" in site.node.run("iptables-save", "-t", "nat").stdout
+    assert "CNI-DN-" in site.node.run("ip6tables-save", "-t", "nat").stdout
+    site.portmap("DEL", conf, container, env={"PATH": "/nonexistent"})
+    for program in ("iptables-save", "ip6tables-save"):
+        saved = site.node.run(program, "-t", "nat").stdout
+        assert "CNI-DN-" not in saved and "-A CNI-HOSTPORT-DNAT" not in saved, saved
+
+
 def test_iptables_backend_on_request(site, container):
     prev = site.attach(site.network(), container, "ctr1")
     conf = portmap_conf(prev, [mapping(8080, 80), mapping(8081, 81, "udp", NODE_UP[4])], backend="iptables",

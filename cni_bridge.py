@@ -1736,18 +1736,24 @@ def match_ifname(key, name, negate=False):
     return [expr_meta(key), expr_cmp(NFT_CMP_NEQ if negate else NFT_CMP_EQ, data)]
 
 
-def expressions_signature(blob):
-    """A rule's expressions as comparable data: (name, {attribute: value}) per expression, with
-    only the attributes these rules use, so a rule we would write compares equal to the kernel's
-    copy of it (the kernel adds attributes of its own, such as a bitwise operation)."""
-    signature = []
+def decode_expressions(blob):
+    """A rule's expressions: (name, {Attr: value}) each, only the attributes EXPRESSION_SPACES
+    knows (an expression of an unknown kind keeps its raw bytes)."""
+    expressions = []
     for element in decode_attrs(NftListAttr, blob).get(NftListAttr.NFTA_LIST_ELEM, []):
         name = element.get(NftExprAttr.NFTA_EXPR_NAME)
         data = element.get(NftExprAttr.NFTA_EXPR_DATA, b"")
         space = EXPRESSION_SPACES.get(name)
-        signature.append((name, sorted((attr.number, repr(value)) for attr, value
-                                       in decode_attrs(space, data).items()) if space else data))
-    return signature
+        expressions.append((name, decode_attrs(space, data) if space else data))
+    return expressions
+
+
+def expressions_signature(blob):
+    """A rule's expressions as comparable data, with only the attributes these rules use, so a
+    rule we would write compares equal to the kernel's copy of it (the kernel adds attributes
+    of its own, such as a bitwise operation)."""
+    return [(name, sorted((attr.number, repr(value)) for attr, value in data.items())
+             if isinstance(data, dict) else data) for name, data in decode_expressions(blob)]
 
 
 # Offsets of the address fields in the IPv4 and IPv6 headers: (saddr, daddr, length).
@@ -1855,6 +1861,11 @@ class NftRule(object):
     def signature(self):
         """Its expressions as expressions_signature gives them."""
         return expressions_signature(self._expressions)
+
+    @property
+    def expressions(self):
+        """Its expressions as decode_expressions gives them."""
+        return decode_expressions(self._expressions)
 
     @property
     def jump_target(self):
@@ -5416,6 +5427,87 @@ def leases(data_dir, collect):
 
 
 # ==============================================================================================
+# Operator tools: mappings
+# ==============================================================================================
+# `mappings` lists the host ports portmap forwards on this node, read from the kernel's nf_tables
+# rules (no `nft` program needed): one row per DNAT rule of table ip|ip6 cni_hostport, with the
+# attachment its comment names.  Rules of the reference's nftables backend (commented with the
+# container ID alone) are listed too, with an unknown network and interface.
+
+MAPPING_COLUMNS = ("NETWORK", "CONTAINER", "IFNAME", "PROTO", "HOST", "TARGET", "CONDITIONS")
+PROTOCOL_NAMES = dict((number, name) for name, number in IPPROTO_NUMBERS.items())
+
+
+def describe_mapping(family, rule):
+    """{protocol, host, target, conditions} of a DNAT rule of table ip|ip6 cni_hostport: what it
+    matches, read from its expressions (a comparison right after the load of a field we know)."""
+    _saddr, daddr, length = IP_HEADER_FIELDS[family]
+    found = {"protocol": "?", "host_ip": "*", "host_port": "?", "target": [None, None],
+             "conditions": 0}
+    loaded = None
+    for name, data in rule.expressions:
+        if name in ("meta", "payload"):
+            loaded = ((name, data.get(NftMetaAttr.NFTA_META_KEY)) if name == "meta" else
+                      (name, data.get(NftPayloadAttr.NFTA_PAYLOAD_BASE),
+                       data.get(NftPayloadAttr.NFTA_PAYLOAD_OFFSET),
+                       data.get(NftPayloadAttr.NFTA_PAYLOAD_LEN)))
+            continue
+        if name == "cmp":
+            value = data.get(NftCmpAttr.NFTA_CMP_DATA, {}).get(NftDataAttr.NFTA_DATA_VALUE, b"")
+            equal = data.get(NftCmpAttr.NFTA_CMP_OP) == NFT_CMP_EQ
+            if equal and loaded == ("meta", NFT_META_L4PROTO) and value:
+                found["protocol"] = PROTOCOL_NAMES.get(value[0], str(value[0]))
+            elif equal and loaded == ("payload", NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2):
+                found["host_port"] = str(struct.unpack(">H", value)[0])
+            elif equal and loaded == ("payload", NFT_PAYLOAD_NETWORK_HEADER, daddr, length):
+                found["host_ip"] = ip_to_text(family, int.from_bytes(value, "big"))
+            else:
+                found["conditions"] += 1
+        elif name == "immediate":
+            register = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DREG)
+            value = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DATA, {}).get(
+                NftDataAttr.NFTA_DATA_VALUE)
+            if register in (NFT_REG_1, NFT_REG_2) and value is not None:
+                found["target"][register - 1] = value
+        loaded = None
+    address, port = found["target"]
+    host = found["host_ip"] if family == 4 or found["host_ip"] == "*" else "[%s]" % found["host_ip"]
+    target = "?"
+    if address is not None and port is not None:
+        text = ip_to_text(family, int.from_bytes(address[:IP_BITS[family] // 8], "big"))
+        target = "%s:%d" % (text if family == 4 else "[%s]" % text,
+                            struct.unpack(">H", port[:2])[0])
+    return {"protocol": found["protocol"], "host": "%s:%s" % (host, found["host_port"]),
+            "target": target, "conditions": found["conditions"]}
+
+
+def list_mappings():
+    """Every port mapping in this namespace's portmap tables, as rows of MAPPING_COLUMNS."""
+    nl = NetlinkSocket(NETLINK_NETFILTER)
+    rows = []
+    for family, nf_family in sorted(PORTMAP_FAMILIES.items()):
+        for rule in list_rules(nl, nf_family, PORTMAP_TABLE, HOSTPORTS_CHAIN):
+            owner = parse_portmap_comment(rule.comment) or ("?", rule.comment or "?", "?")
+            mapping = describe_mapping(family, rule)
+            rows.append(owner + (mapping["protocol"], mapping["host"], mapping["target"],
+                                 str(mapping["conditions"]) if mapping["conditions"] else "-"))
+    nl.close()
+    return rows
+
+
+def mappings(as_json):
+    """Print the port mappings as a table, or as JSON objects keyed by lower-case column."""
+    rows = list_mappings()
+    if as_json:
+        write_json([dict(zip([c.lower() for c in MAPPING_COLUMNS], row)) for row in rows])
+        return 0
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(MAPPING_COLUMNS)]
+    for row in [MAPPING_COLUMNS] + rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+    return 0
+
+
+# ==============================================================================================
 # Entry point
 # ==============================================================================================
 # Started under a plugin's name the program serves one CNI request; under any other name it is
@@ -5439,6 +5531,8 @@ commands:
   leases [--data-dir DIR] [--gc]
                           list host-local reservations (default DIR /var/lib/cni/networks) and
                           flag those whose container namespace is gone; --gc releases them
+  mappings [--json]       list the host ports portmap forwards here (from the kernel's rules):
+                          network, container, interface, protocol, host address, target
   install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback,
                           portmap to it
                           (--force replaces regular files of those names)
@@ -5469,6 +5563,8 @@ def run_cli(prog, argv):
                 data_dir, options = options[1], options[2:]
             if options in ([], ["--gc"]):
                 return leases(data_dir, options == ["--gc"])
+        if argv[0] == "mappings" and argv[1:] in ([], ["--json"]):
+            return mappings(argv[1:] == ["--json"])
         if argv[0] == "verify":
             options = [a for a in argv[1:] if a.startswith("--")]
             paths = [a for a in argv[1:] if not a.startswith("--")]

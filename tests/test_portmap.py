@@ -471,6 +471,28 @@ def test_only_the_container_interface_address_is_mapped(site, container):
     assert dnat_targets(site.node, comment("ctr1")) == {("ip", 8080, "tcp"): ("10.66.1.7", 80)}
 
 
+def test_mappings_command_lists_what_the_kernel_holds(site, container):
+    """`cni-bridge.pyz mappings` reads the rules back (no nft program) and names their attachment."""
+    prev = {"cniVersion": "1.0.0", "ips": [{"address": "10.66.1.2/24"}, {"address": "fd66:1::2/64"}]}
+    conf = portmap_conf(prev, [mapping(8080, 80), mapping(9000, 90, "udp", NODE_UP[6])],
+                        conditionsV4=["iifname != lo"])
+    site.portmap("ADD", conf, container, cid="ctr1")
+    site.portmap("ADD", portmap_conf(prev, [mapping(8081, 81, "sctp", NODE_UP[4])], "pmnet2"), container,
+                 cid="ctr2", ifname="net1")
+    listed = json.loads(site.node.run(str(site.bin / "cni-bridge.pyz"), "mappings", "--json").stdout)
+    row = lambda net, cid, ifname, proto, host, target, conditions: {
+        "network": net, "container": cid, "ifname": ifname, "proto": proto, "host": host, "target": target,
+        "conditions": conditions}
+    assert sorted(listed, key=json.dumps) == sorted([
+        row("pmnet", "ctr1", "eth0", "tcp", "*:8080", "10.66.1.2:80", "1"),
+        row("pmnet", "ctr1", "eth0", "tcp", "*:8080", "[fd66:1::2]:80", "-"),
+        row("pmnet", "ctr1", "eth0", "udp", "[2001:db8:51::1]:9000", "[fd66:1::2]:90", "-"),
+        row("pmnet2", "ctr2", "net1", "sctp", "198.51.100.1:8081", "10.66.1.2:81", "-")], key=json.dumps)
+    table = site.node.run(str(site.bin / "cni-bridge.pyz"), "mappings").stdout.splitlines()
+    assert table[0].split() == ["NETWORK", "CONTAINER", "IFNAME", "PROTO", "HOST", "TARGET", "CONDITIONS"]
+    assert len(table) == 5
+
+
 # --- DEL, CHECK, GC ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["netns gone", "no prevResult", "twice", "no runtimeConfig"])

@@ -32,6 +32,7 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   Operator tools: verify        the walkthrough, one Verifier method per step
   Operator tools: network commands   cnitool's add/check/del/status/gc
   Operator tools: leases
+  Operator tools: mappings      portmap's host ports, read back from the kernel
   Entry point                   USAGE, the command line, main
 """
 

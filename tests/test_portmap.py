@@ -722,6 +722,26 @@ def test_same_results_and_reachability_as_the_reference(make_netns, ours_bin, tm
     assert observed["ours"]["after DEL"] is None
 
 
+@pytest.mark.parametrize("entry, words", [
+    ({"hostPort": 0, "containerPort": 80, "protocol": "tcp"}, "Invalid host port number: 0"),
+    ({"hostPort": 80, "containerPort": 0, "protocol": "tcp"}, "Invalid container port number: 0"),
+    (None, "chained"),
+])
+def test_refused_like_the_reference(site, container, entry, words):
+    """Both refuse, with a CNI error naming the problem the same way; ours says code 7 where
+    the reference says 999, and neither leaves a rule."""
+    ref_bin = reference_portmap()
+    prev = {"cniVersion": "0.4.0", "ips": [{"version": "4", "address": "10.66.1.2/24"}]}
+    conf = portmap_conf(prev if entry else None, [entry or mapping(8080, 80)], version="0.4.0")
+    answers = {}
+    for who, bin_dir in (("ours", None), ("reference", ref_bin)):
+        res = site.portmap("ADD", conf, container, bin_dir=bin_dir, ok=False)
+        assert res.returncode != 0 and words in res.json["msg"], (who, res.stdout)
+        answers[who] = res.json["code"]
+    assert answers == {"ours": 7, "reference": 999}
+    assert nft_rules(site.node) == [] and "CNI-DN-" not in site.node.run("iptables-save", "-t", "nat").stdout
+
+
 def test_reference_iptables_rules_and_ours_live_side_by_side(site, make_netns):
     """The reference (iptables-nft here) and ours on one node: each maps its own container, and
     our DEL leaves the reference's chains alone."""

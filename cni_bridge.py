@@ -4426,12 +4426,12 @@ def portmap_check(request):
 
 
 def portmap_gc(request):
-    """Remove this network's rules whose attachment is not in cni.dev/valid-attachments."""
-    conf = PortmapConfig(request)
+    """Remove this network's rules whose attachment is not in cni.dev/valid-attachments.  Needs
+    only the network's name: a config that no longer validates does not keep stale mappings."""
     valid = valid_attachments(request.config)
     if valid is None:
         return None
-    network = comment_name(conf.network, COMMENT_NETWORK_MAX)
+    network = comment_name(request.network, COMMENT_NETWORK_MAX)
     keep = set((comment_name(cid, COMMENT_ID_MAX), ifname) for cid, ifname in valid)
     nl = node_nftables()
 
@@ -4443,7 +4443,8 @@ def portmap_gc(request):
         for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
             for chain in PORTMAP_RULE_CHAINS:
                 remove_stale_rules(batch, nl, nf_family, PORTMAP_TABLE, chain, owner_of, keep)
-    commit_rebuilt(nl, build, "failed to remove stale port mappings of network %s" % conf.network)
+    commit_rebuilt(nl, build, "failed to remove stale port mappings of network %s"
+                   % request.network)
     return None
 
 

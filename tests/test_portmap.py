@@ -555,15 +555,18 @@ def test_gc_removes_rules_of_attachments_not_valid(site, container):
     site.portmap("ADD", portmap_conf(prev, [mapping(8080, 80)], version="1.1.0"), container, cid=long_id)
     assert len(rules_by_comment(site.node, "net:pmnet id:#%s if:eth0" % __import__("hashlib").sha512(
         long_id.encode()).hexdigest()[:16])) == 3
-    gc = {"cniVersion": "1.1.0", "name": "pmnet", "type": "portmap",
+    gc = {"cniVersion": "1.1.0", "name": "pmnet", "type": "portmap", "conditionsV4": ["tcp dport 1"],
           "cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"},
                                         {"containerID": long_id, "ifname": "eth0"}]}
     site.portmap("GC", gc, None, cid=None, ifname=None)
     owners = sorted({r[2] for r in nft_rules(site.node) if r[2]})
     assert [o for o in owners if "#" not in o] == sorted([comment("keep"), comment("keep", network="pmnet2"),
                                                           comment("stale", network="pmnet2")])
-    assert len(owners) == 4
-    site.portmap("STATUS", gc, None, cid=None, ifname=None)
+    assert len(owners) == 4          # a config that no longer validates still collects
+    status = {k: v for k, v in gc.items() if k != "conditionsV4"}
+    site.portmap("STATUS", status, None, cid=None, ifname=None)
+    res = site.portmap("STATUS", gc, None, cid=None, ifname=None, ok=False)
+    assert res.returncode != 0 and res.json["code"] == 7, res.stdout
 
 
 # --- concurrency and crashes --------------------------------------------------------------------------

@@ -4307,7 +4307,14 @@ def forward_ports(conf, comment, addresses):
                     batch.delete_rule(rule)
             for chain, exprs in rules:
                 batch.add_rule(nf_family, PORTMAP_TABLE, chain, exprs, comment)
-    commit_rebuilt(nl, build, "failed to set up nftables rules for port mappings")
+    try:
+        commit_rebuilt(nl, build, "failed to set up nftables rules for port mappings")
+    except NetlinkError as err:
+        if err.errno in (errno.ENOENT, errno.EOPNOTSUPP) and not err.details:
+            err.details = ("if this persists, the kernel lacks an nf_tables feature the rules use: "
+                           "nat chains, fib, ct or masquerade (modules nft_chain_nat, "
+                           "nft_fib_ipv4, nft_fib_ipv6, nft_ct, nft_masq)")
+        raise
 
 
 def remove_attachment_mappings(network, container_id, comment):

@@ -2,7 +2,7 @@
 # Build dist/cni-bridge.pyz, a zipapp that runs cni_bridge straight from the archive, and optionally install it.
 #
 #   ./build.sh [--python PATH]                        build (runs "PATH -IS", default /usr/bin/python3)
-#   ./build.sh [--python PATH] install DIR [--force]  build, then install into DIR (bridge, host-local, loopback)
+#   ./build.sh [--python PATH] install DIR [--force]  build, then install into DIR (bridge, host-local, loopback, bandwidth)
 #   ./build.sh [--python PATH] verify [ARGS...]       build, then run the walkthrough on throwaway namespaces (root)
 #
 # The archive starts with a two-line sh preamble that execs "PATH -IS" on it, then holds __main__.py

@@ -1,4 +1,4 @@
-"""cni-bridge: the CNI `bridge`, `host-local` and `loopback` plugins in one stdlib-only module.
+"""cni-bridge: the CNI `bridge`, `host-local`, `loopback` and `bandwidth` plugins in one stdlib-only module.
 
 The program is exec'd by a container runtime at every container start and stop.  It picks the
 plugin from the name it was started as (argv[0]), reads its parameters from CNI_* environment
@@ -13,7 +13,8 @@ path needs it (`os` costs a millisecond: it builds os.environ and imports `_coll
 VERSION, the call a runtime makes most, loads no socket module at all.
 
 Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
-operations; nf_tables operations; namespaces; IPAM store; the three plugins; entry point.
+operations (links, addresses, routes, bridge ports, traffic control); nf_tables operations;
+namespaces; IPAM store; the plugins (loopback, host-local, bridge, bandwidth); entry point.
 """
 
 import posix
@@ -878,8 +879,8 @@ class NetlinkSocket(object):
 # ==============================================================================================
 # rtnetlink operations
 # ==============================================================================================
-# Links, addresses, routes and bridge ports (linux/rtnetlink.h, if_link.h, if_addr.h,
-# if_bridge.h), and the /proc/sys switches the plugins flip.
+# Links, addresses, routes, bridge ports and traffic control (linux/rtnetlink.h, if_link.h,
+# if_addr.h, if_bridge.h, pkt_sched.h, pkt_cls.h), and the /proc/sys switches the plugins flip.
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
@@ -1220,6 +1221,195 @@ class Route(object):
 def list_routes(nl, family):
     msgs = nl.dump(RTM_GETROUTE, {"family": AF_OF_FAMILY[family]}, what="failed to list routes")
     return [Route(m) for m in msgs if m.header["family"] == AF_OF_FAMILY[family]]
+
+
+# --- traffic control ---------------------------------------------------------------------------
+# Queueing disciplines and filters (linux/rtnetlink.h tcmsg, pkt_sched.h, pkt_cls.h,
+# tc_act/tc_mirred.h), as the bandwidth plugin uses them: a token bucket (tbf) as a link's root
+# qdisc, the ingress qdisc, and on it a match-everything u32 filter whose mirred action redirects
+# what a link receives to another link (an IFB, whose own root tbf then shapes it).  A qdisc's and
+# a filter's TCA_OPTIONS are laid out by their kind: the caller decodes them with the kind's space.
+
+RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
+RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
+NLM_F_REPLACE = 0x100
+NLM_F_ECHO = 0x08               # a qdisc GET answers only with it (else only to the multicast group)
+
+TC_H_ROOT = 0xFFFFFFFF
+TC_H_INGRESS = 0xFFFFFFF1
+INGRESS_HANDLE = 0xFFFF0000                    # ffff:, the ingress qdisc's fixed handle
+ETH_P_ALL = 0x0003
+TC_LINKLAYER_ETHERNET = 1
+TC_U32_TERMINAL = 1
+TCA_EGRESS_REDIR = 1                           # mirred: redirect to the target's egress
+TC_ACT_STOLEN = 4                              # the action consumed the packet
+TIME_UNITS_PER_SEC = 1000000                   # tc's time unit: the microsecond
+
+TCMSG = Header("=BxxxiIII", ("family", "index", "handle", "parent", "info"))
+# struct tc_tbf_qopt: rate and peak rate (struct tc_ratespec: cell_log, linklayer, overhead,
+# cell_align, mpu, rate in bytes/s), limit in bytes, buffer in scheduler ticks, mtu.
+TBF_QOPT = struct.Struct("=BBHhHI" "BBHhHI" "III")
+# struct tc_u32_sel (flags, offshift, nkeys, offmask, off, offoff, hoff, hmask) and one
+# struct tc_u32_key (mask, value, off, offmask): a key of mask 0 matches every packet.
+U32_SEL_ONE_KEY = struct.Struct("=BBBxHHhhI" "IIii")
+# struct tc_mirred: struct tc_gen (index, capab, action, refcnt, bindcnt), eaction, ifindex.
+MIRRED_PARMS = struct.Struct("=IIiiiiI")
+
+
+TbfAttr = AttrSpace(
+    TCA_TBF_PARMS=Attr(1, BYTES),
+    TCA_TBF_RATE64=Attr(4, U64),               # a rate of 2^32 bytes/s or more
+    TCA_TBF_BURST=Attr(6, U32),
+)
+
+
+MirredAttr = AttrSpace(
+    TCA_MIRRED_PARMS=Attr(2, BYTES),
+)
+
+
+ActionAttr = AttrSpace(
+    TCA_ACT_KIND=Attr(1, STR),
+    TCA_ACT_OPTIONS=Attr(2, NEST, MirredAttr),
+)
+
+
+# A filter's actions are nested under their order (1, 2, ...); the first few are read back.
+ActionListAttr = AttrSpace(**dict(("TCA_ACT_ORDER_%d" % n, Attr(n, NEST, ActionAttr))
+                                  for n in range(1, 5)))
+
+
+U32Attr = AttrSpace(
+    TCA_U32_CLASSID=Attr(1, U32),
+    TCA_U32_SEL=Attr(5, BYTES),
+    TCA_U32_ACT=Attr(7, NEST, ActionListAttr),
+)
+
+
+TcAttr = AttrSpace(
+    TCA_KIND=Attr(1, STR),
+    TCA_OPTIONS=Attr(2, NEST),                 # layout depends on the kind: decoded by the caller
+)
+
+
+for _type in (RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC, RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER):
+    MESSAGE_LAYOUTS[NETLINK_ROUTE][_type] = (TCMSG, TcAttr)
+
+
+class Qdisc(object):
+    """A queueing discipline as read back: its link, kind, handle, parent and, for a tbf, its
+    rate (bytes/s), limit (bytes) and buffer (ticks)."""
+
+    __slots__ = ("index", "kind", "handle", "parent", "rate", "limit", "buffer")
+
+    def __init__(self, msg):
+        self.index = msg.header["index"]
+        self.handle = msg.header["handle"]
+        self.parent = msg.header["parent"]
+        self.kind = msg.get(TcAttr.TCA_KIND, "")
+        self.rate = self.limit = self.buffer = None
+        if self.kind == "tbf":
+            options = decode_attrs(TbfAttr, msg.get(TcAttr.TCA_OPTIONS, b""))
+            parms = options.get(TbfAttr.TCA_TBF_PARMS, b"")
+            if len(parms) >= TBF_QOPT.size:
+                fields = TBF_QOPT.unpack_from(parms)
+                self.rate = options.get(TbfAttr.TCA_TBF_RATE64, fields[5])
+                self.limit, self.buffer = fields[12], fields[13]
+
+
+def get_qdisc(nl, index, parent):
+    """The qdisc of link `index` at `parent` (TC_H_ROOT or TC_H_INGRESS), or None."""
+    try:
+        replies = nl.request(RTM_GETQDISC, NLM_F_ECHO, {"index": index, "parent": parent}, (),
+                             what="failed to read the qdiscs of link %d" % index)
+    except NetlinkError as err:
+        if err.errno in (2, 19, 22):    # ENOENT, ENODEV; EINVAL: no ingress qdisc
+            return None
+        raise
+    return Qdisc(replies[0]) if replies else None
+
+
+def tbf_request(index, rate, limit, buffer):
+    """A request (for transact) making or replacing link `index`'s root qdisc: tbf 1: with `rate`
+    bytes/s, `limit` bytes queued at most and a bucket of `buffer` scheduler ticks."""
+    parms = TBF_QOPT.pack(0, TC_LINKLAYER_ETHERNET, 0, 0, 0, min(rate, 0xFFFFFFFF),
+                          0, 0, 0, 0, 0, 0, limit, buffer, 0)
+    options = [(TbfAttr.TCA_TBF_PARMS, parms)]
+    if rate > 0xFFFFFFFF:
+        options.append((TbfAttr.TCA_TBF_RATE64, rate))
+    return (RTM_NEWQDISC, NLM_F_CREATE | NLM_F_REPLACE,
+            {"index": index, "handle": 0x10000, "parent": TC_H_ROOT},
+            ((TcAttr.TCA_KIND, "tbf"), (TcAttr.TCA_OPTIONS, options)))
+
+
+def ingress_qdisc_request(index):
+    """A request (for transact) giving link `index` the ingress qdisc (kept when it has one)."""
+    return (RTM_NEWQDISC, NLM_F_CREATE | NLM_F_REPLACE,
+            {"index": index, "handle": INGRESS_HANDLE, "parent": TC_H_INGRESS},
+            ((TcAttr.TCA_KIND, "ingress"),))
+
+
+REDIRECT_FILTER_HANDLE = 0x80000800            # u32 800::800: fixed, so a repeated ADD replaces it
+REDIRECT_FILTER_PRIORITY = 1
+REDIRECT_CLASS = 0x10001                       # flowid 1:1, as the reference's filter says
+
+
+def redirect_filter_request(index, target_index):
+    """A request (for transact) making or replacing, on link `index`'s ingress qdisc, a filter that
+    redirects every packet the link receives to link `target_index`'s egress."""
+    selector = U32_SEL_ONE_KEY.pack(TC_U32_TERMINAL, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    mirred = MIRRED_PARMS.pack(0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, target_index)
+    action = ((ActionAttr.TCA_ACT_KIND, "mirred"),
+              (ActionAttr.TCA_ACT_OPTIONS, ((MirredAttr.TCA_MIRRED_PARMS, mirred),)))
+    options = ((U32Attr.TCA_U32_CLASSID, REDIRECT_CLASS), (U32Attr.TCA_U32_SEL, selector),
+               (U32Attr.TCA_U32_ACT, ((ActionListAttr.TCA_ACT_ORDER_1, action),)))
+    info = REDIRECT_FILTER_PRIORITY << 16 | ETH_P_ALL << 8      # the protocol in network order
+    return (RTM_NEWTFILTER, NLM_F_CREATE,
+            {"index": index, "handle": REDIRECT_FILTER_HANDLE, "parent": INGRESS_HANDLE, "info": info},
+            ((TcAttr.TCA_KIND, "u32"), (TcAttr.TCA_OPTIONS, options)))
+
+
+def redirect_targets(nl, index):
+    """The links that link `index`'s ingress filters redirect packets to (mirred), in order."""
+    try:
+        messages = nl.dump(RTM_GETTFILTER, {"index": index, "parent": INGRESS_HANDLE},
+                           what="failed to list the filters of link %d" % index)
+    except NetlinkError as err:
+        if err.errno in (2, 19, 22):    # no ingress qdisc, or no such link
+            return []
+        raise
+    targets = []
+    for msg in messages:
+        if msg.get(TcAttr.TCA_KIND) != "u32":
+            continue
+        options = decode_attrs(U32Attr, msg.get(TcAttr.TCA_OPTIONS, b""))
+        actions = options.get(U32Attr.TCA_U32_ACT, {})
+        for order in sorted(actions, key=lambda attr: attr.number):
+            action = actions[order]
+            parms = action.get(ActionAttr.TCA_ACT_OPTIONS, {}).get(MirredAttr.TCA_MIRRED_PARMS, b"")
+            if action.get(ActionAttr.TCA_ACT_KIND) == "mirred" and len(parms) >= MIRRED_PARMS.size:
+                fields = MIRRED_PARMS.unpack_from(parms)
+                if fields[5] == TCA_EGRESS_REDIR:
+                    targets.append(fields[6])
+    return targets
+
+
+def qdisc_delete_request(index, handle, parent):
+    return (RTM_DELQDISC, 0, {"index": index, "handle": handle, "parent": parent}, ())
+
+
+def scheduler_ticks_per_usec():
+    """The kernel packet scheduler's clock ticks per microsecond (/proc/net/psched), which tbf's
+    buffer is counted in; 15.625 on every kernel since 2.6.x when the file cannot be read."""
+    try:
+        with open("/proc/net/psched", "rb") as f:
+            fields = [int(v, 16) for v in f.read().split()[:3]]
+        t2us, us2t, clock_res = fields
+    except (OSError, ValueError):
+        return 15.625
+    if clock_res == 1000000000:       # the high-resolution clock reports ticks as nanoseconds
+        t2us = us2t
+    return float(t2us) / us2t * (clock_res / float(TIME_UNITS_PER_SEC))
 
 
 # --- /proc/sys --------------------------------------------------------------------------------
@@ -3369,6 +3559,304 @@ def bridge_gc(request):
 
 
 # ==============================================================================================
+# The bandwidth plugin
+# ==============================================================================================
+# Chained after bridge, it shapes one attachment's traffic with token buckets, in the reference's
+# layout (so either implementation CHECKs and DELs what the other made):
+#   towards the container (ingressRate/ingressBurst): tbf 1: as the host veth's root qdisc;
+#   from the container (egressRate/egressBurst): the host veth's ingress qdisc, on it a u32 filter
+#   redirecting every packet (mirred) to an IFB device, bwp + 12 hex of SHA-512(network +
+#   containerID), whose root tbf 1: shapes it.
+# The config counts bits (rates in bits/s), the kernel bytes; the tbf arithmetic is the
+# reference's, so the buffer and limit it checks are the ones we set.  The IFB is made with the
+# attachment's alias in the same datagram (GC maps it back), and the qdiscs in one more, so an ADD
+# killed anywhere leaves at most an IFB that DEL and GC remove; the host veth's qdiscs die with it.
+
+BANDWIDTH_KEYS = ("ingressRate", "ingressBurst", "egressRate", "egressBurst")
+IFB_PREFIX = "bwp"
+TBF_LATENCY_USEC = 25000          # the reference's queue: what the bucket holds for 25 ms at its rate
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+
+_ticks_per_usec = None
+
+
+class TokenBucket(object):
+    """One direction's shaping: `rate` bits/s and `burst` bits as configured, and the tbf
+    parameters that say it to the kernel: rate in bytes/s, limit in bytes, buffer in ticks."""
+
+    __slots__ = ("rate", "burst", "rate_bytes", "limit", "buffer")
+
+    def __init__(self, rate, burst, direction, where):
+        global _ticks_per_usec
+        if _ticks_per_usec is None:
+            _ticks_per_usec = scheduler_ticks_per_usec()
+        self.rate, self.burst = rate, burst
+        self.rate_bytes = rate // 8
+        burst_bytes = burst // 8
+        key = where + direction
+        if self.rate_bytes == 0:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %sRate must be at least 8 "
+                           "bits/s" % key, "got %d: the kernel counts whole bytes" % rate)
+        if burst_bytes == 0:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %sBurst must be at least 8 "
+                           "bits" % key, "got %d: the kernel counts whole bytes" % burst)
+        if burst_bytes >= U32_MAX:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %sBurst cannot be more "
+                           "than 4GB" % key, "got %d bits" % burst)
+        usec = int(float(burst_bytes) * TIME_UNITS_PER_SEC / self.rate_bytes)
+        self.buffer = int(usec * _ticks_per_usec)
+        if usec > U32_MAX or self.buffer > U32_MAX:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %sBurst of %d bits lasts "
+                           "too long at %d bits/s" % (key, burst, rate),
+                           "the kernel's token bucket holds at most %d s of traffic"
+                           % (U32_MAX / _ticks_per_usec / TIME_UNITS_PER_SEC))
+        self.limit = int(float(self.rate_bytes) * TBF_LATENCY_USEC / TIME_UNITS_PER_SEC) + burst_bytes
+        if self.limit > U32_MAX:
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %sRate %d bits/s is too "
+                           "high" % (key, rate), "its queue of %d ms would exceed 4GB"
+                           % (TBF_LATENCY_USEC // 1000))
+
+
+class BandwidthConfig(object):
+    """The bandwidth plugin's keys (reference names, matched case-insensitively).
+
+    ingressRate, ingressBurst   bits/s and bits towards the container; 0 or absent: not shaped
+    egressRate, egressBurst     bits/s and bits from the container; 0 or absent: not shaped
+    runtimeConfig.bandwidth     the same four keys from the runtime (pod annotations through the
+                                `bandwidth` capability); when present it replaces the four above
+    """
+
+    def __init__(self, request):
+        c = request.config
+        self.network = c["name"]
+        entry = conf_get(request.runtime_config(), "bandwidth", dict)
+        where = "runtimeConfig.bandwidth." if entry is not None else ""
+        values = dict((key, conf_int(c if entry is None else entry, key, 0, U64_MAX, 0, where))
+                      for key in BANDWIDTH_KEYS)
+        self.ingress = self._bucket(values, "ingress", where)
+        self.egress = self._bucket(values, "egress", where)
+
+    @staticmethod
+    def _bucket(values, direction, where):
+        rate, burst = values[direction + "Rate"], values[direction + "Burst"]
+        if rate == 0 and burst == 0:
+            return None
+        if burst == 0 or rate == 0:
+            given, missing = ("Rate", "Burst") if burst == 0 else ("Burst", "Rate")
+            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: if %s%s%s is set, %s%s%s "
+                           "must also be set" % (where, direction, given, where, direction, missing))
+        return TokenBucket(rate, burst, direction, where)
+
+
+def ifb_name(network, container_id):
+    """The IFB device of a container on a network, named as the reference names it."""
+    return (IFB_PREFIX + sha512_hex(network + container_id))[:15]
+
+
+def host_veth(host_nl, container_nl, request, previous, network):
+    """The node's end of the attachment's veth pair, or None when it cannot be found.
+
+    Through the container's interface (its peer) when the namespace is there, else the
+    prevResult's interface without a sandbox that is a bridge port, else the bridge port whose
+    alias names the attachment.  A peer that the prevResult does not list is refused, as the
+    reference refuses it: the chain made another interface than the one we would shape.
+    """
+    listed = [i.get("name") for i in (previous or {}).get("interfaces") or () if not i.get("sandbox")]
+    if container_nl is not None:
+        container = get_link(container_nl, request.ifname)
+        if container is not None:
+            host = get_link(host_nl, index=container.peer_index) if container.kind == "veth" else None
+            if host is None or host.kind != "veth":
+                raise CNIError(ERR_INVALID_CONFIG, "container interface %s has no veth peer on the "
+                               "node" % request.ifname, "bandwidth shapes the veth pairs bridge makes")
+            if listed and host.name not in listed:
+                raise CNIError(ERR_INVALID_CONFIG, "the veth peer %s of container interface %s is "
+                               "not in prevResult" % (host.name, request.ifname),
+                               "prevResult lists %s" % ", ".join(map(str, listed)))
+            return host
+    alias = attachment_alias(network, request.container_id, request.ifname)
+    ports = [link for link in (get_link(host_nl, name) for name in listed if isinstance(name, str))
+             if link is not None and link.kind == "veth" and link.master]
+    if not ports:
+        ports = [link for link in list_links(host_nl) if link.kind == "veth" and link.alias == alias]
+    ports.sort(key=lambda link: link.alias != alias)
+    return ports[0] if ports else None
+
+
+def ensure_ifb(nl, name, mtu, alias):
+    """The IFB device `name`, up, with `mtu` and the attachment's alias; an existing one (a
+    repeated ADD, an ADD killed after making it) is reused.  One datagram: no crash between."""
+    attrs = [(LinkAttr.IFLA_IFNAME, name), (LinkAttr.IFLA_IFALIAS, alias),
+             (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "ifb"),))]
+    if mtu:
+        attrs.append((LinkAttr.IFLA_MTU, mtu))
+    try:
+        nl.transact([(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {"flags": IFF_UP, "change": IFF_UP}, attrs)],
+                    "failed to create IFB device %s" % name)
+    except NetlinkError as err:
+        if err.errno != 17:             # EEXIST
+            raise
+    ifb = get_link(nl, name)
+    if ifb is None or ifb.kind != "ifb":
+        raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not an IFB device" % name,
+                       "it is a %s link: remove it" % (ifb.kind or "other") if ifb else "it vanished")
+    if not ifb.up or ifb.alias != alias or (mtu and ifb.mtu != mtu):
+        nl.transact([link_change(ifb.index, up=True, extra=[(LinkAttr.IFLA_IFALIAS, alias)]
+                                 + ([(LinkAttr.IFLA_MTU, mtu)] if mtu else []))],
+                    "failed to set up IFB device %s" % name)
+        ifb = get_link(nl, name)
+    return ifb
+
+
+def remove_shaping(nl, host, ifb):
+    """Remove the attachment's qdiscs from `host` (when it is still there) and its IFB device
+    `ifb` (a name); what is already gone is not an error."""
+    if host is not None:
+        for parent, handle, kind in ((TC_H_INGRESS, INGRESS_HANDLE, "ingress"), (TC_H_ROOT, 0x10000, "tbf")):
+            qdisc = get_qdisc(nl, host.index, parent)
+            if qdisc is None or qdisc.kind != kind or qdisc.handle != handle:
+                continue
+            try:
+                nl.transact([qdisc_delete_request(host.index, handle, parent)],
+                            "failed to remove the %s qdisc of %s" % (kind, host.name))
+            except NetlinkError as err:
+                if err.errno not in (2, 19, 22):       # ENOENT, ENODEV, EINVAL: already gone
+                    raise
+    link = get_link(nl, ifb)
+    if link is not None and link.kind == "ifb":
+        delete_link(nl, link.index, "failed to delete IFB device %s" % ifb)
+
+
+def bandwidth_add(request):
+    conf = BandwidthConfig(request)
+    previous = previous_result(request)
+    if conf.ingress is None and conf.egress is None:
+        return previous if previous is not None else {}
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "must be called as chained plugin",
+                       "the config has no prevResult: list bandwidth after the plugin that makes "
+                       "the interface")
+    host_nl = NetlinkSocket()
+    host = host_veth(host_nl, Netns(request.netns).netlink(), request, previous, conf.network)
+    if host is None:
+        raise CNIError(ERR_INVALID_CONFIG, "container interface %s not found" % request.ifname)
+    name = ifb_name(conf.network, request.container_id)
+    ifb = None
+    try:
+        requests = []
+        if conf.ingress is not None:
+            requests.append(tbf_request(host.index, conf.ingress.rate_bytes, conf.ingress.limit,
+                                        conf.ingress.buffer))
+        if conf.egress is not None:
+            ifb = ensure_ifb(host_nl, name, host.mtu,
+                             attachment_alias(conf.network, request.container_id, request.ifname))
+            requests += [tbf_request(ifb.index, conf.egress.rate_bytes, conf.egress.limit, conf.egress.buffer),
+                         ingress_qdisc_request(host.index),
+                         redirect_filter_request(host.index, ifb.index)]
+        host_nl.transact(requests, "failed to shape the traffic of %s" % host.name)
+    except BaseException:
+        try:
+            remove_shaping(host_nl, host, name)
+        except CNIError as err:
+            sys.stderr.write("rollback: %s\n" % err.msg)
+        raise
+    if ifb is not None:
+        interfaces = [i for i in previous.get("interfaces") or () if i.get("name") != ifb.name]
+        previous["interfaces"] = interfaces + [{"name": ifb.name, "mac": ifb.mac}]
+    return previous
+
+
+def bandwidth_del(request):
+    """Best effort and idempotent: the namespace, the prevResult and the config's rates may all
+    be gone or broken, and the IFB device and the host veth's qdiscs still go."""
+    network = request.config["name"]
+    host_nl = NetlinkSocket()
+    container_nl = None
+    if request.netns:
+        try:
+            container_nl = Netns(request.netns).netlink()
+        except NetnsGone:
+            pass
+    try:
+        previous = previous_result(request)
+    except CNIError:
+        previous = None
+    try:
+        host = host_veth(host_nl, container_nl, request, previous, network)
+    except CNIError as err:
+        sys.stderr.write("DEL: %s; removing the IFB device only\n" % err.msg)
+        host = None
+    remove_shaping(host_nl, host, ifb_name(network, request.container_id))
+    return None
+
+
+def bandwidth_check(request):
+    conf = BandwidthConfig(request)
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "must be called as a chained plugin",
+                       "the config has no prevResult")
+    host_nl = NetlinkSocket()
+    host = host_veth(host_nl, Netns(request.netns).netlink(), request, previous, conf.network)
+    if host is None:
+        raise CNIError(ERR_INTERNAL, "container interface %s not found" % request.ifname)
+    if conf.ingress is not None:
+        check_token_bucket(host_nl, host, conf.ingress, "ingress")
+    if conf.egress is not None:
+        name = ifb_name(conf.network, request.container_id)
+        ifb = get_link(host_nl, name)
+        if ifb is None or ifb.kind != "ifb":
+            raise CNIError(ERR_INTERNAL, "IFB device %s of container %s not found"
+                           % (name, request.container_id))
+        if not ifb.up:
+            raise CNIError(ERR_INTERNAL, "IFB device %s is down" % name)
+        check_token_bucket(host_nl, ifb, conf.egress, "egress")
+        if ifb.index not in redirect_targets(host_nl, host.index):
+            raise CNIError(ERR_INTERNAL, "traffic from the container is not redirected to %s" % name,
+                           "%s has no ingress filter with a mirred redirect to it" % host.name)
+    return None
+
+
+def check_token_bucket(nl, link, bucket, direction):
+    """The root qdisc of `link` is a tbf with the bucket's rate, limit and buffer."""
+    qdisc = get_qdisc(nl, link.index, TC_H_ROOT)
+    if qdisc is None or qdisc.kind != "tbf":
+        raise CNIError(ERR_INTERNAL, "%s has no tbf qdisc for the %s rate" % (link.name, direction),
+                       "its root qdisc is %s" % (qdisc.kind if qdisc else "absent"))
+    for what, actual, wanted, unit in (("rate", qdisc.rate, bucket.rate_bytes, "bytes/s"),
+                                       ("limit", qdisc.limit, bucket.limit, "bytes"),
+                                       ("buffer", qdisc.buffer, bucket.buffer, "scheduler ticks")):
+        if actual != wanted:
+            raise CNIError(ERR_INTERNAL, "%s tbf %s of %s is %s %s, the config says %s"
+                           % (direction, what, link.name, actual, unit, wanted),
+                           "%sRate %d bits/s, %sBurst %d bits" % (direction, bucket.rate, direction, bucket.burst))
+
+
+def bandwidth_gc(request):
+    """Remove the IFB devices of this network whose container is not among the valid attachments
+    (their host veth, and its qdiscs, went with the container's namespace)."""
+    valid = valid_attachments(request.config)
+    if valid is None:
+        return None
+    valid_ids = set(cid for cid, _ifname in valid)
+    prefix = "cni:%s:" % request.config["name"]
+    nl = NetlinkSocket()
+    errors = []
+    for link in list_links(nl):
+        if link.kind == "ifb" and link.alias.startswith(prefix):
+            cid = link.alias[len(prefix):].rpartition(":")[0]
+            if cid not in valid_ids:
+                try:
+                    delete_link(nl, link.index, "failed to delete IFB device %s" % link.name)
+                except CNIError as err:
+                    errors.append(err.msg)
+    if errors:
+        raise CNIError(ERR_INTERNAL, "bandwidth GC could not remove every stale IFB device", "; ".join(errors))
+    return None
+
+
+# ==============================================================================================
 # Entry point
 # ==============================================================================================
 
@@ -3379,6 +3867,8 @@ PLUGINS = {
                    "STATUS": host_local_status, "GC": host_local_gc},
     "loopback": {"ADD": loopback_add, "DEL": loopback_del, "CHECK": loopback_check,
                  "STATUS": nothing_to_do, "GC": nothing_to_do},
+    "bandwidth": {"ADD": bandwidth_add, "DEL": bandwidth_del, "CHECK": bandwidth_check,
+                  "STATUS": nothing_to_do, "GC": bandwidth_gc},
 }
 IPAM_IN_PROCESS.update(PLUGINS["host-local"])
 
@@ -3532,8 +4022,8 @@ def run_plugin(plugin, env):
 
 USAGE = """usage: %(prog)s COMMAND
 
-cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one program.
-Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
+cni-bridge %(version)s: the CNI bridge, host-local, loopback and bandwidth plugins in one program.
+Installed under the names bridge, host-local, loopback and bandwidth (symlinks) it is those plugins.
 
 commands:
   verify [CONFIG] [--keep] [--json]
@@ -3548,7 +4038,8 @@ commands:
   leases [--data-dir DIR] [--gc]
                           list host-local reservations (default DIR /var/lib/cni/networks) and
                           flag those whose container namespace is gone; --gc releases them
-  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
+  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback,
+                          bandwidth to it
                           (--force replaces regular files of those names)
   --version               print the program and CNI versions
   --help                  this text

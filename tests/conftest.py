@@ -21,7 +21,7 @@ REF_DIR = Path("/usr/lib/cni")
 VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 REF_VERSIONS = VERSIONS[:-1]  # Debian's reference plugins speak up to 1.0.0
 
-PLUGIN_NAMES = ("bridge", "host-local", "loopback")
+PLUGIN_NAMES = ("bridge", "host-local", "loopback", "bandwidth")
 NETNS_PREFIX = "cbt-"
 SESSIONS_DIR = Path("/run/cni-bridge-tests")  # one locked file per live test session
 IP = shutil.which("ip") or "/usr/sbin/ip"

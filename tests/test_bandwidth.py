@@ -1,0 +1,583 @@
+"""The bandwidth plugin (issue 17): token buckets over rtnetlink, proved on the kernel.
+
+Every test makes a "node" namespace where the plugins run, containers attached by our `bridge`
+(host-local, gateway on the bridge), and for traffic an "outside" namespace on its own link of
+the node (10.98.0.0/24, routed).  `bandwidth` runs chained after `bridge` with the bridge's result
+as prevResult, as runtimes chain them.  What it did is read back with `tc -j qdisc/filter show`
+and `ip -j -d link`; shaping is measured with a plain TCP sender and receiver written here,
+bounded in time, at low rates (8-16 Mbit/s) so the machine's load does not matter.
+The reference plugin (/usr/lib/cni/bandwidth, Debian's 1.1.1) is the differential: same qdisc
+layout and rates, and each side CHECKs and DELs what the other made.
+"""
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import IP, REF_DIR, cni_env, encode_conf, parse_output, run, run_cni
+
+NETWORK = "cbtbw"
+BRIDGE = "cbt-bw0"
+SUBNET = "10.97.0.0/24"
+OUTSIDE_LINK = "cbt-out0"          # the node's end of the link to the outside namespace
+OUTSIDE_NODE_IP = "10.98.0.1"
+OUTSIDE_IP = "10.98.0.2"
+PORT = 5201
+INGRESS = (16000000, 128000)       # (rate bits/s, burst bits) towards the container
+EGRESS = (8000000, 64000)          # from the container
+TOLERANCE = 0.20
+REF_BANDWIDTH = REF_DIR / "bandwidth"
+
+
+# --- configurations and calls -----------------------------------------------------------------
+
+def bridge_conf(data_dir, version="1.0.0"):
+    return {"cniVersion": version, "name": NETWORK, "type": "bridge", "bridge": BRIDGE,
+            "isGateway": True, "ipMasq": False,
+            "ipam": {"type": "host-local", "subnet": SUBNET, "dataDir": str(data_dir),
+                     "routes": [{"dst": "0.0.0.0/0"}]}}
+
+
+def bw_conf(version="1.0.0", ingress=INGRESS, egress=EGRESS, **keys):
+    """A bandwidth config; `ingress`/`egress` are (rate, burst) pairs or None."""
+    conf = {"cniVersion": version, "name": NETWORK, "type": "bandwidth"}
+    if ingress:
+        conf.update(ingressRate=ingress[0], ingressBurst=ingress[1])
+    if egress:
+        conf.update(egressRate=egress[0], egressBurst=egress[1])
+    conf.update(keys)
+    return conf
+
+
+def explain(res):
+    return "exit %d\nstdout: %s\nstderr: %s" % (res.returncode, res.stdout, res.stderr)
+
+
+def ok(res):
+    assert res.returncode == 0, explain(res)
+    assert "Traceback" not in res.stderr, explain(res)
+    return res.json
+
+
+def error(res, code):
+    assert res.returncode != 0, explain(res)
+    assert isinstance(res.json, dict) and res.json.get("code") == code and res.json.get("msg"), explain(res)
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    return res.json
+
+
+def bandwidth(bin_dir, command, conf, node, container, cid, prev=None, **kwargs):
+    """One bandwidth call inside `node`; `bin_dir` holds ours or is the reference's directory."""
+    stdin = dict(conf, prevResult=prev) if prev is not None else conf
+    return run_cni(bin_dir, "bandwidth", command, stdin, node=node, netns=container, container_id=cid, **kwargs)
+
+
+def ifb_name(cid, network=NETWORK):
+    """The reference's IFB name: bwp + SHA-512(network + containerID), 15 characters."""
+    return ("bwp" + hashlib.sha512((network + cid).encode()).hexdigest())[:15]
+
+
+# --- what the kernel holds --------------------------------------------------------------------
+
+def tc_json(node, *args):
+    out = run(["tc", "-n", node.name, "-j", *args]).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def ifbs(node):
+    """name -> `ip -j -d link` entry of every IFB device in the node."""
+    return {name: link for name, link in node.links().items()
+            if link.get("linkinfo", {}).get("info_kind") == "ifb"}
+
+
+def host_veth_of(node, container):
+    """The node-side name of the container's eth0."""
+    inside = container.links()["eth0"]
+    return next(name for name, link in node.links().items() if link["ifindex"] == inside["link_index"])
+
+
+def layout(node, dev):
+    """What shapes `dev` (a host veth), normalised: its root qdisc, whether it has the ingress
+    qdisc, the filters on it (kind, protocol, priority, flowid, actions), and the root qdisc of
+    every device those redirect to.  tc reports rates and bursts in bytes, latency in us."""
+    def root(name):
+        for q in tc_json(node, "qdisc", "show", "dev", name):
+            if q.get("root"):
+                opts = q.get("options", {})
+                return (q["kind"], q["handle"], opts.get("rate"), opts.get("burst"), opts.get("lat"))
+        return None
+
+    qdiscs = tc_json(node, "qdisc", "show", "dev", dev)
+    has_ingress = any(q["kind"] == "ingress" and q["handle"] == "ffff:" for q in qdiscs)
+    filters, targets = [], {}
+    if has_ingress:
+        for f in tc_json(node, "filter", "show", "dev", dev, "ingress"):
+            opts = f.get("options", {})
+            if "actions" not in opts:
+                continue            # the u32 hash table entries tc lists first
+            actions = [(a["kind"], a.get("mirred_action"), a.get("direction"), a.get("to_dev"))
+                       for a in opts["actions"]]
+            filters.append((f["kind"], f["protocol"], f["pref"], opts.get("flowid"), opts.get("match")))
+            for _kind, _action, _direction, to_dev in actions:
+                targets[to_dev] = root(to_dev)
+            filters[-1] += (sorted(set(actions)),)
+    return {"root": root(dev), "ingress": has_ingress, "filters": filters, "targets": targets}
+
+
+def unshaped(node, dev):
+    """`dev` carries nothing of ours: a default root qdisc and no ingress qdisc."""
+    qdiscs = tc_json(node, "qdisc", "show", "dev", dev)
+    return all(q["kind"] in ("noqueue", "pfifo_fast", "fq_codel", "mq") for q in qdiscs)
+
+
+NO_ROOT = ("noqueue", "0:", None, None, None)      # a veth's own root qdisc
+
+
+def expected_layout(dev_ifb, ingress=INGRESS, egress=EGRESS):
+    lat = 25000
+    out = {"root": ("tbf", "1:", ingress[0] // 8, ingress[1] // 8, lat) if ingress else NO_ROOT,
+           "ingress": bool(egress), "filters": [], "targets": {}}
+    if egress:
+        out["filters"] = [("u32", "all", 1, "1:1", {"value": "0", "mask": "0", "offmask": "", "off": 0},
+                           [("mirred", "redirect", "egress", dev_ifb)])]
+        out["targets"] = {dev_ifb: ("tbf", "1:", egress[0] // 8, egress[1] // 8, lat)}
+    return out
+
+
+# --- the arena ------------------------------------------------------------------------------------
+
+class Arena:
+    """A node with our bridge network, an outside namespace routed from it, and containers."""
+
+    def __init__(self, ours_bin, node, make_netns, data_dir):
+        self.bin, self.node, self.make_netns, self.data_dir = ours_bin, node, make_netns, data_dir
+        self.outside = None
+
+    def attach(self, cid, version="1.0.0"):
+        """A new container on the bridge; returns (namespace, bridge result)."""
+        container = self.make_netns("ct")
+        result = ok(run_cni(self.bin, "bridge", "ADD", bridge_conf(self.data_dir, version), node=self.node,
+                            netns=container, container_id=cid))
+        return container, result
+
+    def detach(self, container, cid, result):
+        ok(run_cni(self.bin, "bridge", "DEL", dict(bridge_conf(self.data_dir), prevResult=result),
+                   node=self.node, netns=container, container_id=cid))
+
+    def connect_outside(self):
+        self.outside = self.make_netns("out")
+        node, out = self.node.name, self.outside.name
+        run([IP, "-n", node, "link", "add", OUTSIDE_LINK, "type", "veth", "peer", "name", "eth0", "netns", out])
+        run([IP, "-n", node, "addr", "add", OUTSIDE_NODE_IP + "/24", "dev", OUTSIDE_LINK])
+        run([IP, "-n", node, "link", "set", OUTSIDE_LINK, "up"])
+        run([IP, "-n", out, "addr", "add", OUTSIDE_IP + "/24", "dev", "eth0"])
+        run([IP, "-n", out, "link", "set", "eth0", "up"])
+        run([IP, "-n", out, "route", "add", SUBNET, "via", OUTSIDE_NODE_IP])
+        return self.outside
+
+
+@pytest.fixture
+def arena(ours_bin, node, make_netns, data_dir):
+    return Arena(ours_bin, node, make_netns, data_dir)
+
+
+@pytest.fixture
+def ref_bandwidth():
+    if not REF_BANDWIDTH.is_file():
+        pytest.skip("reference bandwidth plugin not installed: apt-get install containernetworking-plugins")
+    return REF_DIR
+
+
+# --- throughput -------------------------------------------------------------------------------------
+
+# Receiver: accepts one connection, skips `warmup` seconds after the first byte (slow start, the
+# bucket's initial burst), then counts bytes for `window` seconds and prints bits/s.
+RECEIVER = r"""
+import socket, sys, time
+port, warmup, window = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", port))
+srv.listen(1)
+srv.settimeout(15)
+print("ready", flush=True)
+conn, _ = srv.accept()
+conn.settimeout(15)
+first = mark = None
+total = 0
+while True:
+    data = conn.recv(1 << 16)
+    now = time.monotonic()
+    if not data:
+        break
+    first = first or now
+    total += len(data)
+    if mark is None and now - first >= warmup:
+        mark = (now, total)
+    if mark is not None and now - mark[0] >= window:
+        break
+conn.close()
+print("%.0f" % ((total - mark[1]) * 8 / (now - mark[0])) if mark and now > mark[0] else "nan")
+"""
+
+# Sender: connects (retrying while the receiver starts) and sends until the receiver closes or
+# `limit` seconds pass.
+SENDER = r"""
+import socket, sys, time
+host, port, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + limit
+while True:
+    try:
+        s = socket.create_connection((host, port), timeout=2)
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+chunk = b"x" * (1 << 16)
+s.settimeout(5)
+try:
+    while time.monotonic() < deadline:
+        s.sendall(chunk)
+except OSError:
+    pass
+"""
+
+
+def throughput(sender_ns, receiver_ns, address, warmup, window):
+    """Bits/s a TCP stream from `sender_ns` to `address` in `receiver_ns` reaches (bounded)."""
+    receiver = subprocess.Popen([IP, "netns", "exec", receiver_ns.name, sys.executable, "-c", RECEIVER,
+                                 str(PORT), str(warmup), str(window)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert receiver.stdout.readline().strip() == "ready", receiver.stderr.read()
+        sender = subprocess.run([IP, "netns", "exec", sender_ns.name, sys.executable, "-c", SENDER, address,
+                                 str(PORT), str(warmup + window + 5)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=30)
+        out, err = receiver.communicate(timeout=30)
+    finally:
+        receiver.kill()
+        receiver.wait()
+    assert receiver.returncode == 0, err
+    assert sender.returncode == 0, sender.stderr
+    return float(out.strip())
+
+
+def assert_rate(measured, configured, what):
+    low, high = configured * (1 - TOLERANCE), configured * (1 + TOLERANCE)
+    assert low <= measured <= high, "%s: %.2f Mbit/s measured, %.2f configured (+-%d%%)" % (
+        what, measured / 1e6, configured / 1e6, TOLERANCE * 100)
+
+
+def container_ip(result):
+    return result["ips"][0]["address"].split("/")[0]
+
+
+# --- tests --------------------------------------------------------------------------------------------
+
+def test_throughput_is_shaped_each_way_and_unshaped_after_del(arena):
+    """Towards the container the stream runs at ingressRate, from it at egressRate (within 20%),
+    measured between the container and a namespace outside the node; after DEL both run free."""
+    container, prev = arena.attach("tput")
+    outside = arena.connect_outside()
+    address = container_ip(prev)
+    ok(bandwidth(arena.bin, "ADD", bw_conf(), arena.node, container, "tput", prev))
+    assert_rate(throughput(outside, container, address, 0.5, 1.5), INGRESS[0], "towards the container")
+    assert_rate(throughput(container, outside, OUTSIDE_IP, 0.5, 1.5), EGRESS[0], "from the container")
+    res = bandwidth(arena.bin, "DEL", bw_conf(), arena.node, container, "tput", prev)
+    ok(res)
+    assert res.stdout.strip() == ""
+    free_in = throughput(outside, container, address, 0.2, 0.5)
+    free_out = throughput(container, outside, OUTSIDE_IP, 0.2, 0.5)
+    assert free_in > 3 * INGRESS[0], "still shaped towards the container: %.1f Mbit/s" % (free_in / 1e6)
+    assert free_out > 3 * EGRESS[0], "still shaped from the container: %.1f Mbit/s" % (free_out / 1e6)
+
+
+@pytest.mark.parametrize("ingress, egress", [(INGRESS, EGRESS), (INGRESS, None), (None, EGRESS)],
+                         ids=["both", "ingress-only", "egress-only"])
+def test_layout_read_back_with_tc(arena, ingress, egress):
+    """tbf 1: on the host veth for ingress; for egress the host veth's ingress qdisc with one u32
+    match-all filter (protocol all, pref 1, flowid 1:1) redirecting to an IFB named as the
+    reference names it, up, with the host veth's MTU and the attachment's alias, carrying tbf 1:.
+    The result is the prevResult with the IFB appended."""
+    container, prev = arena.attach("lay")
+    host = host_veth_of(arena.node, container)
+    result = ok(bandwidth(arena.bin, "ADD", bw_conf(ingress=ingress, egress=egress), arena.node, container,
+                          "lay", prev))
+    name = ifb_name("lay")
+    assert layout(arena.node, host) == expected_layout(name, ingress, egress)
+    devices = ifbs(arena.node)
+    if egress:
+        assert sorted(devices) == [name]
+        ifb = devices[name]
+        assert "UP" in ifb["flags"] and ifb["mtu"] == arena.node.links()[host]["mtu"]
+        assert ifb["ifalias"] == "cni:%s:lay:eth0" % NETWORK
+        assert result == dict(prev, interfaces=prev["interfaces"] + [{"name": name, "mac": ifb["address"]}])
+    else:
+        assert devices == {}
+        assert result == prev
+    ok(bandwidth(arena.bin, "CHECK", bw_conf(ingress=ingress, egress=egress), arena.node, container, "lay", result))
+    ok(bandwidth(arena.bin, "DEL", bw_conf(ingress=ingress, egress=egress), arena.node, container, "lay", result))
+    assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+
+
+def test_differential_against_the_reference(arena, ref_bandwidth):
+    """Ours and the reference, same config on two containers of one node: the same qdiscs, rates,
+    bursts, latency, filter and IFB naming; each CHECKs what the other made, and each DEL removes
+    the other's IFB (ours also the qdiscs, which the reference leaves on the host veth)."""
+    theirs_ct, theirs_prev = arena.attach("theirs")
+    ours_ct, ours_prev = arena.attach("ours")
+    conf = bw_conf()
+    ref_result = ok(bandwidth(ref_bandwidth, "ADD", conf, arena.node, theirs_ct, "theirs", theirs_prev))
+    our_result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, ours_ct, "ours", ours_prev))
+    theirs_host, ours_host = host_veth_of(arena.node, theirs_ct), host_veth_of(arena.node, ours_ct)
+    ref_layout = layout(arena.node, theirs_host)
+    # The reference's u32 filter carries its mirred redirect twice (RedirIndex and Actions both
+    # set); the set of distinct actions is what both share.
+    assert ref_layout == expected_layout(ifb_name("theirs"))
+    assert layout(arena.node, ours_host) == expected_layout(ifb_name("ours"))
+    assert sorted(ifbs(arena.node)) == sorted([ifb_name("theirs"), ifb_name("ours")])
+    assert [i["name"] for i in ref_result["interfaces"]] == [i["name"] for i in theirs_prev["interfaces"]] + [ifb_name("theirs")]
+    assert [i["name"] for i in our_result["interfaces"]] == [i["name"] for i in ours_prev["interfaces"]] + [ifb_name("ours")]
+    # Each CHECKs the other's work.
+    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, theirs_ct, "theirs", ref_result))
+    ok(bandwidth(ref_bandwidth, "CHECK", conf, arena.node, ours_ct, "ours", our_result))
+    # Each DELs the other's work.
+    ok(bandwidth(ref_bandwidth, "DEL", conf, arena.node, ours_ct, "ours", our_result))
+    ok(bandwidth(arena.bin, "DEL", conf, arena.node, theirs_ct, "theirs", ref_result))
+    assert ifbs(arena.node) == {}
+    assert unshaped(arena.node, theirs_host)
+
+
+BAD_VALUES = [
+    ("rate without burst", {"ingressRate": 1000000}),
+    ("burst without rate", {"egressBurst": 100000}),
+    ("negative rate", {"ingressRate": -8, "ingressBurst": 80000}),
+    ("string rate", {"egressRate": "1M", "egressBurst": 80000}),
+    ("fractional rate", {"ingressRate": 1000000.5, "ingressBurst": 80000}),
+    ("boolean burst", {"egressRate": 1000000, "egressBurst": True}),
+    ("rate under a byte", {"ingressRate": 7, "ingressBurst": 80000}),
+    ("burst under a byte", {"egressRate": 1000000, "egressBurst": 7}),
+    ("burst of 4GB", {"ingressRate": 1000000, "ingressBurst": 8 * (1 << 32)}),
+    ("burst lasting minutes", {"egressRate": 8000, "egressBurst": 8 * 300 * 1000}),
+    ("rate beyond uint64", {"ingressRate": 1 << 64, "ingressBurst": 80000}),
+    ("rate overflowing the queue", {"egressRate": 8 * (1 << 40), "egressBurst": 80000}),
+    ("runtimeConfig without burst", {"runtimeConfig": {"bandwidth": {"ingressRate": 1000000}}}),
+    ("runtimeConfig not an object", {"runtimeConfig": {"bandwidth": [1, 2]}}),
+]
+
+
+def test_bad_values_are_refused_before_anything_is_made(arena):
+    """Every bad rate or burst is a config error (code 7) naming the key, at ADD, CHECK and DEL's
+    siblings alike, and the node holds no IFB and no qdisc of ours afterwards; so is an ADD with
+    rates but no prevResult."""
+    container, prev = arena.attach("bad")
+    host = host_veth_of(arena.node, container)
+    for what, keys in BAD_VALUES:
+        conf = dict(bw_conf(ingress=None, egress=None), **keys)
+        for command in ("ADD", "CHECK"):
+            err = error(bandwidth(arena.bin, command, conf, arena.node, container, "bad", prev), 7)
+            assert "Rate" in err["msg"] or "Burst" in err["msg"] or "bandwidth" in err["msg"], (what, err)
+        assert unshaped(arena.node, host) and ifbs(arena.node) == {}, what
+    error(bandwidth(arena.bin, "ADD", bw_conf(), arena.node, container, "bad"), 7)
+    assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+
+
+def test_runtime_config_replaces_the_config_keys(arena):
+    """runtimeConfig.bandwidth (the pod annotations) wins over the config's own keys."""
+    container, prev = arena.attach("rt")
+    host = host_veth_of(arena.node, container)
+    runtime = {"ingressRate": 24000000, "ingressBurst": 96000}
+    conf = bw_conf(runtimeConfig={"bandwidth": runtime})
+    result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "rt", prev))
+    assert layout(arena.node, host) == expected_layout(None, ingress=(24000000, 96000), egress=None)
+    assert ifbs(arena.node) == {} and result == prev
+    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "rt", result))
+    err = error(bandwidth(arena.bin, "CHECK", bw_conf(), arena.node, container, "rt", result), 999)
+    assert "rate" in err["msg"], err
+
+
+@pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+def test_no_rates_passes_the_prev_result_through(arena, version):
+    """Without rates nothing is shaped and the prevResult comes back in the request's version."""
+    container, prev = arena.attach("pass", version)
+    host = host_veth_of(arena.node, container)
+    conf = bw_conf(version, ingress=None, egress=None, ingressRate=0, ingressBurst=0)
+    assert ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "pass", prev)) == prev
+    assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+    if version != "0.3.1":
+        ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "pass", prev))
+
+
+def test_del_without_namespace_or_prev_result_twice(arena):
+    """DEL with the namespace present but no prevResult removes qdiscs and IFB; with no CNI_NETNS
+    the prevResult leads to the host veth; with the namespace gone and no prevResult the IFB goes;
+    every DEL repeated succeeds and changes nothing."""
+    conf = bw_conf()
+    # namespace present, no prevResult
+    container, prev = arena.attach("d1")
+    host = host_veth_of(arena.node, container)
+    ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "d1", prev))
+    for _ in range(2):
+        ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, "d1"))
+        assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+    # no CNI_NETNS: the prevResult names the host veth
+    container, prev = arena.attach("d2")
+    host = host_veth_of(arena.node, container)
+    ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "d2", prev))
+    for _ in range(2):
+        ok(bandwidth(arena.bin, "DEL", conf, arena.node, None, "d2", prev))
+        assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+    # no CNI_NETNS, no prevResult: the bridge port's alias names the attachment
+    container, prev = arena.attach("d3")
+    host = host_veth_of(arena.node, container)
+    ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "d3", prev))
+    ok(bandwidth(arena.bin, "DEL", conf, arena.node, None, "d3"))
+    assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+    # the namespace gone, no prevResult
+    container, prev = arena.attach("d4")
+    ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "d4", prev))
+    path = container.path
+    run([IP, "netns", "del", container.name])
+    for _ in range(2):
+        ok(bandwidth(arena.bin, "DEL", conf, arena.node, path, "d4"))
+        assert ifbs(arena.node) == {}
+    # a config that no longer validates still lets DEL clean up
+    container, prev = arena.attach("d5")
+    ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "d5", prev))
+    ok(bandwidth(arena.bin, "DEL", dict(conf, ingressBurst=0), arena.node, container, "d5", prev))
+    assert ifbs(arena.node) == {}
+
+
+def test_check_finds_drift_and_a_repeated_add_repairs_it(arena):
+    """CHECK fails (999) when a rate was changed, the redirect filter removed or the IFB deleted;
+    a repeated ADD restores the layout without duplicating anything, and CHECK passes again."""
+    container, prev = arena.attach("chk")
+    host = host_veth_of(arena.node, container)
+    conf = bw_conf()
+    result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "chk", prev))
+    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "chk", result))
+    name = ifb_name("chk")
+    breakages = [
+        (["tc", "qdisc", "change", "dev", host, "root", "handle", "1:", "tbf", "rate", "9mbit",
+          "burst", "16000", "latency", "25ms"], "rate"),
+        (["tc", "filter", "del", "dev", host, "ingress"], "redirect"),
+        (["tc", "qdisc", "del", "dev", name, "root"], "tbf"),
+        ([IP, "link", "del", name], "IFB"),
+    ]
+    for argv, word in breakages:
+        arena.node.run(*argv)
+        err = error(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "chk", result), 999)
+        assert word in err["msg"], (argv, err)
+        result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "chk", prev))
+        assert layout(arena.node, host) == expected_layout(name)
+        ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "chk", result))
+    err = error(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "chk"), 7)
+    assert "chained" in err["msg"]
+
+
+def test_gc_removes_ifb_devices_of_attachments_not_valid(arena):
+    """GC (1.1.0) with one valid attachment removes the other containers' IFB devices of this
+    network, keeps the valid one (CHECK still passes) and an IFB of another network."""
+    conf = bw_conf("1.1.0")
+    attached = {}
+    for cid in ("gc0", "gc1", "gc2"):
+        container, prev = arena.attach(cid, "1.1.0")
+        attached[cid] = (container, ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, cid, prev)))
+    other = dict(conf, name="cbtother")
+    container, prev = arena.attach("gcx", "1.1.0")
+    ok(bandwidth(arena.bin, "ADD", dict(other, prevResult=prev), arena.node, container, "gcx"))
+    assert len(ifbs(arena.node)) == 4
+    gc = dict(conf, **{"cni.dev/valid-attachments": [{"containerID": "gc0", "ifname": "eth0"}]})
+    ok(run_cni(arena.bin, "bandwidth", "GC", gc, node=arena.node, container_id=None, ifname=None))
+    assert sorted(ifbs(arena.node)) == sorted([ifb_name("gc0"), ifb_name("gcx", "cbtother")])
+    container, result = attached["gc0"]
+    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "gc0", result))
+    ok(run_cni(arena.bin, "bandwidth", "STATUS", conf, node=arena.node, container_id=None, ifname=None))
+
+
+def test_concurrent_adds_and_dels(arena):
+    """Eight bandwidth ADDs at once on eight containers each shape their own veth through their
+    own IFB; eight DELs at once leave nothing."""
+    cids = ["cc%d" % i for i in range(8)]
+    attached = dict((cid, arena.attach(cid)) for cid in cids)
+    conf = bw_conf()
+
+    def call(command, cid):
+        container, prev = attached[cid]
+        return bandwidth(arena.bin, command, conf, arena.node, container, cid, prev)
+
+    with ThreadPoolExecutor(len(cids)) as pool:
+        for res in pool.map(lambda cid: call("ADD", cid), cids):
+            ok(res)
+    assert sorted(ifbs(arena.node)) == sorted(ifb_name(cid) for cid in cids)
+    for cid in cids:
+        assert layout(arena.node, host_veth_of(arena.node, attached[cid][0])) == expected_layout(ifb_name(cid))
+    with ThreadPoolExecutor(len(cids)) as pool:
+        for res in pool.map(lambda cid: call("DEL", cid), cids):
+            ok(res)
+    assert ifbs(arena.node) == {}
+    assert all(unshaped(arena.node, host_veth_of(arena.node, attached[cid][0])) for cid in cids)
+
+
+def test_add_killed_at_a_few_instants_then_del_leaves_nothing(arena):
+    """ADDs killed with SIGKILL at fractions of one ADD's duration: DEL then leaves no IFB and no
+    qdisc, and a final ADD completes with a layout CHECK accepts."""
+    container, prev = arena.attach("kill")
+    host = host_veth_of(arena.node, container)
+    conf = bw_conf()
+    stdin = encode_conf(dict(conf, prevResult=prev))
+    argv = [IP, "netns", "exec", arena.node.name, str(arena.bin / "bandwidth")]
+    env = cni_env("ADD", arena.bin, netns=container, container_id="kill")
+    durations = []
+    for _ in range(3):
+        started = time.monotonic()
+        ok(parse_output(subprocess.run(argv, input=stdin, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       timeout=60)))
+        durations.append(time.monotonic() - started)
+        ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, "kill", prev))
+    duration = sorted(durations)[1]
+    killed = 0
+    for fraction in (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0):
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+        time.sleep(duration * fraction)
+        proc.send_signal(signal.SIGKILL)
+        killed += proc.wait(timeout=60) == -signal.SIGKILL
+        ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, "kill", prev))
+        assert unshaped(arena.node, host) and ifbs(arena.node) == {}, "after a kill at %.1f" % fraction
+    assert killed >= 3, "too few kills landed before the ADD ended (a busy machine?)"
+    result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "kill", prev))
+    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "kill", result))
+
+
+def test_runs_no_program(arena, tmp_path):
+    """Under `strace -f -e trace=execve`, ADD, CHECK and DEL execute only the plugin and the
+    interpreter of its preamble, in one process: no `tc`, no `ip`."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (apt-get install strace)")
+    container, prev = arena.attach("trace")
+    archive = (arena.bin / "bandwidth").resolve()
+    interpreter = archive.read_bytes().split(b"\n", 2)[1].split()[1].decode()
+    conf = bw_conf()
+    result = prev
+    for command in ("ADD", "CHECK", "DEL"):
+        trace = tmp_path / ("%s.trace" % command)
+        proc = subprocess.run([IP, "netns", "exec", arena.node.name, strace, "-f", "-qq", "-e",
+                               "trace=execve,execveat", "-o", str(trace), str(arena.bin / "bandwidth")],
+                              input=encode_conf(dict(conf, prevResult=result)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60,
+                              env=cni_env(command, arena.bin, netns=container, container_id="trace"))
+        result = ok(parse_output(proc)) or result
+        calls = [line for line in trace.read_text().splitlines() if "execve" in line]
+        programs = [line.split('("', 1)[1].split('"', 1)[0] for line in calls]
+        assert programs == [str(arena.bin / "bandwidth"), interpreter], "%s executed %s" % (command, calls)
+    assert ifbs(arena.node) == {}

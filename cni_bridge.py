@@ -3786,13 +3786,18 @@ def host_veth(host_nl, container_nl, request, previous, network):
 
 def ensure_ifb(nl, name, mtu, alias):
     """The IFB device `name`, up, with `mtu` and the attachment's alias; an existing one (a
-    repeated ADD, an ADD killed after making it) is reused.  One datagram: no crash between."""
-    attrs = [(LinkAttr.IFLA_IFNAME, name), (LinkAttr.IFLA_IFALIAS, alias),
-             (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "ifb"),))]
+    repeated ADD, an ADD killed after making it) is reused.
+
+    A new link does not take an alias: it is given one by name in the same datagram, which the
+    kernel handles within one send, so no crash leaves an IFB that GC could not map back.
+    """
+    attrs = [(LinkAttr.IFLA_IFNAME, name), (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "ifb"),))]
     if mtu:
         attrs.append((LinkAttr.IFLA_MTU, mtu))
-    unless_exists(nl.request, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {"flags": IFF_UP, "change": IFF_UP},
-                  attrs, what="failed to create IFB device %s" % name)
+    unless_exists(nl.transact, [
+        NetlinkRequest(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {"flags": IFF_UP, "change": IFF_UP}, attrs),
+        NetlinkRequest(RTM_NEWLINK, attrs=((LinkAttr.IFLA_IFNAME, name), (LinkAttr.IFLA_IFALIAS, alias)))],
+        "failed to create IFB device %s" % name)
     ifb = get_link(nl, name)
     if ifb is None or ifb.kind != "ifb":
         raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not an IFB device" % name,

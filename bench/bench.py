@@ -29,7 +29,7 @@ import zipapp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_DIR = "/usr/lib/cni"
-PLUGIN_NAMES = ("bridge", "host-local", "loopback")
+PLUGIN_NAMES = ("bridge", "host-local", "loopback", "bandwidth")
 NS_PREFIX = "cbb-"                      # bench namespaces: cbb-<pid>-<tag>
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
@@ -538,6 +538,51 @@ def workload_loopback(results, impls, spaces, count):
         spaces.delete(names)
 
 
+def ifb_devices():
+    out = run_tool([IP, "-j", "link", "show", "type", "ifb"], check=False)
+    return [link["ifname"] for link in json.loads(out)] if out.strip() else []
+
+
+def workload_bandwidth(results, impls, spaces, count):
+    """bandwidth ADD and DEL (both directions shaped: a tbf on the host veth, an IFB with its tbf
+    and the redirect filter) chained after the implementation's own bridge, whose calls are timed
+    only in the chain rows (bridge + bandwidth, as a runtime runs them); DEL in reverse order."""
+    log("bandwidth: 1 warm-up + %d samples" % count)
+    shaping = {"ingressRate": 16000000, "ingressBurst": 128000, "egressRate": 8000000, "egressBurst": 64000}
+    for i in range(-1, count):
+        names = spaces.create(2)
+        for impl, netns in zip(interleaved(impls, i), names):
+            conf = impl.main.config("1.0.0", False)
+            bw_conf = dict(shaping, cniVersion="1.0.0", name=impl.main.name, type="bandwidth")
+            container_id = "bw-%s-%s" % (impl.key, netns)
+            bridge_add = run_one(impl.call("bridge", "ADD", conf, container_id, netns))
+            if not expect_ok(results, "bandwidth (bridge ADD)", impl.key, bridge_add, container_id):
+                run_one(impl.call("bridge", "DEL", conf, container_id, netns))
+                continue
+            prev = bridge_add.json()
+            add = run_one(impl.call("bandwidth", "ADD", dict(bw_conf, prevResult=prev), container_id, netns))
+            ok_add = expect_ok(results, "bandwidth ADD", impl.key, add, container_id)
+            final = add.json() if ok_add else prev
+            delete = run_one(impl.call("bandwidth", "DEL", dict(bw_conf, prevResult=final), container_id, netns))
+            ok_del = expect_ok(results, "bandwidth DEL", impl.key, delete, container_id)
+            bridge_del = run_one(impl.call("bridge", "DEL", dict(conf, prevResult=final), container_id, netns))
+            ok_bridge_del = expect_ok(results, "bandwidth (bridge DEL)", impl.key, bridge_del, container_id)
+            if i >= 0 and ok_add:
+                results.add("bandwidth ADD", impl.key, add)
+                results.add("chain bridge+bandwidth ADD", impl.key,
+                            Outcome(bridge_add.ns + add.ns, 0, b"", b"", 0))
+            if i >= 0 and ok_del and ok_bridge_del:
+                results.add("bandwidth DEL", impl.key, delete)
+                results.add("chain bridge+bandwidth DEL", impl.key,
+                            Outcome(delete.ns + bridge_del.ns, 0, b"", b"", 0))
+            if i % LEAK_CHECK_EVERY == 0 or i == count - 1:
+                check_leaks(results, "bandwidth", impl, impl.main, [netns])
+                leftover = ifb_devices()
+                if leftover:
+                    results.leak("bandwidth", impl.key, ["IFB device %s" % name for name in leftover])
+        spaces.delete(names)
+
+
 def workload_burst(results, impls, spaces, rounds, width=32):
     """`width` concurrent ADDs, then `width` concurrent DELs: wall time; addresses must be distinct."""
     for masq in (False, True):
@@ -766,6 +811,8 @@ def target_rows(results, rows, rng):
         against_ref("DEL %s ipMasq ours/ref <= 0.4" % version, "DEL %s ipMasq" % version, 0.4)
         for command in ("ADD", "CHECK", "DEL"):
             against_ref("%s %s ours/ref <= 1.0" % (command, version), "%s %s" % (command, version), 1.0)
+    for command in ("ADD", "DEL"):
+        against_ref("bandwidth %s ours/ref <= 1.3" % command, "bandwidth %s" % command, 1.3)
     for masq in ("", " ipMasq"):
         for command in ("ADD", "DEL"):
             against_ref("burst 32%s %s wall ours/ref <= 0.8" % (masq, command),
@@ -921,6 +968,8 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="small sample counts (under 3 minutes on 2 cores)")
     parser.add_argument("--json", metavar="FILE", help="write raw samples and the summary to FILE")
     parser.add_argument("--samples", type=int, help="samples per ADD/CHECK/DEL and loopback workload")
+    parser.add_argument("--only", action="append", metavar="WORD",
+                        help="run only the workloads whose name contains WORD (repeatable), e.g. bandwidth")
     parser.add_argument("--sequential", type=int, help="containers in the sequential workload (compared: first and last min(100, N/2))")
     return parser.parse_args(argv)
 
@@ -958,6 +1007,7 @@ def run(args, scratch, spaces):
             ("ADD/CHECK/DEL", False, lambda: workload_cycles(results, impls, spaces, size["samples"])),
             ("loopback: %d samples" % size["samples"], True,
              lambda: workload_loopback(results, impls, spaces, size["samples"])),
+            ("bandwidth", False, lambda: workload_bandwidth(results, impls, spaces, size["samples"])),
             ("burst", False, lambda: workload_burst(results, impls, spaces, size["bursts"])),
             ("sequential", False, lambda: workload_sequential(results, impls, spaces, size["sequential"])),
             ("peak RSS: %d rounds" % size["rss"], True,
@@ -966,6 +1016,8 @@ def run(args, scratch, spaces):
              lambda: workload_first_call(results, impls, spaces, size["first"], scratch, ours_archive)),
         ]
         for name, announce, workload in workloads:
+            if args.only and not any(word in name for word in args.only):
+                continue
             if announce:
                 log(name)
             try:

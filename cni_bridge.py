@@ -1338,10 +1338,10 @@ U32_SEL_ONE_KEY = struct.Struct("=BBBxHHhhI" "IIii")
 MIRRED_PARMS = struct.Struct("=IIiiiiI")
 
 
+# No rate table (TCA_TBF_RTAB): given the link layer, the kernel computes packet times itself.
 TbfAttr = AttrSpace(
     TCA_TBF_PARMS=Attr(1, BYTES),
     TCA_TBF_RATE64=Attr(4, U64),               # a rate of 2^32 bytes/s or more
-    TCA_TBF_BURST=Attr(6, U32),
 )
 
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IP, REF_DIR, cni_env, encode_conf, parse_output, run, run_cni
+from conftest import IP, REF_DIR, REPO, cni_env, encode_conf, parse_output, run, run_cni
 
 NETWORK = "cbtbw"
 BRIDGE = "cbt-bw0"
@@ -353,6 +353,56 @@ def test_differential_against_the_reference(arena, ref_bandwidth):
     ok(bandwidth(arena.bin, "DEL", conf, arena.node, theirs_ct, "theirs", ref_result))
     assert ifbs(arena.node) == {}
     assert unshaped(arena.node, theirs_host)
+
+
+@pytest.mark.parametrize("ingress, egress", [
+    ((8, 8), (8000, 800000)),                         # a byte per second; a 100 s bucket
+    ((1000000, 12000), (100000000, 1000000)),
+    ((40000000000, 4000000), (34359738368, 8000000)),  # 5 GB/s and 2^32 bytes/s: TCA_TBF_RATE64
+], ids=["tiny", "common", "rate64"])
+def test_rates_and_buffers_match_the_reference(arena, ref_bandwidth, ingress, egress):
+    """For rates from a byte per second to beyond 32 bits of bytes per second, our qdiscs read back
+    the same as the reference's (tc -j), and each side's CHECK (which compares rate, limit and
+    buffer in the kernel's units) accepts the other's."""
+    theirs_ct, theirs_prev = arena.attach("theirs")
+    ours_ct, ours_prev = arena.attach("ours")
+    conf = bw_conf(ingress=ingress, egress=egress)
+    ref_result = ok(bandwidth(ref_bandwidth, "ADD", conf, arena.node, theirs_ct, "theirs", theirs_prev))
+    our_result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, ours_ct, "ours", ours_prev))
+    theirs = layout(arena.node, host_veth_of(arena.node, theirs_ct))
+    ours = layout(arena.node, host_veth_of(arena.node, ours_ct))
+    assert ours["root"] == theirs["root"]
+    assert list(ours["targets"].values()) == list(theirs["targets"].values())
+    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, theirs_ct, "theirs", ref_result))
+    ok(bandwidth(ref_bandwidth, "CHECK", conf, arena.node, ours_ct, "ours", our_result))
+
+
+def test_tc_requests_round_trip_through_the_codec():
+    """The tc requests encode with the shared codec and decode back to what was asked: a tbf with
+    a 64-bit rate, and a u32 filter whose one action is a mirred redirect."""
+    sys.path.insert(0, str(REPO))
+    import cni_bridge as cb
+    layouts = cb.MESSAGE_LAYOUTS[cb.NETLINK_ROUTE]
+    for rate in (1000000, 5 << 30):
+        request = cb.tbf_request(7, rate, 12345, 678)
+        wire = cb.encode_message(layouts, request.msg_type, request.flags, 1, request.header, request.attrs)
+        (msg_type, flags, _seq, payload), = cb.decode_messages(wire)
+        qdisc = cb.Qdisc(cb.decode_payload(layouts, msg_type, flags, payload))
+        assert (qdisc.index, qdisc.kind, qdisc.handle, qdisc.parent) == (7, "tbf", 0x10000, 0xFFFFFFFF)
+        assert (qdisc.rate, qdisc.limit, qdisc.buffer) == (rate, 12345, 678)
+    request = cb.redirect_filter_request(7, 9)
+    wire = cb.encode_message(layouts, request.msg_type, request.flags, 1, request.header, request.attrs)
+    (msg_type, flags, _seq, payload), = cb.decode_messages(wire)
+    msg = cb.decode_payload(layouts, msg_type, flags, payload)
+    assert msg.header["info"] == (1 << 16) | 0x0300          # priority 1, ETH_P_ALL in network order
+    options = cb.decode_attrs(cb.U32Attr, msg.get(cb.TcAttr.TCA_OPTIONS))
+    assert options[cb.U32Attr.TCA_U32_CLASSID] == 0x10001
+    actions = options[cb.U32Attr.TCA_U32_ACT]
+    assert list(actions) == [cb.ActionListAttr.TCA_ACT_ORDER_1]
+    action = actions[cb.ActionListAttr.TCA_ACT_ORDER_1]
+    assert action[cb.ActionAttr.TCA_ACT_KIND] == "mirred"
+    parms = cb.MIRRED_PARMS.unpack(action[cb.ActionAttr.TCA_ACT_OPTIONS][cb.MirredAttr.TCA_MIRRED_PARMS])
+    assert parms[2] == 4 and parms[5:] == (1, 9)               # stolen; egress redirect to link 9
 
 
 BAD_VALUES = [

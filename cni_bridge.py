@@ -3765,6 +3765,7 @@ TBF_LATENCY_USEC = 25000          # the reference's queue: what the bucket holds
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 
+
 class TokenBucket(object):
     """One direction's shaping: `rate` bits/s and `burst` bits as configured, and the tbf
     parameters that say it to the kernel: rate in bytes/s, limit in bytes, buffer in ticks."""
@@ -3846,7 +3847,7 @@ def host_veth(host_nl, container_nl, request, previous, network):
         container = get_link(container_nl, request.ifname)
         if container is not None:
             host = get_link(host_nl, index=container.peer_index) if container.kind == "veth" else None
-            if host is None or host.kind != "veth":
+            if host is None or host.kind != "veth" or host.peer_index != container.index:
                 raise CNIError(ERR_INVALID_CONFIG, "container interface %s has no veth peer on the "
                                "node" % request.ifname, "bandwidth shapes the veth pairs bridge makes")
             if listed and host.name not in listed:
@@ -3865,19 +3866,21 @@ def host_veth(host_nl, container_nl, request, previous, network):
 
 def ensure_ifb(nl, name, mtu, alias):
     """The IFB device `name`, up, with `mtu` and the attachment's alias; an existing one (a
-    repeated ADD, an ADD killed after making it) is reused.
+    repeated ADD, an ADD killed after making it) is reused, a link of another kind refused.
 
     A new link does not take an alias: it is given one by name in the same datagram, which the
     kernel handles within one send, so no crash leaves an IFB that GC could not map back.
     """
-    attrs = [(LinkAttr.IFLA_IFNAME, name), (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "ifb"),))]
-    if mtu:
-        attrs.append((LinkAttr.IFLA_MTU, mtu))
-    unless_exists(nl.transact, [
-        NetlinkRequest(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {"flags": IFF_UP, "change": IFF_UP}, attrs),
-        NetlinkRequest(RTM_NEWLINK, attrs=((LinkAttr.IFLA_IFNAME, name), (LinkAttr.IFLA_IFALIAS, alias)))],
-        "failed to create IFB device %s" % name)
     ifb = get_link(nl, name)
+    if ifb is None:
+        attrs = [(LinkAttr.IFLA_IFNAME, name), (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "ifb"),))]
+        if mtu:
+            attrs.append((LinkAttr.IFLA_MTU, mtu))
+        unless_exists(nl.transact, [
+            NetlinkRequest(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {"flags": IFF_UP, "change": IFF_UP}, attrs),
+            NetlinkRequest(RTM_NEWLINK, attrs=((LinkAttr.IFLA_IFNAME, name), (LinkAttr.IFLA_IFALIAS, alias)))],
+            "failed to create IFB device %s" % name)
+        ifb = get_link(nl, name)
     if ifb is None or ifb.kind != "ifb":
         raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not an IFB device" % name,
                        "it is a %s link: remove it" % (ifb.kind or "other") if ifb else "it vanished")
@@ -3920,7 +3923,7 @@ def bandwidth_add(request):
     host_nl = NetlinkSocket()
     host = host_veth(host_nl, Netns(request.netns).netlink(), request, previous, conf.network)
     if host is None:
-        raise CNIError(ERR_INVALID_CONFIG, "container interface %s not found" % request.ifname)
+        raise CNIError(ERR_INTERNAL, "container interface %s not found" % request.ifname)
     name = ifb_name(conf.network, request.container_id)
     ifb = None
     try:

@@ -576,36 +576,53 @@ def test_concurrent_adds_and_dels(arena):
     assert all(unshaped(arena.node, host_veth_of(arena.node, attached[cid][0])) for cid in cids)
 
 
-def test_add_killed_at_a_few_instants_then_del_leaves_nothing(arena):
-    """ADDs killed with SIGKILL at fractions of one ADD's duration: DEL then leaves no IFB and no
-    qdisc, and a final ADD completes with a layout CHECK accepts."""
-    container, prev = arena.attach("kill")
-    host = host_veth_of(arena.node, container)
-    conf = bw_conf()
-    stdin = encode_conf(dict(conf, prevResult=prev))
+def kill_points(arena, container, cid, conf, prev, command, fractions):
+    """Run `command` (on a shaped attachment for DEL) killed with SIGKILL at `fractions` of its
+    median duration; yields each fraction and whether the kill landed before the call ended."""
     argv = [IP, "netns", "exec", arena.node.name, str(arena.bin / "bandwidth")]
-    env = cni_env("ADD", arena.bin, netns=container, container_id="kill")
+    stdin = encode_conf(dict(conf, prevResult=prev))
+    env = cni_env(command, arena.bin, netns=container, container_id=cid)
     durations = []
     for _ in range(3):
+        if command == "DEL":
+            ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, cid, prev))
         started = time.monotonic()
         ok(parse_output(subprocess.run(argv, input=stdin, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        timeout=60)))
         durations.append(time.monotonic() - started)
-        ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, "kill", prev))
+        if command == "ADD":
+            ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, cid, prev))
     duration = sorted(durations)[1]
-    killed = 0
-    for fraction in (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0):
+    for fraction in fractions:
+        if command == "DEL":
+            ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, cid, prev))
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         proc.stdin.write(stdin)
         proc.stdin.close()
         time.sleep(duration * fraction)
         proc.send_signal(signal.SIGKILL)
-        killed += proc.wait(timeout=60) == -signal.SIGKILL
+        yield fraction, proc.wait(timeout=60) == -signal.SIGKILL
+
+
+KILL_FRACTIONS = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@pytest.mark.parametrize("command", ["ADD", "DEL"])
+def test_killed_at_a_few_instants_then_del_leaves_nothing(arena, command):
+    """ADDs (DELs) killed with SIGKILL at fractions of one call's duration: a DEL then leaves no
+    IFB and no qdisc; a final ADD completes with a layout CHECK accepts."""
+    container, prev = arena.attach("kill")
+    host = host_veth_of(arena.node, container)
+    conf = bw_conf()
+    killed = 0
+    for fraction, was_killed in kill_points(arena, container, "kill", conf, prev, command, KILL_FRACTIONS):
+        killed += was_killed
         ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, "kill", prev))
         assert unshaped(arena.node, host) and ifbs(arena.node) == {}, "after a kill at %.1f" % fraction
-    assert killed >= 3, "too few kills landed before the ADD ended (a busy machine?)"
+    assert killed >= 3, "too few kills landed before the %s ended (a busy machine?)" % command
     result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "kill", prev))
     ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "kill", result))
+    assert layout(arena.node, host) == expected_layout(ifb_name("kill"))
 
 
 def test_runs_no_program(arena, tmp_path):

@@ -11,6 +11,7 @@ layout and rates, and each side CHECKs and DELs what the other made.
 """
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -648,3 +649,40 @@ def test_runs_no_program(arena, tmp_path):
         programs = [line.split('("', 1)[1].split('"', 1)[0] for line in calls]
         assert programs == [str(arena.bin / "bandwidth"), interpreter], "%s executed %s" % (command, calls)
     assert ifbs(arena.node) == {}
+
+
+HOSTILE_EXAMPLES = int(os.environ.get("CNI_BRIDGE_HOSTILE_EXAMPLES", "60")) // 2
+
+
+def test_hostile_rates_never_harm_the_node(arena):
+    """Generated values (hypothesis) for the four keys, in the config or in runtimeConfig, in any
+    letter case: ADD answers a result whose layout CHECK accepts, or one CNI error (6 or 7) with
+    nothing made; DEL then always leaves nothing.  Examples: CNI_BRIDGE_HOSTILE_EXAMPLES / 2."""
+    pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    container, prev = arena.attach("hostile")
+    host = host_veth_of(arena.node, container)
+    keys = ["ingressRate", "ingressBurst", "egressRate", "egressBurst", "INGRESSRATE", "egressburst"]
+    numbers = st.one_of(st.integers(-2, 2 ** 70), st.sampled_from([0, 7, 8, 2 ** 32, 2 ** 35, 2 ** 64, 8 * 2 ** 32]),
+                        st.floats(allow_nan=False, allow_infinity=False))
+    values = st.one_of(numbers, st.none(), st.booleans(), st.text(max_size=6), st.lists(st.integers(), max_size=2))
+
+    @settings(max_examples=max(HOSTILE_EXAMPLES, 5), deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(st.dictionaries(st.sampled_from(keys), values, max_size=4), st.booleans())
+    def run_one(entry, in_runtime):
+        conf = bw_conf(ingress=None, egress=None)
+        conf.update({"runtimeConfig": {"bandwidth": entry}} if in_runtime else entry)
+        res = bandwidth(arena.bin, "ADD", conf, arena.node, container, "hostile", prev)
+        assert "Traceback" not in res.stdout + res.stderr, explain(res)
+        if res.returncode == 0:
+            assert isinstance(res.json, dict) and res.json.get("interfaces"), explain(res)
+            ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "hostile", res.json))
+        else:
+            assert isinstance(res.json, dict) and res.json.get("code") in (6, 7), explain(res)
+            assert unshaped(arena.node, host) and ifbs(arena.node) == {}, explain(res)
+        ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, "hostile", res.json if res.returncode == 0 else prev))
+        assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+
+    run_one()

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IP, REF_DIR, REPO, cni_env, encode_conf, parse_output, run, run_cni
+from conftest import IP, REF_DIR, REPO, VERSIONS, cni_env, encode_conf, parse_output, run, run_cni
 
 NETWORK = "cbtbw"
 BRIDGE = "cbt-bw0"
@@ -686,3 +686,15 @@ def test_hostile_rates_never_harm_the_node(arena):
         assert unshaped(arena.node, host) and ifbs(arena.node) == {}
 
     run_one()
+
+
+def test_version_and_bad_namespaces(arena):
+    """VERSION through the `bandwidth` name lists every version; a CNI_NETNS that does not exist, or
+    that is the node's own namespace, is code 8 with nothing made."""
+    res = run_cni(arena.bin, "bandwidth", "VERSION", {"cniVersion": "1.1.0"}, container_id=None, ifname=None)
+    assert ok(res) == {"cniVersion": "1.1.0", "supportedVersions": VERSIONS}
+    container, prev = arena.attach("ns")
+    host = host_veth_of(arena.node, container)
+    for netns in ("/run/netns/cbt-does-not-exist", arena.node.path):
+        error(bandwidth(arena.bin, "ADD", bw_conf(), arena.node, netns, "ns", prev), 8)
+        assert unshaped(arena.node, host) and ifbs(arena.node) == {}

@@ -21,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IP, REF_DIR, REPO, VERSIONS, cni_env, encode_conf, parse_output, run, run_cni
+from tests.helpers import IP, REF_DIR, VERSIONS, cni_env, encode_conf, parse_output, run, run_cni
+
+pytestmark = pytest.mark.kernel
 
 NETWORK = "cbtbw"
 BRIDGE = "cbt-bw0"
@@ -151,9 +153,9 @@ def expected_layout(dev_ifb, ingress=INGRESS, egress=EGRESS):
     return out
 
 
-# --- the arena ------------------------------------------------------------------------------------
+# --- the chain ------------------------------------------------------------------------------------
 
-class Arena:
+class Chain:
     """A node with our bridge network, an outside namespace routed from it, and containers."""
 
     def __init__(self, ours_bin, node, make_netns, data_dir):
@@ -184,8 +186,8 @@ class Arena:
 
 
 @pytest.fixture
-def arena(ours_bin, node, make_netns, data_dir):
-    return Arena(ours_bin, node, make_netns, data_dir)
+def chain(ours_bin, node, make_netns, data_dir):
+    return Chain(ours_bin, node, make_netns, data_dir)
 
 
 @pytest.fixture
@@ -282,16 +284,16 @@ def container_ip(result):
 
 # --- tests --------------------------------------------------------------------------------------------
 
-def test_throughput_is_shaped_each_way_and_unshaped_after_del(arena):
+def test_throughput_is_shaped_each_way_and_unshaped_after_del(chain):
     """Towards the container the stream runs at ingressRate, from it at egressRate (within 20%),
     measured between the container and a namespace outside the node; after DEL both run free."""
-    container, prev = arena.attach("tput")
-    outside = arena.connect_outside()
+    container, prev = chain.attach("tput")
+    outside = chain.connect_outside()
     address = container_ip(prev)
-    ok(bandwidth(arena.bin, "ADD", bw_conf(), arena.node, container, "tput", prev))
+    ok(bandwidth(chain.bin, "ADD", bw_conf(), chain.node, container, "tput", prev))
     assert_rate(throughput(outside, container, address, 0.5, 1.5), INGRESS[0], "towards the container")
     assert_rate(throughput(container, outside, OUTSIDE_IP, 0.5, 1.5), EGRESS[0], "from the container")
-    res = bandwidth(arena.bin, "DEL", bw_conf(), arena.node, container, "tput", prev)
+    res = bandwidth(chain.bin, "DEL", bw_conf(), chain.node, container, "tput", prev)
     ok(res)
     assert res.stdout.strip() == ""
     free_in = throughput(outside, container, address, 0.2, 0.5)
@@ -302,58 +304,58 @@ def test_throughput_is_shaped_each_way_and_unshaped_after_del(arena):
 
 @pytest.mark.parametrize("ingress, egress", [(INGRESS, EGRESS), (INGRESS, None), (None, EGRESS)],
                          ids=["both", "ingress-only", "egress-only"])
-def test_layout_read_back_with_tc(arena, ingress, egress):
+def test_layout_read_back_with_tc(chain, ingress, egress):
     """tbf 1: on the host veth for ingress; for egress the host veth's ingress qdisc with one u32
     match-all filter (protocol all, pref 1, flowid 1:1) redirecting to an IFB named as the
     reference names it, up, with the host veth's MTU and the attachment's alias, carrying tbf 1:.
     The result is the prevResult with the IFB appended."""
-    container, prev = arena.attach("lay")
-    host = host_veth_of(arena.node, container)
-    result = ok(bandwidth(arena.bin, "ADD", bw_conf(ingress=ingress, egress=egress), arena.node, container,
+    container, prev = chain.attach("lay")
+    host = host_veth_of(chain.node, container)
+    result = ok(bandwidth(chain.bin, "ADD", bw_conf(ingress=ingress, egress=egress), chain.node, container,
                           "lay", prev))
     name = ifb_name("lay")
-    assert layout(arena.node, host) == expected_layout(name, ingress, egress)
-    devices = ifbs(arena.node)
+    assert layout(chain.node, host) == expected_layout(name, ingress, egress)
+    devices = ifbs(chain.node)
     if egress:
         assert sorted(devices) == [name]
         ifb = devices[name]
-        assert "UP" in ifb["flags"] and ifb["mtu"] == arena.node.links()[host]["mtu"]
+        assert "UP" in ifb["flags"] and ifb["mtu"] == chain.node.links()[host]["mtu"]
         assert ifb["ifalias"] == "cni:%s:lay:eth0" % NETWORK
         assert result == dict(prev, interfaces=prev["interfaces"] + [{"name": name, "mac": ifb["address"]}])
     else:
         assert devices == {}
         assert result == prev
-    ok(bandwidth(arena.bin, "CHECK", bw_conf(ingress=ingress, egress=egress), arena.node, container, "lay", result))
-    ok(bandwidth(arena.bin, "DEL", bw_conf(ingress=ingress, egress=egress), arena.node, container, "lay", result))
-    assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+    ok(bandwidth(chain.bin, "CHECK", bw_conf(ingress=ingress, egress=egress), chain.node, container, "lay", result))
+    ok(bandwidth(chain.bin, "DEL", bw_conf(ingress=ingress, egress=egress), chain.node, container, "lay", result))
+    assert unshaped(chain.node, host) and ifbs(chain.node) == {}
 
 
-def test_differential_against_the_reference(arena, ref_bandwidth):
+def test_differential_against_the_reference(chain, ref_bandwidth):
     """Ours and the reference, same config on two containers of one node: the same qdiscs, rates,
     bursts, latency, filter and IFB naming; each CHECKs what the other made, and each DEL removes
     the other's IFB (ours also the qdiscs, which the reference leaves on the host veth)."""
-    theirs_ct, theirs_prev = arena.attach("theirs")
-    ours_ct, ours_prev = arena.attach("ours")
+    theirs_ct, theirs_prev = chain.attach("theirs")
+    ours_ct, ours_prev = chain.attach("ours")
     conf = bw_conf()
-    ref_result = ok(bandwidth(ref_bandwidth, "ADD", conf, arena.node, theirs_ct, "theirs", theirs_prev))
-    our_result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, ours_ct, "ours", ours_prev))
-    theirs_host, ours_host = host_veth_of(arena.node, theirs_ct), host_veth_of(arena.node, ours_ct)
-    ref_layout = layout(arena.node, theirs_host)
+    ref_result = ok(bandwidth(ref_bandwidth, "ADD", conf, chain.node, theirs_ct, "theirs", theirs_prev))
+    our_result = ok(bandwidth(chain.bin, "ADD", conf, chain.node, ours_ct, "ours", ours_prev))
+    theirs_host, ours_host = host_veth_of(chain.node, theirs_ct), host_veth_of(chain.node, ours_ct)
+    ref_layout = layout(chain.node, theirs_host)
     # The reference's u32 filter carries its mirred redirect twice (RedirIndex and Actions both
     # set); the set of distinct actions is what both share.
     assert ref_layout == expected_layout(ifb_name("theirs"))
-    assert layout(arena.node, ours_host) == expected_layout(ifb_name("ours"))
-    assert sorted(ifbs(arena.node)) == sorted([ifb_name("theirs"), ifb_name("ours")])
+    assert layout(chain.node, ours_host) == expected_layout(ifb_name("ours"))
+    assert sorted(ifbs(chain.node)) == sorted([ifb_name("theirs"), ifb_name("ours")])
     assert [i["name"] for i in ref_result["interfaces"]] == [i["name"] for i in theirs_prev["interfaces"]] + [ifb_name("theirs")]
     assert [i["name"] for i in our_result["interfaces"]] == [i["name"] for i in ours_prev["interfaces"]] + [ifb_name("ours")]
     # Each CHECKs the other's work.
-    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, theirs_ct, "theirs", ref_result))
-    ok(bandwidth(ref_bandwidth, "CHECK", conf, arena.node, ours_ct, "ours", our_result))
+    ok(bandwidth(chain.bin, "CHECK", conf, chain.node, theirs_ct, "theirs", ref_result))
+    ok(bandwidth(ref_bandwidth, "CHECK", conf, chain.node, ours_ct, "ours", our_result))
     # Each DELs the other's work.
-    ok(bandwidth(ref_bandwidth, "DEL", conf, arena.node, ours_ct, "ours", our_result))
-    ok(bandwidth(arena.bin, "DEL", conf, arena.node, theirs_ct, "theirs", ref_result))
-    assert ifbs(arena.node) == {}
-    assert unshaped(arena.node, theirs_host)
+    ok(bandwidth(ref_bandwidth, "DEL", conf, chain.node, ours_ct, "ours", our_result))
+    ok(bandwidth(chain.bin, "DEL", conf, chain.node, theirs_ct, "theirs", ref_result))
+    assert ifbs(chain.node) == {}
+    assert unshaped(chain.node, theirs_host)
 
 
 @pytest.mark.parametrize("ingress, egress", [
@@ -361,49 +363,21 @@ def test_differential_against_the_reference(arena, ref_bandwidth):
     ((1000000, 12000), (100000000, 1000000)),
     ((40000000000, 4000000), (34359738368, 8000000)),  # 5 GB/s and 2^32 bytes/s: TCA_TBF_RATE64
 ], ids=["tiny", "common", "rate64"])
-def test_rates_and_buffers_match_the_reference(arena, ref_bandwidth, ingress, egress):
+def test_rates_and_buffers_match_the_reference(chain, ref_bandwidth, ingress, egress):
     """For rates from a byte per second to beyond 32 bits of bytes per second, our qdiscs read back
     the same as the reference's (tc -j), and each side's CHECK (which compares rate, limit and
     buffer in the kernel's units) accepts the other's."""
-    theirs_ct, theirs_prev = arena.attach("theirs")
-    ours_ct, ours_prev = arena.attach("ours")
+    theirs_ct, theirs_prev = chain.attach("theirs")
+    ours_ct, ours_prev = chain.attach("ours")
     conf = bw_conf(ingress=ingress, egress=egress)
-    ref_result = ok(bandwidth(ref_bandwidth, "ADD", conf, arena.node, theirs_ct, "theirs", theirs_prev))
-    our_result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, ours_ct, "ours", ours_prev))
-    theirs = layout(arena.node, host_veth_of(arena.node, theirs_ct))
-    ours = layout(arena.node, host_veth_of(arena.node, ours_ct))
+    ref_result = ok(bandwidth(ref_bandwidth, "ADD", conf, chain.node, theirs_ct, "theirs", theirs_prev))
+    our_result = ok(bandwidth(chain.bin, "ADD", conf, chain.node, ours_ct, "ours", ours_prev))
+    theirs = layout(chain.node, host_veth_of(chain.node, theirs_ct))
+    ours = layout(chain.node, host_veth_of(chain.node, ours_ct))
     assert ours["root"] == theirs["root"]
     assert list(ours["targets"].values()) == list(theirs["targets"].values())
-    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, theirs_ct, "theirs", ref_result))
-    ok(bandwidth(ref_bandwidth, "CHECK", conf, arena.node, ours_ct, "ours", our_result))
-
-
-def test_tc_requests_round_trip_through_the_codec():
-    """The tc requests encode with the shared codec and decode back to what was asked: a tbf with
-    a 64-bit rate, and a u32 filter whose one action is a mirred redirect."""
-    sys.path.insert(0, str(REPO))
-    import cni_bridge as cb
-    layouts = cb.MESSAGE_LAYOUTS[cb.NETLINK_ROUTE]
-    for rate in (1000000, 5 << 30):
-        request = cb.tbf_request(7, rate, 12345, 678)
-        wire = cb.encode_message(layouts, request.msg_type, request.flags, 1, request.header, request.attrs)
-        (msg_type, flags, _seq, payload), = cb.decode_messages(wire)
-        qdisc = cb.Qdisc(cb.decode_payload(layouts, msg_type, flags, payload))
-        assert (qdisc.index, qdisc.kind, qdisc.handle, qdisc.parent) == (7, "tbf", 0x10000, 0xFFFFFFFF)
-        assert (qdisc.rate, qdisc.limit, qdisc.buffer) == (rate, 12345, 678)
-    request = cb.redirect_filter_request(7, 9)
-    wire = cb.encode_message(layouts, request.msg_type, request.flags, 1, request.header, request.attrs)
-    (msg_type, flags, _seq, payload), = cb.decode_messages(wire)
-    msg = cb.decode_payload(layouts, msg_type, flags, payload)
-    assert msg.header["info"] == (1 << 16) | 0x0300          # priority 1, ETH_P_ALL in network order
-    options = cb.decode_attrs(cb.U32Attr, msg.get(cb.TcAttr.TCA_OPTIONS))
-    assert options[cb.U32Attr.TCA_U32_CLASSID] == 0x10001
-    actions = options[cb.U32Attr.TCA_U32_ACT]
-    assert list(actions) == [cb.ActionListAttr.TCA_ACT_ORDER_1]
-    action = actions[cb.ActionListAttr.TCA_ACT_ORDER_1]
-    assert action[cb.ActionAttr.TCA_ACT_KIND] == "mirred"
-    parms = cb.MIRRED_PARMS.unpack(action[cb.ActionAttr.TCA_ACT_OPTIONS][cb.MirredAttr.TCA_MIRRED_PARMS])
-    assert parms[2] == 4 and parms[5:] == (1, 9)               # stolen; egress redirect to link 9
+    ok(bandwidth(chain.bin, "CHECK", conf, chain.node, theirs_ct, "theirs", ref_result))
+    ok(bandwidth(ref_bandwidth, "CHECK", conf, chain.node, ours_ct, "ours", our_result))
 
 
 BAD_VALUES = [
@@ -424,96 +398,96 @@ BAD_VALUES = [
 ]
 
 
-def test_bad_values_are_refused_before_anything_is_made(arena):
+def test_bad_values_are_refused_before_anything_is_made(chain):
     """Every bad rate or burst is a config error (code 7) naming the key, at ADD, CHECK and DEL's
     siblings alike, and the node holds no IFB and no qdisc of ours afterwards; so is an ADD with
     rates but no prevResult."""
-    container, prev = arena.attach("bad")
-    host = host_veth_of(arena.node, container)
+    container, prev = chain.attach("bad")
+    host = host_veth_of(chain.node, container)
     for what, keys in BAD_VALUES:
         conf = dict(bw_conf(ingress=None, egress=None), **keys)
         for command in ("ADD", "CHECK"):
-            err = error(bandwidth(arena.bin, command, conf, arena.node, container, "bad", prev), 7)
+            err = error(bandwidth(chain.bin, command, conf, chain.node, container, "bad", prev), 7)
             assert "Rate" in err["msg"] or "Burst" in err["msg"] or "bandwidth" in err["msg"], (what, err)
-        assert unshaped(arena.node, host) and ifbs(arena.node) == {}, what
-    error(bandwidth(arena.bin, "ADD", bw_conf(), arena.node, container, "bad"), 7)
-    assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+        assert unshaped(chain.node, host) and ifbs(chain.node) == {}, what
+    error(bandwidth(chain.bin, "ADD", bw_conf(), chain.node, container, "bad"), 7)
+    assert unshaped(chain.node, host) and ifbs(chain.node) == {}
 
 
-def test_runtime_config_replaces_the_config_keys(arena):
+def test_runtime_config_replaces_the_config_keys(chain):
     """runtimeConfig.bandwidth (the pod annotations) wins over the config's own keys."""
-    container, prev = arena.attach("rt")
-    host = host_veth_of(arena.node, container)
+    container, prev = chain.attach("rt")
+    host = host_veth_of(chain.node, container)
     runtime = {"ingressRate": 24000000, "ingressBurst": 96000}
     conf = bw_conf(runtimeConfig={"bandwidth": runtime})
-    result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "rt", prev))
-    assert layout(arena.node, host) == expected_layout(None, ingress=(24000000, 96000), egress=None)
-    assert ifbs(arena.node) == {} and result == prev
-    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "rt", result))
-    err = error(bandwidth(arena.bin, "CHECK", bw_conf(), arena.node, container, "rt", result), 999)
+    result = ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, "rt", prev))
+    assert layout(chain.node, host) == expected_layout(None, ingress=(24000000, 96000), egress=None)
+    assert ifbs(chain.node) == {} and result == prev
+    ok(bandwidth(chain.bin, "CHECK", conf, chain.node, container, "rt", result))
+    err = error(bandwidth(chain.bin, "CHECK", bw_conf(), chain.node, container, "rt", result), 999)
     assert "rate" in err["msg"], err
 
 
 @pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.0.0", "1.1.0"])
-def test_no_rates_passes_the_prev_result_through(arena, version):
+def test_no_rates_passes_the_prev_result_through(chain, version):
     """Without rates nothing is shaped and the prevResult comes back in the request's version."""
-    container, prev = arena.attach("pass", version)
-    host = host_veth_of(arena.node, container)
+    container, prev = chain.attach("pass", version)
+    host = host_veth_of(chain.node, container)
     conf = bw_conf(version, ingress=None, egress=None, ingressRate=0, ingressBurst=0)
-    assert ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "pass", prev)) == prev
-    assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+    assert ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, "pass", prev)) == prev
+    assert unshaped(chain.node, host) and ifbs(chain.node) == {}
     if version != "0.3.1":
-        ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "pass", prev))
+        ok(bandwidth(chain.bin, "CHECK", conf, chain.node, container, "pass", prev))
 
 
-def test_del_without_namespace_or_prev_result_twice(arena):
+def test_del_without_namespace_or_prev_result_twice(chain):
     """DEL with the namespace present but no prevResult removes qdiscs and IFB; with no CNI_NETNS
     the prevResult leads to the host veth; with the namespace gone and no prevResult the IFB goes;
     every DEL repeated succeeds and changes nothing."""
     conf = bw_conf()
     # namespace present, no prevResult
-    container, prev = arena.attach("d1")
-    host = host_veth_of(arena.node, container)
-    ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "d1", prev))
+    container, prev = chain.attach("d1")
+    host = host_veth_of(chain.node, container)
+    ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, "d1", prev))
     for _ in range(2):
-        ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, "d1"))
-        assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+        ok(bandwidth(chain.bin, "DEL", conf, chain.node, container, "d1"))
+        assert unshaped(chain.node, host) and ifbs(chain.node) == {}
     # no CNI_NETNS: the prevResult names the host veth
-    container, prev = arena.attach("d2")
-    host = host_veth_of(arena.node, container)
-    ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "d2", prev))
+    container, prev = chain.attach("d2")
+    host = host_veth_of(chain.node, container)
+    ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, "d2", prev))
     for _ in range(2):
-        ok(bandwidth(arena.bin, "DEL", conf, arena.node, None, "d2", prev))
-        assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+        ok(bandwidth(chain.bin, "DEL", conf, chain.node, None, "d2", prev))
+        assert unshaped(chain.node, host) and ifbs(chain.node) == {}
     # no CNI_NETNS, no prevResult: the bridge port's alias names the attachment
-    container, prev = arena.attach("d3")
-    host = host_veth_of(arena.node, container)
-    ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "d3", prev))
-    ok(bandwidth(arena.bin, "DEL", conf, arena.node, None, "d3"))
-    assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+    container, prev = chain.attach("d3")
+    host = host_veth_of(chain.node, container)
+    ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, "d3", prev))
+    ok(bandwidth(chain.bin, "DEL", conf, chain.node, None, "d3"))
+    assert unshaped(chain.node, host) and ifbs(chain.node) == {}
     # the namespace gone, no prevResult
-    container, prev = arena.attach("d4")
-    ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "d4", prev))
+    container, prev = chain.attach("d4")
+    ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, "d4", prev))
     path = container.path
     run([IP, "netns", "del", container.name])
     for _ in range(2):
-        ok(bandwidth(arena.bin, "DEL", conf, arena.node, path, "d4"))
-        assert ifbs(arena.node) == {}
+        ok(bandwidth(chain.bin, "DEL", conf, chain.node, path, "d4"))
+        assert ifbs(chain.node) == {}
     # a config that no longer validates still lets DEL clean up
-    container, prev = arena.attach("d5")
-    ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "d5", prev))
-    ok(bandwidth(arena.bin, "DEL", dict(conf, ingressBurst=0), arena.node, container, "d5", prev))
-    assert ifbs(arena.node) == {}
+    container, prev = chain.attach("d5")
+    ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, "d5", prev))
+    ok(bandwidth(chain.bin, "DEL", dict(conf, ingressBurst=0), chain.node, container, "d5", prev))
+    assert ifbs(chain.node) == {}
 
 
-def test_check_finds_drift_and_a_repeated_add_repairs_it(arena):
+def test_check_finds_drift_and_a_repeated_add_repairs_it(chain):
     """CHECK fails (999) when a rate was changed, the redirect filter removed or the IFB deleted;
     a repeated ADD restores the layout without duplicating anything, and CHECK passes again."""
-    container, prev = arena.attach("chk")
-    host = host_veth_of(arena.node, container)
+    container, prev = chain.attach("chk")
+    host = host_veth_of(chain.node, container)
     conf = bw_conf()
-    result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "chk", prev))
-    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "chk", result))
+    result = ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, "chk", prev))
+    ok(bandwidth(chain.bin, "CHECK", conf, chain.node, container, "chk", result))
     name = ifb_name("chk")
     breakages = [
         (["tc", "qdisc", "change", "dev", host, "root", "handle", "1:", "tbf", "rate", "9mbit",
@@ -523,80 +497,80 @@ def test_check_finds_drift_and_a_repeated_add_repairs_it(arena):
         ([IP, "link", "del", name], "IFB"),
     ]
     for argv, word in breakages:
-        arena.node.run(*argv)
-        err = error(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "chk", result), 999)
+        chain.node.run(*argv)
+        err = error(bandwidth(chain.bin, "CHECK", conf, chain.node, container, "chk", result), 999)
         assert word in err["msg"], (argv, err)
-        result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "chk", prev))
-        assert layout(arena.node, host) == expected_layout(name)
-        ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "chk", result))
-    err = error(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "chk"), 7)
+        result = ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, "chk", prev))
+        assert layout(chain.node, host) == expected_layout(name)
+        ok(bandwidth(chain.bin, "CHECK", conf, chain.node, container, "chk", result))
+    err = error(bandwidth(chain.bin, "CHECK", conf, chain.node, container, "chk"), 7)
     assert "chained" in err["msg"]
 
 
-def test_gc_removes_ifb_devices_of_attachments_not_valid(arena):
+def test_gc_removes_ifb_devices_of_attachments_not_valid(chain):
     """GC (1.1.0) with one valid attachment removes the other containers' IFB devices of this
     network, keeps the valid one (CHECK still passes) and an IFB of another network."""
     conf = bw_conf("1.1.0")
     attached = {}
     for cid in ("gc0", "gc1", "gc2"):
-        container, prev = arena.attach(cid, "1.1.0")
-        attached[cid] = (container, ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, cid, prev)))
+        container, prev = chain.attach(cid, "1.1.0")
+        attached[cid] = (container, ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, cid, prev)))
     other = dict(conf, name="cbtother")
-    container, prev = arena.attach("gcx", "1.1.0")
-    ok(bandwidth(arena.bin, "ADD", dict(other, prevResult=prev), arena.node, container, "gcx"))
-    assert len(ifbs(arena.node)) == 4
+    container, prev = chain.attach("gcx", "1.1.0")
+    ok(bandwidth(chain.bin, "ADD", dict(other, prevResult=prev), chain.node, container, "gcx"))
+    assert len(ifbs(chain.node)) == 4
     gc = dict(conf, **{"cni.dev/valid-attachments": [{"containerID": "gc0", "ifname": "eth0"}]})
-    ok(run_cni(arena.bin, "bandwidth", "GC", gc, node=arena.node, container_id=None, ifname=None))
-    assert sorted(ifbs(arena.node)) == sorted([ifb_name("gc0"), ifb_name("gcx", "cbtother")])
+    ok(run_cni(chain.bin, "bandwidth", "GC", gc, node=chain.node, container_id=None, ifname=None))
+    assert sorted(ifbs(chain.node)) == sorted([ifb_name("gc0"), ifb_name("gcx", "cbtother")])
     container, result = attached["gc0"]
-    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "gc0", result))
-    ok(run_cni(arena.bin, "bandwidth", "STATUS", conf, node=arena.node, container_id=None, ifname=None))
+    ok(bandwidth(chain.bin, "CHECK", conf, chain.node, container, "gc0", result))
+    ok(run_cni(chain.bin, "bandwidth", "STATUS", conf, node=chain.node, container_id=None, ifname=None))
 
 
-def test_concurrent_adds_and_dels(arena):
+def test_concurrent_adds_and_dels(chain):
     """Eight bandwidth ADDs at once on eight containers each shape their own veth through their
     own IFB; eight DELs at once leave nothing."""
     cids = ["cc%d" % i for i in range(8)]
-    attached = dict((cid, arena.attach(cid)) for cid in cids)
+    attached = dict((cid, chain.attach(cid)) for cid in cids)
     conf = bw_conf()
 
     def call(command, cid):
         container, prev = attached[cid]
-        return bandwidth(arena.bin, command, conf, arena.node, container, cid, prev)
+        return bandwidth(chain.bin, command, conf, chain.node, container, cid, prev)
 
     with ThreadPoolExecutor(len(cids)) as pool:
         for res in pool.map(lambda cid: call("ADD", cid), cids):
             ok(res)
-    assert sorted(ifbs(arena.node)) == sorted(ifb_name(cid) for cid in cids)
+    assert sorted(ifbs(chain.node)) == sorted(ifb_name(cid) for cid in cids)
     for cid in cids:
-        assert layout(arena.node, host_veth_of(arena.node, attached[cid][0])) == expected_layout(ifb_name(cid))
+        assert layout(chain.node, host_veth_of(chain.node, attached[cid][0])) == expected_layout(ifb_name(cid))
     with ThreadPoolExecutor(len(cids)) as pool:
         for res in pool.map(lambda cid: call("DEL", cid), cids):
             ok(res)
-    assert ifbs(arena.node) == {}
-    assert all(unshaped(arena.node, host_veth_of(arena.node, attached[cid][0])) for cid in cids)
+    assert ifbs(chain.node) == {}
+    assert all(unshaped(chain.node, host_veth_of(chain.node, attached[cid][0])) for cid in cids)
 
 
-def kill_points(arena, container, cid, conf, prev, command, fractions):
+def kill_points(chain, container, cid, conf, prev, command, fractions):
     """Run `command` (on a shaped attachment for DEL) killed with SIGKILL at `fractions` of its
     median duration; yields each fraction and whether the kill landed before the call ended."""
-    argv = [IP, "netns", "exec", arena.node.name, str(arena.bin / "bandwidth")]
+    argv = [IP, "netns", "exec", chain.node.name, str(chain.bin / "bandwidth")]
     stdin = encode_conf(dict(conf, prevResult=prev))
-    env = cni_env(command, arena.bin, netns=container, container_id=cid)
+    env = cni_env(command, chain.bin, netns=container, container_id=cid)
     durations = []
     for _ in range(3):
         if command == "DEL":
-            ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, cid, prev))
+            ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, cid, prev))
         started = time.monotonic()
         ok(parse_output(subprocess.run(argv, input=stdin, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        timeout=60)))
         durations.append(time.monotonic() - started)
         if command == "ADD":
-            ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, cid, prev))
+            ok(bandwidth(chain.bin, "DEL", conf, chain.node, container, cid, prev))
     duration = sorted(durations)[1]
     for fraction in fractions:
         if command == "DEL":
-            ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, cid, prev))
+            ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, cid, prev))
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         proc.stdin.write(stdin)
         proc.stdin.close()
@@ -608,61 +582,63 @@ def kill_points(arena, container, cid, conf, prev, command, fractions):
 KILL_FRACTIONS = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["ADD", "DEL"])
-def test_killed_at_a_few_instants_then_del_leaves_nothing(arena, command):
+def test_killed_at_a_few_instants_then_del_leaves_nothing(chain, command):
     """ADDs (DELs) killed with SIGKILL at fractions of one call's duration: a DEL then leaves no
     IFB and no qdisc; a final ADD completes with a layout CHECK accepts."""
-    container, prev = arena.attach("kill")
-    host = host_veth_of(arena.node, container)
+    container, prev = chain.attach("kill")
+    host = host_veth_of(chain.node, container)
     conf = bw_conf()
     killed = 0
-    for fraction, was_killed in kill_points(arena, container, "kill", conf, prev, command, KILL_FRACTIONS):
+    for fraction, was_killed in kill_points(chain, container, "kill", conf, prev, command, KILL_FRACTIONS):
         killed += was_killed
-        ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, "kill", prev))
-        assert unshaped(arena.node, host) and ifbs(arena.node) == {}, "after a kill at %.1f" % fraction
+        ok(bandwidth(chain.bin, "DEL", conf, chain.node, container, "kill", prev))
+        assert unshaped(chain.node, host) and ifbs(chain.node) == {}, "after a kill at %.1f" % fraction
     assert killed >= 3, "too few kills landed before the %s ended (a busy machine?)" % command
-    result = ok(bandwidth(arena.bin, "ADD", conf, arena.node, container, "kill", prev))
-    ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "kill", result))
-    assert layout(arena.node, host) == expected_layout(ifb_name("kill"))
+    result = ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, "kill", prev))
+    ok(bandwidth(chain.bin, "CHECK", conf, chain.node, container, "kill", result))
+    assert layout(chain.node, host) == expected_layout(ifb_name("kill"))
 
 
-def test_runs_no_program(arena, tmp_path):
+def test_runs_no_program(chain, tmp_path):
     """Under `strace -f -e trace=execve`, ADD, CHECK and DEL execute only the plugin and the
     interpreter of its preamble, in one process: no `tc`, no `ip`."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed (apt-get install strace)")
-    container, prev = arena.attach("trace")
-    archive = (arena.bin / "bandwidth").resolve()
+    container, prev = chain.attach("trace")
+    archive = (chain.bin / "bandwidth").resolve()
     interpreter = archive.read_bytes().split(b"\n", 2)[1].split()[1].decode()
     conf = bw_conf()
     result = prev
     for command in ("ADD", "CHECK", "DEL"):
         trace = tmp_path / ("%s.trace" % command)
-        proc = subprocess.run([IP, "netns", "exec", arena.node.name, strace, "-f", "-qq", "-e",
-                               "trace=execve,execveat", "-o", str(trace), str(arena.bin / "bandwidth")],
+        proc = subprocess.run([IP, "netns", "exec", chain.node.name, strace, "-f", "-qq", "-e",
+                               "trace=execve,execveat", "-o", str(trace), str(chain.bin / "bandwidth")],
                               input=encode_conf(dict(conf, prevResult=result)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, timeout=60,
-                              env=cni_env(command, arena.bin, netns=container, container_id="trace"))
+                              env=cni_env(command, chain.bin, netns=container, container_id="trace"))
         result = ok(parse_output(proc)) or result
         calls = [line for line in trace.read_text().splitlines() if "execve" in line]
         programs = [line.split('("', 1)[1].split('"', 1)[0] for line in calls]
-        assert programs == [str(arena.bin / "bandwidth"), interpreter], "%s executed %s" % (command, calls)
-    assert ifbs(arena.node) == {}
+        assert programs == [str(chain.bin / "bandwidth"), interpreter], "%s executed %s" % (command, calls)
+    assert ifbs(chain.node) == {}
 
 
 HOSTILE_EXAMPLES = int(os.environ.get("CNI_BRIDGE_HOSTILE_EXAMPLES", "60")) // 2
 
 
-def test_hostile_rates_never_harm_the_node(arena):
+@pytest.mark.slow
+def test_hostile_rates_never_harm_the_node(chain):
     """Generated values (hypothesis) for the four keys, in the config or in runtimeConfig, in any
     letter case: ADD answers a result whose layout CHECK accepts, or one CNI error (6 or 7) with
     nothing made; DEL then always leaves nothing.  Examples: CNI_BRIDGE_HOSTILE_EXAMPLES / 2."""
     pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
     from hypothesis import HealthCheck, given, settings, strategies as st
 
-    container, prev = arena.attach("hostile")
-    host = host_veth_of(arena.node, container)
+    container, prev = chain.attach("hostile")
+    host = host_veth_of(chain.node, container)
     keys = ["ingressRate", "ingressBurst", "egressRate", "egressBurst", "INGRESSRATE", "egressburst"]
     numbers = st.one_of(st.integers(-2, 2 ** 70), st.sampled_from([0, 7, 8, 2 ** 32, 2 ** 35, 2 ** 64, 8 * 2 ** 32]),
                         st.floats(allow_nan=False, allow_infinity=False))
@@ -674,27 +650,27 @@ def test_hostile_rates_never_harm_the_node(arena):
     def run_one(entry, in_runtime):
         conf = bw_conf(ingress=None, egress=None)
         conf.update({"runtimeConfig": {"bandwidth": entry}} if in_runtime else entry)
-        res = bandwidth(arena.bin, "ADD", conf, arena.node, container, "hostile", prev)
+        res = bandwidth(chain.bin, "ADD", conf, chain.node, container, "hostile", prev)
         assert "Traceback" not in res.stdout + res.stderr, explain(res)
         if res.returncode == 0:
             assert isinstance(res.json, dict) and res.json.get("interfaces"), explain(res)
-            ok(bandwidth(arena.bin, "CHECK", conf, arena.node, container, "hostile", res.json))
+            ok(bandwidth(chain.bin, "CHECK", conf, chain.node, container, "hostile", res.json))
         else:
             assert isinstance(res.json, dict) and res.json.get("code") in (6, 7), explain(res)
-            assert unshaped(arena.node, host) and ifbs(arena.node) == {}, explain(res)
-        ok(bandwidth(arena.bin, "DEL", conf, arena.node, container, "hostile", res.json if res.returncode == 0 else prev))
-        assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+            assert unshaped(chain.node, host) and ifbs(chain.node) == {}, explain(res)
+        ok(bandwidth(chain.bin, "DEL", conf, chain.node, container, "hostile", res.json if res.returncode == 0 else prev))
+        assert unshaped(chain.node, host) and ifbs(chain.node) == {}
 
     run_one()
 
 
-def test_version_and_bad_namespaces(arena):
+def test_version_and_bad_namespaces(chain):
     """VERSION through the `bandwidth` name lists every version; a CNI_NETNS that does not exist, or
     that is the node's own namespace, is code 8 with nothing made."""
-    res = run_cni(arena.bin, "bandwidth", "VERSION", {"cniVersion": "1.1.0"}, container_id=None, ifname=None)
+    res = run_cni(chain.bin, "bandwidth", "VERSION", {"cniVersion": "1.1.0"}, container_id=None, ifname=None)
     assert ok(res) == {"cniVersion": "1.1.0", "supportedVersions": VERSIONS}
-    container, prev = arena.attach("ns")
-    host = host_veth_of(arena.node, container)
-    for netns in ("/run/netns/cbt-does-not-exist", arena.node.path):
-        error(bandwidth(arena.bin, "ADD", bw_conf(), arena.node, netns, "ns", prev), 8)
-        assert unshaped(arena.node, host) and ifbs(arena.node) == {}
+    container, prev = chain.attach("ns")
+    host = host_veth_of(chain.node, container)
+    for netns in ("/run/netns/cbt-does-not-exist", chain.node.path):
+        error(bandwidth(chain.bin, "ADD", bw_conf(), chain.node, netns, "ns", prev), 8)
+        assert unshaped(chain.node, host) and ifbs(chain.node) == {}

@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pytest
 
 import cni_bridge as cb
+
+pytestmark = pytest.mark.unit
 
 
 # --- addresses ------------------------------------------------------------------------------------
@@ -809,3 +809,31 @@ def test_commit_rebuilt_retries_a_transaction_refused_for_a_vanished_rule():
     nl.refusals = 3
     with pytest.raises(cb.NetlinkError):
         cb.commit_rebuilt(nl, lambda batch: batch.flush_chain(cb.NFPROTO_INET, "t", "c"), "flush")
+
+
+# --- traffic control (the bandwidth plugin's requests) ----------------------------------------------
+
+def test_tc_requests_round_trip_through_the_codec():
+    """The tc requests encode with the shared codec and decode back to what was asked: a tbf with
+    a 64-bit rate, and a u32 filter whose one action is a mirred redirect."""
+    layouts = cb.MESSAGE_LAYOUTS[cb.NETLINK_ROUTE]
+    for rate in (1000000, 5 << 30):
+        request = cb.tbf_request(7, rate, 12345, 678)
+        wire = cb.encode_message(layouts, request.msg_type, request.flags, 1, request.header, request.attrs)
+        (msg_type, flags, _seq, payload), = cb.decode_messages(wire)
+        qdisc = cb.Qdisc(cb.decode_payload(layouts, msg_type, flags, payload))
+        assert (qdisc.index, qdisc.kind, qdisc.handle, qdisc.parent) == (7, "tbf", 0x10000, 0xFFFFFFFF)
+        assert (qdisc.rate, qdisc.limit, qdisc.buffer) == (rate, 12345, 678)
+    request = cb.redirect_filter_request(7, 9)
+    wire = cb.encode_message(layouts, request.msg_type, request.flags, 1, request.header, request.attrs)
+    (msg_type, flags, _seq, payload), = cb.decode_messages(wire)
+    msg = cb.decode_payload(layouts, msg_type, flags, payload)
+    assert msg.header["info"] == (1 << 16) | 0x0300          # priority 1, ETH_P_ALL in network order
+    options = cb.decode_attrs(cb.U32Attr, msg.get(cb.TcAttr.TCA_OPTIONS))
+    assert options[cb.U32Attr.TCA_U32_CLASSID] == 0x10001
+    actions = options[cb.U32Attr.TCA_U32_ACT]
+    assert list(actions) == [cb.ActionListAttr.TCA_ACT_ORDER_1]
+    action = actions[cb.ActionListAttr.TCA_ACT_ORDER_1]
+    assert action[cb.ActionAttr.TCA_ACT_KIND] == "mirred"
+    parms = cb.MIRRED_PARMS.unpack(action[cb.ActionAttr.TCA_ACT_OPTIONS][cb.MirredAttr.TCA_MIRRED_PARMS])
+    assert parms[2] == 4 and parms[5:] == (1, 9)               # stolen; egress redirect to link 9

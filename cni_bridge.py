@@ -1,4 +1,5 @@
-"""cni-bridge: the CNI `bridge`, `host-local`, `loopback` and `bandwidth` plugins in one stdlib-only module.
+"""cni-bridge: the CNI `bridge`, `host-local`, `loopback` and `bandwidth` plugins in one
+stdlib-only module.
 
 The program is exec'd by a container runtime at every container start and stop.  It picks the
 plugin from the name it was started as (argv[0]), reads its parameters from CNI_* environment
@@ -1403,7 +1404,7 @@ def list_routes(nl, family):
 RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
 NLM_F_REPLACE = 0x100
-NLM_F_ECHO = 0x08               # a qdisc GET answers only with it (else only to the multicast group)
+NLM_F_ECHO = 0x08               # a qdisc GET answers us only with it (else only the TC group)
 
 TC_H_ROOT = 0xFFFFFFFF
 TC_H_INGRESS = 0xFFFFFFF1
@@ -1466,7 +1467,8 @@ TcAttr = AttrSpace(
 )
 
 
-for _type in (RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC, RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER):
+for _type in (RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC,
+              RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER):
     MESSAGE_LAYOUTS[NETLINK_ROUTE][_type] = (TCMSG, TcAttr)
 
 
@@ -1539,8 +1541,8 @@ def redirect_filter_request(index, target_index):
                (U32Attr.TCA_U32_ACT, ((ActionListAttr.TCA_ACT_ORDER_1, action),)))
     info = REDIRECT_FILTER_PRIORITY << 16 | ETH_P_ALL << 8      # the protocol in network order
     return NetlinkRequest(RTM_NEWTFILTER, NLM_F_CREATE,
-                          {"index": index, "handle": REDIRECT_FILTER_HANDLE, "parent": INGRESS_HANDLE,
-                           "info": info},
+                          {"index": index, "handle": REDIRECT_FILTER_HANDLE,
+                           "parent": INGRESS_HANDLE, "info": info},
                           ((TcAttr.TCA_KIND, "u32"), (TcAttr.TCA_OPTIONS, options)))
 
 
@@ -3906,7 +3908,7 @@ def bridge_gc(request):
 
 BANDWIDTH_KEYS = ("ingressRate", "ingressBurst", "egressRate", "egressBurst")
 IFB_PREFIX = "bwp"
-TBF_LATENCY_USEC = 25000          # the reference's queue: what the bucket holds for 25 ms at its rate
+TBF_LATENCY_USEC = 25000          # the reference's queue: 25 ms of traffic at the bucket's rate
 U32_MAX = (1 << 32) - 1
 U64_MAX = (1 << 64) - 1
 
@@ -3934,10 +3936,12 @@ class TokenBucket(object):
         usec = int(float(burst_bytes) * TIME_UNITS_PER_SEC / self.rate_bytes)
         self.buffer = int(usec * ticks_per_usec)
         if usec > U32_MAX or self.buffer > U32_MAX:
-            raise config_error("%sBurst of %d bits lasts too long at %d bits/s" % (key, burst, rate),
+            raise config_error("%sBurst of %d bits lasts too long at %d bits/s"
+                               % (key, burst, rate),
                                "the kernel's token bucket holds at most %d s of traffic"
                                % (U32_MAX / ticks_per_usec / TIME_UNITS_PER_SEC))
-        self.limit = int(float(self.rate_bytes) * TBF_LATENCY_USEC / TIME_UNITS_PER_SEC) + burst_bytes
+        queued = int(float(self.rate_bytes) * TBF_LATENCY_USEC / TIME_UNITS_PER_SEC)
+        self.limit = queued + burst_bytes
         if self.limit > U32_MAX:
             raise config_error("%sRate %d bits/s is too high" % (key, rate),
                                "its queue of %d ms would exceed 4GB" % (TBF_LATENCY_USEC // 1000))
@@ -3987,14 +3991,18 @@ def host_veth(host_nl, container_nl, request, previous, network):
     alias names the attachment.  A peer that the prevResult does not list is refused, as the
     reference refuses it: the chain made another interface than the one we would shape.
     """
-    listed = [i.get("name") for i in (previous or {}).get("interfaces") or () if not i.get("sandbox")]
+    listed = [i.get("name") for i in (previous or {}).get("interfaces") or ()
+              if not i.get("sandbox")]
     if container_nl is not None:
         container = get_link(container_nl, request.ifname)
         if container is not None:
-            host = get_link(host_nl, index=container.peer_index) if container.kind == "veth" else None
+            host = None
+            if container.kind == "veth":
+                host = get_link(host_nl, index=container.peer_index)
             if host is None or host.kind != "veth" or host.peer_index != container.index:
                 raise CNIError(ERR_INVALID_CONFIG, "container interface %s has no veth peer on the "
-                               "node" % request.ifname, "bandwidth shapes the veth pairs bridge makes")
+                               "node" % request.ifname,
+                               "bandwidth shapes the veth pairs bridge makes")
             if listed and host.name not in listed:
                 raise CNIError(ERR_INVALID_CONFIG, "the veth peer %s of container interface %s is "
                                "not in prevResult" % (host.name, request.ifname),
@@ -4004,7 +4012,8 @@ def host_veth(host_nl, container_nl, request, previous, network):
     ports = [link for link in (get_link(host_nl, name) for name in listed if isinstance(name, str))
              if link is not None and link.kind == "veth" and link.master]
     if not ports:
-        ports = [link for link in list_links(host_nl) if link.kind == "veth" and link.alias == alias]
+        ports = [link for link in list_links(host_nl)
+                 if link.kind == "veth" and link.alias == alias]
     ports.sort(key=lambda link: link.alias != alias)
     return ports[0] if ports else None
 
@@ -4018,17 +4027,21 @@ def ensure_ifb(nl, name, mtu, alias):
     """
     ifb = get_link(nl, name)
     if ifb is None:
-        attrs = [(LinkAttr.IFLA_IFNAME, name), (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "ifb"),))]
+        attrs = [(LinkAttr.IFLA_IFNAME, name),
+                 (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "ifb"),))]
         if mtu:
             attrs.append((LinkAttr.IFLA_MTU, mtu))
         unless_exists(nl.transact, [
-            NetlinkRequest(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {"flags": IFF_UP, "change": IFF_UP}, attrs),
-            NetlinkRequest(RTM_NEWLINK, attrs=((LinkAttr.IFLA_IFNAME, name), (LinkAttr.IFLA_IFALIAS, alias)))],
+            NetlinkRequest(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                           {"flags": IFF_UP, "change": IFF_UP}, attrs),
+            NetlinkRequest(RTM_NEWLINK, attrs=((LinkAttr.IFLA_IFNAME, name),
+                                               (LinkAttr.IFLA_IFALIAS, alias)))],
             "failed to create IFB device %s" % name)
         ifb = get_link(nl, name)
     if ifb is None or ifb.kind != "ifb":
         raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not an IFB device" % name,
-                       "it is a %s link: remove it" % (ifb.kind or "other") if ifb else "it vanished")
+                       "it is a %s link: remove it" % (ifb.kind or "other") if ifb
+                       else "it vanished")
     if not ifb.up or ifb.alias != alias or (mtu and ifb.mtu != mtu):
         nl.transact([link_change(ifb.index, up=True, extra=[(LinkAttr.IFLA_IFALIAS, alias)]
                                  + ([(LinkAttr.IFLA_MTU, mtu)] if mtu else []))],
@@ -4041,7 +4054,8 @@ def remove_shaping(nl, host, ifb):
     """Remove the attachment's qdiscs from `host` (when it is still there) and its IFB device
     `ifb` (a name); what is already gone is not an error."""
     if host is not None:
-        for parent, handle, kind in ((TC_H_INGRESS, INGRESS_HANDLE, "ingress"), (TC_H_ROOT, TBF_HANDLE, "tbf")):
+        for parent, handle, kind in ((TC_H_INGRESS, INGRESS_HANDLE, "ingress"),
+                                     (TC_H_ROOT, TBF_HANDLE, "tbf")):
             qdisc = get_qdisc(nl, host.index, parent)
             if qdisc is None or qdisc.kind != kind or qdisc.handle != handle:
                 continue
@@ -4079,7 +4093,8 @@ def bandwidth_add(request):
         if conf.egress is not None:
             ifb = ensure_ifb(host_nl, name, host.mtu,
                              attachment_alias(conf.network, request.container_id, request.ifname))
-            requests += [tbf_request(ifb.index, conf.egress.rate_bytes, conf.egress.limit, conf.egress.buffer),
+            requests += [tbf_request(ifb.index, conf.egress.rate_bytes, conf.egress.limit,
+                                     conf.egress.buffer),
                          ingress_qdisc_request(host.index),
                          redirect_filter_request(host.index, ifb.index)]
         host_nl.transact(requests, "failed to shape the traffic of %s" % host.name)
@@ -4141,7 +4156,8 @@ def bandwidth_check(request):
             raise CNIError(ERR_INTERNAL, "IFB device %s is down" % name)
         check_token_bucket(host_nl, ifb, conf.egress, "egress")
         if ifb.index not in redirect_targets(host_nl, host.index):
-            raise CNIError(ERR_INTERNAL, "traffic from the container is not redirected to %s" % name,
+            raise CNIError(ERR_INTERNAL, "traffic from the container is not redirected to %s"
+                           % name,
                            "%s has no ingress filter with a mirred redirect to it" % host.name)
     return None
 
@@ -4158,7 +4174,8 @@ def check_token_bucket(nl, link, bucket, direction):
         if actual != wanted:
             raise CNIError(ERR_INTERNAL, "%s tbf %s of %s is %s %s, the config says %s"
                            % (direction, what, link.name, actual, unit, wanted),
-                           "%sRate %d bits/s, %sBurst %d bits" % (direction, bucket.rate, direction, bucket.burst))
+                           "%sRate %d bits/s, %sBurst %d bits"
+                           % (direction, bucket.rate, direction, bucket.burst))
 
 
 def bandwidth_gc(request):
@@ -4180,7 +4197,8 @@ def bandwidth_gc(request):
                 except CNIError as err:
                     errors.append(err.msg)
     if errors:
-        raise CNIError(ERR_INTERNAL, "bandwidth GC could not remove every stale IFB device", "; ".join(errors))
+        raise CNIError(ERR_INTERNAL, "bandwidth GC could not remove every stale IFB device",
+                       "; ".join(errors))
     return None
 
 

@@ -553,7 +553,7 @@ def test_concurrent_adds_and_dels(chain):
 
 def kill_points(chain, container, cid, conf, prev, command, fractions):
     """Run `command` (on a shaped attachment for DEL) killed with SIGKILL at `fractions` of its
-    median duration; yields each fraction and whether the kill landed before the call ended."""
+    shortest duration; yields each fraction and whether the kill landed before the call ended."""
     argv = [IP, "netns", "exec", chain.node.name, str(chain.bin / "bandwidth")]
     stdin = encode_conf(dict(conf, prevResult=prev))
     env = cni_env(command, chain.bin, netns=container, container_id=cid)
@@ -567,7 +567,7 @@ def kill_points(chain, container, cid, conf, prev, command, fractions):
         durations.append(time.monotonic() - started)
         if command == "ADD":
             ok(bandwidth(chain.bin, "DEL", conf, chain.node, container, cid, prev))
-    duration = sorted(durations)[1]
+    duration = min(durations)     # a load spike during calibration must not push the kills past the end
     for fraction in fractions:
         if command == "DEL":
             ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, cid, prev))
@@ -579,7 +579,7 @@ def kill_points(chain, container, cid, conf, prev, command, fractions):
         yield fraction, proc.wait(timeout=60) == -signal.SIGKILL
 
 
-KILL_FRACTIONS = (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0)
+KILL_FRACTIONS = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
 
 
 @pytest.mark.slow

@@ -3915,7 +3915,13 @@ U64_MAX = (1 << 64) - 1
 
 class TokenBucket(object):
     """One direction's shaping: `rate` bits/s and `burst` bits as configured, and the tbf
-    parameters that say it to the kernel: rate in bytes/s, limit in bytes, buffer in ticks."""
+    parameters that say it to the kernel: rate in bytes/s, limit in bytes, buffer in ticks.
+
+    The kernel counts the bucket in 32-bit scheduler ticks (about 274 s of traffic at the rate)
+    and the queue in 32-bit bytes.  Runtimes exceed both: containerd asks for a burst of 2^32-1
+    bits whatever the rate, which at 10 Mbit/s lasts 429 s.  Such a bucket or queue is clamped
+    to the largest the kernel holds (the reference wraps it around to an arbitrary smaller one).
+    """
 
     __slots__ = ("rate", "burst", "rate_bytes", "limit", "buffer")
 
@@ -3933,18 +3939,24 @@ class TokenBucket(object):
                                "got %d: the kernel counts whole bytes" % burst)
         if burst_bytes >= U32_MAX:
             raise config_error("%sBurst cannot be more than 4GB" % key, "got %d bits" % burst)
-        usec = int(float(burst_bytes) * TIME_UNITS_PER_SEC / self.rate_bytes)
+        # The reference's arithmetic, truncating as its conversions to uint32 do in range.
+        usec = min(int(float(burst_bytes) * TIME_UNITS_PER_SEC / self.rate_bytes), U32_MAX)
         self.buffer = int(usec * ticks_per_usec)
-        if usec > U32_MAX or self.buffer > U32_MAX:
-            raise config_error("%sBurst of %d bits lasts too long at %d bits/s"
-                               % (key, burst, rate),
-                               "the kernel's token bucket holds at most %d s of traffic"
-                               % (U32_MAX / ticks_per_usec / TIME_UNITS_PER_SEC))
         queued = int(float(self.rate_bytes) * TBF_LATENCY_USEC / TIME_UNITS_PER_SEC)
         self.limit = queued + burst_bytes
+        if self.buffer == 0:
+            raise config_error("%sBurst of %d bits passes in less than one tick of the kernel's "
+                               "clock at %d bits/s" % (key, burst, rate),
+                               "the kernel refuses an empty bucket: raise the burst")
+        if self.buffer > U32_MAX:
+            self.buffer = U32_MAX
+            sys.stderr.write("bandwidth: %sBurst %d bits lasts longer at %d bits/s than the "
+                             "kernel's token bucket holds: the bucket holds %.0f s\n"
+                             % (key, burst, rate, U32_MAX / ticks_per_usec / TIME_UNITS_PER_SEC))
         if self.limit > U32_MAX:
-            raise config_error("%sRate %d bits/s is too high" % (key, rate),
-                               "its queue of %d ms would exceed 4GB" % (TBF_LATENCY_USEC // 1000))
+            self.limit = U32_MAX
+            sys.stderr.write("bandwidth: %sRate %d bits/s queues more than 4GB in %d ms: the queue "
+                             "holds 4GB\n" % (key, rate, TBF_LATENCY_USEC // 1000))
 
 
 class BandwidthConfig(object):

@@ -1263,6 +1263,24 @@ def create_veth(nl, name, peer_name, peer_netns_fd=None, mtu=0, mac=None):
                what="failed to create veth pair %s/%s" % (name, peer_name))
 
 
+def create_ifb(nl, name, mtu=0, alias=""):
+    """Create an IFB device, up; returns False when a link of that name already exists (EEXIST).
+
+    A new link ignores IFLA_IFALIAS, so the alias is set by name in the same datagram: the
+    kernel handles both within one send, and no crash leaves the device without it.
+    """
+    attrs = [(LinkAttr.IFLA_IFNAME, name),
+             (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "ifb"),))]
+    if mtu:
+        attrs.append((LinkAttr.IFLA_MTU, mtu))
+    requests = [NetlinkRequest(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                               {"flags": IFF_UP, "change": IFF_UP}, attrs)]
+    if alias:
+        requests.append(NetlinkRequest(RTM_NEWLINK, attrs=((LinkAttr.IFLA_IFNAME, name),
+                                                            (LinkAttr.IFLA_IFALIAS, alias))))
+    return unless_exists(nl.transact, requests, "failed to create IFB device %s" % name)
+
+
 def delete_link(nl, index, what=""):
     """Delete a link; a link that is already gone is not an error."""
     try:
@@ -4032,23 +4050,10 @@ def host_veth(host_nl, container_nl, request, previous, network):
 
 def ensure_ifb(nl, name, mtu, alias):
     """The IFB device `name`, up, with `mtu` and the attachment's alias; an existing one (a
-    repeated ADD, an ADD killed after making it) is reused, a link of another kind refused.
-
-    A new link does not take an alias: it is given one by name in the same datagram, which the
-    kernel handles within one send, so no crash leaves an IFB that GC could not map back.
-    """
+    repeated ADD, an ADD killed after making it) is reused, a link of another kind refused."""
     ifb = get_link(nl, name)
     if ifb is None:
-        attrs = [(LinkAttr.IFLA_IFNAME, name),
-                 (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "ifb"),))]
-        if mtu:
-            attrs.append((LinkAttr.IFLA_MTU, mtu))
-        unless_exists(nl.transact, [
-            NetlinkRequest(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
-                           {"flags": IFF_UP, "change": IFF_UP}, attrs),
-            NetlinkRequest(RTM_NEWLINK, attrs=((LinkAttr.IFLA_IFNAME, name),
-                                               (LinkAttr.IFLA_IFALIAS, alias)))],
-            "failed to create IFB device %s" % name)
+        create_ifb(nl, name, mtu, alias)
         ifb = get_link(nl, name)
     if ifb is None or ifb.kind != "ifb":
         raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not an IFB device" % name,

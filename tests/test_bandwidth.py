@@ -694,3 +694,32 @@ def test_version_and_bad_namespaces(chain):
     for netns in ("/run/netns/cbt-does-not-exist", chain.node.path):
         error(bandwidth(chain.bin, "ADD", bw_conf(), chain.node, netns, "ns", prev), 8)
         assert unshaped(chain.node, host) and ifbs(chain.node) == {}
+
+
+def test_chain_with_the_bandwidth_capability_through_the_network_commands(chain, tmp_path):
+    """A conflist of bridge and bandwidth (`capabilities: {bandwidth: true}`), run by our
+    cnitool-like `add`/`check`/`del` with CAP_ARGS as a runtime passes the pod's annotations:
+    the rates reach the plugin as runtimeConfig.bandwidth, CHECK passes, del removes it all."""
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    plugins = [dict(bridge_conf(chain.data_dir), type="bridge"),
+               {"type": "bandwidth", "capabilities": {"bandwidth": True}}]
+    for plugin in plugins:
+        plugin.pop("cniVersion", None)
+        plugin.pop("name", None)
+    (conf_dir / "10-bw.conflist").write_text(json.dumps({"cniVersion": "1.1.0", "name": NETWORK,
+                                                         "plugins": plugins}))
+    caps = {"bandwidth": {"ingressRate": INGRESS[0], "ingressBurst": INGRESS[1],
+                          "egressRate": EGRESS[0], "egressBurst": EGRESS[1]}}
+    env = {"NETCONFPATH": str(conf_dir), "CNI_PATH": str(chain.bin), "CNI_CACHE_DIR": str(tmp_path / "cache"),
+           "CAP_ARGS": json.dumps(caps)}
+    container = chain.make_netns("ct")
+    tool = [str(chain.bin / "cni-bridge.pyz")]
+    envs = ["%s=%s" % kv for kv in env.items()]
+    result = json.loads(chain.node.run("env", *envs, *tool, "add", NETWORK, container.path, timeout=60).stdout)
+    devices = [i["name"] for i in result["interfaces"] if i["name"].startswith("bwp")]
+    assert devices == sorted(ifbs(chain.node)), result
+    assert layout(chain.node, host_veth_of(chain.node, container)) == expected_layout(devices[0])
+    chain.node.run("env", *envs, *tool, "check", NETWORK, container.path, timeout=60)
+    chain.node.run("env", *envs, *tool, "del", NETWORK, container.path, timeout=60)
+    assert ifbs(chain.node) == {} and "eth0" not in container.links()

@@ -4013,39 +4013,44 @@ def ifb_name(network, container_id):
     return (IFB_PREFIX + sha512_hex(network + container_id))[:15]
 
 
-def host_veth(host_nl, container_nl, request, previous, network):
-    """The node's end of the attachment's veth pair, or None when it cannot be found.
+def node_interfaces(previous):
+    """The names the prevResult gives to interfaces without a sandbox (bridge, host veth)."""
+    return [i.get("name") for i in (previous or {}).get("interfaces") or ()
+            if not i.get("sandbox") and isinstance(i.get("name"), str)]
 
-    Through the container's interface (its peer) when the namespace is there, else the
-    prevResult's interface without a sandbox that is a bridge port, else the bridge port whose
-    alias names the attachment.  A peer that the prevResult does not list is refused, as the
-    reference refuses it: the chain made another interface than the one we would shape.
-    """
-    listed = [i.get("name") for i in (previous or {}).get("interfaces") or ()
-              if not i.get("sandbox")]
-    if container_nl is not None:
-        container = get_link(container_nl, request.ifname)
-        if container is not None:
-            host = None
-            if container.kind == "veth":
-                host = get_link(host_nl, index=container.peer_index)
-            if host is None or host.kind != "veth" or host.peer_index != container.index:
-                raise CNIError(ERR_INVALID_CONFIG, "container interface %s has no veth peer on the "
-                               "node" % request.ifname,
-                               "bandwidth shapes the veth pairs bridge makes")
-            if listed and host.name not in listed:
-                raise CNIError(ERR_INVALID_CONFIG, "the veth peer %s of container interface %s is "
-                               "not in prevResult" % (host.name, request.ifname),
-                               "prevResult lists %s" % ", ".join(map(str, listed)))
-            return host
-    alias = attachment_alias(network, request.container_id, request.ifname)
-    ports = [link for link in (get_link(host_nl, name) for name in listed if isinstance(name, str))
+
+def peer_of_container(host_nl, container_nl, ifname, listed):
+    """The node's end of the container's veth `ifname`, or None when the container has no
+    interface of that name.  A peer that the prevResult (`listed`) does not name is refused, as
+    the reference refuses it: the chain made another interface than the one we would shape."""
+    container = get_link(container_nl, ifname)
+    if container is None:
+        return None
+    host = get_link(host_nl, index=container.peer_index) if container.kind == "veth" else None
+    if host is None or host.kind != "veth" or host.peer_index != container.index:
+        raise CNIError(ERR_INVALID_CONFIG, "container interface %s has no veth peer on the node"
+                       % ifname, "bandwidth shapes the veth pairs bridge makes")
+    if listed and host.name not in listed:
+        raise CNIError(ERR_INVALID_CONFIG, "the veth peer %s of container interface %s is not in "
+                       "prevResult" % (host.name, ifname),
+                       "prevResult lists %s" % ", ".join(listed))
+    return host
+
+
+def listed_port(host_nl, listed, alias):
+    """The prevResult's interface that is a veth bridge port on the node (the one whose alias
+    names the attachment, if several), or None."""
+    ports = [link for link in (get_link(host_nl, name) for name in listed)
              if link is not None and link.kind == "veth" and link.master]
-    if not ports:
-        ports = [link for link in list_links(host_nl)
-                 if link.kind == "veth" and link.alias == alias]
     ports.sort(key=lambda link: link.alias != alias)
     return ports[0] if ports else None
+
+
+def aliased_port(host_nl, alias):
+    """The veth whose alias names the attachment (the bridge sets it), or None: a walk of every
+    link, for a DEL that has neither the namespace nor a prevResult."""
+    ports = (link for link in list_links(host_nl) if link.kind == "veth" and link.alias == alias)
+    return next(ports, None)
 
 
 def ensure_ifb(nl, name, mtu, alias):
@@ -4097,7 +4102,8 @@ def bandwidth_add(request):
                        "the config has no prevResult: list bandwidth after the plugin that makes "
                        "the interface")
     host_nl = NetlinkSocket()
-    host = host_veth(host_nl, Netns(request.netns).netlink(), request, previous, conf.network)
+    host = peer_of_container(host_nl, Netns(request.netns).netlink(), request.ifname,
+                             node_interfaces(previous))
     if host is None:
         raise CNIError(ERR_INTERNAL, "container interface %s not found" % request.ifname)
     name = ifb_name(conf.network, request.container_id)
@@ -4129,24 +4135,29 @@ def bandwidth_add(request):
 
 def bandwidth_del(request):
     """Best effort and idempotent: the namespace, the prevResult and the config's rates may all
-    be gone or broken, and the IFB device and the host veth's qdiscs still go."""
+    be gone or broken, and the IFB device and the host veth's qdiscs still go.
+
+    The host veth is looked for where it costs least: the prevResult's bridge port (no
+    namespace to enter), the container interface's peer, the bridge port with the attachment's
+    alias.  When the namespace is gone, so is the veth pair, and only the IFB is left to remove.
+    """
     network = request.network
     host_nl = NetlinkSocket()
-    container_nl = None
-    if request.netns:
+    try:
+        listed = node_interfaces(previous_result(request))
+    except CNIError:
+        listed = []
+    alias = attachment_alias(network, request.container_id, request.ifname)
+    host = listed_port(host_nl, listed, alias)
+    if host is None and request.netns:
         try:
-            container_nl = Netns(request.netns).netlink()
+            host = peer_of_container(host_nl, Netns(request.netns).netlink(), request.ifname, ())
         except NetnsGone:
             pass
-    try:
-        previous = previous_result(request)
-    except CNIError:
-        previous = None
-    try:
-        host = host_veth(host_nl, container_nl, request, previous, network)
-    except CNIError as err:
-        sys.stderr.write("DEL: %s; removing the IFB device only\n" % err.msg)
-        host = None
+        except CNIError as err:
+            sys.stderr.write("DEL: %s; removing the IFB device only\n" % err.msg)
+    elif host is None:
+        host = aliased_port(host_nl, alias)
     remove_shaping(host_nl, host, ifb_name(network, request.container_id))
     return None
 
@@ -4158,7 +4169,8 @@ def bandwidth_check(request):
         raise CNIError(ERR_INVALID_CONFIG, "must be called as a chained plugin",
                        "the config has no prevResult")
     host_nl = NetlinkSocket()
-    host = host_veth(host_nl, Netns(request.netns).netlink(), request, previous, conf.network)
+    host = peer_of_container(host_nl, Netns(request.netns).netlink(), request.ifname,
+                             node_interfaces(previous))
     if host is None:
         raise CNIError(ERR_INTERNAL, "container interface %s not found" % request.ifname)
     if conf.ingress is not None:

@@ -583,6 +583,54 @@ def workload_bandwidth(results, impls, spaces, count):
         spaces.delete(names)
 
 
+def workload_k3s_chain(results, impls, spaces, count):
+    """k3s's chain as a whole: bridge, portmap (one published port), bandwidth; ADD in order, DEL
+    in reverse with the final result, each call a process as a runtime runs it.  Skipped until
+    both implementations have portmap."""
+    missing = [impl.key for impl in impls if not os.access(os.path.join(impl.bin_dir, "portmap"), os.X_OK)]
+    if missing:
+        log("k3s chain: skipped (no portmap in %s)" % ", ".join(missing))
+        return
+    log("k3s chain (bridge, portmap, bandwidth): 1 warm-up + %d samples" % count)
+    shaping = {"ingressRate": 16000000, "ingressBurst": 128000, "egressRate": 8000000, "egressBurst": 64000}
+    for i in range(-1, count):
+        names = spaces.create(2)
+        for impl, netns in zip(interleaved(impls, i), names):
+            network = impl.main
+            plugins = [network.config("1.0.0", True),
+                       {"cniVersion": "1.0.0", "name": network.name, "type": "portmap",
+                        "runtimeConfig": {"portMappings": [{"hostPort": 20000 + i % 1000, "containerPort": 80,
+                                                            "protocol": "tcp"}]}},
+                       {"cniVersion": "1.0.0", "name": network.name, "type": "bandwidth",
+                        "runtimeConfig": {"bandwidth": shaping}}]
+            container_id = "k3s-%s-%s" % (impl.key, netns)
+            result, add_ns, ok_all = None, 0, True
+            for conf in plugins:
+                stdin = dict(conf, prevResult=result) if result is not None else conf
+                outcome = run_one(impl.call(conf["type"], "ADD", stdin, container_id, netns))
+                add_ns += outcome.ns
+                if not expect_ok(results, "k3s chain ADD (%s)" % conf["type"], impl.key, outcome, container_id):
+                    ok_all = False
+                    break
+                result = outcome.json()
+            del_ns = 0
+            for conf in reversed(plugins):
+                stdin = dict(conf, prevResult=result) if result is not None else conf
+                outcome = run_one(impl.call(conf["type"], "DEL", stdin, container_id, netns))
+                del_ns += outcome.ns
+                ok_all = expect_ok(results, "k3s chain DEL (%s)" % conf["type"], impl.key, outcome,
+                                   container_id) and ok_all
+            if i >= 0 and ok_all:
+                results.add("k3s chain ADD", impl.key, Outcome(add_ns, 0, b"", b"", 0))
+                results.add("k3s chain DEL", impl.key, Outcome(del_ns, 0, b"", b"", 0))
+            if i % LEAK_CHECK_EVERY == 0 or i == count - 1:
+                check_leaks(results, "k3s chain", impl, network, [netns])
+                leftover = ifb_devices()
+                if leftover:
+                    results.leak("k3s chain", impl.key, ["IFB device %s" % name for name in leftover])
+        spaces.delete(names)
+
+
 def workload_burst(results, impls, spaces, rounds, width=32):
     """`width` concurrent ADDs, then `width` concurrent DELs: wall time; addresses must be distinct."""
     for masq in (False, True):
@@ -813,6 +861,7 @@ def target_rows(results, rows, rng):
             against_ref("%s %s ours/ref <= 1.0" % (command, version), "%s %s" % (command, version), 1.0)
     for command in ("ADD", "DEL"):
         against_ref("bandwidth %s ours/ref <= 1.3" % command, "bandwidth %s" % command, 1.3)
+        against_ref("k3s chain %s ours/ref <= 0.8" % command, "k3s chain %s" % command, 0.8)
     for masq in ("", " ipMasq"):
         for command in ("ADD", "DEL"):
             against_ref("burst 32%s %s wall ours/ref <= 0.8" % (masq, command),
@@ -1008,6 +1057,8 @@ def run(args, scratch, spaces):
             ("loopback: %d samples" % size["samples"], True,
              lambda: workload_loopback(results, impls, spaces, size["samples"])),
             ("bandwidth", False, lambda: workload_bandwidth(results, impls, spaces, size["samples"])),
+            ("k3s chain (bandwidth)", False,
+             lambda: workload_k3s_chain(results, impls, spaces, size["samples"])),
             ("burst", False, lambda: workload_burst(results, impls, spaces, size["bursts"])),
             ("sequential", False, lambda: workload_sequential(results, impls, spaces, size["sequential"])),
             ("peak RSS: %d rounds" % size["rss"], True,

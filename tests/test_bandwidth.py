@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.helpers import IP, REF_DIR, VERSIONS, cni_env, encode_conf, parse_output, run, run_cni
+from tests.helpers import (IP, REF_DIR, VERSIONS, cni_env, encode_conf, explain, kind, parse_output, run,
+                           run_cni)
 
 pytestmark = pytest.mark.kernel
 
@@ -58,10 +59,6 @@ def bw_conf(version="1.0.0", ingress=INGRESS, egress=EGRESS, **keys):
     return conf
 
 
-def explain(res):
-    return "exit %d\nstdout: %s\nstderr: %s" % (res.returncode, res.stdout, res.stderr)
-
-
 def ok(res):
     assert res.returncode == 0, explain(res)
     assert "Traceback" not in res.stderr, explain(res)
@@ -95,8 +92,7 @@ def tc_json(node, *args):
 
 def ifbs(node):
     """name -> `ip -j -d link` entry of every IFB device in the node."""
-    return {name: link for name, link in node.links().items()
-            if link.get("linkinfo", {}).get("info_kind") == "ifb"}
+    return {name: link for name, link in node.links().items() if kind(link) == "ifb"}
 
 
 def host_veth_of(node, container):

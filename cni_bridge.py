@@ -1557,7 +1557,8 @@ def redirect_filter_request(index, target_index):
               (ActionAttr.TCA_ACT_OPTIONS, ((MirredAttr.TCA_MIRRED_PARMS, mirred),)))
     options = ((U32Attr.TCA_U32_CLASSID, REDIRECT_CLASS), (U32Attr.TCA_U32_SEL, selector),
                (U32Attr.TCA_U32_ACT, ((ActionListAttr.TCA_ACT_ORDER_1, action),)))
-    info = REDIRECT_FILTER_PRIORITY << 16 | ETH_P_ALL << 8      # the protocol in network order
+    protocol = (ETH_P_ALL & 0xFF) << 8 | ETH_P_ALL >> 8          # in network byte order
+    info = REDIRECT_FILTER_PRIORITY << 16 | protocol
     return NetlinkRequest(RTM_NEWTFILTER, NLM_F_CREATE,
                           {"index": index, "handle": REDIRECT_FILTER_HANDLE,
                            "parent": INGRESS_HANDLE, "info": info},
@@ -1590,6 +1591,7 @@ def redirect_targets(nl, index):
 
 
 def qdisc_delete_request(index, handle, parent):
+    """A request (for transact) removing link `index`'s qdisc `handle` at `parent`."""
     return NetlinkRequest(RTM_DELQDISC, header={"index": index, "handle": handle, "parent": parent})
 
 
@@ -1602,13 +1604,14 @@ def scheduler_ticks_per_usec():
 
 
 def _read_psched():
+    """/proc/net/psched read as the netlink library the reference uses reads it."""
     try:
         with open("/proc/net/psched", "rb") as f:
             fields = [int(v, 16) for v in f.read().split()[:3]]
         t2us, us2t, clock_res = fields
     except (OSError, ValueError):
         return 15.625
-    if clock_res == 1000000000:       # the high-resolution clock reports ticks as nanoseconds
+    if clock_res == 1000000000:       # a high-resolution clock: one tick per scheduler unit
         t2us = us2t
     return float(t2us) / us2t * (clock_res / float(TIME_UNITS_PER_SEC))
 

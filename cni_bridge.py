@@ -1120,6 +1120,7 @@ LinkAttr = AttrSpace(
     IFLA_AF_SPEC=Attr(26, NEST, BridgeAfSpecAttr),
     IFLA_NET_NS_FD=Attr(28, U32),
     IFLA_EXT_MASK=Attr(29, U32),
+    IFLA_LINK_NETNSID=Attr(37, S32),          # present when the peer lives in another namespace
 )
 
 
@@ -1164,7 +1165,7 @@ class Link(object):
     """What the plugins need to know of a network interface."""
 
     __slots__ = ("index", "name", "kind", "mac", "mtu", "flags", "master", "operstate",
-                 "peer_index", "alias", "port")
+                 "peer_index", "peer_elsewhere", "alias", "port")
 
     def __init__(self, msg):
         attrs = msg.attrs
@@ -1179,6 +1180,7 @@ class Link(object):
         self.master = attrs.get(LinkAttr.IFLA_MASTER, 0)
         self.operstate = attrs.get(LinkAttr.IFLA_OPERSTATE, 0)
         self.peer_index = attrs.get(LinkAttr.IFLA_LINK, 0)
+        self.peer_elsewhere = LinkAttr.IFLA_LINK_NETNSID in attrs     # else in this namespace
         self.alias = attrs.get(LinkAttr.IFLA_IFALIAS, "")
         self.port = info.get(LinkInfoAttr.IFLA_INFO_SLAVE_DATA, {})
 
@@ -4029,7 +4031,9 @@ def peer_of_container(host_nl, container_nl, ifname, listed):
     container = get_link(container_nl, ifname)
     if container is None:
         return None
-    host = get_link(host_nl, index=container.peer_index) if container.kind == "veth" else None
+    host = None
+    if container.kind == "veth" and container.peer_elsewhere:
+        host = get_link(host_nl, index=container.peer_index)
     if host is None or host.kind != "veth" or host.peer_index != container.index:
         raise CNIError(ERR_INVALID_CONFIG, "container interface %s has no veth peer on the node"
                        % ifname, "bandwidth shapes the veth pairs bridge makes")

@@ -719,3 +719,17 @@ def test_chain_with_the_bandwidth_capability_through_the_network_commands(chain,
     chain.node.run("env", *envs, *tool, "check", NETWORK, container.path, timeout=60)
     chain.node.run("env", *envs, *tool, "del", NETWORK, container.path, timeout=60)
     assert ifbs(chain.node) == {} and "eth0" not in container.links()
+
+
+def test_a_container_interface_without_a_peer_on_the_node_is_refused(chain):
+    """A container interface whose veth peer is in the container itself (not on the node), or that
+    is not in prevResult's node-side interfaces, is refused (code 7) with nothing made."""
+    container, prev = chain.attach("peer")
+    host = host_veth_of(chain.node, container)
+    container.run(IP, "link", "add", "inner0", "type", "veth", "peer", "name", "inner1")
+    err = error(bandwidth(chain.bin, "ADD", bw_conf(), chain.node, container, "peer", prev, ifname="inner0"), 7)
+    assert "no veth peer" in err["msg"], err
+    elsewhere = dict(prev, interfaces=[i for i in prev["interfaces"] if i["name"] != host])
+    err = error(bandwidth(chain.bin, "ADD", bw_conf(), chain.node, container, "peer", elsewhere), 7)
+    assert "not in prevResult" in err["msg"], err
+    assert unshaped(chain.node, host) and ifbs(chain.node) == {}

@@ -4007,6 +4007,7 @@ class BandwidthConfig(object):
 
     @staticmethod
     def _bucket(values, direction, where):
+        """The direction's TokenBucket, or None when neither its rate nor its burst is set."""
         rate, burst = values[direction + "Rate"], values[direction + "Burst"]
         if rate == 0 and burst == 0:
             return None
@@ -4104,6 +4105,8 @@ def remove_shaping(nl, host, ifb):
 
 
 def bandwidth_add(request):
+    """Shape the attachment as the config says; the prevResult comes back with the IFB device
+    appended (unchanged when nothing is shaped).  A failed ADD removes what it made."""
     conf = BandwidthConfig(request)
     previous = previous_result(request)
     if conf.ingress is None and conf.egress is None:
@@ -4174,6 +4177,8 @@ def bandwidth_del(request):
 
 
 def bandwidth_check(request):
+    """The qdiscs hold the config's rates: the host veth's tbf, the IFB (up) and its tbf, and the
+    host veth's ingress filter redirecting to the IFB."""
     conf = BandwidthConfig(request)
     previous = previous_result(request)
     if previous is None:

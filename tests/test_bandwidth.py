@@ -156,7 +156,6 @@ class Chain:
 
     def __init__(self, ours_bin, node, make_netns, data_dir):
         self.bin, self.node, self.make_netns, self.data_dir = ours_bin, node, make_netns, data_dir
-        self.outside = None
 
     def attach(self, cid, version="1.0.0"):
         """A new container on the bridge; returns (namespace, bridge result)."""
@@ -165,24 +164,22 @@ class Chain:
                             netns=container, container_id=cid))
         return container, result
 
-    def detach(self, container, cid, result):
-        ok(run_cni(self.bin, "bridge", "DEL", dict(bridge_conf(self.data_dir), prevResult=result),
-                   node=self.node, netns=container, container_id=cid))
-
     def connect_outside(self):
-        self.outside = self.make_netns("out")
-        node, out = self.node.name, self.outside.name
+        """A namespace outside the node, on its own routed link; returns it."""
+        outside = self.make_netns("out")
+        node, out = self.node.name, outside.name
         run([IP, "-n", node, "link", "add", OUTSIDE_LINK, "type", "veth", "peer", "name", "eth0", "netns", out])
         run([IP, "-n", node, "addr", "add", OUTSIDE_NODE_IP + "/24", "dev", OUTSIDE_LINK])
         run([IP, "-n", node, "link", "set", OUTSIDE_LINK, "up"])
         run([IP, "-n", out, "addr", "add", OUTSIDE_IP + "/24", "dev", "eth0"])
         run([IP, "-n", out, "link", "set", "eth0", "up"])
         run([IP, "-n", out, "route", "add", SUBNET, "via", OUTSIDE_NODE_IP])
-        return self.outside
+        return outside
 
 
 @pytest.fixture
 def chain(ours_bin, node, make_netns, data_dir):
+    """Our plugins, a node and its bridge network (containers made on demand)."""
     return Chain(ours_bin, node, make_netns, data_dir)
 
 

@@ -338,7 +338,11 @@ def test_differential_against_the_reference(chain, ref_bandwidth):
     # set); the set of distinct actions is what both share.
     assert ref_layout == expected_layout(ifb_name("theirs"))
     assert layout(chain.node, ours_host) == expected_layout(ifb_name("ours"))
-    assert sorted(ifbs(chain.node)) == sorted([ifb_name("theirs"), ifb_name("ours")])
+    devices = ifbs(chain.node)
+    assert sorted(devices) == sorted([ifb_name("theirs"), ifb_name("ours")])
+    for name, host in ((ifb_name("theirs"), theirs_host), (ifb_name("ours"), ours_host)):
+        assert "UP" in devices[name]["flags"], devices[name]
+        assert devices[name]["mtu"] == chain.node.links()[host]["mtu"], devices[name]
     assert [i["name"] for i in ref_result["interfaces"]] == [i["name"] for i in theirs_prev["interfaces"]] + [ifb_name("theirs")]
     assert [i["name"] for i in our_result["interfaces"]] == [i["name"] for i in ours_prev["interfaces"]] + [ifb_name("ours")]
     # Each CHECKs the other's work.

@@ -1,5 +1,5 @@
-"""cni-bridge: the CNI `bridge`, `host-local`, `loopback`, `tuning`, `firewall` and `portmap`
-plugins in one stdlib-only module.
+"""cni-bridge: the CNI `bridge`, `host-local`, `loopback`, `tuning`, `firewall`, `portmap` and
+`bandwidth` plugins in one stdlib-only module.
 
 The program is exec'd by a container runtime at every container start and stop.  It picks the
 plugin from the name it was started as (argv[0]), reads its parameters from CNI_* environment
@@ -17,7 +17,8 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   CNI protocol and errors       errors, JSON, config keys, CNI_ARGS, results, per-process state
   Addresses                     IPv4/IPv6 addresses and prefixes without `ipaddress`
   Netlink codec                 Attr/AttrSpace/Header tables, one encoder/decoder, NetlinkSocket
-  rtnetlink operations          links, addresses, routes, bridge ports and VLANs, /proc/sys
+  rtnetlink operations          links, addresses, routes, bridge ports and VLANs, traffic control
+                                (tbf, ingress, u32 + mirred), /proc/sys
   nf_tables messages            nf_tables attribute spaces, expressions, NftBatch, NftRule
   nf_tables rule sets           what every rule-writing plugin shares: by name, by comment, GC
   Conntrack                     ctnetlink: the connection tracking entries of a port, deleted
@@ -29,6 +30,7 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   The tuning plugin             TuningConfig lists its keys; chained after the interface's maker
   The firewall plugin           FirewallConfig lists its keys; iptables' FORWARD layout
   The portmap plugin            PortmapConfig lists its keys; host ports over nf_tables
+  The bandwidth plugin          BandwidthConfig lists its keys; token buckets, the IFB redirect
   Serving a CNI request         PLUGINS, the environment and stdin checks, run_plugin
   Operator tools: install
   Operator tools: verify        the walkthrough, one Verifier method per step
@@ -360,6 +362,7 @@ class ProcessState(object):
     def __init__(self):
         self.original_netns_fd = None   # the namespace the process started in (Namespaces)
         self.node_nftables = None       # nf_tables socket in that namespace (nf_tables rule sets)
+        self.ticks_per_usec = None      # the packet scheduler's clock (rtnetlink: traffic control)
 
     def reset(self):
         """Forget everything (the fds stay open: a forked child shares them with its parent)."""
@@ -1064,8 +1067,8 @@ class NetlinkSocket(object):
 # ==============================================================================================
 # rtnetlink operations
 # ==============================================================================================
-# Links, addresses, routes and bridge ports (linux/rtnetlink.h, if_link.h, if_addr.h,
-# if_bridge.h), and the /proc/sys switches the plugins flip.
+# Links, addresses, routes, bridge ports and traffic control (linux/rtnetlink.h, if_link.h,
+# if_addr.h, if_bridge.h, pkt_sched.h, pkt_cls.h), and the /proc/sys switches the plugins flip.
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
@@ -1141,6 +1144,7 @@ LinkAttr = AttrSpace(
     IFLA_EXT_MASK=Attr(29, U32),
     IFLA_MIN_MTU=Attr(50, U32),               # the device's MTU bounds, where the kernel has them
     IFLA_MAX_MTU=Attr(51, U32),
+    IFLA_LINK_NETNSID=Attr(37, S32),          # present when the peer lives in another namespace
 )
 
 
@@ -1185,7 +1189,8 @@ class Link(object):
     """What the plugins need to know of a network interface."""
 
     __slots__ = ("index", "name", "kind", "mac", "mtu", "flags", "master", "operstate",
-                 "peer_index", "alias", "port", "txqlen", "min_mtu", "max_mtu")
+                 "peer_index", "peer_elsewhere", "alias", "port", "txqlen", "min_mtu",
+                 "max_mtu")
 
     def __init__(self, msg):
         attrs = msg.attrs
@@ -1200,6 +1205,7 @@ class Link(object):
         self.master = attrs.get(LinkAttr.IFLA_MASTER, 0)
         self.operstate = attrs.get(LinkAttr.IFLA_OPERSTATE, 0)
         self.peer_index = attrs.get(LinkAttr.IFLA_LINK, 0)
+        self.peer_elsewhere = LinkAttr.IFLA_LINK_NETNSID in attrs     # else in this namespace
         self.alias = attrs.get(LinkAttr.IFLA_IFALIAS, "")
         self.port = info.get(LinkInfoAttr.IFLA_INFO_SLAVE_DATA, {})
         self.txqlen = attrs.get(LinkAttr.IFLA_TXQLEN, 0)
@@ -1283,6 +1289,24 @@ def create_veth(nl, name, peer_name, peer_netns_fd=None, mtu=0, mac=None):
         (LinkInfoAttr.IFLA_INFO_DATA, ((VethAttr.VETH_INFO_PEER, ({}, peer)),)))))
     nl.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {}, attrs,
                what="failed to create veth pair %s/%s" % (name, peer_name))
+
+
+def create_ifb(nl, name, mtu=0, alias=""):
+    """Create an IFB device, up; returns False when a link of that name already exists (EEXIST).
+
+    A new link ignores IFLA_IFALIAS, so the alias is set by name in the same datagram: the
+    kernel handles both within one send, and no crash leaves the device without it.
+    """
+    attrs = [(LinkAttr.IFLA_IFNAME, name),
+             (LinkAttr.IFLA_LINKINFO, ((LinkInfoAttr.IFLA_INFO_KIND, "ifb"),))]
+    if mtu:
+        attrs.append((LinkAttr.IFLA_MTU, mtu))
+    requests = [NetlinkRequest(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL,
+                               {"flags": IFF_UP, "change": IFF_UP}, attrs)]
+    if alias:
+        requests.append(NetlinkRequest(RTM_NEWLINK, attrs=((LinkAttr.IFLA_IFNAME, name),
+                                                            (LinkAttr.IFLA_IFALIAS, alias))))
+    return unless_exists(nl.transact, requests, "failed to create IFB device %s" % name)
 
 
 def delete_link(nl, index, what=""):
@@ -1428,6 +1452,210 @@ def list_routes(nl, family):
     """The routes of one family (4 or 6) in every table."""
     msgs = nl.dump(RTM_GETROUTE, {"family": AF_OF_FAMILY[family]}, what="failed to list routes")
     return [Route(m) for m in msgs if m.header["family"] == AF_OF_FAMILY[family]]
+
+
+# --- traffic control ---------------------------------------------------------------------------
+# Queueing disciplines and filters (linux/rtnetlink.h tcmsg, pkt_sched.h, pkt_cls.h,
+# tc_act/tc_mirred.h), as the bandwidth plugin uses them: a token bucket (tbf) as a link's root
+# qdisc, the ingress qdisc, and on it a match-everything u32 filter whose mirred action redirects
+# what a link receives to another link (an IFB, whose own root tbf then shapes it).  A qdisc's and
+# a filter's TCA_OPTIONS are laid out by their kind: the caller decodes them with the kind's space.
+
+RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC = 36, 37, 38
+RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
+NLM_F_REPLACE = 0x100
+NLM_F_ECHO = 0x08               # a qdisc GET answers us only with it (else only the TC group)
+
+TC_H_ROOT = 0xFFFFFFFF
+TC_H_INGRESS = 0xFFFFFFF1
+INGRESS_HANDLE = 0xFFFF0000                    # ffff:, the ingress qdisc's fixed handle
+TBF_HANDLE = 0x10000                           # 1:, as the reference numbers its root tbf
+# A qdisc or filter asked for that is not there: ENOENT, or ENODEV (no link), or EINVAL (no
+# ingress qdisc to look in).
+ALREADY_GONE = (errno.ENOENT, errno.ENODEV, errno.EINVAL)
+ETH_P_ALL = 0x0003
+TC_LINKLAYER_ETHERNET = 1
+TC_U32_TERMINAL = 1
+TCA_EGRESS_REDIR = 1                           # mirred: redirect to the target's egress
+TC_ACT_STOLEN = 4                              # the action consumed the packet
+TIME_UNITS_PER_SEC = 1000000                   # tc's time unit: the microsecond
+
+TCMSG = Header("=BxxxiIII", ("family", "index", "handle", "parent", "info"))
+# struct tc_tbf_qopt: rate and peak rate (struct tc_ratespec: cell_log, linklayer, overhead,
+# cell_align, mpu, rate in bytes/s), limit in bytes, buffer in scheduler ticks, mtu.
+TBF_QOPT = struct.Struct("=BBHhHI" "BBHhHI" "III")
+# struct tc_u32_sel (flags, offshift, nkeys, offmask, off, offoff, hoff, hmask) and one
+# struct tc_u32_key (mask, value, off, offmask): a key of mask 0 matches every packet.
+U32_SEL_ONE_KEY = struct.Struct("=BBBxHHhhI" "IIii")
+# struct tc_mirred: struct tc_gen (index, capab, action, refcnt, bindcnt), eaction, ifindex.
+MIRRED_PARMS = struct.Struct("=IIiiiiI")
+
+
+# No rate table (TCA_TBF_RTAB): given the link layer, the kernel computes packet times itself.
+TbfAttr = AttrSpace(
+    TCA_TBF_PARMS=Attr(1, BYTES),
+    TCA_TBF_RATE64=Attr(4, U64),               # a rate of 2^32 bytes/s or more
+)
+
+
+MirredAttr = AttrSpace(
+    TCA_MIRRED_PARMS=Attr(2, BYTES),
+)
+
+
+ActionAttr = AttrSpace(
+    TCA_ACT_KIND=Attr(1, STR),
+    TCA_ACT_OPTIONS=Attr(2, NEST, MirredAttr),
+)
+
+
+# A filter's actions are nested under their order (1, 2, ...); the first few are read back.
+ActionListAttr = AttrSpace(**dict(("TCA_ACT_ORDER_%d" % n, Attr(n, NEST, ActionAttr))
+                                  for n in range(1, 5)))
+
+
+U32Attr = AttrSpace(
+    TCA_U32_CLASSID=Attr(1, U32),
+    TCA_U32_SEL=Attr(5, BYTES),
+    TCA_U32_ACT=Attr(7, NEST, ActionListAttr),
+)
+
+
+TcAttr = AttrSpace(
+    TCA_KIND=Attr(1, STR),
+    TCA_OPTIONS=Attr(2, NEST),                 # layout depends on the kind: decoded by the caller
+)
+
+
+for _type in (RTM_NEWQDISC, RTM_DELQDISC, RTM_GETQDISC,
+              RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER):
+    MESSAGE_LAYOUTS[NETLINK_ROUTE][_type] = (TCMSG, TcAttr)
+
+
+class Qdisc(object):
+    """A queueing discipline as read back: its link, kind, handle, parent and, for a tbf, its
+    rate (bytes/s), limit (bytes) and buffer (ticks)."""
+
+    __slots__ = ("index", "kind", "handle", "parent", "rate", "limit", "buffer")
+
+    def __init__(self, msg):
+        self.index = msg.header["index"]
+        self.handle = msg.header["handle"]
+        self.parent = msg.header["parent"]
+        self.kind = msg.get(TcAttr.TCA_KIND, "")
+        self.rate = self.limit = self.buffer = None
+        if self.kind == "tbf":
+            options = decode_attrs(TbfAttr, msg.get(TcAttr.TCA_OPTIONS, b""))
+            parms = options.get(TbfAttr.TCA_TBF_PARMS, b"")
+            if len(parms) >= TBF_QOPT.size:
+                fields = TBF_QOPT.unpack_from(parms)
+                self.rate = options.get(TbfAttr.TCA_TBF_RATE64, fields[5])
+                self.limit, self.buffer = fields[12], fields[13]
+
+
+def get_qdisc(nl, index, parent):
+    """The qdisc of link `index` at `parent` (TC_H_ROOT or TC_H_INGRESS), or None."""
+    try:
+        replies = nl.request(RTM_GETQDISC, NLM_F_ECHO, {"index": index, "parent": parent}, (),
+                             what="failed to read the qdiscs of link %d" % index)
+    except NetlinkError as err:
+        if err.errno in ALREADY_GONE:
+            return None
+        raise
+    return Qdisc(replies[0]) if replies else None
+
+
+def tbf_request(index, rate, limit, buffer):
+    """A request (for transact) making or replacing link `index`'s root qdisc: tbf 1: with `rate`
+    bytes/s, `limit` bytes queued at most and a bucket of `buffer` scheduler ticks."""
+    parms = TBF_QOPT.pack(0, TC_LINKLAYER_ETHERNET, 0, 0, 0, min(rate, 0xFFFFFFFF),
+                          0, 0, 0, 0, 0, 0, limit, buffer, 0)
+    options = [(TbfAttr.TCA_TBF_PARMS, parms)]
+    if rate > 0xFFFFFFFF:
+        options.append((TbfAttr.TCA_TBF_RATE64, rate))
+    return NetlinkRequest(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_REPLACE,
+                          {"index": index, "handle": TBF_HANDLE, "parent": TC_H_ROOT},
+                          ((TcAttr.TCA_KIND, "tbf"), (TcAttr.TCA_OPTIONS, options)))
+
+
+def ingress_qdisc_request(index):
+    """A request (for transact) giving link `index` the ingress qdisc (kept when it has one)."""
+    return NetlinkRequest(RTM_NEWQDISC, NLM_F_CREATE | NLM_F_REPLACE,
+                          {"index": index, "handle": INGRESS_HANDLE, "parent": TC_H_INGRESS},
+                          ((TcAttr.TCA_KIND, "ingress"),))
+
+
+REDIRECT_FILTER_HANDLE = 0x80000800            # u32 800::800: fixed, so a repeated ADD replaces it
+REDIRECT_FILTER_PRIORITY = 1
+REDIRECT_CLASS = 0x10001                       # flowid 1:1, as the reference's filter says
+
+
+def redirect_filter_request(index, target_index):
+    """A request (for transact) making or replacing, on link `index`'s ingress qdisc, a filter that
+    redirects every packet the link receives to link `target_index`'s egress."""
+    selector = U32_SEL_ONE_KEY.pack(TC_U32_TERMINAL, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    mirred = MIRRED_PARMS.pack(0, 0, TC_ACT_STOLEN, 0, 0, TCA_EGRESS_REDIR, target_index)
+    action = ((ActionAttr.TCA_ACT_KIND, "mirred"),
+              (ActionAttr.TCA_ACT_OPTIONS, ((MirredAttr.TCA_MIRRED_PARMS, mirred),)))
+    options = ((U32Attr.TCA_U32_CLASSID, REDIRECT_CLASS), (U32Attr.TCA_U32_SEL, selector),
+               (U32Attr.TCA_U32_ACT, ((ActionListAttr.TCA_ACT_ORDER_1, action),)))
+    protocol = (ETH_P_ALL & 0xFF) << 8 | ETH_P_ALL >> 8          # in network byte order
+    info = REDIRECT_FILTER_PRIORITY << 16 | protocol
+    return NetlinkRequest(RTM_NEWTFILTER, NLM_F_CREATE,
+                          {"index": index, "handle": REDIRECT_FILTER_HANDLE,
+                           "parent": INGRESS_HANDLE, "info": info},
+                          ((TcAttr.TCA_KIND, "u32"), (TcAttr.TCA_OPTIONS, options)))
+
+
+def redirect_targets(nl, index):
+    """The links that link `index`'s ingress filters redirect packets to (mirred), in order."""
+    try:
+        messages = nl.dump(RTM_GETTFILTER, {"index": index, "parent": INGRESS_HANDLE},
+                           what="failed to list the filters of link %d" % index)
+    except NetlinkError as err:
+        if err.errno in ALREADY_GONE:
+            return []
+        raise
+    targets = []
+    for msg in messages:
+        if msg.get(TcAttr.TCA_KIND) != "u32":
+            continue
+        options = decode_attrs(U32Attr, msg.get(TcAttr.TCA_OPTIONS, b""))
+        actions = options.get(U32Attr.TCA_U32_ACT, {})
+        for order in sorted(actions, key=lambda attr: attr.number):
+            action = actions[order]
+            parms = action.get(ActionAttr.TCA_ACT_OPTIONS, {}).get(MirredAttr.TCA_MIRRED_PARMS, b"")
+            if action.get(ActionAttr.TCA_ACT_KIND) == "mirred" and len(parms) >= MIRRED_PARMS.size:
+                fields = MIRRED_PARMS.unpack_from(parms)
+                if fields[5] == TCA_EGRESS_REDIR:
+                    targets.append(fields[6])
+    return targets
+
+
+def qdisc_delete_request(index, handle, parent):
+    """A request (for transact) removing link `index`'s qdisc `handle` at `parent`."""
+    return NetlinkRequest(RTM_DELQDISC, header={"index": index, "handle": handle, "parent": parent})
+
+
+def scheduler_ticks_per_usec():
+    """The kernel packet scheduler's clock ticks per microsecond (/proc/net/psched), which tbf's
+    buffer is counted in; 15.625 on every kernel since 2.6.x when the file cannot be read."""
+    if PROCESS.ticks_per_usec is None:
+        PROCESS.ticks_per_usec = _read_psched()
+    return PROCESS.ticks_per_usec
+
+
+def _read_psched():
+    """/proc/net/psched read as the netlink library the reference uses reads it."""
+    try:
+        with open("/proc/net/psched", "rb") as f:
+            fields = [int(v, 16) for v in f.read().split()[:3]]
+        t2us, us2t, clock_res = fields
+    except (OSError, ValueError):
+        return 15.625
+    if clock_res == 1000000000:       # a high-resolution clock: one tick per scheduler unit
+        t2us = us2t
+    return float(t2us) / us2t * (clock_res / float(TIME_UNITS_PER_SEC))
 
 
 # --- /proc/sys --------------------------------------------------------------------------------
@@ -5958,6 +6186,334 @@ def iptables_check_ports(conf, container_id, family):
 
 
 # ==============================================================================================
+# The bandwidth plugin
+# ==============================================================================================
+# Chained after bridge, it shapes one attachment's traffic with token buckets, in the reference's
+# layout (so either implementation CHECKs and DELs what the other made):
+#   towards the container (ingressRate/ingressBurst): tbf 1: as the host veth's root qdisc;
+#   from the container (egressRate/egressBurst): the host veth's ingress qdisc, on it a u32 filter
+#   redirecting every packet (mirred) to an IFB device, bwp + 12 hex of SHA-512(network +
+#   containerID), whose root tbf 1: shapes it.
+# The config counts bits (rates in bits/s), the kernel bytes; the tbf arithmetic is the
+# reference's, so the buffer and limit it checks are the ones we set.  The IFB is made with the
+# attachment's alias in the same datagram (GC maps it back), and the qdiscs in one more, so an ADD
+# killed anywhere leaves at most an IFB that DEL and GC remove; the host veth's qdiscs die with it.
+
+BANDWIDTH_KEYS = ("ingressRate", "ingressBurst", "egressRate", "egressBurst")
+IFB_PREFIX = "bwp"
+TBF_LATENCY_USEC = 25000          # the reference's queue: 25 ms of traffic at the bucket's rate
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+
+
+class TokenBucket(object):
+    """One direction's shaping: `rate` bits/s and `burst` bits as configured, and the tbf
+    parameters that say it to the kernel: rate in bytes/s, limit in bytes, buffer in ticks.
+
+    The kernel counts the bucket in 32-bit scheduler ticks (about 274 s of traffic at the rate)
+    and the queue in 32-bit bytes.  Runtimes exceed both: containerd asks for a burst of 2^32-1
+    bits whatever the rate, which at 10 Mbit/s lasts 429 s.  Such a bucket or queue is clamped
+    to the largest the kernel holds (the reference wraps it around to an arbitrary smaller one).
+    """
+
+    __slots__ = ("rate", "burst", "rate_bytes", "limit", "buffer")
+
+    def __init__(self, rate, burst, direction, where):
+        ticks_per_usec = scheduler_ticks_per_usec()
+        self.rate, self.burst = rate, burst
+        self.rate_bytes = rate // 8
+        burst_bytes = burst // 8
+        key = where + direction
+        if self.rate_bytes == 0:
+            raise config_error("%sRate must be at least 8 bits/s" % key,
+                               "got %d: the kernel counts whole bytes" % rate)
+        if burst_bytes == 0:
+            raise config_error("%sBurst must be at least 8 bits" % key,
+                               "got %d: the kernel counts whole bytes" % burst)
+        if burst_bytes >= U32_MAX:
+            raise config_error("%sBurst cannot be more than 4GB" % key, "got %d bits" % burst)
+        # The reference's arithmetic, truncating as its conversions to uint32 do in range.
+        usec = min(int(float(burst_bytes) * TIME_UNITS_PER_SEC / self.rate_bytes), U32_MAX)
+        self.buffer = int(usec * ticks_per_usec)
+        queued = int(float(self.rate_bytes) * TBF_LATENCY_USEC / TIME_UNITS_PER_SEC)
+        self.limit = queued + burst_bytes
+        if self.buffer == 0:
+            raise config_error("%sBurst of %d bits passes in less than one tick of the kernel's "
+                               "clock at %d bits/s" % (key, burst, rate),
+                               "the kernel refuses an empty bucket: raise the burst")
+        if self.buffer > U32_MAX:
+            self.buffer = U32_MAX
+            sys.stderr.write("bandwidth: %sBurst %d bits lasts longer at %d bits/s than the "
+                             "kernel's token bucket holds: the bucket holds %.0f s\n"
+                             % (key, burst, rate, U32_MAX / ticks_per_usec / TIME_UNITS_PER_SEC))
+        if self.limit > U32_MAX:
+            self.limit = U32_MAX
+            sys.stderr.write("bandwidth: %sRate %d bits/s queues more than 4GB in %d ms: the queue "
+                             "holds 4GB\n" % (key, rate, TBF_LATENCY_USEC // 1000))
+
+
+class BandwidthConfig(object):
+    """The bandwidth plugin's keys (reference names, matched case-insensitively).
+
+    ingressRate, ingressBurst   bits/s and bits towards the container; 0 or absent: not shaped
+    egressRate, egressBurst     bits/s and bits from the container; 0 or absent: not shaped
+    runtimeConfig.bandwidth     the same four keys from the runtime (pod annotations through the
+                                `bandwidth` capability); when present it replaces the four above
+    """
+
+    def __init__(self, request):
+        c = request.config
+        self.network = request.network
+        entry = conf_get(request.runtime_config(), "bandwidth", dict)
+        where = "runtimeConfig.bandwidth." if entry is not None else ""
+        values = dict((key, conf_int(c if entry is None else entry, key, 0, U64_MAX, 0, where))
+                      for key in BANDWIDTH_KEYS)
+        self.ingress = self._bucket(values, "ingress", where)
+        self.egress = self._bucket(values, "egress", where)
+
+    @staticmethod
+    def _bucket(values, direction, where):
+        """The direction's TokenBucket, or None when neither its rate nor its burst is set."""
+        rate, burst = values[direction + "Rate"], values[direction + "Burst"]
+        if rate == 0 and burst == 0:
+            return None
+        if burst == 0 or rate == 0:
+            given, missing = ("Rate", "Burst") if burst == 0 else ("Burst", "Rate")
+            raise config_error("if %s%s%s is set, %s%s%s must also be set"
+                               % (where, direction, given, where, direction, missing))
+        return TokenBucket(rate, burst, direction, where)
+
+
+def ifb_name(network, container_id):
+    """The IFB device of a container on a network, named as the reference names it."""
+    return (IFB_PREFIX + sha512_hex(network + container_id))[:15]
+
+
+def node_interfaces(previous):
+    """The names the prevResult gives to interfaces without a sandbox (bridge, host veth)."""
+    return [i.get("name") for i in (previous or {}).get("interfaces") or ()
+            if not i.get("sandbox") and isinstance(i.get("name"), str)]
+
+
+def peer_of_container(host_nl, container_nl, ifname, listed):
+    """The node's end of the container's veth `ifname`, or None when the container has no
+    interface of that name.  A peer that the prevResult (`listed`) does not name is refused, as
+    the reference refuses it: the chain made another interface than the one we would shape."""
+    container = get_link(container_nl, ifname)
+    if container is None:
+        return None
+    host = None
+    if container.kind == "veth" and container.peer_elsewhere:
+        host = get_link(host_nl, index=container.peer_index)
+    if host is None or host.kind != "veth" or host.peer_index != container.index:
+        raise CNIError(ERR_INVALID_CONFIG, "container interface %s has no veth peer on the node"
+                       % ifname, "bandwidth shapes the veth pairs bridge makes")
+    if listed and host.name not in listed:
+        raise CNIError(ERR_INVALID_CONFIG, "the veth peer %s of container interface %s is not in "
+                       "prevResult" % (host.name, ifname),
+                       "prevResult lists %s" % ", ".join(listed))
+    return host
+
+
+def listed_port(host_nl, listed, alias):
+    """The prevResult's interface that is a veth bridge port on the node (the one whose alias
+    names the attachment, if several), or None."""
+    ports = [link for link in (get_link(host_nl, name) for name in listed)
+             if link is not None and link.kind == "veth" and link.master]
+    ports.sort(key=lambda link: link.alias != alias)
+    return ports[0] if ports else None
+
+
+def aliased_port(host_nl, alias):
+    """The veth whose alias names the attachment (the bridge sets it), or None: a walk of every
+    link, for a DEL that has neither the namespace nor a prevResult."""
+    ports = (link for link in list_links(host_nl) if link.kind == "veth" and link.alias == alias)
+    return next(ports, None)
+
+
+def ensure_ifb(nl, name, mtu, alias):
+    """The IFB device `name`, up, with `mtu` and the attachment's alias; an existing one (a
+    repeated ADD, an ADD killed after making it) is reused, a link of another kind refused."""
+    ifb = get_link(nl, name)
+    if ifb is None:
+        create_ifb(nl, name, mtu, alias)
+        ifb = get_link(nl, name)
+    if ifb is None or ifb.kind != "ifb":
+        raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not an IFB device" % name,
+                       "it is a %s link: remove it" % (ifb.kind or "other") if ifb
+                       else "it vanished")
+    if not ifb.up or ifb.alias != alias or (mtu and ifb.mtu != mtu):
+        nl.transact([link_change(ifb.index, up=True, extra=[(LinkAttr.IFLA_IFALIAS, alias)]
+                                 + ([(LinkAttr.IFLA_MTU, mtu)] if mtu else []))],
+                    "failed to set up IFB device %s" % name)
+        ifb = get_link(nl, name)
+    return ifb
+
+
+def remove_shaping(nl, host, ifb):
+    """Remove the attachment's qdiscs from `host` (when it is still there) and its IFB device
+    `ifb` (a name); what is already gone is not an error."""
+    if host is not None:
+        for parent, handle, kind in ((TC_H_INGRESS, INGRESS_HANDLE, "ingress"),
+                                     (TC_H_ROOT, TBF_HANDLE, "tbf")):
+            qdisc = get_qdisc(nl, host.index, parent)
+            if qdisc is None or qdisc.kind != kind or qdisc.handle != handle:
+                continue
+            try:
+                nl.transact([qdisc_delete_request(host.index, handle, parent)],
+                            "failed to remove the %s qdisc of %s" % (kind, host.name))
+            except NetlinkError as err:
+                if err.errno not in ALREADY_GONE:
+                    raise
+    link = get_link(nl, ifb)
+    if link is not None and link.kind == "ifb":
+        delete_link(nl, link.index, "failed to delete IFB device %s" % ifb)
+
+
+def bandwidth_add(request):
+    """Shape the attachment as the config says; the prevResult comes back with the IFB device
+    appended (unchanged when nothing is shaped).  A failed ADD removes what it made."""
+    conf = BandwidthConfig(request)
+    previous = previous_result(request)
+    if conf.ingress is None and conf.egress is None:
+        return previous if previous is not None else {}
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "must be called as chained plugin",
+                       "the config has no prevResult: list bandwidth after the plugin that makes "
+                       "the interface")
+    host_nl = NetlinkSocket()
+    host = peer_of_container(host_nl, Netns(request.netns).netlink(), request.ifname,
+                             node_interfaces(previous))
+    if host is None:
+        raise CNIError(ERR_INTERNAL, "container interface %s not found" % request.ifname)
+    name = ifb_name(conf.network, request.container_id)
+    ifb = None
+    try:
+        requests = []
+        if conf.ingress is not None:
+            requests.append(tbf_request(host.index, conf.ingress.rate_bytes, conf.ingress.limit,
+                                        conf.ingress.buffer))
+        if conf.egress is not None:
+            ifb = ensure_ifb(host_nl, name, host.mtu,
+                             attachment_alias(conf.network, request.container_id, request.ifname))
+            requests += [tbf_request(ifb.index, conf.egress.rate_bytes, conf.egress.limit,
+                                     conf.egress.buffer),
+                         ingress_qdisc_request(host.index),
+                         redirect_filter_request(host.index, ifb.index)]
+        host_nl.transact(requests, "failed to shape the traffic of %s" % host.name)
+    except BaseException:
+        try:
+            remove_shaping(host_nl, host, name)
+        except CNIError as err:
+            sys.stderr.write("rollback: %s\n" % err.msg)
+        raise
+    if ifb is not None:
+        interfaces = [i for i in previous.get("interfaces") or () if i.get("name") != ifb.name]
+        previous["interfaces"] = interfaces + [{"name": ifb.name, "mac": ifb.mac}]
+    return previous
+
+
+def bandwidth_del(request):
+    """Best effort and idempotent: the namespace, the prevResult and the config's rates may all
+    be gone or broken, and the IFB device and the host veth's qdiscs still go.
+
+    The host veth is looked for where it costs least: the prevResult's bridge port (no
+    namespace to enter), the container interface's peer, the bridge port with the attachment's
+    alias.  When the namespace is gone, so is the veth pair, and only the IFB is left to remove.
+    """
+    network = request.network
+    host_nl = NetlinkSocket()
+    try:
+        listed = node_interfaces(previous_result(request))
+    except CNIError:
+        listed = []
+    alias = attachment_alias(network, request.container_id, request.ifname)
+    host = listed_port(host_nl, listed, alias)
+    if host is None and request.netns:
+        try:
+            host = peer_of_container(host_nl, Netns(request.netns).netlink(), request.ifname, ())
+        except NetnsGone:
+            pass
+        except CNIError as err:
+            sys.stderr.write("DEL: %s; removing the IFB device only\n" % err.msg)
+    elif host is None:
+        host = aliased_port(host_nl, alias)
+    remove_shaping(host_nl, host, ifb_name(network, request.container_id))
+    return None
+
+
+def bandwidth_check(request):
+    """The qdiscs hold the config's rates: the host veth's tbf, the IFB (up) and its tbf, and the
+    host veth's ingress filter redirecting to the IFB."""
+    conf = BandwidthConfig(request)
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "must be called as a chained plugin",
+                       "the config has no prevResult")
+    host_nl = NetlinkSocket()
+    host = peer_of_container(host_nl, Netns(request.netns).netlink(), request.ifname,
+                             node_interfaces(previous))
+    if host is None:
+        raise CNIError(ERR_INTERNAL, "container interface %s not found" % request.ifname)
+    if conf.ingress is not None:
+        check_token_bucket(host_nl, host, conf.ingress, "ingress")
+    if conf.egress is not None:
+        name = ifb_name(conf.network, request.container_id)
+        ifb = get_link(host_nl, name)
+        if ifb is None or ifb.kind != "ifb":
+            raise CNIError(ERR_INTERNAL, "IFB device %s of container %s not found"
+                           % (name, request.container_id))
+        if not ifb.up:
+            raise CNIError(ERR_INTERNAL, "IFB device %s is down" % name)
+        check_token_bucket(host_nl, ifb, conf.egress, "egress")
+        if ifb.index not in redirect_targets(host_nl, host.index):
+            raise CNIError(ERR_INTERNAL, "traffic from the container is not redirected to %s"
+                           % name,
+                           "%s has no ingress filter with a mirred redirect to it" % host.name)
+    return None
+
+
+def check_token_bucket(nl, link, bucket, direction):
+    """The root qdisc of `link` is a tbf with the bucket's rate, limit and buffer."""
+    qdisc = get_qdisc(nl, link.index, TC_H_ROOT)
+    if qdisc is None or qdisc.kind != "tbf":
+        raise CNIError(ERR_INTERNAL, "%s has no tbf qdisc for the %s rate" % (link.name, direction),
+                       "its root qdisc is %s" % (qdisc.kind if qdisc else "absent"))
+    for what, actual, wanted, unit in (("rate", qdisc.rate, bucket.rate_bytes, "bytes/s"),
+                                       ("limit", qdisc.limit, bucket.limit, "bytes"),
+                                       ("buffer", qdisc.buffer, bucket.buffer, "scheduler ticks")):
+        if actual != wanted:
+            raise CNIError(ERR_INTERNAL, "%s tbf %s of %s is %s %s, the config says %s"
+                           % (direction, what, link.name, actual, unit, wanted),
+                           "%sRate %d bits/s, %sBurst %d bits"
+                           % (direction, bucket.rate, direction, bucket.burst))
+
+
+def bandwidth_gc(request):
+    """Remove the IFB devices of this network whose container is not among the valid attachments
+    (their host veth, and its qdiscs, went with the container's namespace)."""
+    valid = valid_attachments(request.config)
+    if valid is None:
+        return None
+    valid_ids = set(cid for cid, _ifname in valid)
+    prefix = "cni:%s:" % request.network
+    nl = NetlinkSocket()
+    errors = []
+    for link in list_links(nl):
+        if link.kind == "ifb" and link.alias.startswith(prefix):
+            cid = link.alias[len(prefix):].rpartition(":")[0]
+            if cid not in valid_ids:
+                try:
+                    delete_link(nl, link.index, "failed to delete IFB device %s" % link.name)
+                except CNIError as err:
+                    errors.append(err.msg)
+    if errors:
+        raise CNIError(ERR_INTERNAL, "bandwidth GC could not remove every stale IFB device",
+                       "; ".join(errors))
+    return None
+
+
+# ==============================================================================================
 # Serving a CNI request
 # ==============================================================================================
 # The plugins by name and the reference's checks of the environment and stdin, in its order.
@@ -5977,6 +6533,8 @@ PLUGINS = {
                  "STATUS": firewall_status, "GC": firewall_gc},
     "portmap": {"ADD": portmap_add, "DEL": portmap_del, "CHECK": portmap_check,
                 "STATUS": portmap_status, "GC": portmap_gc},
+    "bandwidth": {"ADD": bandwidth_add, "DEL": bandwidth_del, "CHECK": bandwidth_check,
+                  "STATUS": nothing_to_do, "GC": bandwidth_gc},
 }
 # Plugins that speak only later spec versions (the reference firewall starts at 0.4.0).
 FIRST_VERSION = {"firewall": "0.4.0"}

@@ -29,7 +29,7 @@ import zipapp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_DIR = "/usr/lib/cni"
-PLUGIN_NAMES = ("bridge", "host-local", "loopback", "tuning", "firewall", "portmap")
+PLUGIN_NAMES = ("bridge", "host-local", "loopback", "tuning", "firewall", "portmap", "bandwidth")
 NS_PREFIX = "cbb-"                      # bench namespaces: cbb-<pid>-<tag>
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
@@ -671,6 +671,99 @@ def workload_firewall(results, impls, count):
                 results.add("firewall DEL", impl.key, delete)
 
 
+def ifb_devices():
+    out = run_tool([IP, "-j", "link", "show", "type", "ifb"], check=False)
+    return [link["ifname"] for link in json.loads(out)] if out.strip() else []
+
+
+def workload_bandwidth(results, impls, spaces, count):
+    """bandwidth ADD and DEL (both directions shaped: a tbf on the host veth, an IFB with its tbf
+    and the redirect filter) chained after the implementation's own bridge, whose calls are timed
+    only in the chain rows (bridge + bandwidth, as a runtime runs them); DEL in reverse order."""
+    log("bandwidth: 1 warm-up + %d samples" % count)
+    shaping = {"ingressRate": 16000000, "ingressBurst": 128000, "egressRate": 8000000, "egressBurst": 64000}
+    for i in range(-1, count):
+        names = spaces.create(2)
+        for impl, netns in zip(interleaved(impls, i), names):
+            conf = impl.main.config("1.0.0", False)
+            bw_conf = dict(shaping, cniVersion="1.0.0", name=impl.main.name, type="bandwidth")
+            container_id = "bw-%s-%s" % (impl.key, netns)
+            bridge_add = run_one(impl.call("bridge", "ADD", conf, container_id, netns))
+            if not expect_ok(results, "bandwidth (bridge ADD)", impl.key, bridge_add, container_id):
+                run_one(impl.call("bridge", "DEL", conf, container_id, netns))
+                continue
+            prev = bridge_add.json()
+            add = run_one(impl.call("bandwidth", "ADD", dict(bw_conf, prevResult=prev), container_id, netns))
+            ok_add = expect_ok(results, "bandwidth ADD", impl.key, add, container_id)
+            final = add.json() if ok_add else prev
+            delete = run_one(impl.call("bandwidth", "DEL", dict(bw_conf, prevResult=final), container_id, netns))
+            ok_del = expect_ok(results, "bandwidth DEL", impl.key, delete, container_id)
+            bridge_del = run_one(impl.call("bridge", "DEL", dict(conf, prevResult=final), container_id, netns))
+            ok_bridge_del = expect_ok(results, "bandwidth (bridge DEL)", impl.key, bridge_del, container_id)
+            if i >= 0 and ok_add:
+                results.add("bandwidth ADD", impl.key, add)
+                results.add("chain bridge+bandwidth ADD", impl.key,
+                            Outcome(bridge_add.ns + add.ns, 0, b"", b"", 0))
+            if i >= 0 and ok_del and ok_bridge_del:
+                results.add("bandwidth DEL", impl.key, delete)
+                results.add("chain bridge+bandwidth DEL", impl.key,
+                            Outcome(delete.ns + bridge_del.ns, 0, b"", b"", 0))
+            if i % LEAK_CHECK_EVERY == 0 or i == count - 1:
+                check_leaks(results, "bandwidth", impl, impl.main, [netns])
+                leftover = ifb_devices()
+                if leftover:
+                    results.leak("bandwidth", impl.key, ["IFB device %s" % name for name in leftover])
+        spaces.delete(names)
+
+
+def workload_k3s_chain(results, impls, spaces, count):
+    """k3s's chain as a whole: bridge, portmap (one published port), bandwidth; ADD in order, DEL
+    in reverse with the final result, each call a process as a runtime runs it.  Skipped until
+    both implementations have portmap."""
+    missing = [impl.key for impl in impls if not os.access(os.path.join(impl.bin_dir, "portmap"), os.X_OK)]
+    if missing:
+        log("k3s chain: skipped (no portmap in %s)" % ", ".join(missing))
+        return
+    log("k3s chain (bridge, portmap, bandwidth): 1 warm-up + %d samples" % count)
+    shaping = {"ingressRate": 16000000, "ingressBurst": 128000, "egressRate": 8000000, "egressBurst": 64000}
+    for i in range(-1, count):
+        names = spaces.create(2)
+        for impl, netns in zip(interleaved(impls, i), names):
+            network = impl.main
+            plugins = [network.config("1.0.0", True),
+                       {"cniVersion": "1.0.0", "name": network.name, "type": "portmap",
+                        "runtimeConfig": {"portMappings": [{"hostPort": 20000 + i % 1000, "containerPort": 80,
+                                                            "protocol": "tcp"}]}},
+                       {"cniVersion": "1.0.0", "name": network.name, "type": "bandwidth",
+                        "runtimeConfig": {"bandwidth": shaping}}]
+            container_id = "k3s-%s-%s" % (impl.key, netns)
+            result, add_ns, ok_all = None, 0, True
+            for conf in plugins:
+                stdin = dict(conf, prevResult=result) if result is not None else conf
+                outcome = run_one(impl.call(conf["type"], "ADD", stdin, container_id, netns))
+                add_ns += outcome.ns
+                if not expect_ok(results, "k3s chain ADD (%s)" % conf["type"], impl.key, outcome, container_id):
+                    ok_all = False
+                    break
+                result = outcome.json()
+            del_ns = 0
+            for conf in reversed(plugins):
+                stdin = dict(conf, prevResult=result) if result is not None else conf
+                outcome = run_one(impl.call(conf["type"], "DEL", stdin, container_id, netns))
+                del_ns += outcome.ns
+                ok_all = expect_ok(results, "k3s chain DEL (%s)" % conf["type"], impl.key, outcome,
+                                   container_id) and ok_all
+            if i >= 0 and ok_all:
+                results.add("k3s chain ADD", impl.key, Outcome(add_ns, 0, b"", b"", 0))
+                results.add("k3s chain DEL", impl.key, Outcome(del_ns, 0, b"", b"", 0))
+            if i % LEAK_CHECK_EVERY == 0 or i == count - 1:
+                check_leaks(results, "k3s chain", impl, network, [netns])
+                leftover = ifb_devices()
+                if leftover:
+                    results.leak("k3s chain", impl.key, ["IFB device %s" % name for name in leftover])
+        spaces.delete(names)
+
+
 def workload_burst(results, impls, spaces, rounds, width=32):
     """`width` concurrent ADDs, then `width` concurrent DELs: wall time; addresses must be distinct."""
     for masq in (False, True):
@@ -903,6 +996,9 @@ def target_rows(results, rows, rng):
         against_ref("tuning %s ours/ref <= 1.5" % command, "tuning " + command, 1.5)
     for command in ("ADD", "DEL"):      # issue 16: the reference execs iptables
         against_ref("firewall %s ours/ref <= 0.5" % command, "firewall %s" % command, 0.5)
+    for command in ("ADD", "DEL"):
+        against_ref("bandwidth %s ours/ref <= 1.3" % command, "bandwidth %s" % command, 1.3)
+        against_ref("k3s chain %s ours/ref <= 0.8" % command, "k3s chain %s" % command, 0.8)
     for masq in ("", " ipMasq"):
         for command in ("ADD", "DEL"):
             against_ref("burst 32%s %s wall ours/ref <= 0.8" % (masq, command),
@@ -1106,6 +1202,9 @@ def run(args, scratch, spaces):
              lambda: workload_firewall(results, impls, size["samples"])),
             ("portmap", False, lambda: workload_portmap(results, impls, spaces, size["samples"])),
             ("chain", False, lambda: workload_chain(results, impls, spaces, size["samples"])),
+            ("bandwidth", False, lambda: workload_bandwidth(results, impls, spaces, size["samples"])),
+            ("k3s chain (bandwidth)", False,
+             lambda: workload_k3s_chain(results, impls, spaces, size["samples"])),
             ("burst", False, lambda: workload_burst(results, impls, spaces, size["bursts"])),
             ("sequential", False, lambda: workload_sequential(results, impls, spaces, size["sequential"])),
             ("peak RSS: %d rounds" % size["rss"], True,

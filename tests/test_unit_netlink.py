@@ -809,3 +809,66 @@ def test_commit_rebuilt_retries_a_transaction_refused_for_a_vanished_rule():
     nl.refusals = 3
     with pytest.raises(cb.NetlinkError):
         cb.commit_rebuilt(nl, lambda batch: batch.flush_chain(cb.NFPROTO_INET, "t", "c"), "flush")
+
+
+# --- traffic control (the bandwidth plugin's requests) ----------------------------------------------
+
+def test_tc_requests_round_trip_through_the_codec():
+    """The tc requests encode with the shared codec and decode back to what was asked: a tbf with
+    a 64-bit rate, and a u32 filter whose one action is a mirred redirect."""
+    layouts = cb.MESSAGE_LAYOUTS[cb.NETLINK_ROUTE]
+    for rate in (1000000, 5 << 30):
+        request = cb.tbf_request(7, rate, 12345, 678)
+        wire = cb.encode_message(layouts, request.msg_type, request.flags, 1, request.header, request.attrs)
+        (msg_type, flags, _seq, payload), = cb.decode_messages(wire)
+        qdisc = cb.Qdisc(cb.decode_payload(layouts, msg_type, flags, payload))
+        assert (qdisc.index, qdisc.kind, qdisc.handle, qdisc.parent) == (7, "tbf", 0x10000, 0xFFFFFFFF)
+        assert (qdisc.rate, qdisc.limit, qdisc.buffer) == (rate, 12345, 678)
+    request = cb.redirect_filter_request(7, 9)
+    wire = cb.encode_message(layouts, request.msg_type, request.flags, 1, request.header, request.attrs)
+    (msg_type, flags, _seq, payload), = cb.decode_messages(wire)
+    msg = cb.decode_payload(layouts, msg_type, flags, payload)
+    assert msg.header["info"] == (1 << 16) | 0x0300          # priority 1, ETH_P_ALL in network order
+    options = cb.decode_attrs(cb.U32Attr, msg.get(cb.TcAttr.TCA_OPTIONS))
+    assert options[cb.U32Attr.TCA_U32_CLASSID] == 0x10001
+    actions = options[cb.U32Attr.TCA_U32_ACT]
+    assert list(actions) == [cb.ActionListAttr.TCA_ACT_ORDER_1]
+    action = actions[cb.ActionListAttr.TCA_ACT_ORDER_1]
+    assert action[cb.ActionAttr.TCA_ACT_KIND] == "mirred"
+    parms = cb.MIRRED_PARMS.unpack(action[cb.ActionAttr.TCA_ACT_OPTIONS][cb.MirredAttr.TCA_MIRRED_PARMS])
+    assert parms[2] == 4 and parms[5:] == (1, 9)               # stolen; egress redirect to link 9
+
+
+def bandwidth_request(**keys):
+    config = dict({"cniVersion": "1.0.0", "name": "unit", "type": "bandwidth"}, **keys)
+    return cb.Request("ADD", "ctr", "/run/netns/unit", "eth0", {}, "/opt/cni/bin", config, "1.0.0")
+
+
+@pytest.mark.parametrize("rate, burst, rate_bytes, limit, buffer", [
+    (8000000, 80000, 1000000, 35000, 156250),              # 10 ms of traffic: 10000 us, 15.625 ticks/us
+    (16000000, 128000, 2000000, 66000, 125000),
+    (8, 8, 1, 1, 15625000),                                # a byte per second, a one-byte bucket
+    (10000000, (1 << 32) - 1, 1250000, 31250 + 536870911, (1 << 32) - 1),   # containerd's burst: clamped
+    (10 ** 15, (1 << 32) - 1, 125 * 10 ** 12, (1 << 32) - 1, 62),     # 4 us of bucket; a 1 Pbit/s queue: clamped
+])
+def test_token_bucket_arithmetic(rate, burst, rate_bytes, limit, buffer):
+    """Bits in the config, bytes and scheduler ticks in the kernel, with the reference's rounding;
+    what the kernel cannot count is clamped to the largest it holds."""
+    cb.PROCESS.ticks_per_usec = 15.625       # /proc/net/psched on every kernel since 2.6.x
+    bucket = cb.TokenBucket(rate, burst, "ingress", "")
+    assert (bucket.rate_bytes, bucket.limit, bucket.buffer) == (rate_bytes, limit, buffer)
+
+
+def test_bandwidth_config_keys():
+    """Keys in any case; runtimeConfig.bandwidth replaces the config's four; a rate without its
+    burst, or a burst shorter than a clock tick, is code 7."""
+    conf = cb.BandwidthConfig(bandwidth_request(INGRESSRATE=8000000, ingressburst=80000))
+    assert (conf.ingress.rate, conf.ingress.burst, conf.egress) == (8000000, 80000, None)
+    conf = cb.BandwidthConfig(bandwidth_request(ingressRate=8000000, ingressBurst=80000, runtimeConfig={
+        "bandwidth": {"egressRate": 16000000, "egressBurst": 64000}}))
+    assert conf.ingress is None and (conf.egress.rate, conf.egress.burst) == (16000000, 64000)
+    for keys in ({"egressRate": 1000}, {"runtimeConfig": {"bandwidth": {"ingressBurst": 1000}}},
+                 {"ingressRate": 10 ** 15, "ingressBurst": 8000}):
+        with pytest.raises(cb.CNIError) as raised:
+            cb.BandwidthConfig(bandwidth_request(**keys))
+        assert raised.value.code == 7, keys

@@ -1,0 +1,384 @@
+"""Runtimes' default networks on our file alone (issues 15, 16 and 17): the conflists containerd,
+podman (CNI backend), nerdctl and k3s install, run as libcni runs them, with CNI_PATH holding
+nothing but our zipapp and its links (no reference plugin reachable).
+
+Each chain is driven by the zipapp's cnitool-like operator commands (`cni-bridge.pyz add|check|del
+NETWORK NETNS`): ADD in order threading prevResult, CHECK and DEL (in reverse) with libcni's cached
+result, capabilities from CAP_ARGS as a CRI runtime passes a pod's hostPorts and bandwidth
+annotations.  Every test builds a node namespace, a "remote" namespace on the node's uplink (a
+client outside the node) and containers; what the chain did is read back from the kernel (`ip -j`,
+`nft -j`, `iptables-save`, `tc -j`) and proved with traffic; after DEL nothing of the attachment
+may be left: veth, reservation, port-mapping, masquerade and firewall rules, qdiscs, IFB device,
+cached result.
+"""
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import IP, MASQ_CHAIN, PLUGIN_NAMES, masq_table, reservations, run, ruleset
+
+pytestmark = pytest.mark.kernel
+
+NODE_UP, REMOTE, UP_PREFIX = "203.0.113.1", "203.0.113.2", 24       # the node's uplink, TEST-NET-3
+TIMEOUT = 60
+PYZ = "cni-bridge.pyz"
+
+# A TCP server on the given ports: answers each peer with "<peer address> <local address>", and
+# stops after a minute at most.
+SERVER = r"""
+import select, socket, sys, time
+socks = []
+for port in map(int, sys.argv[1:]):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port))
+    s.listen(8)
+    socks.append(s)
+print("ready", flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    for s in select.select(socks, [], [], 1)[0]:
+        conn, peer = s.accept()
+        conn.sendall(("%s %s" % (peer[0], conn.getsockname()[0])).encode())
+        conn.close()
+"""
+
+# One TCP exchange with host:port, retried for `wait` seconds; prints the answer or exits 1.
+CLIENT = r"""
+import socket, sys, time
+host, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline = time.monotonic() + wait
+while True:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            reply = s.recv(200)
+        if reply:
+            print(reply.decode())
+            sys.exit(0)
+    except OSError:
+        pass
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.1)
+"""
+
+
+# --- the runtimes' conflists ----------------------------------------------------------------------
+# As each runtime writes them (dataDir added: the test's own; no public IPv6 range).
+
+def containerd_net(data_dir):
+    """containerd's default (its install script's 10-containerd-net.conflist)."""
+    return {"cniVersion": "1.0.0", "name": "containerd-net", "plugins": [
+        {"type": "loopback"},
+        {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": True, "promiscMode": True,
+         "ipam": {"type": "host-local", "dataDir": str(data_dir),
+                  "ranges": [[{"subnet": "10.88.0.0/16"}], [{"subnet": "fd88::/64"}]],
+                  "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
+        {"type": "portmap", "capabilities": {"portMappings": True}}]}
+
+
+def podman_net(data_dir):
+    """podman's CNI default network (87-podman.conflist of podman 3 and 4)."""
+    return {"cniVersion": "0.4.0", "name": "podman", "plugins": [
+        {"type": "bridge", "bridge": "cni-podman0", "isGateway": True, "ipMasq": True, "hairpinMode": True,
+         "ipam": {"type": "host-local", "dataDir": str(data_dir), "routes": [{"dst": "0.0.0.0/0"}],
+                  "ranges": [[{"subnet": "10.88.0.0/16", "gateway": "10.88.0.1"}]]}},
+        {"type": "portmap", "capabilities": {"portMappings": True}},
+        {"type": "firewall"},
+        {"type": "tuning"}]}
+
+
+def nerdctl_net(data_dir):
+    """nerdctl's default network `bridge` (the conflist nerdctl writes for it)."""
+    return {"cniVersion": "1.0.0", "name": "bridge", "plugins": [
+        {"type": "bridge", "bridge": "nerdctl0", "isGateway": True, "ipMasq": True, "hairpinMode": True,
+         "ipam": {"type": "host-local", "dataDir": str(data_dir), "routes": [{"dst": "0.0.0.0/0"}],
+                  "ranges": [[{"gateway": "10.4.0.1", "subnet": "10.4.0.0/24"}]]}},
+        {"type": "portmap", "capabilities": {"portMappings": True}},
+        {"type": "firewall", "ingressPolicy": "same-bridge"},
+        {"type": "tuning"}]}
+
+
+def k3s_net(data_dir):
+    """k3s's chain (flannel's 10-flannel.conflist, with the bridge flannel delegates to)."""
+    return {"cniVersion": "1.0.0", "name": "cbr0", "plugins": [
+        {"type": "bridge", "bridge": "cni0", "isGateway": True, "hairpinMode": True, "forceAddress": True,
+         "isDefaultGateway": True, "mtu": 1450,
+         "ipam": {"type": "host-local", "dataDir": str(data_dir),
+                  "ranges": [[{"subnet": "10.42.0.0/24"}]], "routes": [{"dst": "10.42.0.0/16"}]}},
+        {"type": "portmap", "capabilities": {"portMappings": True}},
+        {"type": "bandwidth", "capabilities": {"bandwidth": True}}]}
+
+
+def host_port(port, container_port):
+    """A Kubernetes hostPort as the CRI runtime passes it (CAP_ARGS portMappings)."""
+    return {"hostPort": port, "containerPort": container_port, "protocol": "tcp", "hostIP": ""}
+
+
+# --- the site ------------------------------------------------------------------------------------
+
+class Site:
+    """A node with an uplink to a remote namespace, a conflist directory and the operator commands
+    of our zipapp, with CNI_PATH holding only our zipapp's links."""
+
+    def __init__(self, make_netns, bin_dir, tmp_path):
+        self.make_netns = make_netns
+        self.bin = bin_dir
+        self.data_dir = tmp_path / "ipam"
+        self.conf_dir = tmp_path / "net.d"
+        self.cache_dir = tmp_path / "cache"
+        self.conf_dir.mkdir()
+        self.node = make_netns("chn")
+        self.remote = make_netns("chr")
+        self.servers = []
+        run([IP, "-n", self.node.name, "link", "add", "chup0", "type", "veth", "peer", "name", "up0",
+             "netns", self.remote.name])
+        for ns, dev, addr in ((self.node, "chup0", NODE_UP), (self.remote, "up0", REMOTE)):
+            run([IP, "-n", ns.name, "addr", "add", "%s/%d" % (addr, UP_PREFIX), "dev", dev])
+            run([IP, "-n", ns.name, "link", "set", dev, "up"])
+
+    def install(self, conflist):
+        (self.conf_dir / ("%s.conflist" % conflist["name"])).write_text(json.dumps(conflist))
+        return conflist["name"]
+
+    def operator(self, command, network, container, caps=None, check=True):
+        """`cni-bridge.pyz COMMAND NETWORK NETNS` in the node, as cnitool would be run."""
+        env = {"NETCONFPATH": self.conf_dir, "CNI_PATH": self.bin, "CNI_CACHE_DIR": self.cache_dir,
+               "CNI_IFNAME": "eth0", "CAP_ARGS": json.dumps(caps or {})}
+        proc = self.node.run("env", *["%s=%s" % kv for kv in env.items()], self.bin / PYZ, command,
+                             network, container.path, check=False, timeout=TIMEOUT)
+        if check:
+            assert proc.returncode == 0, "%s %s: %s %s" % (command, network, proc.stdout, proc.stderr)
+        return json.loads(proc.stdout) if command == "add" else proc
+
+    def cached(self, network):
+        """libcni's cached results of `network` (file names)."""
+        results = self.cache_dir / "results"
+        return sorted(p.name for p in results.glob(network + "-*")) if results.is_dir() else []
+
+    def serve(self, ns, *ports):
+        proc = subprocess.Popen([IP, "netns", "exec", ns.name, "python3", "-c", SERVER] + [str(p) for p in ports],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.servers.append(proc)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+
+    def connect(self, ns, host, port, wait=5.0):
+        """(source the server saw, address it was reached on), or None when nothing answered."""
+        proc = ns.run("python3", "-c", CLIENT, host, str(port), str(wait), check=False, timeout=wait + 10)
+        return tuple(proc.stdout.split()) if proc.returncode == 0 else None
+
+    def close(self):
+        for proc in self.servers:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def site(make_netns, ours_bin, tmp_path):
+    """The site, after checking that CNI_PATH reaches nothing but our zipapp."""
+    entries = sorted(os.listdir(ours_bin))
+    assert entries == sorted(PLUGIN_NAMES + (PYZ,)), entries
+    for name in PLUGIN_NAMES:
+        assert os.path.realpath(ours_bin / name) == os.path.realpath(ours_bin / PYZ), name
+    s = Site(make_netns, ours_bin, tmp_path)
+    yield s
+    s.close()
+
+
+# --- reading the kernel ----------------------------------------------------------------------------
+
+def container_address(result, family=4):
+    return [ip["address"].split("/")[0] for ip in result["ips"] if (":" in ip["address"]) == (family == 6)][0]
+
+
+def host_veth(result):
+    """The node-side veth of the attachment: the result's interface with no sandbox that is not
+    the bridge (which comes first)."""
+    on_node = [i["name"] for i in result["interfaces"] if not i.get("sandbox")]
+    return on_node[1]
+
+
+def portmap_rules(node, network):
+    """Rules of the portmap tables commented with `network`'s attachments."""
+    return [e["rule"] for e in ruleset(node) if "rule" in e and e["rule"]["table"] == "cni_hostport"
+            and e["rule"].get("comment", "").startswith("net:%s " % network)]
+
+
+def masquerade_rules(node):
+    return masq_table(node)[1].get(MASQ_CHAIN, [])
+
+
+def iptables_lines(node, address):
+    """iptables-save lines of the node's filter table that name `address`."""
+    return [line for line in node.run("iptables-save", "-t", "filter").stdout.splitlines()
+            if address + "/32" in line]
+
+
+def ifb_links(node):
+    return [link["ifname"] for link in node.ip_json("link", "show", "type", "ifb")]
+
+
+def qdisc_kinds(node, dev):
+    return sorted(q["kind"] for q in json.loads(node.run("tc", "-j", "qdisc", "show", "dev", dev).stdout))
+
+
+def check_attached(site, network, container, result, gateway):
+    """The container holds the result's address, reaches the gateway; the host veth is the bridge's."""
+    address = container_address(result)
+    held = [a["local"] for link in container.ip_json("addr", "show", "dev", "eth0") for a in link["addr_info"]]
+    assert address in held, held
+    container.run("ping", "-c", "1", "-W", "3", gateway, timeout=10)
+    veth = host_veth(result)
+    assert site.node.links()[veth]["master"] == result["interfaces"][0]["name"]
+    assert reservations(site.data_dir / network).get(address, "").split()[1:] == ["eth0"]
+    assert site.cached(network)
+    return address, veth
+
+
+def check_gone(site, network, address, veth):
+    """Nothing of the attachment is left on the node, in host-local's state or libcni's cache."""
+    assert veth not in site.node.links()
+    assert reservations(site.data_dir / network) == {}
+    assert portmap_rules(site.node, network) == []
+    assert masquerade_rules(site.node) == []
+    assert site.cached(network) == []
+
+
+# --- the chains --------------------------------------------------------------------------------------
+
+def test_containerd_default_network_with_a_host_port(site, make_netns):
+    """containerd's default conflist (loopback, bridge cni0 with isGateway, ipMasq and promiscMode,
+    portmap): lo is up, the pod reaches its gateway, a hostPort answers a client outside the node
+    (which the pod sees as itself), CHECK passes, DEL leaves nothing and closes the port."""
+    network = site.install(containerd_net(site.data_dir))
+    pod = make_netns("pod")
+    caps = {"portMappings": [host_port(30080, 80)]}
+    result = site.operator("add", network, pod, caps)
+    assert [i["name"] for i in result["interfaces"] if i.get("sandbox")] == ["eth0"]
+    assert "UP" in pod.links()["lo"]["flags"]
+    address, veth = check_attached(site, network, pod, result, "10.88.0.1")
+    assert ":" in container_address(result, 6)
+    assert "PROMISC" in site.node.links()["cni0"]["flags"]
+    mapped = sorted(r["family"] for r in portmap_rules(site.node, network) if r["chain"] == "hostports")
+    assert mapped == ["ip", "ip6"], mapped                                 # one rule per family
+    assert masquerade_rules(site.node)
+    site.serve(pod, 80)
+    assert site.connect(site.remote, NODE_UP, 30080) == (REMOTE, address)
+    site.operator("check", network, pod, caps)
+    site.operator("del", network, pod, caps)
+    check_gone(site, network, address, veth)
+    assert [link for link in pod.links() if link != "lo"] == []
+    assert site.connect(site.remote, NODE_UP, 30080, wait=0.5) is None
+    site.operator("del", network, pod, caps)                                 # a second DEL is fine
+
+
+def test_k3s_chain_with_a_host_port_and_bandwidth(site, make_netns):
+    """k3s's chain (bridge with hairpinMode, forceAddress, isDefaultGateway; portmap; bandwidth):
+    the pod's default route is its gateway, the hostPort answers from outside, the pod's bandwidth
+    annotations become a token bucket on the host veth and an IFB with its own; DEL removes the
+    qdiscs and the IFB with the rest."""
+    network = site.install(k3s_net(site.data_dir))
+    pod = make_netns("pod")
+    caps = {"portMappings": [host_port(30081, 8080)],
+            "bandwidth": {"ingressRate": 10000000, "ingressBurst": 200000,
+                          "egressRate": 5000000, "egressBurst": 100000}}
+    result = site.operator("add", network, pod, caps)
+    address, veth = check_attached(site, network, pod, result, "10.42.0.1")
+    routes = pod.ip_json("route", "show", "default")
+    assert [(r["gateway"], r["dev"]) for r in routes] == [("10.42.0.1", "eth0")], routes
+    assert pod.links()["eth0"]["mtu"] == 1450
+    ifbs = ifb_links(site.node)
+    assert len(ifbs) == 1 and ifbs[0] in [i["name"] for i in result["interfaces"]], (ifbs, result)
+    assert qdisc_kinds(site.node, veth) == ["ingress", "tbf"]
+    assert "tbf" in qdisc_kinds(site.node, ifbs[0])
+    site.serve(pod, 8080)
+    assert site.connect(site.remote, NODE_UP, 30081) == (REMOTE, address)
+    site.operator("check", network, pod, caps)
+    site.operator("del", network, pod, caps)
+    check_gone(site, network, address, veth)
+    assert ifb_links(site.node) == []
+    assert site.connect(site.remote, NODE_UP, 30081, wait=0.5) is None
+
+
+@pytest.mark.parametrize("shape", ["podman", "nerdctl"])
+def test_podman_and_nerdctl_default_networks(site, make_netns, shape):
+    """podman's CNI default network and nerdctl's default network (bridge, portmap, firewall,
+    tuning; nerdctl's firewall with ingressPolicy same-bridge): the published port answers from
+    outside, the firewall's FORWARD rules name the container (iptables-save), and DEL removes
+    them with the rest."""
+    conflist = (podman_net if shape == "podman" else nerdctl_net)(site.data_dir)
+    network = site.install(conflist)
+    bridge, gateway = conflist["plugins"][0]["bridge"], "10.88.0.1" if shape == "podman" else "10.4.0.1"
+    ctr = make_netns("ctr")
+    caps = {"portMappings": [host_port(8080, 80)]}
+    result = site.operator("add", network, ctr, caps)
+    address, veth = check_attached(site, network, ctr, result, gateway)
+    site.serve(ctr, 80)
+    assert site.connect(site.remote, NODE_UP, 8080) == (REMOTE, address)
+    forward = iptables_lines(site.node, address)
+    assert any(l.startswith("-A CNI-FORWARD -s %s/32" % address) and l.endswith("-j ACCEPT") for l in forward), forward
+    assert any(l.startswith("-A CNI-FORWARD -d %s/32" % address) and "RELATED,ESTABLISHED" in l for l in forward)
+    isolation = [l for l in site.node.run("iptables-save", "-t", "filter").stdout.splitlines()
+                 if l.startswith("-A CNI-ISOLATION-STAGE-1 -i %s " % bridge)]
+    assert bool(isolation) == (shape == "nerdctl"), isolation
+    site.operator("check", network, ctr, caps)
+    site.operator("del", network, ctr, caps)
+    check_gone(site, network, address, veth)
+    assert iptables_lines(site.node, address) == []
+
+
+def test_podman_network_lets_the_container_out_through_a_dropping_forward(site, make_netns):
+    """With the node's FORWARD policy DROP (as Docker leaves it), the container of podman's default
+    network reaches a server outside the node only because the chain's firewall lets it; after DEL
+    its rules are gone and a second container (not added through the chain) stays blocked."""
+    if shutil.which("iptables") is None:
+        pytest.skip("iptables not installed: cannot set the FORWARD policy")
+    site.node.run("iptables", "-P", "FORWARD", "DROP")
+    network = site.install(podman_net(site.data_dir))
+    site.serve(site.remote, 9090)
+    ctr = make_netns("ctr")
+    result = site.operator("add", network, ctr)
+    address, veth = check_attached(site, network, ctr, result, "10.88.0.1")
+    assert site.connect(ctr, REMOTE, 9090)[1] == REMOTE                      # masqueraded, answered
+    site.operator("del", network, ctr)
+    check_gone(site, network, address, veth)
+    assert iptables_lines(site.node, address) == []
+    # The same container address, attached by our bridge alone (no firewall in its chain): dropped.
+    bridge_only = dict(podman_net(site.data_dir), name="podman-bare")
+    bridge_only["plugins"] = bridge_only["plugins"][:1]
+    site.install(bridge_only)
+    other = make_netns("ctr")
+    site.operator("add", "podman-bare", other)
+    assert site.connect(other, REMOTE, 9090, wait=1.0) is None
+    site.operator("del", "podman-bare", other)
+
+
+def test_chains_run_no_program_but_the_plugins(site, make_netns, tmp_path):
+    """containerd's and k3s's chains on an nf_tables node: no `ip`, `tc`, `nft` or `iptables` is
+    run (a PATH of recording stand-ins sees nothing), everything still works and goes."""
+    spy_dir, log = tmp_path / "spy", tmp_path / "spy.log"
+    spy_dir.mkdir()
+    for program in ("ip", "tc", "nft", "iptables", "ip6tables", "iptables-nft", "iptables-legacy"):
+        spy = spy_dir / program
+        spy.write_text("#!/bin/sh\necho %s \"$@\" >> %s\nexit 1\n" % (program, log))
+        spy.chmod(0o755)
+    for conflist in (containerd_net(site.data_dir), k3s_net(site.data_dir)):
+        network = site.install(conflist)
+        pod = make_netns("pod")
+        caps = {"portMappings": [host_port(30090, 80)],
+                "bandwidth": {"ingressRate": 10000000, "ingressBurst": 200000}}
+        env = {"PATH": "%s:%s" % (spy_dir, os.environ.get("PATH", "")), "NETCONFPATH": site.conf_dir,
+               "CNI_PATH": site.bin, "CNI_CACHE_DIR": site.cache_dir, "CAP_ARGS": json.dumps(caps)}
+        envs = ["%s=%s" % kv for kv in env.items()]
+        for command in ("add", "check", "del"):
+            proc = site.node.run("env", *envs, site.bin / PYZ, command, network, pod.path, check=False,
+                                 timeout=TIMEOUT)
+            assert proc.returncode == 0, "%s %s: %s %s" % (command, network, proc.stdout, proc.stderr)
+        assert reservations(site.data_dir / network) == {} and portmap_rules(site.node, network) == []
+        site.node.run(IP, "link", "del", "cni0")        # both name their bridge cni0, set up differently
+    assert not log.exists(), log.read_text()

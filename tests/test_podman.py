@@ -1,8 +1,10 @@
 """A real runtime: podman 4.3 (CNI backend, calling plugins through libcni) runs busybox containers
-on our plugins (conftest's PLUGIN_NAMES), with the reference's for the chained plugins we do not have
-(portmap, firewall, tuning follow bridge as in the networks podman generates).  The checks read the kernel (the container's addresses, MAC and
-routes through /proc/<pid>/ns/net, the node's veths and nftables ruleset), the reservation files and
-libcni's result cache, and compare them with what `podman inspect` reports.
+on our plugins (helpers.PLUGIN_NAMES: bridge and host-local, and portmap, firewall and tuning after
+them as in the networks podman generates; the reference's only for a chained plugin we lack, and
+once the reference portmap in place of ours).  The checks read the kernel (the container's
+addresses, MAC and routes through /proc/<pid>/ns/net, the node's veths, nftables ruleset and
+iptables-save), the reservation files and libcni's result cache, and compare them with what
+`podman inspect` reports.
 
 Everything is private.  Podman runs in a node network namespace the test makes, always inside one
 mount namespace held by a helper process (started with `ip netns exec <node>`), where /run and

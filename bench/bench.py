@@ -571,38 +571,6 @@ def workload_portmap(results, impls, spaces, count):
         spaces.delete(names)
 
 
-def workload_chain(results, impls, spaces, count):
-    """The chain a runtime runs for containerd's default network: loopback, bridge and portmap
-    ADDs threading prevResult, then the DELs in reverse; the sum of the process times."""
-    log("chain loopback+bridge+portmap: 1 warm-up + %d samples" % count)
-    for i in range(-1, count):
-        names = spaces.create(2)
-        for impl, netns in zip(interleaved(impls, i), names):
-            container_id = "chain-%s-%s" % (impl.key, netns)
-            plugins = [("loopback", {"cniVersion": "1.0.0", "name": impl.main.name, "type": "loopback"}),
-                       ("bridge", impl.main.config("1.0.0", True)),
-                       ("portmap", portmap_config(impl.main))]
-            total, result, ok = {"ADD": 0, "DEL": 0}, None, True
-            for plugin, conf in plugins:
-                conf = dict(conf, prevResult=result) if result is not None else conf
-                add = run_one(impl.call(plugin, "ADD", conf, container_id, netns))
-                ok = expect_ok(results, "chain ADD " + plugin, impl.key, add, container_id) and ok
-                total["ADD"] += add.ns
-                result = add.json() if add.status == 0 else result
-            for plugin, conf in reversed(plugins):
-                conf = dict(conf, prevResult=result) if result is not None else conf
-                delete = run_one(impl.call(plugin, "DEL", conf, container_id, netns))
-                ok = expect_ok(results, "chain DEL " + plugin, impl.key, delete, container_id) and ok
-                total["DEL"] += delete.ns
-            if ok and i >= 0:
-                for command in ("ADD", "DEL"):
-                    results.add("chain %s" % command, impl.key, Outcome(total[command], 0, b"", b"", 0))
-                results.add("chain ADD+DEL", impl.key, Outcome(total["ADD"] + total["DEL"], 0, b"", b"", 0))
-            if i % LEAK_CHECK_EVERY == 0 or i == count - 1:
-                check_leaks(results, "chain", impl, impl.main, [netns])
-        spaces.delete(names)
-
-
 def workload_loopback(results, impls, spaces, count):
     conf = {"cniVersion": "1.0.0", "name": "lo", "type": "loopback"}
     for i in range(count):
@@ -671,6 +639,10 @@ def workload_firewall(results, impls, count):
                 results.add("firewall DEL", impl.key, delete)
 
 
+BANDWIDTH_SHAPING = {"ingressRate": 16000000, "ingressBurst": 128000, "egressRate": 8000000,
+                     "egressBurst": 64000}
+
+
 def ifb_devices():
     out = run_tool([IP, "-j", "link", "show", "type", "ifb"], check=False)
     return [link["ifname"] for link in json.loads(out)] if out.strip() else []
@@ -681,7 +653,7 @@ def workload_bandwidth(results, impls, spaces, count):
     and the redirect filter) chained after the implementation's own bridge, whose calls are timed
     only in the chain rows (bridge + bandwidth, as a runtime runs them); DEL in reverse order."""
     log("bandwidth: 1 warm-up + %d samples" % count)
-    shaping = {"ingressRate": 16000000, "ingressBurst": 128000, "egressRate": 8000000, "egressBurst": 64000}
+    shaping = BANDWIDTH_SHAPING
     for i in range(-1, count):
         names = spaces.create(2)
         for impl, netns in zip(interleaved(impls, i), names):
@@ -716,51 +688,88 @@ def workload_bandwidth(results, impls, spaces, count):
         spaces.delete(names)
 
 
-def workload_k3s_chain(results, impls, spaces, count):
-    """k3s's chain as a whole: bridge, portmap (one published port), bandwidth; ADD in order, DEL
-    in reverse with the final result, each call a process as a runtime runs it.  Skipped until
-    both implementations have portmap."""
-    missing = [impl.key for impl in impls if not os.access(os.path.join(impl.bin_dir, "portmap"), os.X_OK)]
-    if missing:
-        log("k3s chain: skipped (no portmap in %s)" % ", ".join(missing))
-        return
-    log("k3s chain (bridge, portmap, bandwidth): 1 warm-up + %d samples" % count)
-    shaping = {"ingressRate": 16000000, "ingressBurst": 128000, "egressRate": 8000000, "egressBurst": 64000}
+# --- whole chains, as the runtimes' default networks run them ---------------------------------
+# Each plugin of the chain is one process, as libcni runs it: ADD in order threading prevResult,
+# then DEL in reverse with the final result.  A row is the sum of the process times of one
+# container's ADDs (or DELs, or both); the plugins' configs reuse the per-plugin workloads'.
+
+def bridge_config(network, **keys):
+    """The network's bridge config with a runtime's keys added (hairpinMode, ...)."""
+    return dict(network.config("1.0.0", True), **keys)
+
+
+def k3s_bridge_config(network):
+    """The bridge flannel delegates to in k3s: no ipMasq (flannel masquerades), the gateway as the
+    default route (so no default route from host-local)."""
+    return {"cniVersion": "1.0.0", "name": network.name, "type": "bridge", "bridge": network.bridge,
+            "isGateway": True, "isDefaultGateway": True, "forceAddress": True, "hairpinMode": True,
+            "ipam": {"type": "host-local", "subnet": network.subnet, "dataDir": network.data_dir}}
+
+
+def chained(network, plugin, **keys):
+    return dict({"cniVersion": "1.0.0", "name": network.name, "type": plugin}, **keys)
+
+
+# name -> (the plugins' configs for one implementation's network and scratch dir, target of ADD+DEL)
+CHAINS = {
+    "containerd": (lambda network, scratch: [
+        chained(network, "loopback"), network.config("1.0.0", True), portmap_config(network)], 0.7),
+    "podman": (lambda network, scratch: [
+        bridge_config(network, hairpinMode=True), portmap_config(network), chained(network, "firewall"),
+        chained(network, "tuning", dataDir=os.path.join(scratch, "chain-tuning"))], 0.7),
+    "k3s": (lambda network, scratch: [
+        k3s_bridge_config(network), portmap_config(network),
+        chained(network, "bandwidth", runtimeConfig={"bandwidth": BANDWIDTH_SHAPING})], 0.8),
+}
+
+
+def firewall_rules(impl, addresses):
+    """The node's iptables filter rules naming one of `addresses` (the firewall plugin's)."""
+    if not addresses or not shutil.which("iptables-save"):
+        return []
+    out = run_tool(["iptables-save", "-t", "filter"], check=False)
+    return ["iptables: " + line for line in out.splitlines()
+            if any(" %s/32 " % address in line for address in addresses)]
+
+
+def workload_chain(results, impls, spaces, count, name, scratch):
+    """One runtime's default chain (CHAINS[name]) as a whole, ours against the reference's."""
+    build, _target = CHAINS[name]
+    label = "%s chain" % name
+    log("%s (%s): 1 warm-up + %d samples" % (label, ", ".join(c["type"] for c in build(impls[0].main, scratch)),
+                                             count))
     for i in range(-1, count):
         names = spaces.create(2)
         for impl, netns in zip(interleaved(impls, i), names):
-            network = impl.main
-            plugins = [network.config("1.0.0", True),
-                       {"cniVersion": "1.0.0", "name": network.name, "type": "portmap",
-                        "runtimeConfig": {"portMappings": [{"hostPort": 20000 + i % 1000, "containerPort": 80,
-                                                            "protocol": "tcp"}]}},
-                       {"cniVersion": "1.0.0", "name": network.name, "type": "bandwidth",
-                        "runtimeConfig": {"bandwidth": shaping}}]
-            container_id = "k3s-%s-%s" % (impl.key, netns)
-            result, add_ns, ok_all = None, 0, True
+            plugins = build(impl.main, os.path.join(scratch, impl.key))
+            container_id = "%s-%s-%s" % (name, impl.key, netns)
+            total, result, ok = {"ADD": 0, "DEL": 0}, None, True
             for conf in plugins:
                 stdin = dict(conf, prevResult=result) if result is not None else conf
-                outcome = run_one(impl.call(conf["type"], "ADD", stdin, container_id, netns))
-                add_ns += outcome.ns
-                if not expect_ok(results, "k3s chain ADD (%s)" % conf["type"], impl.key, outcome, container_id):
-                    ok_all = False
+                add = run_one(impl.call(conf["type"], "ADD", stdin, container_id, netns))
+                ok = expect_ok(results, "%s ADD %s" % (label, conf["type"]), impl.key, add, container_id) and ok
+                total["ADD"] += add.ns
+                if add.status != 0:
                     break
-                result = outcome.json()
-            del_ns = 0
+                result = add.json()
             for conf in reversed(plugins):
                 stdin = dict(conf, prevResult=result) if result is not None else conf
-                outcome = run_one(impl.call(conf["type"], "DEL", stdin, container_id, netns))
-                del_ns += outcome.ns
-                ok_all = expect_ok(results, "k3s chain DEL (%s)" % conf["type"], impl.key, outcome,
-                                   container_id) and ok_all
-            if i >= 0 and ok_all:
-                results.add("k3s chain ADD", impl.key, Outcome(add_ns, 0, b"", b"", 0))
-                results.add("k3s chain DEL", impl.key, Outcome(del_ns, 0, b"", b"", 0))
+                delete = run_one(impl.call(conf["type"], "DEL", stdin, container_id, netns))
+                ok = expect_ok(results, "%s DEL %s" % (label, conf["type"]), impl.key, delete, container_id) and ok
+                total["DEL"] += delete.ns
+            if ok and i >= 0:
+                for command in ("ADD", "DEL"):
+                    results.add("%s %s" % (label, command), impl.key, Outcome(total[command], 0, b"", b"", 0))
+                results.add("%s ADD+DEL" % label, impl.key, Outcome(total["ADD"] + total["DEL"], 0, b"", b"", 0))
             if i % LEAK_CHECK_EVERY == 0 or i == count - 1:
-                check_leaks(results, "k3s chain", impl, network, [netns])
-                leftover = ifb_devices()
-                if leftover:
-                    results.leak("k3s chain", impl.key, ["IFB device %s" % name for name in leftover])
+                check_leaks(results, label, impl, impl.main, [netns])
+                leftovers = ["IFB device %s" % device for device in ifb_devices()]
+                leftovers += firewall_rules(impl, [container_ip(result)] if result else [])
+                tuning_dir = os.path.join(scratch, impl.key, "chain-tuning")
+                leftovers += ["tuning file %s" % f for f in
+                              (os.listdir(tuning_dir) if os.path.isdir(tuning_dir) else [])]
+                if leftovers:
+                    results.leak(label, impl.key, leftovers)
         spaces.delete(names)
 
 
@@ -998,14 +1007,14 @@ def target_rows(results, rows, rng):
         against_ref("firewall %s ours/ref <= 0.5" % command, "firewall %s" % command, 0.5)
     for command in ("ADD", "DEL"):
         against_ref("bandwidth %s ours/ref <= 1.3" % command, "bandwidth %s" % command, 1.3)
-        against_ref("k3s chain %s ours/ref <= 0.8" % command, "k3s chain %s" % command, 0.8)
     for masq in ("", " ipMasq"):
         for command in ("ADD", "DEL"):
             against_ref("burst 32%s %s wall ours/ref <= 0.8" % (masq, command),
                         "burst 32%s %s (wall)" % (masq, command), 0.8)
     against_ref("portmap ADD ours/ref <= 0.5", "portmap ADD", 0.5)
     against_ref("portmap DEL ours/ref <= 0.5", "portmap DEL", 0.5)
-    against_ref("chain ADD+DEL ours/ref <= 0.7", "chain ADD+DEL", 0.7)
+    for name, (_build, limit) in sorted(CHAINS.items()):     # issues 15, 16, 17: whole chains
+        against_ref("%s chain ADD+DEL ours/ref <= %s" % (name, limit), "%s chain ADD+DEL" % name, limit)
     for command in ("ADD", "DEL"):
         many = samples.get("sequential %s many" % command, {})
         few = samples.get("sequential %s few" % command, {})
@@ -1201,10 +1210,12 @@ def run(args, scratch, spaces):
             ("firewall ADD/DEL: %d samples" % size["samples"], True,
              lambda: workload_firewall(results, impls, size["samples"])),
             ("portmap", False, lambda: workload_portmap(results, impls, spaces, size["samples"])),
-            ("chain", False, lambda: workload_chain(results, impls, spaces, size["samples"])),
             ("bandwidth", False, lambda: workload_bandwidth(results, impls, spaces, size["samples"])),
-            ("k3s chain (bandwidth)", False,
-             lambda: workload_k3s_chain(results, impls, spaces, size["samples"])),
+            ("containerd chain", False,
+             lambda: workload_chain(results, impls, spaces, size["samples"], "containerd", scratch)),
+            ("podman chain", False,
+             lambda: workload_chain(results, impls, spaces, size["samples"], "podman", scratch)),
+            ("k3s chain", False, lambda: workload_chain(results, impls, spaces, size["samples"], "k3s", scratch)),
             ("burst", False, lambda: workload_burst(results, impls, spaces, size["bursts"])),
             ("sequential", False, lambda: workload_sequential(results, impls, spaces, size["sequential"])),
             ("peak RSS: %d rounds" % size["rss"], True,

@@ -1,6 +1,7 @@
-"""Runtimes' default networks on our file alone (issues 15, 16 and 17): the conflists containerd,
-podman (CNI backend), nerdctl and k3s install, run as libcni runs them, with CNI_PATH holding
-nothing but our zipapp and its links (no reference plugin reachable).
+"""Runtimes' default networks on our file alone (issues 15, 16 and 17): the conflists of conf/ as
+containerd, podman (CNI backend), nerdctl, CRI-O and k3s (the bridge chain flannel delegates to)
+set them up, run as libcni runs them, with CNI_PATH holding nothing but our zipapp and its links
+(no reference plugin reachable).
 
 Each chain is driven by the zipapp's cnitool-like operator commands (`cni-bridge.pyz add|check|del
 NETWORK NETNS`): ADD in order threading prevResult, CHECK and DEL (in reverse) with libcni's cached
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IP, MASQ_CHAIN, PLUGIN_NAMES, masq_table, reservations, run, ruleset
+from tests.helpers import IP, MASQ_CHAIN, PLUGIN_NAMES, REPO, masq_table, reservations, run, ruleset
 
 pytestmark = pytest.mark.kernel
 
@@ -69,50 +70,34 @@ while True:
 
 
 # --- the runtimes' conflists ----------------------------------------------------------------------
-# As each runtime writes them (dataDir added: the test's own; no public IPv6 range).
+# README's conf/ examples, as each runtime writes its default network (no public IPv6 range), with
+# the test's own host-local dataDir.
+
+def runtime_conf(filename, data_dir, name=None):
+    """conf/<filename> with ipam.dataDir set (and the network renamed to `name` when given)."""
+    conflist = json.loads((REPO / "conf" / filename).read_text())
+    for plugin in conflist["plugins"]:
+        if "ipam" in plugin:
+            plugin["ipam"]["dataDir"] = str(data_dir)
+    if name:
+        conflist["name"] = name
+    return conflist
+
 
 def containerd_net(data_dir):
-    """containerd's default (its install script's 10-containerd-net.conflist)."""
-    return {"cniVersion": "1.0.0", "name": "containerd-net", "plugins": [
-        {"type": "loopback"},
-        {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": True, "promiscMode": True,
-         "ipam": {"type": "host-local", "dataDir": str(data_dir),
-                  "ranges": [[{"subnet": "10.88.0.0/16"}], [{"subnet": "fd88::/64"}]],
-                  "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}},
-        {"type": "portmap", "capabilities": {"portMappings": True}}]}
+    return runtime_conf("10-containerd-net.conflist", data_dir)
 
 
-def podman_net(data_dir):
-    """podman's CNI default network (87-podman.conflist of podman 3 and 4)."""
-    return {"cniVersion": "0.4.0", "name": "podman", "plugins": [
-        {"type": "bridge", "bridge": "cni-podman0", "isGateway": True, "ipMasq": True, "hairpinMode": True,
-         "ipam": {"type": "host-local", "dataDir": str(data_dir), "routes": [{"dst": "0.0.0.0/0"}],
-                  "ranges": [[{"subnet": "10.88.0.0/16", "gateway": "10.88.0.1"}]]}},
-        {"type": "portmap", "capabilities": {"portMappings": True}},
-        {"type": "firewall"},
-        {"type": "tuning"}]}
+def podman_net(data_dir, name=None):
+    return runtime_conf("87-podman.conflist", data_dir, name)
 
 
 def nerdctl_net(data_dir):
-    """nerdctl's default network `bridge` (the conflist nerdctl writes for it)."""
-    return {"cniVersion": "1.0.0", "name": "bridge", "plugins": [
-        {"type": "bridge", "bridge": "nerdctl0", "isGateway": True, "ipMasq": True, "hairpinMode": True,
-         "ipam": {"type": "host-local", "dataDir": str(data_dir), "routes": [{"dst": "0.0.0.0/0"}],
-                  "ranges": [[{"gateway": "10.4.0.1", "subnet": "10.4.0.0/24"}]]}},
-        {"type": "portmap", "capabilities": {"portMappings": True}},
-        {"type": "firewall", "ingressPolicy": "same-bridge"},
-        {"type": "tuning"}]}
+    return runtime_conf("nerdctl-bridge.conflist", data_dir)
 
 
 def k3s_net(data_dir):
-    """k3s's chain (flannel's 10-flannel.conflist, with the bridge flannel delegates to)."""
-    return {"cniVersion": "1.0.0", "name": "cbr0", "plugins": [
-        {"type": "bridge", "bridge": "cni0", "isGateway": True, "hairpinMode": True, "forceAddress": True,
-         "isDefaultGateway": True, "mtu": 1450,
-         "ipam": {"type": "host-local", "dataDir": str(data_dir),
-                  "ranges": [[{"subnet": "10.42.0.0/24"}]], "routes": [{"dst": "10.42.0.0/16"}]}},
-        {"type": "portmap", "capabilities": {"portMappings": True}},
-        {"type": "bandwidth", "capabilities": {"bandwidth": True}}]}
+    return runtime_conf("10-k3s-bridge.conflist", data_dir)
 
 
 def host_port(port, container_port):
@@ -291,7 +276,6 @@ def test_k3s_chain_with_a_host_port_and_bandwidth(site, make_netns):
     address, veth = check_attached(site, network, pod, result, "10.42.0.1")
     routes = pod.ip_json("route", "show", "default")
     assert [(r["gateway"], r["dev"]) for r in routes] == [("10.42.0.1", "eth0")], routes
-    assert pod.links()["eth0"]["mtu"] == 1450
     ifbs = ifb_links(site.node)
     assert len(ifbs) == 1 and ifbs[0] in [i["name"] for i in result["interfaces"]], (ifbs, result)
     assert qdisc_kinds(site.node, veth) == ["ingress", "tbf"]
@@ -349,13 +333,32 @@ def test_podman_network_lets_the_container_out_through_a_dropping_forward(site, 
     check_gone(site, network, address, veth)
     assert iptables_lines(site.node, address) == []
     # The same container address, attached by our bridge alone (no firewall in its chain): dropped.
-    bridge_only = dict(podman_net(site.data_dir), name="podman-bare")
+    bridge_only = podman_net(site.data_dir, name="podman-bare")
     bridge_only["plugins"] = bridge_only["plugins"][:1]
     site.install(bridge_only)
     other = make_netns("ctr")
     site.operator("add", "podman-bare", other)
     assert site.connect(other, REMOTE, 9090, wait=1.0) is None
     site.operator("del", "podman-bare", other)
+
+
+def test_crio_default_network(site, make_netns):
+    """CRI-O's default conflist (bridge cni0 with isGateway, ipMasq, hairpinMode; host-local): two
+    containers get addresses, reach the gateway and each other; CHECK passes; DEL leaves nothing."""
+    network = site.install(runtime_conf("11-crio-ipv4-bridge.conflist", site.data_dir))
+    first, second = make_netns("ctr"), make_netns("ctr")
+    attached = []
+    for ctr in (first, second):
+        result = site.operator("add", network, ctr)
+        attached.append(check_attached(site, network, ctr, result, "10.85.0.1"))
+    assert attached[0][0] != attached[1][0]
+    first.run("ping", "-c", "1", "-W", "3", attached[1][0], timeout=10)
+    for ctr, (address, veth) in zip((first, second), attached):
+        site.operator("check", network, ctr)
+        site.operator("del", network, ctr)
+    assert all(veth not in site.node.links() for _, veth in attached)
+    assert reservations(site.data_dir / network) == {} and masquerade_rules(site.node) == []
+    assert site.cached(network) == []
 
 
 def test_chains_run_no_program_but_the_plugins(site, make_netns, tmp_path):

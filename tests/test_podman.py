@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.helpers import DEFAULT_PATH, IP, PLUGIN_NAMES, REF_DIR, reservations, run
+from tests.helpers import DEFAULT_PATH, IP, PLUGIN_NAMES, REF_DIR, REPO, reservations, run
 
 RUNTIME_PROGRAMS = ("podman", "crun", "conmon", "iptables", "nsenter")
 REFERENCE_CHAINED = ("portmap", "firewall", "tuning")   # what podman's generated networks add after bridge
@@ -649,20 +649,17 @@ def test_podman_default_network_on_our_file_alone(podman, node, remote, ours_bin
 
 
 def test_nerdctl_default_network_shape_on_our_file_alone(podman, node, remote, ours_bin, tmp_path):
-    """nerdctl's default network as nerdctl writes it (bridge nerdctl0, host-local, portmap,
-    firewall with ingressPolicy same-bridge, tuning; cniVersion 1.0.0), run by podman with only our
+    """nerdctl's default network as nerdctl writes it (conf/nerdctl-bridge.conflist: bridge nerdctl0,
+    host-local, portmap, firewall with ingressPolicy same-bridge, tuning), run by podman with only our
     zipapp's links: address, gateway, published port from outside, firewall and isolation rules;
     `podman rm` removes the attachment's rules (the shared isolation rules stay, as nerdctl
     expects)."""
     only_ours_in_the_plugin_dir(tmp_path, ours_bin)
     data_dir = tmp_path / "ipam"
-    conflist = {"cniVersion": "1.0.0", "name": NERDCTL_NET, "plugins": [
-        {"type": "bridge", "bridge": "nerdctl0", "isGateway": True, "ipMasq": True, "hairpinMode": True,
-         "ipam": {"type": "host-local", "dataDir": str(data_dir), "routes": [{"dst": "0.0.0.0/0"}],
-                  "ranges": [[{"gateway": NERDCTL_GATEWAY, "subnet": NERDCTL_SUBNET}]]}},
-        {"type": "portmap", "capabilities": {"portMappings": True}},
-        {"type": "firewall", "ingressPolicy": "same-bridge"},
-        {"type": "tuning"}]}
+    conflist = json.loads((REPO / "conf" / "nerdctl-bridge.conflist").read_text())   # README's
+    conflist["name"] = NERDCTL_NET               # nerdctl's own name, `bridge`, is a podman mode
+    conflist["plugins"][0]["ipam"]["dataDir"] = str(data_dir)
+    assert conflist["plugins"][0]["ipam"]["ranges"] == [[{"gateway": NERDCTL_GATEWAY, "subnet": NERDCTL_SUBNET}]]
     (podman.netd / (NERDCTL_NET + ".conflist")).write_text(json.dumps(conflist))
     podman.networks.append(NERDCTL_NET)
     podman.data_dirs[NERDCTL_NET] = data_dir / NERDCTL_NET

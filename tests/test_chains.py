@@ -237,15 +237,20 @@ def check_gone(site, network, address, veth):
 # --- the chains --------------------------------------------------------------------------------------
 
 def test_containerd_default_network_with_a_host_port(site, make_netns):
-    """containerd's default conflist (loopback, bridge cni0 with isGateway, ipMasq and promiscMode,
-    portmap): lo is up, the pod reaches its gateway, a hostPort answers a client outside the node
-    (which the pod sees as itself), CHECK passes, DEL leaves nothing and closes the port."""
+    """containerd's CRI: the loopback plugin for lo (conf/99-loopback.conf, as containerd runs it
+    before the pod's network), then its default conflist (bridge cni0 with isGateway, ipMasq and
+    promiscMode, portmap): lo is up, the pod reaches its gateway, a hostPort answers a client
+    outside the node (which the pod sees as itself), CHECK passes, DEL leaves nothing and closes
+    the port."""
+    shutil.copy(str(REPO / "conf" / "99-loopback.conf"), str(site.conf_dir))
     network = site.install(containerd_net(site.data_dir))
     pod = make_netns("pod")
+    pod.run(IP, "link", "set", "lo", "down")                                # as a runtime makes it
+    site.operator("add", "lo", pod)
+    assert "UP" in pod.links()["lo"]["flags"]
     caps = {"portMappings": [host_port(30080, 80)]}
     result = site.operator("add", network, pod, caps)
     assert [i["name"] for i in result["interfaces"] if i.get("sandbox")] == ["eth0"]
-    assert "UP" in pod.links()["lo"]["flags"]
     address, veth = check_attached(site, network, pod, result, "10.88.0.1")
     assert ":" in container_address(result, 6)
     assert "PROMISC" in site.node.links()["cni0"]["flags"]
@@ -256,6 +261,7 @@ def test_containerd_default_network_with_a_host_port(site, make_netns):
     assert site.connect(site.remote, NODE_UP, 30080) == (REMOTE, address)
     site.operator("check", network, pod, caps)
     site.operator("del", network, pod, caps)
+    site.operator("del", "lo", pod)
     check_gone(site, network, address, veth)
     assert [link for link in pod.links() if link != "lo"] == []
     assert site.connect(site.remote, NODE_UP, 30080, wait=0.5) is None
@@ -370,8 +376,8 @@ def test_chains_run_no_program_but_the_plugins(site, make_netns, tmp_path):
         spy = spy_dir / program
         spy.write_text("#!/bin/sh\necho %s \"$@\" >> %s\nexit 1\n" % (program, log))
         spy.chmod(0o755)
-    for conflist in (containerd_net(site.data_dir), k3s_net(site.data_dir)):
-        network = site.install(conflist)
+    shutil.copy(str(REPO / "conf" / "99-loopback.conf"), str(site.conf_dir))
+    for network in ("lo", site.install(containerd_net(site.data_dir)), site.install(k3s_net(site.data_dir))):
         pod = make_netns("pod")
         caps = {"portMappings": [host_port(30090, 80)],
                 "bandwidth": {"ingressRate": 10000000, "ingressBurst": 200000}}
@@ -383,5 +389,6 @@ def test_chains_run_no_program_but_the_plugins(site, make_netns, tmp_path):
                                  timeout=TIMEOUT)
             assert proc.returncode == 0, "%s %s: %s %s" % (command, network, proc.stdout, proc.stderr)
         assert reservations(site.data_dir / network) == {} and portmap_rules(site.node, network) == []
-        site.node.run(IP, "link", "del", "cni0")        # both name their bridge cni0, set up differently
+        if network != "lo":
+            site.node.run(IP, "link", "del", "cni0")    # both name their bridge cni0, set up differently
     assert not log.exists(), log.read_text()

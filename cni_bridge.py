@@ -4252,7 +4252,9 @@ def expected_signature(exprs):
     return expressions_signature(encode_attrs(exprs))
 
 
-ENTRY_RULE = match_daddr_local() + [expr_verdict(NFT_JUMP, HOSTPORTS_ALL_CHAIN)]
+def entry_rule():
+    """prerouting's and output's one rule: `fib daddr type local jump hostports_all`."""
+    return match_daddr_local() + [expr_verdict(NFT_JUMP, HOSTPORTS_ALL_CHAIN)]
 
 
 def portmap_skeleton_ok(rules):
@@ -4263,7 +4265,7 @@ def portmap_skeleton_ok(rules):
     jumps = [r.jump_target for r in by_chain.get(HOSTPORTS_ALL_CHAIN, [])]
     if jumps != [HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN]:
         return False
-    entry = expected_signature(ENTRY_RULE)
+    entry = expected_signature(entry_rule())
     return all([r.signature for r in by_chain.get(chain, [])] == [entry]
                for chain, _hook in PORTMAP_ENTRY_CHAINS)
 
@@ -4286,7 +4288,7 @@ def add_portmap_skeleton(batch, nf_family, snat, rewrite):
                            [expr_verdict(NFT_JUMP, chain)])
         for chain, _hook in PORTMAP_ENTRY_CHAINS:
             batch.flush_chain(nf_family, PORTMAP_TABLE, chain)
-            batch.add_rule(nf_family, PORTMAP_TABLE, chain, ENTRY_RULE)
+            batch.add_rule(nf_family, PORTMAP_TABLE, chain, entry_rule())
 
 
 def forward_ports(conf, comment, addresses):

@@ -5891,7 +5891,9 @@ def portmap_rules(conf, family, address):
     return rules
 
 
-ENTRY_RULE = match_daddr_local() + [expr_verdict(NFT_JUMP, HOSTPORTS_ALL_CHAIN)]
+def entry_rule():
+    """prerouting's and output's one rule: `fib daddr type local jump hostports_all`."""
+    return match_daddr_local() + [expr_verdict(NFT_JUMP, HOSTPORTS_ALL_CHAIN)]
 
 
 def portmap_skeleton_ok(rules):
@@ -5902,7 +5904,7 @@ def portmap_skeleton_ok(rules):
     jumps = [r.jump_target for r in by_chain.get(HOSTPORTS_ALL_CHAIN, [])]
     if jumps != [HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN]:
         return False
-    entry = expression_signature(ENTRY_RULE)
+    entry = expression_signature(entry_rule())
     return all([r.signature for r in by_chain.get(chain, [])] == [entry]
                for chain, _hook in PORTMAP_ENTRY_CHAINS)
 
@@ -5925,7 +5927,7 @@ def add_portmap_skeleton(batch, nf_family, snat, rewrite):
                            [expr_verdict(NFT_JUMP, chain)])
         for chain, _hook in PORTMAP_ENTRY_CHAINS:
             batch.flush_chain(nf_family, PORTMAP_TABLE, chain)
-            batch.add_rule(nf_family, PORTMAP_TABLE, chain, ENTRY_RULE)
+            batch.add_rule(nf_family, PORTMAP_TABLE, chain, entry_rule())
 
 
 def forward_ports(conf, comment, addresses):

@@ -1033,8 +1033,10 @@ def get_link(nl, name=None, index=0):
     return Link(replies[0]) if replies else None
 
 
-def list_links(nl):
-    return [Link(m) for m in nl.dump(RTM_GETLINK, {}, _LINK_QUERY, what="failed to list links")]
+def list_links(nl, master=0):
+    """Every link, or with `master` only the ports of that bridge (the kernel filters the dump)."""
+    attrs = _LINK_QUERY + (((LinkAttr.IFLA_MASTER, master),) if master else ())
+    return [Link(m) for m in nl.dump(RTM_GETLINK, {}, attrs, what="failed to list links")]
 
 
 def link_change(index, up=None, promisc=None, master=None, mac=None, extra=()):
@@ -1679,24 +1681,23 @@ class NetnsGone(CNIError):
     """CNI_NETNS names a path that does not exist (or is not a network namespace) any more."""
 
 
-def is_own_netns(path):
-    """True when `path` is the namespace this process runs in (a stale /proc/<pid>/ns/net
-    can point at the node itself; acting there would reconfigure the node)."""
-    try:
-        mine = posix.stat(OWN_NETNS_PATH)
-        theirs = posix.stat(path)
-    except OSError:
-        return False
-    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+class NetnsIsOwn(CNIError):
+    """CNI_NETNS resolves to the namespace the plugin runs in (a stale /proc/<pid>/ns/net, a
+    swapped symlink): acting there would reconfigure the node."""
 
 
 class Netns(object):
-    """A network namespace held open by fd, entered only inside `with ns.entered():`."""
+    """A network namespace held open by fd, entered only inside `with ns.entered():`.
 
-    def __init__(self, path):
+    The path is opened once and the checks are made on the fd held: every later setns of the
+    call uses that fd, so a path that changes meanwhile (a symlink swapped between a container's
+    namespace and the node's) cannot steer the plugin into the node.
+    """
+
+    def __init__(self, path, allow_own=False):
         import fcntl
         self.path = path
-        original_netns_fd()
+        own_fd = original_netns_fd()
         try:
             self.fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NOCTTY | posix.O_NONBLOCK)
         except OSError as err:
@@ -1712,6 +1713,11 @@ class Netns(object):
             posix.close(self.fd)
             raise NetnsGone(ERR_INVALID_NETNS, "failed to open netns %r: not a network namespace"
                             % path, "CNI_NETNS must name a network namespace (nsfs) file")
+        mine, theirs = posix.fstat(own_fd), posix.fstat(self.fd)
+        if not allow_own and (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            posix.close(self.fd)
+            raise NetnsIsOwn(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not "
+                             "be the same", "CNI_NETNS %s is the namespace the plugin runs in" % path)
 
     def close(self):
         posix.close(self.fd)
@@ -1723,6 +1729,13 @@ class Netns(object):
         """A netlink socket that acts inside this namespace."""
         with self.entered():
             return NetlinkSocket(protocol)
+
+
+def container_netns(request):
+    """CNI_NETNS, opened once for the whole call.  The plugin's own namespace is refused unless
+    the runtime sets CNI_NETNS_OVERRIDE (the reference library's escape hatch)."""
+    override = request.env.get("CNI_NETNS_OVERRIDE", "").lower() in ("1", "true")
+    return Netns(request.netns, allow_own=override)
 
 
 class _InNetns(object):
@@ -2331,7 +2344,7 @@ def collect_garbage(store, valid):
 
 def loopback_add(request):
     """Bring `lo` up in the container (CNI_IFNAME is ignored: runtimes pass eth0 or lo)."""
-    ns = Netns(request.netns)
+    ns = container_netns(request)
     nl = ns.netlink()
     lo = get_link(nl, "lo")
     if lo is None:
@@ -2359,9 +2372,9 @@ def loopback_del(request):
     if not request.netns:
         return None
     try:
-        ns = Netns(request.netns)
-    except NetnsGone:
-        return None
+        ns = container_netns(request)
+    except (NetnsGone, NetnsIsOwn):
+        return None             # nothing of a namespace that is gone, or the node's, is ours
     nl = ns.netlink()
     lo = get_link(nl, "lo")
     if lo is not None:
@@ -2370,7 +2383,7 @@ def loopback_del(request):
 
 
 def loopback_check(request):
-    nl = Netns(request.netns).netlink()
+    nl = container_netns(request).netlink()
     lo = get_link(nl, "lo")
     if lo is None or not lo.up:
         raise CNIError(ERR_INTERNAL, "loopback interface is down")
@@ -2912,6 +2925,15 @@ def attachment_alias(network, container_id, ifname):
     return ("cni:%s:%s:%s" % (network, container_id, ifname))[:255]
 
 
+def find_host_veth(nl, network, container_id, ifname):
+    """The host veth whose alias names this attachment, or None."""
+    alias = attachment_alias(network, container_id, ifname)
+    for link in list_links(nl):
+        if link.alias == alias and link.kind == "veth":
+            return link
+    return None
+
+
 def create_container_veth(container_nl, host_nl, request, conf):
     """The veth pair: CNI_IFNAME in the container, `veth` + 8 hex on the node.  Returns both links."""
     for _attempt in range(10):
@@ -3143,7 +3165,7 @@ def bridge_add(request):
         raise CNIError(ERR_INCOMPATIBLE_VERSION, "cannot convert: no valid IP addresses",
                        "an L2 bridge (no ipam) has no result in cniVersion %s" % request.version)
     host_nl = NetlinkSocket()
-    ns = Netns(request.netns)
+    ns = container_netns(request)
     container_nl = ns.netlink()
     bridge = ensure_bridge(host_nl, conf)
     container, host = create_container_veth(container_nl, host_nl, request, conf)
@@ -3223,19 +3245,31 @@ def bridge_del(request):
         ipam_type = ipam.get("type") if isinstance(ipam, dict) else ""
         ipam_type = ipam_type if isinstance(ipam_type, str) else ""
         backend = request.config.get("ipMasqBackend")
+    ns = None
+    if request.netns:
+        try:
+            ns = container_netns(request)       # opened before anything changes, used throughout
+        except NetnsGone:
+            pass
+        except NetnsIsOwn:
+            # A stale /proc/<pid>/ns/net now the node's: nothing inside it is ours to touch,
+            # while the reservation, the rules and the host veth are still to be released.
+            sys.stderr.write("DEL: CNI_NETNS %s is the node's own namespace; releasing what lies "
+                             "outside it\n" % request.netns)
     # Rules first: their removal frees memory after an RCU grace period, which then passes
     # while the veth is deleted instead of at exit.
     teardown_attachment_rules(request.config["name"], request.container_id, request.ifname, backend)
-    if request.netns:
-        try:
-            ns = Netns(request.netns)
-        except NetnsGone:
-            ns = None
-        if ns is not None:
-            nl = ns.netlink()
-            link = get_link(nl, request.ifname)
-            if link is not None:
-                delete_link(nl, link.index, "failed to delete %s in the container" % request.ifname)
+    if ns is not None:
+        nl = ns.netlink()
+        link = get_link(nl, request.ifname)
+        if link is not None:
+            delete_link(nl, link.index, "failed to delete %s in the container" % request.ifname)
+    else:
+        # Without the namespace the pair is reached from its host end (deleting it deletes both).
+        nl = NetlinkSocket()
+        host = find_host_veth(nl, request.config["name"], request.container_id, request.ifname)
+        if host is not None:
+            delete_link(nl, host.index, "failed to delete the host veth %s" % host.name)
     if ipam_type:
         ipam_call(request, ipam_type, "DEL")
     return None
@@ -3243,7 +3277,7 @@ def bridge_del(request):
 
 def bridge_check(request):
     conf = BridgeConfig(request)
-    ns = Netns(request.netns)
+    ns = container_netns(request)
     if conf.ipam_type:
         ipam_call(request, conf.ipam_type, "CHECK")
     previous = previous_result(request)
@@ -3483,12 +3517,16 @@ def _validated_request(command, env, container_id, ifname, args, raw, config):
 
 
 def check_netns_target(request):
-    """Refuse, before changing anything, a CNI_NETNS that is the plugin's own namespace."""
-    if request.netns and request.command in ("ADD", "CHECK", "DEL"):
-        override = request.env.get("CNI_NETNS_OVERRIDE", "").lower() in ("1", "true")
-        if not override and is_own_netns(request.netns):
-            raise CNIError(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not be the same",
-                           "CNI_NETNS %s is the namespace the plugin runs in" % request.netns)
+    """Refuse, before changing anything, an ADD or CHECK aimed at the plugin's own namespace (for
+    every plugin, as the reference library does; those acting inside the namespace check again on
+    the fd they then hold).  DEL goes on: it releases what lies outside the namespace."""
+    if request.netns and request.command in ("ADD", "CHECK"):
+        try:
+            container_netns(request).close()
+        except NetnsIsOwn:
+            raise
+        except CNIError:
+            pass                # a missing or odd path is the plugin's to report
 
 
 def write_json(obj):

@@ -2107,7 +2107,12 @@ class Store(object):
         except OSError:
             return None
         try:
-            return posix.read(fd, 4096).decode("utf-8", "surrogateescape")
+            chunks = []
+            while True:         # read whole: an owner line may be any length (container IDs are)
+                chunk = posix.read(fd, 1 << 16)
+                if not chunk:
+                    return b"".join(chunks).decode("utf-8", "surrogateescape")
+                chunks.append(chunk)
         except OSError:
             return None
         finally:
@@ -2665,14 +2670,24 @@ def iptables_chain(network, container_id):
     return "CNI-" + sha512_hex(network + container_id)[:24]
 
 
+XT_COMMENT_MAX = 255       # bytes of an iptables comment (XT_MAX_COMMENT_LEN less the NUL)
+NFT_NAME_MAX = 255         # bytes of an nf_tables chain name (NFT_CHAIN_MAXNAMELEN less the NUL)
+
+
 def iptables_comment(network, container_id):
-    return 'name: "%s" id: "%s"' % (network, container_id)
+    """The reference's comment, cut to what iptables accepts (names are ASCII: bytes = characters)."""
+    return ('name: "%s" id: "%s"' % (network, container_id))[:XT_COMMENT_MAX]
 
 
 def spoofchk_names(container_id, ifname):
-    """(chain, its -mac chain, comment) of an attachment's MAC spoof check."""
-    chain = "cni-br-iface-%s-%s" % (container_id, ifname)
-    return chain, chain + "-mac", "macspoofchk-%s-%s" % (container_id, ifname)
+    """(chain, its -mac chain, comment) of an attachment's MAC spoof check: the reference's names,
+    or, where those would not fit an nf_tables chain name, the same with a digest of
+    `<containerID>-<ifname>` (ADD, CHECK, DEL and GC all name through here)."""
+    ref = "%s-%s" % (container_id, ifname)
+    if len(("cni-br-iface-%s-mac" % ref).encode("utf-8", "surrogateescape")) > NFT_NAME_MAX:
+        ref = "sha512-" + sha512_hex(ref)[:64]
+    chain = "cni-br-iface-" + ref
+    return chain, chain + "-mac", "macspoofchk-" + ref
 
 
 def setup_masquerade(conf, request, result, replace_earlier=True):
@@ -2920,9 +2935,25 @@ def random_veth_name():
     return HOST_VETH_PREFIX + posix.urandom(4).hex()
 
 
+IFALIAS_MAX = 254          # bytes of an alias every kernel accepts (IFALIASZ less the NUL, less one)
+
+
 def attachment_alias(network, container_id, ifname):
-    """The host veth's alias, which lets GC map a port back to its attachment."""
-    return ("cni:%s:%s:%s" % (network, container_id, ifname))[:255]
+    """The host veth's alias, which maps a port back to its attachment (GC, DEL without netns).
+
+    `cni:<network>:<containerID>:<ifname>` when it fits; otherwise `cni#<h(network)>:<h(all)>`
+    (SHA-512 digests).  Either way the whole alias is compared, never cut or parsed: a cut alias
+    could name another attachment.  Names hold no ":", so the readable form is unambiguous.
+    """
+    alias = "cni:%s:%s:%s" % (network, container_id, ifname)
+    if len(alias.encode("utf-8", "surrogateescape")) <= IFALIAS_MAX:
+        return alias
+    return "cni#%s:%s" % (sha512_hex(network)[:16], sha512_hex(alias)[:64])
+
+
+def alias_network_prefixes(network):
+    """The prefixes of the aliases `attachment_alias` gives the ports of `network`."""
+    return ("cni:%s:" % network, "cni#%s:" % sha512_hex(network)[:16])
 
 
 def find_host_veth(nl, network, container_id, ifname):
@@ -3227,7 +3258,10 @@ def rollback_add(request, conf, container_nl, container, ipam_done):
             ipam_call(request, conf.ipam_type, "DEL")
         except CNIError as err:
             sys.stderr.write("rollback: IPAM DEL failed: %s\n" % err.msg)
-    teardown_attachment_rules(conf.network, request.container_id, request.ifname, conf.ip_masq_backend)
+    try:
+        teardown_attachment_rules(conf.network, request.container_id, request.ifname, conf.ip_masq_backend)
+    except CNIError as err:          # the error to report is the one that made the ADD fail
+        sys.stderr.write("rollback: %s\n" % err.msg)
 
 
 # --- DEL, CHECK, STATUS, GC ----------------------------------------------------------------------
@@ -3387,15 +3421,14 @@ def bridge_gc(request):
     if valid is not None:
         nl = NetlinkSocket()
         bridge = get_link(nl, conf.bridge)
-        prefix = "cni:%s:" % conf.network
-        for link in list_links(nl) if bridge else ():
-            if link.master == bridge.index and link.alias.startswith(prefix):
-                cid, _, ifname = link.alias[len(prefix):].rpartition(":")
-                if (cid, ifname) not in valid:
-                    try:
-                        delete_link(nl, link.index)
-                    except CNIError as err:
-                        errors.append(err.msg)
+        prefixes = alias_network_prefixes(conf.network)
+        keep = set(attachment_alias(conf.network, cid, ifname) for cid, ifname in valid)
+        for link in list_links(nl, bridge.index) if bridge else ():
+            if link.alias.startswith(prefixes) and link.alias not in keep:
+                try:
+                    delete_link(nl, link.index)
+                except CNIError as err:
+                    errors.append(err.msg)
         errors.extend(collect_stale_rules(conf.network, valid))
     if errors:
         raise CNIError(ERR_INTERNAL, "bridge GC could not remove everything", "; ".join(errors))

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import IP, run
 from test_bridge import explain, host_veths
+from test_masquerade import skip_without_iptables
 from test_reliability import (BRIDGE, NET, SUBNET, assert_masq_base_only, assert_nothing_left, bridge,
                               cni_error, conf, masq_comments, ok, reservations)
 
@@ -99,3 +100,103 @@ def test_del_without_the_container_namespace_releases_everything_outside(ours_bi
     address = result["ips"][0]["address"]
     again = ok(bridge(ours_bin, "ADD", config, node, fresh, "c2", cni_args="IP=" + address.split("/")[0]))
     assert again["ips"][0]["address"] == address
+
+
+# --- 2 and issue 20 item 3: identifiers of any length ---------------------------------------------
+
+def long_id(length, tail=""):
+    """A container ID of `length` characters ending in `tail`."""
+    return ("c" + "0123456789abcdef" * (length // 16 + 1))[:length - len(tail)] + tail
+
+
+def all_reservations(data_dir):
+    """{(network, address): owner text} of every reservation file under data_dir."""
+    found = {}
+    for network in os.listdir(str(data_dir)):
+        for name in os.listdir(str(data_dir / network)):
+            if name[0].isdigit():
+                found[(network, name)] = (data_dir / network / name).read_bytes().decode()
+    return found
+
+
+def bridge_nat_chains(node):
+    """Names of the chains of table bridge nat (MAC spoof checks)."""
+    entries = json.loads(node.run("nft", "-j", "list", "ruleset").stdout)["nftables"]
+    return sorted(e["chain"]["name"] for e in entries
+                  if "chain" in e and e["chain"]["family"] == "bridge" and e["chain"]["table"] == "nat")
+
+
+def gc_with(config, *attachments):
+    return dict(config, **{"cni.dev/valid-attachments": [{"containerID": cid, "ifname": "eth0"}
+                                                          for cid in attachments]})
+
+
+@pytest.mark.parametrize("network_length, id_length", [(6, 1), (6, 64), (6, 233), (6, 234), (6, 255), (6, 1000),
+                                                       (6, 100000), (186, 64), (60, 185), (200, 4000)])
+def test_long_identifiers_through_add_check_gc_del(ours_bin, node, container, data_dir, network_length, id_length):
+    """Container IDs and network names of any length (the spec sets none): ADD with ipMasq and
+    macspoofchk, CHECK, a GC that names the attachment valid (nothing of it goes), a repeated ADD
+    (its address back), then DEL leaves nothing; every name fits the kernel's limits."""
+    network = ("n" + "etwork" * 40)[:network_length]
+    cid = long_id(id_length)
+    config = dict(conf(data_dir, "1.1.0"), name=network, macspoofchk=True)
+    result = ok(bridge(ours_bin, "ADD", config, node, container, cid))
+    address = result["ips"][0]["address"].split("/")[0]
+    assert all_reservations(data_dir) == {(network, address): cid + "\r\neth0"}
+    [veth] = host_veths(node).values()
+    assert veth["master"] == BRIDGE and len(veth["ifalias"].encode()) <= 254, veth
+    assert len(bridge_nat_chains(node)) == 3 and all(len(c) <= 255 for c in bridge_nat_chains(node))
+    assert len(masq_comments(node)) == 1
+    with_prev = dict(config, prevResult=result)
+    ok(bridge(ours_bin, "CHECK", with_prev, node, container, cid))
+    ok(run_gc(ours_bin, gc_with(config, cid), node))
+    assert list(host_veths(node)) == [veth["ifname"]]
+    assert all_reservations(data_dir) == {(network, address): cid + "\r\neth0"}
+    assert len(bridge_nat_chains(node)) == 3 and len(masq_comments(node)) == 1
+    ok(bridge(ours_bin, "CHECK", with_prev, node, container, cid))
+    ok(bridge(ours_bin, "DEL", with_prev, node, container, cid))
+    assert all_reservations(data_dir) == {}
+    assert host_veths(node) == {} and sorted(container.links()) == ["lo"]
+    assert bridge_nat_chains(node) == ["PREROUTING"]
+    assert_masq_base_only(node)
+
+
+def run_gc(bin_dir, config, node):
+    return bridge(bin_dir, "GC", config, node, None, None, ifname=None)
+
+
+def test_gc_tells_long_attachments_apart(ours_bin, node, make_netns, data_dir):
+    """Two attachments whose `cni:<network>:<id>:<ifname>` would be the same once cut to an alias's
+    254 bytes (IDs differing only at the end), and a third on another network with the same IDs:
+    GC naming one valid keeps exactly that one's veth, reservation and rules."""
+    network = "n" + "etwork" * 10                       # 61 characters
+    first, second = long_id(240, "-first"), long_id(240, "-second")
+    config = dict(conf(data_dir, "1.1.0"), name=network, macspoofchk=True)
+    other = dict(config, name=network + "x", isGateway=False, ipam=dict(config["ipam"], subnet="10.97.0.0/24"))
+    namespaces = {}
+    for cid, cfg in ((first, config), (second, config), (first, other)):
+        ns = make_netns("ct")
+        namespaces[cid, cfg["name"]] = ns
+        ok(bridge(ours_bin, "ADD", cfg, node, ns, cid))
+    assert len(host_veths(node)) == 3
+    ok(run_gc(ours_bin, gc_with(config, first), node))
+    assert sorted(namespaces[first, network].links()) == ["eth0", "lo"]
+    assert sorted(namespaces[first, network + "x"].links()) == ["eth0", "lo"]
+    assert sorted(namespaces[second, network].links()) == ["lo"]
+    assert sorted(owner for owner in all_reservations(data_dir).values()) == [first + "\r\neth0"] * 2
+    assert len(host_veths(node)) == 2 and len(masq_comments(node)) == 2
+
+
+def test_long_identifiers_with_the_iptables_backend(ours_bin, node, container, data_dir):
+    """ipMasqBackend iptables with a 1,000-character container ID: the comment is cut to what iptables
+    accepts, CHECK finds the chain, DEL removes it."""
+    skip_without_iptables()
+    cid = long_id(1000)
+    config = dict(conf(data_dir), ipMasqBackend="iptables")
+    result = ok(bridge(ours_bin, "ADD", config, node, container, cid))
+    chain = "CNI-" + hashlib.sha512((NET + cid).encode()).hexdigest()[:24]
+    assert "-N " + chain in node.run("iptables", "-t", "nat", "-S").stdout.splitlines()
+    ok(bridge(ours_bin, "CHECK", dict(config, prevResult=result), node, container, cid))
+    ok(bridge(ours_bin, "DEL", dict(config, prevResult=result), node, container, cid))
+    assert chain not in node.run("iptables", "-t", "nat", "-S").stdout
+    assert all_reservations(data_dir) == {} and host_veths(node) == {}

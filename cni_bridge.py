@@ -13,9 +13,11 @@ path needs it (`os` costs a millisecond: it builds os.environ and imports `_coll
 VERSION, the call a runtime makes most, loads no socket module at all.
 
 Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
-operations; nf_tables operations; namespaces; IPAM store; the three plugins; entry point.
+operations; nf_tables messages; nf_tables rule sets (shared by every rule-writing plugin);
+namespaces; IPAM store; the three plugins; entry point.
 """
 
+import errno     # built in: about 0.06 ms, for names instead of numbers
 import posix
 import sys
 import time
@@ -65,6 +67,23 @@ class CNIError(Exception):
     def to_json(self, version):
         return {"cniVersion": version, "code": self.code, "msg": self.msg,
                 "details": self.details}
+
+
+def poll_until(attempt, timeout, expired, delay=0.001, max_delay=0.1):
+    """Call `attempt()` until it returns something other than None, and return that; sleep
+    between calls, doubling `delay` up to `max_delay`.  After `timeout` seconds raise the
+    CNIError `expired()` makes.  Deadlines are on the monotonic clock: the wall clock jumps when
+    NTP steps it at boot, exactly when a node starts many containers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = attempt()
+        if value is not None:
+            return value
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise expired()
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, max_delay)
 
 
 def parse_version(text):
@@ -267,6 +286,18 @@ class Request(object):
         return conf_get(self.config, "runtimeConfig", dict, {})
 
 
+def sha512_hex(text):
+    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import)."""
+    try:
+        from _sha512 import sha512                       # Python 3.6 to 3.11
+    except ImportError:
+        try:
+            from _hashlib import openssl_sha512 as sha512  # later ones, built with OpenSSL
+        except ImportError:
+            from hashlib import sha512
+    return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 # --- invoking other plugins ----------------------------------------------------------------------
 
 def find_plugin(plugin_type, cni_path):
@@ -294,7 +325,7 @@ def invoke_plugin(plugin_type, cni_path, env, stdin):
             proc = subprocess.run([path], input=stdin, env=env, stdout=subprocess.PIPE)
             break
         except OSError as err:
-            if err.errno != 26 or attempt == 5:    # ETXTBSY: the file is still being written
+            if err.errno != errno.ETXTBSY or attempt == 5:    # the file is still being written
                 raise CNIError(ERR_INTERNAL, "failed to execute %s: %s" % (path, err.strerror))
             time.sleep(1)
     output = proc.stdout.decode("utf-8", "replace").strip()
@@ -584,6 +615,9 @@ NETLINK_EXT_ACK = 11
 NETLINK_ROUTE = 0
 NETLINK_NETFILTER = 12
 
+# Refusals worth retrying (code 11): the kernel was busy or short of memory, not unwilling.
+TRANSIENT_ERRNOS = (errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ETIMEDOUT)
+
 NETLINK_TIMEOUT = 5.0                         # seconds; a kernel that does not answer is code 11
 
 # Attribute kinds: how a value is laid out on the wire.
@@ -626,13 +660,19 @@ class AttrSpace(object):
 
 
 class Header(object):
-    """A fixed family header such as ifinfomsg, described by a struct format and field names."""
+    """A fixed family header such as ifinfomsg, described by a struct format and field names.
+
+    Fields left out of `pack` are zero; a field name the header does not have is an error, so a
+    misspelt one cannot silently become zero."""
 
     def __init__(self, fmt, fields):
         self.struct = struct.Struct(fmt)
         self.fields = fields
 
     def pack(self, values):
+        for name in values:
+            if name not in self.fields:
+                raise ValueError("header field %r is not one of %s" % (name, ", ".join(self.fields)))
         return self.struct.pack(*[values.get(f, 0) for f in self.fields])
 
     def unpack(self, data):
@@ -699,6 +739,36 @@ def decode_attrs(space, data, offset=0):
     return result
 
 
+class NetlinkRequest(tuple):
+    """One request for NetlinkSocket.transact: message type, flags (NLM_F_REQUEST and NLM_F_ACK
+    are added when sent), family header field values and (Attr, value) attributes.  A tuple, so
+    it unpacks as (msg_type, flags, header, attrs) too."""
+
+    __slots__ = ()
+
+    def __new__(cls, msg_type, flags=0, header=None, attrs=()):
+        return tuple.__new__(cls, (msg_type, flags, header or {}, attrs))
+
+    msg_type = property(lambda self: self[0])
+    flags = property(lambda self: self[1])
+    header = property(lambda self: self[2])
+    attrs = property(lambda self: self[3])
+
+
+class BatchFrame(tuple):
+    """The messages that open and close a transaction (nf_tables): begin type, end type and
+    the family header values both carry."""
+
+    __slots__ = ()
+
+    def __new__(cls, begin, end, header):
+        return tuple.__new__(cls, (begin, end, header))
+
+    begin = property(lambda self: self[0])
+    end = property(lambda self: self[1])
+    header = property(lambda self: self[2])
+
+
 class Message(object):
     """A decoded netlink message: type, flags, family header fields and attributes."""
 
@@ -751,10 +821,22 @@ class NetlinkError(CNIError):
         text = posix.strerror(errno_value)
         if reason:
             text = "%s (%s)" % (text, reason)
-        transient = errno_value in (4, 11, 16, 105, 110)   # EINTR, EAGAIN, EBUSY, ENOBUFS, ETIMEDOUT
+        transient = errno_value in TRANSIENT_ERRNOS
         CNIError.__init__(self, ERR_TRY_AGAIN if transient else ERR_INTERNAL,
                           "%s: %s" % (what, text) if what else text)
         self.errno = errno_value
+
+
+def unless_exists(action, *args, **kwargs):
+    """Run `action`; True when it made its object, False when that exists already (EEXIST:
+    a concurrent plugin or an earlier ADD made it first, which is success for the caller)."""
+    try:
+        action(*args, **kwargs)
+    except (OSError, NetlinkError) as err:
+        if err.errno != errno.EEXIST:
+            raise
+        return False
+    return True
 
 
 def _ack_error(payload, flags):
@@ -805,29 +887,29 @@ class NetlinkSocket(object):
             raise CNIError(ERR_TRY_AGAIN, "%s: the kernel did not answer within %g s"
                            % (what, NETLINK_TIMEOUT))
         except OSError as err:
-            raise NetlinkError(err.errno or 5, what)
+            raise NetlinkError(err.errno or errno.EIO, what)
 
     def transact(self, requests, what="", batch=None):
         """Send several requests in one datagram and wait for every acknowledgement.
 
-        `requests` are (type, flags, header values, attrs) tuples; NLM_F_REQUEST|NLM_F_ACK are
-        added.  Returns the reply messages of each request (a list per request).  The first
-        refused request raises NetlinkError; rtnetlink still processed the others, while a
-        `batch` (begin type, end type, header values: nf_tables) is committed all or nothing.
+        `requests` are NetlinkRequests.  Returns the reply messages of each request (a list per
+        request).  The first refused request raises NetlinkError; rtnetlink still processed the
+        others, while a `batch` (a BatchFrame: nf_tables) is committed all or nothing.
         """
         seqs = []
         chunks = []
-        for msg_type, flags, header_values, attrs in requests:
+        for request in requests:
+            request = NetlinkRequest(*request)
             seq = self._next_seq()
             seqs.append(seq)
-            chunks.append(encode_message(self.layouts, msg_type, flags | NLM_F_REQUEST | NLM_F_ACK,
-                                         seq, header_values, attrs))
+            chunks.append(encode_message(self.layouts, request.msg_type,
+                                         request.flags | NLM_F_REQUEST | NLM_F_ACK, seq,
+                                         request.header, request.attrs))
         if batch is not None:
-            begin, end, header_values = batch
-            chunks.insert(0, encode_message(self.layouts, begin, NLM_F_REQUEST, self._next_seq(),
-                                            header_values, ()))
-            chunks.append(encode_message(self.layouts, end, NLM_F_REQUEST, self._next_seq(),
-                                         header_values, ()))
+            chunks.insert(0, encode_message(self.layouts, batch.begin, NLM_F_REQUEST,
+                                            self._next_seq(), batch.header, ()))
+            chunks.append(encode_message(self.layouts, batch.end, NLM_F_REQUEST, self._next_seq(),
+                                         batch.header, ()))
         self.sock.send(b"".join(chunks))
         replies = dict((seq, []) for seq in seqs)
         pending = set(seqs)
@@ -849,7 +931,7 @@ class NetlinkSocket(object):
 
     def request(self, msg_type, flags=0, header=None, attrs=(), what=""):
         """One request with its acknowledgement; returns the replies (for a GET, the object)."""
-        return self.transact([(msg_type, flags, header, attrs)], what)[0]
+        return self.transact([NetlinkRequest(msg_type, flags, header, attrs)], what)[0]
 
     def dump(self, msg_type, header=None, attrs=(), what=""):
         """A dump request; retried when the kernel flags it interrupted by a concurrent change."""
@@ -1027,7 +1109,7 @@ def get_link(nl, name=None, index=0):
         replies = nl.request(RTM_GETLINK, 0, {"index": index}, attrs,
                              what="failed to look up link %s" % (name or index))
     except NetlinkError as err:
-        if err.errno in (19, 22):   # ENODEV; EINVAL for names the kernel cannot hold
+        if err.errno in (errno.ENODEV, errno.EINVAL):   # EINVAL: a name the kernel cannot hold
             return None
         raise
     return Link(replies[0]) if replies else None
@@ -1053,7 +1135,8 @@ def link_change(index, up=None, promisc=None, master=None, mac=None, extra=()):
         attrs.append((LinkAttr.IFLA_MASTER, master))
     if mac is not None:
         attrs.append((LinkAttr.IFLA_ADDRESS, parse_mac(mac)))
-    return (RTM_NEWLINK, 0, {"index": index, "flags": flags, "change": change}, attrs)
+    return NetlinkRequest(RTM_NEWLINK, header={"index": index, "flags": flags, "change": change},
+                          attrs=attrs)
 
 
 def set_link(nl, index, what, **changes):
@@ -1068,14 +1151,8 @@ def create_bridge(nl, name, mtu=0, vlan_filtering=False):
                                        (LinkInfoAttr.IFLA_INFO_DATA, data)))]
     if mtu:
         attrs.append((LinkAttr.IFLA_MTU, mtu))
-    try:
-        nl.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {}, attrs,
-                   what="failed to create bridge %r" % name)
-    except NetlinkError as err:
-        if err.errno == 17:
-            return False
-        raise
-    return True
+    return unless_exists(nl.request, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {}, attrs,
+                         what="failed to create bridge %r" % name)
 
 
 def create_veth(nl, name, peer_name, peer_netns_fd=None, mtu=0, mac=None):
@@ -1102,23 +1179,24 @@ def delete_link(nl, index, what=""):
     try:
         nl.request(RTM_DELLINK, 0, {"index": index}, (), what=what or "failed to delete link")
     except NetlinkError as err:
-        if err.errno != 19:
+        if err.errno != errno.ENODEV:
             raise
 
 
 def bridge_port_change(index, hairpin, isolated):
     """A request (for transact) setting a bridge port's hairpin and isolation flags."""
-    return (RTM_SETLINK, 0, {"family": AF_BRIDGE, "index": index},
-            ((LinkAttr.IFLA_PROTINFO, ((BridgePortAttr.IFLA_BRPORT_MODE, int(hairpin)),
-                                       (BridgePortAttr.IFLA_BRPORT_ISOLATED, int(isolated)))),))
+    return NetlinkRequest(RTM_SETLINK, header={"family": AF_BRIDGE, "index": index}, attrs=(
+        (LinkAttr.IFLA_PROTINFO, ((BridgePortAttr.IFLA_BRPORT_MODE, int(hairpin)),
+                                  (BridgePortAttr.IFLA_BRPORT_ISOLATED, int(isolated)))),))
 
 
 def bridge_vlan_request(index, vid, flags, remove=False):
     """A request (for transact) adding or removing one VLAN on a bridge port."""
-    return (RTM_DELLINK if remove else RTM_SETLINK, 0, {"family": AF_BRIDGE, "index": index},
-            ((LinkAttr.IFLA_AF_SPEC, ((BridgeAfSpecAttr.IFLA_BRIDGE_FLAGS, BRIDGE_FLAGS_MASTER),
-                                      (BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO,
-                                       BRIDGE_VLAN_INFO.pack(flags, vid)))),))
+    return NetlinkRequest(
+        RTM_DELLINK if remove else RTM_SETLINK, header={"family": AF_BRIDGE, "index": index},
+        attrs=((LinkAttr.IFLA_AF_SPEC, ((BridgeAfSpecAttr.IFLA_BRIDGE_FLAGS, BRIDGE_FLAGS_MASTER),
+                                        (BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO,
+                                         BRIDGE_VLAN_INFO.pack(flags, vid)))),))
 
 
 def port_vlans(nl, index):
@@ -1171,9 +1249,9 @@ def addr_request(index, prefix, remove=False, nodad=False):
     attrs = [(AddrAttr.IFA_LOCAL, raw), (AddrAttr.IFA_ADDRESS, raw)]
     if nodad:
         attrs.append((AddrAttr.IFA_FLAGS, IFA_F_NODAD))
-    return (RTM_DELADDR if remove else RTM_NEWADDR, 0 if remove else NLM_F_CREATE | NLM_F_EXCL,
-            {"family": AF_OF_FAMILY[prefix.family], "prefixlen": prefix.length, "index": index},
-            attrs)
+    return NetlinkRequest(
+        RTM_DELADDR if remove else RTM_NEWADDR, 0 if remove else NLM_F_CREATE | NLM_F_EXCL,
+        {"family": AF_OF_FAMILY[prefix.family], "prefixlen": prefix.length, "index": index}, attrs)
 
 
 def route_request(dst, gateway, oif, priority=0, table=0, scope=None, mtu=0, advmss=0):
@@ -1200,7 +1278,7 @@ def route_request(dst, gateway, oif, priority=0, table=0, scope=None, mtu=0, adv
     header = {"family": AF_OF_FAMILY[family], "dst_len": dst.length,
               "table": table if 0 < table <= 255 else RT_TABLE_MAIN, "protocol": RTPROT_BOOT,
               "scope": scope, "type": RTN_UNICAST}
-    return (RTM_NEWROUTE, NLM_F_CREATE, header, attrs)
+    return NetlinkRequest(RTM_NEWROUTE, NLM_F_CREATE, header, attrs)
 
 
 class Route(object):
@@ -1251,13 +1329,12 @@ def write_sysctl(key, value, required=False):
 
 
 # ==============================================================================================
-# nf_tables operations
+# nf_tables messages
 # ==============================================================================================
-# Masquerade and MAC spoof checking are nf_tables rules written over NETLINK_NETFILTER in one
-# batched transaction per ADD or DEL, so no `nft` or `iptables` program is needed and a crash
-# never leaves half a rule set.  Names, layout and comments are the reference's (its nftables
-# backend drives the `nft` program with the same text), so each side finds and removes the
-# other's rules.
+# nf_tables spoken over NETLINK_NETFILTER, so no `nft` or `iptables` program is needed: message
+# types and attribute spaces (linux/netfilter/nf_tables.h), the user-data comment `nft` writes,
+# the expressions rules are made of, one transaction (NftBatch) and rules as listed (NftRule).
+# Nothing here knows a plugin's tables: that is the next section's and each plugin's business.
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
@@ -1279,6 +1356,7 @@ BE32S = ">i"
 _SCALARS[BE32S] = struct.Struct(BE32S)
 
 NFGENMSG = Header("!BBH", ("family", "version", "res_id"))
+NFT_BATCH = BatchFrame(NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, {"res_id": NFNL_SUBSYS_NFTABLES})
 
 
 NftVerdictAttr = AttrSpace(
@@ -1483,7 +1561,7 @@ class NftBatch(object):
         self.requests = []
 
     def add(self, msg_type, family, attrs, flags=0):
-        self.requests.append((msg_type, flags, {"family": family}, attrs))
+        self.requests.append(NetlinkRequest(msg_type, flags, {"family": family}, attrs))
 
     def add_table(self, family, table, comment=None):
         attrs = [(NftTableAttr.NFTA_TABLE_NAME, table)]
@@ -1526,8 +1604,7 @@ class NftBatch(object):
 
     def commit(self, nl, what):
         if self.requests:
-            nl.transact(self.requests, what, batch=(NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END,
-                                                     {"res_id": NFNL_SUBSYS_NFTABLES}))
+            nl.transact(self.requests, what, batch=NFT_BATCH)
 
 
 class NftRule(object):
@@ -1579,6 +1656,20 @@ class NftRule(object):
         return self._scanned
 
 
+# ==============================================================================================
+# nf_tables rule sets
+# ==============================================================================================
+# The part of nf_tables every rule-writing plugin shares (the bridge's masquerade and MAC spoof
+# check, portmap, firewall); each plugin keeps only its own names, layouts and comments.
+# - Tables and chains are found by name, rules by their comment (the reference's, so each side
+#   finds and removes the other's rules); no handle is remembered between two calls.
+# - Every change is one NftBatch committed as one transaction: a crash leaves all or nothing.
+#   A transaction built from a listing is rebuilt when the kernel refuses it because a rule it
+#   lists vanished meanwhile (ENOENT: a concurrent DEL), see commit_rebuilt.
+# - A table that is not ours (kube-proxy's, iptables-nft's) is never listed whole: chains are
+#   looked up one by one before their rules are listed.
+# - GC removes the rules whose comment names an attachment that is no longer valid.
+
 _node_nftables = None
 
 
@@ -1600,7 +1691,7 @@ def chain_exists(nl, family, table, chain):
                    ((NftChainAttr.NFTA_CHAIN_TABLE, table), (NftChainAttr.NFTA_CHAIN_NAME, chain)),
                    what="failed to look up chain %s" % chain)
     except NetlinkError as err:
-        if err.errno == 2:      # ENOENT: no such table or chain
+        if err.errno == errno.ENOENT:      # no such table or chain
             return False
         raise
     return True
@@ -1615,10 +1706,54 @@ def list_rules(nl, family, table, chain=None):
         msgs = nl.dump(NFT_MSG_GETRULE, {"family": family}, attrs,
                        what="failed to list nf_tables rules of %s" % table)
     except NetlinkError as err:
-        if err.errno == 2:      # ENOENT
+        if err.errno == errno.ENOENT:
             return []
         raise
     return [NftRule(m) for m in msgs if not chain or m.get(NftRuleAttr.NFTA_RULE_CHAIN) == chain]
+
+
+def rules_commented(nl, family, table, chain, prefix):
+    """The rules of a chain whose comment starts with `prefix` (an attachment's mark)."""
+    return [r for r in list_rules(nl, family, table, chain) if r.comment.startswith(prefix)]
+
+
+def remove_chains(batch, nl, family, table, base_chain, chains):
+    """Add to `batch` the removal of regular chains, their rules and the rules of `base_chain`
+    jumping to them.  Absent chains are looked up one by one, so a large table (kube-proxy's
+    iptables rules, say) is never listed."""
+    present = [c for c in chains if chain_exists(nl, family, table, c)]
+    if not present:
+        return
+    for rule in list_rules(nl, family, table, base_chain):
+        if rule.jump_target in present:
+            batch.delete_rule(rule)
+    for chain in present:
+        batch.flush_chain(family, table, chain)
+    for chain in present:
+        batch.delete_chain(family, table, chain)
+
+
+def commit_rebuilt(nl, build, what, attempts=3):
+    """Commit the transaction `build(batch)` fills, rebuilding it (from fresh listings) when the
+    kernel refuses it whole because something it lists was removed meanwhile (ENOENT)."""
+    for attempt in range(attempts):
+        batch = NftBatch()
+        build(batch)
+        try:
+            batch.commit(nl, what)
+            return
+        except NetlinkError as err:
+            if err.errno != errno.ENOENT or attempt == attempts - 1:
+                raise
+
+
+def remove_stale_rules(batch, nl, family, table, chain, owner_of, valid):
+    """Add to `batch` the removal of the rules of a chain whose owner is no longer valid:
+    `owner_of(rule)` names the attachment a rule belongs to (None: not one we manage)."""
+    for rule in list_rules(nl, family, table, chain):
+        owner = owner_of(rule)
+        if owner is not None and owner not in valid:
+            batch.delete_rule(rule)
 
 
 # ==============================================================================================
@@ -1701,7 +1836,7 @@ class Netns(object):
         try:
             self.fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NOCTTY | posix.O_NONBLOCK)
         except OSError as err:
-            if err.errno in (2, 20):     # ENOENT, ENOTDIR
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise NetnsGone(ERR_INVALID_NETNS, "failed to open netns %r: %s"
                                 % (path, err.strerror), "the network namespace does not exist")
             raise CNIError(ERR_INVALID_NETNS, "failed to open netns %r: %s" % (path, err.strerror))
@@ -1762,10 +1897,10 @@ def make_directories(path, mode=0o755):
         posix.mkdir(path, mode)
     except OSError as err:
         parent = path.rstrip("/").rpartition("/")[0]
-        if err.errno == 2 and parent:                       # ENOENT: a parent is missing
+        if err.errno == errno.ENOENT and parent:            # a parent is missing
             make_directories(parent, mode)
             make_directories(path, mode)
-        elif err.errno != 17 or not is_directory(path):
+        elif err.errno != errno.EEXIST or not is_directory(path):
             raise
 
 
@@ -1799,7 +1934,7 @@ def remove_named_netns(path):
     try:
         libc_call("umount2", path.encode(), MNT_DETACH)
     except OSError as err:
-        if err.errno not in (2, 22):        # not there, or not a mount point
+        if err.errno not in (errno.ENOENT, errno.EINVAL):        # not there, or not a mount point
             raise
     posix.unlink(path)
 
@@ -1823,7 +1958,7 @@ TEMP_PREFIX = ".tmp-"
 
 def os_error(err, what):
     """A CNIError for a failed file operation: a full disk is worth retrying, the rest is I/O."""
-    code = ERR_TRY_AGAIN if err.errno in (28, 122) else ERR_IO     # ENOSPC, EDQUOT
+    code = ERR_TRY_AGAIN if err.errno in (errno.ENOSPC, errno.EDQUOT) else ERR_IO
     return CNIError(code, "%s: %s" % (what, err.strerror or err), getattr(err, "filename", "") or "")
 
 
@@ -2075,22 +2210,24 @@ class Store(object):
         except OSError as err:
             self.__exit__()
             raise os_error(err, "failed to open the IPAM state directory %s" % path)
-        deadline = time.time() + LOCK_TIMEOUT
-        delay = 0.001
-        while True:
+
+        def try_lock():
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return self
             except OSError as err:
-                if err.errno not in (11, 4):        # EAGAIN/EWOULDBLOCK, EINTR
-                    self.__exit__()
+                if err.errno not in (errno.EWOULDBLOCK, errno.EINTR):
                     raise os_error(err, "failed to lock %s/lock" % path)
-            if time.time() > deadline:
-                self.__exit__()
-                raise CNIError(ERR_TRY_AGAIN, "timed out after %g s waiting for the lock on %s"
-                               % (LOCK_TIMEOUT, path), "another plugin holds it; try again later")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+                return None
+
+        def timed_out():
+            return CNIError(ERR_TRY_AGAIN, "timed out after %g s waiting for the lock on %s"
+                            % (LOCK_TIMEOUT, path), "another plugin holds it; try again later")
+        try:
+            return poll_until(try_lock, LOCK_TIMEOUT, timed_out, max_delay=0.02)
+        except CNIError:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc):
         for fd in (self.lock_fd, self.dir_fd):
@@ -2168,22 +2305,21 @@ class Store(object):
         """Create the reservation file of an address; False when it is taken already."""
         temp = self._write_temp(owner)
         try:
-            posix.link(temp, ip_to_text(family, ip), src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
-                       follow_symlinks=False)
-            self.created.add((family, ip))
-            return True
+            made = unless_exists(posix.link, temp, ip_to_text(family, ip), src_dir_fd=self.dir_fd,
+                                 dst_dir_fd=self.dir_fd, follow_symlinks=False)
         except OSError as err:
-            if err.errno == 17:
-                return False
             raise os_error(err, "failed to reserve %s" % ip_to_text(family, ip))
         finally:
             self.remove(temp)
+        if made:
+            self.created.add((family, ip))
+        return made
 
     def remove(self, name):
         try:
             posix.unlink(name, dir_fd=self.dir_fd)
         except OSError as err:
-            if err.errno != 2:
+            if err.errno != errno.ENOENT:
                 raise os_error(err, "failed to remove %s/%s/%s" % (self.data_dir, self.network, name))
 
     def last_reserved(self, set_index):
@@ -2643,18 +2779,6 @@ NF_BR_PRI_NAT_DST_BRIDGED = -300
 COMMENT_MAX = 128                              # bytes, as the reference truncates
 
 
-def sha512_hex(text):
-    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import)."""
-    try:
-        from _sha512 import sha512                       # Python 3.6 to 3.11
-    except ImportError:
-        try:
-            from _hashlib import openssl_sha512 as sha512  # later ones, built with OpenSSL
-        except ImportError:
-            from hashlib import sha512
-    return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def masq_instance_hash(network, container_id, ifname):
     return "%s-%s" % (sha512_hex(network)[:16], sha512_hex(ifname + ":" + container_id)[:16])
 
@@ -2702,8 +2826,7 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
     stale = []
     if replace_earlier:
         instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
-        stale = [r for r in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
-                 if r.comment.startswith(instance)]
+        stale = rules_commented(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)
     batch = NftBatch()
     # The reference rewrites the base chain on every ADD; here it is written only when it is not
     # as it should be, because deleting rules makes this process wait for an RCU grace period
@@ -2763,22 +2886,6 @@ def ifname_bytes(name):
     return name.encode("utf-8", "surrogateescape").ljust(16, b"\0")
 
 
-def remove_chains(batch, nl, family, table, base_chain, chains):
-    """Add to `batch` the removal of regular chains, their rules and the rules of `base_chain`
-    jumping to them.  Absent chains are looked up one by one, so a large table (kube-proxy's
-    iptables rules, say) is never listed."""
-    present = [c for c in chains if chain_exists(nl, family, table, c)]
-    if not present:
-        return
-    for rule in list_rules(nl, family, table, base_chain):
-        if rule.jump_target in present:
-            batch.delete_rule(rule)
-    for chain in present:
-        batch.flush_chain(family, table, chain)
-    for chain in present:
-        batch.delete_chain(family, table, chain)
-
-
 def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None):
     """Remove every rule of an attachment, found by name and comment alone: needs no netns, link,
     address or prevResult.  Also removes the reference's iptables chain where iptables is
@@ -2786,21 +2893,16 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
     that asks for that backend."""
     nl = node_nftables()
     instance = masq_instance_hash(network, container_id, ifname)
-    for attempt in range(3):
-        batch = NftBatch()
-        for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
-            if rule.comment.startswith(instance):
-                batch.delete_rule(rule)
-        remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", "PREROUTING", spoofchk_names(container_id, ifname)[:2])
+
+    def remove_all(batch):
+        for rule in rules_commented(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance):
+            batch.delete_rule(rule)
+        remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", "PREROUTING",
+                      spoofchk_names(container_id, ifname)[:2])
         for family in (NFPROTO_IPV4, NFPROTO_IPV6):
-            remove_chains(batch, nl, family, "nat", "POSTROUTING", (iptables_chain(network, container_id),))
-        try:
-            batch.commit(nl, "failed to remove the rules of %s" % container_id)
-            break
-        except NetlinkError as err:
-            # ENOENT: something listed was removed meanwhile and the batch was refused whole.
-            if err.errno != 2 or attempt == 2:
-                raise
+            remove_chains(batch, nl, family, "nat", "POSTROUTING",
+                          (iptables_chain(network, container_id),))
+    commit_rebuilt(nl, remove_all, "failed to remove the rules of %s" % container_id)
     if ipmasq_backend == "iptables":
         iptables_teardown(network, container_id)
 
@@ -2809,8 +2911,7 @@ def check_attachment_rules(conf, request, previous):
     """CHECK: the masquerade and spoof-check rules this attachment needs are in place."""
     if conf.ip_masq and conf.ip_masq_backend == "nftables":
         instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
-        mine = [r for r in list_rules(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
-                if r.comment.startswith(instance)]
+        mine = rules_commented(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)
         expected = len(previous.get("ips") or [])
         if len(mine) < expected:
             raise CNIError(ERR_INTERNAL, "masquerade rules of %s are missing" % request.container_id,
@@ -2831,10 +2932,11 @@ def collect_stale_rules(network, valid):
     nl = node_nftables()
     keep = set(masq_instance_hash(network, cid, ifname) for cid, ifname in valid)
     network_hash = sha512_hex(network)[:16] + "-"
+
+    def masq_owner(rule):       # the attachment hash that starts the comment of this network's rules
+        return rule.comment.split(",", 1)[0] if rule.comment.startswith(network_hash) else None
     batch = NftBatch()
-    for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
-        if rule.comment.startswith(network_hash) and rule.comment.split(",", 1)[0] not in keep:
-            batch.delete_rule(rule)
+    remove_stale_rules(batch, nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, masq_owner, keep)
     valid_chains = set(spoofchk_names(cid, ifname)[0] for cid, ifname in valid)
     ports = set(link.name for link in list_links(NetlinkSocket()))
     stale = []
@@ -2915,7 +3017,7 @@ def ensure_bridge(nl, conf):
     try:
         created = create_bridge(nl, conf.bridge, conf.mtu, conf.vlan_filtering)
     except NetlinkError as err:
-        if conf.vlan_filtering and err.errno == 95:         # EOPNOTSUPP
+        if conf.vlan_filtering and err.errno == errno.EOPNOTSUPP:
             raise CNIError(ERR_INTERNAL, err.msg, NO_VLAN_FILTERING)
         raise
     bridge = get_link(nl, conf.bridge)
@@ -2973,7 +3075,7 @@ def create_container_veth(container_nl, host_nl, request, conf):
             create_veth(container_nl, request.ifname, host_name, original_netns_fd(), conf.mtu, conf.mac)
             break
         except NetlinkError as err:
-            if err.errno != 17:
+            if err.errno != errno.EEXIST:
                 raise
             if get_link(container_nl, request.ifname) is not None:
                 raise CNIError(ERR_INVALID_CONFIG, "container veth name %r already exists"
@@ -3027,7 +3129,7 @@ def set_port_vlans(nl, port, wanted, exclusive):
     try:
         nl.transact(vlan_changes(port.index, current, wanted), "failed to set the VLANs of %s" % port.name)
     except NetlinkError as err:
-        if err.errno in (95, 22):           # EOPNOTSUPP, EINVAL: the bridge does not filter
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):           # the bridge does not filter
             raise CNIError(ERR_INTERNAL, err.msg, NO_VLAN_FILTERING)
         raise
 
@@ -3043,11 +3145,7 @@ def ensure_vlan_gateway(nl, conf, bridge):
     name = conf.vlan_gateway
     gateway = get_link(nl, name)
     if gateway is None:
-        try:
-            create_veth(nl, name, random_veth_name(), mtu=bridge.mtu)
-        except NetlinkError as err:
-            if err.errno != 17:
-                raise
+        unless_exists(create_veth, nl, name, random_veth_name(), mtu=bridge.mtu)
         gateway = get_link(nl, name)
         if gateway is None:
             raise CNIError(ERR_TRY_AGAIN, "failed to create the VLAN gateway %s" % name,
@@ -3132,17 +3230,17 @@ def configure_container(ns, nl, conf, request, container, result):
 
 def wait_ipv6_settled(nl, index):
     """Wait (bounded) until no IPv6 address of the link is tentative."""
-    deadline = time.time() + IPV6_SETTLE_TIMEOUT
-    while True:
+    def settled():
         addrs = list_addrs(nl, index, 6)
         if any(a.flags & IFA_F_DADFAILED for a in addrs):
             raise CNIError(ERR_INTERNAL, "IPv6 duplicate address detection failed",
                            ", ".join(str(a.prefix) for a in addrs if a.flags & IFA_F_DADFAILED))
-        if not any(a.flags & IFA_F_TENTATIVE for a in addrs):
-            return
-        if time.time() > deadline:
-            raise CNIError(ERR_TRY_AGAIN, "IPv6 addresses still tentative after %g s" % IPV6_SETTLE_TIMEOUT)
-        time.sleep(0.05)
+        return None if any(a.flags & IFA_F_TENTATIVE for a in addrs) else True
+
+    def timed_out():
+        return CNIError(ERR_TRY_AGAIN, "IPv6 addresses still tentative after %g s"
+                        % IPV6_SETTLE_TIMEOUT)
+    poll_until(settled, IPV6_SETTLE_TIMEOUT, timed_out, delay=0.05, max_delay=0.05)
 
 
 def ensure_gateway_address(nl, conf, link, gateway):
@@ -3164,29 +3262,26 @@ def ensure_gateway_address(nl, conf, link, gateway):
                            % theirs)
         nl.transact([addr_request(link.index, theirs, remove=True)],
                     "failed to remove %s from %s" % (theirs, link.name))
-    try:
-        nl.transact([addr_request(link.index, gateway)],
-                    "failed to add %s to %s" % (gateway, link.name))
-    except NetlinkError as err:
-        if err.errno != 17:
-            raise
+    unless_exists(nl.transact, [addr_request(link.index, gateway)],
+                  "failed to add %s to %s" % (gateway, link.name))
 
 
 def wait_port_up(nl, host):
     """Wait (bounded) for the host veth to report carrier, as the reference does."""
-    deadline = time.time() + PORT_UP_TIMEOUT
-    delay = 0.002
-    while True:
+    def port():
         link = get_link(nl, index=host.index)
         if link is None:
             raise CNIError(ERR_INTERNAL, "host veth %s disappeared" % host.name)
-        if link.operstate == IF_OPER_UP:
-            return link
-        if time.time() > deadline:
-            raise CNIError(ERR_TRY_AGAIN, "bridge port in error state: %s"
-                           % OPERSTATE_NAMES.get(link.operstate, link.operstate))
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        return link
+
+    def timed_out():
+        state = port().operstate
+        return CNIError(ERR_TRY_AGAIN, "bridge port in error state: %s"
+                        % OPERSTATE_NAMES.get(state, state))
+    def carrier():
+        link = port()
+        return link if link.operstate == IF_OPER_UP else None
+    return poll_until(carrier, PORT_UP_TIMEOUT, timed_out, delay=0.002)
 
 
 def bridge_add(request):
@@ -3475,7 +3570,7 @@ def read_stdin(wait_for_data):
         try:
             chunk = posix.read(0, 1 << 16)
         except OSError as err:
-            if err.errno == 9 and not chunks:    # EBADF: no stdin at all
+            if err.errno == errno.EBADF and not chunks:    # no stdin at all
                 return b""
             raise CNIError(ERR_IO, "error reading from stdin: %s" % err.strerror)
         if not chunk:
@@ -3729,7 +3824,7 @@ def ping(ns, family, address, timeout=2.0):
         body = struct.pack("!HH", ident, 1) + b"cni-bridge verify"
         header = struct.pack("!BBH", request_type, 0, 0)
         packet = struct.pack("!BBH", request_type, 0, icmp_checksum(header + body)) + body
-        start = time.time()
+        start = time.monotonic()
         sock.settimeout(timeout)
         sock.sendto(packet, (address, 0))
         while True:
@@ -3737,9 +3832,9 @@ def ping(ns, family, address, timeout=2.0):
             if family == 4:
                 data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
             if data[0] == reply_type and struct.unpack("!H", data[4:6])[0] == ident:
-                return (time.time() - start) * 1000
-            if time.time() - start > timeout:
-                raise OSError(110, "no echo reply")
+                return (time.monotonic() - start) * 1000
+            if time.monotonic() - start > timeout:
+                raise OSError(errno.ETIMEDOUT, "no echo reply")
     finally:
         sock.close()
 
@@ -3757,12 +3852,12 @@ class Verifier(object):
 
     def step(self, name, action):
         """Run `action`, which returns a detail text; a CNIError or OSError fails the step."""
-        start = time.time()
+        start = time.monotonic()
         try:
             detail, ok = action(), True
         except (CNIError, OSError) as err:
             detail, ok = getattr(err, "msg", None) or str(err), False
-        elapsed = (time.time() - start) * 1000
+        elapsed = (time.monotonic() - start) * 1000
         self.steps.append({"step": name, "ok": ok, "ms": round(elapsed, 1), "detail": detail or ""})
         self.say("  %s %-58s %8.1f ms" % ("\u2713" if ok else "\u2717", name, elapsed))
         for line in (detail or "").splitlines():
@@ -3872,8 +3967,8 @@ def verify(config_path, keep, as_json):
         with state["node"].entered():
             nft = NetlinkSocket(NETLINK_NETFILTER)
         instance = masq_instance_hash(config.get("name", ""), container_id, ifname)
-        left.extend("masquerade rule %d" % r.handle for r in list_rules(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
-                    if r.comment.startswith(instance))
+        left.extend("masquerade rule %d" % r.handle
+                    for r in rules_commented(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance))
         if left:
             raise CNIError(ERR_INTERNAL, "left behind: " + ", ".join(left))
         return "no %s, no host veth, no reservation, no masquerade rule" % ifname

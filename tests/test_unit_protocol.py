@@ -659,3 +659,31 @@ def test_version_answer(raw, expected, monkeypatch, json_state):
 def test_error_json_shape():
     err = cb.CNIError(7, "bad", "details here")
     assert err.to_json("0.4.0") == {"cniVersion": "0.4.0", "code": 7, "msg": "bad", "details": "details here"}
+
+
+# --- poll_until ---------------------------------------------------------------------------------
+
+def test_poll_until_returns_the_first_answer_and_sleeps_between_attempts(monkeypatch):
+    answers = [None, None, "ready"]
+    slept = []
+    monkeypatch.setattr(cb.time, "sleep", slept.append)
+    value = cb.poll_until(lambda: answers.pop(0), 5.0, lambda: AssertionError("expired"),
+                          delay=0.01, max_delay=0.015)
+    assert value == "ready"
+    assert slept == [0.01, 0.015]
+
+
+def test_poll_until_raises_the_expiry_error_on_the_monotonic_clock(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(cb.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(cb.time, "time", lambda: 0.0)       # a wall clock stepped back: ignored
+
+    def advance(seconds):
+        clock[0] += seconds
+    monkeypatch.setattr(cb.time, "sleep", advance)
+    calls = []
+    with pytest.raises(cb.CNIError) as err:
+        cb.poll_until(lambda: calls.append(1), 1.0,
+                      lambda: cb.CNIError(cb.ERR_TRY_AGAIN, "too slow"), delay=0.25, max_delay=0.25)
+    assert err.value.code == cb.ERR_TRY_AGAIN
+    assert len(calls) == 5          # at 0, 0.25, 0.5, 0.75 and 1.0 s

@@ -239,6 +239,14 @@ def check_ifname(name):
         raise CNIError(ERR_INVALID_ENV, "interface name contains / or : or whitespace characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise CNIError(ERR_INVALID_ENV, "interface name contains control characters")
+    # The kernel would rename or refuse these only after something was made: "%" makes the name
+    # a template ("eth%d" becomes eth0, eth1 ...), and its isspace() counts byte 0xA0 (in the
+    # UTF-8 of "à", say) as a space.
+    if "%" in name:
+        raise CNIError(ERR_INVALID_ENV, "interface name contains %",
+                       "the kernel takes a name with %% as a template and picks another name")
+    if b"\xa0" in name.encode("utf-8", "surrogateescape"):
+        raise CNIError(ERR_INVALID_ENV, "interface name contains byte 0xA0, a space to the kernel")
 
 
 # The CNI_ARGS keys these plugins read: host-local's IP, bridge's MAC (both reach both plugins,
@@ -933,8 +941,12 @@ class NetlinkSocket(object):
         """One request with its acknowledgement; returns the replies (for a GET, the object)."""
         return self.transact([NetlinkRequest(msg_type, flags, header, attrs)], what)[0]
 
-    def dump(self, msg_type, header=None, attrs=(), what=""):
-        """A dump request; retried when the kernel flags it interrupted by a concurrent change."""
+    def dump(self, msg_type, header=None, attrs=(), what="", containing=None):
+        """A dump request; retried when the kernel flags it interrupted by a concurrent change.
+
+        With `containing` (bytes), only the messages holding those bytes are decoded: a search
+        for one object among thousands then costs a scan in C instead of thousands of decodings.
+        """
         for _attempt in range(5):
             seq = self._next_seq()
             self.sock.send(encode_message(self.layouts, msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq,
@@ -950,7 +962,7 @@ class NetlinkSocket(object):
                     elif reply_type == NLMSG_ERROR:
                         errno_value, reason = _ack_error(payload, flags)
                         raise NetlinkError(errno_value, what, reason)
-                    elif reply_type in self.layouts:
+                    elif reply_type in self.layouts and (containing is None or containing in payload):
                         messages.append(decode_payload(self.layouts, reply_type, flags, payload))
             if not interrupted:
                 return messages
@@ -1115,10 +1127,13 @@ def get_link(nl, name=None, index=0):
     return Link(replies[0]) if replies else None
 
 
-def list_links(nl, master=0):
-    """Every link, or with `master` only the ports of that bridge (the kernel filters the dump)."""
+def list_links(nl, master=0, alias=None):
+    """Every link; with `master` only the ports of that bridge (the kernel filters the dump); with
+    `alias` only the links of that alias."""
     attrs = _LINK_QUERY + (((LinkAttr.IFLA_MASTER, master),) if master else ())
-    return [Link(m) for m in nl.dump(RTM_GETLINK, {}, attrs, what="failed to list links")]
+    raw = alias.encode("utf-8", "surrogateescape") + b"\0" if alias else None
+    links = [Link(m) for m in nl.dump(RTM_GETLINK, {}, attrs, what="failed to list links", containing=raw)]
+    return [link for link in links if link.alias == alias] if alias else links
 
 
 def link_change(index, up=None, promisc=None, master=None, mac=None, extra=()):
@@ -3058,13 +3073,38 @@ def alias_network_prefixes(network):
     return ("cni:%s:" % network, "cni#%s:" % sha512_hex(network)[:16])
 
 
-def find_host_veth(nl, network, container_id, ifname):
-    """The host veth whose alias names this attachment, or None."""
+def find_host_veth(nl, network, container_id, ifname, master=0):
+    """The host veth whose alias names this attachment (among the ports of `master`), or None."""
     alias = attachment_alias(network, container_id, ifname)
-    for link in list_links(nl):
-        if link.alias == alias and link.kind == "veth":
+    for link in list_links(nl, master, alias):
+        if link.kind == "veth":
             return link
     return None
+
+
+def is_pair(container, host):
+    """Whether two links (one seen in the container, one on the node) are the two ends of a veth."""
+    return (container is not None and host is not None and container.kind == host.kind == "veth"
+            and container.peer_index == host.index and host.peer_index == container.index)
+
+
+def existing_attachment(host_nl, container_nl, conf, request):
+    """The attachment's host veth and container interface when an earlier ADD left them intact in
+    this namespace (that ADD's result is given back), else (None, None).  Refused before anything
+    changes: the same container ID and interface alive in another namespace (a reused ID would
+    get a second copy of the address on the bridge)."""
+    bridge = get_link(host_nl, conf.bridge)
+    if bridge is None:
+        return None, None
+    host = find_host_veth(host_nl, conf.network, request.container_id, request.ifname, bridge.index)
+    if host is None:
+        return None, None
+    container = get_link(container_nl, request.ifname)
+    if not is_pair(container, host):
+        raise CNIError(ERR_INVALID_CONFIG, "container %s already has %s attached to network %s in "
+                       "another namespace" % (request.container_id[:100], request.ifname, conf.network),
+                       "host veth %s; DEL that attachment first (CNI_CONTAINERID reused?)" % host.name)
+    return host, container
 
 
 def create_container_veth(container_nl, host_nl, request, conf):
@@ -3293,6 +3333,9 @@ def bridge_add(request):
     host_nl = NetlinkSocket()
     ns = container_netns(request)
     container_nl = ns.netlink()
+    host, container = existing_attachment(host_nl, container_nl, conf, request)
+    if host is not None:
+        return repeated_add(request, conf, host_nl, container_nl, host, container)
     bridge = ensure_bridge(host_nl, conf)
     container, host = create_container_veth(container_nl, host_nl, request, conf)
     ipam_done = False
@@ -3332,6 +3375,10 @@ def bridge_add(request):
     except BaseException:
         rollback_add(request, conf, container_nl, container, ipam_done)
         raise
+    return finish_result(conf, request, result, bridge, host, container, vlan_gateway)
+
+
+def finish_result(conf, request, result, bridge, host, container, vlan_gateway):
     result["interfaces"] = [{"name": bridge.name, "mac": bridge.mac},
                             {"name": host.name, "mac": host.mac},
                             {"name": container.name, "mac": container.mac, "sandbox": request.netns}]
@@ -3340,6 +3387,35 @@ def bridge_add(request):
     if conf.dns:
         result["dns"] = conf.dns
     return result
+
+
+def repeated_add(request, conf, host_nl, container_nl, host, container):
+    """ADD of an attachment an earlier ADD left intact in this namespace: its result again (the
+    IPAM gives the same addresses back), its rules made again.  Nothing is undone on failure:
+    the attachment stays as it was."""
+    result = {"interfaces": [], "ips": [], "routes": [], "dns": {}}
+    if conf.ipam_type:
+        ipam_result = ipam_call(request, conf.ipam_type, "ADD")
+        result.update((k, ipam_result.get(k) or result[k]) for k in ("ips", "routes", "dns"))
+        present = set(a.prefix for a in list_addrs(container_nl, container.index))
+        missing = [ip["address"] for ip in result["ips"] if Prefix.parse(ip["address"]) not in present]
+        if missing or not result["ips"]:
+            if not ipam_result.get("reused", True):
+                ipam_call(request, conf.ipam_type, "DEL")      # a new reservation, not the old one's
+            raise CNIError(ERR_INVALID_CONFIG, "container veth name %r already exists" % request.ifname,
+                           "it is attached but lacks %s: DEL the attachment first"
+                           % (" ".join(missing) or "its addresses"))
+        complete_gateways(conf, result)
+    try:
+        check_attachment_rules(conf, request, result)
+    except CNIError:                    # made again only when some are missing
+        if conf.ip_masq and result["ips"]:
+            setup_masquerade(conf, request, result, True)
+        if conf.macspoofchk:
+            setup_macspoofchk(conf, request, host.name, container.mac)
+    vlan_gateway = get_link(host_nl, conf.vlan_gateway) if conf.uses_vlan_gateway else None
+    return finish_result(conf, request, result, get_link(host_nl, index=host.master), host, container,
+                         vlan_gateway)
 
 
 def rollback_add(request, conf, container_nl, container, ipam_done):
@@ -3374,6 +3450,7 @@ def bridge_del(request):
         ipam_type = ipam.get("type") if isinstance(ipam, dict) else ""
         ipam_type = ipam_type if isinstance(ipam_type, str) else ""
         backend = request.config.get("ipMasqBackend")
+    network = request.config["name"]
     ns = None
     if request.netns:
         try:
@@ -3385,20 +3462,32 @@ def bridge_del(request):
             # while the reservation, the rules and the host veth are still to be released.
             sys.stderr.write("DEL: CNI_NETNS %s is the node's own namespace; releasing what lies "
                              "outside it\n" % request.netns)
+    host_nl = NetlinkSocket()
+    container_nl = container = None
+    if ns is not None:
+        container_nl = ns.netlink()
+        container = get_link(container_nl, request.ifname)
+        host = get_link(host_nl, index=container.peer_index) if container and container.kind == "veth" else None
+        mine = host is not None and host.alias == attachment_alias(network, request.container_id, request.ifname)
+        if not mine:
+            elsewhere = find_host_veth(host_nl, network, request.container_id, request.ifname)
+            if elsewhere is not None:
+                # The same container ID and interface live in another namespace (a refused ADD
+                # of a reused ID is being cleaned up): their reservation and rules are not ours.
+                sys.stderr.write("DEL: %s of %s is attached in another namespace (host veth %s); "
+                                 "nothing here to release\n" % (request.ifname, request.container_id[:100],
+                                                                 elsewhere.name))
+                return None
     # Rules first: their removal frees memory after an RCU grace period, which then passes
     # while the veth is deleted instead of at exit.
-    teardown_attachment_rules(request.config["name"], request.container_id, request.ifname, backend)
-    if ns is not None:
-        nl = ns.netlink()
-        link = get_link(nl, request.ifname)
-        if link is not None:
-            delete_link(nl, link.index, "failed to delete %s in the container" % request.ifname)
-    else:
+    teardown_attachment_rules(network, request.container_id, request.ifname, backend)
+    if container is not None:
+        delete_link(container_nl, container.index, "failed to delete %s in the container" % request.ifname)
+    elif ns is None:
         # Without the namespace the pair is reached from its host end (deleting it deletes both).
-        nl = NetlinkSocket()
-        host = find_host_veth(nl, request.config["name"], request.container_id, request.ifname)
+        host = find_host_veth(host_nl, network, request.container_id, request.ifname)
         if host is not None:
-            delete_link(nl, host.index, "failed to delete the host veth %s" % host.name)
+            delete_link(host_nl, host.index, "failed to delete the host veth %s" % host.name)
     if ipam_type:
         ipam_call(request, ipam_type, "DEL")
     return None

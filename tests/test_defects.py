@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import IP, run
-from test_bridge import explain, host_veths
+from test_bridge import eventually, explain, host_veths
 from test_masquerade import skip_without_iptables
 from test_reliability import (BRIDGE, NET, SUBNET, assert_masq_base_only, assert_nothing_left, bridge,
                               cni_error, conf, masq_comments, ok, reservations)
@@ -200,3 +200,67 @@ def test_long_identifiers_with_the_iptables_backend(ours_bin, node, container, d
     ok(bridge(ours_bin, "DEL", dict(config, prevResult=result), node, container, cid))
     assert chain not in node.run("iptables", "-t", "nat", "-S").stdout
     assert all_reservations(data_dir) == {} and host_veths(node) == {}
+
+
+# --- 6. a reused container ID --------------------------------------------------------------------
+
+def node_state(node, data_dir):
+    """What an ADD or DEL could change on the node: links, reservations, masquerade rules."""
+    links = {name: (link.get("master"), link.get("ifalias")) for name, link in node.links().items()}
+    return links, reservations(data_dir), masq_comments(node)
+
+
+def test_reused_container_id_is_decided_from_the_kernel(ours_bin, node, make_netns, data_dir):
+    """The same attachment ADDed again in its namespace gets its result back; the same container ID
+    and interface in another namespace, while the first lives, are refused before anything changes,
+    and a DEL for that namespace releases nothing of the first; once the first is dead its
+    reservation is reused."""
+    first, second = make_netns("ct"), make_netns("ct")
+    config = conf(data_dir)
+    result = ok(bridge(ours_bin, "ADD", config, node, first, "c1"))
+    address = result["ips"][0]["address"]
+    before = node_state(node, data_dir)
+    again = ok(bridge(ours_bin, "ADD", config, node, first, "c1"))
+    assert again == result
+    assert node_state(node, data_dir) == before
+    error = cni_error(bridge(ours_bin, "ADD", config, node, second, "c1"))
+    assert error["code"] == 7 and "another namespace" in error["msg"], error
+    assert sorted(second.links()) == ["lo"]
+    assert node_state(node, data_dir) == before
+    ok(bridge(ours_bin, "DEL", config, node, second, "c1"))
+    assert node_state(node, data_dir) == before
+    assert [a for a in first.addrs("eth0") if a[0] == "inet"] == [("inet", address)]
+    assert first.run("ping", "-c1", "-W2", "10.92.0.1", check=False).returncode == 0
+    ok(bridge(ours_bin, "CHECK", dict(config, prevResult=result), node, first, "c1"))
+    run([IP, "netns", "del", first.name])             # the first attachment dies without a DEL
+    assert eventually(lambda: host_veths(node) == {})  # the kernel destroys the pair asynchronously
+    moved = ok(bridge(ours_bin, "ADD", config, node, second, "c1"))
+    assert moved["ips"][0]["address"] == address
+    assert [a for a in second.addrs("eth0") if a[0] == "inet"] == [("inet", address)]
+    assert list(reservations(data_dir)) == [address.split("/")[0]]
+    ok(bridge(ours_bin, "DEL", dict(config, prevResult=moved), node, second, "c1"))
+    assert_nothing_left(node, data_dir, [second])
+
+
+# --- 8. names the kernel would rename or refuse ---------------------------------------------------
+
+@pytest.mark.parametrize("ifname", ["eth%d", "e%s%d", "eth\u00e0"])
+def test_ifname_the_kernel_would_rename_is_refused_before_anything_is_made(ours_bin, node, container, data_dir,
+                                                                           ifname):
+    """CNI_IFNAME with "%" (a template to the kernel) or a byte the kernel counts as a space: code 4,
+    twice over, and no veth, reservation or rule appears anywhere."""
+    config = conf(data_dir)
+    for _attempt in range(2):
+        error = cni_error(bridge(ours_bin, "ADD", config, node, container, "c1", ifname=ifname))
+        assert error["code"] == 4, error
+    assert sorted(container.links()) == ["lo"]
+    assert host_veths(node) == {} and reservations(data_dir) == {}
+    assert_masq_base_only(node)
+
+
+def test_bridge_name_template_is_a_config_error(ours_bin, node, container, data_dir):
+    """A `bridge` name with "%" is code 7 and makes no link on the node."""
+    before = sorted(node.links())
+    error = cni_error(bridge(ours_bin, "ADD", dict(conf(data_dir), bridge="cbt%d"), node, container, "c1"))
+    assert error["code"] == 7, error
+    assert sorted(node.links()) == before and sorted(container.links()) == ["lo"]

@@ -1422,9 +1422,18 @@ NftImmediateAttr = AttrSpace(
 )
 
 
+# An xtables match inside an nf_tables rule (iptables-nft): `-m comment` is one, its info the
+# comment's text (struct xt_comment_info).
+NftMatchAttr = AttrSpace(
+    NFTA_MATCH_NAME=Attr(1, STR),
+    NFTA_MATCH_REV=Attr(2, BE32),
+    NFTA_MATCH_INFO=Attr(3, BYTES),
+)
+
+
 # An expression's data is laid out by its name; these are the expressions the rules use.
 EXPRESSION_SPACES = {"meta": NftMetaAttr, "payload": NftPayloadAttr, "cmp": NftCmpAttr,
-                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr}
+                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr, "match": NftMatchAttr}
 
 
 NftExprAttr = AttrSpace(
@@ -1648,9 +1657,15 @@ class NftRule(object):
         """The input interface this rule matches (`iifname "x"`), or None."""
         return self._scan()[1]
 
+    @property
+    def xt_comment(self):
+        """The comment of an iptables-nft rule (`-m comment --comment`, an xtables match), or ""."""
+        return self._scan()[2]
+
     def _scan(self):
         if self._scanned is None:
             target = iifname = None
+            xt_comment = ""
             loaded_iifname = False
             elements = decode_attrs(NftListAttr, self._expressions).get(NftListAttr.NFTA_LIST_ELEM, [])
             for element in elements:
@@ -1667,7 +1682,10 @@ class NftRule(object):
                     raw = data.get(NftCmpAttr.NFTA_CMP_DATA, {}).get(NftDataAttr.NFTA_DATA_VALUE, b"")
                     iifname = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                     loaded_iifname = False
-            self._scanned = (target, iifname)
+                elif name == "match" and data.get(NftMatchAttr.NFTA_MATCH_NAME) == "comment":
+                    raw = data.get(NftMatchAttr.NFTA_MATCH_INFO, b"")
+                    xt_comment = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            self._scanned = (target, iifname, xt_comment)
         return self._scanned
 
 
@@ -2915,11 +2933,23 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
         remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", "PREROUTING",
                       spoofchk_names(container_id, ifname)[:2])
         for family in (NFPROTO_IPV4, NFPROTO_IPV6):
-            remove_chains(batch, nl, family, "nat", "POSTROUTING",
-                          (iptables_chain(network, container_id),))
+            if owns_iptables_chain(nl, family, network, container_id):
+                remove_chains(batch, nl, family, "nat", "POSTROUTING",
+                              (iptables_chain(network, container_id),))
     commit_rebuilt(nl, remove_all, "failed to remove the rules of %s" % container_id)
     if ipmasq_backend == "iptables":
         iptables_teardown(network, container_id)
+
+
+def owns_iptables_chain(nl, family, network, container_id):
+    """Whether the reference's iptables chain of the attachment exists and is its own.  The chain's
+    name hashes network and container ID run together ("hnet" + "xc1" = "hnetx" + "c1"), so it is
+    the attachment's only when no rule in it carries another attachment's comment."""
+    chain = iptables_chain(network, container_id)
+    if not chain_exists(nl, family, "nat", chain):
+        return False
+    comment = iptables_comment(network, container_id)
+    return all(rule.xt_comment == comment for rule in list_rules(nl, family, "nat", chain))
 
 
 def check_attachment_rules(conf, request, previous):
@@ -3001,15 +3031,24 @@ def iptables_setup_masquerade(network, container_id, prefix):
 
 
 def iptables_teardown(network, container_id):
-    """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address needed)."""
+    """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address needed),
+    when every rule in the chain carries the attachment's comment (the chain's name may be
+    another attachment's: see owns_iptables_chain)."""
+    import shlex
     chain = iptables_chain(network, container_id)
+    comment = iptables_comment(network, container_id)
     for family in (4, 6):
-        status, rules = run_iptables(family, ["-S", "POSTROUTING"], check=False)
+        status, own_rules = run_iptables(family, ["-S", chain], check=False)
         if status != 0:
             continue
-        for line in rules.splitlines():
+        comments = [words[words.index("--comment") + 1] if "--comment" in words[:-1] else None
+                    for words in (shlex.split(line) for line in own_rules.splitlines())
+                    if words[:1] == ["-A"]]
+        if any(c != comment for c in comments):
+            continue
+        status, rules = run_iptables(family, ["-S", "POSTROUTING"], check=False)
+        for line in rules.splitlines() if status == 0 else ():
             if line.startswith("-A POSTROUTING ") and line.endswith(" -j " + chain):
-                import shlex
                 run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
         run_iptables(family, ["-F", chain], check=False)
         run_iptables(family, ["-X", chain], check=False)

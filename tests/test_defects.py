@@ -264,3 +264,43 @@ def test_bridge_name_template_is_a_config_error(ours_bin, node, container, data_
     error = cni_error(bridge(ours_bin, "ADD", dict(conf(data_dir), bridge="cbt%d"), node, container, "c1"))
     assert error["code"] == 7, error
     assert sorted(node.links()) == before and sorted(container.links()) == ["lo"]
+
+
+# --- 7. another attachment's iptables chain under the same name -----------------------------------
+
+def chain_lines(node, chain):
+    return sorted(line for line in node.run("iptables", "-t", "nat", "-S").stdout.splitlines() if chain in line)
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_del_keeps_another_attachments_iptables_chain_of_the_same_name(ours_bin, ref_bin, node, make_netns,
+                                                                       data_dir, backend):
+    """The reference's ADD of network "hnet", container "xc1" (iptables masquerade) and our DEL of
+    network "hnetx", container "c1" (whose chain name hashes the same "hnetxc1"), with and without
+    ipMasq and either backend: the reference's chain and its four rules stay."""
+    skip_without_iptables(nf_tables_based=True)
+    theirs = make_netns("ct")
+    ref_config = {"cniVersion": "0.4.0", "name": "hnet", "type": "bridge", "bridge": BRIDGE, "isGateway": True,
+                  "ipMasq": True, "ipam": {"type": "host-local", "subnet": SUBNET, "dataDir": str(data_dir)}}
+    ok(run_ref(ref_bin, ref_config, node, theirs))
+    chain = "CNI-" + hashlib.sha512(b"hnetxc1").hexdigest()[:24]
+    before = chain_lines(node, chain)
+    assert len(before) == 4, before              # -N, the ACCEPT and MASQUERADE rules, the jump
+    for masq in (False, True):
+        ours = dict(conf(data_dir), name="hnetx", ipMasq=masq, ipMasqBackend=backend)
+        ok(bridge(ours_bin, "DEL", ours, node, make_netns("ct"), "c1"))
+        ok(bridge(ours_bin, "DEL", ours, node, None, "c1"))
+        assert chain_lines(node, chain) == before
+    # Our own attachment's chain (same backend) still goes with its DEL.
+    mine = make_netns("ct")
+    ours = dict(conf(data_dir), name="hnety", ipMasqBackend="iptables")
+    result = ok(bridge(ours_bin, "ADD", ours, node, mine, "c1"))
+    own_chain = "CNI-" + hashlib.sha512(b"hnetyc1").hexdigest()[:24]
+    assert chain_lines(node, own_chain)
+    ok(bridge(ours_bin, "DEL", dict(ours, ipMasqBackend=backend, prevResult=result), node, mine, "c1"))
+    assert chain_lines(node, own_chain) == [] and chain_lines(node, chain) == before
+
+
+def run_ref(ref_bin, config, node, netns, command="ADD", cid="xc1"):
+    from conftest import run_cni
+    return run_cni(ref_bin, "bridge", command, config, node=node, netns=netns, container_id=cid)

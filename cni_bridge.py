@@ -12,9 +12,24 @@ it uses their C cores (`posix`, `_json`, `_socket`) directly and imports the res
 path needs it (`os` costs a millisecond: it builds os.environ and imports `_collections_abc`).
 VERSION, the call a runtime makes most, loads no socket module at all.
 
-Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
-operations; nf_tables messages; nf_tables rule sets (shared by every rule-writing plugin);
-namespaces; IPAM store; the three plugins; entry point.
+Sections, in dependency order (each opens with a banner stating its invariants):
+  CNI protocol and errors       errors, JSON, config keys, CNI_ARGS, results, per-process state
+  Addresses                     IPv4/IPv6 addresses and prefixes without `ipaddress`
+  Netlink codec                 Attr/AttrSpace/Header tables, one encoder/decoder, NetlinkSocket
+  rtnetlink operations          links, addresses, routes, bridge ports and VLANs, /proc/sys
+  nf_tables messages            nf_tables attribute spaces, expressions, NftBatch, NftRule
+  nf_tables rule sets           what every rule-writing plugin shares: by name, by comment, GC
+  Namespaces                    setns, Netns, named namespaces
+  IPAM store                    host-local's locked state directory and allocation
+  The loopback plugin
+  The host-local plugin         HostLocalConfig lists its keys
+  The bridge plugin             BridgeConfig lists its keys; masquerade and spoof check
+  Serving a CNI request         PLUGINS, the environment and stdin checks, run_plugin
+  Operator tools: install
+  Operator tools: verify        the walkthrough, one Verifier method per step
+  Operator tools: network commands   cnitool's add/check/del/status/gc
+  Operator tools: leases
+  Entry point                   USAGE, the command line, main
 """
 
 import errno     # built in: about 0.06 ms, for names instead of numbers
@@ -180,24 +195,35 @@ _JSON_TYPE_NAMES = {bool: "a boolean", int: "an integer", str: "a string", list:
                     dict: "an object", float: "a number"}
 
 
-def conf_get(obj, key, kind=None, default=None, where=""):
-    """Read `key` from a config object, matching it case-insensitively as the reference does.
+def config_error(msg, details=""):
+    """The error for a configuration that does not hold together (code 7, the reference's text)."""
+    return CNIError(ERR_INVALID_CONFIG, "invalid network config: " + msg, details)
 
-    `kind` is the JSON type expected (bool, int, str, list, dict); a value of another type is
-    an invalid network config (code 7) naming the key.  null counts as absent.
-    """
+
+def conf_lookup(obj, key):
+    """The value of `key` in a config object, or None.  THE place of the key rule: matched
+    case-insensitively when not spelt exactly, as Go's JSON decoder (the reference's) does."""
     value = obj.get(key)
     if value is None:
         folded = key.lower()
         for k, v in obj.items():
             if isinstance(k, str) and k.lower() == folded:
-                value = v
-                break
+                return v
+    return value
+
+
+def conf_get(obj, key, kind=None, default=None, where=""):
+    """Read `key` from a config object (conf_lookup's key rule).
+
+    `kind` is the JSON type expected (bool, int, str, list, dict); a value of another type is
+    an invalid network config (code 7) naming the key.  null counts as absent.
+    """
+    value = conf_lookup(obj, key)
     if value is None:
         return default
     if kind is not None and not (type(value) is kind or (kind is float and type(value) is int)):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s%s must be %s"
-                       % (where, key, _JSON_TYPE_NAMES[kind]), "got %s" % json_dumps(value)[:200])
+        raise config_error("%s%s must be %s" % (where, key, _JSON_TYPE_NAMES[kind]),
+                           "got %s" % json_dumps(value)[:200])
     return value
 
 
@@ -205,8 +231,8 @@ def conf_int(obj, key, low, high, default=0, where=""):
     """Read an integer key and check it lies within [low, high]."""
     value = conf_get(obj, key, int, default, where)
     if not low <= value <= high:
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s%s must be between %d and %d"
-                       % (where, key, low, high), "got %d" % value)
+        raise config_error("%s%s must be between %d and %d" % (where, key, low, high),
+                           "got %d" % value)
     return value
 
 
@@ -254,9 +280,9 @@ def check_ifname(name):
 KNOWN_CNI_ARGS = ("IP", "MAC", "IGNOREUNKNOWN")
 
 
-def parse_cni_args(text):
+def parse_cni_args(text, warn=True):
     """Parse CNI_ARGS "K=V;K2=V2" leniently: empty pieces are skipped, keys are case-insensitive,
-    unknown keys (Kubernetes' K8S_POD_*) are ignored with a note on stderr.
+    unknown keys (Kubernetes' K8S_POD_*) are ignored, with a note on stderr when `warn`.
 
     Returns {upper-case key: value}; a piece without "=" is an error (code 4) naming it.
     """
@@ -270,15 +296,19 @@ def parse_cni_args(text):
                            "CNI_ARGS must be KEY=VALUE pairs separated by ';'")
         args[key.upper()] = value
     unknown = sorted(k for k in args if k not in KNOWN_CNI_ARGS)
-    if unknown:
+    if unknown and warn:
         sys.stderr.write("CNI_ARGS: ignoring unknown keys %s\n" % " ".join(unknown)[:300])
     return args
 
 
 class Request(object):
-    """One plugin invocation: the CNI_* environment and the network configuration from stdin."""
+    """One plugin invocation: the CNI_* environment and the network configuration from stdin.
 
-    def __init__(self, command, container_id, netns, ifname, args, path, config, version):
+    `stdin` (the configuration's bytes) and `env` (the whole environment) are what a plugin
+    executed on our behalf gets (exec_plugin)."""
+
+    def __init__(self, command, container_id, netns, ifname, args, path, config, version,
+                 stdin=b"", env=None):
         self.command = command
         self.container_id = container_id
         self.netns = netns
@@ -287,8 +317,13 @@ class Request(object):
         self.path = path
         self.config = config
         self.version = version
-        self.stdin = b""
-        self.env = {}           # the whole environment, for a plugin executed on our behalf
+        self.stdin = stdin
+        self.env = env if env is not None else {}
+
+    @property
+    def network(self):
+        """The network's name (checked by build_request)."""
+        return conf_lookup(self.config, "name")
 
     def runtime_config(self):
         return conf_get(self.config, "runtimeConfig", dict, {})
@@ -304,6 +339,25 @@ def sha512_hex(text):
         except ImportError:
             from hashlib import sha512
     return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+# --- per-process state --------------------------------------------------------------------------
+# What a plugin process keeps open from one call to the next, all here so that a forked child
+# that starts over in another namespace (verify's run_plugin_in) has one thing to reset.
+
+class ProcessState(object):
+    """Per-process caches, each filled on first use by the section that owns it."""
+
+    def __init__(self):
+        self.original_netns_fd = None   # the namespace the process started in (Namespaces)
+        self.node_nftables = None       # nf_tables socket in that namespace (nf_tables rule sets)
+
+    def reset(self):
+        """Forget everything (the fds stay open: a forked child shares them with its parent)."""
+        self.__init__()
+
+
+PROCESS = ProcessState()
 
 
 # --- invoking other plugins ----------------------------------------------------------------------
@@ -1703,19 +1757,15 @@ class NftRule(object):
 #   looked up one by one before their rules are listed.
 # - GC removes the rules whose comment names an attachment that is no longer valid.
 
-_node_nftables = None
-
-
 def node_nftables():
     """The plugin's nf_tables socket in the node's namespace, kept open until the process exits.
 
     Closing an nf_tables socket right after a transaction that deleted rules waits for an RCU
     grace period (10-20 ms); kept open, that wait overlaps the rest of the plugin's work.
     """
-    global _node_nftables
-    if _node_nftables is None:
-        _node_nftables = NetlinkSocket(NETLINK_NETFILTER)
-    return _node_nftables
+    if PROCESS.node_nftables is None:
+        PROCESS.node_nftables = NetlinkSocket(NETLINK_NETFILTER)
+    return PROCESS.node_nftables
 
 
 def chain_exists(nl, family, table, chain):
@@ -1803,8 +1853,7 @@ OWN_NETNS_PATH = "/proc/self/ns/net"
 MS_BIND = 4096
 MNT_DETACH = 2
 
-_libc_functions = {}
-_original_netns_fd = None
+_libc_functions = {}        # libc function pointers: valid in a forked child too
 
 
 def libc_call(name, *args):
@@ -1839,10 +1888,9 @@ def setns(fd, nstype=CLONE_NEWNET):
 
 def original_netns_fd():
     """An fd of the namespace the plugin was started in (the node's), opened before any switch."""
-    global _original_netns_fd
-    if _original_netns_fd is None:
-        _original_netns_fd = posix.open(OWN_NETNS_PATH, posix.O_RDONLY | posix.O_CLOEXEC)
-    return _original_netns_fd
+    if PROCESS.original_netns_fd is None:
+        PROCESS.original_netns_fd = posix.open(OWN_NETNS_PATH, posix.O_RDONLY | posix.O_CLOEXEC)
+    return PROCESS.original_netns_fd
 
 
 class NetnsGone(CNIError):
@@ -2009,14 +2057,14 @@ class IPRange(object):
     @classmethod
     def parse(cls, obj, where):
         if not isinstance(obj, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be an object" % where)
+            raise config_error("%s must be an object" % where)
         text = conf_get(obj, "subnet", str, None, where + ".")
         if text is None:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.subnet is missing" % where)
+            raise config_error("%s.subnet is missing" % where)
         try:
             subnet = Prefix.parse(text)
         except ValueError as err:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.subnet: %s" % (where, err))
+            raise config_error("%s.subnet: %s" % (where, err))
         bits = IP_BITS[subnet.family]
         if subnet.length > bits - 2:
             raise CNIError(ERR_INVALID_CONFIG, "Network %s too small to allocate from" % text)
@@ -2033,7 +2081,7 @@ class IPRange(object):
             try:
                 family, ip = parse_ip(value)
             except ValueError as err:
-                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.%s: %s" % (where, key, err))
+                raise config_error("%s.%s: %s" % (where, key, err))
             if not subnet.contains(family, ip):
                 raise CNIError(ERR_INVALID_CONFIG, "%s %s not in network %s"
                                % (key[0].upper() + key[1:], value, text))
@@ -2043,9 +2091,9 @@ class IPRange(object):
         end = address("rangeEnd", last_usable)
         gateway = address("gateway", subnet.network + 1)
         if start > end:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s: rangeStart %s is after "
-                           "rangeEnd %s" % (where, ip_to_text(subnet.family, start),
-                                            ip_to_text(subnet.family, end)))
+            raise config_error("%s: rangeStart %s is after rangeEnd %s"
+                               % (where, ip_to_text(subnet.family, start),
+                                  ip_to_text(subnet.family, end)))
         return cls(subnet, start, end, gateway)
 
     @property
@@ -2091,7 +2139,7 @@ class RangeSet(list):
 
 def parse_range_set(items, where):
     if not isinstance(items, list):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list of ranges" % where)
+        raise config_error("%s must be a list of ranges" % where)
     if not items:
         raise CNIError(ERR_INVALID_CONFIG, "invalid range set %s: empty range set" % where)
     ranges = RangeSet(IPRange.parse(item, "%s[%d]" % (where, i)) for i, item in enumerate(items))
@@ -2129,12 +2177,12 @@ def parse_resolv_conf(path):
 def parse_routes(items, where):
     """Validate a `routes` list; routes are returned in canonical text form."""
     if not isinstance(items, list):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list" % where)
+        raise config_error("%s must be a list" % where)
     routes = []
     for i, item in enumerate(items):
         here = "%s[%d]." % (where, i)
         if not isinstance(item, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be an object" % here[:-1])
+            raise config_error("%s must be an object" % here[:-1])
         try:
             dst = Prefix.parse(conf_get(item, "dst", str, None, here))
             route = {"dst": dst.network_text()}
@@ -2145,7 +2193,7 @@ def parse_routes(items, where):
                     raise ValueError("gateway %s is not of the family of %s" % (gw, route["dst"]))
                 route["gw"] = ip_to_text(family, ip)
         except ValueError as err:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %sdst: %s" % (here, err))
+            raise config_error("%sdst: %s" % (here, err))
         for key, high in (("mtu", 65535), ("advmss", 65535), ("priority", 2 ** 32 - 1),
                           ("table", 2 ** 32 - 1), ("scope", 255)):
             if conf_get(item, key) is not None:
@@ -2154,46 +2202,67 @@ def parse_routes(items, where):
     return routes
 
 
-class IPAMConfig(object):
-    """host-local's configuration: where its state lives and what it hands out."""
+class IPAMLocation(object):
+    """Where a network's host-local state lives: all that DEL and GC read of the config, so a
+    range configuration that no longer validates does not leak reservations (decision 9)."""
 
     def __init__(self, request):
         ipam = conf_get(request.config, "ipam", dict)
         if ipam is None:
             raise CNIError(ERR_INVALID_CONFIG, "IPAM config missing 'ipam' key")
-        self.network = request.config["name"]
+        self.network = request.network
         self.data_dir = conf_get(ipam, "dataDir", str, DEFAULT_DATA_DIR, "ipam.")
-        if not self.data_dir.startswith("/") or "\0" in self.data_dir or not encodable(self.data_dir):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: ipam.dataDir must be an "
-                           "absolute path", self.data_dir[:300])
-        self.ipam = ipam
+        if (not self.data_dir.startswith("/") or "\0" in self.data_dir
+                or not encodable(self.data_dir)):
+            raise config_error("ipam.dataDir must be an absolute path", self.data_dir[:300])
 
-    def load_ranges(self, request):
-        """Parse and validate everything an ADD, CHECK or STATUS needs; DEL and GC do without."""
-        ipam, where = self.ipam, "ipam."
+
+class HostLocalConfig(IPAMLocation):
+    """host-local's keys (the reference's names, matched case-insensitively), read here alone:
+
+      ipam.dataDir          state directory (default /var/lib/cni/networks)        IPAMLocation
+      ipam.subnet, ipam.rangeStart, ipam.rangeEnd, ipam.gateway
+                            one range: the older single-range form                  IPRange.parse
+      ipam.ranges           [[range, ...], ...]: range sets, one address from each  parse_range_set
+      ipam.routes           [{dst, gw, mtu, advmss, priority, table, scope}]        parse_routes
+      ipam.resolvConf       a resolv.conf file whose contents are the result's dns
+      runtimeConfig.ipRanges  range sets from the runtime (capability "ipRanges"), first
+      CNI_ARGS IP, args.cni.ips, runtimeConfig.ips   addresses asked for, in that order
+
+    Everything ADD, CHECK and STATUS need, validated by the constructor.
+    """
+
+    def __init__(self, request):
+        IPAMLocation.__init__(self, request)
+        ipam = conf_get(request.config, "ipam", dict)
+        self.range_sets = self._range_sets(request, ipam)
+        self.routes = parse_routes(conf_get(ipam, "routes", list, [], "ipam."), "ipam.routes")
+        resolv = conf_get(ipam, "resolvConf", str, "", "ipam.")
+        self.dns = parse_resolv_conf(resolv) if resolv else {}
+        self.requested = self._requested_ips(request)
+
+    @staticmethod
+    def _range_sets(request, ipam):
+        """Range sets in the reference's order: the runtime's, ipam.subnet's, ipam.ranges."""
         sets = []
         for i, items in enumerate(conf_get(request.runtime_config(), "ipRanges", list, [])):
             sets.append(parse_range_set(items, "runtimeConfig.ipRanges[%d]" % i))
         if conf_get(ipam, "subnet") is not None:
             sets.append(parse_range_set([ipam], "ipam"))
-        for i, items in enumerate(conf_get(ipam, "ranges", list, [], where)):
+        for i, items in enumerate(conf_get(ipam, "ranges", list, [], "ipam.")):
             sets.append(parse_range_set(items, "ipam.ranges[%d]" % i))
         if not sets:
             raise CNIError(ERR_INVALID_CONFIG, "no IP ranges specified")
         if is_legacy_version(request.version):
             for family in (4, 6):
                 if sum(1 for s in sets if s[0].family == family) > 1:
-                    raise CNIError(ERR_INVALID_CONFIG, "CNI version %s does not support more than 1 "
-                                   "address per family" % request.version)
+                    raise CNIError(ERR_INVALID_CONFIG, "CNI version %s does not support more "
+                                   "than 1 address per family" % request.version)
         for i, a in enumerate(sets):
             for j in range(i + 1, len(sets)):
                 if any(x.overlaps(y) for x in a for y in sets[j]):
                     raise CNIError(ERR_INVALID_CONFIG, "range set %d overlaps with %d" % (i, j))
-        self.range_sets = sets
-        self.routes = parse_routes(conf_get(ipam, "routes", list, [], where), "ipam.routes")
-        resolv = conf_get(ipam, "resolvConf", str, "", where)
-        self.dns = parse_resolv_conf(resolv) if resolv else {}
-        self.requested = self._requested_ips(request)
+        return sets
 
     @staticmethod
     def _requested_ips(request):
@@ -2207,7 +2276,7 @@ class IPAMConfig(object):
                              ("runtimeConfig.ips", conf_get(request.runtime_config(), "ips", list, []))):
             for item in items:
                 if not isinstance(item, str):
-                    raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must hold strings" % where)
+                    raise config_error("%s must hold strings" % where)
                 texts.append(item)
         requested = []
         for text in texts:
@@ -2487,11 +2556,10 @@ def release(store, container_id, ifname, known=()):
 def valid_attachments(config):
     """The (containerID, ifname) pairs of a GC request, or None when the request names none."""
     for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
-        items = config.get(key)
+        items = conf_lookup(config, key)
         if items is not None:
             if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list of "
-                               "objects" % key)
+                raise config_error("%s must be a list of objects" % key)
             return set((str(conf_get(i, "containerID", None, "")), str(conf_get(i, "ifname", None, "")))
                        for i in items)
     return None
@@ -2572,26 +2640,28 @@ def nothing_to_do(request):
 # The host-local plugin
 # ==============================================================================================
 
-def host_local_add(request):
-    """Reserve one address per range set; the short IPAM result (no interfaces).
-
-    The result also says, for the bridge plugin in this process, whether the attachment already
-    held a reservation (a repeated ADD): only then can rules of an earlier ADD exist.
-    """
-    config = IPAMConfig(request)
-    config.load_ranges(request)
+def host_local_allocate(request):
+    """Reserve one address per range set.  Returns the short IPAM result (no interfaces) and
+    whether the attachment already held a reservation (a repeated ADD): the bridge plugin in
+    this process asks, because only then can rules of an earlier ADD exist."""
+    config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
         allocations = allocate(store, config, request.container_id, request.ifname)
     ips = [{"address": "%s/%d" % (ip_to_text(family, ip), r.subnet.length),
             "gateway": ip_to_text(family, r.gateway)} for r, family, ip in allocations]
     reused = any((family, ip) not in store.created for _r, family, ip in allocations)
-    return {"ips": ips, "routes": config.routes, "dns": config.dns, "reused": reused}
+    return {"ips": ips, "routes": config.routes, "dns": config.dns}, reused
+
+
+def host_local_add(request):
+    """ADD: reserve one address per range set; the short IPAM result (no interfaces)."""
+    return host_local_allocate(request)[0]
 
 
 def host_local_del(request):
     """Release the attachment's addresses; needs only the network name and dataDir, so a range
     configuration that no longer validates does not leak them (decision 9)."""
-    config = IPAMConfig(request)
+    config = IPAMLocation(request)
     try:
         known = [(p.family, p.ip) for p in (Prefix.parse(ip["address"])
                                              for ip in (previous_result(request) or {}).get("ips", []))]
@@ -2603,8 +2673,8 @@ def host_local_del(request):
 
 
 def host_local_check(request):
-    config = IPAMConfig(request)
-    config.load_ranges(request)
+    """CHECK: the attachment holds a reservation, and every prevResult address of our ranges."""
+    config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
         reserved = store.reservations()
     owner = owner_text(request.container_id, request.ifname)
@@ -2630,7 +2700,7 @@ def host_local_gc(request):
     valid = valid_attachments(request.config)
     if valid is None:
         return None
-    config = IPAMConfig(request)
+    config = IPAMLocation(request)
     with Store(config.data_dir, config.network) as store:
         errors = collect_garbage(store, valid)
     if errors:
@@ -2641,8 +2711,7 @@ def host_local_gc(request):
 
 def host_local_status(request):
     """Fail with code 50 when a range set has no free address (counted, never walked)."""
-    config = IPAMConfig(request)
-    config.load_ranges(request)
+    config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
         reserved = list(store.reservations())
     for index, ranges in enumerate(config.range_sets):
@@ -2662,6 +2731,9 @@ VLAN_MAX = 4094
 PORT_UP_TIMEOUT = 2.5                          # seconds to wait for the host veth to come up
 IPV6_SETTLE_TIMEOUT = 5.0                      # seconds to wait for duplicate address detection
 HOST_VETH_PREFIX = "veth"
+# Indexes in an ADD result's "interfaces" (bridge_add lists them in this order); its "ips"
+# name the container's interface by index.
+RESULT_BRIDGE, RESULT_HOST_VETH, RESULT_CONTAINER = 0, 1, 2
 
 
 class BridgeConfig(object):
@@ -2669,13 +2741,12 @@ class BridgeConfig(object):
 
     def __init__(self, request):
         c = request.config
-        self.network = c["name"]
+        self.network = request.network
         self.bridge = conf_get(c, "bridge", str, "cni0")
         try:
             check_ifname(self.bridge)
         except CNIError as err:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: bridge: %s" % err.msg,
-                           self.bridge[:100])
+            raise config_error("bridge: %s" % err.msg, self.bridge[:100])
         flag = lambda key: conf_get(c, key, bool, False)
         self.is_default_gateway = flag("isDefaultGateway")
         self.is_gateway = flag("isGateway") or self.is_default_gateway
@@ -2687,7 +2758,7 @@ class BridgeConfig(object):
                            'ipMasqBackend is "nftables" (the default) or "iptables"')
         self.mtu = conf_int(c, "mtu", 0, 65535)
         if 0 < self.mtu < 68:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: mtu %d is below 68" % self.mtu)
+            raise config_error("mtu %d is below 68" % self.mtu)
         self.hairpin = flag("hairpinMode")
         self.promisc = flag("promiscMode")
         self.port_isolation = flag("portIsolation")
@@ -2748,7 +2819,7 @@ def parse_vlan_trunk(items):
     vids = set()
     for item in items:
         if not isinstance(item, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: vlanTrunk entries are objects")
+            raise config_error("vlanTrunk entries are objects")
         low, high, one = (conf_get(item, k, int) for k in ("minID", "maxID", "id"))
         if low is not None or high is not None:
             if low is None:
@@ -2775,15 +2846,21 @@ IPAM_IN_PROCESS = {}      # filled below: command -> host-local function, for ip
 
 
 def ipam_call(request, ipam_type, command):
-    """Run the IPAM plugin for `command`: host-local in this process, anything else from CNI_PATH."""
+    """Run the IPAM plugin for `command`: host-local in this process, anything else from CNI_PATH.
+
+    The in-process host-local functions take the bridge's request as it is: none of them reads
+    its command."""
     if ipam_type == "host-local":
-        original = request.command
-        request.command = command
-        try:
-            return IPAM_IN_PROCESS[command](request)
-        finally:
-            request.command = original
+        return IPAM_IN_PROCESS[command](request)
     return exec_plugin(request, ipam_type, command)
+
+
+def ipam_add(request, ipam_type):
+    """The IPAM's ADD: its result, and whether the attachment held its addresses already (only
+    host-local in this process can tell; for another IPAM a repeated ADD is assumed)."""
+    if ipam_type == "host-local":
+        return host_local_allocate(request)
+    return exec_plugin(request, ipam_type, "ADD"), True
 
 
 def exec_plugin(request, plugin_type, command):
@@ -3247,7 +3324,8 @@ def ensure_vlan_gateway(nl, conf, bridge):
 
 
 def complete_gateways(conf, result):
-    """Give every IP interface 2 and, for a gateway bridge, a gateway; add default routes.
+    """Give every IP the container's interface and, for a gateway bridge, a gateway; add default
+    routes.
 
     Returns the gateway prefixes to put on the bridge, per family.
     """
@@ -3256,7 +3334,7 @@ def complete_gateways(conf, result):
     default_route_families = set(
         address_family_of(r["dst"]) for r in routes if r["dst"] in ("0.0.0.0/0", "::/0"))
     for ip in result["ips"]:
-        ip["interface"] = 2
+        ip["interface"] = RESULT_CONTAINER
         prefix = Prefix.parse(ip["address"])
         if not ip.get("gateway") and conf.is_gateway:
             ip["gateway"] = ip_to_text(prefix.family, prefix.network + 1)
@@ -3384,7 +3462,7 @@ def bridge_add(request):
                          attachment_alias(conf.network, request.container_id, request.ifname))
         result = {"interfaces": [], "ips": [], "routes": [], "dns": {}}
         if conf.ipam_type:
-            ipam_result = ipam_call(request, conf.ipam_type, "ADD")
+            ipam_result, reused = ipam_add(request, conf.ipam_type)
             ipam_done = True
             result.update((k, ipam_result.get(k) or result[k]) for k in ("ips", "routes", "dns"))
             if not result["ips"]:
@@ -3403,7 +3481,7 @@ def bridge_add(request):
                                  "net/ipv6/conf/all/forwarding", "1", required=True)
             if conf.ip_masq:
                 # Rules of an earlier ADD of this attachment can only exist if it held its address.
-                setup_masquerade(conf, request, result, ipam_result.get("reused", True))
+                setup_masquerade(conf, request, result, replace_earlier=reused)
         elif not conf.disable_container_interface:
             set_link(container_nl, container.index, "failed to set %s up" % request.ifname, up=True)
         if conf.macspoofchk:
@@ -3418,6 +3496,7 @@ def bridge_add(request):
 
 
 def finish_result(conf, request, result, bridge, host, container, vlan_gateway):
+    # In the order RESULT_BRIDGE, RESULT_HOST_VETH, RESULT_CONTAINER name.
     result["interfaces"] = [{"name": bridge.name, "mac": bridge.mac},
                             {"name": host.name, "mac": host.mac},
                             {"name": container.name, "mac": container.mac, "sandbox": request.netns}]
@@ -3485,11 +3564,11 @@ def bridge_del(request):
     except CNIError as err:
         sys.stderr.write("DEL: the config does not validate (%s); cleaning up with what it says\n"
                          % err.msg)
-        ipam = request.config.get("ipam")
-        ipam_type = ipam.get("type") if isinstance(ipam, dict) else ""
+        ipam = conf_lookup(request.config, "ipam")
+        ipam_type = conf_lookup(ipam, "type") if isinstance(ipam, dict) else ""
         ipam_type = ipam_type if isinstance(ipam_type, str) else ""
-        backend = request.config.get("ipMasqBackend")
-    network = request.config["name"]
+        backend = conf_lookup(request.config, "ipMasqBackend")
+    network = request.network
     ns = None
     if request.netns:
         try:
@@ -3659,8 +3738,11 @@ def bridge_gc(request):
 
 
 # ==============================================================================================
-# Entry point
+# Serving a CNI request
 # ==============================================================================================
+# The plugins by name and the reference's checks of the environment and stdin, in its order.
+# run_plugin is the one place where every failure becomes a CNI error JSON on stdout: no
+# traceback ever reaches the runtime.  New plugins register in PLUGINS.
 
 PLUGINS = {
     "bridge": {"ADD": bridge_add, "DEL": bridge_del, "CHECK": bridge_check,
@@ -3714,8 +3796,9 @@ def version_answer():
     requested = LATEST_VERSION
     try:
         config = json_loads(read_stdin(False) or b"{}")
-        if isinstance(config, dict) and config.get("cniVersion") in SUPPORTED_VERSIONS:
-            requested = config["cniVersion"]
+        version = conf_lookup(config, "cniVersion") if isinstance(config, dict) else None
+        if version in SUPPORTED_VERSIONS:
+            requested = version
     except (ValueError, UnicodeError, CNIError):
         pass
     return {"cniVersion": requested, "supportedVersions": list(SUPPORTED_VERSIONS)}
@@ -3743,19 +3826,21 @@ def build_request(command, env):
     try:
         return _validated_request(command, env, container_id, ifname, args, raw, config)
     except CNIError as err:
-        if config.get("cniVersion") in SUPPORTED_VERSIONS:
-            err.version = config["cniVersion"]      # answer in the caller's version when known
+        version = conf_lookup(config, "cniVersion")
+        if version in SUPPORTED_VERSIONS:
+            err.version = version                   # answer in the caller's version when known
         raise
 
 
 def _validated_request(command, env, container_id, ifname, args, raw, config):
-    name = config.get("name")
+    name = conf_lookup(config, "name")
     if not name:
         raise CNIError(ERR_INVALID_CONFIG, "missing network name")
     if not isinstance(name, str):
         raise CNIError(ERR_DECODE, "error unmarshall network config: name must be a string")
     check_name(name, "network name", ERR_INVALID_CONFIG)
-    version = config.get("cniVersion", "")
+    version = conf_lookup(config, "cniVersion")
+    version = "" if version is None else version
     if not isinstance(version, str):
         raise CNIError(ERR_DECODE, "error unmarshall network config: cniVersion must be a string")
     if command in MIN_VERSION:
@@ -3765,11 +3850,8 @@ def _validated_request(command, env, container_id, ifname, args, raw, config):
     if (version or "0.1.0") not in SUPPORTED_VERSIONS:
         raise CNIError(ERR_INCOMPATIBLE_VERSION, "incompatible CNI versions",
                        "config is %s, plugin supports %s" % (json_dumps(version[:50]), json_dumps(list(SUPPORTED_VERSIONS))))
-    request = Request(command, container_id, env.get("CNI_NETNS", ""), ifname, args,
-                      env.get("CNI_PATH", ""), config, version or "0.1.0")
-    request.stdin = raw
-    request.env = env
-    return request
+    return Request(command, container_id, env.get("CNI_NETNS", ""), ifname, args,
+                   env.get("CNI_PATH", ""), config, version or "0.1.0", stdin=raw, env=env)
 
 
 def check_netns_target(request):
@@ -3813,7 +3895,7 @@ def run_plugin(plugin, env):
     except CNIError as err:
         write_json(err.to_json(getattr(err, "version", error_version)))
     except UnicodeError as err:   # a config string no file name or interface name can hold
-        write_json(CNIError(ERR_INVALID_CONFIG, "invalid network config: a string is not valid UTF-8",
+        write_json(config_error("a string is not valid UTF-8",
                             str(err)[:200]).to_json(error_version))
     except Exception as err:  # a bug: still answer in CNI form, never with a traceback on stdout
         tb = err.__traceback__
@@ -3824,30 +3906,10 @@ def run_plugin(plugin, env):
     return 1
 
 
-USAGE = """usage: %(prog)s COMMAND
-
-cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one program.
-Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
-
-commands:
-  verify [CONFIG] [--keep] [--json]
-                          run the walkthrough on throwaway namespaces: ADD (default config
-                          conf/10-mynet.conf), read back, ping the gateway, CHECK, DEL, and
-                          show that nothing is left; --keep leaves it all for inspection
-  add|check|del|status|gc NETWORK NETNS
-                          run a network's plugin chain like the CNI project's cnitool: configs
-                          from NETCONFPATH (/etc/cni/net.d), plugins from CNI_PATH (/opt/cni/bin),
-                          CNI_IFNAME (eth0), CNI_ARGS, CAP_ARGS; results cached in
-                          /var/lib/cni/results as libcni does
-  leases [--data-dir DIR] [--gc]
-                          list host-local reservations (default DIR /var/lib/cni/networks) and
-                          flag those whose container namespace is gone; --gc releases them
-  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
-                          (--force replaces regular files of those names)
-  --version               print the program and CNI versions
-  --help                  this text
-"""
-
+# ==============================================================================================
+# Operator tools: install
+# ==============================================================================================
+# `install` copies the zipapp into a directory atomically and links every plugin name to it.
 
 def archive_path():
     """The zipapp this module runs from, or None when it runs from a plain file."""
@@ -3881,7 +3943,14 @@ def install(directory, force):
     sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)), directory))
 
 
-# --- verify: the walkthrough on throwaway namespaces -----------------------------------------------
+# ==============================================================================================
+# Operator tools: verify
+# ==============================================================================================
+# `verify` runs the README's walkthrough on throwaway namespaces: ADD, read back from the kernel,
+# ping the gateway, CHECK, DEL, nothing left.  Each step is a Verifier method whose inputs are
+# its arguments and whose outcome is its return value (a detail text and what later steps
+# need), so each can be run and tested alone; `verify` only chains them.  The plugin runs in a
+# forked child inside the node namespace, as a runtime would exec it there.
 
 # conf/10-mynet.conf, for `verify` run away from a checkout.
 BUILTIN_CONFIG = """{
@@ -3890,6 +3959,7 @@ BUILTIN_CONFIG = """{
   "ipam": {"type": "host-local", "subnet": "172.19.0.0/24", "routes": [{"dst": "0.0.0.0/0"}]}
 }"""
 ICMP_ECHO = {4: (8, 0), 6: (128, 129)}         # family -> (request type, reply type)
+VERIFY_NETNS_PREFIX = "cbv-"                   # the prefix of the throwaway namespaces' names
 
 
 def run_plugin_in(netns_fd, plugin, env, stdin):
@@ -3900,9 +3970,8 @@ def run_plugin_in(netns_fd, plugin, env, stdin):
     if pid == 0:
         status = 1
         try:
-            global _original_netns_fd
             setns(netns_fd)
-            _original_netns_fd = None
+            PROCESS.reset()         # the child starts over in the node namespace
             for fd, (r, w) in enumerate(pipes):
                 posix.dup2(r if fd == 0 else w, fd)
             for r, w in pipes:          # else stdin never reaches end of file
@@ -3932,6 +4001,7 @@ def run_plugin_in(netns_fd, plugin, env, stdin):
 
 
 def icmp_checksum(data):
+    """The Internet checksum (RFC 1071) of an ICMP message."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
@@ -3967,8 +4037,32 @@ def ping(ns, family, address, timeout=2.0):
         sock.close()
 
 
+class PluginRunner(object):
+    """How the walkthrough calls the plugin: `plugin` from the node namespace `node`, with the
+    CNI environment `env` (CNI_COMMAND added per call)."""
+
+    def __init__(self, node, plugin, env):
+        self.node = node
+        self.plugin = plugin
+        self.env = env
+
+    def call(self, command, stdin):
+        """Run one command; its stdout, or a CNIError with what the plugin printed."""
+        status, out, err = run_plugin_in(self.node.fd, self.plugin,
+                                         dict(self.env, CNI_COMMAND=command), stdin)
+        if status != 0:
+            raise CNIError(ERR_INTERNAL, "%s failed (exit %d): %s%s"
+                           % (command, status, out.strip(), err.strip()))
+        return out.strip()
+
+
 class Verifier(object):
-    """Runs the walkthrough step by step, recording each step's outcome."""
+    """The walkthrough's steps and the record of their outcomes.
+
+    step() runs one step method and records its name, success, duration and detail.  Every step
+    method returns (detail text, value for later steps) and raises CNIError or OSError on
+    failure; its inputs are its arguments.
+    """
 
     def __init__(self, as_json):
         self.as_json = as_json
@@ -3978,82 +4072,45 @@ class Verifier(object):
         if not self.as_json:
             posix.write(1, (text + "\n").encode("utf-8"))
 
-    def step(self, name, action):
-        """Run `action`, which returns a detail text; a CNIError or OSError fails the step."""
+    def step(self, name, action, *args):
+        """Run action(*args); record the outcome.  The step's value, or None when it failed."""
         start = time.monotonic()
         try:
-            detail, ok = action(), True
+            detail, value = action(*args)
+            ok = True
         except (CNIError, OSError) as err:
-            detail, ok = getattr(err, "msg", None) or str(err), False
+            detail, value, ok = getattr(err, "msg", None) or str(err), None, False
         elapsed = (time.monotonic() - start) * 1000
         self.steps.append({"step": name, "ok": ok, "ms": round(elapsed, 1), "detail": detail or ""})
         self.say("  %s %-58s %8.1f ms" % ("\u2713" if ok else "\u2717", name, elapsed))
         for line in (detail or "").splitlines():
             self.say("      " + line)
-        return ok
+        return value
 
-
-def verify(config_path, keep, as_json):
-    """The walkthrough: namespaces, ADD, read back, ping, CHECK, DEL, nothing left."""
-    import os
-    if config_path is None:
-        config_path = "conf/10-mynet.conf" if os.path.isfile("conf/10-mynet.conf") else None
-    try:
-        text = open(config_path).read() if config_path else BUILTIN_CONFIG
-        config = json_loads(text)
-        if not isinstance(config, dict):
-            raise ValueError("the configuration must be a JSON object")
-    except (OSError, ValueError) as err:
-        sys.stderr.write("verify: cannot read %s: %s\n" % (config_path, err))
-        return 2
-    if "plugins" in config:        # a .conflist: the walkthrough drives its first plugin
-        plugin_config = dict(config["plugins"][0])
-        plugin_config.update(cniVersion=config.get("cniVersion", ""), name=config.get("name", ""))
-        config = plugin_config
-    tag = posix.urandom(4).hex()
-    node_path, ctr_path = "/run/netns/cbv-node-" + tag, "/run/netns/cbv-ctr-" + tag
-    data_dir = "/run/cni-bridge-verify-" + tag
-    if isinstance(config.get("ipam"), dict):
-        config["ipam"] = dict(config["ipam"], dataDir=data_dir)
-    version = config.get("cniVersion") or "0.1.0"
-    container_id = "verify-" + tag
-    ifname = "eth0"
-    stdin = json_dumps(config).encode()
-    env = {"CNI_CONTAINERID": container_id, "CNI_NETNS": ctr_path, "CNI_IFNAME": ifname,
-           "CNI_PATH": os.path.dirname(archive_path() or os.path.abspath(__file__)),
-           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    v = Verifier(as_json)
-    v.say("cni-bridge verify: %s (network %s, type %s, cniVersion %s)"
-          % (config_path or "built-in conf/10-mynet.conf", config.get("name"), config.get("type"), version))
-    state = {}
-
-    def call(command, body=stdin):
-        status, out, err = run_plugin_in(state["node"].fd, config.get("type", ""),
-                                         dict(env, CNI_COMMAND=command), body)
-        if status != 0:
-            raise CNIError(ERR_INTERNAL, "%s failed (exit %d): %s%s" % (command, status, out.strip(), err.strip()))
-        return out.strip()
-
-    def make_namespaces():
+    @staticmethod
+    def make_namespaces(node_path, ctr_path):
+        """The node and container namespaces, lo up on the node; value (node, container)."""
         create_named_netns(node_path)
         create_named_netns(ctr_path)
-        state["node"], state["ctr"] = Netns(node_path), Netns(ctr_path)
-        nl = state["node"].netlink()
+        node, ctr = Netns(node_path), Netns(ctr_path)
+        nl = node.netlink()
         set_link(nl, get_link(nl, "lo").index, "failed to set lo up", up=True)
-        return "node %s, container %s" % (node_path, ctr_path)
+        return "node %s, container %s" % (node_path, ctr_path), (node, ctr)
 
-    def add():
-        state["result"] = json_loads(call("ADD"))
-        state["internal"] = decode_result(state["result"], version)
-        return json_dumps(state["result"])
+    @staticmethod
+    def add(runner, stdin, version):
+        """ADD; value (the result as printed, the result in internal form)."""
+        result = json_loads(runner.call("ADD", stdin))
+        return json_dumps(result), (result, decode_result(result, version))
 
-    def read_back():
-        nl = state["ctr"].netlink()
+    @staticmethod
+    def read_back(ctr, ifname, expected):
+        """The container interface is up and holds the `expected` addresses ("ip/len")."""
+        nl = ctr.netlink()
         link = get_link(nl, ifname)
         if link is None:
             raise CNIError(ERR_INTERNAL, "the container has no %s" % ifname)
         addrs = [str(a.prefix) for a in list_addrs(nl, link.index) if a.scope != RT_SCOPE_LINK]
-        expected = [ip["address"] for ip in state["internal"]["ips"]]
         missing = [a for a in expected if a not in addrs]
         if missing or not link.up:
             raise CNIError(ERR_INTERNAL, "%s is %s with %s; expected %s"
@@ -4061,72 +4118,132 @@ def verify(config_path, keep, as_json):
         routes = ["%s via %s" % (r.dst.network_text(), ip_to_text(*r.gateway))
                   for family in (4, 6) for r in list_routes(nl, family)
                   if r.oif == link.index and r.gateway]
-        return "%s %s up, mac %s, addresses %s%s" % (ifname, link.kind, link.mac, ", ".join(addrs),
-                                                      ("; routes " + ", ".join(routes)) if routes else "")
+        return "%s %s up, mac %s, addresses %s%s" % (
+            ifname, link.kind, link.mac, ", ".join(addrs),
+            ("; routes " + ", ".join(routes)) if routes else ""), True
 
-    def ping_gateway():
-        for ip in state["internal"]["ips"]:
+    @staticmethod
+    def ping_gateway(ctr, ips):
+        """The first gateway of the result's `ips` answers an echo from the container."""
+        for ip in ips:
             if ip.get("gateway"):
                 family, _ = parse_ip(ip["gateway"])
-                return "%s answered in %.2f ms" % (ip["gateway"], ping(state["ctr"], family, ip["gateway"]))
-        return "no gateway in the result: nothing to ping"
+                return "%s answered in %.2f ms" % (ip["gateway"], ping(ctr, family, ip["gateway"])), True
+        return "no gateway in the result: nothing to ping", True
 
-    def check():
-        if parse_version(version) < (0, 4, 0):
-            return "cniVersion %s has no CHECK" % version
-        call("CHECK", json_dumps(dict(config, prevResult=state["result"])).encode())
-        return ""
+    @staticmethod
+    def check(runner, config, version, result):
+        """CHECK with the ADD's result as prevResult (where the version has CHECK)."""
+        if parse_version(version) < MIN_VERSION["CHECK"]:
+            return "cniVersion %s has no CHECK" % version, True
+        runner.call("CHECK", json_dumps(dict(config, prevResult=result)).encode())
+        return "", True
 
-    def delete():
-        call("DEL", json_dumps(dict(config, prevResult=state["result"])).encode())
-        return ""
+    @staticmethod
+    def delete(runner, config, result):
+        """DEL with the ADD's result as prevResult."""
+        runner.call("DEL", json_dumps(dict(config, prevResult=result)).encode())
+        return "", True
 
-    def nothing_left():
+    @staticmethod
+    def nothing_left(node, ctr, attachment, host_veth, network_dir):
+        """No container interface, host veth, reservation or masquerade rule is left.
+        `attachment` is (network, container ID, ifname)."""
+        network, container_id, ifname = attachment
         left = []
-        if get_link(state["ctr"].netlink(), ifname) is not None:
+        if get_link(ctr.netlink(), ifname) is not None:
             left.append("%s in the container" % ifname)
-        host_name = state["internal"]["interfaces"][1]["name"] if len(state["internal"].get("interfaces") or []) > 1 else None
-        if host_name and get_link(state["node"].netlink(), host_name) is not None:
-            left.append("host veth %s" % host_name)
-        network_dir = os.path.join(data_dir, config.get("name", ""))
-        if os.path.isdir(network_dir):
+        if host_veth and get_link(node.netlink(), host_veth) is not None:
+            left.append("host veth %s" % host_veth)
+        if is_directory(network_dir):
             left.extend("reservation %s" % name for name in posix.listdir(network_dir)
                         if name != "lock" and not name.startswith(LAST_RESERVED_PREFIX))
-        with state["node"].entered():
-            nft = NetlinkSocket(NETLINK_NETFILTER)
-        instance = masq_instance_hash(config.get("name", ""), container_id, ifname)
+        nft = node.netlink(NETLINK_NETFILTER)
+        instance = masq_instance_hash(network, container_id, ifname)
         left.extend("masquerade rule %d" % r.handle
                     for r in rules_commented(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance))
         if left:
             raise CNIError(ERR_INTERNAL, "left behind: " + ", ".join(left))
-        return "no %s, no host veth, no reservation, no masquerade rule" % ifname
+        return "no %s, no host veth, no reservation, no masquerade rule" % ifname, True
 
-    def remove_namespaces():
-        for ns in (state.get("node"), state.get("ctr")):
-            if ns is not None:
-                ns.close()
-        for path in (node_path, ctr_path):
-            if os.path.exists(path):
+    @staticmethod
+    def remove_namespaces(namespaces, paths, data_dir):
+        """Close and remove the namespaces made, and the throwaway dataDir."""
+        for ns in namespaces:
+            ns.close()
+        for path in paths:
+            if posix.access(path, posix.F_OK):
                 remove_named_netns(path)
-        if os.path.isdir(data_dir):
+        if is_directory(data_dir):
             import shutil
             shutil.rmtree(data_dir)
-        return ""
+        return "", True
 
-    steps = [("create namespaces", make_namespaces), ("ADD", add),
-             ("container interface read back from the kernel", read_back),
-             ("ping the gateway from the container", ping_gateway), ("CHECK", check)]
-    if not keep:
-        steps += [("DEL", delete), ("nothing left behind", nothing_left)]
-    for name, action in steps:
-        if not v.step(name, action):
-            break
+
+def load_verify_config(config_path):
+    """The config `verify` drives (a .conflist's first plugin) and where it came from."""
+    if config_path is None and posix.access("conf/10-mynet.conf", posix.F_OK):
+        config_path = "conf/10-mynet.conf"
+    text = open(config_path).read() if config_path else BUILTIN_CONFIG
+    config = json_loads(text)
+    if not isinstance(config, dict):
+        raise ValueError("the configuration must be a JSON object")
+    if "plugins" in config:        # a .conflist: the walkthrough drives its first plugin
+        plugin_config = dict(config["plugins"][0])
+        plugin_config.update(cniVersion=config.get("cniVersion", ""), name=config.get("name", ""))
+        config = plugin_config
+    return config, config_path
+
+
+def verify(config_path, keep, as_json):
+    """The walkthrough: namespaces, ADD, read back, ping, CHECK, DEL, nothing left."""
+    import os
+    try:
+        config, config_path = load_verify_config(config_path)
+    except (OSError, ValueError) as err:
+        sys.stderr.write("verify: cannot read %s: %s\n" % (config_path, err))
+        return 2
+    prefix = os.environ.get("CNI_BRIDGE_VERIFY_PREFIX", VERIFY_NETNS_PREFIX)
+    tag = posix.urandom(4).hex()
+    node_name, ctr_name = "%snode-%s" % (prefix, tag), "%sctr-%s" % (prefix, tag)
+    node_path, ctr_path = "/run/netns/" + node_name, "/run/netns/" + ctr_name
+    data_dir = "/run/cni-bridge-verify-" + tag
+    if isinstance(config.get("ipam"), dict):
+        config["ipam"] = dict(config["ipam"], dataDir=data_dir)
+    version = config.get("cniVersion") or "0.1.0"
+    attachment = (config.get("name", ""), "verify-" + tag, "eth0")
+    env = {"CNI_CONTAINERID": attachment[1], "CNI_NETNS": ctr_path, "CNI_IFNAME": attachment[2],
+           "CNI_PATH": os.path.dirname(archive_path() or os.path.abspath(__file__)),
+           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    v = Verifier(as_json)
+    v.say("cni-bridge verify: %s (network %s, type %s, cniVersion %s)"
+          % (config_path or "built-in conf/10-mynet.conf", config.get("name"), config.get("type"),
+             version))
+    namespaces = v.step("create namespaces", v.make_namespaces, node_path, ctr_path) or ()
+    if namespaces:
+        node, ctr = namespaces
+        runner = PluginRunner(node, config.get("type", ""), env)
+        added = v.step("ADD", v.add, runner, json_dumps(config).encode(), version)
+        if added:
+            result, internal = added
+            interfaces = internal.get("interfaces") or []
+            host_veth = (interfaces[RESULT_HOST_VETH]["name"]
+                         if len(interfaces) > RESULT_HOST_VETH else None)
+            done = (v.step("container interface read back from the kernel", v.read_back, ctr,
+                           attachment[2], [ip["address"] for ip in internal["ips"]])
+                    and v.step("ping the gateway from the container", v.ping_gateway, ctr,
+                               internal["ips"])
+                    and v.step("CHECK", v.check, runner, config, version, result))
+            if done and not keep and v.step("DEL", v.delete, runner, config, result):
+                v.step("nothing left behind", v.nothing_left, node, ctr, attachment, host_veth,
+                       os.path.join(data_dir, attachment[0]))
     if keep:
-        v.say("kept for inspection:\n  ip netns exec cbv-node-%s ip addr\n  ip netns exec cbv-ctr-%s ip addr\n"
-              "remove with: ip netns del cbv-node-%s; ip netns del cbv-ctr-%s; rm -r %s"
-              % (tag, tag, tag, tag, data_dir))
+        v.say("kept for inspection:\n  ip netns exec %s ip addr\n  ip netns exec %s ip addr\n"
+              "remove with: ip netns del %s; ip netns del %s; rm -r %s"
+              % (node_name, ctr_name, node_name, ctr_name, data_dir))
     else:
-        v.step("remove namespaces", remove_namespaces)
+        v.step("remove namespaces", v.remove_namespaces, namespaces, (node_path, ctr_path),
+               data_dir)
     failed = [s for s in v.steps if not s["ok"]]
     if as_json:
         write_json({"config": config_path or "built-in", "ok": not failed, "steps": v.steps,
@@ -4137,9 +4254,29 @@ def verify(config_path, keep, as_json):
     return 1 if failed else 0
 
 
-# --- add, check, del, status, gc: a runtime's side, like the CNI project's cnitool --------------
+# ==============================================================================================
+# Operator tools: network commands
+# ==============================================================================================
+# add, check, del, status and gc drive a network's plugin chain from the runtime's side, like
+# the CNI project's cnitool: configs from NETCONFPATH, plugins from CNI_PATH, prevResult threaded
+# through ADD, DEL in reverse order with the cached result, capability args from CAP_ARGS.
+# Results are cached in libcni's format and place (CNI_CACHE_DIR, default /var/lib/cni), so
+# attachments made here and by containerd or podman are interchangeable.  One function per
+# command, over NetworkCall, which holds what every command needs.
 
-RESULTS_CACHE_DIR = "/var/lib/cni/results"
+DEFAULT_CACHE_DIR = "/var/lib/cni"
+
+
+def results_cache_dir(env):
+    """libcni's result cache: <cache dir>/results."""
+    return env.get("CNI_CACHE_DIR", DEFAULT_CACHE_DIR).rstrip("/") + "/results"
+
+
+def split_cni_args(text):
+    """CNI_ARGS as the (key, value) pairs libcni records, keys as written; checked by
+    parse_cni_args's rule (every piece KEY=VALUE)."""
+    parse_cni_args(text, warn=False)
+    return [list(piece.split("=", 1)) for piece in text.split(";") if piece]
 
 
 def load_network_list(name, conf_dir):
@@ -4162,96 +4299,162 @@ def load_network_list(name, conf_dir):
             except (OSError, ValueError) as err:
                 sys.stderr.write("skipping %s: %s\n" % (path, err))
                 continue
-            if not isinstance(conf, dict) or conf.get("name") != name:
+            if not isinstance(conf, dict) or conf_lookup(conf, "name") != name:
                 continue
             if "plugins" not in conf:
-                conf = {"cniVersion": conf.get("cniVersion", ""), "name": name, "plugins": [conf]}
+                conf = {"cniVersion": conf_lookup(conf, "cniVersion") or "", "name": name,
+                        "plugins": [conf]}
             if not isinstance(conf["plugins"], list) or not conf["plugins"]:
                 raise CNIError(ERR_INVALID_CONFIG, "%s: `plugins` must be a non-empty list" % path)
             return conf, raw
     raise CNIError(ERR_INVALID_CONFIG, "no network %r in %s" % (name, conf_dir))
 
 
-def cache_path(network, container_id, ifname):
-    import os
-    return os.path.join(RESULTS_CACHE_DIR, "%s-%s-%s" % (network, container_id, ifname))
+class NetworkCall(object):
+    """What every network command needs, read from the environment `env` as cnitool does: the
+    network's config list, the attachment (container ID derived from the netns path, CNI_IFNAME),
+    CAP_ARGS, CNI_ARGS, CNI_PATH and the result cache."""
 
+    def __init__(self, network, netns, env):
+        self.network = network
+        self.netns = netns
+        self.env = env
+        self.conf, self.raw = load_network_list(network, env.get("NETCONFPATH", "/etc/cni/net.d"))
+        self.version = conf_lookup(self.conf, "cniVersion") or ""
+        self.ifname = env.get("CNI_IFNAME", "eth0")
+        self.container_id = "cnitool-" + sha512_hex(netns)[:20]
+        self.capability_args = json_loads(env.get("CAP_ARGS") or "{}")
+        self.cni_args = split_cni_args(env.get("CNI_ARGS", ""))
+        self.cni_path = env.get("CNI_PATH", "/opt/cni/bin")
+        self.cache_dir = results_cache_dir(env)
 
-def run_network_command(command, network, netns):
-    """Drive a network's plugin chain as libcni does: prevResult threaded through ADD, DEL in
-    reverse order with the cached result, capability args from CAP_ARGS, results cached in
-    libcni's format so attachments made here and by containerd or podman are interchangeable."""
-    import os
-    import base64
-    env = os.environ
-    conf, raw = load_network_list(network, env.get("NETCONFPATH", "/etc/cni/net.d"))
-    version = conf.get("cniVersion", "")
-    ifname = env.get("CNI_IFNAME", "eth0")
-    container_id = "cnitool-" + sha512_hex(netns)[:20]
-    capability_args = json_loads(env.get("CAP_ARGS") or "{}")
-    cni_args = [piece.split("=", 1) for piece in env.get("CNI_ARGS", "").split(";") if "=" in piece]
-    cached = None
-    try:
-        with open(cache_path(network, container_id, ifname), "rb") as f:
-            cached = json_loads(f.read())
-    except (OSError, ValueError):
-        pass
-    minimum = MIN_VERSION.get(command.upper())
-    if minimum and parse_version(version) < minimum:
-        sys.stderr.write("network %s (cniVersion %s) does not support %s\n" % (network, version, command))
-        return 0 if command in ("status", "gc") else 1
-    plugin_env = dict(env, CNI_COMMAND=command.upper(), CNI_CONTAINERID=container_id, CNI_NETNS=netns,
-                      CNI_IFNAME=ifname, CNI_PATH=env.get("CNI_PATH", "/opt/cni/bin"))
-    if command in ("status", "gc"):
-        for key in ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"):
-            plugin_env[key] = ""
-    plugins = conf["plugins"] if command != "del" else list(reversed(conf["plugins"]))
-    result = cached.get("result") if command in ("check", "del") and cached else None
-    if command == "check" and result is None:
-        raise CNIError(ERR_INVALID_CONFIG, "no cached result for %s on %s: was it added?" % (network, netns))
-    for plugin in plugins:
-        request = dict(plugin, cniVersion=version, name=network)
-        request.pop("capabilities", None)
-        runtime = dict((k, v) for k, v in capability_args.items() if (plugin.get("capabilities") or {}).get(k))
+    @property
+    def plugins(self):
+        return self.conf["plugins"]
+
+    def allows(self, command):
+        """Whether the network's cniVersion has `command` (CHECK from 0.4.0, GC, STATUS 1.1.0)."""
+        minimum = MIN_VERSION.get(command)
+        return not minimum or parse_version(self.version) >= minimum
+
+    def invoke(self, plugin, command, extra=None, attachment=True):
+        """Run one plugin of the chain; its output.  `extra` keys go into its config (prevResult,
+        cni.dev/valid-attachments); STATUS and GC concern no attachment."""
+        config = dict(plugin, cniVersion=self.version, name=self.network)
+        config.pop("capabilities", None)
+        wanted = plugin.get("capabilities") or {}
+        runtime = dict((k, v) for k, v in self.capability_args.items() if wanted.get(k))
         if runtime:
-            request["runtimeConfig"] = runtime
-        if command == "gc":
-            request["cni.dev/valid-attachments"] = cached_attachments(network)
-        elif result is not None and (command != "del" or parse_version(version) >= (0, 4, 0)):
-            request["prevResult"] = result
-        output = invoke_plugin(plugin.get("type", ""), plugin_env["CNI_PATH"], plugin_env,
-                               json_dumps(request).encode())
-        if command == "add":
-            result = output
-    if command == "add":
-        make_directories(RESULTS_CACHE_DIR, 0o700)
-        entry = {"kind": "cniCacheV1", "containerId": container_id, "config": base64.b64encode(raw).decode(),
-                 "ifName": ifname, "networkName": network, "netns": netns, "cniArgs": cni_args,
-                 "capabilityArgs": capability_args, "result": result}
-        path = cache_path(network, container_id, ifname)
+            config["runtimeConfig"] = runtime
+        config.update(extra or {})
+        env = dict(self.env, CNI_COMMAND=command, CNI_PATH=self.cni_path,
+                   CNI_CONTAINERID=self.container_id if attachment else "",
+                   CNI_NETNS=self.netns if attachment else "",
+                   CNI_IFNAME=self.ifname if attachment else "")
+        return invoke_plugin(plugin.get("type", ""), self.cni_path, env, json_dumps(config).encode())
+
+    def cache_path(self):
+        return "%s/%s-%s-%s" % (self.cache_dir, self.network, self.container_id, self.ifname)
+
+    def cached_result(self):
+        """The result cached by `add`, or None."""
+        try:
+            with open(self.cache_path(), "rb") as f:
+                entry = json_loads(f.read())
+        except (OSError, ValueError):
+            return None
+        return entry.get("result") if isinstance(entry, dict) else None
+
+    def store_result(self, result):
+        """Cache the ADD result in libcni's cniCacheV1 format (atomically)."""
+        import base64
+        make_directories(self.cache_dir, 0o700)
+        entry = {"kind": "cniCacheV1", "containerId": self.container_id,
+                 "config": base64.b64encode(self.raw).decode(), "ifName": self.ifname,
+                 "networkName": self.network, "netns": self.netns, "cniArgs": self.cni_args,
+                 "capabilityArgs": self.capability_args, "result": result}
+        path = self.cache_path()
         with open(path + ".tmp", "w") as f:
             f.write(json_dumps(entry))
         posix.rename(path + ".tmp", path)
-        write_json(result)
-    elif command == "del":
+
+    def forget_result(self):
         try:
-            posix.unlink(cache_path(network, container_id, ifname))
+            posix.unlink(self.cache_path())
         except OSError:
             pass
+
+
+def network_add(call):
+    """ADD through the chain, each plugin getting the previous one's result; cache and print it."""
+    result = None
+    for plugin in call.plugins:
+        result = call.invoke(plugin, "ADD", {"prevResult": result} if result is not None else {})
+    call.store_result(result)
+    write_json(result)
+
+
+def network_check(call):
+    """CHECK through the chain with the cached ADD result."""
+    result = call.cached_result()
+    if result is None:
+        raise CNIError(ERR_INVALID_CONFIG, "no cached result for %s on %s: was it added?"
+                       % (call.network, call.netns))
+    for plugin in call.plugins:
+        call.invoke(plugin, "CHECK", {"prevResult": result})
+
+
+def network_del(call):
+    """DEL through the chain in reverse, with the cached result from 0.4.0 on; forget it."""
+    result = call.cached_result()
+    extra = {}
+    if result is not None and parse_version(call.version) >= (0, 4, 0):
+        extra["prevResult"] = result
+    for plugin in reversed(call.plugins):
+        call.invoke(plugin, "DEL", extra)
+    call.forget_result()
+
+
+def network_status(call):
+    """STATUS of every plugin of the chain."""
+    for plugin in call.plugins:
+        call.invoke(plugin, "STATUS", attachment=False)
+
+
+def network_gc(call):
+    """GC through the chain; the valid attachments are those in the result cache."""
+    valid = cached_attachments(call.cache_dir, call.network)
+    for plugin in call.plugins:
+        call.invoke(plugin, "GC", {"cni.dev/valid-attachments": valid}, attachment=False)
+
+
+NETWORK_COMMANDS = {"add": network_add, "check": network_check, "del": network_del,
+                    "status": network_status, "gc": network_gc}
+
+
+def run_network_command(command, network, netns):
+    """Run one network command; the exit status.  A command the network's version lacks is
+    refused (and, for status and gc, a success with nothing to do)."""
+    import os
+    call = NetworkCall(network, netns, os.environ)
+    if not call.allows(command.upper()):
+        sys.stderr.write("network %s (cniVersion %s) does not support %s\n"
+                         % (network, call.version, command))
+        return 0 if command in ("status", "gc") else 1
+    NETWORK_COMMANDS[command](call)
     return 0
 
 
-def cached_results():
-    """Every libcni result-cache entry on this node."""
-    import os
+def cached_results(cache_dir):
+    """Every libcni result-cache entry in `cache_dir`."""
     entries = []
     try:
-        names = sorted(posix.listdir(RESULTS_CACHE_DIR))
+        names = sorted(posix.listdir(cache_dir))
     except OSError:
         return entries
     for name in names:
         try:
-            with open(os.path.join(RESULTS_CACHE_DIR, name), "rb") as f:
+            with open("%s/%s" % (cache_dir, name), "rb") as f:
                 entry = json_loads(f.read())
         except (OSError, ValueError):
             continue
@@ -4260,12 +4463,20 @@ def cached_results():
     return entries
 
 
-def cached_attachments(network):
+def cached_attachments(cache_dir, network):
+    """The attachments of `network` the result cache knows, as GC's valid-attachments."""
     return [{"containerID": e.get("containerId"), "ifname": e.get("ifName")}
-            for e in cached_results() if e.get("networkName") == network]
+            for e in cached_results(cache_dir) if e.get("networkName") == network]
 
 
-# --- leases: what host-local holds ----------------------------------------------------------------
+# ==============================================================================================
+# Operator tools: leases
+# ==============================================================================================
+# `leases` lists what host-local holds, flags reservations whose container namespace is gone
+# (known from the runtime's result cache) and with --gc releases them.
+
+LEASE_COLUMNS = ("NETWORK", "ADDRESS", "CONTAINER", "IFNAME", "AGE", "STATUS")
+
 
 def attachment_netns(entry):
     """The namespace path of a cached attachment (its result's sandbox)."""
@@ -4280,7 +4491,7 @@ def leases(data_dir, collect):
     (known from the runtime's result cache) and with `collect` release them through GC."""
     import os
     netns_of = {}
-    for entry in cached_results():
+    for entry in cached_results(results_cache_dir(os.environ)):
         netns_of[(entry.get("networkName"), entry.get("containerId"), entry.get("ifName"))] = attachment_netns(entry)
     try:
         networks = sorted(posix.listdir(data_dir))
@@ -4320,7 +4531,35 @@ def leases(data_dir, collect):
     return 0
 
 
-LEASE_COLUMNS = ("NETWORK", "ADDRESS", "CONTAINER", "IFNAME", "AGE", "STATUS")
+# ==============================================================================================
+# Entry point
+# ==============================================================================================
+# Started under a plugin's name the program serves one CNI request; under any other name it is
+# the operator's command line.
+
+USAGE = """usage: %(prog)s COMMAND
+
+cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one program.
+Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
+
+commands:
+  verify [CONFIG] [--keep] [--json]
+                          run the walkthrough on throwaway namespaces: ADD (default config
+                          conf/10-mynet.conf), read back, ping the gateway, CHECK, DEL, and
+                          show that nothing is left; --keep leaves it all for inspection
+  add|check|del|status|gc NETWORK NETNS
+                          run a network's plugin chain like the CNI project's cnitool: configs
+                          from NETCONFPATH (/etc/cni/net.d), plugins from CNI_PATH (/opt/cni/bin),
+                          CNI_IFNAME (eth0), CNI_ARGS, CAP_ARGS; results cached in
+                          CNI_CACHE_DIR/results (/var/lib/cni/results) as libcni does
+  leases [--data-dir DIR] [--gc]
+                          list host-local reservations (default DIR /var/lib/cni/networks) and
+                          flag those whose container namespace is gone; --gc releases them
+  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
+                          (--force replaces regular files of those names)
+  --version               print the program and CNI versions
+  --help                  this text
+"""
 
 
 def run_cli(prog, argv):

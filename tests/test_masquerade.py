@@ -865,7 +865,7 @@ def scratch_nftables(cb, make_netns, monkeypatch):
         return transact(requests, what, batch)
 
     nl.transact = recording
-    monkeypatch.setattr(cb, "_node_nftables", nl)
+    monkeypatch.setattr(cb.PROCESS, "node_nftables", nl)
     yield scratch, nl
     nl.close()
 

@@ -687,3 +687,21 @@ def test_poll_until_raises_the_expiry_error_on_the_monotonic_clock(monkeypatch):
                       lambda: cb.CNIError(cb.ERR_TRY_AGAIN, "too slow"), delay=0.25, max_delay=0.25)
     assert err.value.code == cb.ERR_TRY_AGAIN
     assert len(calls) == 5          # at 0, 0.25, 0.5, 0.75 and 1.0 s
+
+
+# --- the key rule, in one place -------------------------------------------------------------------
+
+def test_top_level_keys_match_case_insensitively_as_go_decodes_them(stdin):
+    request = build("ADD", stdin, config={"Name": "net", "CNIVersion": "1.0.0", "type": "bridge"})
+    assert (request.network, request.version) == ("net", "1.0.0")
+    assert request.stdin == stdin.data and request.env["CNI_COMMAND"] == "ADD"
+
+
+def test_gc_valid_attachments_key_any_case():
+    config = {"CNI.dev/Valid-Attachments": [{"ContainerID": "c1", "IfName": "eth0"}]}
+    assert cb.valid_attachments(config) == {("c1", "eth0")}
+
+
+def test_config_error_is_code_7_with_the_reference_prefix():
+    err = cb.config_error("mtu 5 is below 68", "details")
+    assert (err.code, err.msg, err.details) == (7, "invalid network config: mtu 5 is below 68", "details")

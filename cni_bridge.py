@@ -2027,11 +2027,19 @@ def remove_named_netns(path):
 #   <dataDir>/<network>/<ip>                  "<containerID>\r\n<ifname>" (older: "<containerID>")
 #   <dataDir>/<network>/last_reserved_ip.<N>  the last address handed out from range set N
 #   <dataDir>/<network>/lock                  flock'd around every allocation and release
+#   <dataDir>/<network>/boot_id               the kernel boot the reservations belong to (ours;
+#                                             the reference ignores names that are not addresses)
+# No network namespace survives a reboot, so a reservation made before the current boot is
+# stale: the first ADD, GC or STATUS of a boot releases them all, under the lock.  Boots are told
+# apart by the kernel's boot ID, never by clocks (an RTC or NTP step must not age a reservation);
+# a directory without a recorded boot ID (the reference's, or an older one) is not swept.
 # Every file is reached through the directory's fd with O_NOFOLLOW, so a planted symlink is never
 # followed, and a reservation appears atomically (written to a temporary name, then hard-linked
 # into place), so a crash leaves either no reservation or a complete one.
 
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+BOOT_ID_FILE = "boot_id"
 LOCK_TIMEOUT = 10.0                           # seconds to wait for another plugin's lock
 LAST_RESERVED_PREFIX = "last_reserved_ip."
 TEMP_PREFIX = ".tmp-"
@@ -2389,7 +2397,11 @@ class Store(object):
     def _write_temp(self, content):
         name = "%s%d" % (TEMP_PREFIX, posix.getpid())
         try:
-            fd = posix.open(name, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_NOFOLLOW
+            posix.unlink(name, dir_fd=self.dir_fd)      # a dead plugin's of the same pid (the lock is ours)
+        except OSError:
+            pass                    # none there; or the write below reports the real cause
+        try:
+            fd = posix.open(name, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW
                             | posix.O_CLOEXEC, 0o644, dir_fd=self.dir_fd)
             try:
                 posix.write(fd, content.encode("utf-8", "surrogateescape"))
@@ -2424,6 +2436,35 @@ class Store(object):
             if err.errno != errno.ENOENT:
                 raise os_error(err, "failed to remove %s/%s/%s" % (self.data_dir, self.network, name))
 
+    def replace_file(self, name, content):
+        """Write a bookkeeping file atomically (a temporary file renamed over it)."""
+        temp = self._write_temp(content)
+        try:
+            posix.rename(temp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except OSError as err:
+            self.remove(temp)
+            raise os_error(err, "failed to write %s/%s/%s" % (self.data_dir, self.network, name))
+
+    def recorded_boot(self):
+        """The boot ID recorded with the reservations, or "" when none is."""
+        return (self.read(BOOT_ID_FILE) or "").strip()
+
+    def sweep_previous_boot(self):
+        """Release every reservation made before the current boot; returns their keys.
+
+        Reservations are made only after this ran in the same boot (ADD calls it first), so
+        when the recorded boot is another one, every reservation present predates this boot.
+        """
+        boot = current_boot_id()
+        recorded = self.recorded_boot()
+        if not boot or recorded == boot:
+            return []
+        released = list(self.reservations()) if recorded else []
+        for key in released:
+            self.remove_reservation(key)
+        self.replace_file(BOOT_ID_FILE, boot + "\n")
+        return released
+
     def last_reserved(self, set_index):
         content = self.read(LAST_RESERVED_PREFIX + str(set_index))
         try:
@@ -2432,13 +2473,21 @@ class Store(object):
             return None
 
     def set_last_reserved(self, set_index, family, ip):
-        temp = self._write_temp(ip_to_text(family, ip))
-        try:
-            posix.rename(temp, LAST_RESERVED_PREFIX + str(set_index), src_dir_fd=self.dir_fd,
-                         dst_dir_fd=self.dir_fd)
-        except OSError as err:
-            self.remove(temp)
-            raise os_error(err, "failed to record the last reserved address")
+        self.replace_file(LAST_RESERVED_PREFIX + str(set_index), ip_to_text(family, ip))
+
+
+def current_boot_id():
+    """The kernel's ID of the running boot, or "" where /proc does not give it."""
+    try:
+        fd = posix.open(BOOT_ID_PATH, posix.O_RDONLY | posix.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return posix.read(fd, 100).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    finally:
+        posix.close(fd)
 
 
 def owner_text(container_id, ifname):
@@ -2646,6 +2695,7 @@ def host_local_allocate(request):
     this process asks, because only then can rules of an earlier ADD exist."""
     config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
+        store.sweep_previous_boot()
         allocations = allocate(store, config, request.container_id, request.ifname)
     ips = [{"address": "%s/%d" % (ip_to_text(family, ip), r.subnet.length),
             "gateway": ip_to_text(family, r.gateway)} for r, family, ip in allocations]
@@ -2696,13 +2746,13 @@ def host_local_check(request):
 
 
 def host_local_gc(request):
-    """Release reservations whose attachment is not in cni.dev/valid-attachments."""
+    """Release the reservations of a previous boot and those whose attachment is not in
+    cni.dev/valid-attachments."""
     valid = valid_attachments(request.config)
-    if valid is None:
-        return None
     config = IPAMLocation(request)
     with Store(config.data_dir, config.network) as store:
-        errors = collect_garbage(store, valid)
+        store.sweep_previous_boot()
+        errors = collect_garbage(store, valid) if valid is not None else []
     if errors:
         raise CNIError(ERR_IO, "host-local GC could not release every stale reservation",
                        "; ".join(errors))
@@ -2713,6 +2763,7 @@ def host_local_status(request):
     """Fail with code 50 when a range set has no free address (counted, never walked)."""
     config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
+        store.sweep_previous_boot()
         reserved = list(store.reservations())
     for index, ranges in enumerate(config.range_sets):
         in_use = sum(1 for family, ip in reserved if any(r.family == family and r.usable(ip)
@@ -3018,28 +3069,45 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
         iptables_teardown(network, container_id)
 
 
-def owns_iptables_chain(nl, family, network, container_id):
-    """Whether the reference's iptables chain of the attachment exists and is its own.  The chain's
-    name hashes network and container ID run together ("hnet" + "xc1" = "hnetx" + "c1"), so it is
-    the attachment's only when no rule in it carries another attachment's comment."""
+def owns_iptables_chain(nl, family, network, container_id, required_rules=False):
+    """Whether the reference's iptables chain of the attachment exists and is its own (and, with
+    `required_rules`, holds rules).  The chain's name hashes network and container ID run
+    together ("hnet" + "xc1" = "hnetx" + "c1"), so it is the attachment's only when no rule in it
+    carries another attachment's comment."""
     chain = iptables_chain(network, container_id)
     if not chain_exists(nl, family, "nat", chain):
         return False
     comment = iptables_comment(network, container_id)
-    return all(rule.xt_comment == comment for rule in list_rules(nl, family, "nat", chain))
+    rules = list_rules(nl, family, "nat", chain)
+    return all(rule.xt_comment == comment for rule in rules) and bool(rules or not required_rules)
+
+
+def masquerade_in_place(conf, request, ips):
+    """Whether nf_tables holds the attachment's masquerade: a rule per address in the nftables
+    layout, or the reference's iptables chain of each address family (iptables-nft)."""
+    nl = node_nftables()
+    instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
+    if len(rules_commented(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)) >= len(ips):
+        return True
+    families = set(address_family_of(ip["address"]) for ip in ips if isinstance(ip, dict) and "address" in ip)
+    return bool(families) and all(
+        owns_iptables_chain(nl, NFPROTO_IPV4 if family == 4 else NFPROTO_IPV6, conf.network,
+                            request.container_id, required_rules=True) for family in families)
 
 
 def check_attachment_rules(conf, request, previous):
-    """CHECK: the masquerade and spoof-check rules this attachment needs are in place."""
-    if conf.ip_masq and conf.ip_masq_backend == "nftables":
-        instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
-        mine = rules_commented(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)
-        expected = len(previous.get("ips") or [])
-        if len(mine) < expected:
+    """CHECK: the masquerade and spoof-check rules this attachment needs are in place.  Either
+    masquerade layout counts, whatever the config's backend: the nftables one (ours and the
+    reference's nftables backend) or the reference's iptables chain (1.1.1 writes only that),
+    so a node switched between the two plugins still passes CHECK."""
+    if conf.ip_masq and not masquerade_in_place(conf, request, previous.get("ips") or []):
+        if conf.ip_masq_backend == "iptables":
+            iptables_check(conf.network, request.container_id)      # legacy iptables: asked there
+        else:
             raise CNIError(ERR_INTERNAL, "masquerade rules of %s are missing" % request.container_id,
-                           "expected %d in table inet %s, found %d" % (expected, MASQ_TABLE, len(mine)))
-    elif conf.ip_masq:
-        iptables_check(conf.network, request.container_id)
+                           "expected %d in table inet %s, and no iptables chain %s"
+                           % (len(previous.get("ips") or []), MASQ_TABLE,
+                              iptables_chain(conf.network, request.container_id)))
     if conf.macspoofchk:
         chain, _mac_chain, comment = spoofchk_names(request.container_id, request.ifname)
         if not any(r.comment == comment and r.jump_target == chain
@@ -3132,9 +3200,11 @@ def iptables_teardown(network, container_id):
 
 
 def iptables_check(network, container_id):
+    """The attachment's chain exists and holds rules (an empty one masquerades nothing)."""
     chain = iptables_chain(network, container_id)
-    if run_iptables(4, ["-S", chain], check=False)[0] != 0:
-        raise CNIError(ERR_INTERNAL, "masquerade chain %s of %s is missing" % (chain, container_id))
+    status, rules = run_iptables(4, ["-S", chain], check=False)
+    if status != 0 or not any(line.startswith("-A ") for line in rules.splitlines()):
+        raise CNIError(ERR_INTERNAL, "masquerade chain %s of %s is missing or empty" % (chain, container_id))
 
 
 # --- ADD ----------------------------------------------------------------------------------------
@@ -4157,7 +4227,7 @@ class Verifier(object):
             left.append("host veth %s" % host_veth)
         if is_directory(network_dir):
             left.extend("reservation %s" % name for name in posix.listdir(network_dir)
-                        if name != "lock" and not name.startswith(LAST_RESERVED_PREFIX))
+                        if name not in ("lock", BOOT_ID_FILE) and not name.startswith(LAST_RESERVED_PREFIX))
         nft = node.netlink(NETLINK_NETFILTER)
         instance = masq_instance_hash(network, container_id, ifname)
         left.extend("masquerade rule %d" % r.handle
@@ -4505,6 +4575,8 @@ def leases(data_dir, collect):
             continue
         with Store(data_dir, network) as store:
             reserved = store.reservations()
+            recorded = store.recorded_boot()
+            previous_boot = bool(recorded) and recorded != current_boot_id()
             valid, stale = set(), []
             for key, content in sorted(reserved.items()):
                 cid, _, ifname = content.strip().partition("\r\n")
@@ -4515,6 +4587,8 @@ def leases(data_dir, collect):
                 netns = netns_of.get((network, cid, ifname))
                 gone = netns is not None and not os.path.exists(netns)
                 status = "netns gone" if gone else ("ok" if netns else "unknown netns")
+                if previous_boot:       # released by the next ADD, GC or STATUS of the network
+                    status = "previous boot"
                 if gone:
                     stale.append(key)
                 else:

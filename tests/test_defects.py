@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import IP, run
+from conftest import IP, run, run_cni
 from test_bridge import eventually, explain, host_veths
 from test_masquerade import skip_without_iptables
 from test_reliability import (BRIDGE, NET, SUBNET, assert_masq_base_only, assert_nothing_left, bridge,
@@ -304,3 +304,104 @@ def test_del_keeps_another_attachments_iptables_chain_of_the_same_name(ours_bin,
 def run_ref(ref_bin, config, node, netns, command="ADD", cid="xc1"):
     from conftest import run_cni
     return run_cni(ref_bin, "bridge", command, config, node=node, netns=netns, container_id=cid)
+
+
+# --- 10. reservations that outlive a reboot -------------------------------------------------------
+
+RANGE = ["10.92.0.10", "10.92.0.11", "10.92.0.12", "10.92.0.13"]
+PREVIOUS_BOOT = "00000000-0000-4000-8000-000000000000"
+
+
+def boot_id():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def simulate_reboot(data_dir):
+    """The state a full range left by a previous boot: every address reserved, that boot recorded."""
+    state = data_dir / NET
+    state.mkdir(mode=0o755, exist_ok=True)
+    for index, address in enumerate(RANGE):
+        (state / address).write_bytes(b"old%d\r\neth0" % index)
+    (state / "last_reserved_ip.0").write_bytes(RANGE[-1].encode())
+    (state / "boot_id").write_text(PREVIOUS_BOOT + "\n")
+
+
+@pytest.mark.parametrize("first", ["ADD", "STATUS", "GC"])
+def test_reservations_of_a_previous_boot_are_released_once(ours_bin, ref_bin, node, make_netns, data_dir, first):
+    """After a (simulated) reboot the range is full of the previous boot's reservations: `leases` says
+    so, the first ADD, STATUS or GC releases them, reservations made in this boot are never released,
+    and the reference host-local keeps working on the directory afterwards."""
+    simulate_reboot(data_dir)
+    config = conf(data_dir, "1.1.0", rangeStart=RANGE[0], rangeEnd=RANGE[-1])
+    listing = run([ours_bin / "cni-bridge.pyz", "leases", "--data-dir", data_dir],
+                  env=dict(os.environ, CNI_CACHE_DIR=str(data_dir.parent / "cache"))).stdout
+    rows = [line.split() for line in listing.splitlines()[1:]]
+    assert sorted((r[1], r[-2:]) for r in rows) == [(a, ["previous", "boot"]) for a in RANGE], listing
+    if first == "ADD":
+        ok(bridge(ours_bin, "ADD", config, node, make_netns("ct"), "c0"))
+        assert list(reservations(data_dir).values()) == ["c0\r\neth0"]
+    else:
+        ok(bridge(ours_bin, first, config, node, None, None, ifname=None))
+        assert reservations(data_dir) == {}
+    assert (data_dir / NET / "boot_id").read_text().strip() == boot_id()
+    containers = {}
+    for index in range(len(RANGE) - (first == "ADD")):
+        containers["c%d" % (index + 1)] = make_netns("ct")
+        ok(bridge(ours_bin, "ADD", config, node, containers["c%d" % (index + 1)], "c%d" % (index + 1)))
+    held = reservations(data_dir)
+    assert sorted(held) == RANGE and not any(owner.startswith("old") for owner in held.values())
+    error = cni_error(bridge(ours_bin, "ADD", config, node, make_netns("ct"), "late"))
+    assert error["code"] == 11, error
+    assert cni_error(bridge(ours_bin, "STATUS", config, node, None, None, ifname=None))["code"] == 50
+    ok(bridge(ours_bin, "GC", config, node, None, None, ifname=None))
+    assert reservations(data_dir) == held
+    # The reference reads and writes the same directory: it releases c1 and hands its address out.
+    ref_config = dict(config, cniVersion="1.0.0")
+    address = next(a for a, owner in held.items() if owner == "c1\r\neth0")
+    ok(run_cni(ref_bin, "host-local", "DEL", ref_config, node=node, netns=containers["c1"], container_id="c1"))
+    again = ok(run_cni(ref_bin, "host-local", "ADD", ref_config, node=node, netns=make_netns("ct"), container_id="r1"))
+    assert again["ips"][0]["address"] == address + "/24"
+    assert reservations(data_dir)[address] == "r1\r\neth0"
+
+
+# --- 4. switching with the reference, with ipMasq -------------------------------------------------
+
+def ref_bridge_config(data_dir, network=NET):
+    return {"cniVersion": "1.0.0", "name": network, "type": "bridge", "bridge": BRIDGE, "isGateway": True,
+            "ipMasq": True, "ipam": {"type": "host-local", "subnet": SUBNET, "dataDir": str(data_dir)}}
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_our_check_accepts_the_reference_masquerade(ours_bin, ref_bin, node, container, data_dir, backend):
+    """An attachment the reference 1.1.1 made with ipMasq (its iptables chain, seen through nf_tables
+    where iptables is nf_tables-based) passes our CHECK with either backend; without that chain it
+    fails."""
+    skip_without_iptables(nf_tables_based=True)
+    result = ok(run_ref(ref_bin, ref_bridge_config(data_dir), node, container, cid="c1"))
+    config = dict(conf(data_dir), ipMasqBackend=backend, prevResult=result)
+    ok(bridge(ours_bin, "CHECK", config, node, container, "c1"))
+    chain = "CNI-" + hashlib.sha512((NET + "c1").encode()).hexdigest()[:24]
+    jump = next(line for line in chain_lines(node, chain) if line.startswith("-A POSTROUTING"))
+    node.run("iptables", "-t", "nat", "-D", *jump.split()[1:3], "-s", jump.split()[4], "-j", chain, check=False)
+    node.run("iptables", "-t", "nat", "-F", chain)
+    error = cni_error(bridge(ours_bin, "CHECK", config, node, container, "c1"))
+    assert "masquerade" in error["msg"], error
+
+
+@pytest.mark.parametrize("backend", ["nftables", "iptables"])
+def test_reference_del_of_our_attachment(ours_bin, ref_bin, node, container, data_dir, backend):
+    """README's note on switching back: the reference 1.1.1's DEL of an attachment we made with the
+    iptables backend works; with the nftables backend it fails (its chain does not exist: the
+    reference's limitation), and our DEL then releases everything."""
+    skip_without_iptables(nf_tables_based=True)
+    config = dict(conf(data_dir), ipMasqBackend=backend)
+    result = ok(bridge(ours_bin, "ADD", config, node, container, "c1"))
+    res = run_ref(ref_bin, dict(ref_bridge_config(data_dir), prevResult=result), node, container, "DEL", "c1")
+    if backend == "iptables":
+        ok(res)
+    else:
+        assert res.returncode != 0, explain(res)
+        ok(bridge(ours_bin, "DEL", config, node, container, "c1"))
+    assert_nothing_left(node, data_dir, [container])
+    assert chain_lines(node, "CNI-" + hashlib.sha512((NET + "c1").encode()).hexdigest()[:24]) == []

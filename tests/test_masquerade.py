@@ -197,7 +197,7 @@ def reservations(data_dir):
     if not directory.is_dir():
         return {}
     return {p.name: p.read_bytes().decode() for p in directory.iterdir()
-            if p.name != "lock" and not p.name.startswith("last_reserved_ip")}
+            if p.name not in ("lock", "boot_id") and not p.name.startswith("last_reserved_ip")}
 
 
 def host_veths(node):

@@ -277,7 +277,7 @@ def reservations(podman, network):
     if not directory.is_dir():
         return {}
     return {p.name: p.read_text() for p in directory.iterdir()
-            if p.name != "lock" and not p.name.startswith("last_reserved_ip")}
+            if p.name not in ("lock", "boot_id") and not p.name.startswith("last_reserved_ip")}
 
 
 def host_veths(node):
@@ -485,7 +485,7 @@ def test_hand_written_1_0_0_network_with_its_own_data_dir(podman, node, tmp_path
     podman.ping("h", HAND_GATEWAY)
     podman("rm", "-f", "-t", "0", "h")
     check_gone(podman, node, h)
-    assert sorted(p.name for p in (data_dir / HAND_NET).iterdir()) == ["last_reserved_ip.0", "lock"]
+    assert sorted(p.name for p in (data_dir / HAND_NET).iterdir()) == ["boot_id", "last_reserved_ip.0", "lock"]
 
 
 def test_published_port_through_the_reference_portmap(podman, node):

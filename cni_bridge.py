@@ -80,6 +80,7 @@ class CNIError(Exception):
         self.details = details
 
     def to_json(self, version):
+        """The error object of the CNI spec, in `version`."""
         return {"cniVersion": version, "code": self.code, "msg": self.msg,
                 "details": self.details}
 
@@ -118,6 +119,7 @@ def parse_version(text):
 # the same C scanner and string encoder without that cost.
 
 def _finite_float(text):
+    """JSON number -> float, refusing the infinities (Go's decoder does too)."""
     value = float(text)
     if value in (float("inf"), float("-inf")):
         raise ValueError("number %s is out of range" % text[:30])
@@ -125,12 +127,14 @@ def _finite_float(text):
 
 
 def _bounded_int(text):
+    """JSON integer -> int, refusing digit strings long enough to cost quadratic time."""
     if len(text) > 40:          # converting a huge digit string costs quadratic time
         raise ValueError("number %s... is out of range" % text[:30])
     return int(text)
 
 
 class _ScannerContext(object):
+    """The settings _json.make_scanner reads from a json.JSONDecoder, without json."""
     strict = True
     object_hook = None
     object_pairs_hook = None
@@ -140,6 +144,7 @@ class _ScannerContext(object):
 
     @staticmethod
     def parse_constant(name):
+        """NaN and Infinity are not JSON."""
         raise ValueError("%s is not valid JSON" % name)
 
 
@@ -258,7 +263,8 @@ def check_ifname(name):
     if not encodable(name):
         raise CNIError(ERR_INVALID_ENV, "interface name is not valid UTF-8")
     if len(name.encode("utf-8", "surrogateescape")) > 15:
-        raise CNIError(ERR_INVALID_ENV, "interface name is too long", "interface name should be less than 16 characters")
+        raise CNIError(ERR_INVALID_ENV, "interface name is too long",
+                       "interface name should be less than 16 characters")
     if name in (".", ".."):
         raise CNIError(ERR_INVALID_ENV, "interface name is . or ..")
     if "/" in name or ":" in name or any(c.isspace() for c in name):
@@ -326,6 +332,7 @@ class Request(object):
         return conf_lookup(self.config, "name")
 
     def runtime_config(self):
+        """The runtimeConfig object (capability arguments), {} when absent."""
         return conf_get(self.config, "runtimeConfig", dict, {})
 
 
@@ -397,7 +404,8 @@ def invoke_plugin(plugin_type, cni_path, env, stdin):
         parsed = None
     if proc.returncode != 0:
         if isinstance(parsed, dict) and isinstance(parsed.get("code", 0), int):
-            raise CNIError(parsed.get("code", 0), str(parsed.get("msg", "")), str(parsed.get("details", "")))
+            raise CNIError(parsed.get("code", 0), str(parsed.get("msg", "")),
+                           str(parsed.get("details", "")))
         if not output:
             raise CNIError(ERR_INTERNAL, "netplugin failed with no error message: exit status %d"
                            % proc.returncode)
@@ -413,14 +421,17 @@ def invoke_plugin(plugin_type, cni_path, env, stdin):
 # configuration's version only when printed (spec "Version considerations", reference types/*).
 
 def has_ip_version_field(version):
+    """Whether results of `version` carry ips[].version (0.3.0 to 0.4.0)."""
     return version in ("0.3.0", "0.3.1", "0.4.0")
 
 
 def is_legacy_version(version):
+    """Whether `version` has the ip4/ip6 result shape (0.1.0, 0.2.0)."""
     return version in ("0.1.0", "0.2.0", "")
 
 
 def address_family_of(cidr):
+    """4 or 6, for an address or CIDR text already validated."""
     return 6 if ":" in cidr else 4
 
 
@@ -493,7 +504,8 @@ def decode_result(obj, version):
                     routes.extend(entry.get("routes") or [])
         else:
             interfaces = list(obj.get("interfaces") or [])
-            ips = [dict((k, v) for k, v in ip.items() if k != "version") for ip in obj.get("ips") or []]
+            ips = [dict((k, v) for k, v in ip.items() if k != "version")
+                   for ip in obj.get("ips") or []]
             routes = list(obj.get("routes") or [])
         dns = obj.get("dns") or {}
         if not isinstance(dns, dict) or not all(isinstance(i, dict) for i in interfaces):
@@ -545,8 +557,8 @@ def parse_ip(text):
             return 4, value & 0xFFFFFFFF
         return 6, value
     octets = text.split(".")
-    if len(octets) == 4 and all(0 < len(o) <= 3 and DIGITS.issuperset(o) and (o[0] != "0" or o == "0")
-                                for o in octets):
+    if len(octets) == 4 and all(0 < len(o) <= 3 and DIGITS.issuperset(o)
+                                and (o[0] != "0" or o == "0") for o in octets):
         a, b, c, d = [int(o) for o in octets]
         if a <= 255 and b <= 255 and c <= 255 and d <= 255:
             return 4, a << 24 | b << 16 | c << 8 | d
@@ -573,6 +585,7 @@ def ip_to_text(family, value):
 
 
 def ip_bytes(family, value):
+    """An address as the kernel takes it: 4 or 16 bytes, network order."""
     return value.to_bytes(IP_BITS[family] // 8, "big")
 
 
@@ -588,6 +601,7 @@ class Prefix(object):
 
     @classmethod
     def parse(cls, text):
+        """A Prefix from "addr/len" text; ValueError when it is not one."""
         if not isinstance(text, str) or "/" not in text:
             raise ValueError("not a CIDR: %r" % (text if isinstance(text, str) else type(text)))
         addr, _, length = text.partition("/")
@@ -603,21 +617,26 @@ class Prefix(object):
 
     @property
     def mask(self):
+        """The netmask as an integer."""
         bits = IP_BITS[self.family]
         return ((1 << bits) - 1) ^ ((1 << (bits - self.length)) - 1)
 
     @property
     def network(self):
+        """The network address (host bits cleared)."""
         return self.ip & self.mask
 
     @property
     def last(self):
+        """The last address of the prefix (IPv4's broadcast)."""
         return self.network | (((1 << IP_BITS[self.family]) - 1) ^ self.mask)
 
     def contains(self, family, ip):
+        """Whether address (family, ip) lies in the prefix."""
         return family == self.family and ip & self.mask == self.network
 
     def network_text(self):
+        """"network/len" text."""
         return "%s/%d" % (ip_to_text(self.family, self.network), self.length)
 
     def __str__(self):
@@ -643,6 +662,7 @@ def parse_mac(text):
 
 
 def mac_to_text(raw):
+    """6 bytes as "aa:bb:cc:dd:ee:ff"."""
     return ":".join("%02x" % b for b in raw)
 
 
@@ -734,14 +754,17 @@ class Header(object):
     def pack(self, values):
         for name in values:
             if name not in self.fields:
-                raise ValueError("header field %r is not one of %s" % (name, ", ".join(self.fields)))
+                raise ValueError("header field %r is not one of %s"
+                                 % (name, ", ".join(self.fields)))
         return self.struct.pack(*[values.get(f, 0) for f in self.fields])
 
     def unpack(self, data):
+        """The field values of a header at the start of `data`."""
         return dict(zip(self.fields, self.struct.unpack_from(data)))
 
 
 def _pad(length):
+    """Netlink alignment: lengths round up to 4 bytes."""
     return (length + 3) & ~3
 
 
@@ -791,7 +814,8 @@ def decode_attrs(space, data, offset=0):
         elif kind == NEST and attr.space is not None:
             value = decode_attrs(attr.space, payload)
         elif kind == MSG:
-            value = (attr.header.unpack(payload), decode_attrs(attr.space, payload, attr.header.struct.size))
+            value = (attr.header.unpack(payload),
+                     decode_attrs(attr.space, payload, attr.header.struct.size))
         else:
             value = payload
         if attr.repeated:
@@ -843,6 +867,7 @@ class Message(object):
         self.attrs = attrs
 
     def get(self, attr, default=None):
+        """The value of attribute `attr`, or `default`."""
         return self.attrs.get(attr, default)
 
 
@@ -852,6 +877,7 @@ MESSAGE_LAYOUTS = {}
 
 
 def encode_message(layouts, msg_type, flags, seq, header_values, attrs):
+    """One netlink message: header, family header `header_values`, attributes."""
     header, _space = layouts[msg_type]
     body = header.pack(header_values or {}) + encode_attrs(attrs)
     return NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), msg_type, flags, seq, 0) + body
@@ -871,6 +897,7 @@ def decode_messages(data):
 
 
 def decode_payload(layouts, msg_type, flags, payload):
+    """A Message from the payload of one netlink message of a known type."""
     header, space = layouts[msg_type]
     return Message(msg_type, flags, header.unpack(payload),
                    decode_attrs(space, payload, header.struct.size))
@@ -936,6 +963,7 @@ class NetlinkSocket(object):
         self.timeout_error = _socket.timeout
 
     def close(self):
+        """Close the socket."""
         self.sock.close()
 
     def _next_seq(self):
@@ -943,6 +971,7 @@ class NetlinkSocket(object):
         return self.seq
 
     def _recv(self, what):
+        """One datagram; a silent kernel is code 11 after NETLINK_TIMEOUT."""
         try:
             return self.sock.recv(1 << 17)
         except self.timeout_error:
@@ -1016,7 +1045,8 @@ class NetlinkSocket(object):
                     elif reply_type == NLMSG_ERROR:
                         errno_value, reason = _ack_error(payload, flags)
                         raise NetlinkError(errno_value, what, reason)
-                    elif reply_type in self.layouts and (containing is None or containing in payload):
+                    elif reply_type in self.layouts and (containing is None
+                                                         or containing in payload):
                         messages.append(decode_payload(self.layouts, reply_type, flags, payload))
             if not interrupted:
                 return messages
@@ -1131,7 +1161,8 @@ RouteAttr = AttrSpace(
 
 
 MESSAGE_LAYOUTS[NETLINK_ROUTE] = {}
-for _types, _layout in (((RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK), (IFINFOMSG, LinkAttr)),
+for _types, _layout in (((RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK),
+                         (IFINFOMSG, LinkAttr)),
                         ((RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR), (IFADDRMSG, AddrAttr)),
                         ((RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE), (RTMSG, RouteAttr))):
     for _type in _types:
@@ -1162,6 +1193,7 @@ class Link(object):
 
     @property
     def up(self):
+        """Whether the link is administratively up."""
         return bool(self.flags & IFF_UP)
 
 
@@ -1186,7 +1218,8 @@ def list_links(nl, master=0, alias=None):
     `alias` only the links of that alias."""
     attrs = _LINK_QUERY + (((LinkAttr.IFLA_MASTER, master),) if master else ())
     raw = alias.encode("utf-8", "surrogateescape") + b"\0" if alias else None
-    links = [Link(m) for m in nl.dump(RTM_GETLINK, {}, attrs, what="failed to list links", containing=raw)]
+    links = [Link(m) for m in nl.dump(RTM_GETLINK, {}, attrs, what="failed to list links",
+                                      containing=raw)]
     return [link for link in links if link.alias == alias] if alias else links
 
 
@@ -1209,6 +1242,7 @@ def link_change(index, up=None, promisc=None, master=None, mac=None, extra=()):
 
 
 def set_link(nl, index, what, **changes):
+    """Change one link (see link_change for `changes`) in its own transaction."""
     nl.transact([link_change(index, **changes)], what)
 
 
@@ -1271,7 +1305,8 @@ def bridge_vlan_request(index, vid, flags, remove=False):
 def port_vlans(nl, index):
     """{vid: flags} of the VLANs on bridge port `index` (none where the bridge does not filter)."""
     messages = nl.dump(RTM_GETLINK, {"family": AF_BRIDGE},
-                       ((LinkAttr.IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN),), what="failed to list bridge VLANs")
+                       ((LinkAttr.IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN),),
+                       what="failed to list bridge VLANs")
     vlans = {}
     for msg in messages:
         if msg.header["index"] == index:
@@ -1283,7 +1318,8 @@ def port_vlans(nl, index):
 
 
 def vlan_changes(index, current, wanted):
-    """Requests (for transact) taking port `index` from VLANs `current` to `wanted` ({vid: flags})."""
+    """Requests (for transact) taking port `index` from VLANs `current` to `wanted` ({vid:
+    flags})."""
     requests = [bridge_vlan_request(index, vid, 0, remove=True)
                 for vid in sorted(current) if vid not in wanted]
     requests.extend(bridge_vlan_request(index, vid, flags) for vid, flags in sorted(wanted.items()))
@@ -1367,6 +1403,7 @@ class Route(object):
 
 
 def list_routes(nl, family):
+    """The routes of one family (4 or 6) in every table."""
     msgs = nl.dump(RTM_GETROUTE, {"family": AF_OF_FAMILY[family]}, what="failed to list routes")
     return [Route(m) for m in msgs if m.header["family"] == AF_OF_FAMILY[family]]
 
@@ -1487,7 +1524,8 @@ NftMatchAttr = AttrSpace(
 
 # An expression's data is laid out by its name; these are the expressions the rules use.
 EXPRESSION_SPACES = {"meta": NftMetaAttr, "payload": NftPayloadAttr, "cmp": NftCmpAttr,
-                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr, "match": NftMatchAttr}
+                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr,
+                     "match": NftMatchAttr}
 
 
 NftExprAttr = AttrSpace(
@@ -1556,7 +1594,8 @@ def comment_of(udata):
     while udata and offset + 2 <= len(udata):
         kind, length = struct.unpack_from("=BB", udata, offset)
         if kind == NFTNL_UDATA_COMMENT:
-            return udata[offset + 2:offset + 2 + length].split(b"\0", 1)[0].decode("utf-8", "replace")
+            text = udata[offset + 2:offset + 2 + length].split(b"\0", 1)[0]
+            return text.decode("utf-8", "replace")
         offset += 2 + length
     return ""
 
@@ -1564,19 +1603,24 @@ def comment_of(udata):
 # --- expressions ---------------------------------------------------------------------------
 
 def _expr(name, attrs):
+    """One element of a rule's expression list: name and its attributes."""
     return (NftListAttr.NFTA_LIST_ELEM, ((NftExprAttr.NFTA_EXPR_NAME, name),
                                          (NftExprAttr.NFTA_EXPR_DATA, attrs)))
 
 
 def _value(data):
+    """Immediate data for a cmp, bitwise or immediate expression."""
     return ((NftDataAttr.NFTA_DATA_VALUE, data),)
 
 
 def expr_meta(key):
-    return _expr("meta", ((NftMetaAttr.NFTA_META_KEY, key), (NftMetaAttr.NFTA_META_DREG, NFT_REG_1)))
+    """Load meta key `key` (iifname, nfproto ...) into register 1."""
+    return _expr("meta",
+                 ((NftMetaAttr.NFTA_META_KEY, key), (NftMetaAttr.NFTA_META_DREG, NFT_REG_1)))
 
 
 def expr_payload(base, offset, length):
+    """Load `length` bytes at `offset` of header `base` into register 1."""
     return _expr("payload", ((NftPayloadAttr.NFTA_PAYLOAD_DREG, NFT_REG_1),
                              (NftPayloadAttr.NFTA_PAYLOAD_BASE, base),
                              (NftPayloadAttr.NFTA_PAYLOAD_OFFSET, offset),
@@ -1584,11 +1628,13 @@ def expr_payload(base, offset, length):
 
 
 def expr_cmp(op, data):
+    """Compare register 1 with `data` (NFT_CMP_EQ, NFT_CMP_NEQ)."""
     return _expr("cmp", ((NftCmpAttr.NFTA_CMP_SREG, NFT_REG_1), (NftCmpAttr.NFTA_CMP_OP, op),
                          (NftCmpAttr.NFTA_CMP_DATA, _value(data))))
 
 
 def expr_bitwise(mask):
+    """AND register 1 with `mask` (a prefix match)."""
     return _expr("bitwise", ((NftBitwiseAttr.NFTA_BITWISE_SREG, NFT_REG_1),
                              (NftBitwiseAttr.NFTA_BITWISE_DREG, NFT_REG_1),
                              (NftBitwiseAttr.NFTA_BITWISE_LEN, len(mask)),
@@ -1597,6 +1643,7 @@ def expr_bitwise(mask):
 
 
 def expr_verdict(code, chain=None):
+    """A verdict: accept, drop, return, or jump/goto `chain`."""
     verdict = [(NftVerdictAttr.NFTA_VERDICT_CODE, code)]
     if chain:
         verdict.append((NftVerdictAttr.NFTA_VERDICT_CHAIN, chain))
@@ -1606,6 +1653,7 @@ def expr_verdict(code, chain=None):
 
 
 def expr_masquerade():
+    """`masquerade`: source NAT to the outgoing interface's address."""
     return _expr("masq", ())
 
 
@@ -1639,21 +1687,25 @@ class NftBatch(object):
         self.requests = []
 
     def add(self, msg_type, family, attrs, flags=0):
+        """Add one message of type `msg_type` for `family`."""
         self.requests.append(NetlinkRequest(msg_type, flags, {"family": family}, attrs))
 
     def add_table(self, family, table, comment=None):
+        """Create a table (kept when it exists)."""
         attrs = [(NftTableAttr.NFTA_TABLE_NAME, table)]
         if comment:
             attrs.append((NftTableAttr.NFTA_TABLE_USERDATA, udata_comment(comment)))
         self.add(NFT_MSG_NEWTABLE, family, attrs, NLM_F_CREATE)
 
     def add_chain(self, family, table, chain, hook=None, comment=None):
-        """A chain (`hook` = (type, hook number, priority) makes it a base chain); kept if it exists."""
+        """A chain (`hook` = (type, hook number, priority) makes it a base chain); kept if it
+        exists."""
         attrs = [(NftChainAttr.NFTA_CHAIN_TABLE, table), (NftChainAttr.NFTA_CHAIN_NAME, chain)]
         if hook is not None:
             chain_type, hooknum, priority = hook
-            attrs.append((NftChainAttr.NFTA_CHAIN_HOOK, ((NftHookAttr.NFTA_HOOK_HOOKNUM, hooknum),
-                                                         (NftHookAttr.NFTA_HOOK_PRIORITY, priority))))
+            attrs.append((NftChainAttr.NFTA_CHAIN_HOOK,
+                          ((NftHookAttr.NFTA_HOOK_HOOKNUM, hooknum),
+                           (NftHookAttr.NFTA_HOOK_PRIORITY, priority))))
             attrs.append((NftChainAttr.NFTA_CHAIN_POLICY, NF_ACCEPT))
             attrs.append((NftChainAttr.NFTA_CHAIN_TYPE, chain_type))
         if comment:
@@ -1661,14 +1713,17 @@ class NftBatch(object):
         self.add(NFT_MSG_NEWCHAIN, family, attrs, NLM_F_CREATE)
 
     def flush_chain(self, family, table, chain):
+        """Remove every rule of a chain."""
         self.add(NFT_MSG_DELRULE, family, ((NftRuleAttr.NFTA_RULE_TABLE, table),
                                            (NftRuleAttr.NFTA_RULE_CHAIN, chain)))
 
     def delete_chain(self, family, table, chain):
+        """Remove an (empty) chain."""
         self.add(NFT_MSG_DELCHAIN, family, ((NftChainAttr.NFTA_CHAIN_TABLE, table),
                                             (NftChainAttr.NFTA_CHAIN_NAME, chain)))
 
     def add_rule(self, family, table, chain, exprs, comment=None):
+        """Append a rule of `exprs` to a chain, with an optional comment."""
         attrs = [(NftRuleAttr.NFTA_RULE_TABLE, table), (NftRuleAttr.NFTA_RULE_CHAIN, chain),
                  (NftRuleAttr.NFTA_RULE_EXPRESSIONS, exprs)]
         if comment:
@@ -1676,11 +1731,13 @@ class NftBatch(object):
         self.add(NFT_MSG_NEWRULE, family, attrs, NLM_F_CREATE | NLM_F_APPEND)
 
     def delete_rule(self, rule):
+        """Remove a rule listed by list_rules (by handle)."""
         self.add(NFT_MSG_DELRULE, rule.family, ((NftRuleAttr.NFTA_RULE_TABLE, rule.table),
                                                 (NftRuleAttr.NFTA_RULE_CHAIN, rule.chain),
                                                 (NftRuleAttr.NFTA_RULE_HANDLE, rule.handle)))
 
     def commit(self, nl, what):
+        """Send the messages as one transaction (nothing when there are none)."""
         if self.requests:
             nl.transact(self.requests, what, batch=NFT_BATCH)
 
@@ -1717,23 +1774,28 @@ class NftRule(object):
         return self._scan()[2]
 
     def _scan(self):
+        """Decode the expressions once: (jump target, matched input interface)."""
         if self._scanned is None:
             target = iifname = None
             xt_comment = ""
             loaded_iifname = False
-            elements = decode_attrs(NftListAttr, self._expressions).get(NftListAttr.NFTA_LIST_ELEM, [])
+            elements = decode_attrs(NftListAttr, self._expressions).get(
+                NftListAttr.NFTA_LIST_ELEM, [])
             for element in elements:
                 name = element.get(NftExprAttr.NFTA_EXPR_NAME)
                 if name not in EXPRESSION_SPACES:
                     continue
-                data = decode_attrs(EXPRESSION_SPACES[name], element.get(NftExprAttr.NFTA_EXPR_DATA, b""))
+                data = decode_attrs(EXPRESSION_SPACES[name],
+                                    element.get(NftExprAttr.NFTA_EXPR_DATA, b""))
                 if name == "immediate":
-                    verdict = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DATA, {}).get(NftDataAttr.NFTA_DATA_VERDICT, {})
+                    immediate = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DATA, {})
+                    verdict = immediate.get(NftDataAttr.NFTA_DATA_VERDICT, {})
                     target = verdict.get(NftVerdictAttr.NFTA_VERDICT_CHAIN, target)
                 elif name == "meta":
                     loaded_iifname = data.get(NftMetaAttr.NFTA_META_KEY) == NFT_META_IIFNAME
                 elif name == "cmp" and loaded_iifname:
-                    raw = data.get(NftCmpAttr.NFTA_CMP_DATA, {}).get(NftDataAttr.NFTA_DATA_VALUE, b"")
+                    compared = data.get(NftCmpAttr.NFTA_CMP_DATA, {})
+                    raw = compared.get(NftDataAttr.NFTA_DATA_VALUE, b"")
                     iifname = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                     loaded_iifname = False
                 elif name == "match" and data.get(NftMatchAttr.NFTA_MATCH_NAME) == "comment":
@@ -1769,6 +1831,7 @@ def node_nftables():
 
 
 def chain_exists(nl, family, table, chain):
+    """Whether `table` of `family` has `chain` (one lookup: the table is not listed)."""
     try:
         nl.request(NFT_MSG_GETCHAIN, 0, {"family": family},
                    ((NftChainAttr.NFTA_CHAIN_TABLE, table), (NftChainAttr.NFTA_CHAIN_NAME, chain)),
@@ -1915,7 +1978,8 @@ class Netns(object):
         self.path = path
         own_fd = original_netns_fd()
         try:
-            self.fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NOCTTY | posix.O_NONBLOCK)
+            self.fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NOCTTY
+                                 | posix.O_NONBLOCK)
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise NetnsGone(ERR_INVALID_NETNS, "failed to open netns %r: %s"
@@ -1932,13 +1996,16 @@ class Netns(object):
         mine, theirs = posix.fstat(own_fd), posix.fstat(self.fd)
         if not allow_own and (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
             posix.close(self.fd)
-            raise NetnsIsOwn(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not "
-                             "be the same", "CNI_NETNS %s is the namespace the plugin runs in" % path)
+            raise NetnsIsOwn(ERR_INVALID_NETNS,
+                             "plugin's netns and netns from CNI_NETNS should not be the same",
+                             "CNI_NETNS %s is the namespace the plugin runs in" % path)
 
     def close(self):
+        """Close the namespace's fd."""
         posix.close(self.fd)
 
     def entered(self):
+        """A context manager running its block inside the namespace."""
         return _InNetns(self.fd)
 
     def netlink(self, protocol=NETLINK_ROUTE):
@@ -1986,6 +2053,7 @@ def make_directories(path, mode=0o755):
 
 
 def is_directory(path):
+    """Whether `path` is a directory (following symlinks); False when it is absent."""
     try:
         return posix.stat(path).st_mode & S_IFMT == S_IFDIR
     except OSError:
@@ -1995,7 +2063,8 @@ def is_directory(path):
 def create_named_netns(path):
     """Make a new network namespace and bind-mount it at `path`, as `ip netns add` does."""
     make_directories(path.rpartition("/")[0])
-    posix.close(posix.open(path, posix.O_RDONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC, 0o444))
+    posix.close(posix.open(path, posix.O_RDONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC,
+                           0o444))
     pid = posix.fork()
     if pid == 0:
         status = 1
@@ -2048,7 +2117,8 @@ TEMP_PREFIX = ".tmp-"
 def os_error(err, what):
     """A CNIError for a failed file operation: a full disk is worth retrying, the rest is I/O."""
     code = ERR_TRY_AGAIN if err.errno in (errno.ENOSPC, errno.EDQUOT) else ERR_IO
-    return CNIError(code, "%s: %s" % (what, err.strerror or err), getattr(err, "filename", "") or "")
+    return CNIError(code, "%s: %s" % (what, err.strerror or err),
+                    getattr(err, "filename", "") or "")
 
 
 class IPRange(object):
@@ -2064,6 +2134,8 @@ class IPRange(object):
 
     @classmethod
     def parse(cls, obj, where):
+        """A range from a range object (subnet, rangeStart, rangeEnd, gateway); `where`
+        names it in errors."""
         if not isinstance(obj, dict):
             raise config_error("%s must be an object" % where)
         text = conf_get(obj, "subnet", str, None, where + ".")
@@ -2079,7 +2151,8 @@ class IPRange(object):
         if subnet.ip != subnet.network:
             raise CNIError(ERR_INVALID_CONFIG,
                            "Network has host bits set. For a subnet mask of length %d the network "
-                           "address is %s" % (subnet.length, ip_to_text(subnet.family, subnet.network)))
+                           "address is %s" % (subnet.length,
+                                              ip_to_text(subnet.family, subnet.network)))
         last_usable = subnet.last - 1 if subnet.family == 4 else subnet.last
 
         def address(key, default):
@@ -2106,6 +2179,7 @@ class IPRange(object):
 
     @property
     def family(self):
+        """4 or 6."""
         return self.subnet.family
 
     def usable(self, ip):
@@ -2122,6 +2196,7 @@ class IPRange(object):
         return size - (1 if low <= self.gateway <= high else 0)
 
     def overlaps(self, other):
+        """Whether the two ranges share an address."""
         return self.family == other.family and self.start <= other.end and other.start <= self.end
 
     def __str__(self):
@@ -2142,10 +2217,12 @@ class RangeSet(list):
         return None
 
     def capacity(self):
+        """How many addresses the set can hand out."""
         return sum(r.capacity() for r in self)
 
 
 def parse_range_set(items, where):
+    """A validated RangeSet from a list of range objects (one family, no overlap)."""
     if not isinstance(items, list):
         raise config_error("%s must be a list of ranges" % where)
     if not items:
@@ -2281,7 +2358,8 @@ class HostLocalConfig(IPAMLocation):
             texts.extend(arg.split(","))
         cni = conf_get(conf_get(request.config, "args", dict, {}), "cni", dict, {})
         for where, items in (("args.cni.ips", conf_get(cni, "ips", list, [])),
-                             ("runtimeConfig.ips", conf_get(request.runtime_config(), "ips", list, []))):
+                             ("runtimeConfig.ips",
+                              conf_get(request.runtime_config(), "ips", list, []))):
             for item in items:
                 if not isinstance(item, str):
                     raise config_error("%s must hold strings" % where)
@@ -2349,7 +2427,8 @@ class Store(object):
     def read(self, name):
         """Content of a state file, or None when it does not exist or is not a regular file."""
         try:
-            fd = posix.open(name, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC | posix.O_NONBLOCK,
+            fd = posix.open(name,
+                            posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC | posix.O_NONBLOCK,
                             dir_fd=self.dir_fd)
         except OSError:
             return None
@@ -2395,9 +2474,10 @@ class Store(object):
         self.remove(self.file_names.get(key) or ip_to_text(*key))
 
     def _write_temp(self, content):
+        """Write `content` to a new temporary file in the directory; its name."""
         name = "%s%d" % (TEMP_PREFIX, posix.getpid())
         try:
-            posix.unlink(name, dir_fd=self.dir_fd)      # a dead plugin's of the same pid (the lock is ours)
+            posix.unlink(name, dir_fd=self.dir_fd)      # a dead plugin's (the lock is ours)
         except OSError:
             pass                    # none there; or the write below reports the real cause
         try:
@@ -2430,11 +2510,13 @@ class Store(object):
         return made
 
     def remove(self, name):
+        """Remove a state file; one that is already gone is not an error."""
         try:
             posix.unlink(name, dir_fd=self.dir_fd)
         except OSError as err:
             if err.errno != errno.ENOENT:
-                raise os_error(err, "failed to remove %s/%s/%s" % (self.data_dir, self.network, name))
+                raise os_error(err,
+                               "failed to remove %s/%s/%s" % (self.data_dir, self.network, name))
 
     def replace_file(self, name, content):
         """Write a bookkeeping file atomically (a temporary file renamed over it)."""
@@ -2466,6 +2548,7 @@ class Store(object):
         return released
 
     def last_reserved(self, set_index):
+        """The last address handed out from range set `set_index`, or None."""
         content = self.read(LAST_RESERVED_PREFIX + str(set_index))
         try:
             return parse_ip(content.strip()) if content else None
@@ -2491,6 +2574,7 @@ def current_boot_id():
 
 
 def owner_text(container_id, ifname):
+    """The content of a reservation file: the reference's "<containerID>\r\n<ifname>"."""
     return "%s\r\n%s" % (container_id.strip(), ifname)
 
 
@@ -2527,7 +2611,8 @@ def allocate(store, config, container_id, ifname):
     made, result = [], []
     try:
         for set_index, ranges in enumerate(config.range_sets):
-            result.append(_allocate_in_set(store, set_index, ranges, reserved, requested, owner, made))
+            result.append(_allocate_in_set(store, set_index, ranges, reserved, requested, owner,
+                                           made))
         if requested:
             raise CNIError(ERR_INVALID_CONFIG, "failed to allocate all requested IPs: %s"
                            % " ".join(ip_to_text(*ip) for ip in requested),
@@ -2560,7 +2645,8 @@ def _allocate_in_set(store, set_index, ranges, reserved, requested, owner, made)
                            % (text, ranges))
         if not store.reserve(fam, ip, owner):
             raise CNIError(ERR_INVALID_CONFIG, "requested IP address %s is not available in range "
-                           "set %s" % (text, ranges), "reserved by %r" % (store.read(text) or "")[:100])
+                           "set %s" % (text, ranges),
+                           "reserved by %r" % (store.read(text) or "")[:100])
         made.append((fam, ip))
         store.set_last_reserved(set_index, fam, ip)
         return r, fam, ip
@@ -2609,7 +2695,8 @@ def valid_attachments(config):
         if items is not None:
             if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
                 raise config_error("%s must be a list of objects" % key)
-            return set((str(conf_get(i, "containerID", None, "")), str(conf_get(i, "ifname", None, "")))
+            return set((str(conf_get(i, "containerID", None, "")),
+                        str(conf_get(i, "ifname", None, "")))
                        for i in items)
     return None
 
@@ -2682,6 +2769,7 @@ def loopback_check(request):
 
 
 def nothing_to_do(request):
+    """STATUS and GC of a plugin that keeps no state."""
     return None
 
 
@@ -2714,7 +2802,8 @@ def host_local_del(request):
     config = IPAMLocation(request)
     try:
         known = [(p.family, p.ip) for p in (Prefix.parse(ip["address"])
-                                             for ip in (previous_result(request) or {}).get("ips", []))]
+                                             for ip in (previous_result(request) or {}).get(
+                                                 "ips", []))]
     except CNIError:
         known = []              # a broken prevResult only costs the walk of the directory
     with Store(config.data_dir, config.network) as store:
@@ -2770,7 +2859,8 @@ def host_local_status(request):
                                                         for r in ranges))
         if in_use >= ranges.capacity():
             raise CNIError(ERR_NOT_AVAILABLE, "no IP addresses available in range set: %s" % ranges,
-                           "all %d addresses of range set %d are reserved" % (ranges.capacity(), index))
+                           "all %d addresses of range set %d are reserved"
+                           % (ranges.capacity(), index))
     return None
 
 
@@ -2805,7 +2895,8 @@ class BridgeConfig(object):
         self.ip_masq = flag("ipMasq")
         self.ip_masq_backend = conf_get(c, "ipMasqBackend", str, "nftables")
         if self.ip_masq_backend not in ("nftables", "iptables"):
-            raise CNIError(ERR_INVALID_CONFIG, "unknown ipmasq backend %r" % self.ip_masq_backend[:50],
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "unknown ipmasq backend %r" % self.ip_masq_backend[:50],
                            'ipMasqBackend is "nftables" (the default) or "iptables"')
         self.mtu = conf_int(c, "mtu", 0, 65535)
         if 0 < self.mtu < 68:
@@ -2819,7 +2910,8 @@ class BridgeConfig(object):
         self.preserve_default_vlan = flag("preserveDefaultVlan")
         vlan = conf_get(c, "vlan", int, 0)
         if not 0 <= vlan <= VLAN_MAX:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid VLAN ID %d (must be between 0 and 4094)" % vlan)
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "invalid VLAN ID %d (must be between 0 and 4094)" % vlan)
         self.vlan = vlan
         trunk = conf_get(c, "vlanTrunk", list)
         self.vlan_trunk = parse_vlan_trunk(trunk) if trunk is not None else None
@@ -2829,16 +2921,21 @@ class BridgeConfig(object):
         self.dns = dict((k, v) for k, v in dns.items() if v)
         self.mac = self._container_mac(request)
         if self.ipam_type and self.disable_container_interface:
-            raise CNIError(ERR_INVALID_CONFIG, "cannot use IPAM when DisableContainerInterface flag is set")
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "cannot use IPAM when DisableContainerInterface flag is set")
         if self.hairpin and self.promisc:
-            raise CNIError(ERR_INVALID_CONFIG, "cannot set hairpin mode and promiscuous mode at the same time")
-        if self.uses_vlan_gateway and len(self.vlan_gateway.encode("utf-8", "surrogateescape")) > 15:
-            raise CNIError(ERR_INVALID_CONFIG, "the VLAN gateway interface name %r is longer than 15 bytes"
-                           % self.vlan_gateway, "isGateway with vlan %d puts the gateway addresses on "
-                           "<bridge>.<vlan>: shorten the bridge name" % self.vlan)
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "cannot set hairpin mode and promiscuous mode at the same time")
+        gateway_bytes = len(self.vlan_gateway.encode("utf-8", "surrogateescape"))
+        if self.uses_vlan_gateway and gateway_bytes > 15:
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "the VLAN gateway interface name %r is longer than 15 bytes"
+                           % self.vlan_gateway, "isGateway with vlan %d puts the gateway addresses "
+                           "on <bridge>.<vlan>: shorten the bridge name" % self.vlan)
 
     @property
     def vlan_filtering(self):
+        """Whether the bridge filters VLANs (vlan or vlanTrunk set)."""
         return self.vlan != 0 or self.vlan_trunk is not None
 
     @property
@@ -2848,6 +2945,7 @@ class BridgeConfig(object):
 
     @property
     def vlan_gateway(self):
+        """The name of the VLAN gateway interface: <bridge>.<vlan>."""
         return "%s.%d" % (self.bridge, self.vlan)
 
     @staticmethod
@@ -2874,9 +2972,13 @@ def parse_vlan_trunk(items):
         low, high, one = (conf_get(item, k, int) for k in ("minID", "maxID", "id"))
         if low is not None or high is not None:
             if low is None:
-                raise CNIError(ERR_INVALID_CONFIG, "minID and maxID should be configured simultaneously, minID is missing")
+                raise CNIError(ERR_INVALID_CONFIG,
+                               "minID and maxID should be configured simultaneously, "
+                               "minID is missing")
             if high is None:
-                raise CNIError(ERR_INVALID_CONFIG, "minID and maxID should be configured simultaneously, maxID is missing")
+                raise CNIError(ERR_INVALID_CONFIG,
+                               "minID and maxID should be configured simultaneously, "
+                               "maxID is missing")
             if not 1 <= low <= VLAN_MAX:
                 raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk minID parameter")
             if not 1 <= high <= VLAN_MAX:
@@ -2933,7 +3035,8 @@ MASQ_TABLE = "cni_plugins_masquerade"
 MASQ_CHAIN = "masq_checks"
 MASQ_POSTROUTING = "postrouting"
 MASQ_TABLE_COMMENT = "Masquerading for plugins from github.com/containernetworking/plugins"
-MASQ_CHAIN_COMMENT = "Masquerade traffic from certain IPs to any (non-multicast) IP outside their subnet"
+MASQ_CHAIN_COMMENT = ("Masquerade traffic from certain IPs to any (non-multicast) IP outside "
+                      "their subnet")
 MULTICAST = {4: Prefix(4, 0xE0000000, 4), 6: Prefix(6, 0xFF << 120, 8)}
 NF_PRIORITY_SRCNAT = 100
 NF_BR_PRI_NAT_DST_BRIDGED = -300
@@ -2941,10 +3044,12 @@ COMMENT_MAX = 128                              # bytes, as the reference truncat
 
 
 def masq_instance_hash(network, container_id, ifname):
+    """The attachment's hash that starts its masquerade rules' comments."""
     return "%s-%s" % (sha512_hex(network)[:16], sha512_hex(ifname + ":" + container_id)[:16])
 
 
 def masq_comment(network, container_id, ifname):
+    """The comment of the attachment's masquerade rules, as the reference writes it."""
     text = "%s, net: %s, if: %s, id: %s" % (masq_instance_hash(network, container_id, ifname),
                                              network.replace('"', ""), ifname.replace('"', ""),
                                              container_id.replace('"', ""))
@@ -2952,6 +3057,7 @@ def masq_comment(network, container_id, ifname):
 
 
 def iptables_chain(network, container_id):
+    """The reference's iptables chain name of an attachment (table nat)."""
     return "CNI-" + sha512_hex(network + container_id)[:24]
 
 
@@ -2960,7 +3066,8 @@ NFT_NAME_MAX = 255         # bytes of an nf_tables chain name (NFT_CHAIN_MAXNAME
 
 
 def iptables_comment(network, container_id):
-    """The reference's comment, cut to what iptables accepts (names are ASCII: bytes = characters)."""
+    """The reference's comment, cut to what iptables accepts (names are ASCII: bytes are
+    characters)."""
     return ('name: "%s" id: "%s"' % (network, container_id))[:XT_COMMENT_MAX]
 
 
@@ -3003,7 +3110,8 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
         for family in (4, 6):
             batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, match_family(family)
                            + match_address("daddr", MULTICAST[family]) + [expr_verdict(NFT_RETURN)])
-        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, [expr_verdict(NFT_GOTO, MASQ_CHAIN)])
+        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING,
+                       [expr_verdict(NFT_GOTO, MASQ_CHAIN)])
     for rule in stale:
         batch.delete_rule(rule)
     comment = masq_comment(conf.network, request.container_id, request.ifname)
@@ -3089,7 +3197,8 @@ def masquerade_in_place(conf, request, ips):
     instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
     if len(rules_commented(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)) >= len(ips):
         return True
-    families = set(address_family_of(ip["address"]) for ip in ips if isinstance(ip, dict) and "address" in ip)
+    families = set(address_family_of(ip["address"]) for ip in ips
+                   if isinstance(ip, dict) and "address" in ip)
     return bool(families) and all(
         owns_iptables_chain(nl, NFPROTO_IPV4 if family == 4 else NFPROTO_IPV6, conf.network,
                             request.container_id, required_rules=True) for family in families)
@@ -3104,7 +3213,8 @@ def check_attachment_rules(conf, request, previous):
         if conf.ip_masq_backend == "iptables":
             iptables_check(conf.network, request.container_id)      # legacy iptables: asked there
         else:
-            raise CNIError(ERR_INTERNAL, "masquerade rules of %s are missing" % request.container_id,
+            raise CNIError(ERR_INTERNAL,
+                           "masquerade rules of %s are missing" % request.container_id,
                            "expected %d in table inet %s, and no iptables chain %s"
                            % (len(previous.get("ips") or []), MASQ_TABLE,
                               iptables_chain(conf.network, request.container_id)))
@@ -3112,7 +3222,8 @@ def check_attachment_rules(conf, request, previous):
         chain, _mac_chain, comment = spoofchk_names(request.container_id, request.ifname)
         if not any(r.comment == comment and r.jump_target == chain
                    for r in list_rules(node_nftables(), NFPROTO_BRIDGE, "nat", "PREROUTING")):
-            raise CNIError(ERR_INTERNAL, "macspoofchk rules of %s are missing" % request.container_id)
+            raise CNIError(ERR_INTERNAL,
+                           "macspoofchk rules of %s are missing" % request.container_id)
 
 
 def collect_stale_rules(network, valid):
@@ -3123,7 +3234,7 @@ def collect_stale_rules(network, valid):
     keep = set(masq_instance_hash(network, cid, ifname) for cid, ifname in valid)
     network_hash = sha512_hex(network)[:16] + "-"
 
-    def masq_owner(rule):       # the attachment hash that starts the comment of this network's rules
+    def masq_owner(rule):       # the attachment hash starting the comments of the network's rules
         return rule.comment.split(",", 1)[0] if rule.comment.startswith(network_hash) else None
     batch = NftBatch()
     remove_stale_rules(batch, nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, masq_owner, keep)
@@ -3157,7 +3268,8 @@ def run_iptables(family, args, check=True):
                        % (program, err.strerror), "install iptables or use the nftables backend")
     output = proc.stdout.decode("utf-8", "replace")
     if check and proc.returncode != 0:
-        raise CNIError(ERR_INTERNAL, "%s -t nat %s failed: %s" % (program, " ".join(args), output.strip()))
+        raise CNIError(ERR_INTERNAL,
+                       "%s -t nat %s failed: %s" % (program, " ".join(args), output.strip()))
     return proc.returncode, output
 
 
@@ -3169,7 +3281,8 @@ def iptables_setup_masquerade(network, container_id, prefix):
     if run_iptables(family, ["-S", chain], check=False)[0] != 0:
         run_iptables(family, ["-N", chain])
     for target_chain, rule in ((chain, ["-d", str(prefix), "-j", "ACCEPT"]),
-                               (chain, ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
+                               (chain,
+                                ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
                                ("POSTROUTING", ["-s", ip_to_text(family, prefix.ip), "-j", chain])):
         if run_iptables(family, ["-C", target_chain] + rule + comment, check=False)[0] != 0:
             run_iptables(family, ["-A", target_chain] + rule + comment)
@@ -3204,7 +3317,8 @@ def iptables_check(network, container_id):
     chain = iptables_chain(network, container_id)
     status, rules = run_iptables(4, ["-S", chain], check=False)
     if status != 0 or not any(line.startswith("-A ") for line in rules.splitlines()):
-        raise CNIError(ERR_INTERNAL, "masquerade chain %s of %s is missing or empty" % (chain, container_id))
+        raise CNIError(ERR_INTERNAL, "masquerade chain %s of %s is missing or empty"
+                       % (chain, container_id))
 
 
 # --- ADD ----------------------------------------------------------------------------------------
@@ -3224,8 +3338,10 @@ def ensure_bridge(nl, conf):
     bridge = get_link(nl, conf.bridge)
     if bridge is None or bridge.kind != "bridge":
         raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not a bridge" % conf.bridge,
-                       "choose another `bridge` name or remove the %s link" % (bridge.kind if bridge else "other"))
-    # A new bridge's MAC would follow its lowest port; pinning it keeps neighbours' ARP caches valid.
+                       "choose another `bridge` name or remove the %s link"
+                       % (bridge.kind if bridge else "other"))
+    # A new bridge's MAC would follow its lowest port; pinning it keeps neighbours' ARP caches
+    # valid.
     changes = {"up": True, "mac": bridge.mac if created else None,
                "promisc": True if conf.promisc else None}
     if created or not bridge.up or (conf.promisc and not bridge.flags & IFF_PROMISC):
@@ -3235,10 +3351,11 @@ def ensure_bridge(nl, conf):
 
 
 def random_veth_name():
+    """A host veth name as the reference makes them: veth + 8 hex digits."""
     return HOST_VETH_PREFIX + posix.urandom(4).hex()
 
 
-IFALIAS_MAX = 254          # bytes of an alias every kernel accepts (IFALIASZ less the NUL, less one)
+IFALIAS_MAX = 254          # bytes of an alias every kernel accepts (IFALIASZ - 2)
 
 
 def attachment_alias(network, container_id, ifname):
@@ -3288,17 +3405,21 @@ def existing_attachment(host_nl, container_nl, conf, request):
     container = get_link(container_nl, request.ifname)
     if not is_pair(container, host):
         raise CNIError(ERR_INVALID_CONFIG, "container %s already has %s attached to network %s in "
-                       "another namespace" % (request.container_id[:100], request.ifname, conf.network),
-                       "host veth %s; DEL that attachment first (CNI_CONTAINERID reused?)" % host.name)
+                       "another namespace" % (request.container_id[:100], request.ifname,
+                                              conf.network),
+                       "host veth %s; DEL that attachment first (CNI_CONTAINERID reused?)"
+                       % host.name)
     return host, container
 
 
 def create_container_veth(container_nl, host_nl, request, conf):
-    """The veth pair: CNI_IFNAME in the container, `veth` + 8 hex on the node.  Returns both links."""
+    """The veth pair: CNI_IFNAME in the container, `veth` + 8 hex on the node.  Returns both
+    links."""
     for _attempt in range(10):
         host_name = random_veth_name()
         try:
-            create_veth(container_nl, request.ifname, host_name, original_netns_fd(), conf.mtu, conf.mac)
+            create_veth(container_nl, request.ifname, host_name, original_netns_fd(), conf.mtu,
+                        conf.mac)
             break
         except NetlinkError as err:
             if err.errno != errno.EEXIST:
@@ -3314,17 +3435,20 @@ def create_container_veth(container_nl, host_nl, request, conf):
     container = get_link(container_nl, request.ifname)
     host = get_link(host_nl, host_name)
     if container is None or host is None:
-        raise CNIError(ERR_INTERNAL, "veth pair %s/%s vanished after creation" % (request.ifname, host_name))
+        raise CNIError(ERR_INTERNAL,
+                       "veth pair %s/%s vanished after creation" % (request.ifname, host_name))
     return container, host
 
 
 def attach_host_veth(nl, conf, host, bridge, alias):
-    """Enslave the host veth, set its port flags and bring it up (one transaction), then its VLANs."""
+    """Enslave the host veth, set its port flags and bring it up (one transaction), then its
+    VLANs."""
     nl.transact([link_change(host.index, up=True, master=bridge.index,
                              extra=((LinkAttr.IFLA_IFALIAS, alias),)),
                  bridge_port_change(host.index, conf.hairpin, conf.port_isolation)],
                 "failed to connect %r to bridge %s" % (host.name, conf.bridge))
-    set_port_vlans(nl, host, *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
+    set_port_vlans(nl, host,
+                   *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
     write_sysctl("net/ipv6/conf/%s/accept_ra" % host.name, "0")
 
 
@@ -3353,7 +3477,8 @@ def set_port_vlans(nl, port, wanted, exclusive):
         return
     current = port_vlans(nl, port.index) if exclusive else {}
     try:
-        nl.transact(vlan_changes(port.index, current, wanted), "failed to set the VLANs of %s" % port.name)
+        nl.transact(vlan_changes(port.index, current, wanted),
+                    "failed to set the VLANs of %s" % port.name)
     except NetlinkError as err:
         if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):           # the bridge does not filter
             raise CNIError(ERR_INTERNAL, err.msg, NO_VLAN_FILTERING)
@@ -3379,7 +3504,8 @@ def ensure_vlan_gateway(nl, conf, bridge):
     port = get_link(nl, index=gateway.peer_index) if gateway.kind == "veth" else None
     if port is None:
         raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not a veth pair" % name,
-                       "the VLAN gateway of bridge %s: remove the %s link" % (conf.bridge, gateway.kind or "other"))
+                       "the VLAN gateway of bridge %s: remove the %s link"
+                       % (conf.bridge, gateway.kind or "other"))
     if port.master != bridge.index or not port.up:
         nl.transact([link_change(port.index, up=True, master=bridge.index),
                      bridge_port_change(port.index, False, False)],
@@ -3414,7 +3540,8 @@ def complete_gateways(conf, result):
         if gateway not in bridge_addresses[prefix.family]:
             bridge_addresses[prefix.family].append(gateway)
         if conf.is_default_gateway and prefix.family not in default_route_families:
-            routes.append({"dst": "0.0.0.0/0" if prefix.family == 4 else "::/0", "gw": ip["gateway"]})
+            routes.append({"dst": "0.0.0.0/0" if prefix.family == 4 else "::/0",
+                           "gw": ip["gateway"]})
             default_route_families.add(prefix.family)
     return bridge_addresses
 
@@ -3512,6 +3639,8 @@ def wait_port_up(nl, host):
 
 
 def bridge_add(request):
+    """ADD: the bridge, a veth pair into the container, the IPAM's addresses, the gateway on the
+    bridge, masquerade and spoof check; on any failure everything made is undone (rollback_add)."""
     conf = BridgeConfig(request)
     if not conf.ipam_type and is_legacy_version(request.version):
         # Refused before anything is made: the result could not be printed afterwards.
@@ -3569,7 +3698,8 @@ def finish_result(conf, request, result, bridge, host, container, vlan_gateway):
     # In the order RESULT_BRIDGE, RESULT_HOST_VETH, RESULT_CONTAINER name.
     result["interfaces"] = [{"name": bridge.name, "mac": bridge.mac},
                             {"name": host.name, "mac": host.mac},
-                            {"name": container.name, "mac": container.mac, "sandbox": request.netns}]
+                            {"name": container.name, "mac": container.mac,
+                             "sandbox": request.netns}]
     if vlan_gateway is not None:
         result["interfaces"].append({"name": vlan_gateway.name, "mac": vlan_gateway.mac})
     if conf.dns:
@@ -3586,11 +3716,13 @@ def repeated_add(request, conf, host_nl, container_nl, host, container):
         ipam_result = ipam_call(request, conf.ipam_type, "ADD")
         result.update((k, ipam_result.get(k) or result[k]) for k in ("ips", "routes", "dns"))
         present = set(a.prefix for a in list_addrs(container_nl, container.index))
-        missing = [ip["address"] for ip in result["ips"] if Prefix.parse(ip["address"]) not in present]
+        missing = [ip["address"] for ip in result["ips"]
+                   if Prefix.parse(ip["address"]) not in present]
         if missing or not result["ips"]:
             if not ipam_result.get("reused", True):
-                ipam_call(request, conf.ipam_type, "DEL")      # a new reservation, not the old one's
-            raise CNIError(ERR_INVALID_CONFIG, "container veth name %r already exists" % request.ifname,
+                ipam_call(request, conf.ipam_type, "DEL")      # a new reservation: not the old one
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "container veth name %r already exists" % request.ifname,
                            "it is attached but lacks %s: DEL the attachment first"
                            % (" ".join(missing) or "its addresses"))
         complete_gateways(conf, result)
@@ -3602,8 +3734,8 @@ def repeated_add(request, conf, host_nl, container_nl, host, container):
         if conf.macspoofchk:
             setup_macspoofchk(conf, request, host.name, container.mac)
     vlan_gateway = get_link(host_nl, conf.vlan_gateway) if conf.uses_vlan_gateway else None
-    return finish_result(conf, request, result, get_link(host_nl, index=host.master), host, container,
-                         vlan_gateway)
+    bridge = get_link(host_nl, index=host.master)
+    return finish_result(conf, request, result, bridge, host, container, vlan_gateway)
 
 
 def rollback_add(request, conf, container_nl, container, ipam_done):
@@ -3618,7 +3750,8 @@ def rollback_add(request, conf, container_nl, container, ipam_done):
         except CNIError as err:
             sys.stderr.write("rollback: IPAM DEL failed: %s\n" % err.msg)
     try:
-        teardown_attachment_rules(conf.network, request.container_id, request.ifname, conf.ip_masq_backend)
+        teardown_attachment_rules(conf.network, request.container_id, request.ifname,
+                                  conf.ip_masq_backend)
     except CNIError as err:          # the error to report is the one that made the ADD fail
         sys.stderr.write("rollback: %s\n" % err.msg)
 
@@ -3655,22 +3788,26 @@ def bridge_del(request):
     if ns is not None:
         container_nl = ns.netlink()
         container = get_link(container_nl, request.ifname)
-        host = get_link(host_nl, index=container.peer_index) if container and container.kind == "veth" else None
-        mine = host is not None and host.alias == attachment_alias(network, request.container_id, request.ifname)
+        host = None
+        if container is not None and container.kind == "veth":
+            host = get_link(host_nl, index=container.peer_index)
+        alias = attachment_alias(network, request.container_id, request.ifname)
+        mine = host is not None and host.alias == alias
         if not mine:
             elsewhere = find_host_veth(host_nl, network, request.container_id, request.ifname)
             if elsewhere is not None:
                 # The same container ID and interface live in another namespace (a refused ADD
                 # of a reused ID is being cleaned up): their reservation and rules are not ours.
                 sys.stderr.write("DEL: %s of %s is attached in another namespace (host veth %s); "
-                                 "nothing here to release\n" % (request.ifname, request.container_id[:100],
-                                                                 elsewhere.name))
+                                 "nothing here to release\n"
+                                 % (request.ifname, request.container_id[:100], elsewhere.name))
                 return None
     # Rules first: their removal frees memory after an RCU grace period, which then passes
     # while the veth is deleted instead of at exit.
     teardown_attachment_rules(network, request.container_id, request.ifname, backend)
     if container is not None:
-        delete_link(container_nl, container.index, "failed to delete %s in the container" % request.ifname)
+        delete_link(container_nl, container.index,
+                    "failed to delete %s in the container" % request.ifname)
     elif ns is None:
         # Without the namespace the pair is reached from its host end (deleting it deletes both).
         host = find_host_veth(host_nl, network, request.container_id, request.ifname)
@@ -3682,6 +3819,8 @@ def bridge_del(request):
 
 
 def bridge_check(request):
+    """CHECK: the bridge, the veth pair, the port's flags and VLANs, the container's addresses
+    and routes, and the attachment's rules are as the config and prevResult say."""
     conf = BridgeConfig(request)
     ns = container_netns(request)
     if conf.ipam_type:
@@ -3695,10 +3834,12 @@ def bridge_check(request):
     if bridge is None or bridge.kind != "bridge":
         raise CNIError(ERR_INTERNAL, "bridge %s not found or not a bridge" % conf.bridge)
     if bool(bridge.flags & IFF_PROMISC) != conf.promisc:
-        raise CNIError(ERR_INTERNAL, "bridge %s promiscuous mode is not %s" % (conf.bridge, conf.promisc))
+        raise CNIError(ERR_INTERNAL,
+                       "bridge %s promiscuous mode is not %s" % (conf.bridge, conf.promisc))
     container = get_link(container_nl, request.ifname)
     if container is None or container.kind != "veth":
-        raise CNIError(ERR_INTERNAL, "container interface %s not found or not a veth" % request.ifname)
+        raise CNIError(ERR_INTERNAL,
+                       "container interface %s not found or not a veth" % request.ifname)
     entries = previous.get("interfaces") or []
     for entry in entries:
         if entry.get("name") == conf.bridge and entry.get("mac") and entry["mac"] != bridge.mac:
@@ -3706,35 +3847,42 @@ def bridge_check(request):
                            % (conf.bridge, bridge.mac, entry["mac"]))
         if entry.get("name") == request.ifname and entry.get("sandbox"):
             if entry["sandbox"] != request.netns:
-                raise CNIError(ERR_INTERNAL, "Sandbox in prevResult %s doesn't match configured netns: %s"
+                raise CNIError(ERR_INTERNAL,
+                               "Sandbox in prevResult %s doesn't match configured netns: %s"
                                % (entry["sandbox"], request.netns))
             if entry.get("mac") and entry["mac"] != container.mac:
                 raise CNIError(ERR_INTERNAL, "interface %s MAC %s does not match prevResult %s"
                                % (request.ifname, container.mac, entry["mac"]))
     host = get_link(host_nl, index=container.peer_index)
     if host is None or host.master != bridge.index:
-        raise CNIError(ERR_INTERNAL, "the peer of %s is not a port of bridge %s" % (request.ifname, conf.bridge))
+        raise CNIError(ERR_INTERNAL,
+                       "the peer of %s is not a port of bridge %s" % (request.ifname, conf.bridge))
     check_port(conf, host, container)
     if conf.vlan_filtering:
-        check_port_vlans(host_nl, host, *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
+        check_port_vlans(host_nl, host,
+                         *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
     check_container_addresses(container_nl, container, previous)
     check_attachment_rules(conf, request, previous)
     return None
 
 
 def check_port(conf, host, container):
+    """CHECK: hairpin, isolation and MTUs of the bridge port and the container interface."""
     expected = {"hairpin mode": (host.port.get(BridgePortAttr.IFLA_BRPORT_MODE), int(conf.hairpin)),
-                "port isolation": (host.port.get(BridgePortAttr.IFLA_BRPORT_ISOLATED), int(conf.port_isolation))}
+                "port isolation": (host.port.get(BridgePortAttr.IFLA_BRPORT_ISOLATED),
+                                   int(conf.port_isolation))}
     if conf.mtu:
         expected["host veth MTU"] = (host.mtu, conf.mtu)
         expected["container MTU"] = (container.mtu, conf.mtu)
     for what, (actual, wanted) in sorted(expected.items()):
         if actual is not None and actual != wanted:
-            raise CNIError(ERR_INTERNAL, "%s of %s is %s, the config says %s" % (what, host.name, actual, wanted))
+            raise CNIError(ERR_INTERNAL,
+                           "%s of %s is %s, the config says %s" % (what, host.name, actual, wanted))
 
 
 def check_port_vlans(nl, port, wanted, exclusive):
-    """The port carries the config's VLANs with the right flags (and, when `exclusive`, no other)."""
+    """The port carries the config's VLANs with the right flags (and, when `exclusive`, no
+    other)."""
     actual = port_vlans(nl, port.index)
     for vid, flags in sorted(wanted.items()):
         have = actual.get(vid)
@@ -3748,6 +3896,7 @@ def check_port_vlans(nl, port, wanted, exclusive):
 
 
 def vlan_text(flags):
+    """A port VLAN's flags for messages ("untagged PVID", "tagged", "absent")."""
     if flags is None:
         return "absent"
     return " ".join(["untagged" if flags & BRIDGE_VLAN_INFO_UNTAGGED else "tagged"]
@@ -3755,17 +3904,20 @@ def vlan_text(flags):
 
 
 def check_container_addresses(nl, container, previous):
+    """CHECK: the container holds prevResult's addresses and routes."""
     present = set(a.prefix for a in list_addrs(nl, container.index))
     for ip in previous.get("ips") or []:
         prefix = Prefix.parse(ip["address"])
         if prefix not in present:
-            raise CNIError(ERR_INTERNAL, "address %s is missing from %s" % (ip["address"], container.name))
+            raise CNIError(ERR_INTERNAL,
+                           "address %s is missing from %s" % (ip["address"], container.name))
     routes = {}
     for route in previous.get("routes") or []:
         dst = Prefix.parse(route["dst"])
         gw = parse_ip(route["gw"]) if route.get("gw") else None
         if dst.family not in routes:
-            routes[dst.family] = [r for r in list_routes(nl, dst.family) if r.oif == container.index]
+            routes[dst.family] = [r for r in list_routes(nl,
+                                                         dst.family) if r.oif == container.index]
         found = any(r.dst.network == dst.network and r.dst.length == dst.length
                     and (gw is None or r.gateway == gw) for r in routes[dst.family])
         if not found:
@@ -3774,6 +3926,7 @@ def check_container_addresses(nl, container, previous):
 
 
 def bridge_status(request):
+    """STATUS: the IPAM's (a bridge keeps no state of its own)."""
     conf = BridgeConfig(request)
     if conf.ipam_type:
         ipam_call(request, conf.ipam_type, "STATUS")
@@ -3892,7 +4045,8 @@ def build_request(command, env):
     except (ValueError, UnicodeError) as err:
         raise CNIError(ERR_DECODE, "error unmarshall network config: %s" % err)
     if not isinstance(config, dict):
-        raise CNIError(ERR_DECODE, "error unmarshall network config: the configuration must be a JSON object")
+        raise CNIError(ERR_DECODE,
+                       "error unmarshall network config: the configuration must be a JSON object")
     try:
         return _validated_request(command, env, container_id, ifname, args, raw, config)
     except CNIError as err:
@@ -3903,6 +4057,7 @@ def build_request(command, env):
 
 
 def _validated_request(command, env, container_id, ifname, args, raw, config):
+    """The Request, once the configuration's name and version pass the reference's checks."""
     name = conf_lookup(config, "name")
     if not name:
         raise CNIError(ERR_INVALID_CONFIG, "missing network name")
@@ -3916,10 +4071,12 @@ def _validated_request(command, env, container_id, ifname, args, raw, config):
     if command in MIN_VERSION:
         if parse_version(version) < MIN_VERSION[command]:
             raise CNIError(ERR_INCOMPATIBLE_VERSION, "config version does not allow %s" % command,
-                           "%s needs cniVersion %s or later" % (command, ".".join(map(str, MIN_VERSION[command]))))
+                           "%s needs cniVersion %s or later"
+                           % (command, ".".join(map(str, MIN_VERSION[command]))))
     if (version or "0.1.0") not in SUPPORTED_VERSIONS:
         raise CNIError(ERR_INCOMPATIBLE_VERSION, "incompatible CNI versions",
-                       "config is %s, plugin supports %s" % (json_dumps(version[:50]), json_dumps(list(SUPPORTED_VERSIONS))))
+                       "config is %s, plugin supports %s" % (json_dumps(version[:50]),
+                                                             json_dumps(list(SUPPORTED_VERSIONS))))
     return Request(command, container_id, env.get("CNI_NETNS", ""), ifname, args,
                    env.get("CNI_PATH", ""), config, version or "0.1.0", stdin=raw, env=env)
 
@@ -3938,6 +4095,7 @@ def check_netns_target(request):
 
 
 def write_json(obj):
+    """Print one JSON document on stdout (unbuffered: the process may end with posix._exit)."""
     posix.write(1, (json_dumps(obj) + "\n").encode())
 
 
@@ -3971,7 +4129,8 @@ def run_plugin(plugin, env):
         tb = err.__traceback__
         while tb.tb_next:
             tb = tb.tb_next
-        sys.stderr.write("internal error: %s: %s (line %d)\n" % (type(err).__name__, err, tb.tb_lineno))
+        sys.stderr.write("internal error: %s: %s (line %d)\n" % (type(err).__name__, err,
+                                                                 tb.tb_lineno))
         write_json(CNIError(ERR_INTERNAL, "internal error: %s" % err).to_json(error_version))
     return 1
 
@@ -3993,14 +4152,16 @@ def install(directory, force):
     import os
     source = archive_path()
     if source is None:
-        raise CNIError(ERR_INVALID_CONFIG, "install works from the built zipapp: run ./build.sh first")
+        raise CNIError(ERR_INVALID_CONFIG,
+                       "install works from the built zipapp: run ./build.sh first")
     target_name = os.path.basename(source)
     if not os.path.isdir(directory):
         make_directories(directory)
     for name in PLUGINS:
         path = os.path.join(directory, name)
         if os.path.lexists(path) and not os.path.islink(path) and not force:
-            raise CNIError(ERR_INVALID_CONFIG, "%s exists and is not a symlink; use --force to replace it" % path)
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "%s exists and is not a symlink; use --force to replace it" % path)
     temp = os.path.join(directory, ".%s.%d" % (target_name, posix.getpid()))
     with open(source, "rb") as src, open(temp, "wb") as dst:
         dst.write(src.read())
@@ -4010,7 +4171,8 @@ def install(directory, force):
         link_temp = os.path.join(directory, ".%s.%d" % (name, posix.getpid()))
         posix.symlink(target_name, link_temp)
         posix.rename(link_temp, os.path.join(directory, name))
-    sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)), directory))
+    sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)),
+                                                       directory))
 
 
 # ==============================================================================================
@@ -4139,6 +4301,7 @@ class Verifier(object):
         self.steps = []
 
     def say(self, text):
+        """Print a line of the report (nothing in --json mode)."""
         if not self.as_json:
             posix.write(1, (text + "\n").encode("utf-8"))
 
@@ -4198,7 +4361,8 @@ class Verifier(object):
         for ip in ips:
             if ip.get("gateway"):
                 family, _ = parse_ip(ip["gateway"])
-                return "%s answered in %.2f ms" % (ip["gateway"], ping(ctr, family, ip["gateway"])), True
+                return "%s answered in %.2f ms" % (ip["gateway"],
+                                                   ping(ctr, family, ip["gateway"])), True
         return "no gateway in the result: nothing to ping", True
 
     @staticmethod
@@ -4227,7 +4391,8 @@ class Verifier(object):
             left.append("host veth %s" % host_veth)
         if is_directory(network_dir):
             left.extend("reservation %s" % name for name in posix.listdir(network_dir)
-                        if name not in ("lock", BOOT_ID_FILE) and not name.startswith(LAST_RESERVED_PREFIX))
+                        if name not in ("lock", BOOT_ID_FILE)
+                        and not name.startswith(LAST_RESERVED_PREFIX))
         nft = node.netlink(NETLINK_NETFILTER)
         instance = masq_instance_hash(network, container_id, ifname)
         left.extend("masquerade rule %d" % r.handle
@@ -4356,7 +4521,8 @@ def load_network_list(name, conf_dir):
     try:
         files = sorted(posix.listdir(conf_dir))
     except OSError as err:
-        raise CNIError(ERR_INVALID_CONFIG, "cannot read NETCONFPATH %s: %s" % (conf_dir, err.strerror))
+        raise CNIError(ERR_INVALID_CONFIG,
+                       "cannot read NETCONFPATH %s: %s" % (conf_dir, err.strerror))
     for suffixes in ((".conflist",), (".conf", ".json")):
         for filename in files:
             if not filename.endswith(suffixes):
@@ -4400,6 +4566,7 @@ class NetworkCall(object):
 
     @property
     def plugins(self):
+        """The network's plugin configs, in chain order."""
         return self.conf["plugins"]
 
     def allows(self, command):
@@ -4421,9 +4588,11 @@ class NetworkCall(object):
                    CNI_CONTAINERID=self.container_id if attachment else "",
                    CNI_NETNS=self.netns if attachment else "",
                    CNI_IFNAME=self.ifname if attachment else "")
-        return invoke_plugin(plugin.get("type", ""), self.cni_path, env, json_dumps(config).encode())
+        return invoke_plugin(plugin.get("type", ""), self.cni_path, env,
+                             json_dumps(config).encode())
 
     def cache_path(self):
+        """The attachment's file in the result cache."""
         return "%s/%s-%s-%s" % (self.cache_dir, self.network, self.container_id, self.ifname)
 
     def cached_result(self):
@@ -4449,6 +4618,7 @@ class NetworkCall(object):
         posix.rename(path + ".tmp", path)
 
     def forget_result(self):
+        """Remove the attachment's cached result (DEL)."""
         try:
             posix.unlink(self.cache_path())
         except OSError:
@@ -4562,7 +4732,8 @@ def leases(data_dir, collect):
     import os
     netns_of = {}
     for entry in cached_results(results_cache_dir(os.environ)):
-        netns_of[(entry.get("networkName"), entry.get("containerId"), entry.get("ifName"))] = attachment_netns(entry)
+        netns_of[(entry.get("networkName"), entry.get("containerId"),
+                  entry.get("ifName"))] = attachment_netns(entry)
     try:
         networks = sorted(posix.listdir(data_dir))
     except OSError as err:
@@ -4581,7 +4752,8 @@ def leases(data_dir, collect):
             for key, content in sorted(reserved.items()):
                 cid, _, ifname = content.strip().partition("\r\n")
                 try:
-                    age = now - posix.stat(store.file_names[key], dir_fd=store.dir_fd, follow_symlinks=False).st_mtime
+                    age = now - posix.stat(store.file_names[key], dir_fd=store.dir_fd,
+                                           follow_symlinks=False).st_mtime
                 except OSError:
                     age = 0
                 netns = netns_of.get((network, cid, ifname))
@@ -4593,7 +4765,8 @@ def leases(data_dir, collect):
                     stale.append(key)
                 else:
                     valid.add((cid, ifname))
-                rows.append((network, ip_to_text(*key), cid, ifname, "%dh%02dm" % (age // 3600, age % 3600 // 60), status))
+                rows.append((network, ip_to_text(*key), cid, ifname,
+                             "%dh%02dm" % (age // 3600, age % 3600 // 60), status))
             stale_count += len(stale)
             if collect and stale:
                 collect_garbage(store, valid)
@@ -4678,6 +4851,7 @@ def process_environment():
 
 
 def main():
+    """Serve one CNI request as the plugin named by argv[0], or run the command line."""
     name = sys.argv[0].rpartition("/")[2]
     if name not in PLUGINS:
         sys.exit(run_cli(name, sys.argv[1:]))

@@ -15,11 +15,13 @@ import time
 
 import pytest
 
-from conftest import IP, run, run_cni
-from test_bridge import eventually, explain, host_veths
-from test_masquerade import skip_without_iptables
-from test_reliability import (BRIDGE, NET, SUBNET, assert_masq_base_only, assert_nothing_left, bridge,
-                              cni_error, conf, masq_comments, ok, reservations)
+from tests.helpers import IP, explain, host_veths, reservations, run, run_cni
+from tests.test_bridge import eventually
+from tests.test_masquerade import skip_without_iptables
+from tests.test_reliability import (BRIDGE, NET, SUBNET, assert_masq_base_only, assert_nothing_left, bridge,
+                                    cni_error, conf, masq_comments, ok)
+
+pytestmark = pytest.mark.kernel
 
 
 # --- 1. the own-namespace guard holds against a path that changes under it ------------------------
@@ -302,7 +304,6 @@ def test_del_keeps_another_attachments_iptables_chain_of_the_same_name(ours_bin,
 
 
 def run_ref(ref_bin, config, node, netns, command="ADD", cid="xc1"):
-    from conftest import run_cni
     return run_cni(ref_bin, "bridge", command, config, node=node, netns=netns, container_id=cid)
 
 

@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pytest
 
 import cni_bridge as cb
+
+pytestmark = pytest.mark.unit
 
 
 # --- addresses ------------------------------------------------------------------------------------

@@ -700,6 +700,13 @@ NETLINK_NETFILTER = 12
 # Refusals worth retrying (code 11): the kernel was busy or short of memory, not unwilling.
 TRANSIENT_ERRNOS = (errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ETIMEDOUT)
 
+# Acknowledgements the kernel queues at once must fit the receive buffer (default 208 KiB): each
+# takes up to ACK_TRUESIZE bytes of it, whatever its length.
+ACKS_PER_DATAGRAM = 64
+ACK_TRUESIZE = 1024
+NETLINK_BUFFER_MIN = 1 << 16
+SOL_SOCKET = 1
+SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
 NETLINK_TIMEOUT = 5.0                         # seconds; a kernel that does not answer is code 11
 
 # Attribute kinds: how a value is laid out on the wire.
@@ -981,16 +988,29 @@ class NetlinkSocket(object):
             raise NetlinkError(err.errno or errno.EIO, what)
 
     def transact(self, requests, what="", batch=None):
-        """Send several requests in one datagram and wait for every acknowledgement.
+        """Send requests and wait for every acknowledgement.
 
         `requests` are NetlinkRequests.  Returns the reply messages of each request (a list per
-        request).  The first refused request raises NetlinkError; rtnetlink still processed the
-        others, while a `batch` (a BatchFrame: nf_tables) is committed all or nothing.
+        request).  The kernel queues each acknowledgement in our receive buffer while it works
+        through a datagram, so rtnetlink requests go ACKS_PER_DATAGRAM at a time, each group's
+        acknowledgements read before the next is sent; the first refused request raises
+        NetlinkError once its group is answered (the rest of the group was still processed,
+        later groups are not sent).  A `batch` (a BatchFrame: nf_tables) is committed all or
+        nothing, so it is one datagram, and the buffers are grown to hold it and its answers.
         """
+        requests = [NetlinkRequest(*request) for request in requests]
+        if batch is not None:
+            return self._exchange(requests, what, batch)
+        replies = []
+        for start in range(0, len(requests), ACKS_PER_DATAGRAM):
+            replies.extend(self._exchange(requests[start:start + ACKS_PER_DATAGRAM], what, None))
+        return replies
+
+    def _exchange(self, requests, what, batch):
+        """One datagram of requests (framed by `batch`, if any) and every acknowledgement."""
         seqs = []
         chunks = []
         for request in requests:
-            request = NetlinkRequest(*request)
             seq = self._next_seq()
             seqs.append(seq)
             chunks.append(encode_message(self.layouts, request.msg_type,
@@ -1001,7 +1021,11 @@ class NetlinkSocket(object):
                                             self._next_seq(), batch.header, ()))
             chunks.append(encode_message(self.layouts, batch.end, NLM_F_REQUEST, self._next_seq(),
                                          batch.header, ()))
-        self.sock.send(b"".join(chunks))
+        datagram = b"".join(chunks)
+        if len(seqs) > ACKS_PER_DATAGRAM or len(datagram) > NETLINK_BUFFER_MIN:
+            self._grow_buffers(len(datagram) + NETLINK_BUFFER_MIN,
+                               len(seqs) * ACK_TRUESIZE + NETLINK_BUFFER_MIN)
+        self.sock.send(datagram)
         replies = dict((seq, []) for seq in seqs)
         pending = set(seqs)
         failure = None
@@ -1019,6 +1043,16 @@ class NetlinkSocket(object):
         if failure is not None:
             raise failure
         return [replies[seq] for seq in seqs]
+
+    def _grow_buffers(self, send_bytes, receive_bytes):
+        """Make room for a large batch and its acknowledgements (root may exceed the sysctl
+        maximum with the FORCE options, as `nft` does; others get what the maximum allows)."""
+        for force, plain, size in ((SO_SNDBUFFORCE, SO_SNDBUF, send_bytes),
+                                   (SO_RCVBUFFORCE, SO_RCVBUF, receive_bytes)):
+            try:
+                self.sock.setsockopt(SOL_SOCKET, force, size)
+            except OSError:
+                self.sock.setsockopt(SOL_SOCKET, plain, size)
 
     def request(self, msg_type, flags=0, header=None, attrs=(), what=""):
         """One request with its acknowledgement; returns the replies (for a GET, the object)."""

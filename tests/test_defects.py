@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import IP, explain, host_veths, reservations, run, run_cni
+from tests.helpers import IP, explain, host_veths, kernel_filters_vlans, reservations, run, run_cni
 from tests.test_bridge import eventually
 from tests.test_masquerade import skip_without_iptables
 from tests.test_reliability import (BRIDGE, NET, SUBNET, assert_masq_base_only, assert_nothing_left, bridge,
@@ -425,17 +425,10 @@ def test_three_thousand_routes(ours_bin, node, container, data_dir):
     assert_nothing_left(node, data_dir, [container])
 
 
-def vlan_filtering_bridge_possible(node):
-    """Probe the kernel (not the plugin): can a bridge filter VLANs here?"""
-    probe = node.run(IP, "link", "add", "cbt-vlprobe", "type", "bridge", "vlan_filtering", "1", check=False)
-    node.run(IP, "link", "del", "cbt-vlprobe", check=False)
-    return probe.returncode == 0
-
-
 def test_vlan_trunk_of_every_vlan(ours_bin, node, container, data_dir):
     """A trunk of VLANs 1 to 4094 (one request per VLAN): ADD gives the host port all 4,094, CHECK
     reads them back, DEL leaves nothing."""
-    if not vlan_filtering_bridge_possible(node):
+    if not kernel_filters_vlans(node):
         pytest.skip("this kernel's bridge cannot filter VLANs (CONFIG_BRIDGE_VLAN_FILTERING)")
     config = dict(conf(data_dir), vlanTrunk=[{"minID": 1, "maxID": 4094}])
     result = ok(bridge(ours_bin, "ADD", config, node, container, "c1"))

@@ -2088,10 +2088,10 @@ def make_directories(path, mode=0o755):
             raise
 
 
-def is_directory(path):
-    """Whether `path` is a directory (following symlinks); False when it is absent."""
+def is_directory(path, follow=True):
+    """Whether `path` is a directory (a symlink to one only when `follow`); False when absent."""
     try:
-        return posix.stat(path).st_mode & S_IFMT == S_IFDIR
+        return posix.stat(path, follow_symlinks=follow).st_mode & S_IFMT == S_IFDIR
     except OSError:
         return False
 
@@ -2211,7 +2211,12 @@ class IPRange(object):
             raise config_error("%s: rangeStart %s is after rangeEnd %s"
                                % (where, ip_to_text(subnet.family, start),
                                   ip_to_text(subnet.family, end)))
-        return cls(subnet, start, end, gateway)
+        made = cls(subnet, start, end, gateway)
+        if made.capacity() <= 0:        # it could never hand out an address: not worth a retry
+            raise config_error("%s: range %s holds no usable address" % (where, made),
+                               "the network address, the IPv4 broadcast address and the gateway "
+                               "are never handed out")
+        return made
 
     @property
     def family(self):
@@ -2324,11 +2329,13 @@ def parse_routes(items, where):
 
 
 class Store(object):
-    """The locked reservation directory of one network; use as `with Store(...) as store:`."""
+    """The locked reservation directory of one network; use as `with Store(...) as store:`.
+    `read_only` (a listing): the directory must exist, nothing is created, locked or removed."""
 
-    def __init__(self, data_dir, network):
+    def __init__(self, data_dir, network, read_only=False):
         self.data_dir = data_dir
         self.network = network
+        self.read_only = read_only
         self.dir_fd = None
         self.lock_fd = None
         self.file_names = {}
@@ -2337,6 +2344,13 @@ class Store(object):
     def __enter__(self):
         import fcntl
         path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
+        if self.read_only:
+            try:
+                self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY
+                                         | posix.O_NOFOLLOW | posix.O_CLOEXEC)
+            except OSError as err:
+                raise os_error(err, "failed to open the IPAM state directory %s" % path)
+            return self
         try:
             make_directories(path)
             self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
@@ -2402,7 +2416,8 @@ class Store(object):
         self.file_names = {}
         for name in posix.listdir(self.dir_fd):
             if name.startswith(TEMP_PREFIX):
-                self.remove(name)
+                if not self.read_only:
+                    self.remove(name)
                 continue
             if name == "lock" or name.startswith(LAST_RESERVED_PREFIX):
                 continue
@@ -3872,8 +3887,9 @@ def bridge_check(request):
     if bridge is None or bridge.kind != "bridge":
         raise CNIError(ERR_INTERNAL, "bridge %s not found or not a bridge" % conf.bridge)
     if bool(bridge.flags & IFF_PROMISC) != conf.promisc:
-        raise CNIError(ERR_INTERNAL,
-                       "bridge %s promiscuous mode is not %s" % (conf.bridge, conf.promisc))
+        raise CNIError(ERR_INTERNAL, "bridge %s is %s, while the config's promiscMode is %s"
+                       % (conf.bridge, "promiscuous" if bridge.flags & IFF_PROMISC
+                          else "not promiscuous", "true" if conf.promisc else "false"))
     container = get_link(container_nl, request.ifname)
     if container is None or container.kind != "veth":
         raise CNIError(ERR_INTERNAL,
@@ -4027,17 +4043,26 @@ REQUIRED_ENV = {
 # The first config version that allows a command.
 MIN_VERSION = {"CHECK": (0, 4, 0), "GC": (1, 1, 0), "STATUS": (1, 1, 0)}
 MAX_STDIN = 64 << 20
+STDIN_TIMEOUT = 10.0            # seconds for the runtime to write the config and close stdin
 
 
 def read_stdin(wait_for_data):
     """All of stdin.  With `wait_for_data` false (VERSION) an idle stdin is not waited for long."""
+    import select
     chunks = []
     size = 0
     if not wait_for_data:
-        import select
         if posix.isatty(0) or not select.select([0], [], [], 1.0)[0]:
             return b""
+    deadline = time.monotonic() + STDIN_TIMEOUT
     while True:
+        try:
+            ready = select.select([0], [], [], max(0.0, deadline - time.monotonic()))[0]
+        except (OSError, ValueError):
+            ready = True                # no pollable stdin: the read below says what it is
+        if not ready:
+            raise CNIError(ERR_TRY_AGAIN, "stdin was not closed within %g s" % STDIN_TIMEOUT,
+                           "the runtime must write the network configuration and close stdin")
         try:
             chunk = posix.read(0, 1 << 16)
         except OSError as err:
@@ -4197,6 +4222,9 @@ def install(directory, force):
         make_directories(directory)
     for name in PLUGINS:
         path = os.path.join(directory, name)
+        if is_directory(path, follow=False):        # rename() cannot put a link in its place
+            raise CNIError(ERR_INVALID_CONFIG, "%s is a directory; remove it first (--force "
+                           "replaces files and links, never a directory)" % path)
         if os.path.lexists(path) and not os.path.islink(path) and not force:
             raise CNIError(ERR_INVALID_CONFIG,
                            "%s exists and is not a symlink; use --force to replace it" % path)
@@ -4208,7 +4236,11 @@ def install(directory, force):
     for name in PLUGINS:
         link_temp = os.path.join(directory, ".%s.%d" % (name, posix.getpid()))
         posix.symlink(target_name, link_temp)
-        posix.rename(link_temp, os.path.join(directory, name))
+        try:
+            posix.rename(link_temp, os.path.join(directory, name))
+        except OSError:
+            posix.unlink(link_temp)
+            raise
     sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)),
                                                        directory))
 
@@ -4280,8 +4312,10 @@ def icmp_checksum(data):
     return ~total & 0xFFFF
 
 
-def ping(ns, family, address, timeout=2.0):
-    """Send one ICMP echo from inside `ns` to `address`; returns the round trip in ms."""
+def ping(ns, family, address, timeout=5.0, interval=0.2):
+    """Send ICMP echoes from inside `ns` to `address`, one every `interval` seconds until one is
+    answered (a new IPv6 gateway answers only once its duplicate address detection is over);
+    returns the round trip of the answered echo in ms."""
     request_type, reply_type = ICMP_ECHO[family]
     import _socket
     with ns.entered():
@@ -4289,20 +4323,30 @@ def ping(ns, family, address, timeout=2.0):
                               _socket.IPPROTO_ICMP if family == 4 else _socket.IPPROTO_ICMPV6)
     try:
         ident = posix.getpid() & 0xFFFF
-        body = struct.pack("!HH", ident, 1) + b"cni-bridge verify"
-        header = struct.pack("!BBH", request_type, 0, 0)
-        packet = struct.pack("!BBH", request_type, 0, icmp_checksum(header + body)) + body
-        start = time.monotonic()
-        sock.settimeout(timeout)
-        sock.sendto(packet, (address, 0))
-        while True:
-            data = sock.recv(2048)
-            if family == 4:
-                data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
-            if data[0] == reply_type and struct.unpack("!H", data[4:6])[0] == ident:
-                return (time.monotonic() - start) * 1000
-            if time.monotonic() - start > timeout:
-                raise OSError(errno.ETIMEDOUT, "no echo reply")
+        deadline = time.monotonic() + timeout
+        sequence = 0
+        while time.monotonic() < deadline:
+            sequence += 1
+            body = struct.pack("!HH", ident, sequence) + b"cni-bridge verify"
+            header = struct.pack("!BBH", request_type, 0, 0)
+            packet = struct.pack("!BBH", request_type, 0, icmp_checksum(header + body)) + body
+            sent = time.monotonic()
+            try:
+                sock.sendto(packet, (address, 0))
+            except OSError:
+                pass                    # no route yet: the next echo tries again
+            until = min(sent + interval, deadline)
+            while time.monotonic() < until:
+                sock.settimeout(max(0.001, until - time.monotonic()))
+                try:
+                    data = sock.recv(2048)
+                except _socket.timeout:
+                    break
+                if family == 4:
+                    data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
+                if data[0] == reply_type and struct.unpack("!HH", data[4:8]) == (ident, sequence):
+                    return (time.monotonic() - sent) * 1000
+        raise OSError(errno.ETIMEDOUT, "no echo reply within %g s" % timeout)
     finally:
         sock.close()
 
@@ -4423,7 +4467,8 @@ class Verifier(object):
         `attachment` is (network, container ID, ifname)."""
         network, container_id, ifname = attachment
         left = []
-        if get_link(ctr.netlink(), ifname) is not None:
+        link = get_link(ctr.netlink(), ifname)
+        if link is not None and (ifname != "lo" or link.up):     # loopback's DEL takes lo down
             left.append("%s in the container" % ifname)
         if host_veth and get_link(node.netlink(), host_veth) is not None:
             left.append("host veth %s" % host_veth)
@@ -4462,7 +4507,10 @@ def load_verify_config(config_path):
     if not isinstance(config, dict):
         raise ValueError("the configuration must be a JSON object")
     if "plugins" in config:        # a .conflist: the walkthrough drives its first plugin
-        plugin_config = dict(config["plugins"][0])
+        plugins = config["plugins"]
+        if not isinstance(plugins, list) or not plugins or not isinstance(plugins[0], dict):
+            raise ValueError("`plugins` must be a non-empty list of plugin objects")
+        plugin_config = dict(plugins[0])
         plugin_config.update(cniVersion=config.get("cniVersion", ""), name=config.get("name", ""))
         config = plugin_config
     return config, config_path
@@ -4476,6 +4524,10 @@ def verify(config_path, keep, as_json):
     except (OSError, ValueError) as err:
         sys.stderr.write("verify: cannot read %s: %s\n" % (config_path, err))
         return 2
+    if config.get("type") not in PLUGINS:
+        sys.stderr.write("verify: type %s is not one of this program's plugins (%s)\n"
+                         % (json_dumps(config.get("type")), ", ".join(sorted(PLUGINS))))
+        return 2
     prefix = os.environ.get("CNI_BRIDGE_VERIFY_PREFIX", VERIFY_NETNS_PREFIX)
     tag = posix.urandom(4).hex()
     node_name, ctr_name = "%snode-%s" % (prefix, tag), "%sctr-%s" % (prefix, tag)
@@ -4484,7 +4536,9 @@ def verify(config_path, keep, as_json):
     if isinstance(config.get("ipam"), dict):
         config["ipam"] = dict(config["ipam"], dataDir=data_dir)
     version = config.get("cniVersion") or "0.1.0"
-    attachment = (config.get("name", ""), "verify-" + tag, "eth0")
+    # loopback brings up the namespace's `lo` whatever CNI_IFNAME says: that is what to read back.
+    attachment = (config.get("name", ""), "verify-" + tag,
+                  "lo" if config.get("type") == "loopback" else "eth0")
     env = {"CNI_CONTAINERID": attachment[1], "CNI_NETNS": ctr_path, "CNI_IFNAME": attachment[2],
            "CNI_PATH": os.path.dirname(archive_path() or os.path.abspath(__file__)),
            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -4584,6 +4638,18 @@ def load_network_list(name, conf_dir):
     raise CNIError(ERR_INVALID_CONFIG, "no network %r in %s" % (name, conf_dir))
 
 
+def capability_args(text):
+    """CAP_ARGS: a JSON object of capability arguments (cnitool's format)."""
+    try:
+        value = json_loads(text)
+    except (ValueError, UnicodeError) as err:
+        raise CNIError(ERR_DECODE, "CAP_ARGS is not valid JSON: %s" % err)
+    if not isinstance(value, dict):
+        raise CNIError(ERR_DECODE, "CAP_ARGS must be a JSON object, such as "
+                       '{"portMappings": [...]}')
+    return value
+
+
 class NetworkCall(object):
     """What every network command needs, read from the environment `env` as cnitool does: the
     network's config list, the attachment (container ID derived from the netns path, CNI_IFNAME),
@@ -4597,7 +4663,7 @@ class NetworkCall(object):
         self.version = conf_lookup(self.conf, "cniVersion") or ""
         self.ifname = env.get("CNI_IFNAME", "eth0")
         self.container_id = "cnitool-" + sha512_hex(netns)[:20]
-        self.capability_args = json_loads(env.get("CAP_ARGS") or "{}")
+        self.capability_args = capability_args(env.get("CAP_ARGS") or "{}")
         self.cni_args = split_cni_args(env.get("CNI_ARGS", ""))
         self.cni_path = env.get("CNI_PATH", "/opt/cni/bin")
         self.cache_dir = results_cache_dir(env)
@@ -4651,8 +4717,13 @@ class NetworkCall(object):
                  "networkName": self.network, "netns": self.netns, "cniArgs": self.cni_args,
                  "capabilityArgs": self.capability_args, "result": result}
         path = self.cache_path()
-        with open(path + ".tmp", "w") as f:
-            f.write(json_dumps(entry))
+        fd = posix.open(path + ".tmp", posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC
+                        | posix.O_NOFOLLOW | posix.O_CLOEXEC, 0o644)
+        try:
+            posix.fchmod(fd, 0o644)         # whatever the umask (README: the cache is 0644)
+            posix.write(fd, json_dumps(entry).encode("utf-8", "surrogateescape"))
+        finally:
+            posix.close(fd)
         posix.rename(path + ".tmp", path)
 
     def forget_result(self):
@@ -4766,7 +4837,8 @@ def attachment_netns(entry):
 
 def leases(data_dir, collect):
     """List every reservation under `data_dir`; flag those whose container namespace is gone
-    (known from the runtime's result cache) and with `collect` release them through GC."""
+    (known from the runtime's result cache) and with `collect` release them.  A listing changes
+    nothing: it takes no lock and creates no file; only the release locks a network."""
     import os
     netns_of = {}
     for entry in cached_results(results_cache_dir(os.environ)):
@@ -4777,43 +4849,52 @@ def leases(data_dir, collect):
     except OSError as err:
         sys.stderr.write("leases: cannot read %s: %s\n" % (data_dir, err.strerror))
         return 1
-    now = time.time()
-    rows, stale_count = [], 0
+    rows, released = [], 0
     for network in networks:
-        if not os.path.isdir(os.path.join(data_dir, network)):
+        if not is_directory(os.path.join(data_dir, network), follow=False):
+            continue            # a file, or a symlink (never followed into another tree)
+        try:
+            found = network_leases(data_dir, network, netns_of)
+        except CNIError as err:
+            sys.stderr.write("leases: %s\n" % err.msg)
             continue
-        with Store(data_dir, network) as store:
-            reserved = store.reservations()
-            recorded = store.recorded_boot()
-            previous_boot = bool(recorded) and recorded != current_boot_id()
-            valid, stale = set(), []
-            for key, content in sorted(reserved.items()):
-                cid, _, ifname = content.strip().partition("\r\n")
-                try:
-                    age = now - posix.stat(store.file_names[key], dir_fd=store.dir_fd,
-                                           follow_symlinks=False).st_mtime
-                except OSError:
-                    age = 0
-                netns = netns_of.get((network, cid, ifname))
-                gone = netns is not None and not os.path.exists(netns)
-                status = "netns gone" if gone else ("ok" if netns else "unknown netns")
-                if previous_boot:       # released by the next ADD, GC or STATUS of the network
-                    status = "previous boot"
-                if gone:
-                    stale.append(key)
-                else:
-                    valid.add((cid, ifname))
-                rows.append((network, ip_to_text(*key), cid, ifname,
-                             "%dh%02dm" % (age // 3600, age % 3600 // 60), status))
-            stale_count += len(stale)
-            if collect and stale:
-                collect_garbage(store, valid)
+        rows.extend(row for row, _attachment in found)
+        stale = set(attachment for row, attachment in found if row[-1] == "netns gone")
+        if collect and stale:
+            with Store(data_dir, network) as store:
+                for container_id, ifname in sorted(stale):
+                    released += len(release(store, container_id, ifname))
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(LEASE_COLUMNS)]
     for row in [LEASE_COLUMNS] + rows:
         sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
     if collect:
-        sys.stdout.write("released %d stale reservation(s)\n" % stale_count)
+        sys.stdout.write("released %d stale reservation(s)\n" % released)
     return 0
+
+
+def network_leases(data_dir, network, netns_of):
+    """[(row, (containerID, ifname))] of one network's reservations, read without the lock."""
+    import os
+    now = time.time()
+    found = []
+    with Store(data_dir, network, read_only=True) as store:
+        recorded = store.recorded_boot()
+        previous_boot = bool(recorded) and recorded != current_boot_id()
+        for key, content in sorted(store.reservations().items()):
+            cid, _, ifname = content.strip().partition("\r\n")
+            try:
+                age = now - posix.stat(store.file_names[key], dir_fd=store.dir_fd,
+                                       follow_symlinks=False).st_mtime
+            except OSError:
+                age = 0
+            netns = netns_of.get((network, cid, ifname))
+            gone = netns is not None and not os.path.exists(netns)
+            status = "netns gone" if gone else ("ok" if netns else "unknown netns")
+            if previous_boot:           # released by the next ADD, GC or STATUS of the network
+                status = "previous boot"
+            found.append(((network, ip_to_text(*key), cid, ifname,
+                           "%dh%02dm" % (age // 3600, age % 3600 // 60), status), (cid, ifname)))
+    return found
 
 
 # ==============================================================================================

@@ -2724,6 +2724,7 @@ def loopback_del(request):
 
 
 def loopback_check(request):
+    """CHECK: `lo` exists and is up in the container."""
     nl = container_netns(request).netlink()
     lo = get_link(nl, "lo")
     if lo is None or not lo.up:

@@ -20,7 +20,6 @@ import posix
 import sys
 import time
 
-import _json
 import _struct as struct    # what struct.py re-exports, without looking that file up at each start
 
 PROGRAM_VERSION = "0.1.0"
@@ -79,9 +78,30 @@ def parse_version(text):
     return tuple(numbers[:3])
 
 
-# --- JSON over the C accelerator ------------------------------------------------------------
-# `import json` pulls in `re` and costs several milliseconds per container start; `_json` is
-# the same C scanner and string encoder without that cost.
+# --- JSON: the C accelerator where it exists, a strict pure-Python codec where it does not ------
+# `import json` pulls in `re` and costs several milliseconds per container start; `_json` is the
+# same C scanner and string encoder without that cost.  python3-minimal lacks `_json` (Debian
+# ships it in libpython3.X-stdlib), so the pure-Python codec below accepts exactly what the C
+# scanner accepts (strict: no control characters in strings, no NaN or Infinity, integers of at
+# most 40 characters, finite floats) and encodes to the same bytes.  Errors always come from the
+# pure decoder, which names the offset and the reason the same way on every interpreter.  Nesting
+# is limited to JSON_MAX_DEPTH on both paths (the pure decoder recurses, and the C scanner's own
+# limit differs between versions): a text with fewer brackets than that cannot be nested deeper,
+# and the value of any other text is measured before it is accepted.
+
+try:
+    import _json
+except ImportError:
+    _json = None
+
+JSON_MAX_DEPTH = 200
+_JSON_SPACE = " \t\n\r"
+_JSON_SHORT_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+                       "t": "\t"}
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_JSON_CONSTANTS = (("null", None), ("true", True), ("false", False))
+_NON_FINITE = ("NaN", "Infinity", "-Infinity")
+
 
 def _finite_float(text):
     value = float(text)
@@ -96,51 +116,260 @@ def _bounded_int(text):
     return int(text)
 
 
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
 class _ScannerContext(object):
     strict = True
     object_hook = None
     object_pairs_hook = None
     parse_float = staticmethod(_finite_float)
     parse_int = staticmethod(_bounded_int)
+    parse_constant = staticmethod(_reject_constant)
     memo = {}
 
-    @staticmethod
-    def parse_constant(name):
-        raise ValueError("%s is not valid JSON" % name)
+
+_scan_json = _json.make_scanner(_ScannerContext()) if _json is not None else None
 
 
-_scan_json = _json.make_scanner(_ScannerContext())
-_JSON_SPACE = " \t\n\r"
+class JSONSyntaxError(ValueError):
+    """Malformed JSON: the offset in the text and what was found wrong there."""
+
+    def __init__(self, offset, reason):
+        ValueError.__init__(self, "invalid JSON at offset %d: %s" % (offset, reason))
+
+
+class _PureDecoder(object):
+    """A recursive-descent JSON decoder with the C scanner's grammar (Modules/_json.c)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def skip_space(self, i):
+        text = self.text
+        while i < len(text) and text[i] in _JSON_SPACE:
+            i += 1
+        return i
+
+    def value(self, i, depth):
+        """(value, offset after it) of the JSON value starting at offset i."""
+        text = self.text
+        c = text[i:i + 1]
+        if c == '"':
+            return self.string(i + 1)
+        if c == "{" or c == "[":
+            if depth >= JSON_MAX_DEPTH:
+                raise ValueError("JSON nested too deeply")
+            return self.object(i + 1, depth + 1) if c == "{" else self.array(i + 1, depth + 1)
+        for word, constant in _JSON_CONSTANTS:
+            if text.startswith(word, i):
+                return constant, i + len(word)
+        for word in _NON_FINITE:
+            if text.startswith(word, i):
+                _reject_constant(word)
+        return self.number(i)
+
+    def number(self, start):
+        text = self.text
+        i = start
+        if text[i:i + 1] == "-":
+            i += 1
+        if text[i:i + 1] == "0":
+            i += 1
+        elif "1" <= text[i:i + 1] <= "9":
+            while i < len(text) and "0" <= text[i] <= "9":
+                i += 1
+        else:
+            raise JSONSyntaxError(start, "expecting a value")
+        is_float = False
+        if text[i:i + 1] == "." and "0" <= text[i + 1:i + 2] <= "9":
+            i += 1
+            while i < len(text) and "0" <= text[i] <= "9":
+                i += 1
+            is_float = True
+        if text[i:i + 1] in ("e", "E"):
+            j = i + 1
+            if text[j:j + 1] in ("+", "-"):
+                j += 1
+            digits = j
+            while j < len(text) and "0" <= text[j] <= "9":
+                j += 1
+            if j > digits:
+                i = j
+                is_float = True
+        number = text[start:i]
+        return (_finite_float(number) if is_float else _bounded_int(number)), i
+
+    def string(self, start):
+        """A string whose opening quote is just before `start`."""
+        text = self.text
+        chunks = []
+        i = start
+        while True:
+            j = i
+            while j < len(text) and text[j] not in '"\\' and text[j] >= " ":
+                j += 1
+            chunks.append(text[i:j])
+            if j >= len(text):
+                raise JSONSyntaxError(start - 1, "unterminated string")
+            c = text[j]
+            if c == '"':
+                return "".join(chunks), j + 1
+            if c != "\\":
+                raise JSONSyntaxError(j, "control character in a string")
+            escape = text[j + 1:j + 2]
+            if escape != "u":
+                if escape not in _JSON_SHORT_ESCAPES:
+                    if not escape:
+                        raise JSONSyntaxError(start - 1, "unterminated string")
+                    raise JSONSyntaxError(j, "invalid escape")
+                chunks.append(_JSON_SHORT_ESCAPES[escape])
+                i = j + 2
+                continue
+            code = self.hex4(j + 2)
+            i = j + 6
+            if 0xD800 <= code <= 0xDBFF and text[i:i + 2] == "\\u" and i + 6 < len(text):
+                low = self.hex4(i + 2)
+                if 0xDC00 <= low <= 0xDFFF:
+                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                    i += 6
+            chunks.append(chr(code))
+
+    def hex4(self, i):
+        digits = self.text[i:i + 4]
+        if len(digits) < 4 or i + 4 >= len(self.text) or not _HEX_DIGITS.issuperset(digits):
+            raise JSONSyntaxError(i - 2, "invalid \\uXXXX escape")
+        return int(digits, 16)
+
+    def array(self, i, depth):
+        text = self.text
+        items = []
+        i = self.skip_space(i)
+        if text[i:i + 1] == "]":
+            return items, i + 1
+        while True:
+            item, i = self.value(i, depth)
+            items.append(item)
+            i = self.skip_space(i)
+            c = text[i:i + 1]
+            if c == "]":
+                return items, i + 1
+            if c != ",":
+                raise JSONSyntaxError(i, "expecting ',' or ']'")
+            i = self.skip_space(i + 1)
+
+    def object(self, i, depth):
+        text = self.text
+        members = {}
+        i = self.skip_space(i)
+        if text[i:i + 1] == "}":
+            return members, i + 1
+        while True:
+            if text[i:i + 1] != '"':
+                raise JSONSyntaxError(i, "expecting a property name in double quotes")
+            key, i = self.string(i + 1)
+            i = self.skip_space(i)
+            if text[i:i + 1] != ":":
+                raise JSONSyntaxError(i, "expecting ':'")
+            members[key], i = self.value(self.skip_space(i + 1), depth)
+            i = self.skip_space(i)
+            c = text[i:i + 1]
+            if c == "}":
+                return members, i + 1
+            if c != ",":
+                raise JSONSyntaxError(i, "expecting ',' or '}'")
+            i = self.skip_space(i + 1)
+
+    def document(self):
+        start = self.skip_space(0)
+        value, end = self.value(start, 0)
+        end = self.skip_space(end)
+        if end != len(self.text):
+            raise JSONSyntaxError(end, "extra data after the JSON value")
+        return value
+
+
+def json_loads_pure(text):
+    """Decode one JSON document without the C accelerator (the reference for every error)."""
+    return _PureDecoder(text).document()
+
+
+def json_depth(value):
+    """How deeply lists and objects nest in a decoded value (0 for a scalar)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def json_loads_accelerated(text):
+    """Decode one JSON document with the C scanner: a 1-tuple of its value, or None when the
+    scanner refuses the text or the value nests deeper than JSON_MAX_DEPTH."""
+    start = 0
+    while start < len(text) and text[start] in _JSON_SPACE:
+        start += 1
+    try:
+        value, end = _scan_json(text, start)
+    except (StopIteration, ValueError, RecursionError, SystemError):
+        return None
+    while end < len(text) and text[end] in _JSON_SPACE:
+        end += 1
+    if end != len(text):
+        return None
+    if text.count("[") + text.count("{") > JSON_MAX_DEPTH and json_depth(value) > JSON_MAX_DEPTH:
+        return None
+    return (value,)
 
 
 def json_loads(text):
     """Decode one JSON document; raise ValueError with a position on malformed input."""
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    start = 0
-    while start < len(text) and text[start] in _JSON_SPACE:
-        start += 1
-    try:
-        value, end = _scan_json(text, start)
-    except StopIteration as stop:
-        raise ValueError("invalid JSON at offset %d" % stop.value)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply")
-    except SystemError:
-        # The C scanner reports errors inside strings and objects through json.decoder, which is
-        # deliberately not imported.
-        raise ValueError("invalid JSON")
-    while end < len(text) and text[end] in _JSON_SPACE:
-        end += 1
-    if end != len(text):
-        raise ValueError("extra data after JSON value at offset %d" % end)
-    return value
+    if _scan_json is not None:
+        decoded = json_loads_accelerated(text)
+        if decoded is not None:
+            return decoded[0]
+    return json_loads_pure(text)
+
+
+_ASCII_ESCAPES = dict((chr(c), "\\u%04x" % c) for c in range(32))
+_ASCII_ESCAPES.update({'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+                       "\t": "\\t", "\x7f": "\\u007f"})
+
+
+def _escape_char(c):
+    escaped = _ASCII_ESCAPES.get(c)
+    if escaped is not None:
+        return escaped
+    code = ord(c)
+    if code < 0x7f:
+        return c
+    if code < 0x10000:
+        return "\\u%04x" % code
+    code -= 0x10000
+    return "\\u%04x\\u%04x" % (0xD800 | (code >> 10), 0xDC00 | (code & 0x3FF))
+
+
+def json_string_pure(text):
+    """A JSON string literal of `text` in ASCII, as _json.encode_basestring_ascii writes it."""
+    return '"' + "".join([_escape_char(c) for c in text]) + '"'
+
+
+json_string = _json.encode_basestring_ascii if _json is not None else json_string_pure
 
 
 def json_dumps(value):
     """Encode plain JSON data (dict, list, str, int, float, bool, None) compactly."""
     if isinstance(value, str):
-        return _json.encode_basestring_ascii(value)
+        return json_string(value)
     if value is True:
         return "true"
     if value is False:
@@ -150,7 +379,7 @@ def json_dumps(value):
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, dict):
-        return "{" + ", ".join(_json.encode_basestring_ascii(str(k)) + ": " + json_dumps(v)
+        return "{" + ", ".join(json_string(str(k)) + ": " + json_dumps(v)
                                for k, v in value.items()) + "}"
     return "[" + ", ".join(json_dumps(v) for v in value) + "]"
 
@@ -1641,9 +1870,17 @@ def libc_call(name, *args):
     """Call a libc function (int arguments, bytes as char *, None as NULL); OSError on -1.
 
     Goes through _ctypes, the C core of ctypes: `import ctypes` costs about 6 ms of start-up,
-    `_ctypes` a quarter of that, and these few calls need nothing more.
+    `_ctypes` a quarter of that, and these few calls need nothing more.  python3-minimal lacks
+    _ctypes: the error names the call and the package that brings the module.
     """
-    import _ctypes
+    try:
+        import _ctypes
+    except ImportError:
+        raise CNIError(ERR_INTERNAL, "this Python %d.%d cannot call %s(): it lacks the _ctypes module%s"
+                       % (sys.version_info[0], sys.version_info[1], name,
+                          " (and os.setns, new in Python 3.12)" if name == "setns" else ""),
+                       "install libpython%d.%d-stdlib (Debian, Ubuntu) or the package of your "
+                       "distribution that holds _ctypes" % sys.version_info[:2])
     function = _libc_functions.get(name)
     if function is None:
         class CInt(_ctypes._SimpleCData):
@@ -1743,17 +1980,30 @@ S_IFMT, S_IFDIR = 0o170000, 0o040000       # file type bits of st_mode (sys/stat
 
 
 def make_directories(path, mode=0o755):
-    """Create `path` and its missing parents, every one with `mode` (os.makedirs gives the parents
+    """Create `path` (str or bytes) and its missing parents, every one with `mode` (os.makedirs gives the parents
     0777 less the umask: world-writable under the umask 000 a runtime may run us with)."""
     try:
         posix.mkdir(path, mode)
     except OSError as err:
-        parent = path.rstrip("/").rpartition("/")[0]
+        slash = b"/" if isinstance(path, bytes) else "/"
+        parent = path.rstrip(slash).rpartition(slash)[0]
         if err.errno == 2 and parent:                       # ENOENT: a parent is missing
             make_directories(parent, mode)
             make_directories(path, mode)
         elif err.errno != 17 or not is_directory(path):
             raise
+
+
+def remove_tree(path):
+    """Remove a directory and everything in it, following no symlink (shutil is not part of
+    python3-minimal)."""
+    for name in posix.listdir(path):
+        child = path + "/" + name
+        if posix.lstat(child).st_mode & S_IFMT == S_IFDIR:
+            remove_tree(child)
+        else:
+            posix.unlink(child)
+    posix.rmdir(path)
 
 
 def is_directory(path):
@@ -2053,9 +2303,12 @@ class Store(object):
     def __enter__(self):
         import fcntl
         path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
+        # As bytes: the config's UTF-8, whatever file name encoding the interpreter picked from
+        # the locale (ASCII on Python 3.6 under `env -i`).
+        fs_path = path.encode("utf-8", "surrogateescape")
         try:
-            make_directories(path)
-            self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
+            make_directories(fs_path)
+            self.dir_fd = posix.open(fs_path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
                                      | posix.O_CLOEXEC)
             self.lock_fd = posix.open("lock", posix.O_RDONLY | posix.O_CREAT | posix.O_NOFOLLOW
                                       | posix.O_CLOEXEC, 0o644, dir_fd=self.dir_fd)
@@ -2626,12 +2879,13 @@ COMMENT_MAX = 128                              # bytes, as the reference truncat
 
 
 def sha512_hex(text):
-    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import)."""
+    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import, and
+    OpenSSL's _hashlib 3-5 ms and 3.5 MB more than the built-in one)."""
     try:
         from _sha512 import sha512                       # Python 3.6 to 3.11
     except ImportError:
         try:
-            from _hashlib import openssl_sha512 as sha512  # later ones, built with OpenSSL
+            from _sha2 import sha512                     # Python 3.12 and later
         except ImportError:
             from hashlib import sha512
     return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
@@ -2855,6 +3109,32 @@ def iptables_setup_masquerade(network, container_id, prefix):
             run_iptables(family, ["-A", target_chain] + rule + comment)
 
 
+def split_iptables_rule(line):
+    """The arguments of one `iptables -S` line: words split on spaces, except inside double
+    quotes, where a backslash escapes the next character (libxtables' quoting of comments)."""
+    words = []
+    word = None
+    quoted = escaped = False
+    for c in line:
+        if escaped:
+            word += c
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+            word = word or ""
+        elif c == " " and not quoted:
+            if word is not None:
+                words.append(word)
+            word = None
+        else:
+            word = (word or "") + c
+    if word is not None:
+        words.append(word)
+    return words
+
+
 def iptables_teardown(network, container_id):
     """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address needed)."""
     chain = iptables_chain(network, container_id)
@@ -2864,8 +3144,7 @@ def iptables_teardown(network, container_id):
             continue
         for line in rules.splitlines():
             if line.startswith("-A POSTROUTING ") and line.endswith(" -j " + chain):
-                import shlex
-                run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
+                run_iptables(family, ["-D"] + split_iptables_rule(line)[1:], check=False)
         run_iptables(family, ["-F", chain], check=False)
         run_iptables(family, ["-X", chain], check=False)
 
@@ -3402,7 +3681,10 @@ def read_stdin(wait_for_data):
     size = 0
     if not wait_for_data:
         import select
-        if posix.isatty(0) or not select.select([0], [], [], 1.0)[0]:
+        try:
+            if posix.isatty(0) or not select.select([0], [], [], 1.0)[0]:
+                return b""
+        except OSError:             # EBADF: stdin closed (`<&-`), which is an empty stdin
             return b""
     while True:
         try:
@@ -3420,15 +3702,15 @@ def read_stdin(wait_for_data):
 
 
 def version_answer():
-    """VERSION: echo the version the caller speaks (spec) with the versions we support."""
-    requested = LATEST_VERSION
+    """VERSION's answer: a constant, as the reference's is (its library's version, whatever
+    stdin holds).  Being constant, it is also printed by the archive's /bin/sh preamble without
+    starting Python (build.sh takes the bytes from here), and the two paths agree byte for
+    byte.  stdin is still read, so that a runtime writing a large config sees no EPIPE."""
     try:
-        config = json_loads(read_stdin(False) or b"{}")
-        if isinstance(config, dict) and config.get("cniVersion") in SUPPORTED_VERSIONS:
-            requested = config["cniVersion"]
-    except (ValueError, UnicodeError, CNIError):
+        read_stdin(False)
+    except CNIError:
         pass
-    return {"cniVersion": requested, "supportedVersions": list(SUPPORTED_VERSIONS)}
+    return {"cniVersion": LATEST_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
 def build_request(command, env):
@@ -3815,8 +4097,7 @@ def verify(config_path, keep, as_json):
             if os.path.exists(path):
                 remove_named_netns(path)
         if os.path.isdir(data_dir):
-            import shutil
-            shutil.rmtree(data_dir)
+            remove_tree(data_dir)
         return ""
 
     steps = [("create namespaces", make_namespaces), ("ADD", add),
@@ -4058,6 +4339,11 @@ def run_cli(prog, argv):
                 return verify(paths[0] if paths else None, "--keep" in options, "--json" in options)
     except (CNIError, OSError) as err:
         sys.stderr.write("%s: %s\n" % (prog, getattr(err, "msg", None) or err))
+        return 1
+    except ImportError as err:      # python3-minimal: the module is in libpython3.X-stdlib
+        sys.stderr.write("%s: %s cannot run on this Python %d.%d: it lacks the module %s "
+                         "(Debian: install libpython%d.%d-stdlib)\n"
+                         % ((prog, argv[0]) + sys.version_info[:2] + (err.name,) + sys.version_info[:2]))
         return 1
     sys.stderr.write(USAGE % {"prog": prog, "version": PROGRAM_VERSION})
     return 2

@@ -1876,11 +1876,7 @@ def libc_call(name, *args):
     try:
         import _ctypes
     except ImportError:
-        raise CNIError(ERR_INTERNAL, "this Python %d.%d cannot call %s(): it lacks the _ctypes module%s"
-                       % (sys.version_info[0], sys.version_info[1], name,
-                          " (and os.setns, new in Python 3.12)" if name == "setns" else ""),
-                       "install libpython%d.%d-stdlib (Debian, Ubuntu) or the package of your "
-                       "distribution that holds _ctypes" % sys.version_info[:2])
+        raise missing_ctypes(name)
     function = _libc_functions.get(name)
     if function is None:
         class CInt(_ctypes._SimpleCData):
@@ -1894,6 +1890,27 @@ def libc_call(name, *args):
     if function(*args) == -1:
         errno_value = _ctypes.get_errno()
         raise OSError(errno_value, "%s: %s" % (name, posix.strerror(errno_value)))
+
+
+def missing_ctypes(function):
+    """The error for a libc call this Python cannot make (python3-minimal has no _ctypes)."""
+    version = sys.version_info[:2]
+    return CNIError(ERR_INTERNAL, "this Python %d.%d cannot call %s(): it lacks the _ctypes module%s "
+                    "(Debian, Ubuntu: libpython%d.%d-stdlib)"
+                    % (version + (function, " and os.setns (Python 3.12+)" if function == "setns" else "") + version),
+                    "install libpython%d.%d-stdlib, or the package of your distribution that holds "
+                    "_ctypes, or run the plugins with Python 3.12 or later" % version)
+
+
+def can_setns():
+    """Whether this Python can enter a namespace: posix.setns (3.12+) or libc's through _ctypes."""
+    if hasattr(posix, "setns"):
+        return True
+    try:
+        import _ctypes      # noqa: F401  (only probed)
+        return True
+    except ImportError:
+        return False
 
 
 def setns(fd, nstype=CLONE_NEWNET):
@@ -1949,6 +1966,9 @@ class Netns(object):
             posix.close(self.fd)
             raise NetnsGone(ERR_INVALID_NETNS, "failed to open netns %r: not a network namespace"
                             % path, "CNI_NETNS must name a network namespace (nsfs) file")
+        if not can_setns():         # said before anything is changed, not halfway through
+            posix.close(self.fd)
+            raise missing_ctypes("setns")
 
     def close(self):
         posix.close(self.fd)
@@ -3800,6 +3820,9 @@ def run_plugin(plugin, env):
         return 0
     except CNIError as err:
         write_json(err.to_json(getattr(err, "version", error_version)))
+    except ImportError as err:    # python3-minimal: a module of libpython3.X-stdlib this path needs
+        write_json(CNIError(ERR_INTERNAL, "this Python %d.%d lacks the module %s" % (sys.version_info[:2] + (err.name,)),
+                            "install libpython%d.%d-stdlib (Debian, Ubuntu)" % sys.version_info[:2]).to_json(error_version))
     except UnicodeError as err:   # a config string no file name or interface name can hold
         write_json(CNIError(ERR_INVALID_CONFIG, "invalid network config: a string is not valid UTF-8",
                             str(err)[:200]).to_json(error_version))
@@ -3984,6 +4007,10 @@ class Verifier(object):
 def verify(config_path, keep, as_json):
     """The walkthrough: namespaces, ADD, read back, ping, CHECK, DEL, nothing left."""
     import os
+    try:
+        import _ctypes      # noqa: F401  (the throwaway namespaces are mounted through libc)
+    except ImportError:
+        raise missing_ctypes("mount")
     if config_path is None:
         config_path = "conf/10-mynet.conf" if os.path.isfile("conf/10-mynet.conf") else None
     try:

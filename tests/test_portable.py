@@ -257,3 +257,239 @@ def test_build_for_a_path_this_machine_lacks(tmp_path):
 def test_build_refuses_python_2(tmp_path):
     proc, _ = build_copy(tmp_path / "a", "--python", pyenv_python("2.7"), check=False)
     assert proc.returncode != 0 and b"Python 2.7" in proc.stderr and b"Traceback" not in proc.stderr, proc
+
+
+# --- python3-minimal nodes: a chroot per interpreter -------------------------------------------------
+
+DEBIAN_MINIMAL = ("python3.11-minimal", "libpython3.11-minimal")
+# The extension modules a minimal Python has: those Debian builds into python3.X-minimal's
+# interpreter (sys.builtin_module_names of Debian 12's /usr/bin/python3.11) and the two that
+# libpython3.X-minimal ships in lib-dynload (_hashlib, _ssl); 3.12 merged _sha256 and _sha512
+# into _sha2.  Missing, as on such a node: _json, _ctypes, _decimal, _asyncio, ...
+MINIMAL_EXTENSIONS = frozenset(
+    "_bisect _blake2 _csv _datetime _elementtree _heapq _md5 _opcode _pickle _posixsubprocess _random "
+    "_sha1 _sha2 _sha256 _sha3 _sha512 _socket _statistics _struct array binascii cmath fcntl grp math "
+    "pyexpat select spwd syslog unicodedata zlib _hashlib _ssl".split())
+# Runs "$@" chrooted into $1 with /proc, /run/netns (for CNI_NETNS) and /dev/null from the host and
+# the archive $2 bind-mounted read-only at /opt/cni/bin/cni-bridge.pyz (all in a private mount
+# namespace: nothing shows outside).
+CHROOT = ('root=$1 archive=$2; shift 2; '
+          'mount -t proc proc "$root/proc" && mount --rbind /run/netns "$root/run/netns" && '
+          'mount --bind /dev/null "$root/dev/null" && '
+          'mount --bind "$archive" "$root/opt/cni/bin/cni-bridge.pyz" && '
+          'mount -o remount,bind,ro "$root/opt/cni/bin/cni-bridge.pyz" && exec chroot "$root" "$@"')
+
+
+def copy_into(root, path):
+    """Copy file `path` (symlinks resolved) to the same place under `root`."""
+    target = root / str(path).lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        shutil.copy2(os.path.realpath(str(path)), str(target))
+
+
+def copy_libraries(root, binary):
+    """The shared libraries `binary` needs (ldd), from this machine, to their places under root."""
+    out = subprocess.run(["ldd", str(binary)], stdout=subprocess.PIPE, universal_newlines=True).stdout
+    for line in out.splitlines():
+        words = line.split()
+        path = words[2] if "=>" in words and len(words) > 2 else words[0]
+        if path.startswith("/"):
+            copy_into(root, path)
+
+
+def finish_root(root, python):
+    """dash as /bin/sh, python3 -> `python`, the mount points CHROOT uses, the plugin links."""
+    copy_into(root, "/bin/dash")
+    copy_libraries(root, "/bin/dash")
+    (root / "bin" / "sh").symlink_to("dash")
+    (root / "usr" / "bin" / "python3").symlink_to(python)
+    for directory in ("proc", "run/netns", "dev", "opt/cni/bin", "state"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    (root / "dev" / "null").touch()
+    (root / "opt" / "cni" / "bin" / "cni-bridge.pyz").touch()
+    for name in PLUGIN_NAMES:
+        (root / "opt" / "cni" / "bin" / name).symlink_to("cni-bridge.pyz")
+    for so in glob.glob(str(root / "usr/lib/python3*/lib-dynload/*.so")):
+        copy_libraries(root, so)
+    return root
+
+
+@pytest.fixture(scope="session")
+def debian_minimal(tmp_path_factory):
+    """Debian's python3.11-minimal and libpython3.11-minimal, unpacked (skips when they cannot be
+    fetched)."""
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        pytest.skip("apt-get and dpkg are needed to fetch %s" % " and ".join(DEBIAN_MINIMAL))
+    where = tmp_path_factory.mktemp("debs")
+    try:
+        proc = subprocess.run(["apt-get", "download"] + list(DEBIAN_MINIMAL), cwd=str(where), timeout=180,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    except subprocess.TimeoutExpired:
+        pytest.skip("apt-get download %s timed out" % " ".join(DEBIAN_MINIMAL))
+    debs = sorted(where.glob("*.deb"))
+    if proc.returncode != 0 or len(debs) != len(DEBIAN_MINIMAL):
+        pytest.skip("cannot fetch %s: %s" % (" ".join(DEBIAN_MINIMAL), proc.stderr.strip()[-300:]))
+    unpacked = where / "root"
+    for deb in debs:
+        subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], check=True, timeout=120)
+    return unpacked
+
+
+@pytest.fixture(scope="session")
+def root_311(debian_minimal, tmp_path_factory):
+    root = tmp_path_factory.mktemp("minimal311") / "root"
+    shutil.copytree(str(debian_minimal), str(root), symlinks=True)
+    copy_libraries(root, root / "usr/bin/python3.11")
+    return finish_root(root, "python3.11")
+
+
+def place(root, source, relative):
+    """Copy file `source` (symlinks resolved) to `relative` under `root`."""
+    target = root / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(os.path.realpath(str(source)), str(target))
+
+
+def pyenv_minimal_root(debian_minimal, tmp_path_factory, version):
+    """pyenv's `version` cut down to a python3-minimal: the interpreter and libpython at /usr,
+    lib-dynload limited to MINIMAL_EXTENSIONS, the pure-Python files libpython3.11-minimal has."""
+    python = pyenv_python(version)
+    if python is None:
+        pytest.skip("Python %s not found under %s" % (version, PYENV))
+    prefix = Path(python).parent.parent
+    root = tmp_path_factory.mktemp("minimal" + version.replace(".", "")) / "root"
+    place(root, python, "usr/bin/python" + version)
+    library = "libpython%s.so.1.0" % version
+    place(root, prefix / "lib" / library, "usr/lib/x86_64-linux-gnu/" + library)
+    copy_libraries(root, python)
+    shutil.rmtree(str(root / "root"), ignore_errors=True)        # pyenv's own libpython, placed above
+    stdlib_311 = debian_minimal / "usr/lib/python3.11"
+    stdlib = prefix / "lib" / ("python" + version)
+    ours = "usr/lib/python" + version
+    for path in stdlib_311.rglob("*.py"):
+        relative = path.relative_to(stdlib_311)
+        if (stdlib / relative).is_file():
+            place(root, stdlib / relative, "%s/%s" % (ours, relative))
+    for so in (stdlib / "lib-dynload").glob("*.so"):
+        if so.name.split(".")[0] in MINIMAL_EXTENSIONS:
+            place(root, so, "%s/lib-dynload/%s" % (ours, so.name))
+    return finish_root(root, "python" + version)
+
+
+MATRIX = ("3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
+
+
+@pytest.fixture(scope="session")
+def multi_archive(tmp_path_factory):
+    """An archive for /usr/bin/python3 with bytecode for every pyenv interpreter of MATRIX too."""
+    found = [pyenv_python(version) for version in MATRIX if pyenv_python(version)]
+    args = ["--python", "/usr/bin/python3"]
+    for python in found:
+        args += ["--python", python]
+    _, archive = build_copy(tmp_path_factory.mktemp("multi"), *args)
+    return archive
+
+
+def chroot_cni(root, archive, node, plugin, command, conf=b"", netns=None, args=(), **cni):
+    """Run /opt/cni/bin/<plugin> in a chroot into `root`, inside `node`, as a runtime would
+    (env -i style: CNI_* and PATH only, so the C locale)."""
+    argv = [IP, "netns", "exec", node.name, "unshare", "--mount", "--propagation", "private",
+            "sh", "-c", CHROOT, "sh", str(root), str(archive), "/opt/cni/bin/" + plugin] + list(args)
+    env = cni_env(command, "/opt/cni/bin", netns=netns, **cni)
+    env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+    return subprocess.run(argv, input=encode_conf(conf), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=env, timeout=60)
+
+
+def minimal_conf(data_dir, **extra):
+    conf = {"cniVersion": "1.1.0", "name": "minnet", "type": "bridge", "bridge": "cbt-min0",
+            "isGateway": True, "ipMasq": True,
+            "ipam": {"type": "host-local", "subnet": "10.99.7.0/24", "dataDir": data_dir}}
+    conf.update(extra)
+    return conf
+
+
+def ok(proc):
+    assert proc.returncode == 0, parse_output(proc)
+    assert b"Traceback" not in proc.stderr and b"no bytecode" not in proc.stderr, proc.stderr
+    return parse_output(proc).json
+
+
+def ruleset(node):
+    return node.run("nft", "list", "ruleset").stdout
+
+
+def test_python311_minimal_node(root_311, installed_archive, node, container):
+    """Debian's python3.11-minimal (no _json, no _ctypes, no os.setns): VERSION, host-local,
+    STATUS, GC and DEL of a vanished namespace work; what needs a namespace says what is missing,
+    before changing anything; the operator's verify says so too."""
+    data_dir = "/state/%s-\u00e9t\u00e9" % node.name            # non-ASCII under the C locale
+    on_disk = root_311 / data_dir.lstrip("/") / "minnet"
+    cni = lambda *a, **k: chroot_cni(root_311, installed_archive, node, *a, **k)  # noqa: E731
+    for name in PLUGIN_NAMES:
+        assert ok(cni(name, "VERSION")) == {"cniVersion": "1.1.0", "supportedVersions":
+                                            ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
+    conf = minimal_conf(data_dir)
+    for plugin, plugin_conf in (("bridge", conf), ("loopback", {"cniVersion": "1.1.0", "name": "lo", "type": "loopback"})):
+        error = assert_cni_error(cni(plugin, "ADD", plugin_conf, netns=container), 999)
+        assert "_ctypes" in error["msg"] and "libpython3.11-stdlib" in error["msg"], error
+    assert sorted(node.links()) == ["lo"] and sorted(container.links()) == ["lo"]
+    assert not on_disk.exists()
+    assert_cni_error(cni("bridge", "ADD", b'{"cniVersion": "1.1.0", "name": "minnet",', netns=container), 6)
+
+    ipam_conf = {"cniVersion": "1.1.0", "name": "minnet", "ipam": conf["ipam"]}
+    added = ok(cni("host-local", "ADD", ipam_conf, netns=container))
+    assert added["ips"][0]["address"] == "10.99.7.2/24"
+    assert (on_disk / "10.99.7.2").read_text().startswith("ctr1")
+    ok(cni("host-local", "CHECK", dict(ipam_conf, prevResult=added), netns=container))
+    ok(cni("host-local", "DEL", ipam_conf, netns=container))
+    assert not (on_disk / "10.99.7.2").exists()
+    ok(cni("bridge", "STATUS", conf))
+    ok(cni("bridge", "GC", dict(conf, **{"cni.dev/valid-attachments": []})))
+    ok(cni("bridge", "DEL", conf, netns="/run/netns/cbt-vanished-0"))
+
+    verify = chroot_cni(root_311, installed_archive, node, "cni-bridge.pyz", "", args=["verify"])
+    assert verify.returncode == 1 and b"Traceback" not in verify.stderr, verify
+    assert b"_ctypes" in verify.stderr and b"libpython3.11-stdlib" in verify.stderr, verify.stderr
+    assert ok(chroot_cni(root_311, installed_archive, node, "cni-bridge.pyz", "", args=["--version"])) is None
+
+
+@pytest.mark.parametrize("version", ["3.12", "3.13"])
+def test_python312_plus_minimal_node(version, debian_minimal, tmp_path_factory, multi_archive, node, container):
+    """A minimal 3.12+ (os.setns, _sha2; no _json, no _ctypes): the whole walkthrough, bridge
+    with masquerade included, read back from the kernel; verify names what it lacks; a module
+    missing from the interpreter is a CNI error."""
+    root = pyenv_minimal_root(debian_minimal, tmp_path_factory, version)
+    data_dir = "/state/%s-\u00e9t\u00e9" % node.name
+    on_disk = root / data_dir.lstrip("/") / "minnet"
+    cni = lambda *a, **k: chroot_cni(root, multi_archive, node, *a, **k)  # noqa: E731
+    for name in PLUGIN_NAMES:
+        assert cni(name, "VERSION").stdout == VERSION_ANSWER
+    conf = minimal_conf(data_dir)
+    added = ok(cni("bridge", "ADD", conf, netns=container))
+    assert added["ips"][0]["address"] == "10.99.7.2/24", added
+    assert ("inet", "10.99.7.2/24") in container.addrs("eth0")
+    assert (on_disk / "10.99.7.2").is_file()
+    assert "masquerade" in ruleset(node)
+    container.run("ping", "-c", "1", "-W", "2", "10.99.7.1")
+    ok(cni("bridge", "CHECK", dict(conf, prevResult=added), netns=container))
+    ok(cni("bridge", "STATUS", conf))
+    ok(cni("bridge", "GC", dict(conf, **{"cni.dev/valid-attachments": [{"containerID": "ctr1", "ifname": "eth0"}]})))
+    assert ("inet", "10.99.7.2/24") in container.addrs("eth0")
+    container.run("ip", "link", "set", "lo", "down")
+    lo_conf = {"cniVersion": "1.1.0", "name": "lo", "type": "loopback"}
+    ok(cni("loopback", "ADD", lo_conf, netns=container))
+    assert "UP" in container.links()["lo"]["flags"]
+    ok(cni("bridge", "DEL", dict(conf, prevResult=added), netns=container))
+    assert "eth0" not in container.links()
+    assert not (on_disk / "10.99.7.2").exists()
+    assert "10.99.7.2" not in ruleset(node)
+
+    verify = chroot_cni(root, multi_archive, node, "cni-bridge.pyz", "", args=["verify"])
+    assert verify.returncode == 1 and b"Traceback" not in verify.stderr, verify
+    assert ("libpython%s-stdlib" % version).encode() in verify.stderr, verify.stderr
+    for so in (root / "usr/lib" / ("python" + version) / "lib-dynload").glob("_struct.*"):
+        so.unlink()
+    error = assert_cni_error(cni("bridge", "ADD", conf, netns=container), 999)
+    assert error["msg"] == "Python %s lacks the module _struct" % version, error

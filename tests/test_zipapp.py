@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import IP, PLUGIN_NAMES, REPO, VERSIONS, cni_env, encode_conf, parse_output, run, run_cni
+from test_portable import archive_for, multi_archive  # noqa: F401  (multi_archive: fixture)
 
 ARCHIVE = "cni-bridge.pyz"
 ENTRIES = ["__main__.py", "cni_bridge.py", "cni_bridge.pyc"]
@@ -281,17 +282,41 @@ def test_failures_exit_non_zero_with_json_error(ours_bin, node):
 
 
 @pytest.mark.parametrize("version", matrix_params())
-def test_python_versions(ours_bin, node, container, version):
-    """`<python> -IS <dir>/loopback`: VERSION, then ADD/DEL bring the container's lo up and down."""
-    in_node = [IP, "netns", "exec", node.name, pyenv_python(version), "-IS", ours_bin / "loopback"]
-    assert_version_answer(call(in_node, "VERSION", container_id=None, ifname=None))
+def test_python_versions(multi_archive, node, container, data_dir, tmp_path, version):
+    """The archive with bytecode for every interpreter (build.sh --python repeated), its preamble
+    pointed at `version`, under `env -i` (C locale) with the PYTHONHASHSEED and PYTHONMALLOC that
+    abort 3.6: VERSION, then the bridge walkthrough with masquerade on a non-ASCII dataDir (ADD,
+    read back, ping, CHECK, DEL, nothing left) and loopback, checked in the kernel; no line on
+    stderr (the bytecode for `version` is found)."""
+    bin_dir = archive_for(multi_archive, tmp_path, pyenv_python(version))
+    state = data_dir / "\u00e9t\u00e9"
+    conf = {"cniVersion": "1.1.0", "name": "matrix", "type": "bridge", "bridge": "cbt-mx0", "isGateway": True,
+            "ipMasq": True, "ipam": {"type": "host-local", "subnet": "10.98.3.0/24", "dataDir": str(state)}}
+
+    def plugin(name, command, config):
+        env = ["CNI_COMMAND=" + command, "CNI_CONTAINERID=ctr1", "CNI_NETNS=" + container.path, "CNI_IFNAME=eth0",
+               "CNI_PATH=%s" % bin_dir, "PYTHONHASHSEED=bogus", "PYTHONMALLOC=bogus"]
+        proc = subprocess.run([IP, "netns", "exec", node.name, "env", "-i"] + env + [str(bin_dir / name)],
+                              input=encode_conf(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        result = parse_output(proc)
+        assert result.returncode == 0 and result.stderr == "", result
+        return result.json
+
+    assert plugin("bridge", "VERSION", b"")["supportedVersions"] == VERSIONS
+    added = plugin("bridge", "ADD", conf)
+    assert added["ips"][0]["address"] == "10.98.3.2/24", added
+    assert ("inet", "10.98.3.2/24") in container.addrs("eth0")
+    assert (state / "matrix" / "10.98.3.2").is_file()
+    assert "masquerade" in node.run("nft", "list", "ruleset").stdout
+    container.run("ping", "-c", "1", "-W", "2", "10.98.3.1")
+    plugin("bridge", "CHECK", dict(conf, prevResult=added))
+    plugin("bridge", "DEL", dict(conf, prevResult=added))
+    assert "eth0" not in container.links()
+    assert not (state / "matrix" / "10.98.3.2").exists()
+    assert "10.98.3.2" not in node.run("nft", "list", "ruleset").stdout
     container.run("ip", "link", "set", "lo", "down")
-    added = call(in_node, "ADD", LOOPBACK_CONF, ours_bin, netns=container)
-    assert added.returncode == 0, added
+    plugin("loopback", "ADD", LOOPBACK_CONF)
     assert lo_is_up(container)
-    deleted = call(in_node, "DEL", LOOPBACK_CONF, ours_bin, netns=container)
-    assert deleted.returncode == 0, deleted
-    assert not lo_is_up(container)
 
 
 def test_preamble_falls_back_to_the_source_for_another_interpreter(tmp_path):

@@ -12,10 +12,27 @@ it uses their C cores (`posix`, `_json`, `_socket`) directly and imports the res
 path needs it (`os` costs a millisecond: it builds os.environ and imports `_collections_abc`).
 VERSION, the call a runtime makes most, loads no socket module at all.
 
-Sections, in dependency order: CNI protocol and errors; addresses; netlink codec; rtnetlink
-operations; nf_tables operations; namespaces; IPAM store; the three plugins; entry point.
+Sections, in dependency order (each opens with a banner stating its invariants):
+  CNI protocol and errors       errors, JSON, config keys, CNI_ARGS, results, per-process state
+  Addresses                     IPv4/IPv6 addresses and prefixes without `ipaddress`
+  Netlink codec                 Attr/AttrSpace/Header tables, one encoder/decoder, NetlinkSocket
+  rtnetlink operations          links, addresses, routes, bridge ports and VLANs, /proc/sys
+  nf_tables messages            nf_tables attribute spaces, expressions, NftBatch, NftRule
+  nf_tables rule sets           what every rule-writing plugin shares: by name, by comment, GC
+  Namespaces                    setns, Netns, named namespaces
+  IPAM store                    host-local's locked state directory and allocation
+  The loopback plugin
+  The host-local plugin         HostLocalConfig lists its keys
+  The bridge plugin             BridgeConfig lists its keys; masquerade and spoof check
+  Serving a CNI request         PLUGINS, the environment and stdin checks, run_plugin
+  Operator tools: install
+  Operator tools: verify        the walkthrough, one Verifier method per step
+  Operator tools: network commands   cnitool's add/check/del/status/gc
+  Operator tools: leases
+  Entry point                   USAGE, the command line, main
 """
 
+import errno     # built in: about 0.06 ms, for names instead of numbers
 import posix
 import sys
 import time
@@ -62,8 +79,26 @@ class CNIError(Exception):
         self.details = details
 
     def to_json(self, version):
+        """The error object of the CNI spec, in `version`."""
         return {"cniVersion": version, "code": self.code, "msg": self.msg,
                 "details": self.details}
+
+
+def poll_until(attempt, timeout, expired, delay=0.001, max_delay=0.1):
+    """Call `attempt()` until it returns something other than None, and return that; sleep
+    between calls, doubling `delay` up to `max_delay`.  After `timeout` seconds raise the
+    CNIError `expired()` makes.  Deadlines are on the monotonic clock: the wall clock jumps when
+    NTP steps it at boot, exactly when a node starts many containers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = attempt()
+        if value is not None:
+            return value
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise expired()
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, max_delay)
 
 
 def parse_version(text):
@@ -104,6 +139,7 @@ _NON_FINITE = ("NaN", "Infinity", "-Infinity")
 
 
 def _finite_float(text):
+    """JSON number -> float, refusing the infinities (Go's decoder does too)."""
     value = float(text)
     if value in (float("inf"), float("-inf")):
         raise ValueError("number %s is out of range" % text[:30])
@@ -111,6 +147,7 @@ def _finite_float(text):
 
 
 def _bounded_int(text):
+    """JSON integer -> int, refusing digit strings long enough to cost quadratic time."""
     if len(text) > 40:          # converting a huge digit string costs quadratic time
         raise ValueError("number %s... is out of range" % text[:30])
     return int(text)
@@ -121,6 +158,7 @@ def _reject_constant(name):
 
 
 class _ScannerContext(object):
+    """The settings _json.make_scanner reads from a json.JSONDecoder, without json."""
     strict = True
     object_hook = None
     object_pairs_hook = None
@@ -390,24 +428,35 @@ _JSON_TYPE_NAMES = {bool: "a boolean", int: "an integer", str: "a string", list:
                     dict: "an object", float: "a number"}
 
 
-def conf_get(obj, key, kind=None, default=None, where=""):
-    """Read `key` from a config object, matching it case-insensitively as the reference does.
+def config_error(msg, details=""):
+    """The error for a configuration that does not hold together (code 7, the reference's text)."""
+    return CNIError(ERR_INVALID_CONFIG, "invalid network config: " + msg, details)
 
-    `kind` is the JSON type expected (bool, int, str, list, dict); a value of another type is
-    an invalid network config (code 7) naming the key.  null counts as absent.
-    """
+
+def conf_lookup(obj, key):
+    """The value of `key` in a config object, or None.  THE place of the key rule: matched
+    case-insensitively when not spelt exactly, as Go's JSON decoder (the reference's) does."""
     value = obj.get(key)
     if value is None:
         folded = key.lower()
         for k, v in obj.items():
             if isinstance(k, str) and k.lower() == folded:
-                value = v
-                break
+                return v
+    return value
+
+
+def conf_get(obj, key, kind=None, default=None, where=""):
+    """Read `key` from a config object (conf_lookup's key rule).
+
+    `kind` is the JSON type expected (bool, int, str, list, dict); a value of another type is
+    an invalid network config (code 7) naming the key.  null counts as absent.
+    """
+    value = conf_lookup(obj, key)
     if value is None:
         return default
     if kind is not None and not (type(value) is kind or (kind is float and type(value) is int)):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s%s must be %s"
-                       % (where, key, _JSON_TYPE_NAMES[kind]), "got %s" % json_dumps(value)[:200])
+        raise config_error("%s%s must be %s" % (where, key, _JSON_TYPE_NAMES[kind]),
+                           "got %s" % json_dumps(value)[:200])
     return value
 
 
@@ -415,8 +464,8 @@ def conf_int(obj, key, low, high, default=0, where=""):
     """Read an integer key and check it lies within [low, high]."""
     value = conf_get(obj, key, int, default, where)
     if not low <= value <= high:
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s%s must be between %d and %d"
-                       % (where, key, low, high), "got %d" % value)
+        raise config_error("%s%s must be between %d and %d" % (where, key, low, high),
+                           "got %d" % value)
     return value
 
 
@@ -442,7 +491,8 @@ def check_ifname(name):
     if not encodable(name):
         raise CNIError(ERR_INVALID_ENV, "interface name is not valid UTF-8")
     if len(name.encode("utf-8", "surrogateescape")) > 15:
-        raise CNIError(ERR_INVALID_ENV, "interface name is too long", "interface name should be less than 16 characters")
+        raise CNIError(ERR_INVALID_ENV, "interface name is too long",
+                       "interface name should be less than 16 characters")
     if name in (".", ".."):
         raise CNIError(ERR_INVALID_ENV, "interface name is . or ..")
     if "/" in name or ":" in name or any(c.isspace() for c in name):
@@ -456,9 +506,9 @@ def check_ifname(name):
 KNOWN_CNI_ARGS = ("IP", "MAC", "IGNOREUNKNOWN")
 
 
-def parse_cni_args(text):
+def parse_cni_args(text, warn=True):
     """Parse CNI_ARGS "K=V;K2=V2" leniently: empty pieces are skipped, keys are case-insensitive,
-    unknown keys (Kubernetes' K8S_POD_*) are ignored with a note on stderr.
+    unknown keys (Kubernetes' K8S_POD_*) are ignored, with a note on stderr when `warn`.
 
     Returns {upper-case key: value}; a piece without "=" is an error (code 4) naming it.
     """
@@ -472,15 +522,19 @@ def parse_cni_args(text):
                            "CNI_ARGS must be KEY=VALUE pairs separated by ';'")
         args[key.upper()] = value
     unknown = sorted(k for k in args if k not in KNOWN_CNI_ARGS)
-    if unknown:
+    if unknown and warn:
         sys.stderr.write("CNI_ARGS: ignoring unknown keys %s\n" % " ".join(unknown)[:300])
     return args
 
 
 class Request(object):
-    """One plugin invocation: the CNI_* environment and the network configuration from stdin."""
+    """One plugin invocation: the CNI_* environment and the network configuration from stdin.
 
-    def __init__(self, command, container_id, netns, ifname, args, path, config, version):
+    `stdin` (the configuration's bytes) and `env` (the whole environment) are what a plugin
+    executed on our behalf gets (exec_plugin)."""
+
+    def __init__(self, command, container_id, netns, ifname, args, path, config, version,
+                 stdin=b"", env=None):
         self.command = command
         self.container_id = container_id
         self.netns = netns
@@ -489,11 +543,49 @@ class Request(object):
         self.path = path
         self.config = config
         self.version = version
-        self.stdin = b""
-        self.env = {}           # the whole environment, for a plugin executed on our behalf
+        self.stdin = stdin
+        self.env = env if env is not None else {}
+
+    @property
+    def network(self):
+        """The network's name (checked by build_request)."""
+        return conf_lookup(self.config, "name")
 
     def runtime_config(self):
+        """The runtimeConfig object (capability arguments), {} when absent."""
         return conf_get(self.config, "runtimeConfig", dict, {})
+
+
+def sha512_hex(text):
+    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import, and
+    OpenSSL's _hashlib 3-5 ms and 3.5 MB more than the built-in one)."""
+    try:
+        from _sha512 import sha512                       # Python 3.6 to 3.11
+    except ImportError:
+        try:
+            from _sha2 import sha512                     # Python 3.12 and later
+        except ImportError:
+            from hashlib import sha512
+    return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+# --- per-process state --------------------------------------------------------------------------
+# What a plugin process keeps open from one call to the next, all here so that a forked child
+# that starts over in another namespace (verify's run_plugin_in) has one thing to reset.
+
+class ProcessState(object):
+    """Per-process caches, each filled on first use by the section that owns it."""
+
+    def __init__(self):
+        self.original_netns_fd = None   # the namespace the process started in (Namespaces)
+        self.node_nftables = None       # nf_tables socket in that namespace (nf_tables rule sets)
+
+    def reset(self):
+        """Forget everything (the fds stay open: a forked child shares them with its parent)."""
+        self.__init__()
+
+
+PROCESS = ProcessState()
 
 
 # --- invoking other plugins ----------------------------------------------------------------------
@@ -523,7 +615,7 @@ def invoke_plugin(plugin_type, cni_path, env, stdin):
             proc = subprocess.run([path], input=stdin, env=env, stdout=subprocess.PIPE)
             break
         except OSError as err:
-            if err.errno != 26 or attempt == 5:    # ETXTBSY: the file is still being written
+            if err.errno != errno.ETXTBSY or attempt == 5:    # the file is still being written
                 raise CNIError(ERR_INTERNAL, "failed to execute %s: %s" % (path, err.strerror))
             time.sleep(1)
     output = proc.stdout.decode("utf-8", "replace").strip()
@@ -533,7 +625,8 @@ def invoke_plugin(plugin_type, cni_path, env, stdin):
         parsed = None
     if proc.returncode != 0:
         if isinstance(parsed, dict) and isinstance(parsed.get("code", 0), int):
-            raise CNIError(parsed.get("code", 0), str(parsed.get("msg", "")), str(parsed.get("details", "")))
+            raise CNIError(parsed.get("code", 0), str(parsed.get("msg", "")),
+                           str(parsed.get("details", "")))
         if not output:
             raise CNIError(ERR_INTERNAL, "netplugin failed with no error message: exit status %d"
                            % proc.returncode)
@@ -549,14 +642,17 @@ def invoke_plugin(plugin_type, cni_path, env, stdin):
 # configuration's version only when printed (spec "Version considerations", reference types/*).
 
 def has_ip_version_field(version):
+    """Whether results of `version` carry ips[].version (0.3.0 to 0.4.0)."""
     return version in ("0.3.0", "0.3.1", "0.4.0")
 
 
 def is_legacy_version(version):
+    """Whether `version` has the ip4/ip6 result shape (0.1.0, 0.2.0)."""
     return version in ("0.1.0", "0.2.0", "")
 
 
 def address_family_of(cidr):
+    """4 or 6, for an address or CIDR text already validated."""
     return 6 if ":" in cidr else 4
 
 
@@ -629,7 +725,8 @@ def decode_result(obj, version):
                     routes.extend(entry.get("routes") or [])
         else:
             interfaces = list(obj.get("interfaces") or [])
-            ips = [dict((k, v) for k, v in ip.items() if k != "version") for ip in obj.get("ips") or []]
+            ips = [dict((k, v) for k, v in ip.items() if k != "version")
+                   for ip in obj.get("ips") or []]
             routes = list(obj.get("routes") or [])
         dns = obj.get("dns") or {}
         if not isinstance(dns, dict) or not all(isinstance(i, dict) for i in interfaces):
@@ -681,8 +778,8 @@ def parse_ip(text):
             return 4, value & 0xFFFFFFFF
         return 6, value
     octets = text.split(".")
-    if len(octets) == 4 and all(0 < len(o) <= 3 and DIGITS.issuperset(o) and (o[0] != "0" or o == "0")
-                                for o in octets):
+    if len(octets) == 4 and all(0 < len(o) <= 3 and DIGITS.issuperset(o)
+                                and (o[0] != "0" or o == "0") for o in octets):
         a, b, c, d = [int(o) for o in octets]
         if a <= 255 and b <= 255 and c <= 255 and d <= 255:
             return 4, a << 24 | b << 16 | c << 8 | d
@@ -709,6 +806,7 @@ def ip_to_text(family, value):
 
 
 def ip_bytes(family, value):
+    """An address as the kernel takes it: 4 or 16 bytes, network order."""
     return value.to_bytes(IP_BITS[family] // 8, "big")
 
 
@@ -724,6 +822,7 @@ class Prefix(object):
 
     @classmethod
     def parse(cls, text):
+        """A Prefix from "addr/len" text; ValueError when it is not one."""
         if not isinstance(text, str) or "/" not in text:
             raise ValueError("not a CIDR: %r" % (text if isinstance(text, str) else type(text)))
         addr, _, length = text.partition("/")
@@ -739,21 +838,26 @@ class Prefix(object):
 
     @property
     def mask(self):
+        """The netmask as an integer."""
         bits = IP_BITS[self.family]
         return ((1 << bits) - 1) ^ ((1 << (bits - self.length)) - 1)
 
     @property
     def network(self):
+        """The network address (host bits cleared)."""
         return self.ip & self.mask
 
     @property
     def last(self):
+        """The last address of the prefix (IPv4's broadcast)."""
         return self.network | (((1 << IP_BITS[self.family]) - 1) ^ self.mask)
 
     def contains(self, family, ip):
+        """Whether address (family, ip) lies in the prefix."""
         return family == self.family and ip & self.mask == self.network
 
     def network_text(self):
+        """"network/len" text."""
         return "%s/%d" % (ip_to_text(self.family, self.network), self.length)
 
     def __str__(self):
@@ -779,6 +883,7 @@ def parse_mac(text):
 
 
 def mac_to_text(raw):
+    """6 bytes as "aa:bb:cc:dd:ee:ff"."""
     return ":".join("%02x" % b for b in raw)
 
 
@@ -812,6 +917,9 @@ NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
 NETLINK_ROUTE = 0
 NETLINK_NETFILTER = 12
+
+# Refusals worth retrying (code 11): the kernel was busy or short of memory, not unwilling.
+TRANSIENT_ERRNOS = (errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ETIMEDOUT)
 
 NETLINK_TIMEOUT = 5.0                         # seconds; a kernel that does not answer is code 11
 
@@ -855,20 +963,29 @@ class AttrSpace(object):
 
 
 class Header(object):
-    """A fixed family header such as ifinfomsg, described by a struct format and field names."""
+    """A fixed family header such as ifinfomsg, described by a struct format and field names.
+
+    Fields left out of `pack` are zero; a field name the header does not have is an error, so a
+    misspelt one cannot silently become zero."""
 
     def __init__(self, fmt, fields):
         self.struct = struct.Struct(fmt)
         self.fields = fields
 
     def pack(self, values):
+        for name in values:
+            if name not in self.fields:
+                raise ValueError("header field %r is not one of %s"
+                                 % (name, ", ".join(self.fields)))
         return self.struct.pack(*[values.get(f, 0) for f in self.fields])
 
     def unpack(self, data):
+        """The field values of a header at the start of `data`."""
         return dict(zip(self.fields, self.struct.unpack_from(data)))
 
 
 def _pad(length):
+    """Netlink alignment: lengths round up to 4 bytes."""
     return (length + 3) & ~3
 
 
@@ -918,7 +1035,8 @@ def decode_attrs(space, data, offset=0):
         elif kind == NEST and attr.space is not None:
             value = decode_attrs(attr.space, payload)
         elif kind == MSG:
-            value = (attr.header.unpack(payload), decode_attrs(attr.space, payload, attr.header.struct.size))
+            value = (attr.header.unpack(payload),
+                     decode_attrs(attr.space, payload, attr.header.struct.size))
         else:
             value = payload
         if attr.repeated:
@@ -926,6 +1044,36 @@ def decode_attrs(space, data, offset=0):
         else:
             result[attr] = value
     return result
+
+
+class NetlinkRequest(tuple):
+    """One request for NetlinkSocket.transact: message type, flags (NLM_F_REQUEST and NLM_F_ACK
+    are added when sent), family header field values and (Attr, value) attributes.  A tuple, so
+    it unpacks as (msg_type, flags, header, attrs) too."""
+
+    __slots__ = ()
+
+    def __new__(cls, msg_type, flags=0, header=None, attrs=()):
+        return tuple.__new__(cls, (msg_type, flags, header or {}, attrs))
+
+    msg_type = property(lambda self: self[0])
+    flags = property(lambda self: self[1])
+    header = property(lambda self: self[2])
+    attrs = property(lambda self: self[3])
+
+
+class BatchFrame(tuple):
+    """The messages that open and close a transaction (nf_tables): begin type, end type and
+    the family header values both carry."""
+
+    __slots__ = ()
+
+    def __new__(cls, begin, end, header):
+        return tuple.__new__(cls, (begin, end, header))
+
+    begin = property(lambda self: self[0])
+    end = property(lambda self: self[1])
+    header = property(lambda self: self[2])
 
 
 class Message(object):
@@ -940,6 +1088,7 @@ class Message(object):
         self.attrs = attrs
 
     def get(self, attr, default=None):
+        """The value of attribute `attr`, or `default`."""
         return self.attrs.get(attr, default)
 
 
@@ -949,6 +1098,7 @@ MESSAGE_LAYOUTS = {}
 
 
 def encode_message(layouts, msg_type, flags, seq, header_values, attrs):
+    """One netlink message: header, family header `header_values`, attributes."""
     header, _space = layouts[msg_type]
     body = header.pack(header_values or {}) + encode_attrs(attrs)
     return NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), msg_type, flags, seq, 0) + body
@@ -968,6 +1118,7 @@ def decode_messages(data):
 
 
 def decode_payload(layouts, msg_type, flags, payload):
+    """A Message from the payload of one netlink message of a known type."""
     header, space = layouts[msg_type]
     return Message(msg_type, flags, header.unpack(payload),
                    decode_attrs(space, payload, header.struct.size))
@@ -980,10 +1131,22 @@ class NetlinkError(CNIError):
         text = posix.strerror(errno_value)
         if reason:
             text = "%s (%s)" % (text, reason)
-        transient = errno_value in (4, 11, 16, 105, 110)   # EINTR, EAGAIN, EBUSY, ENOBUFS, ETIMEDOUT
+        transient = errno_value in TRANSIENT_ERRNOS
         CNIError.__init__(self, ERR_TRY_AGAIN if transient else ERR_INTERNAL,
                           "%s: %s" % (what, text) if what else text)
         self.errno = errno_value
+
+
+def unless_exists(action, *args, **kwargs):
+    """Run `action`; True when it made its object, False when that exists already (EEXIST:
+    a concurrent plugin or an earlier ADD made it first, which is success for the caller)."""
+    try:
+        action(*args, **kwargs)
+    except (OSError, NetlinkError) as err:
+        if err.errno != errno.EEXIST:
+            raise
+        return False
+    return True
 
 
 def _ack_error(payload, flags):
@@ -1021,6 +1184,7 @@ class NetlinkSocket(object):
         self.timeout_error = _socket.timeout
 
     def close(self):
+        """Close the socket."""
         self.sock.close()
 
     def _next_seq(self):
@@ -1028,35 +1192,36 @@ class NetlinkSocket(object):
         return self.seq
 
     def _recv(self, what):
+        """One datagram; a silent kernel is code 11 after NETLINK_TIMEOUT."""
         try:
             return self.sock.recv(1 << 17)
         except self.timeout_error:
             raise CNIError(ERR_TRY_AGAIN, "%s: the kernel did not answer within %g s"
                            % (what, NETLINK_TIMEOUT))
         except OSError as err:
-            raise NetlinkError(err.errno or 5, what)
+            raise NetlinkError(err.errno or errno.EIO, what)
 
     def transact(self, requests, what="", batch=None):
         """Send several requests in one datagram and wait for every acknowledgement.
 
-        `requests` are (type, flags, header values, attrs) tuples; NLM_F_REQUEST|NLM_F_ACK are
-        added.  Returns the reply messages of each request (a list per request).  The first
-        refused request raises NetlinkError; rtnetlink still processed the others, while a
-        `batch` (begin type, end type, header values: nf_tables) is committed all or nothing.
+        `requests` are NetlinkRequests.  Returns the reply messages of each request (a list per
+        request).  The first refused request raises NetlinkError; rtnetlink still processed the
+        others, while a `batch` (a BatchFrame: nf_tables) is committed all or nothing.
         """
         seqs = []
         chunks = []
-        for msg_type, flags, header_values, attrs in requests:
+        for request in requests:
+            request = NetlinkRequest(*request)
             seq = self._next_seq()
             seqs.append(seq)
-            chunks.append(encode_message(self.layouts, msg_type, flags | NLM_F_REQUEST | NLM_F_ACK,
-                                         seq, header_values, attrs))
+            chunks.append(encode_message(self.layouts, request.msg_type,
+                                         request.flags | NLM_F_REQUEST | NLM_F_ACK, seq,
+                                         request.header, request.attrs))
         if batch is not None:
-            begin, end, header_values = batch
-            chunks.insert(0, encode_message(self.layouts, begin, NLM_F_REQUEST, self._next_seq(),
-                                            header_values, ()))
-            chunks.append(encode_message(self.layouts, end, NLM_F_REQUEST, self._next_seq(),
-                                         header_values, ()))
+            chunks.insert(0, encode_message(self.layouts, batch.begin, NLM_F_REQUEST,
+                                            self._next_seq(), batch.header, ()))
+            chunks.append(encode_message(self.layouts, batch.end, NLM_F_REQUEST, self._next_seq(),
+                                         batch.header, ()))
         self.sock.send(b"".join(chunks))
         replies = dict((seq, []) for seq in seqs)
         pending = set(seqs)
@@ -1078,7 +1243,7 @@ class NetlinkSocket(object):
 
     def request(self, msg_type, flags=0, header=None, attrs=(), what=""):
         """One request with its acknowledgement; returns the replies (for a GET, the object)."""
-        return self.transact([(msg_type, flags, header, attrs)], what)[0]
+        return self.transact([NetlinkRequest(msg_type, flags, header, attrs)], what)[0]
 
     def dump(self, msg_type, header=None, attrs=(), what=""):
         """A dump request; retried when the kernel flags it interrupted by a concurrent change."""
@@ -1212,7 +1377,8 @@ RouteAttr = AttrSpace(
 
 
 MESSAGE_LAYOUTS[NETLINK_ROUTE] = {}
-for _types, _layout in (((RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK), (IFINFOMSG, LinkAttr)),
+for _types, _layout in (((RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK),
+                         (IFINFOMSG, LinkAttr)),
                         ((RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR), (IFADDRMSG, AddrAttr)),
                         ((RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE), (RTMSG, RouteAttr))):
     for _type in _types:
@@ -1243,6 +1409,7 @@ class Link(object):
 
     @property
     def up(self):
+        """Whether the link is administratively up."""
         return bool(self.flags & IFF_UP)
 
 
@@ -1256,13 +1423,14 @@ def get_link(nl, name=None, index=0):
         replies = nl.request(RTM_GETLINK, 0, {"index": index}, attrs,
                              what="failed to look up link %s" % (name or index))
     except NetlinkError as err:
-        if err.errno in (19, 22):   # ENODEV; EINVAL for names the kernel cannot hold
+        if err.errno in (errno.ENODEV, errno.EINVAL):   # EINVAL: a name the kernel cannot hold
             return None
         raise
     return Link(replies[0]) if replies else None
 
 
 def list_links(nl):
+    """Every link of the socket's namespace."""
     return [Link(m) for m in nl.dump(RTM_GETLINK, {}, _LINK_QUERY, what="failed to list links")]
 
 
@@ -1280,10 +1448,12 @@ def link_change(index, up=None, promisc=None, master=None, mac=None, extra=()):
         attrs.append((LinkAttr.IFLA_MASTER, master))
     if mac is not None:
         attrs.append((LinkAttr.IFLA_ADDRESS, parse_mac(mac)))
-    return (RTM_NEWLINK, 0, {"index": index, "flags": flags, "change": change}, attrs)
+    return NetlinkRequest(RTM_NEWLINK, header={"index": index, "flags": flags, "change": change},
+                          attrs=attrs)
 
 
 def set_link(nl, index, what, **changes):
+    """Change one link (see link_change for `changes`) in its own transaction."""
     nl.transact([link_change(index, **changes)], what)
 
 
@@ -1295,14 +1465,8 @@ def create_bridge(nl, name, mtu=0, vlan_filtering=False):
                                        (LinkInfoAttr.IFLA_INFO_DATA, data)))]
     if mtu:
         attrs.append((LinkAttr.IFLA_MTU, mtu))
-    try:
-        nl.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {}, attrs,
-                   what="failed to create bridge %r" % name)
-    except NetlinkError as err:
-        if err.errno == 17:
-            return False
-        raise
-    return True
+    return unless_exists(nl.request, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, {}, attrs,
+                         what="failed to create bridge %r" % name)
 
 
 def create_veth(nl, name, peer_name, peer_netns_fd=None, mtu=0, mac=None):
@@ -1329,29 +1493,31 @@ def delete_link(nl, index, what=""):
     try:
         nl.request(RTM_DELLINK, 0, {"index": index}, (), what=what or "failed to delete link")
     except NetlinkError as err:
-        if err.errno != 19:
+        if err.errno != errno.ENODEV:
             raise
 
 
 def bridge_port_change(index, hairpin, isolated):
     """A request (for transact) setting a bridge port's hairpin and isolation flags."""
-    return (RTM_SETLINK, 0, {"family": AF_BRIDGE, "index": index},
-            ((LinkAttr.IFLA_PROTINFO, ((BridgePortAttr.IFLA_BRPORT_MODE, int(hairpin)),
-                                       (BridgePortAttr.IFLA_BRPORT_ISOLATED, int(isolated)))),))
+    return NetlinkRequest(RTM_SETLINK, header={"family": AF_BRIDGE, "index": index}, attrs=(
+        (LinkAttr.IFLA_PROTINFO, ((BridgePortAttr.IFLA_BRPORT_MODE, int(hairpin)),
+                                  (BridgePortAttr.IFLA_BRPORT_ISOLATED, int(isolated)))),))
 
 
 def bridge_vlan_request(index, vid, flags, remove=False):
     """A request (for transact) adding or removing one VLAN on a bridge port."""
-    return (RTM_DELLINK if remove else RTM_SETLINK, 0, {"family": AF_BRIDGE, "index": index},
-            ((LinkAttr.IFLA_AF_SPEC, ((BridgeAfSpecAttr.IFLA_BRIDGE_FLAGS, BRIDGE_FLAGS_MASTER),
-                                      (BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO,
-                                       BRIDGE_VLAN_INFO.pack(flags, vid)))),))
+    return NetlinkRequest(
+        RTM_DELLINK if remove else RTM_SETLINK, header={"family": AF_BRIDGE, "index": index},
+        attrs=((LinkAttr.IFLA_AF_SPEC, ((BridgeAfSpecAttr.IFLA_BRIDGE_FLAGS, BRIDGE_FLAGS_MASTER),
+                                        (BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO,
+                                         BRIDGE_VLAN_INFO.pack(flags, vid)))),))
 
 
 def port_vlans(nl, index):
     """{vid: flags} of the VLANs on bridge port `index` (none where the bridge does not filter)."""
     messages = nl.dump(RTM_GETLINK, {"family": AF_BRIDGE},
-                       ((LinkAttr.IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN),), what="failed to list bridge VLANs")
+                       ((LinkAttr.IFLA_EXT_MASK, RTEXT_FILTER_BRVLAN),),
+                       what="failed to list bridge VLANs")
     vlans = {}
     for msg in messages:
         if msg.header["index"] == index:
@@ -1363,7 +1529,8 @@ def port_vlans(nl, index):
 
 
 def vlan_changes(index, current, wanted):
-    """Requests (for transact) taking port `index` from VLANs `current` to `wanted` ({vid: flags})."""
+    """Requests (for transact) taking port `index` from VLANs `current` to `wanted` ({vid:
+    flags})."""
     requests = [bridge_vlan_request(index, vid, 0, remove=True)
                 for vid in sorted(current) if vid not in wanted]
     requests.extend(bridge_vlan_request(index, vid, flags) for vid, flags in sorted(wanted.items()))
@@ -1398,9 +1565,9 @@ def addr_request(index, prefix, remove=False, nodad=False):
     attrs = [(AddrAttr.IFA_LOCAL, raw), (AddrAttr.IFA_ADDRESS, raw)]
     if nodad:
         attrs.append((AddrAttr.IFA_FLAGS, IFA_F_NODAD))
-    return (RTM_DELADDR if remove else RTM_NEWADDR, 0 if remove else NLM_F_CREATE | NLM_F_EXCL,
-            {"family": AF_OF_FAMILY[prefix.family], "prefixlen": prefix.length, "index": index},
-            attrs)
+    return NetlinkRequest(
+        RTM_DELADDR if remove else RTM_NEWADDR, 0 if remove else NLM_F_CREATE | NLM_F_EXCL,
+        {"family": AF_OF_FAMILY[prefix.family], "prefixlen": prefix.length, "index": index}, attrs)
 
 
 def route_request(dst, gateway, oif, priority=0, table=0, scope=None, mtu=0, advmss=0):
@@ -1427,7 +1594,7 @@ def route_request(dst, gateway, oif, priority=0, table=0, scope=None, mtu=0, adv
     header = {"family": AF_OF_FAMILY[family], "dst_len": dst.length,
               "table": table if 0 < table <= 255 else RT_TABLE_MAIN, "protocol": RTPROT_BOOT,
               "scope": scope, "type": RTN_UNICAST}
-    return (RTM_NEWROUTE, NLM_F_CREATE, header, attrs)
+    return NetlinkRequest(RTM_NEWROUTE, NLM_F_CREATE, header, attrs)
 
 
 class Route(object):
@@ -1447,6 +1614,7 @@ class Route(object):
 
 
 def list_routes(nl, family):
+    """The routes of one family (4 or 6) in every table."""
     msgs = nl.dump(RTM_GETROUTE, {"family": AF_OF_FAMILY[family]}, what="failed to list routes")
     return [Route(m) for m in msgs if m.header["family"] == AF_OF_FAMILY[family]]
 
@@ -1478,13 +1646,12 @@ def write_sysctl(key, value, required=False):
 
 
 # ==============================================================================================
-# nf_tables operations
+# nf_tables messages
 # ==============================================================================================
-# Masquerade and MAC spoof checking are nf_tables rules written over NETLINK_NETFILTER in one
-# batched transaction per ADD or DEL, so no `nft` or `iptables` program is needed and a crash
-# never leaves half a rule set.  Names, layout and comments are the reference's (its nftables
-# backend drives the `nft` program with the same text), so each side finds and removes the
-# other's rules.
+# nf_tables spoken over NETLINK_NETFILTER, so no `nft` or `iptables` program is needed: message
+# types and attribute spaces (linux/netfilter/nf_tables.h), the user-data comment `nft` writes,
+# the expressions rules are made of, one transaction (NftBatch) and rules as listed (NftRule).
+# Nothing here knows a plugin's tables: that is the next section's and each plugin's business.
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
@@ -1506,6 +1673,7 @@ BE32S = ">i"
 _SCALARS[BE32S] = struct.Struct(BE32S)
 
 NFGENMSG = Header("!BBH", ("family", "version", "res_id"))
+NFT_BATCH = BatchFrame(NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, {"res_id": NFNL_SUBSYS_NFTABLES})
 
 
 NftVerdictAttr = AttrSpace(
@@ -1627,7 +1795,8 @@ def comment_of(udata):
     while udata and offset + 2 <= len(udata):
         kind, length = struct.unpack_from("=BB", udata, offset)
         if kind == NFTNL_UDATA_COMMENT:
-            return udata[offset + 2:offset + 2 + length].split(b"\0", 1)[0].decode("utf-8", "replace")
+            text = udata[offset + 2:offset + 2 + length].split(b"\0", 1)[0]
+            return text.decode("utf-8", "replace")
         offset += 2 + length
     return ""
 
@@ -1635,19 +1804,24 @@ def comment_of(udata):
 # --- expressions ---------------------------------------------------------------------------
 
 def _expr(name, attrs):
+    """One element of a rule's expression list: name and its attributes."""
     return (NftListAttr.NFTA_LIST_ELEM, ((NftExprAttr.NFTA_EXPR_NAME, name),
                                          (NftExprAttr.NFTA_EXPR_DATA, attrs)))
 
 
 def _value(data):
+    """Immediate data for a cmp, bitwise or immediate expression."""
     return ((NftDataAttr.NFTA_DATA_VALUE, data),)
 
 
 def expr_meta(key):
-    return _expr("meta", ((NftMetaAttr.NFTA_META_KEY, key), (NftMetaAttr.NFTA_META_DREG, NFT_REG_1)))
+    """Load meta key `key` (iifname, nfproto ...) into register 1."""
+    return _expr("meta",
+                 ((NftMetaAttr.NFTA_META_KEY, key), (NftMetaAttr.NFTA_META_DREG, NFT_REG_1)))
 
 
 def expr_payload(base, offset, length):
+    """Load `length` bytes at `offset` of header `base` into register 1."""
     return _expr("payload", ((NftPayloadAttr.NFTA_PAYLOAD_DREG, NFT_REG_1),
                              (NftPayloadAttr.NFTA_PAYLOAD_BASE, base),
                              (NftPayloadAttr.NFTA_PAYLOAD_OFFSET, offset),
@@ -1655,11 +1829,13 @@ def expr_payload(base, offset, length):
 
 
 def expr_cmp(op, data):
+    """Compare register 1 with `data` (NFT_CMP_EQ, NFT_CMP_NEQ)."""
     return _expr("cmp", ((NftCmpAttr.NFTA_CMP_SREG, NFT_REG_1), (NftCmpAttr.NFTA_CMP_OP, op),
                          (NftCmpAttr.NFTA_CMP_DATA, _value(data))))
 
 
 def expr_bitwise(mask):
+    """AND register 1 with `mask` (a prefix match)."""
     return _expr("bitwise", ((NftBitwiseAttr.NFTA_BITWISE_SREG, NFT_REG_1),
                              (NftBitwiseAttr.NFTA_BITWISE_DREG, NFT_REG_1),
                              (NftBitwiseAttr.NFTA_BITWISE_LEN, len(mask)),
@@ -1668,6 +1844,7 @@ def expr_bitwise(mask):
 
 
 def expr_verdict(code, chain=None):
+    """A verdict: accept, drop, return, or jump/goto `chain`."""
     verdict = [(NftVerdictAttr.NFTA_VERDICT_CODE, code)]
     if chain:
         verdict.append((NftVerdictAttr.NFTA_VERDICT_CHAIN, chain))
@@ -1677,6 +1854,7 @@ def expr_verdict(code, chain=None):
 
 
 def expr_masquerade():
+    """`masquerade`: source NAT to the outgoing interface's address."""
     return _expr("masq", ())
 
 
@@ -1710,21 +1888,25 @@ class NftBatch(object):
         self.requests = []
 
     def add(self, msg_type, family, attrs, flags=0):
-        self.requests.append((msg_type, flags, {"family": family}, attrs))
+        """Add one message of type `msg_type` for `family`."""
+        self.requests.append(NetlinkRequest(msg_type, flags, {"family": family}, attrs))
 
     def add_table(self, family, table, comment=None):
+        """Create a table (kept when it exists)."""
         attrs = [(NftTableAttr.NFTA_TABLE_NAME, table)]
         if comment:
             attrs.append((NftTableAttr.NFTA_TABLE_USERDATA, udata_comment(comment)))
         self.add(NFT_MSG_NEWTABLE, family, attrs, NLM_F_CREATE)
 
     def add_chain(self, family, table, chain, hook=None, comment=None):
-        """A chain (`hook` = (type, hook number, priority) makes it a base chain); kept if it exists."""
+        """A chain (`hook` = (type, hook number, priority) makes it a base chain); kept if it
+        exists."""
         attrs = [(NftChainAttr.NFTA_CHAIN_TABLE, table), (NftChainAttr.NFTA_CHAIN_NAME, chain)]
         if hook is not None:
             chain_type, hooknum, priority = hook
-            attrs.append((NftChainAttr.NFTA_CHAIN_HOOK, ((NftHookAttr.NFTA_HOOK_HOOKNUM, hooknum),
-                                                         (NftHookAttr.NFTA_HOOK_PRIORITY, priority))))
+            attrs.append((NftChainAttr.NFTA_CHAIN_HOOK,
+                          ((NftHookAttr.NFTA_HOOK_HOOKNUM, hooknum),
+                           (NftHookAttr.NFTA_HOOK_PRIORITY, priority))))
             attrs.append((NftChainAttr.NFTA_CHAIN_POLICY, NF_ACCEPT))
             attrs.append((NftChainAttr.NFTA_CHAIN_TYPE, chain_type))
         if comment:
@@ -1732,14 +1914,17 @@ class NftBatch(object):
         self.add(NFT_MSG_NEWCHAIN, family, attrs, NLM_F_CREATE)
 
     def flush_chain(self, family, table, chain):
+        """Remove every rule of a chain."""
         self.add(NFT_MSG_DELRULE, family, ((NftRuleAttr.NFTA_RULE_TABLE, table),
                                            (NftRuleAttr.NFTA_RULE_CHAIN, chain)))
 
     def delete_chain(self, family, table, chain):
+        """Remove an (empty) chain."""
         self.add(NFT_MSG_DELCHAIN, family, ((NftChainAttr.NFTA_CHAIN_TABLE, table),
                                             (NftChainAttr.NFTA_CHAIN_NAME, chain)))
 
     def add_rule(self, family, table, chain, exprs, comment=None):
+        """Append a rule of `exprs` to a chain, with an optional comment."""
         attrs = [(NftRuleAttr.NFTA_RULE_TABLE, table), (NftRuleAttr.NFTA_RULE_CHAIN, chain),
                  (NftRuleAttr.NFTA_RULE_EXPRESSIONS, exprs)]
         if comment:
@@ -1747,14 +1932,15 @@ class NftBatch(object):
         self.add(NFT_MSG_NEWRULE, family, attrs, NLM_F_CREATE | NLM_F_APPEND)
 
     def delete_rule(self, rule):
+        """Remove a rule listed by list_rules (by handle)."""
         self.add(NFT_MSG_DELRULE, rule.family, ((NftRuleAttr.NFTA_RULE_TABLE, rule.table),
                                                 (NftRuleAttr.NFTA_RULE_CHAIN, rule.chain),
                                                 (NftRuleAttr.NFTA_RULE_HANDLE, rule.handle)))
 
     def commit(self, nl, what):
+        """Send the messages as one transaction (nothing when there are none)."""
         if self.requests:
-            nl.transact(self.requests, what, batch=(NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END,
-                                                     {"res_id": NFNL_SUBSYS_NFTABLES}))
+            nl.transact(self.requests, what, batch=NFT_BATCH)
 
 
 class NftRule(object):
@@ -1784,30 +1970,46 @@ class NftRule(object):
         return self._scan()[1]
 
     def _scan(self):
+        """Decode the expressions once: (jump target, matched input interface)."""
         if self._scanned is None:
             target = iifname = None
             loaded_iifname = False
-            elements = decode_attrs(NftListAttr, self._expressions).get(NftListAttr.NFTA_LIST_ELEM, [])
+            elements = decode_attrs(NftListAttr, self._expressions).get(
+                NftListAttr.NFTA_LIST_ELEM, [])
             for element in elements:
                 name = element.get(NftExprAttr.NFTA_EXPR_NAME)
                 if name not in EXPRESSION_SPACES:
                     continue
-                data = decode_attrs(EXPRESSION_SPACES[name], element.get(NftExprAttr.NFTA_EXPR_DATA, b""))
+                data = decode_attrs(EXPRESSION_SPACES[name],
+                                    element.get(NftExprAttr.NFTA_EXPR_DATA, b""))
                 if name == "immediate":
-                    verdict = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DATA, {}).get(NftDataAttr.NFTA_DATA_VERDICT, {})
+                    immediate = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DATA, {})
+                    verdict = immediate.get(NftDataAttr.NFTA_DATA_VERDICT, {})
                     target = verdict.get(NftVerdictAttr.NFTA_VERDICT_CHAIN, target)
                 elif name == "meta":
                     loaded_iifname = data.get(NftMetaAttr.NFTA_META_KEY) == NFT_META_IIFNAME
                 elif name == "cmp" and loaded_iifname:
-                    raw = data.get(NftCmpAttr.NFTA_CMP_DATA, {}).get(NftDataAttr.NFTA_DATA_VALUE, b"")
+                    compared = data.get(NftCmpAttr.NFTA_CMP_DATA, {})
+                    raw = compared.get(NftDataAttr.NFTA_DATA_VALUE, b"")
                     iifname = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                     loaded_iifname = False
             self._scanned = (target, iifname)
         return self._scanned
 
 
-_node_nftables = None
-
+# ==============================================================================================
+# nf_tables rule sets
+# ==============================================================================================
+# The part of nf_tables every rule-writing plugin shares (the bridge's masquerade and MAC spoof
+# check, portmap, firewall); each plugin keeps only its own names, layouts and comments.
+# - Tables and chains are found by name, rules by their comment (the reference's, so each side
+#   finds and removes the other's rules); no handle is remembered between two calls.
+# - Every change is one NftBatch committed as one transaction: a crash leaves all or nothing.
+#   A transaction built from a listing is rebuilt when the kernel refuses it because a rule it
+#   lists vanished meanwhile (ENOENT: a concurrent DEL), see commit_rebuilt.
+# - A table that is not ours (kube-proxy's, iptables-nft's) is never listed whole: chains are
+#   looked up one by one before their rules are listed.
+# - GC removes the rules whose comment names an attachment that is no longer valid.
 
 def node_nftables():
     """The plugin's nf_tables socket in the node's namespace, kept open until the process exits.
@@ -1815,19 +2017,19 @@ def node_nftables():
     Closing an nf_tables socket right after a transaction that deleted rules waits for an RCU
     grace period (10-20 ms); kept open, that wait overlaps the rest of the plugin's work.
     """
-    global _node_nftables
-    if _node_nftables is None:
-        _node_nftables = NetlinkSocket(NETLINK_NETFILTER)
-    return _node_nftables
+    if PROCESS.node_nftables is None:
+        PROCESS.node_nftables = NetlinkSocket(NETLINK_NETFILTER)
+    return PROCESS.node_nftables
 
 
 def chain_exists(nl, family, table, chain):
+    """Whether `table` of `family` has `chain` (one lookup: the table is not listed)."""
     try:
         nl.request(NFT_MSG_GETCHAIN, 0, {"family": family},
                    ((NftChainAttr.NFTA_CHAIN_TABLE, table), (NftChainAttr.NFTA_CHAIN_NAME, chain)),
                    what="failed to look up chain %s" % chain)
     except NetlinkError as err:
-        if err.errno == 2:      # ENOENT: no such table or chain
+        if err.errno == errno.ENOENT:      # no such table or chain
             return False
         raise
     return True
@@ -1842,10 +2044,54 @@ def list_rules(nl, family, table, chain=None):
         msgs = nl.dump(NFT_MSG_GETRULE, {"family": family}, attrs,
                        what="failed to list nf_tables rules of %s" % table)
     except NetlinkError as err:
-        if err.errno == 2:      # ENOENT
+        if err.errno == errno.ENOENT:
             return []
         raise
     return [NftRule(m) for m in msgs if not chain or m.get(NftRuleAttr.NFTA_RULE_CHAIN) == chain]
+
+
+def rules_commented(nl, family, table, chain, prefix):
+    """The rules of a chain whose comment starts with `prefix` (an attachment's mark)."""
+    return [r for r in list_rules(nl, family, table, chain) if r.comment.startswith(prefix)]
+
+
+def remove_chains(batch, nl, family, table, base_chain, chains):
+    """Add to `batch` the removal of regular chains, their rules and the rules of `base_chain`
+    jumping to them.  Absent chains are looked up one by one, so a large table (kube-proxy's
+    iptables rules, say) is never listed."""
+    present = [c for c in chains if chain_exists(nl, family, table, c)]
+    if not present:
+        return
+    for rule in list_rules(nl, family, table, base_chain):
+        if rule.jump_target in present:
+            batch.delete_rule(rule)
+    for chain in present:
+        batch.flush_chain(family, table, chain)
+    for chain in present:
+        batch.delete_chain(family, table, chain)
+
+
+def commit_rebuilt(nl, build, what, attempts=3):
+    """Commit the transaction `build(batch)` fills, rebuilding it (from fresh listings) when the
+    kernel refuses it whole because something it lists was removed meanwhile (ENOENT)."""
+    for attempt in range(attempts):
+        batch = NftBatch()
+        build(batch)
+        try:
+            batch.commit(nl, what)
+            return
+        except NetlinkError as err:
+            if err.errno != errno.ENOENT or attempt == attempts - 1:
+                raise
+
+
+def remove_stale_rules(batch, nl, family, table, chain, owner_of, valid):
+    """Add to `batch` the removal of the rules of a chain whose owner is no longer valid:
+    `owner_of(rule)` names the attachment a rule belongs to (None: not one we manage)."""
+    for rule in list_rules(nl, family, table, chain):
+        owner = owner_of(rule)
+        if owner is not None and owner not in valid:
+            batch.delete_rule(rule)
 
 
 # ==============================================================================================
@@ -1862,8 +2108,7 @@ OWN_NETNS_PATH = "/proc/self/ns/net"
 MS_BIND = 4096
 MNT_DETACH = 2
 
-_libc_functions = {}
-_original_netns_fd = None
+_libc_functions = {}        # libc function pointers: valid in a forked child too
 
 
 def libc_call(name, *args):
@@ -1923,10 +2168,9 @@ def setns(fd, nstype=CLONE_NEWNET):
 
 def original_netns_fd():
     """An fd of the namespace the plugin was started in (the node's), opened before any switch."""
-    global _original_netns_fd
-    if _original_netns_fd is None:
-        _original_netns_fd = posix.open(OWN_NETNS_PATH, posix.O_RDONLY | posix.O_CLOEXEC)
-    return _original_netns_fd
+    if PROCESS.original_netns_fd is None:
+        PROCESS.original_netns_fd = posix.open(OWN_NETNS_PATH, posix.O_RDONLY | posix.O_CLOEXEC)
+    return PROCESS.original_netns_fd
 
 
 class NetnsGone(CNIError):
@@ -1952,9 +2196,10 @@ class Netns(object):
         self.path = path
         original_netns_fd()
         try:
-            self.fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NOCTTY | posix.O_NONBLOCK)
+            self.fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NOCTTY
+                                 | posix.O_NONBLOCK)
         except OSError as err:
-            if err.errno in (2, 20):     # ENOENT, ENOTDIR
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise NetnsGone(ERR_INVALID_NETNS, "failed to open netns %r: %s"
                                 % (path, err.strerror), "the network namespace does not exist")
             raise CNIError(ERR_INVALID_NETNS, "failed to open netns %r: %s" % (path, err.strerror))
@@ -1971,9 +2216,11 @@ class Netns(object):
             raise missing_ctypes("setns")
 
     def close(self):
+        """Close the namespace's fd."""
         posix.close(self.fd)
 
     def entered(self):
+        """A context manager running its block inside the namespace."""
         return _InNetns(self.fd)
 
     def netlink(self, protocol=NETLINK_ROUTE):
@@ -2007,10 +2254,10 @@ def make_directories(path, mode=0o755):
     except OSError as err:
         slash = b"/" if isinstance(path, bytes) else "/"
         parent = path.rstrip(slash).rpartition(slash)[0]
-        if err.errno == 2 and parent:                       # ENOENT: a parent is missing
+        if err.errno == errno.ENOENT and parent:            # a parent is missing
             make_directories(parent, mode)
             make_directories(path, mode)
-        elif err.errno != 17 or not is_directory(path):
+        elif err.errno != errno.EEXIST or not is_directory(path):
             raise
 
 
@@ -2027,6 +2274,7 @@ def remove_tree(path):
 
 
 def is_directory(path):
+    """Whether `path` is a directory (following symlinks); False when it is absent."""
     try:
         return posix.stat(path).st_mode & S_IFMT == S_IFDIR
     except OSError:
@@ -2036,7 +2284,8 @@ def is_directory(path):
 def create_named_netns(path):
     """Make a new network namespace and bind-mount it at `path`, as `ip netns add` does."""
     make_directories(path.rpartition("/")[0])
-    posix.close(posix.open(path, posix.O_RDONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC, 0o444))
+    posix.close(posix.open(path, posix.O_RDONLY | posix.O_CREAT | posix.O_EXCL | posix.O_CLOEXEC,
+                           0o444))
     pid = posix.fork()
     if pid == 0:
         status = 1
@@ -2056,7 +2305,7 @@ def remove_named_netns(path):
     try:
         libc_call("umount2", path.encode(), MNT_DETACH)
     except OSError as err:
-        if err.errno not in (2, 22):        # not there, or not a mount point
+        if err.errno not in (errno.ENOENT, errno.EINVAL):        # not there, or not a mount point
             raise
     posix.unlink(path)
 
@@ -2080,8 +2329,9 @@ TEMP_PREFIX = ".tmp-"
 
 def os_error(err, what):
     """A CNIError for a failed file operation: a full disk is worth retrying, the rest is I/O."""
-    code = ERR_TRY_AGAIN if err.errno in (28, 122) else ERR_IO     # ENOSPC, EDQUOT
-    return CNIError(code, "%s: %s" % (what, err.strerror or err), getattr(err, "filename", "") or "")
+    code = ERR_TRY_AGAIN if err.errno in (errno.ENOSPC, errno.EDQUOT) else ERR_IO
+    return CNIError(code, "%s: %s" % (what, err.strerror or err),
+                    getattr(err, "filename", "") or "")
 
 
 class IPRange(object):
@@ -2097,22 +2347,25 @@ class IPRange(object):
 
     @classmethod
     def parse(cls, obj, where):
+        """A range from a range object (subnet, rangeStart, rangeEnd, gateway); `where`
+        names it in errors."""
         if not isinstance(obj, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be an object" % where)
+            raise config_error("%s must be an object" % where)
         text = conf_get(obj, "subnet", str, None, where + ".")
         if text is None:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.subnet is missing" % where)
+            raise config_error("%s.subnet is missing" % where)
         try:
             subnet = Prefix.parse(text)
         except ValueError as err:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.subnet: %s" % (where, err))
+            raise config_error("%s.subnet: %s" % (where, err))
         bits = IP_BITS[subnet.family]
         if subnet.length > bits - 2:
             raise CNIError(ERR_INVALID_CONFIG, "Network %s too small to allocate from" % text)
         if subnet.ip != subnet.network:
             raise CNIError(ERR_INVALID_CONFIG,
                            "Network has host bits set. For a subnet mask of length %d the network "
-                           "address is %s" % (subnet.length, ip_to_text(subnet.family, subnet.network)))
+                           "address is %s" % (subnet.length,
+                                              ip_to_text(subnet.family, subnet.network)))
         last_usable = subnet.last - 1 if subnet.family == 4 else subnet.last
 
         def address(key, default):
@@ -2122,7 +2375,7 @@ class IPRange(object):
             try:
                 family, ip = parse_ip(value)
             except ValueError as err:
-                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s.%s: %s" % (where, key, err))
+                raise config_error("%s.%s: %s" % (where, key, err))
             if not subnet.contains(family, ip):
                 raise CNIError(ERR_INVALID_CONFIG, "%s %s not in network %s"
                                % (key[0].upper() + key[1:], value, text))
@@ -2132,13 +2385,14 @@ class IPRange(object):
         end = address("rangeEnd", last_usable)
         gateway = address("gateway", subnet.network + 1)
         if start > end:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s: rangeStart %s is after "
-                           "rangeEnd %s" % (where, ip_to_text(subnet.family, start),
-                                            ip_to_text(subnet.family, end)))
+            raise config_error("%s: rangeStart %s is after rangeEnd %s"
+                               % (where, ip_to_text(subnet.family, start),
+                                  ip_to_text(subnet.family, end)))
         return cls(subnet, start, end, gateway)
 
     @property
     def family(self):
+        """4 or 6."""
         return self.subnet.family
 
     def usable(self, ip):
@@ -2155,6 +2409,7 @@ class IPRange(object):
         return size - (1 if low <= self.gateway <= high else 0)
 
     def overlaps(self, other):
+        """Whether the two ranges share an address."""
         return self.family == other.family and self.start <= other.end and other.start <= self.end
 
     def __str__(self):
@@ -2175,12 +2430,14 @@ class RangeSet(list):
         return None
 
     def capacity(self):
+        """How many addresses the set can hand out."""
         return sum(r.capacity() for r in self)
 
 
 def parse_range_set(items, where):
+    """A validated RangeSet from a list of range objects (one family, no overlap)."""
     if not isinstance(items, list):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list of ranges" % where)
+        raise config_error("%s must be a list of ranges" % where)
     if not items:
         raise CNIError(ERR_INVALID_CONFIG, "invalid range set %s: empty range set" % where)
     ranges = RangeSet(IPRange.parse(item, "%s[%d]" % (where, i)) for i, item in enumerate(items))
@@ -2218,12 +2475,12 @@ def parse_resolv_conf(path):
 def parse_routes(items, where):
     """Validate a `routes` list; routes are returned in canonical text form."""
     if not isinstance(items, list):
-        raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list" % where)
+        raise config_error("%s must be a list" % where)
     routes = []
     for i, item in enumerate(items):
         here = "%s[%d]." % (where, i)
         if not isinstance(item, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be an object" % here[:-1])
+            raise config_error("%s must be an object" % here[:-1])
         try:
             dst = Prefix.parse(conf_get(item, "dst", str, None, here))
             route = {"dst": dst.network_text()}
@@ -2234,7 +2491,7 @@ def parse_routes(items, where):
                     raise ValueError("gateway %s is not of the family of %s" % (gw, route["dst"]))
                 route["gw"] = ip_to_text(family, ip)
         except ValueError as err:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %sdst: %s" % (here, err))
+            raise config_error("%sdst: %s" % (here, err))
         for key, high in (("mtu", 65535), ("advmss", 65535), ("priority", 2 ** 32 - 1),
                           ("table", 2 ** 32 - 1), ("scope", 255)):
             if conf_get(item, key) is not None:
@@ -2243,46 +2500,67 @@ def parse_routes(items, where):
     return routes
 
 
-class IPAMConfig(object):
-    """host-local's configuration: where its state lives and what it hands out."""
+class IPAMLocation(object):
+    """Where a network's host-local state lives: all that DEL and GC read of the config, so a
+    range configuration that no longer validates does not leak reservations (decision 9)."""
 
     def __init__(self, request):
         ipam = conf_get(request.config, "ipam", dict)
         if ipam is None:
             raise CNIError(ERR_INVALID_CONFIG, "IPAM config missing 'ipam' key")
-        self.network = request.config["name"]
+        self.network = request.network
         self.data_dir = conf_get(ipam, "dataDir", str, DEFAULT_DATA_DIR, "ipam.")
-        if not self.data_dir.startswith("/") or "\0" in self.data_dir or not encodable(self.data_dir):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: ipam.dataDir must be an "
-                           "absolute path", self.data_dir[:300])
-        self.ipam = ipam
+        if (not self.data_dir.startswith("/") or "\0" in self.data_dir
+                or not encodable(self.data_dir)):
+            raise config_error("ipam.dataDir must be an absolute path", self.data_dir[:300])
 
-    def load_ranges(self, request):
-        """Parse and validate everything an ADD, CHECK or STATUS needs; DEL and GC do without."""
-        ipam, where = self.ipam, "ipam."
+
+class HostLocalConfig(IPAMLocation):
+    """host-local's keys (the reference's names, matched case-insensitively), read here alone:
+
+      ipam.dataDir          state directory (default /var/lib/cni/networks)        IPAMLocation
+      ipam.subnet, ipam.rangeStart, ipam.rangeEnd, ipam.gateway
+                            one range: the older single-range form                  IPRange.parse
+      ipam.ranges           [[range, ...], ...]: range sets, one address from each  parse_range_set
+      ipam.routes           [{dst, gw, mtu, advmss, priority, table, scope}]        parse_routes
+      ipam.resolvConf       a resolv.conf file whose contents are the result's dns
+      runtimeConfig.ipRanges  range sets from the runtime (capability "ipRanges"), first
+      CNI_ARGS IP, args.cni.ips, runtimeConfig.ips   addresses asked for, in that order
+
+    Everything ADD, CHECK and STATUS need, validated by the constructor.
+    """
+
+    def __init__(self, request):
+        IPAMLocation.__init__(self, request)
+        ipam = conf_get(request.config, "ipam", dict)
+        self.range_sets = self._range_sets(request, ipam)
+        self.routes = parse_routes(conf_get(ipam, "routes", list, [], "ipam."), "ipam.routes")
+        resolv = conf_get(ipam, "resolvConf", str, "", "ipam.")
+        self.dns = parse_resolv_conf(resolv) if resolv else {}
+        self.requested = self._requested_ips(request)
+
+    @staticmethod
+    def _range_sets(request, ipam):
+        """Range sets in the reference's order: the runtime's, ipam.subnet's, ipam.ranges."""
         sets = []
         for i, items in enumerate(conf_get(request.runtime_config(), "ipRanges", list, [])):
             sets.append(parse_range_set(items, "runtimeConfig.ipRanges[%d]" % i))
         if conf_get(ipam, "subnet") is not None:
             sets.append(parse_range_set([ipam], "ipam"))
-        for i, items in enumerate(conf_get(ipam, "ranges", list, [], where)):
+        for i, items in enumerate(conf_get(ipam, "ranges", list, [], "ipam.")):
             sets.append(parse_range_set(items, "ipam.ranges[%d]" % i))
         if not sets:
             raise CNIError(ERR_INVALID_CONFIG, "no IP ranges specified")
         if is_legacy_version(request.version):
             for family in (4, 6):
                 if sum(1 for s in sets if s[0].family == family) > 1:
-                    raise CNIError(ERR_INVALID_CONFIG, "CNI version %s does not support more than 1 "
-                                   "address per family" % request.version)
+                    raise CNIError(ERR_INVALID_CONFIG, "CNI version %s does not support more "
+                                   "than 1 address per family" % request.version)
         for i, a in enumerate(sets):
             for j in range(i + 1, len(sets)):
                 if any(x.overlaps(y) for x in a for y in sets[j]):
                     raise CNIError(ERR_INVALID_CONFIG, "range set %d overlaps with %d" % (i, j))
-        self.range_sets = sets
-        self.routes = parse_routes(conf_get(ipam, "routes", list, [], where), "ipam.routes")
-        resolv = conf_get(ipam, "resolvConf", str, "", where)
-        self.dns = parse_resolv_conf(resolv) if resolv else {}
-        self.requested = self._requested_ips(request)
+        return sets
 
     @staticmethod
     def _requested_ips(request):
@@ -2293,10 +2571,11 @@ class IPAMConfig(object):
             texts.extend(arg.split(","))
         cni = conf_get(conf_get(request.config, "args", dict, {}), "cni", dict, {})
         for where, items in (("args.cni.ips", conf_get(cni, "ips", list, [])),
-                             ("runtimeConfig.ips", conf_get(request.runtime_config(), "ips", list, []))):
+                             ("runtimeConfig.ips",
+                              conf_get(request.runtime_config(), "ips", list, []))):
             for item in items:
                 if not isinstance(item, str):
-                    raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must hold strings" % where)
+                    raise config_error("%s must hold strings" % where)
                 texts.append(item)
         requested = []
         for text in texts:
@@ -2335,22 +2614,24 @@ class Store(object):
         except OSError as err:
             self.__exit__()
             raise os_error(err, "failed to open the IPAM state directory %s" % path)
-        deadline = time.time() + LOCK_TIMEOUT
-        delay = 0.001
-        while True:
+
+        def try_lock():
             try:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return self
             except OSError as err:
-                if err.errno not in (11, 4):        # EAGAIN/EWOULDBLOCK, EINTR
-                    self.__exit__()
+                if err.errno not in (errno.EWOULDBLOCK, errno.EINTR):
                     raise os_error(err, "failed to lock %s/lock" % path)
-            if time.time() > deadline:
-                self.__exit__()
-                raise CNIError(ERR_TRY_AGAIN, "timed out after %g s waiting for the lock on %s"
-                               % (LOCK_TIMEOUT, path), "another plugin holds it; try again later")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+                return None
+
+        def timed_out():
+            return CNIError(ERR_TRY_AGAIN, "timed out after %g s waiting for the lock on %s"
+                            % (LOCK_TIMEOUT, path), "another plugin holds it; try again later")
+        try:
+            return poll_until(try_lock, LOCK_TIMEOUT, timed_out, max_delay=0.02)
+        except CNIError:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc):
         for fd in (self.lock_fd, self.dir_fd):
@@ -2362,7 +2643,8 @@ class Store(object):
     def read(self, name):
         """Content of a state file, or None when it does not exist or is not a regular file."""
         try:
-            fd = posix.open(name, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC | posix.O_NONBLOCK,
+            fd = posix.open(name,
+                            posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_CLOEXEC | posix.O_NONBLOCK,
                             dir_fd=self.dir_fd)
         except OSError:
             return None
@@ -2403,6 +2685,7 @@ class Store(object):
         self.remove(self.file_names.get(key) or ip_to_text(*key))
 
     def _write_temp(self, content):
+        """Write `content` to a new temporary file in the directory; its name."""
         name = "%s%d" % (TEMP_PREFIX, posix.getpid())
         try:
             fd = posix.open(name, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_NOFOLLOW
@@ -2423,25 +2706,27 @@ class Store(object):
         """Create the reservation file of an address; False when it is taken already."""
         temp = self._write_temp(owner)
         try:
-            posix.link(temp, ip_to_text(family, ip), src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd,
-                       follow_symlinks=False)
-            self.created.add((family, ip))
-            return True
+            made = unless_exists(posix.link, temp, ip_to_text(family, ip), src_dir_fd=self.dir_fd,
+                                 dst_dir_fd=self.dir_fd, follow_symlinks=False)
         except OSError as err:
-            if err.errno == 17:
-                return False
             raise os_error(err, "failed to reserve %s" % ip_to_text(family, ip))
         finally:
             self.remove(temp)
+        if made:
+            self.created.add((family, ip))
+        return made
 
     def remove(self, name):
+        """Remove a state file; one that is already gone is not an error."""
         try:
             posix.unlink(name, dir_fd=self.dir_fd)
         except OSError as err:
-            if err.errno != 2:
-                raise os_error(err, "failed to remove %s/%s/%s" % (self.data_dir, self.network, name))
+            if err.errno != errno.ENOENT:
+                raise os_error(err,
+                               "failed to remove %s/%s/%s" % (self.data_dir, self.network, name))
 
     def last_reserved(self, set_index):
+        """The last address handed out from range set `set_index`, or None."""
         content = self.read(LAST_RESERVED_PREFIX + str(set_index))
         try:
             return parse_ip(content.strip()) if content else None
@@ -2449,6 +2734,7 @@ class Store(object):
             return None
 
     def set_last_reserved(self, set_index, family, ip):
+        """Record the last address handed out from range set `set_index` (atomically)."""
         temp = self._write_temp(ip_to_text(family, ip))
         try:
             posix.rename(temp, LAST_RESERVED_PREFIX + str(set_index), src_dir_fd=self.dir_fd,
@@ -2459,6 +2745,7 @@ class Store(object):
 
 
 def owner_text(container_id, ifname):
+    """The content of a reservation file: the reference's "<containerID>\r\n<ifname>"."""
     return "%s\r\n%s" % (container_id.strip(), ifname)
 
 
@@ -2495,7 +2782,8 @@ def allocate(store, config, container_id, ifname):
     made, result = [], []
     try:
         for set_index, ranges in enumerate(config.range_sets):
-            result.append(_allocate_in_set(store, set_index, ranges, reserved, requested, owner, made))
+            result.append(_allocate_in_set(store, set_index, ranges, reserved, requested, owner,
+                                           made))
         if requested:
             raise CNIError(ERR_INVALID_CONFIG, "failed to allocate all requested IPs: %s"
                            % " ".join(ip_to_text(*ip) for ip in requested),
@@ -2528,7 +2816,8 @@ def _allocate_in_set(store, set_index, ranges, reserved, requested, owner, made)
                            % (text, ranges))
         if not store.reserve(fam, ip, owner):
             raise CNIError(ERR_INVALID_CONFIG, "requested IP address %s is not available in range "
-                           "set %s" % (text, ranges), "reserved by %r" % (store.read(text) or "")[:100])
+                           "set %s" % (text, ranges),
+                           "reserved by %r" % (store.read(text) or "")[:100])
         made.append((fam, ip))
         store.set_last_reserved(set_index, fam, ip)
         return r, fam, ip
@@ -2573,12 +2862,12 @@ def release(store, container_id, ifname, known=()):
 def valid_attachments(config):
     """The (containerID, ifname) pairs of a GC request, or None when the request names none."""
     for key in ("cni.dev/valid-attachments", "cni.dev/attachments"):
-        items = config.get(key)
+        items = conf_lookup(config, key)
         if items is not None:
             if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-                raise CNIError(ERR_INVALID_CONFIG, "invalid network config: %s must be a list of "
-                               "objects" % key)
-            return set((str(conf_get(i, "containerID", None, "")), str(conf_get(i, "ifname", None, "")))
+                raise config_error("%s must be a list of objects" % key)
+            return set((str(conf_get(i, "containerID", None, "")),
+                        str(conf_get(i, "ifname", None, "")))
                        for i in items)
     return None
 
@@ -2643,6 +2932,7 @@ def loopback_del(request):
 
 
 def loopback_check(request):
+    """CHECK: `lo` exists and is up in the container."""
     nl = Netns(request.netns).netlink()
     lo = get_link(nl, "lo")
     if lo is None or not lo.up:
@@ -2651,6 +2941,7 @@ def loopback_check(request):
 
 
 def nothing_to_do(request):
+    """STATUS and GC of a plugin that keeps no state."""
     return None
 
 
@@ -2658,29 +2949,32 @@ def nothing_to_do(request):
 # The host-local plugin
 # ==============================================================================================
 
-def host_local_add(request):
-    """Reserve one address per range set; the short IPAM result (no interfaces).
-
-    The result also says, for the bridge plugin in this process, whether the attachment already
-    held a reservation (a repeated ADD): only then can rules of an earlier ADD exist.
-    """
-    config = IPAMConfig(request)
-    config.load_ranges(request)
+def host_local_allocate(request):
+    """Reserve one address per range set.  Returns the short IPAM result (no interfaces) and
+    whether the attachment already held a reservation (a repeated ADD): the bridge plugin in
+    this process asks, because only then can rules of an earlier ADD exist."""
+    config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
         allocations = allocate(store, config, request.container_id, request.ifname)
     ips = [{"address": "%s/%d" % (ip_to_text(family, ip), r.subnet.length),
             "gateway": ip_to_text(family, r.gateway)} for r, family, ip in allocations]
     reused = any((family, ip) not in store.created for _r, family, ip in allocations)
-    return {"ips": ips, "routes": config.routes, "dns": config.dns, "reused": reused}
+    return {"ips": ips, "routes": config.routes, "dns": config.dns}, reused
+
+
+def host_local_add(request):
+    """ADD: reserve one address per range set; the short IPAM result (no interfaces)."""
+    return host_local_allocate(request)[0]
 
 
 def host_local_del(request):
     """Release the attachment's addresses; needs only the network name and dataDir, so a range
     configuration that no longer validates does not leak them (decision 9)."""
-    config = IPAMConfig(request)
+    config = IPAMLocation(request)
     try:
         known = [(p.family, p.ip) for p in (Prefix.parse(ip["address"])
-                                             for ip in (previous_result(request) or {}).get("ips", []))]
+                                             for ip in (previous_result(request) or {}).get(
+                                                 "ips", []))]
     except CNIError:
         known = []              # a broken prevResult only costs the walk of the directory
     with Store(config.data_dir, config.network) as store:
@@ -2689,8 +2983,8 @@ def host_local_del(request):
 
 
 def host_local_check(request):
-    config = IPAMConfig(request)
-    config.load_ranges(request)
+    """CHECK: the attachment holds a reservation, and every prevResult address of our ranges."""
+    config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
         reserved = store.reservations()
     owner = owner_text(request.container_id, request.ifname)
@@ -2716,7 +3010,7 @@ def host_local_gc(request):
     valid = valid_attachments(request.config)
     if valid is None:
         return None
-    config = IPAMConfig(request)
+    config = IPAMLocation(request)
     with Store(config.data_dir, config.network) as store:
         errors = collect_garbage(store, valid)
     if errors:
@@ -2727,8 +3021,7 @@ def host_local_gc(request):
 
 def host_local_status(request):
     """Fail with code 50 when a range set has no free address (counted, never walked)."""
-    config = IPAMConfig(request)
-    config.load_ranges(request)
+    config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
         reserved = list(store.reservations())
     for index, ranges in enumerate(config.range_sets):
@@ -2736,7 +3029,8 @@ def host_local_status(request):
                                                         for r in ranges))
         if in_use >= ranges.capacity():
             raise CNIError(ERR_NOT_AVAILABLE, "no IP addresses available in range set: %s" % ranges,
-                           "all %d addresses of range set %d are reserved" % (ranges.capacity(), index))
+                           "all %d addresses of range set %d are reserved"
+                           % (ranges.capacity(), index))
     return None
 
 
@@ -2748,6 +3042,9 @@ VLAN_MAX = 4094
 PORT_UP_TIMEOUT = 2.5                          # seconds to wait for the host veth to come up
 IPV6_SETTLE_TIMEOUT = 5.0                      # seconds to wait for duplicate address detection
 HOST_VETH_PREFIX = "veth"
+# Indexes in an ADD result's "interfaces" (bridge_add lists them in this order); its "ips"
+# name the container's interface by index.
+RESULT_BRIDGE, RESULT_HOST_VETH, RESULT_CONTAINER = 0, 1, 2
 
 
 class BridgeConfig(object):
@@ -2755,13 +3052,12 @@ class BridgeConfig(object):
 
     def __init__(self, request):
         c = request.config
-        self.network = c["name"]
+        self.network = request.network
         self.bridge = conf_get(c, "bridge", str, "cni0")
         try:
             check_ifname(self.bridge)
         except CNIError as err:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: bridge: %s" % err.msg,
-                           self.bridge[:100])
+            raise config_error("bridge: %s" % err.msg, self.bridge[:100])
         flag = lambda key: conf_get(c, key, bool, False)
         self.is_default_gateway = flag("isDefaultGateway")
         self.is_gateway = flag("isGateway") or self.is_default_gateway
@@ -2769,11 +3065,12 @@ class BridgeConfig(object):
         self.ip_masq = flag("ipMasq")
         self.ip_masq_backend = conf_get(c, "ipMasqBackend", str, "nftables")
         if self.ip_masq_backend not in ("nftables", "iptables"):
-            raise CNIError(ERR_INVALID_CONFIG, "unknown ipmasq backend %r" % self.ip_masq_backend[:50],
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "unknown ipmasq backend %r" % self.ip_masq_backend[:50],
                            'ipMasqBackend is "nftables" (the default) or "iptables"')
         self.mtu = conf_int(c, "mtu", 0, 65535)
         if 0 < self.mtu < 68:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: mtu %d is below 68" % self.mtu)
+            raise config_error("mtu %d is below 68" % self.mtu)
         self.hairpin = flag("hairpinMode")
         self.promisc = flag("promiscMode")
         self.port_isolation = flag("portIsolation")
@@ -2783,7 +3080,8 @@ class BridgeConfig(object):
         self.preserve_default_vlan = flag("preserveDefaultVlan")
         vlan = conf_get(c, "vlan", int, 0)
         if not 0 <= vlan <= VLAN_MAX:
-            raise CNIError(ERR_INVALID_CONFIG, "invalid VLAN ID %d (must be between 0 and 4094)" % vlan)
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "invalid VLAN ID %d (must be between 0 and 4094)" % vlan)
         self.vlan = vlan
         trunk = conf_get(c, "vlanTrunk", list)
         self.vlan_trunk = parse_vlan_trunk(trunk) if trunk is not None else None
@@ -2793,16 +3091,21 @@ class BridgeConfig(object):
         self.dns = dict((k, v) for k, v in dns.items() if v)
         self.mac = self._container_mac(request)
         if self.ipam_type and self.disable_container_interface:
-            raise CNIError(ERR_INVALID_CONFIG, "cannot use IPAM when DisableContainerInterface flag is set")
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "cannot use IPAM when DisableContainerInterface flag is set")
         if self.hairpin and self.promisc:
-            raise CNIError(ERR_INVALID_CONFIG, "cannot set hairpin mode and promiscuous mode at the same time")
-        if self.uses_vlan_gateway and len(self.vlan_gateway.encode("utf-8", "surrogateescape")) > 15:
-            raise CNIError(ERR_INVALID_CONFIG, "the VLAN gateway interface name %r is longer than 15 bytes"
-                           % self.vlan_gateway, "isGateway with vlan %d puts the gateway addresses on "
-                           "<bridge>.<vlan>: shorten the bridge name" % self.vlan)
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "cannot set hairpin mode and promiscuous mode at the same time")
+        gateway_bytes = len(self.vlan_gateway.encode("utf-8", "surrogateescape"))
+        if self.uses_vlan_gateway and gateway_bytes > 15:
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "the VLAN gateway interface name %r is longer than 15 bytes"
+                           % self.vlan_gateway, "isGateway with vlan %d puts the gateway addresses "
+                           "on <bridge>.<vlan>: shorten the bridge name" % self.vlan)
 
     @property
     def vlan_filtering(self):
+        """Whether the bridge filters VLANs (vlan or vlanTrunk set)."""
         return self.vlan != 0 or self.vlan_trunk is not None
 
     @property
@@ -2812,6 +3115,7 @@ class BridgeConfig(object):
 
     @property
     def vlan_gateway(self):
+        """The name of the VLAN gateway interface: <bridge>.<vlan>."""
         return "%s.%d" % (self.bridge, self.vlan)
 
     @staticmethod
@@ -2834,13 +3138,17 @@ def parse_vlan_trunk(items):
     vids = set()
     for item in items:
         if not isinstance(item, dict):
-            raise CNIError(ERR_INVALID_CONFIG, "invalid network config: vlanTrunk entries are objects")
+            raise config_error("vlanTrunk entries are objects")
         low, high, one = (conf_get(item, k, int) for k in ("minID", "maxID", "id"))
         if low is not None or high is not None:
             if low is None:
-                raise CNIError(ERR_INVALID_CONFIG, "minID and maxID should be configured simultaneously, minID is missing")
+                raise CNIError(ERR_INVALID_CONFIG,
+                               "minID and maxID should be configured simultaneously, "
+                               "minID is missing")
             if high is None:
-                raise CNIError(ERR_INVALID_CONFIG, "minID and maxID should be configured simultaneously, maxID is missing")
+                raise CNIError(ERR_INVALID_CONFIG,
+                               "minID and maxID should be configured simultaneously, "
+                               "maxID is missing")
             if not 1 <= low <= VLAN_MAX:
                 raise CNIError(ERR_INVALID_CONFIG, "incorrect trunk minID parameter")
             if not 1 <= high <= VLAN_MAX:
@@ -2861,15 +3169,21 @@ IPAM_IN_PROCESS = {}      # filled below: command -> host-local function, for ip
 
 
 def ipam_call(request, ipam_type, command):
-    """Run the IPAM plugin for `command`: host-local in this process, anything else from CNI_PATH."""
+    """Run the IPAM plugin for `command`: host-local in this process, anything else from CNI_PATH.
+
+    The in-process host-local functions take the bridge's request as it is: none of them reads
+    its command."""
     if ipam_type == "host-local":
-        original = request.command
-        request.command = command
-        try:
-            return IPAM_IN_PROCESS[command](request)
-        finally:
-            request.command = original
+        return IPAM_IN_PROCESS[command](request)
     return exec_plugin(request, ipam_type, command)
+
+
+def ipam_add(request, ipam_type):
+    """The IPAM's ADD: its result, and whether the attachment held its addresses already (only
+    host-local in this process can tell; for another IPAM a repeated ADD is assumed)."""
+    if ipam_type == "host-local":
+        return host_local_allocate(request)
+    return exec_plugin(request, ipam_type, "ADD"), True
 
 
 def exec_plugin(request, plugin_type, command):
@@ -2891,31 +3205,21 @@ MASQ_TABLE = "cni_plugins_masquerade"
 MASQ_CHAIN = "masq_checks"
 MASQ_POSTROUTING = "postrouting"
 MASQ_TABLE_COMMENT = "Masquerading for plugins from github.com/containernetworking/plugins"
-MASQ_CHAIN_COMMENT = "Masquerade traffic from certain IPs to any (non-multicast) IP outside their subnet"
+MASQ_CHAIN_COMMENT = ("Masquerade traffic from certain IPs to any (non-multicast) IP outside "
+                      "their subnet")
 MULTICAST = {4: Prefix(4, 0xE0000000, 4), 6: Prefix(6, 0xFF << 120, 8)}
 NF_PRIORITY_SRCNAT = 100
 NF_BR_PRI_NAT_DST_BRIDGED = -300
 COMMENT_MAX = 128                              # bytes, as the reference truncates
 
 
-def sha512_hex(text):
-    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import, and
-    OpenSSL's _hashlib 3-5 ms and 3.5 MB more than the built-in one)."""
-    try:
-        from _sha512 import sha512                       # Python 3.6 to 3.11
-    except ImportError:
-        try:
-            from _sha2 import sha512                     # Python 3.12 and later
-        except ImportError:
-            from hashlib import sha512
-    return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
-
-
 def masq_instance_hash(network, container_id, ifname):
+    """The attachment's hash that starts its masquerade rules' comments."""
     return "%s-%s" % (sha512_hex(network)[:16], sha512_hex(ifname + ":" + container_id)[:16])
 
 
 def masq_comment(network, container_id, ifname):
+    """The comment of the attachment's masquerade rules, as the reference writes it."""
     text = "%s, net: %s, if: %s, id: %s" % (masq_instance_hash(network, container_id, ifname),
                                              network.replace('"', ""), ifname.replace('"', ""),
                                              container_id.replace('"', ""))
@@ -2923,10 +3227,12 @@ def masq_comment(network, container_id, ifname):
 
 
 def iptables_chain(network, container_id):
+    """The reference's iptables chain name of an attachment (table nat)."""
     return "CNI-" + sha512_hex(network + container_id)[:24]
 
 
 def iptables_comment(network, container_id):
+    """The comment of the reference's iptables masquerade rules."""
     return 'name: "%s" id: "%s"' % (network, container_id)
 
 
@@ -2948,8 +3254,7 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
     stale = []
     if replace_earlier:
         instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
-        stale = [r for r in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
-                 if r.comment.startswith(instance)]
+        stale = rules_commented(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)
     batch = NftBatch()
     # The reference rewrites the base chain on every ADD; here it is written only when it is not
     # as it should be, because deleting rules makes this process wait for an RCU grace period
@@ -2965,7 +3270,8 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
         for family in (4, 6):
             batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, match_family(family)
                            + match_address("daddr", MULTICAST[family]) + [expr_verdict(NFT_RETURN)])
-        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING, [expr_verdict(NFT_GOTO, MASQ_CHAIN)])
+        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_POSTROUTING,
+                       [expr_verdict(NFT_GOTO, MASQ_CHAIN)])
     for rule in stale:
         batch.delete_rule(rule)
     comment = masq_comment(conf.network, request.container_id, request.ifname)
@@ -3009,22 +3315,6 @@ def ifname_bytes(name):
     return name.encode("utf-8", "surrogateescape").ljust(16, b"\0")
 
 
-def remove_chains(batch, nl, family, table, base_chain, chains):
-    """Add to `batch` the removal of regular chains, their rules and the rules of `base_chain`
-    jumping to them.  Absent chains are looked up one by one, so a large table (kube-proxy's
-    iptables rules, say) is never listed."""
-    present = [c for c in chains if chain_exists(nl, family, table, c)]
-    if not present:
-        return
-    for rule in list_rules(nl, family, table, base_chain):
-        if rule.jump_target in present:
-            batch.delete_rule(rule)
-    for chain in present:
-        batch.flush_chain(family, table, chain)
-    for chain in present:
-        batch.delete_chain(family, table, chain)
-
-
 def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None):
     """Remove every rule of an attachment, found by name and comment alone: needs no netns, link,
     address or prevResult.  Also removes the reference's iptables chain where iptables is
@@ -3032,21 +3322,16 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
     that asks for that backend."""
     nl = node_nftables()
     instance = masq_instance_hash(network, container_id, ifname)
-    for attempt in range(3):
-        batch = NftBatch()
-        for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
-            if rule.comment.startswith(instance):
-                batch.delete_rule(rule)
-        remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", "PREROUTING", spoofchk_names(container_id, ifname)[:2])
+
+    def remove_all(batch):
+        for rule in rules_commented(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance):
+            batch.delete_rule(rule)
+        remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", "PREROUTING",
+                      spoofchk_names(container_id, ifname)[:2])
         for family in (NFPROTO_IPV4, NFPROTO_IPV6):
-            remove_chains(batch, nl, family, "nat", "POSTROUTING", (iptables_chain(network, container_id),))
-        try:
-            batch.commit(nl, "failed to remove the rules of %s" % container_id)
-            break
-        except NetlinkError as err:
-            # ENOENT: something listed was removed meanwhile and the batch was refused whole.
-            if err.errno != 2 or attempt == 2:
-                raise
+            remove_chains(batch, nl, family, "nat", "POSTROUTING",
+                          (iptables_chain(network, container_id),))
+    commit_rebuilt(nl, remove_all, "failed to remove the rules of %s" % container_id)
     if ipmasq_backend == "iptables":
         iptables_teardown(network, container_id)
 
@@ -3055,19 +3340,21 @@ def check_attachment_rules(conf, request, previous):
     """CHECK: the masquerade and spoof-check rules this attachment needs are in place."""
     if conf.ip_masq and conf.ip_masq_backend == "nftables":
         instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
-        mine = [r for r in list_rules(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
-                if r.comment.startswith(instance)]
+        mine = rules_commented(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)
         expected = len(previous.get("ips") or [])
         if len(mine) < expected:
-            raise CNIError(ERR_INTERNAL, "masquerade rules of %s are missing" % request.container_id,
-                           "expected %d in table inet %s, found %d" % (expected, MASQ_TABLE, len(mine)))
+            raise CNIError(ERR_INTERNAL,
+                           "masquerade rules of %s are missing" % request.container_id,
+                           "expected %d in table inet %s, found %d" % (expected, MASQ_TABLE,
+                                                                       len(mine)))
     elif conf.ip_masq:
         iptables_check(conf.network, request.container_id)
     if conf.macspoofchk:
         chain, _mac_chain, comment = spoofchk_names(request.container_id, request.ifname)
         if not any(r.comment == comment and r.jump_target == chain
                    for r in list_rules(node_nftables(), NFPROTO_BRIDGE, "nat", "PREROUTING")):
-            raise CNIError(ERR_INTERNAL, "macspoofchk rules of %s are missing" % request.container_id)
+            raise CNIError(ERR_INTERNAL,
+                           "macspoofchk rules of %s are missing" % request.container_id)
 
 
 def collect_stale_rules(network, valid):
@@ -3077,10 +3364,11 @@ def collect_stale_rules(network, valid):
     nl = node_nftables()
     keep = set(masq_instance_hash(network, cid, ifname) for cid, ifname in valid)
     network_hash = sha512_hex(network)[:16] + "-"
+
+    def masq_owner(rule):       # the attachment hash starting the comments of the network's rules
+        return rule.comment.split(",", 1)[0] if rule.comment.startswith(network_hash) else None
     batch = NftBatch()
-    for rule in list_rules(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN):
-        if rule.comment.startswith(network_hash) and rule.comment.split(",", 1)[0] not in keep:
-            batch.delete_rule(rule)
+    remove_stale_rules(batch, nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, masq_owner, keep)
     valid_chains = set(spoofchk_names(cid, ifname)[0] for cid, ifname in valid)
     ports = set(link.name for link in list_links(NetlinkSocket()))
     stale = []
@@ -3111,7 +3399,8 @@ def run_iptables(family, args, check=True):
                        % (program, err.strerror), "install iptables or use the nftables backend")
     output = proc.stdout.decode("utf-8", "replace")
     if check and proc.returncode != 0:
-        raise CNIError(ERR_INTERNAL, "%s -t nat %s failed: %s" % (program, " ".join(args), output.strip()))
+        raise CNIError(ERR_INTERNAL,
+                       "%s -t nat %s failed: %s" % (program, " ".join(args), output.strip()))
     return proc.returncode, output
 
 
@@ -3123,7 +3412,8 @@ def iptables_setup_masquerade(network, container_id, prefix):
     if run_iptables(family, ["-S", chain], check=False)[0] != 0:
         run_iptables(family, ["-N", chain])
     for target_chain, rule in ((chain, ["-d", str(prefix), "-j", "ACCEPT"]),
-                               (chain, ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
+                               (chain,
+                                ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
                                ("POSTROUTING", ["-s", ip_to_text(family, prefix.ip), "-j", chain])):
         if run_iptables(family, ["-C", target_chain] + rule + comment, check=False)[0] != 0:
             run_iptables(family, ["-A", target_chain] + rule + comment)
@@ -3156,7 +3446,8 @@ def split_iptables_rule(line):
 
 
 def iptables_teardown(network, container_id):
-    """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address needed)."""
+    """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address
+    needed)."""
     chain = iptables_chain(network, container_id)
     for family in (4, 6):
         status, rules = run_iptables(family, ["-S", "POSTROUTING"], check=False)
@@ -3170,6 +3461,7 @@ def iptables_teardown(network, container_id):
 
 
 def iptables_check(network, container_id):
+    """CHECK of the iptables backend: the attachment's chain exists."""
     chain = iptables_chain(network, container_id)
     if run_iptables(4, ["-S", chain], check=False)[0] != 0:
         raise CNIError(ERR_INTERNAL, "masquerade chain %s of %s is missing" % (chain, container_id))
@@ -3186,14 +3478,16 @@ def ensure_bridge(nl, conf):
     try:
         created = create_bridge(nl, conf.bridge, conf.mtu, conf.vlan_filtering)
     except NetlinkError as err:
-        if conf.vlan_filtering and err.errno == 95:         # EOPNOTSUPP
+        if conf.vlan_filtering and err.errno == errno.EOPNOTSUPP:
             raise CNIError(ERR_INTERNAL, err.msg, NO_VLAN_FILTERING)
         raise
     bridge = get_link(nl, conf.bridge)
     if bridge is None or bridge.kind != "bridge":
         raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not a bridge" % conf.bridge,
-                       "choose another `bridge` name or remove the %s link" % (bridge.kind if bridge else "other"))
-    # A new bridge's MAC would follow its lowest port; pinning it keeps neighbours' ARP caches valid.
+                       "choose another `bridge` name or remove the %s link"
+                       % (bridge.kind if bridge else "other"))
+    # A new bridge's MAC would follow its lowest port; pinning it keeps neighbours' ARP caches
+    # valid.
     changes = {"up": True, "mac": bridge.mac if created else None,
                "promisc": True if conf.promisc else None}
     if created or not bridge.up or (conf.promisc and not bridge.flags & IFF_PROMISC):
@@ -3203,6 +3497,7 @@ def ensure_bridge(nl, conf):
 
 
 def random_veth_name():
+    """A host veth name as the reference makes them: veth + 8 hex digits."""
     return HOST_VETH_PREFIX + posix.urandom(4).hex()
 
 
@@ -3212,14 +3507,16 @@ def attachment_alias(network, container_id, ifname):
 
 
 def create_container_veth(container_nl, host_nl, request, conf):
-    """The veth pair: CNI_IFNAME in the container, `veth` + 8 hex on the node.  Returns both links."""
+    """The veth pair: CNI_IFNAME in the container, `veth` + 8 hex on the node.  Returns both
+    links."""
     for _attempt in range(10):
         host_name = random_veth_name()
         try:
-            create_veth(container_nl, request.ifname, host_name, original_netns_fd(), conf.mtu, conf.mac)
+            create_veth(container_nl, request.ifname, host_name, original_netns_fd(), conf.mtu,
+                        conf.mac)
             break
         except NetlinkError as err:
-            if err.errno != 17:
+            if err.errno != errno.EEXIST:
                 raise
             if get_link(container_nl, request.ifname) is not None:
                 raise CNIError(ERR_INVALID_CONFIG, "container veth name %r already exists"
@@ -3232,17 +3529,20 @@ def create_container_veth(container_nl, host_nl, request, conf):
     container = get_link(container_nl, request.ifname)
     host = get_link(host_nl, host_name)
     if container is None or host is None:
-        raise CNIError(ERR_INTERNAL, "veth pair %s/%s vanished after creation" % (request.ifname, host_name))
+        raise CNIError(ERR_INTERNAL,
+                       "veth pair %s/%s vanished after creation" % (request.ifname, host_name))
     return container, host
 
 
 def attach_host_veth(nl, conf, host, bridge, alias):
-    """Enslave the host veth, set its port flags and bring it up (one transaction), then its VLANs."""
+    """Enslave the host veth, set its port flags and bring it up (one transaction), then its
+    VLANs."""
     nl.transact([link_change(host.index, up=True, master=bridge.index,
                              extra=((LinkAttr.IFLA_IFALIAS, alias),)),
                  bridge_port_change(host.index, conf.hairpin, conf.port_isolation)],
                 "failed to connect %r to bridge %s" % (host.name, conf.bridge))
-    set_port_vlans(nl, host, *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
+    set_port_vlans(nl, host,
+                   *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
     write_sysctl("net/ipv6/conf/%s/accept_ra" % host.name, "0")
 
 
@@ -3271,9 +3571,10 @@ def set_port_vlans(nl, port, wanted, exclusive):
         return
     current = port_vlans(nl, port.index) if exclusive else {}
     try:
-        nl.transact(vlan_changes(port.index, current, wanted), "failed to set the VLANs of %s" % port.name)
+        nl.transact(vlan_changes(port.index, current, wanted),
+                    "failed to set the VLANs of %s" % port.name)
     except NetlinkError as err:
-        if err.errno in (95, 22):           # EOPNOTSUPP, EINVAL: the bridge does not filter
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):           # the bridge does not filter
             raise CNIError(ERR_INTERNAL, err.msg, NO_VLAN_FILTERING)
         raise
 
@@ -3289,11 +3590,7 @@ def ensure_vlan_gateway(nl, conf, bridge):
     name = conf.vlan_gateway
     gateway = get_link(nl, name)
     if gateway is None:
-        try:
-            create_veth(nl, name, random_veth_name(), mtu=bridge.mtu)
-        except NetlinkError as err:
-            if err.errno != 17:
-                raise
+        unless_exists(create_veth, nl, name, random_veth_name(), mtu=bridge.mtu)
         gateway = get_link(nl, name)
         if gateway is None:
             raise CNIError(ERR_TRY_AGAIN, "failed to create the VLAN gateway %s" % name,
@@ -3301,7 +3598,8 @@ def ensure_vlan_gateway(nl, conf, bridge):
     port = get_link(nl, index=gateway.peer_index) if gateway.kind == "veth" else None
     if port is None:
         raise CNIError(ERR_INVALID_CONFIG, "%r already exists but is not a veth pair" % name,
-                       "the VLAN gateway of bridge %s: remove the %s link" % (conf.bridge, gateway.kind or "other"))
+                       "the VLAN gateway of bridge %s: remove the %s link"
+                       % (conf.bridge, gateway.kind or "other"))
     if port.master != bridge.index or not port.up:
         nl.transact([link_change(port.index, up=True, master=bridge.index),
                      bridge_port_change(port.index, False, False)],
@@ -3316,7 +3614,8 @@ def ensure_vlan_gateway(nl, conf, bridge):
 
 
 def complete_gateways(conf, result):
-    """Give every IP interface 2 and, for a gateway bridge, a gateway; add default routes.
+    """Give every IP the container's interface and, for a gateway bridge, a gateway; add default
+    routes.
 
     Returns the gateway prefixes to put on the bridge, per family.
     """
@@ -3325,7 +3624,7 @@ def complete_gateways(conf, result):
     default_route_families = set(
         address_family_of(r["dst"]) for r in routes if r["dst"] in ("0.0.0.0/0", "::/0"))
     for ip in result["ips"]:
-        ip["interface"] = 2
+        ip["interface"] = RESULT_CONTAINER
         prefix = Prefix.parse(ip["address"])
         if not ip.get("gateway") and conf.is_gateway:
             ip["gateway"] = ip_to_text(prefix.family, prefix.network + 1)
@@ -3335,7 +3634,8 @@ def complete_gateways(conf, result):
         if gateway not in bridge_addresses[prefix.family]:
             bridge_addresses[prefix.family].append(gateway)
         if conf.is_default_gateway and prefix.family not in default_route_families:
-            routes.append({"dst": "0.0.0.0/0" if prefix.family == 4 else "::/0", "gw": ip["gateway"]})
+            routes.append({"dst": "0.0.0.0/0" if prefix.family == 4 else "::/0",
+                           "gw": ip["gateway"]})
             default_route_families.add(prefix.family)
     return bridge_addresses
 
@@ -3378,17 +3678,17 @@ def configure_container(ns, nl, conf, request, container, result):
 
 def wait_ipv6_settled(nl, index):
     """Wait (bounded) until no IPv6 address of the link is tentative."""
-    deadline = time.time() + IPV6_SETTLE_TIMEOUT
-    while True:
+    def settled():
         addrs = list_addrs(nl, index, 6)
         if any(a.flags & IFA_F_DADFAILED for a in addrs):
             raise CNIError(ERR_INTERNAL, "IPv6 duplicate address detection failed",
                            ", ".join(str(a.prefix) for a in addrs if a.flags & IFA_F_DADFAILED))
-        if not any(a.flags & IFA_F_TENTATIVE for a in addrs):
-            return
-        if time.time() > deadline:
-            raise CNIError(ERR_TRY_AGAIN, "IPv6 addresses still tentative after %g s" % IPV6_SETTLE_TIMEOUT)
-        time.sleep(0.05)
+        return None if any(a.flags & IFA_F_TENTATIVE for a in addrs) else True
+
+    def timed_out():
+        return CNIError(ERR_TRY_AGAIN, "IPv6 addresses still tentative after %g s"
+                        % IPV6_SETTLE_TIMEOUT)
+    poll_until(settled, IPV6_SETTLE_TIMEOUT, timed_out, delay=0.05, max_delay=0.05)
 
 
 def ensure_gateway_address(nl, conf, link, gateway):
@@ -3410,32 +3710,31 @@ def ensure_gateway_address(nl, conf, link, gateway):
                            % theirs)
         nl.transact([addr_request(link.index, theirs, remove=True)],
                     "failed to remove %s from %s" % (theirs, link.name))
-    try:
-        nl.transact([addr_request(link.index, gateway)],
-                    "failed to add %s to %s" % (gateway, link.name))
-    except NetlinkError as err:
-        if err.errno != 17:
-            raise
+    unless_exists(nl.transact, [addr_request(link.index, gateway)],
+                  "failed to add %s to %s" % (gateway, link.name))
 
 
 def wait_port_up(nl, host):
     """Wait (bounded) for the host veth to report carrier, as the reference does."""
-    deadline = time.time() + PORT_UP_TIMEOUT
-    delay = 0.002
-    while True:
+    def port():
         link = get_link(nl, index=host.index)
         if link is None:
             raise CNIError(ERR_INTERNAL, "host veth %s disappeared" % host.name)
-        if link.operstate == IF_OPER_UP:
-            return link
-        if time.time() > deadline:
-            raise CNIError(ERR_TRY_AGAIN, "bridge port in error state: %s"
-                           % OPERSTATE_NAMES.get(link.operstate, link.operstate))
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+        return link
+
+    def timed_out():
+        state = port().operstate
+        return CNIError(ERR_TRY_AGAIN, "bridge port in error state: %s"
+                        % OPERSTATE_NAMES.get(state, state))
+    def carrier():
+        link = port()
+        return link if link.operstate == IF_OPER_UP else None
+    return poll_until(carrier, PORT_UP_TIMEOUT, timed_out, delay=0.002)
 
 
 def bridge_add(request):
+    """ADD: the bridge, a veth pair into the container, the IPAM's addresses, the gateway on the
+    bridge, masquerade and spoof check; on any failure everything made is undone (rollback_add)."""
     conf = BridgeConfig(request)
     if not conf.ipam_type and is_legacy_version(request.version):
         # Refused before anything is made: the result could not be printed afterwards.
@@ -3453,7 +3752,7 @@ def bridge_add(request):
                          attachment_alias(conf.network, request.container_id, request.ifname))
         result = {"interfaces": [], "ips": [], "routes": [], "dns": {}}
         if conf.ipam_type:
-            ipam_result = ipam_call(request, conf.ipam_type, "ADD")
+            ipam_result, reused = ipam_add(request, conf.ipam_type)
             ipam_done = True
             result.update((k, ipam_result.get(k) or result[k]) for k in ("ips", "routes", "dns"))
             if not result["ips"]:
@@ -3472,7 +3771,7 @@ def bridge_add(request):
                                  "net/ipv6/conf/all/forwarding", "1", required=True)
             if conf.ip_masq:
                 # Rules of an earlier ADD of this attachment can only exist if it held its address.
-                setup_masquerade(conf, request, result, ipam_result.get("reused", True))
+                setup_masquerade(conf, request, result, replace_earlier=reused)
         elif not conf.disable_container_interface:
             set_link(container_nl, container.index, "failed to set %s up" % request.ifname, up=True)
         if conf.macspoofchk:
@@ -3483,9 +3782,11 @@ def bridge_add(request):
     except BaseException:
         rollback_add(request, conf, container_nl, container, ipam_done)
         raise
+    # In the order RESULT_BRIDGE, RESULT_HOST_VETH, RESULT_CONTAINER name.
     result["interfaces"] = [{"name": bridge.name, "mac": bridge.mac},
                             {"name": host.name, "mac": host.mac},
-                            {"name": container.name, "mac": container.mac, "sandbox": request.netns}]
+                            {"name": container.name, "mac": container.mac,
+                             "sandbox": request.netns}]
     if vlan_gateway is not None:
         result["interfaces"].append({"name": vlan_gateway.name, "mac": vlan_gateway.mac})
     if conf.dns:
@@ -3504,7 +3805,8 @@ def rollback_add(request, conf, container_nl, container, ipam_done):
             ipam_call(request, conf.ipam_type, "DEL")
         except CNIError as err:
             sys.stderr.write("rollback: IPAM DEL failed: %s\n" % err.msg)
-    teardown_attachment_rules(conf.network, request.container_id, request.ifname, conf.ip_masq_backend)
+    teardown_attachment_rules(conf.network, request.container_id, request.ifname,
+                              conf.ip_masq_backend)
 
 
 # --- DEL, CHECK, STATUS, GC ----------------------------------------------------------------------
@@ -3518,13 +3820,13 @@ def bridge_del(request):
     except CNIError as err:
         sys.stderr.write("DEL: the config does not validate (%s); cleaning up with what it says\n"
                          % err.msg)
-        ipam = request.config.get("ipam")
-        ipam_type = ipam.get("type") if isinstance(ipam, dict) else ""
+        ipam = conf_lookup(request.config, "ipam")
+        ipam_type = conf_lookup(ipam, "type") if isinstance(ipam, dict) else ""
         ipam_type = ipam_type if isinstance(ipam_type, str) else ""
-        backend = request.config.get("ipMasqBackend")
+        backend = conf_lookup(request.config, "ipMasqBackend")
     # Rules first: their removal frees memory after an RCU grace period, which then passes
     # while the veth is deleted instead of at exit.
-    teardown_attachment_rules(request.config["name"], request.container_id, request.ifname, backend)
+    teardown_attachment_rules(request.network, request.container_id, request.ifname, backend)
     if request.netns:
         try:
             ns = Netns(request.netns)
@@ -3541,6 +3843,8 @@ def bridge_del(request):
 
 
 def bridge_check(request):
+    """CHECK: the bridge, the veth pair, the port's flags and VLANs, the container's addresses
+    and routes, and the attachment's rules are as the config and prevResult say."""
     conf = BridgeConfig(request)
     ns = Netns(request.netns)
     if conf.ipam_type:
@@ -3554,10 +3858,12 @@ def bridge_check(request):
     if bridge is None or bridge.kind != "bridge":
         raise CNIError(ERR_INTERNAL, "bridge %s not found or not a bridge" % conf.bridge)
     if bool(bridge.flags & IFF_PROMISC) != conf.promisc:
-        raise CNIError(ERR_INTERNAL, "bridge %s promiscuous mode is not %s" % (conf.bridge, conf.promisc))
+        raise CNIError(ERR_INTERNAL,
+                       "bridge %s promiscuous mode is not %s" % (conf.bridge, conf.promisc))
     container = get_link(container_nl, request.ifname)
     if container is None or container.kind != "veth":
-        raise CNIError(ERR_INTERNAL, "container interface %s not found or not a veth" % request.ifname)
+        raise CNIError(ERR_INTERNAL,
+                       "container interface %s not found or not a veth" % request.ifname)
     entries = previous.get("interfaces") or []
     for entry in entries:
         if entry.get("name") == conf.bridge and entry.get("mac") and entry["mac"] != bridge.mac:
@@ -3565,35 +3871,42 @@ def bridge_check(request):
                            % (conf.bridge, bridge.mac, entry["mac"]))
         if entry.get("name") == request.ifname and entry.get("sandbox"):
             if entry["sandbox"] != request.netns:
-                raise CNIError(ERR_INTERNAL, "Sandbox in prevResult %s doesn't match configured netns: %s"
+                raise CNIError(ERR_INTERNAL,
+                               "Sandbox in prevResult %s doesn't match configured netns: %s"
                                % (entry["sandbox"], request.netns))
             if entry.get("mac") and entry["mac"] != container.mac:
                 raise CNIError(ERR_INTERNAL, "interface %s MAC %s does not match prevResult %s"
                                % (request.ifname, container.mac, entry["mac"]))
     host = get_link(host_nl, index=container.peer_index)
     if host is None or host.master != bridge.index:
-        raise CNIError(ERR_INTERNAL, "the peer of %s is not a port of bridge %s" % (request.ifname, conf.bridge))
+        raise CNIError(ERR_INTERNAL,
+                       "the peer of %s is not a port of bridge %s" % (request.ifname, conf.bridge))
     check_port(conf, host, container)
     if conf.vlan_filtering:
-        check_port_vlans(host_nl, host, *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
+        check_port_vlans(host_nl, host,
+                         *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
     check_container_addresses(container_nl, container, previous)
     check_attachment_rules(conf, request, previous)
     return None
 
 
 def check_port(conf, host, container):
+    """CHECK: hairpin, isolation and MTUs of the bridge port and the container interface."""
     expected = {"hairpin mode": (host.port.get(BridgePortAttr.IFLA_BRPORT_MODE), int(conf.hairpin)),
-                "port isolation": (host.port.get(BridgePortAttr.IFLA_BRPORT_ISOLATED), int(conf.port_isolation))}
+                "port isolation": (host.port.get(BridgePortAttr.IFLA_BRPORT_ISOLATED),
+                                   int(conf.port_isolation))}
     if conf.mtu:
         expected["host veth MTU"] = (host.mtu, conf.mtu)
         expected["container MTU"] = (container.mtu, conf.mtu)
     for what, (actual, wanted) in sorted(expected.items()):
         if actual is not None and actual != wanted:
-            raise CNIError(ERR_INTERNAL, "%s of %s is %s, the config says %s" % (what, host.name, actual, wanted))
+            raise CNIError(ERR_INTERNAL,
+                           "%s of %s is %s, the config says %s" % (what, host.name, actual, wanted))
 
 
 def check_port_vlans(nl, port, wanted, exclusive):
-    """The port carries the config's VLANs with the right flags (and, when `exclusive`, no other)."""
+    """The port carries the config's VLANs with the right flags (and, when `exclusive`, no
+    other)."""
     actual = port_vlans(nl, port.index)
     for vid, flags in sorted(wanted.items()):
         have = actual.get(vid)
@@ -3607,6 +3920,7 @@ def check_port_vlans(nl, port, wanted, exclusive):
 
 
 def vlan_text(flags):
+    """A port VLAN's flags for messages ("untagged PVID", "tagged", "absent")."""
     if flags is None:
         return "absent"
     return " ".join(["untagged" if flags & BRIDGE_VLAN_INFO_UNTAGGED else "tagged"]
@@ -3614,17 +3928,20 @@ def vlan_text(flags):
 
 
 def check_container_addresses(nl, container, previous):
+    """CHECK: the container holds prevResult's addresses and routes."""
     present = set(a.prefix for a in list_addrs(nl, container.index))
     for ip in previous.get("ips") or []:
         prefix = Prefix.parse(ip["address"])
         if prefix not in present:
-            raise CNIError(ERR_INTERNAL, "address %s is missing from %s" % (ip["address"], container.name))
+            raise CNIError(ERR_INTERNAL,
+                           "address %s is missing from %s" % (ip["address"], container.name))
     routes = {}
     for route in previous.get("routes") or []:
         dst = Prefix.parse(route["dst"])
         gw = parse_ip(route["gw"]) if route.get("gw") else None
         if dst.family not in routes:
-            routes[dst.family] = [r for r in list_routes(nl, dst.family) if r.oif == container.index]
+            routes[dst.family] = [r for r in list_routes(nl,
+                                                         dst.family) if r.oif == container.index]
         found = any(r.dst.network == dst.network and r.dst.length == dst.length
                     and (gw is None or r.gateway == gw) for r in routes[dst.family])
         if not found:
@@ -3633,6 +3950,7 @@ def check_container_addresses(nl, container, previous):
 
 
 def bridge_status(request):
+    """STATUS: the IPAM's (a bridge keeps no state of its own)."""
     conf = BridgeConfig(request)
     if conf.ipam_type:
         ipam_call(request, conf.ipam_type, "STATUS")
@@ -3668,8 +3986,11 @@ def bridge_gc(request):
 
 
 # ==============================================================================================
-# Entry point
+# Serving a CNI request
 # ==============================================================================================
+# The plugins by name and the reference's checks of the environment and stdin, in its order.
+# run_plugin is the one place where every failure becomes a CNI error JSON on stdout: no
+# traceback ever reaches the runtime.  New plugins register in PLUGINS.
 
 PLUGINS = {
     "bridge": {"ADD": bridge_add, "DEL": bridge_del, "CHECK": bridge_check,
@@ -3710,7 +4031,7 @@ def read_stdin(wait_for_data):
         try:
             chunk = posix.read(0, 1 << 16)
         except OSError as err:
-            if err.errno == 9 and not chunks:    # EBADF: no stdin at all
+            if err.errno == errno.EBADF and not chunks:    # no stdin at all
                 return b""
             raise CNIError(ERR_IO, "error reading from stdin: %s" % err.strerror)
         if not chunk:
@@ -3751,37 +4072,40 @@ def build_request(command, env):
     except (ValueError, UnicodeError) as err:
         raise CNIError(ERR_DECODE, "error unmarshall network config: %s" % err)
     if not isinstance(config, dict):
-        raise CNIError(ERR_DECODE, "error unmarshall network config: the configuration must be a JSON object")
+        raise CNIError(ERR_DECODE,
+                       "error unmarshall network config: the configuration must be a JSON object")
     try:
         return _validated_request(command, env, container_id, ifname, args, raw, config)
     except CNIError as err:
-        if config.get("cniVersion") in SUPPORTED_VERSIONS:
-            err.version = config["cniVersion"]      # answer in the caller's version when known
+        version = conf_lookup(config, "cniVersion")
+        if version in SUPPORTED_VERSIONS:
+            err.version = version                   # answer in the caller's version when known
         raise
 
 
 def _validated_request(command, env, container_id, ifname, args, raw, config):
-    name = config.get("name")
+    """The Request, once the configuration's name and version pass the reference's checks."""
+    name = conf_lookup(config, "name")
     if not name:
         raise CNIError(ERR_INVALID_CONFIG, "missing network name")
     if not isinstance(name, str):
         raise CNIError(ERR_DECODE, "error unmarshall network config: name must be a string")
     check_name(name, "network name", ERR_INVALID_CONFIG)
-    version = config.get("cniVersion", "")
+    version = conf_lookup(config, "cniVersion")
+    version = "" if version is None else version
     if not isinstance(version, str):
         raise CNIError(ERR_DECODE, "error unmarshall network config: cniVersion must be a string")
     if command in MIN_VERSION:
         if parse_version(version) < MIN_VERSION[command]:
             raise CNIError(ERR_INCOMPATIBLE_VERSION, "config version does not allow %s" % command,
-                           "%s needs cniVersion %s or later" % (command, ".".join(map(str, MIN_VERSION[command]))))
+                           "%s needs cniVersion %s or later"
+                           % (command, ".".join(map(str, MIN_VERSION[command]))))
     if (version or "0.1.0") not in SUPPORTED_VERSIONS:
         raise CNIError(ERR_INCOMPATIBLE_VERSION, "incompatible CNI versions",
-                       "config is %s, plugin supports %s" % (json_dumps(version[:50]), json_dumps(list(SUPPORTED_VERSIONS))))
-    request = Request(command, container_id, env.get("CNI_NETNS", ""), ifname, args,
-                      env.get("CNI_PATH", ""), config, version or "0.1.0")
-    request.stdin = raw
-    request.env = env
-    return request
+                       "config is %s, plugin supports %s" % (json_dumps(version[:50]),
+                                                             json_dumps(list(SUPPORTED_VERSIONS))))
+    return Request(command, container_id, env.get("CNI_NETNS", ""), ifname, args,
+                   env.get("CNI_PATH", ""), config, version or "0.1.0", stdin=raw, env=env)
 
 
 def check_netns_target(request):
@@ -3789,11 +4113,13 @@ def check_netns_target(request):
     if request.netns and request.command in ("ADD", "CHECK", "DEL"):
         override = request.env.get("CNI_NETNS_OVERRIDE", "").lower() in ("1", "true")
         if not override and is_own_netns(request.netns):
-            raise CNIError(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not be the same",
+            raise CNIError(ERR_INVALID_NETNS,
+                           "plugin's netns and netns from CNI_NETNS should not be the same",
                            "CNI_NETNS %s is the namespace the plugin runs in" % request.netns)
 
 
 def write_json(obj):
+    """Print one JSON document on stdout (unbuffered: the process may end with posix._exit)."""
     posix.write(1, (json_dumps(obj) + "\n").encode())
 
 
@@ -3824,41 +4150,22 @@ def run_plugin(plugin, env):
         write_json(CNIError(ERR_INTERNAL, "this Python %d.%d lacks the module %s" % (sys.version_info[:2] + (err.name,)),
                             "install libpython%d.%d-stdlib (Debian, Ubuntu)" % sys.version_info[:2]).to_json(error_version))
     except UnicodeError as err:   # a config string no file name or interface name can hold
-        write_json(CNIError(ERR_INVALID_CONFIG, "invalid network config: a string is not valid UTF-8",
+        write_json(config_error("a string is not valid UTF-8",
                             str(err)[:200]).to_json(error_version))
     except Exception as err:  # a bug: still answer in CNI form, never with a traceback on stdout
         tb = err.__traceback__
         while tb.tb_next:
             tb = tb.tb_next
-        sys.stderr.write("internal error: %s: %s (line %d)\n" % (type(err).__name__, err, tb.tb_lineno))
+        sys.stderr.write("internal error: %s: %s (line %d)\n" % (type(err).__name__, err,
+                                                                 tb.tb_lineno))
         write_json(CNIError(ERR_INTERNAL, "internal error: %s" % err).to_json(error_version))
     return 1
 
 
-USAGE = """usage: %(prog)s COMMAND
-
-cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one program.
-Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
-
-commands:
-  verify [CONFIG] [--keep] [--json]
-                          run the walkthrough on throwaway namespaces: ADD (default config
-                          conf/10-mynet.conf), read back, ping the gateway, CHECK, DEL, and
-                          show that nothing is left; --keep leaves it all for inspection
-  add|check|del|status|gc NETWORK NETNS
-                          run a network's plugin chain like the CNI project's cnitool: configs
-                          from NETCONFPATH (/etc/cni/net.d), plugins from CNI_PATH (/opt/cni/bin),
-                          CNI_IFNAME (eth0), CNI_ARGS, CAP_ARGS; results cached in
-                          /var/lib/cni/results as libcni does
-  leases [--data-dir DIR] [--gc]
-                          list host-local reservations (default DIR /var/lib/cni/networks) and
-                          flag those whose container namespace is gone; --gc releases them
-  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
-                          (--force replaces regular files of those names)
-  --version               print the program and CNI versions
-  --help                  this text
-"""
-
+# ==============================================================================================
+# Operator tools: install
+# ==============================================================================================
+# `install` copies the zipapp into a directory atomically and links every plugin name to it.
 
 def archive_path():
     """The zipapp this module runs from, or None when it runs from a plain file."""
@@ -3872,14 +4179,16 @@ def install(directory, force):
     import os
     source = archive_path()
     if source is None:
-        raise CNIError(ERR_INVALID_CONFIG, "install works from the built zipapp: run ./build.sh first")
+        raise CNIError(ERR_INVALID_CONFIG,
+                       "install works from the built zipapp: run ./build.sh first")
     target_name = os.path.basename(source)
     if not os.path.isdir(directory):
         make_directories(directory)
     for name in PLUGINS:
         path = os.path.join(directory, name)
         if os.path.lexists(path) and not os.path.islink(path) and not force:
-            raise CNIError(ERR_INVALID_CONFIG, "%s exists and is not a symlink; use --force to replace it" % path)
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "%s exists and is not a symlink; use --force to replace it" % path)
     temp = os.path.join(directory, ".%s.%d" % (target_name, posix.getpid()))
     with open(source, "rb") as src, open(temp, "wb") as dst:
         dst.write(src.read())
@@ -3889,10 +4198,18 @@ def install(directory, force):
         link_temp = os.path.join(directory, ".%s.%d" % (name, posix.getpid()))
         posix.symlink(target_name, link_temp)
         posix.rename(link_temp, os.path.join(directory, name))
-    sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)), directory))
+    sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)),
+                                                       directory))
 
 
-# --- verify: the walkthrough on throwaway namespaces -----------------------------------------------
+# ==============================================================================================
+# Operator tools: verify
+# ==============================================================================================
+# `verify` runs the README's walkthrough on throwaway namespaces: ADD, read back from the kernel,
+# ping the gateway, CHECK, DEL, nothing left.  Each step is a Verifier method whose inputs are
+# its arguments and whose outcome is its return value (a detail text and what later steps
+# need), so each can be run and tested alone; `verify` only chains them.  The plugin runs in a
+# forked child inside the node namespace, as a runtime would exec it there.
 
 # conf/10-mynet.conf, for `verify` run away from a checkout.
 BUILTIN_CONFIG = """{
@@ -3901,6 +4218,7 @@ BUILTIN_CONFIG = """{
   "ipam": {"type": "host-local", "subnet": "172.19.0.0/24", "routes": [{"dst": "0.0.0.0/0"}]}
 }"""
 ICMP_ECHO = {4: (8, 0), 6: (128, 129)}         # family -> (request type, reply type)
+VERIFY_NETNS_PREFIX = "cbv-"                   # the prefix of the throwaway namespaces' names
 
 
 def run_plugin_in(netns_fd, plugin, env, stdin):
@@ -3911,9 +4229,8 @@ def run_plugin_in(netns_fd, plugin, env, stdin):
     if pid == 0:
         status = 1
         try:
-            global _original_netns_fd
             setns(netns_fd)
-            _original_netns_fd = None
+            PROCESS.reset()         # the child starts over in the node namespace
             for fd, (r, w) in enumerate(pipes):
                 posix.dup2(r if fd == 0 else w, fd)
             for r, w in pipes:          # else stdin never reaches end of file
@@ -3943,6 +4260,7 @@ def run_plugin_in(netns_fd, plugin, env, stdin):
 
 
 def icmp_checksum(data):
+    """The Internet checksum (RFC 1071) of an ICMP message."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
@@ -3963,7 +4281,7 @@ def ping(ns, family, address, timeout=2.0):
         body = struct.pack("!HH", ident, 1) + b"cni-bridge verify"
         header = struct.pack("!BBH", request_type, 0, 0)
         packet = struct.pack("!BBH", request_type, 0, icmp_checksum(header + body)) + body
-        start = time.time()
+        start = time.monotonic()
         sock.settimeout(timeout)
         sock.sendto(packet, (address, 0))
         while True:
@@ -3971,37 +4289,170 @@ def ping(ns, family, address, timeout=2.0):
             if family == 4:
                 data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
             if data[0] == reply_type and struct.unpack("!H", data[4:6])[0] == ident:
-                return (time.time() - start) * 1000
-            if time.time() - start > timeout:
-                raise OSError(110, "no echo reply")
+                return (time.monotonic() - start) * 1000
+            if time.monotonic() - start > timeout:
+                raise OSError(errno.ETIMEDOUT, "no echo reply")
     finally:
         sock.close()
 
 
+class PluginRunner(object):
+    """How the walkthrough calls the plugin: `plugin` from the node namespace `node`, with the
+    CNI environment `env` (CNI_COMMAND added per call)."""
+
+    def __init__(self, node, plugin, env):
+        self.node = node
+        self.plugin = plugin
+        self.env = env
+
+    def call(self, command, stdin):
+        """Run one command; its stdout, or a CNIError with what the plugin printed."""
+        status, out, err = run_plugin_in(self.node.fd, self.plugin,
+                                         dict(self.env, CNI_COMMAND=command), stdin)
+        if status != 0:
+            raise CNIError(ERR_INTERNAL, "%s failed (exit %d): %s%s"
+                           % (command, status, out.strip(), err.strip()))
+        return out.strip()
+
+
 class Verifier(object):
-    """Runs the walkthrough step by step, recording each step's outcome."""
+    """The walkthrough's steps and the record of their outcomes.
+
+    step() runs one step method and records its name, success, duration and detail.  Every step
+    method returns (detail text, value for later steps) and raises CNIError or OSError on
+    failure; its inputs are its arguments.
+    """
 
     def __init__(self, as_json):
         self.as_json = as_json
         self.steps = []
 
     def say(self, text):
+        """Print a line of the report (nothing in --json mode)."""
         if not self.as_json:
             posix.write(1, (text + "\n").encode("utf-8"))
 
-    def step(self, name, action):
-        """Run `action`, which returns a detail text; a CNIError or OSError fails the step."""
-        start = time.time()
+    def step(self, name, action, *args):
+        """Run action(*args); record the outcome.  The step's value, or None when it failed."""
+        start = time.monotonic()
         try:
-            detail, ok = action(), True
+            detail, value = action(*args)
+            ok = True
         except (CNIError, OSError) as err:
-            detail, ok = getattr(err, "msg", None) or str(err), False
-        elapsed = (time.time() - start) * 1000
+            detail, value, ok = getattr(err, "msg", None) or str(err), None, False
+        elapsed = (time.monotonic() - start) * 1000
         self.steps.append({"step": name, "ok": ok, "ms": round(elapsed, 1), "detail": detail or ""})
         self.say("  %s %-58s %8.1f ms" % ("\u2713" if ok else "\u2717", name, elapsed))
         for line in (detail or "").splitlines():
             self.say("      " + line)
-        return ok
+        return value
+
+    @staticmethod
+    def make_namespaces(node_path, ctr_path):
+        """The node and container namespaces, lo up on the node; value (node, container)."""
+        create_named_netns(node_path)
+        create_named_netns(ctr_path)
+        node, ctr = Netns(node_path), Netns(ctr_path)
+        nl = node.netlink()
+        set_link(nl, get_link(nl, "lo").index, "failed to set lo up", up=True)
+        return "node %s, container %s" % (node_path, ctr_path), (node, ctr)
+
+    @staticmethod
+    def add(runner, stdin, version):
+        """ADD; value (the result as printed, the result in internal form)."""
+        result = json_loads(runner.call("ADD", stdin))
+        return json_dumps(result), (result, decode_result(result, version))
+
+    @staticmethod
+    def read_back(ctr, ifname, expected):
+        """The container interface is up and holds the `expected` addresses ("ip/len")."""
+        nl = ctr.netlink()
+        link = get_link(nl, ifname)
+        if link is None:
+            raise CNIError(ERR_INTERNAL, "the container has no %s" % ifname)
+        addrs = [str(a.prefix) for a in list_addrs(nl, link.index) if a.scope != RT_SCOPE_LINK]
+        missing = [a for a in expected if a not in addrs]
+        if missing or not link.up:
+            raise CNIError(ERR_INTERNAL, "%s is %s with %s; expected %s"
+                           % (ifname, "up" if link.up else "down", addrs, expected))
+        routes = ["%s via %s" % (r.dst.network_text(), ip_to_text(*r.gateway))
+                  for family in (4, 6) for r in list_routes(nl, family)
+                  if r.oif == link.index and r.gateway]
+        return "%s %s up, mac %s, addresses %s%s" % (
+            ifname, link.kind, link.mac, ", ".join(addrs),
+            ("; routes " + ", ".join(routes)) if routes else ""), True
+
+    @staticmethod
+    def ping_gateway(ctr, ips):
+        """The first gateway of the result's `ips` answers an echo from the container."""
+        for ip in ips:
+            if ip.get("gateway"):
+                family, _ = parse_ip(ip["gateway"])
+                return "%s answered in %.2f ms" % (ip["gateway"],
+                                                   ping(ctr, family, ip["gateway"])), True
+        return "no gateway in the result: nothing to ping", True
+
+    @staticmethod
+    def check(runner, config, version, result):
+        """CHECK with the ADD's result as prevResult (where the version has CHECK)."""
+        if parse_version(version) < MIN_VERSION["CHECK"]:
+            return "cniVersion %s has no CHECK" % version, True
+        runner.call("CHECK", json_dumps(dict(config, prevResult=result)).encode())
+        return "", True
+
+    @staticmethod
+    def delete(runner, config, result):
+        """DEL with the ADD's result as prevResult."""
+        runner.call("DEL", json_dumps(dict(config, prevResult=result)).encode())
+        return "", True
+
+    @staticmethod
+    def nothing_left(node, ctr, attachment, host_veth, network_dir):
+        """No container interface, host veth, reservation or masquerade rule is left.
+        `attachment` is (network, container ID, ifname)."""
+        network, container_id, ifname = attachment
+        left = []
+        if get_link(ctr.netlink(), ifname) is not None:
+            left.append("%s in the container" % ifname)
+        if host_veth and get_link(node.netlink(), host_veth) is not None:
+            left.append("host veth %s" % host_veth)
+        if is_directory(network_dir):
+            left.extend("reservation %s" % name for name in posix.listdir(network_dir)
+                        if name != "lock" and not name.startswith(LAST_RESERVED_PREFIX))
+        nft = node.netlink(NETLINK_NETFILTER)
+        instance = masq_instance_hash(network, container_id, ifname)
+        left.extend("masquerade rule %d" % r.handle
+                    for r in rules_commented(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance))
+        if left:
+            raise CNIError(ERR_INTERNAL, "left behind: " + ", ".join(left))
+        return "no %s, no host veth, no reservation, no masquerade rule" % ifname, True
+
+    @staticmethod
+    def remove_namespaces(namespaces, paths, data_dir):
+        """Close and remove the namespaces made, and the throwaway dataDir."""
+        for ns in namespaces:
+            ns.close()
+        for path in paths:
+            if posix.access(path, posix.F_OK):
+                remove_named_netns(path)
+        if is_directory(data_dir):
+            remove_tree(data_dir)
+        return "", True
+
+
+def load_verify_config(config_path):
+    """The config `verify` drives (a .conflist's first plugin) and where it came from."""
+    if config_path is None and posix.access("conf/10-mynet.conf", posix.F_OK):
+        config_path = "conf/10-mynet.conf"
+    text = open(config_path).read() if config_path else BUILTIN_CONFIG
+    config = json_loads(text)
+    if not isinstance(config, dict):
+        raise ValueError("the configuration must be a JSON object")
+    if "plugins" in config:        # a .conflist: the walkthrough drives its first plugin
+        plugin_config = dict(config["plugins"][0])
+        plugin_config.update(cniVersion=config.get("cniVersion", ""), name=config.get("name", ""))
+        config = plugin_config
+    return config, config_path
 
 
 def verify(config_path, keep, as_json):
@@ -4011,136 +4462,52 @@ def verify(config_path, keep, as_json):
         import _ctypes      # noqa: F401  (the throwaway namespaces are mounted through libc)
     except ImportError:
         raise missing_ctypes("mount")
-    if config_path is None:
-        config_path = "conf/10-mynet.conf" if os.path.isfile("conf/10-mynet.conf") else None
     try:
-        text = open(config_path).read() if config_path else BUILTIN_CONFIG
-        config = json_loads(text)
-        if not isinstance(config, dict):
-            raise ValueError("the configuration must be a JSON object")
+        config, config_path = load_verify_config(config_path)
     except (OSError, ValueError) as err:
         sys.stderr.write("verify: cannot read %s: %s\n" % (config_path, err))
         return 2
-    if "plugins" in config:        # a .conflist: the walkthrough drives its first plugin
-        plugin_config = dict(config["plugins"][0])
-        plugin_config.update(cniVersion=config.get("cniVersion", ""), name=config.get("name", ""))
-        config = plugin_config
+    prefix = os.environ.get("CNI_BRIDGE_VERIFY_PREFIX", VERIFY_NETNS_PREFIX)
     tag = posix.urandom(4).hex()
-    node_path, ctr_path = "/run/netns/cbv-node-" + tag, "/run/netns/cbv-ctr-" + tag
+    node_name, ctr_name = "%snode-%s" % (prefix, tag), "%sctr-%s" % (prefix, tag)
+    node_path, ctr_path = "/run/netns/" + node_name, "/run/netns/" + ctr_name
     data_dir = "/run/cni-bridge-verify-" + tag
     if isinstance(config.get("ipam"), dict):
         config["ipam"] = dict(config["ipam"], dataDir=data_dir)
     version = config.get("cniVersion") or "0.1.0"
-    container_id = "verify-" + tag
-    ifname = "eth0"
-    stdin = json_dumps(config).encode()
-    env = {"CNI_CONTAINERID": container_id, "CNI_NETNS": ctr_path, "CNI_IFNAME": ifname,
+    attachment = (config.get("name", ""), "verify-" + tag, "eth0")
+    env = {"CNI_CONTAINERID": attachment[1], "CNI_NETNS": ctr_path, "CNI_IFNAME": attachment[2],
            "CNI_PATH": os.path.dirname(archive_path() or os.path.abspath(__file__)),
            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     v = Verifier(as_json)
     v.say("cni-bridge verify: %s (network %s, type %s, cniVersion %s)"
-          % (config_path or "built-in conf/10-mynet.conf", config.get("name"), config.get("type"), version))
-    state = {}
-
-    def call(command, body=stdin):
-        status, out, err = run_plugin_in(state["node"].fd, config.get("type", ""),
-                                         dict(env, CNI_COMMAND=command), body)
-        if status != 0:
-            raise CNIError(ERR_INTERNAL, "%s failed (exit %d): %s%s" % (command, status, out.strip(), err.strip()))
-        return out.strip()
-
-    def make_namespaces():
-        create_named_netns(node_path)
-        create_named_netns(ctr_path)
-        state["node"], state["ctr"] = Netns(node_path), Netns(ctr_path)
-        nl = state["node"].netlink()
-        set_link(nl, get_link(nl, "lo").index, "failed to set lo up", up=True)
-        return "node %s, container %s" % (node_path, ctr_path)
-
-    def add():
-        state["result"] = json_loads(call("ADD"))
-        state["internal"] = decode_result(state["result"], version)
-        return json_dumps(state["result"])
-
-    def read_back():
-        nl = state["ctr"].netlink()
-        link = get_link(nl, ifname)
-        if link is None:
-            raise CNIError(ERR_INTERNAL, "the container has no %s" % ifname)
-        addrs = [str(a.prefix) for a in list_addrs(nl, link.index) if a.scope != RT_SCOPE_LINK]
-        expected = [ip["address"] for ip in state["internal"]["ips"]]
-        missing = [a for a in expected if a not in addrs]
-        if missing or not link.up:
-            raise CNIError(ERR_INTERNAL, "%s is %s with %s; expected %s"
-                           % (ifname, "up" if link.up else "down", addrs, expected))
-        routes = ["%s via %s" % (r.dst.network_text(), ip_to_text(*r.gateway))
-                  for family in (4, 6) for r in list_routes(nl, family)
-                  if r.oif == link.index and r.gateway]
-        return "%s %s up, mac %s, addresses %s%s" % (ifname, link.kind, link.mac, ", ".join(addrs),
-                                                      ("; routes " + ", ".join(routes)) if routes else "")
-
-    def ping_gateway():
-        for ip in state["internal"]["ips"]:
-            if ip.get("gateway"):
-                family, _ = parse_ip(ip["gateway"])
-                return "%s answered in %.2f ms" % (ip["gateway"], ping(state["ctr"], family, ip["gateway"]))
-        return "no gateway in the result: nothing to ping"
-
-    def check():
-        if parse_version(version) < (0, 4, 0):
-            return "cniVersion %s has no CHECK" % version
-        call("CHECK", json_dumps(dict(config, prevResult=state["result"])).encode())
-        return ""
-
-    def delete():
-        call("DEL", json_dumps(dict(config, prevResult=state["result"])).encode())
-        return ""
-
-    def nothing_left():
-        left = []
-        if get_link(state["ctr"].netlink(), ifname) is not None:
-            left.append("%s in the container" % ifname)
-        host_name = state["internal"]["interfaces"][1]["name"] if len(state["internal"].get("interfaces") or []) > 1 else None
-        if host_name and get_link(state["node"].netlink(), host_name) is not None:
-            left.append("host veth %s" % host_name)
-        network_dir = os.path.join(data_dir, config.get("name", ""))
-        if os.path.isdir(network_dir):
-            left.extend("reservation %s" % name for name in posix.listdir(network_dir)
-                        if name != "lock" and not name.startswith(LAST_RESERVED_PREFIX))
-        with state["node"].entered():
-            nft = NetlinkSocket(NETLINK_NETFILTER)
-        instance = masq_instance_hash(config.get("name", ""), container_id, ifname)
-        left.extend("masquerade rule %d" % r.handle for r in list_rules(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN)
-                    if r.comment.startswith(instance))
-        if left:
-            raise CNIError(ERR_INTERNAL, "left behind: " + ", ".join(left))
-        return "no %s, no host veth, no reservation, no masquerade rule" % ifname
-
-    def remove_namespaces():
-        for ns in (state.get("node"), state.get("ctr")):
-            if ns is not None:
-                ns.close()
-        for path in (node_path, ctr_path):
-            if os.path.exists(path):
-                remove_named_netns(path)
-        if os.path.isdir(data_dir):
-            remove_tree(data_dir)
-        return ""
-
-    steps = [("create namespaces", make_namespaces), ("ADD", add),
-             ("container interface read back from the kernel", read_back),
-             ("ping the gateway from the container", ping_gateway), ("CHECK", check)]
-    if not keep:
-        steps += [("DEL", delete), ("nothing left behind", nothing_left)]
-    for name, action in steps:
-        if not v.step(name, action):
-            break
+          % (config_path or "built-in conf/10-mynet.conf", config.get("name"), config.get("type"),
+             version))
+    namespaces = v.step("create namespaces", v.make_namespaces, node_path, ctr_path) or ()
+    if namespaces:
+        node, ctr = namespaces
+        runner = PluginRunner(node, config.get("type", ""), env)
+        added = v.step("ADD", v.add, runner, json_dumps(config).encode(), version)
+        if added:
+            result, internal = added
+            interfaces = internal.get("interfaces") or []
+            host_veth = (interfaces[RESULT_HOST_VETH]["name"]
+                         if len(interfaces) > RESULT_HOST_VETH else None)
+            done = (v.step("container interface read back from the kernel", v.read_back, ctr,
+                           attachment[2], [ip["address"] for ip in internal["ips"]])
+                    and v.step("ping the gateway from the container", v.ping_gateway, ctr,
+                               internal["ips"])
+                    and v.step("CHECK", v.check, runner, config, version, result))
+            if done and not keep and v.step("DEL", v.delete, runner, config, result):
+                v.step("nothing left behind", v.nothing_left, node, ctr, attachment, host_veth,
+                       os.path.join(data_dir, attachment[0]))
     if keep:
-        v.say("kept for inspection:\n  ip netns exec cbv-node-%s ip addr\n  ip netns exec cbv-ctr-%s ip addr\n"
-              "remove with: ip netns del cbv-node-%s; ip netns del cbv-ctr-%s; rm -r %s"
-              % (tag, tag, tag, tag, data_dir))
+        v.say("kept for inspection:\n  ip netns exec %s ip addr\n  ip netns exec %s ip addr\n"
+              "remove with: ip netns del %s; ip netns del %s; rm -r %s"
+              % (node_name, ctr_name, node_name, ctr_name, data_dir))
     else:
-        v.step("remove namespaces", remove_namespaces)
+        v.step("remove namespaces", v.remove_namespaces, namespaces, (node_path, ctr_path),
+               data_dir)
     failed = [s for s in v.steps if not s["ok"]]
     if as_json:
         write_json({"config": config_path or "built-in", "ok": not failed, "steps": v.steps,
@@ -4151,9 +4518,29 @@ def verify(config_path, keep, as_json):
     return 1 if failed else 0
 
 
-# --- add, check, del, status, gc: a runtime's side, like the CNI project's cnitool --------------
+# ==============================================================================================
+# Operator tools: network commands
+# ==============================================================================================
+# add, check, del, status and gc drive a network's plugin chain from the runtime's side, like
+# the CNI project's cnitool: configs from NETCONFPATH, plugins from CNI_PATH, prevResult threaded
+# through ADD, DEL in reverse order with the cached result, capability args from CAP_ARGS.
+# Results are cached in libcni's format and place (CNI_CACHE_DIR, default /var/lib/cni), so
+# attachments made here and by containerd or podman are interchangeable.  One function per
+# command, over NetworkCall, which holds what every command needs.
 
-RESULTS_CACHE_DIR = "/var/lib/cni/results"
+DEFAULT_CACHE_DIR = "/var/lib/cni"
+
+
+def results_cache_dir(env):
+    """libcni's result cache: <cache dir>/results."""
+    return env.get("CNI_CACHE_DIR", DEFAULT_CACHE_DIR).rstrip("/") + "/results"
+
+
+def split_cni_args(text):
+    """CNI_ARGS as the (key, value) pairs libcni records, keys as written; checked by
+    parse_cni_args's rule (every piece KEY=VALUE)."""
+    parse_cni_args(text, warn=False)
+    return [list(piece.split("=", 1)) for piece in text.split(";") if piece]
 
 
 def load_network_list(name, conf_dir):
@@ -4163,7 +4550,8 @@ def load_network_list(name, conf_dir):
     try:
         files = sorted(posix.listdir(conf_dir))
     except OSError as err:
-        raise CNIError(ERR_INVALID_CONFIG, "cannot read NETCONFPATH %s: %s" % (conf_dir, err.strerror))
+        raise CNIError(ERR_INVALID_CONFIG,
+                       "cannot read NETCONFPATH %s: %s" % (conf_dir, err.strerror))
     for suffixes in ((".conflist",), (".conf", ".json")):
         for filename in files:
             if not filename.endswith(suffixes):
@@ -4176,96 +4564,166 @@ def load_network_list(name, conf_dir):
             except (OSError, ValueError) as err:
                 sys.stderr.write("skipping %s: %s\n" % (path, err))
                 continue
-            if not isinstance(conf, dict) or conf.get("name") != name:
+            if not isinstance(conf, dict) or conf_lookup(conf, "name") != name:
                 continue
             if "plugins" not in conf:
-                conf = {"cniVersion": conf.get("cniVersion", ""), "name": name, "plugins": [conf]}
+                conf = {"cniVersion": conf_lookup(conf, "cniVersion") or "", "name": name,
+                        "plugins": [conf]}
             if not isinstance(conf["plugins"], list) or not conf["plugins"]:
                 raise CNIError(ERR_INVALID_CONFIG, "%s: `plugins` must be a non-empty list" % path)
             return conf, raw
     raise CNIError(ERR_INVALID_CONFIG, "no network %r in %s" % (name, conf_dir))
 
 
-def cache_path(network, container_id, ifname):
-    import os
-    return os.path.join(RESULTS_CACHE_DIR, "%s-%s-%s" % (network, container_id, ifname))
+class NetworkCall(object):
+    """What every network command needs, read from the environment `env` as cnitool does: the
+    network's config list, the attachment (container ID derived from the netns path, CNI_IFNAME),
+    CAP_ARGS, CNI_ARGS, CNI_PATH and the result cache."""
 
+    def __init__(self, network, netns, env):
+        self.network = network
+        self.netns = netns
+        self.env = env
+        self.conf, self.raw = load_network_list(network, env.get("NETCONFPATH", "/etc/cni/net.d"))
+        self.version = conf_lookup(self.conf, "cniVersion") or ""
+        self.ifname = env.get("CNI_IFNAME", "eth0")
+        self.container_id = "cnitool-" + sha512_hex(netns)[:20]
+        self.capability_args = json_loads(env.get("CAP_ARGS") or "{}")
+        self.cni_args = split_cni_args(env.get("CNI_ARGS", ""))
+        self.cni_path = env.get("CNI_PATH", "/opt/cni/bin")
+        self.cache_dir = results_cache_dir(env)
 
-def run_network_command(command, network, netns):
-    """Drive a network's plugin chain as libcni does: prevResult threaded through ADD, DEL in
-    reverse order with the cached result, capability args from CAP_ARGS, results cached in
-    libcni's format so attachments made here and by containerd or podman are interchangeable."""
-    import os
-    import base64
-    env = os.environ
-    conf, raw = load_network_list(network, env.get("NETCONFPATH", "/etc/cni/net.d"))
-    version = conf.get("cniVersion", "")
-    ifname = env.get("CNI_IFNAME", "eth0")
-    container_id = "cnitool-" + sha512_hex(netns)[:20]
-    capability_args = json_loads(env.get("CAP_ARGS") or "{}")
-    cni_args = [piece.split("=", 1) for piece in env.get("CNI_ARGS", "").split(";") if "=" in piece]
-    cached = None
-    try:
-        with open(cache_path(network, container_id, ifname), "rb") as f:
-            cached = json_loads(f.read())
-    except (OSError, ValueError):
-        pass
-    minimum = MIN_VERSION.get(command.upper())
-    if minimum and parse_version(version) < minimum:
-        sys.stderr.write("network %s (cniVersion %s) does not support %s\n" % (network, version, command))
-        return 0 if command in ("status", "gc") else 1
-    plugin_env = dict(env, CNI_COMMAND=command.upper(), CNI_CONTAINERID=container_id, CNI_NETNS=netns,
-                      CNI_IFNAME=ifname, CNI_PATH=env.get("CNI_PATH", "/opt/cni/bin"))
-    if command in ("status", "gc"):
-        for key in ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"):
-            plugin_env[key] = ""
-    plugins = conf["plugins"] if command != "del" else list(reversed(conf["plugins"]))
-    result = cached.get("result") if command in ("check", "del") and cached else None
-    if command == "check" and result is None:
-        raise CNIError(ERR_INVALID_CONFIG, "no cached result for %s on %s: was it added?" % (network, netns))
-    for plugin in plugins:
-        request = dict(plugin, cniVersion=version, name=network)
-        request.pop("capabilities", None)
-        runtime = dict((k, v) for k, v in capability_args.items() if (plugin.get("capabilities") or {}).get(k))
+    @property
+    def plugins(self):
+        """The network's plugin configs, in chain order."""
+        return self.conf["plugins"]
+
+    def allows(self, command):
+        """Whether the network's cniVersion has `command` (CHECK from 0.4.0, GC, STATUS 1.1.0)."""
+        minimum = MIN_VERSION.get(command)
+        return not minimum or parse_version(self.version) >= minimum
+
+    def invoke(self, plugin, command, extra=None, attachment=True):
+        """Run one plugin of the chain; its output.  `extra` keys go into its config (prevResult,
+        cni.dev/valid-attachments); STATUS and GC concern no attachment."""
+        config = dict(plugin, cniVersion=self.version, name=self.network)
+        config.pop("capabilities", None)
+        wanted = plugin.get("capabilities") or {}
+        runtime = dict((k, v) for k, v in self.capability_args.items() if wanted.get(k))
         if runtime:
-            request["runtimeConfig"] = runtime
-        if command == "gc":
-            request["cni.dev/valid-attachments"] = cached_attachments(network)
-        elif result is not None and (command != "del" or parse_version(version) >= (0, 4, 0)):
-            request["prevResult"] = result
-        output = invoke_plugin(plugin.get("type", ""), plugin_env["CNI_PATH"], plugin_env,
-                               json_dumps(request).encode())
-        if command == "add":
-            result = output
-    if command == "add":
-        make_directories(RESULTS_CACHE_DIR, 0o700)
-        entry = {"kind": "cniCacheV1", "containerId": container_id, "config": base64.b64encode(raw).decode(),
-                 "ifName": ifname, "networkName": network, "netns": netns, "cniArgs": cni_args,
-                 "capabilityArgs": capability_args, "result": result}
-        path = cache_path(network, container_id, ifname)
+            config["runtimeConfig"] = runtime
+        config.update(extra or {})
+        env = dict(self.env, CNI_COMMAND=command, CNI_PATH=self.cni_path,
+                   CNI_CONTAINERID=self.container_id if attachment else "",
+                   CNI_NETNS=self.netns if attachment else "",
+                   CNI_IFNAME=self.ifname if attachment else "")
+        return invoke_plugin(plugin.get("type", ""), self.cni_path, env,
+                             json_dumps(config).encode())
+
+    def cache_path(self):
+        """The attachment's file in the result cache."""
+        return "%s/%s-%s-%s" % (self.cache_dir, self.network, self.container_id, self.ifname)
+
+    def cached_result(self):
+        """The result cached by `add`, or None."""
+        try:
+            with open(self.cache_path(), "rb") as f:
+                entry = json_loads(f.read())
+        except (OSError, ValueError):
+            return None
+        return entry.get("result") if isinstance(entry, dict) else None
+
+    def store_result(self, result):
+        """Cache the ADD result in libcni's cniCacheV1 format (atomically)."""
+        import base64
+        make_directories(self.cache_dir, 0o700)
+        entry = {"kind": "cniCacheV1", "containerId": self.container_id,
+                 "config": base64.b64encode(self.raw).decode(), "ifName": self.ifname,
+                 "networkName": self.network, "netns": self.netns, "cniArgs": self.cni_args,
+                 "capabilityArgs": self.capability_args, "result": result}
+        path = self.cache_path()
         with open(path + ".tmp", "w") as f:
             f.write(json_dumps(entry))
         posix.rename(path + ".tmp", path)
-        write_json(result)
-    elif command == "del":
+
+    def forget_result(self):
+        """Remove the attachment's cached result (DEL)."""
         try:
-            posix.unlink(cache_path(network, container_id, ifname))
+            posix.unlink(self.cache_path())
         except OSError:
             pass
+
+
+def network_add(call):
+    """ADD through the chain, each plugin getting the previous one's result; cache and print it."""
+    result = None
+    for plugin in call.plugins:
+        result = call.invoke(plugin, "ADD", {"prevResult": result} if result is not None else {})
+    call.store_result(result)
+    write_json(result)
+
+
+def network_check(call):
+    """CHECK through the chain with the cached ADD result."""
+    result = call.cached_result()
+    if result is None:
+        raise CNIError(ERR_INVALID_CONFIG, "no cached result for %s on %s: was it added?"
+                       % (call.network, call.netns))
+    for plugin in call.plugins:
+        call.invoke(plugin, "CHECK", {"prevResult": result})
+
+
+def network_del(call):
+    """DEL through the chain in reverse, with the cached result from 0.4.0 on; forget it."""
+    result = call.cached_result()
+    extra = {}
+    if result is not None and parse_version(call.version) >= (0, 4, 0):
+        extra["prevResult"] = result
+    for plugin in reversed(call.plugins):
+        call.invoke(plugin, "DEL", extra)
+    call.forget_result()
+
+
+def network_status(call):
+    """STATUS of every plugin of the chain."""
+    for plugin in call.plugins:
+        call.invoke(plugin, "STATUS", attachment=False)
+
+
+def network_gc(call):
+    """GC through the chain; the valid attachments are those in the result cache."""
+    valid = cached_attachments(call.cache_dir, call.network)
+    for plugin in call.plugins:
+        call.invoke(plugin, "GC", {"cni.dev/valid-attachments": valid}, attachment=False)
+
+
+NETWORK_COMMANDS = {"add": network_add, "check": network_check, "del": network_del,
+                    "status": network_status, "gc": network_gc}
+
+
+def run_network_command(command, network, netns):
+    """Run one network command; the exit status.  A command the network's version lacks is
+    refused (and, for status and gc, a success with nothing to do)."""
+    import os
+    call = NetworkCall(network, netns, os.environ)
+    if not call.allows(command.upper()):
+        sys.stderr.write("network %s (cniVersion %s) does not support %s\n"
+                         % (network, call.version, command))
+        return 0 if command in ("status", "gc") else 1
+    NETWORK_COMMANDS[command](call)
     return 0
 
 
-def cached_results():
-    """Every libcni result-cache entry on this node."""
-    import os
+def cached_results(cache_dir):
+    """Every libcni result-cache entry in `cache_dir`."""
     entries = []
     try:
-        names = sorted(posix.listdir(RESULTS_CACHE_DIR))
+        names = sorted(posix.listdir(cache_dir))
     except OSError:
         return entries
     for name in names:
         try:
-            with open(os.path.join(RESULTS_CACHE_DIR, name), "rb") as f:
+            with open("%s/%s" % (cache_dir, name), "rb") as f:
                 entry = json_loads(f.read())
         except (OSError, ValueError):
             continue
@@ -4274,12 +4732,20 @@ def cached_results():
     return entries
 
 
-def cached_attachments(network):
+def cached_attachments(cache_dir, network):
+    """The attachments of `network` the result cache knows, as GC's valid-attachments."""
     return [{"containerID": e.get("containerId"), "ifname": e.get("ifName")}
-            for e in cached_results() if e.get("networkName") == network]
+            for e in cached_results(cache_dir) if e.get("networkName") == network]
 
 
-# --- leases: what host-local holds ----------------------------------------------------------------
+# ==============================================================================================
+# Operator tools: leases
+# ==============================================================================================
+# `leases` lists what host-local holds, flags reservations whose container namespace is gone
+# (known from the runtime's result cache) and with --gc releases them.
+
+LEASE_COLUMNS = ("NETWORK", "ADDRESS", "CONTAINER", "IFNAME", "AGE", "STATUS")
+
 
 def attachment_netns(entry):
     """The namespace path of a cached attachment (its result's sandbox)."""
@@ -4294,8 +4760,9 @@ def leases(data_dir, collect):
     (known from the runtime's result cache) and with `collect` release them through GC."""
     import os
     netns_of = {}
-    for entry in cached_results():
-        netns_of[(entry.get("networkName"), entry.get("containerId"), entry.get("ifName"))] = attachment_netns(entry)
+    for entry in cached_results(results_cache_dir(os.environ)):
+        netns_of[(entry.get("networkName"), entry.get("containerId"),
+                  entry.get("ifName"))] = attachment_netns(entry)
     try:
         networks = sorted(posix.listdir(data_dir))
     except OSError as err:
@@ -4312,7 +4779,8 @@ def leases(data_dir, collect):
             for key, content in sorted(reserved.items()):
                 cid, _, ifname = content.strip().partition("\r\n")
                 try:
-                    age = now - posix.stat(store.file_names[key], dir_fd=store.dir_fd, follow_symlinks=False).st_mtime
+                    age = now - posix.stat(store.file_names[key], dir_fd=store.dir_fd,
+                                           follow_symlinks=False).st_mtime
                 except OSError:
                     age = 0
                 netns = netns_of.get((network, cid, ifname))
@@ -4322,7 +4790,8 @@ def leases(data_dir, collect):
                     stale.append(key)
                 else:
                     valid.add((cid, ifname))
-                rows.append((network, ip_to_text(*key), cid, ifname, "%dh%02dm" % (age // 3600, age % 3600 // 60), status))
+                rows.append((network, ip_to_text(*key), cid, ifname,
+                             "%dh%02dm" % (age // 3600, age % 3600 // 60), status))
             stale_count += len(stale)
             if collect and stale:
                 collect_garbage(store, valid)
@@ -4334,7 +4803,35 @@ def leases(data_dir, collect):
     return 0
 
 
-LEASE_COLUMNS = ("NETWORK", "ADDRESS", "CONTAINER", "IFNAME", "AGE", "STATUS")
+# ==============================================================================================
+# Entry point
+# ==============================================================================================
+# Started under a plugin's name the program serves one CNI request; under any other name it is
+# the operator's command line.
+
+USAGE = """usage: %(prog)s COMMAND
+
+cni-bridge %(version)s: the CNI bridge, host-local and loopback plugins in one program.
+Installed under the names bridge, host-local and loopback (symlinks) it is those plugins.
+
+commands:
+  verify [CONFIG] [--keep] [--json]
+                          run the walkthrough on throwaway namespaces: ADD (default config
+                          conf/10-mynet.conf), read back, ping the gateway, CHECK, DEL, and
+                          show that nothing is left; --keep leaves it all for inspection
+  add|check|del|status|gc NETWORK NETNS
+                          run a network's plugin chain like the CNI project's cnitool: configs
+                          from NETCONFPATH (/etc/cni/net.d), plugins from CNI_PATH (/opt/cni/bin),
+                          CNI_IFNAME (eth0), CNI_ARGS, CAP_ARGS; results cached in
+                          CNI_CACHE_DIR/results (/var/lib/cni/results) as libcni does
+  leases [--data-dir DIR] [--gc]
+                          list host-local reservations (default DIR /var/lib/cni/networks) and
+                          flag those whose container namespace is gone; --gc releases them
+  install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback to it
+                          (--force replaces regular files of those names)
+  --version               print the program and CNI versions
+  --help                  this text
+"""
 
 
 def run_cli(prog, argv):
@@ -4384,6 +4881,7 @@ def process_environment():
 
 
 def main():
+    """Serve one CNI request as the plugin named by argv[0], or run the command line."""
     name = sys.argv[0].rpartition("/")[2]
     if name not in PLUGINS:
         sys.exit(run_cli(name, sys.argv[1:]))

@@ -1,4 +1,13 @@
-"""Shared test infrastructure: network namespaces, the built plugins, and a CNI invoker.
+"""Shared test infrastructure: tiers (markers), fixtures for network namespaces and the built
+plugins.  Plain helpers and constants are in tests/helpers.py.
+
+Tiers, registered below and given to every test module (`pytestmark`):
+  unit     in-process tests of cni_bridge's functions: seconds (`-m unit`); the few that make a
+           namespace are also `kernel` (`-m "unit and not kernel"` needs no root)
+  kernel   the built plugins against namespaces the tests make: root, minutes
+  podman   podman containers on our plugins (skipped when podman is absent)
+  slow     long runs: crash loops, storms, generated hostile input, the Python matrix, podman
+A test module without a tier is counted as `kernel`.
 
 Every test works in namespaces it makes (`cbt-<prefix>-<8hex>`, deleted at teardown); the machine's
 own network namespace is never touched.  Namespaces of test sessions that died are swept at the next
@@ -6,81 +15,15 @@ session start: each session records the namespaces it makes in a file it keeps l
 so concurrent sessions never sweep each other's namespaces.
 """
 import fcntl
-import json
 import os
 import secrets
-import shutil
-import subprocess
 from pathlib import Path
-from typing import NamedTuple, Optional
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-REF_DIR = Path("/usr/lib/cni")
-VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
-REF_VERSIONS = VERSIONS[:-1]  # Debian's reference plugins speak up to 1.0.0
+from tests.helpers import IP, NETNS_PREFIX, PLUGIN_NAMES, REF_DIR, REPO, Arena, Netns, delete_netns, run
 
-PLUGIN_NAMES = ("bridge", "host-local", "loopback")
-NETNS_PREFIX = "cbt-"
 SESSIONS_DIR = Path("/run/cni-bridge-tests")  # one locked file per live test session
-IP = shutil.which("ip") or "/usr/sbin/ip"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class CommandFailed(subprocess.CalledProcessError):
-    """A failed command whose message shows its output (CalledProcessError's does not)."""
-
-    def __str__(self):
-        return "%s\nstdout: %s\nstderr: %s" % (super().__str__(), self.stdout, self.stderr)
-
-
-def run(argv, check=True, input=None, timeout=30, **kwargs):
-    """subprocess.run in text mode with output captured; raises CommandFailed when `check` and it fails."""
-    proc = subprocess.run([str(a) for a in argv], input=input, timeout=timeout, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
-    if check and proc.returncode != 0:
-        raise CommandFailed(proc.returncode, proc.args, proc.stdout, proc.stderr)
-    return proc
-
-
-class Netns:
-    """A named network namespace made by a test (`ip netns add`), mounted at /run/netns/<name>."""
-
-    def __init__(self, name):
-        self.name = name
-        self.path = "/run/netns/" + name
-
-    def __repr__(self):
-        return "Netns(%r)" % self.name
-
-    def run(self, *argv, check=True, input=None, timeout=30):
-        """Run argv inside this namespace (`ip netns exec`), text mode, output captured."""
-        return run([IP, "netns", "exec", self.name, *argv], check=check, input=input, timeout=timeout)
-
-    def ip_json(self, *args):
-        """`ip -j <args>` inside this namespace, parsed ([] when ip prints nothing)."""
-        out = run([IP, "-n", self.name, "-j", *args]).stdout
-        return json.loads(out) if out.strip() else []
-
-    def links(self):
-        """ifname -> its `ip -j -d link show` entry."""
-        return {link["ifname"]: link for link in self.ip_json("-d", "link", "show")}
-
-    def addrs(self, ifname):
-        """[(family, "addr/prefix"), ...] of `ifname`; raises CommandFailed when the link does not exist."""
-        return [(a["family"], "%s/%d" % (a["local"], a["prefixlen"]))
-                for entry in self.ip_json("addr", "show", "dev", ifname)
-                for a in entry.get("addr_info", [])]
-
-    def sysctl(self, key):
-        """The value of /proc/sys/<key> (e.g. "net/ipv4/ip_forward") as seen inside this namespace."""
-        return self.run("cat", "/proc/sys/" + key.strip("/")).stdout.strip()
-
-
-def delete_netns(name):
-    run([IP, "netns", "del", name], check=False)
-
 
 class NetnsRegistry:
     """This session's record of the namespaces it made: a file held locked for the whole session."""
@@ -98,6 +41,11 @@ class NetnsRegistry:
         """Record `name` before it is created, so a concurrent sweep sees it as owned."""
         self.file.write(name + "\n")
         self.file.flush()
+
+    def record_prefix(self, prefix):
+        """Record that every namespace named `prefix`... is this session's (a program under test
+        names them, e.g. `verify`)."""
+        self.record(prefix + "*")
 
     def close(self):
         self.file.close()
@@ -120,9 +68,33 @@ def sweep_stale_netns():
                 session.unlink()
         except FileNotFoundError:  # swept meanwhile by another session
             pass
+    prefixes = tuple(name[:-1] for name in owned if name.endswith("*"))     # see record_prefix
     for name in existing:
-        if name.startswith(NETNS_PREFIX) and name not in owned:
+        if name.startswith(NETNS_PREFIX) and name not in owned and not name.startswith(prefixes):
             delete_netns(name)
+
+
+TIERS = {
+    "unit": "in-process tests of cni_bridge's functions (seconds)",
+    "kernel": "runs the built plugins against namespaces the test makes (root)",
+    "podman": "runs podman containers on our plugins",
+    "slow": "long runs (crash loops, storms, generated input, the Python matrix, podman)",
+}
+# Fixtures that make namespaces or links: a test using one is `kernel` whatever its module says.
+KERNEL_FIXTURES = {"make_netns", "node", "container", "kernel", "ours_bin", "ref_bin", "arena"}
+
+
+def pytest_configure(config):
+    for name, description in TIERS.items():
+        config.addinivalue_line("markers", "%s: %s" % (name, description))
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        names = set(m.name for m in item.iter_markers())
+        if "kernel" not in names and (KERNEL_FIXTURES & set(item.fixturenames)
+                                      or not names & {"unit", "podman"}):
+            item.add_marker(pytest.mark.kernel)
 
 
 @pytest.fixture(scope="session")
@@ -201,61 +173,6 @@ def ref_bin():
     return REF_DIR
 
 
-class CNIRun(NamedTuple):
-    """Outcome of one plugin call; `json` is the parsed stdout, or None when it is not JSON."""
-    returncode: int
-    stdout: str
-    stderr: str
-    json: Optional[object]
-
-
-def cni_env(command, bin_dir, *, netns=None, ifname="eth0", container_id="ctr1", cni_args=None,
-            cni_path=None, env=None):
-    """The environment of a CNI call: PATH, the CNI_* variables, then `env` overrides (None removes).
-
-    `netns` is a Netns, a path string, or None (CNI_NETNS unset); `ifname`/`container_id` None leave
-    their variable unset; `cni_args` is the CNI_ARGS string.  CNI_PATH defaults to `bin_dir`.
-    """
-    variables = {
-        "PATH": os.environ.get("PATH", DEFAULT_PATH),
-        "CNI_COMMAND": command,
-        "CNI_CONTAINERID": container_id,
-        "CNI_NETNS": netns.path if isinstance(netns, Netns) else netns,
-        "CNI_IFNAME": ifname,
-        "CNI_ARGS": cni_args,
-        "CNI_PATH": str(cni_path) if cni_path is not None else str(bin_dir),
-    }
-    variables.update(env or {})
-    return {key: str(value) for key, value in variables.items() if value is not None}
-
-
-def encode_conf(conf):
-    """stdin bytes for a config given as a dict (JSON-encoded), str or bytes."""
-    if isinstance(conf, bytes):
-        return conf
-    if isinstance(conf, str):
-        return conf.encode()
-    return json.dumps(conf).encode()
-
-
-def parse_output(proc):
-    """CNIRun from a finished process with binary output (decoded leniently)."""
-    stdout = proc.stdout.decode("utf-8", "replace")
-    try:
-        parsed = json.loads(stdout)
-    except ValueError:
-        parsed = None
-    return CNIRun(proc.returncode, stdout, proc.stderr.decode("utf-8", "replace"), parsed)
-
-
-def run_cni(bin_dir, plugin, command, conf, *, node=None, netns=None, ifname="eth0", container_id="ctr1",
-            cni_args=None, cni_path=None, env=None, timeout=60):
-    """Run <bin_dir>/<plugin> as a runtime would (inside `node` when given) and return a CNIRun."""
-    argv = [str(Path(bin_dir) / plugin)]
-    if node is not None:
-        argv = [IP, "netns", "exec", node.name] + argv
-    proc = subprocess.run(argv, input=encode_conf(conf), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=timeout,
-                          env=cni_env(command, bin_dir, netns=netns, ifname=ifname, container_id=container_id,
-                                      cni_args=cni_args, cni_path=cni_path, env=env))
-    return parse_output(proc)
+@pytest.fixture
+def arena(ours_bin, node, container, tmp_path):
+    return Arena(ours_bin, node, container, tmp_path / "sandbox")

@@ -24,7 +24,10 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import REF_DIR, REF_VERSIONS, REPO, VERSIONS, run_cni
+from tests.helpers import (REF_DIR, REF_VERSIONS, REPO, VERSIONS, explain, global_addrs, host_veths,
+                           kind, reservations, run_cni)
+
+pytestmark = pytest.mark.kernel
 
 NETWORK = "cbtbridge"
 BRIDGE = "cni0"
@@ -120,11 +123,6 @@ def with_prev(conf, result):
 
 # --- plugin outcome -----------------------------------------------------------------------------
 
-def explain(res):
-    """A failed assertion's message: the call's exit code and output."""
-    return "exit %d\nstdout: %s\nstderr: %s" % (res.returncode, res.stdout, res.stderr)
-
-
 def expect_ok(res):
     """The call succeeded; returns its parsed stdout (None when it printed nothing)."""
     assert res.returncode == 0, explain(res)
@@ -169,16 +167,6 @@ def set_sysctl(ns, key, value):
     ns.run("sh", "-c", "echo %s > /proc/sys/%s" % (value, key))
 
 
-def kind(link):
-    """The link kind ("bridge", "veth" ...) of an `ip -j -d link` entry."""
-    return link.get("linkinfo", {}).get("info_kind")
-
-
-def host_veths(node):
-    """ifname -> link entry of every veth in the node namespace."""
-    return {name: link for name, link in node.links().items() if kind(link) == "veth"}
-
-
 def peer_of(node, container, ifname="eth0"):
     """The node-side link entry of the container's veth `ifname`."""
     inside = container.links()[ifname]
@@ -188,13 +176,6 @@ def peer_of(node, container, ifname="eth0"):
 def port_flags(node, ifname):
     """The bridge-port attributes of `ifname` (hairpin, isolated, state ...)."""
     return node.links()[ifname]["linkinfo"]["info_slave_data"]
-
-
-def global_addrs(ns, ifname):
-    """Non-link-local addresses of `ifname` as "addr/prefix" strings."""
-    return [entry["local"] + "/%d" % entry["prefixlen"]
-            for link in ns.ip_json("addr", "show", "dev", ifname)
-            for entry in link.get("addr_info", []) if entry.get("scope") != "link"]
 
 
 def default_routes(ns, family="-4"):
@@ -215,18 +196,6 @@ def eventually(condition, timeout=10):
 def ping(ns, address):
     """True when one echo from inside `ns` to `address` is answered."""
     return ns.run("ping", "-c1", "-W2", address, check=False).returncode == 0
-
-
-def reservations(data_dir):
-    """host-local reservation files under data_dir (one network per test): IP -> content, byte exact."""
-    found = {}
-    for path in data_dir.glob("*/*"):
-        try:
-            ipaddress.ip_address(path.name)
-        except ValueError:
-            continue
-        found[path.name] = path.read_bytes().decode()
-    return found
 
 
 def snapshot(data_dir, *namespaces):

@@ -1,59 +1,74 @@
 """The operator's command line: `verify`, the cnitool-like `add/check/del`, and `leases`.
 
 Each test runs the installed zipapp inside a node namespace it made (or lets `verify` make its
-own throwaway namespaces) and reads the kernel and the files back.
+own throwaway namespaces, named under a prefix this session records so the suite's sweep covers
+them) and reads the kernel and the files back.  The result cache is a temporary CNI_CACHE_DIR:
+the node's /var/lib/cni/results is never written.
 """
 import json
 import os
+import secrets
 import time
 
 import pytest
 
-from conftest import REF_DIR, run
+from tests.helpers import REF_DIR, delete_netns, run
 
-RESULTS_DIR = "/var/lib/cni/results"
-
+pytestmark = pytest.mark.kernel
 
 def zipapp(ours_bin):
     return str(ours_bin / "cni-bridge.pyz")
 
 
-def cbv_namespaces():
-    return set(n for n in os.listdir("/run/netns") if n.startswith("cbv-")) if os.path.isdir("/run/netns") else set()
+@pytest.fixture
+def verify_env(netns_registry):
+    """The environment `verify` runs in: its namespaces named cbt-v<hex>-..., recorded as this
+    session's before they exist; any left behind are deleted at teardown."""
+    prefix = "cbt-v%s-" % secrets.token_hex(4)
+    netns_registry.record_prefix(prefix)
+    yield dict(os.environ, CNI_BRIDGE_VERIFY_PREFIX=prefix)
+    for name in verify_namespaces(prefix):
+        delete_netns(name)
 
 
-def test_verify_runs_the_walkthrough_and_leaves_nothing(ours_bin):
+def verify_namespaces(prefix):
+    return set(n for n in os.listdir("/run/netns") if n.startswith(prefix)) if os.path.isdir("/run/netns") else set()
+
+
+def test_verify_runs_the_walkthrough_and_leaves_nothing(ours_bin, verify_env):
     """`verify` from the checkout uses conf/10-mynet.conf, passes every step and removes its
     namespaces and state."""
-    before = cbv_namespaces()
-    proc = run([zipapp(ours_bin), "verify", "--json"], cwd=str(ours_bin.parent.parent), check=False, timeout=120)
+    prefix = verify_env["CNI_BRIDGE_VERIFY_PREFIX"]
+    proc = run([zipapp(ours_bin), "verify", "--json"], cwd=str(ours_bin.parent.parent), check=False, timeout=120,
+               env=verify_env)
     report = json.loads(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert report["ok"] and [s["step"] for s in report["steps"]] == [
         "create namespaces", "ADD", "container interface read back from the kernel",
         "ping the gateway from the container", "CHECK", "DEL", "nothing left behind", "remove namespaces"]
     assert "answered" in report["steps"][3]["detail"]
-    assert cbv_namespaces() == before
+    assert verify_namespaces(prefix) == set()
     assert not [d for d in os.listdir("/run") if d.startswith("cni-bridge-verify-")]
 
 
-def test_verify_uses_its_builtin_config_away_from_a_checkout(ours_bin, tmp_path):
+def test_verify_uses_its_builtin_config_away_from_a_checkout(ours_bin, tmp_path, verify_env):
     """Run from a directory without conf/, verify falls back to its built-in copy of the config."""
-    proc = run([zipapp(ours_bin), "verify"], cwd=str(tmp_path), check=False, timeout=120)
+    proc = run([zipapp(ours_bin), "verify"], cwd=str(tmp_path), check=False, timeout=120, env=verify_env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "built-in conf/10-mynet.conf" in proc.stdout
     assert "\u2713 ping the gateway from the container" in proc.stdout
 
 
-def test_verify_keep_leaves_the_attachment_for_inspection(ours_bin, tmp_path):
+def test_verify_keep_leaves_the_attachment_for_inspection(ours_bin, tmp_path, verify_env):
     """--keep stops before DEL and leaves both namespaces, with the container address in place."""
-    before = cbv_namespaces()
-    proc = run([zipapp(ours_bin), "verify", "--keep", "--json"], cwd=str(tmp_path), check=False, timeout=120)
-    kept = sorted(cbv_namespaces() - before)
+    prefix = verify_env["CNI_BRIDGE_VERIFY_PREFIX"]
+    proc = run([zipapp(ours_bin), "verify", "--keep", "--json"], cwd=str(tmp_path), check=False, timeout=120,
+               env=verify_env)
+    kept = sorted(verify_namespaces(prefix))
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert len(kept) == 2
-        ctr = [n for n in kept if n.startswith("cbv-ctr-")][0]
+        ctr = [n for n in kept if n.startswith(prefix + "ctr-")][0]
         addrs = json.loads(run(["ip", "-n", ctr, "-j", "addr", "show", "dev", "eth0"]).stdout)
         assert any(a["local"].startswith("172.19.0.") for a in addrs[0]["addr_info"])
     finally:
@@ -64,15 +79,14 @@ def test_verify_keep_leaves_the_attachment_for_inspection(ours_bin, tmp_path):
                 run(["rm", "-r", "/run/" + d])
 
 
-def test_verify_fails_clearly_on_a_broken_config(ours_bin, tmp_path):
+def test_verify_fails_clearly_on_a_broken_config(ours_bin, tmp_path, verify_env):
     """A config the plugin refuses fails the ADD step, exit 1, and still removes the namespaces."""
     bad = tmp_path / "bad.conf"
     bad.write_text(json.dumps({"cniVersion": "1.0.0", "name": "bad", "type": "bridge", "vlan": 5000}))
-    before = cbv_namespaces()
-    proc = run([zipapp(ours_bin), "verify", str(bad)], check=False, timeout=120)
+    proc = run([zipapp(ours_bin), "verify", str(bad)], check=False, timeout=120, env=verify_env)
     assert proc.returncode == 1
     assert "\u2717 ADD" in proc.stdout and "invalid VLAN ID 5000" in proc.stdout
-    assert cbv_namespaces() == before
+    assert verify_namespaces(verify_env["CNI_BRIDGE_VERIFY_PREFIX"]) == set()
 
 
 @pytest.fixture
@@ -94,17 +108,22 @@ def portmap_network(tmp_path, ours_bin, data_dir):
                      "ipam": {"type": "host-local", "subnet": "10.123.0.0/24", "dataDir": str(data_dir),
                               "routes": [{"dst": "0.0.0.0/0"}]}},
                     {"type": "portmap", "capabilities": {"portMappings": True}}]}))
-    return name, {"NETCONFPATH": str(conf_dir), "CNI_PATH": str(plugin_dir)}
+    return name, {"NETCONFPATH": str(conf_dir), "CNI_PATH": str(plugin_dir),
+                  "CNI_CACHE_DIR": str(tmp_path / "cache")}
 
 
 def cli(node, env, *args, check=True):
     return node.run("env", *["%s=%s" % kv for kv in env.items()], *args, check=check, timeout=60)
 
 
-def cache_entries(network):
-    if not os.path.isdir(RESULTS_DIR):
+def results_dir(env):
+    return os.path.join(env["CNI_CACHE_DIR"], "results")
+
+
+def cache_entries(env, network):
+    if not os.path.isdir(results_dir(env)):
         return []
-    return [n for n in os.listdir(RESULTS_DIR) if n.startswith(network + "-")]
+    return [n for n in os.listdir(results_dir(env)) if n.startswith(network + "-")]
 
 
 def test_cnitool_commands_drive_bridge_and_portmap(ours_bin, node, container, make_netns, portmap_network):
@@ -118,8 +137,8 @@ def test_cnitool_commands_drive_bridge_and_portmap(ours_bin, node, container, ma
     try:
         address = result["ips"][0]["address"].split("/")[0]
         assert ("inet", result["ips"][0]["address"]) in container.addrs("eth0")
-        [entry] = cache_entries(network)
-        cached = json.load(open(os.path.join(RESULTS_DIR, entry)))
+        [entry] = cache_entries(env, network)
+        cached = json.load(open(os.path.join(results_dir(env), entry)))
         assert cached["kind"] == "cniCacheV1" and cached["networkName"] == network
         assert cached["result"]["ips"] == result["ips"]
         assert any("DNAT" in line and "18080" in line for line in
@@ -152,7 +171,7 @@ def test_cnitool_commands_drive_bridge_and_portmap(ours_bin, node, container, ma
     finally:
         cli(node, env, pyz, "del", network, container.path)
     assert "eth0" not in container.links()
-    assert cache_entries(network) == []
+    assert cache_entries(env, network) == []
     assert not [l for l in node.run("iptables-save", "-t", "nat").stdout.splitlines() if "18080" in l]
 
 
@@ -166,15 +185,15 @@ def test_leases_flags_and_collects_reservations_of_vanished_containers(ours_bin,
         cli(node, env, pyz, "add", network, ns.path)
     try:
         run(["ip", "netns", "del", gone.name])
-        listing = run([pyz, "leases", "--data-dir", str(data_dir)]).stdout
+        listing = run([pyz, "leases", "--data-dir", str(data_dir)], env=dict(os.environ, **env)).stdout
         rows = [line.split() for line in listing.splitlines()[1:]]
         assert sorted(r[-1] for r in rows) == ["gone", "ok"]
-        run([pyz, "leases", "--data-dir", str(data_dir), "--gc"])
+        run([pyz, "leases", "--data-dir", str(data_dir), "--gc"], env=dict(os.environ, **env))
         left = [n for n in os.listdir(str(data_dir / network)) if n[0].isdigit()]
         assert len(left) == 1
         assert "10.123.0." in left[0]
     finally:
         for ns in (live, gone):
             cli(node, env, pyz, "del", network, ns.path, check=False)
-    assert cache_entries(network) == []
+    assert cache_entries(env, network) == []
     assert [n for n in os.listdir(str(data_dir / network)) if n[0].isdigit()] == []

@@ -19,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IP, REF_VERSIONS, VERSIONS, cni_env, encode_conf, run_cni
+from tests.helpers import IP, REF_VERSIONS, VERSIONS, cni_env, encode_conf, is_address, reservations, run_cni
+
+pytestmark = pytest.mark.kernel
 
 NET = "cbtnet"
 BOTH = pytest.mark.parametrize("impl_name", ["ours", "ref"])
@@ -103,22 +105,6 @@ def ref(ref_bin, node, container, data_dir):
 def hl(request, impl_name):
     """The implementation named by the test's `impl_name` parameter."""
     return request.getfixturevalue(impl_name)
-
-
-def is_ip_name(name):
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
-
-
-def reservations(state_dir):
-    """{ip file name: content} of the regular IP-named files in `state_dir`."""
-    if not state_dir.is_dir():
-        return {}
-    return {path.name: path.read_bytes() for path in state_dir.iterdir()
-            if is_ip_name(path.name) and not path.is_symlink()}
 
 
 def leftovers(state_dir):
@@ -236,7 +222,7 @@ def test_ipv6_file_names_are_canonical(hl):
     conf = hl.conf(subnet="2001:DB8:0:0::/64", rangeStart="2001:0db8:0:0:0:0:0:a")
     assert addresses(hl.add(conf, cid="a")) == ["2001:db8::a/64"]
     assert addresses(hl.add(conf, cid="b")) == ["2001:db8::b/64"]
-    assert reservations(hl.state_dir) == {"2001:db8::a": owner("a"), "2001:db8::b": owner("b")}
+    assert reservations(hl.state_dir, raw=True) == {"2001:db8::a": owner("a"), "2001:db8::b": owner("b")}
     assert (hl.state_dir / "last_reserved_ip.0").read_bytes() == b"2001:db8::b"
 
 
@@ -252,7 +238,7 @@ def test_round_robin_continues_after_last_reserved(hl):
     assert addresses(hl.add(conf, cid="b")) == ["10.10.0.3/24"]
     hl.delete(conf, cid="a")
     assert addresses(hl.add(conf, cid="c")) == ["10.10.0.4/24"]
-    assert reservations(hl.state_dir) == {"10.10.0.3": owner("b"), "10.10.0.4": owner("c")}
+    assert reservations(hl.state_dir, raw=True) == {"10.10.0.3": owner("b"), "10.10.0.4": owner("c")}
 
 
 @BOTH
@@ -273,10 +259,10 @@ def test_exhaustion_fails_and_reserves_nothing(hl):
     conf = hl.conf(subnet=SLASH29)
     got = [addresses(hl.add(conf, cid="c%d" % i))[0] for i in range(5)]
     assert got == ["10.10.0.%d/29" % host for host in range(2, 7)]
-    before = reservations(hl.state_dir)
+    before = reservations(hl.state_dir, raw=True)
     error = assert_cni_error(hl.call("ADD", conf, cid="late"))
     assert SLASH29_SET in error["msg"], error
-    assert reservations(hl.state_dir) == before
+    assert reservations(hl.state_dir, raw=True) == before
     assert (hl.state_dir / "last_reserved_ip.0").read_bytes() == b"10.10.0.6"
 
 
@@ -320,7 +306,7 @@ def test_dual_stack_gives_one_address_per_set(hl):
     """Two range sets (v4 + v6) give two addresses, two reservations and one cursor per set."""
     result = hl.add(hl.conf(ranges=DUAL_STACK))
     assert addresses(result) == ["10.10.0.2/24", "fd00:10::2/64"]
-    assert reservations(hl.state_dir) == {"10.10.0.2": owner("ctr1"), "fd00:10::2": owner("ctr1")}
+    assert reservations(hl.state_dir, raw=True) == {"10.10.0.2": owner("ctr1"), "fd00:10::2": owner("ctr1")}
     assert (hl.state_dir / "last_reserved_ip.0").read_bytes() == b"10.10.0.2"
     assert (hl.state_dir / "last_reserved_ip.1").read_bytes() == b"fd00:10::2"
 
@@ -353,7 +339,7 @@ def test_requested_ip_is_honoured(hl, source, requested):
     top, cni_args = requested_ip_call(source, requested)
     requesting = hl.conf(subnet=V4_SUBNET, top=top)
     assert addresses(hl.add(requesting, cid="a", cni_args=cni_args)) == ["10.10.0.7/24"]
-    assert reservations(hl.state_dir) == {"10.10.0.7": owner("a")}
+    assert reservations(hl.state_dir, raw=True) == {"10.10.0.7": owner("a")}
     assert (hl.state_dir / "last_reserved_ip.0").read_bytes() == b"10.10.0.7"
     assert addresses(hl.add(hl.conf(subnet=V4_SUBNET), cid="b")) == ["10.10.0.8/24"]
 
@@ -364,7 +350,7 @@ def test_requested_ip_taken_fails(hl):
     conf = hl.conf(subnet=V4_SUBNET)
     hl.add(conf, cid="a", cni_args="IP=10.10.0.7")
     assert_cni_error(hl.call("ADD", conf, cid="b", cni_args="IP=10.10.0.7"))
-    assert reservations(hl.state_dir) == {"10.10.0.7": owner("a")}
+    assert reservations(hl.state_dir, raw=True) == {"10.10.0.7": owner("a")}
 
 
 @BOTH
@@ -373,7 +359,7 @@ def test_unservable_requested_ip_fails(hl, requested):
     """Requesting an address outside every range, or the gateway, fails and reserves nothing."""
     res = hl.call("ADD", hl.conf(subnet=V4_SUBNET), cni_args="IP=" + requested)
     assert_cni_error(res)
-    assert reservations(hl.state_dir) == {}
+    assert reservations(hl.state_dir, raw=True) == {}
 
 
 @BOTH
@@ -386,7 +372,7 @@ def test_large_ipv6_ranges(hl, prefix):
     assert addresses(hl.add(conf, cid="b")) == ["fd00:%d::3/%d" % (prefix, prefix)]
     far = str(ipaddress.ip_network(subnet)[-2])
     assert addresses(hl.add(conf, cid="c", cni_args="IP=" + far)) == ["%s/%d" % (far, prefix)]
-    assert reservations(hl.state_dir)[far] == owner("c")
+    assert reservations(hl.state_dir, raw=True)[far] == owner("c")
 
 
 def test_repeated_add_returns_existing_reservation(ours):
@@ -396,7 +382,7 @@ def test_repeated_add_returns_existing_reservation(ours):
     first = ours.add(conf)
     assert ours.add(conf) == first
     assert addresses(ours.add(conf, ifname="net1")) == ["10.10.0.3/24", "fd00:10::3/64"]
-    assert reservations(ours.state_dir) == {"10.10.0.2": owner("ctr1"), "fd00:10::2": owner("ctr1"),
+    assert reservations(ours.state_dir, raw=True) == {"10.10.0.2": owner("ctr1"), "fd00:10::2": owner("ctr1"),
                                             "10.10.0.3": owner("ctr1", "net1"),
                                             "fd00:10::3": owner("ctr1", "net1")}
 
@@ -406,7 +392,7 @@ def test_reference_refuses_repeated_add(ref):
     conf = ref.conf(subnet=V4_SUBNET)
     ref.add(conf)
     assert "duplicate allocation" in assert_cni_error(ref.call("ADD", conf))["msg"]
-    assert reservations(ref.state_dir) == {"10.10.0.2": owner("ctr1")}
+    assert reservations(ref.state_dir, raw=True) == {"10.10.0.2": owner("ctr1")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,14 +428,14 @@ def test_invalid_config_is_refused(hl, version, ipam):
     if ipam is None:
         del conf["ipam"]
     assert_cni_error(hl.call("ADD", conf), code=7 if hl.is_ours else None)
-    assert reservations(hl.state_dir) == {}
+    assert reservations(hl.state_dir, raw=True) == {}
 
 
 def test_gateway_outside_subnet_is_refused(ours):
     """Issue 3 asks code 7 for a gateway outside its subnet.  Ours only: the reference accepts it."""
     res = ours.call("ADD", ours.conf(subnet=V4_SUBNET, gateway="10.11.0.1"))
     assert_cni_error(res, code=7)
-    assert reservations(ours.state_dir) == {}
+    assert reservations(ours.state_dir, raw=True) == {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,7 +451,7 @@ def test_del_releases_every_address_of_the_attachment_only(hl):
     hl.add(conf, cid="b")
     cursors = {name: (hl.state_dir / name).read_bytes() for name in ("last_reserved_ip.0", "last_reserved_ip.1")}
     hl.delete(conf, cid="a")
-    assert reservations(hl.state_dir) == {"10.10.0.3": owner("a", "net1"), "fd00:10::3": owner("a", "net1"),
+    assert reservations(hl.state_dir, raw=True) == {"10.10.0.3": owner("a", "net1"), "fd00:10::3": owner("a", "net1"),
                                           "10.10.0.4": owner("b"), "fd00:10::4": owner("b")}
     assert {name: (hl.state_dir / name).read_bytes() for name in cursors} == cursors
 
@@ -477,7 +463,7 @@ def test_del_of_unknown_container_succeeds(hl):
     hl.delete(conf, cid="nobody")
     hl.add(conf, cid="a")
     hl.delete(conf, cid="nobody")
-    assert reservations(hl.state_dir) == {"10.10.0.2": owner("a")}
+    assert reservations(hl.state_dir, raw=True) == {"10.10.0.2": owner("a")}
 
 
 @BOTH
@@ -497,7 +483,7 @@ def test_del_releases_legacy_id_only_reservation(hl):
     (hl.state_dir / "10.10.0.7").write_bytes(b"legacy")
     (hl.state_dir / "10.10.0.8").write_bytes(b"other")
     hl.delete(hl.conf(subnet=V4_SUBNET), cid="legacy")
-    assert reservations(hl.state_dir) == {"10.10.0.8": b"other"}
+    assert reservations(hl.state_dir, raw=True) == {"10.10.0.8": b"other"}
 
 
 @pytest.mark.parametrize("broken_ipam", [{"subnet": "garbage"}, {"subnet": "10.10.0.5/24"}, {}],
@@ -508,7 +494,7 @@ def test_del_works_when_ranges_no_longer_validate(ours, broken_ipam):
     ours.add(ours.conf(ranges=DUAL_STACK))
     ours.add(ours.conf(ranges=DUAL_STACK), cid="other")
     ours.delete(ours.conf(**broken_ipam))
-    assert reservations(ours.state_dir) == {"10.10.0.3": owner("other"), "fd00:10::3": owner("other")}
+    assert reservations(ours.state_dir, raw=True) == {"10.10.0.3": owner("other"), "fd00:10::3": owner("other")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,7 +527,7 @@ def test_gc_releases_attachments_not_listed(ours, key):
     cursors = {name: (ours.state_dir / name).read_bytes() for name in ("last_reserved_ip.0", "last_reserved_ip.1")}
     gc_conf = dict(conf, **{key: [{"containerID": "keep", "ifname": "eth0"}]})
     assert_ok_silent(ours.runtime_call("GC", gc_conf))
-    assert reservations(ours.state_dir) == {"10.10.0.2": owner("keep"), "fd00:10::2": owner("keep")}
+    assert reservations(ours.state_dir, raw=True) == {"10.10.0.2": owner("keep"), "fd00:10::2": owner("keep")}
     assert (ours.state_dir / "lock").is_file()
     assert {name: (ours.state_dir / name).read_bytes() for name in cursors} == cursors
 
@@ -560,7 +546,7 @@ def test_gc_without_attachment_key_releases_nothing(ours):
     conf = ours.conf("1.1.0", subnet=V4_SUBNET)
     ours.add(conf, cid="a")
     assert_ok_silent(ours.runtime_call("GC", conf))
-    assert reservations(ours.state_dir) == {"10.10.0.2": owner("a")}
+    assert reservations(ours.state_dir, raw=True) == {"10.10.0.2": owner("a")}
 
 
 def test_status_reports_exhaustion_with_code_50(ours):
@@ -598,7 +584,7 @@ def switch_implementations(first, second):
     second.delete(conf, cid="a")
     assert addresses(second.add(conf, cid="c")) == ["10.10.0.4/24", "fd00:10::4/64"]
     assert_ok_silent(second.check(conf, cid="b"))
-    assert reservations(first.state_dir) == {"10.10.0.3": owner("b"), "fd00:10::3": owner("b"),
+    assert reservations(first.state_dir, raw=True) == {"10.10.0.3": owner("b"), "fd00:10::3": owner("b"),
                                              "10.10.0.4": owner("c"), "fd00:10::4": owner("c")}
 
 
@@ -628,7 +614,7 @@ def test_concurrent_adds_and_dels(hl):
         assert res.returncode == 0, (res.stdout, res.stderr)
     got = {cid: addresses(res.json)[0].split("/")[0] for cid, res in zip(cids, added)}
     assert len(set(got.values())) == len(cids)
-    assert reservations(hl.state_dir) == {ip: owner(cid) for cid, ip in got.items()}
+    assert reservations(hl.state_dir, raw=True) == {ip: owner(cid) for cid, ip in got.items()}
     with ThreadPoolExecutor(len(cids)) as pool:
         deleted = list(pool.map(lambda cid: hl.call("DEL", conf, cid=cid), cids))
     for res in deleted:
@@ -666,7 +652,7 @@ def test_sigkill_during_add_never_leaves_a_partial_reservation(ours):
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-        held = reservations(ours.state_dir)
+        held = reservations(ours.state_dir, raw=True)
         assert all(complete.fullmatch(content) for content in held.values()), held
         assert len(set(held.values())) == len(held), held
     for cid in cids + ["crash-calibration"]:
@@ -712,7 +698,7 @@ def test_symlink_named_like_an_ip_is_not_followed(hl, tmp_path):
     hl.add(conf)
     assert not missing_target.exists()
     assert kept_target.read_bytes() == b"keep"
-    assert list(reservations(hl.state_dir).values()) == [owner("ctr1")]
+    assert list(reservations(hl.state_dir, raw=True).values()) == [owner("ctr1")]
     hl.delete(conf)
     assert not missing_target.exists()
     assert kept_target.read_bytes() == b"keep"
@@ -728,10 +714,10 @@ def test_symlink_to_a_matching_file_is_no_reservation(ours, tmp_path):
     (ours.state_dir / "10.10.0.2").symlink_to(target)
     conf = ours.conf(subnet=V4_SUBNET)
     result = ours.add(conf)
-    assert reservations(ours.state_dir) == {addresses(result)[0].split("/")[0]: owner("ctr1")}
+    assert reservations(ours.state_dir, raw=True) == {addresses(result)[0].split("/")[0]: owner("ctr1")}
     ours.delete(conf)
     assert target.read_bytes() == owner("ctr1")
-    assert reservations(ours.state_dir) == {}
+    assert reservations(ours.state_dir, raw=True) == {}
 
 
 @pytest.mark.parametrize("planted", ["lock", "last_reserved_ip.0"])

@@ -1,6 +1,6 @@
 """Hostile input never harms the node (issue 7, promise 4): property-based tests with hypothesis.
 
-Generated configs, environment values, CNI_ARGS and stdin bytes go through test_reliability's
+Generated configs, environment values, CNI_ARGS and stdin bytes go through tests/helpers.py's
 Arena: ADD then the runtime's DEL inside a node namespace, each answered with a valid result or
 exactly one CNI error object (no traceback, no unhandled exception), no file made outside
 <dataDir>/<network> (nor in /, /var/lib/cni, /etc/cni, /run/cni), no link, address or masquerade
@@ -16,11 +16,10 @@ import pytest
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
 from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
 
-import sys  # noqa: E402
-from conftest import REPO, VERSIONS  # noqa: E402
-sys.path.insert(0, str(REPO))
 import cni_bridge  # noqa: E402
-from test_reliability import KEY_PATHS, arena, confine, set_path  # noqa: E402,F401  (arena: fixture)
+from tests.helpers import KEY_PATHS, VERSIONS, confine, set_path  # noqa: E402
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 EXAMPLES = int(os.environ.get("CNI_BRIDGE_HOSTILE_EXAMPLES", "60"))
 GENERATED = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, print_blob=True,

@@ -12,7 +12,9 @@ from collections import namedtuple
 
 import pytest
 
-from conftest import REF_VERSIONS, VERSIONS, run_cni
+from tests.helpers import REF_VERSIONS, VERSIONS, run_cni
+
+pytestmark = pytest.mark.kernel
 
 LEGACY_VERSIONS = ["0.1.0", "0.2.0"]
 IP_VERSION_FIELD_VERSIONS = ["0.3.0", "0.3.1", "0.4.0"]

@@ -17,7 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import IP, REPO, cni_env, encode_conf, parse_output, run, run_cni
+from tests.helpers import IP, REPO, cni_env, encode_conf, parse_output, reservations, run, run_cni
+
+pytestmark = pytest.mark.kernel
 
 NET = "masqnet"
 BRIDGE = "mq0"
@@ -188,15 +190,6 @@ def addresses(result):
 
 def address_of(result, family=4):
     return [a.split("/")[0] for a in addresses(result) if (":" in a) == (family == 6)][0]
-
-
-def reservations(data_dir):
-    """host-local's reservations: address file name -> its content."""
-    directory = data_dir / NET
-    if not directory.is_dir():
-        return {}
-    return {p.name: p.read_bytes().decode() for p in directory.iterdir()
-            if p.name != "lock" and not p.name.startswith("last_reserved_ip")}
 
 
 def host_veths(node):
@@ -599,7 +592,7 @@ def test_add_of_an_attached_interface_fails_and_keeps_the_rules(ours_bin, node, 
     result = cni_ok(ours_bin, "ADD", config, node, container, "c1")
 
     def state():
-        return rules_of(node, "inet", MASQ_TABLE, MASQ_CHAIN), reservations(data_dir), host_veths(node)
+        return rules_of(node, "inet", MASQ_TABLE, MASQ_CHAIN), reservations(data_dir / NET), host_veths(node)
 
     before = state()
     assert_cni_error(cni(ours_bin, "ADD", config, node, container, "c1"))
@@ -636,7 +629,7 @@ def test_del_without_the_namespace_removes_the_rules(ours_bin, node, make_netns,
     else:
         cni_ok(ours_bin, "DEL", config, node, None, "c1")
     assert layout(node) == merged(masq_layout([]), spoof_layout([]))
-    assert reservations(data_dir) == {}
+    assert reservations(data_dir / NET) == {}
 
 
 def test_concurrent_adds_then_dels_leave_only_the_base_chains(ours_bin, node, make_netns, data_dir):
@@ -659,7 +652,7 @@ def test_concurrent_adds_then_dels_leave_only_the_base_chains(ours_bin, node, ma
     dels = all_at_once("DEL")
     assert [r.returncode for r in dels] == [0] * 32, [r.stdout for r in dels if r.returncode]
     assert layout(node) == merged(masq_layout([]), spoof_layout([]))
-    assert reservations(data_dir) == {}
+    assert reservations(data_dir / NET) == {}
     assert host_veths(node) == []
 
 
@@ -688,7 +681,7 @@ def test_gc_removes_the_rules_and_reservations_of_invalid_attachments(ours_bin, 
     assert layout(node) == merged(masq_layout([("keep", "eth0", addresses(keep))]),
                                   spoof_layout([spoof_attachment("keep", keep)]))
     kept = {a.split("/")[0]: "keep\r\neth0" for a in addresses(keep)}
-    assert reservations(data_dir) == kept
+    assert reservations(data_dir / NET) == kept
     assert host_veths(node) == [keep["interfaces"][1]["name"]]
 
 
@@ -708,7 +701,7 @@ def test_our_del_removes_the_reference_iptables_masquerade(ours_bin, ref_bin, no
         assert iptables_lines(node, "refc", family) == iptables_masq_lines("refc", cidr)
     cni_ok(ours_bin, "DEL", config, node, container, "refc")
     assert iptables_lines(node, "refc", 4) == set() and iptables_lines(node, "refc", 6) == set()
-    assert reservations(data_dir) == {}
+    assert reservations(data_dir / NET) == {}
     assert "eth0" not in container.links()
 
 
@@ -729,7 +722,7 @@ def test_add_check_del_need_no_nft_or_iptables_program(ours_bin, node, container
     res = cni_without_programs(ours_bin, "DEL", checked, node, container, "c1")
     assert res.returncode == 0, res.stdout + res.stderr
     assert layout(node) == merged(masq_layout([]), spoof_layout([]))
-    assert reservations(data_dir) == {} and host_veths(node) == []
+    assert reservations(data_dir / NET) == {} and host_veths(node) == []
 
 
 # === the iptables backend =======================================================================
@@ -758,7 +751,7 @@ def test_iptables_backend_without_iptables_fails_clearly_and_leaves_nothing(ours
     assert_cni_error(res, "iptables")
     assert host_veths(node) == []
     assert "eth0" not in container.links()
-    assert reservations(data_dir) == {}
+    assert reservations(data_dir / NET) == {}
     assert rules_of(node, "inet", MASQ_TABLE, MASQ_CHAIN) == []
 
 
@@ -769,7 +762,7 @@ def test_unknown_backend_is_a_config_error(ours_bin, node, container, data_dir):
     assert_cni_error(res, "pf")
     assert res.json["code"] == 7
     assert host_veths(node) == [] and "eth0" not in container.links()
-    assert reservations(data_dir) == {} and layout(node)["tables"] == {}
+    assert reservations(data_dir / NET) == {} and layout(node)["tables"] == {}
 
 
 # === macspoofchk ================================================================================
@@ -857,7 +850,7 @@ def scratch_nftables(cb, make_netns, monkeypatch):
         return transact(requests, what, batch)
 
     nl.transact = recording
-    monkeypatch.setattr(cb, "_node_nftables", nl)
+    monkeypatch.setattr(cb.PROCESS, "node_nftables", nl)
     yield scratch, nl
     nl.close()
 

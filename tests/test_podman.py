@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import DEFAULT_PATH, IP, REF_DIR, run
+from tests.helpers import DEFAULT_PATH, IP, REF_DIR, reservations, run
 
 RUNTIME_PROGRAMS = ("podman", "crun", "conmon", "iptables", "nsenter")
 REFERENCE_CHAINED = ("portmap", "firewall", "tuning")   # what podman's generated networks add after bridge
@@ -58,7 +58,8 @@ def missing_runtime():
     return None
 
 
-pytestmark = pytest.mark.skipif(missing_runtime() is not None, reason=str(missing_runtime()))
+pytestmark = [pytest.mark.kernel, pytest.mark.podman, pytest.mark.slow,
+              pytest.mark.skipif(missing_runtime() is not None, reason=str(missing_runtime()))]
 
 IMAGE = "localhost/cbt-busybox:test"
 APPLETS = ("sh", "ping", "sleep", "cat", "httpd")
@@ -271,15 +272,6 @@ def masqueraded(node):
     return found
 
 
-def reservations(podman, network):
-    """address -> reservation file content in the network's dataDir."""
-    directory = podman.data_dirs[network]
-    if not directory.is_dir():
-        return {}
-    return {p.name: p.read_text() for p in directory.iterdir()
-            if p.name != "lock" and not p.name.startswith("last_reserved_ip")}
-
-
 def host_veths(node):
     return {name for name, link in node.links().items() if link.get("linkinfo", {}).get("info_kind") == "veth"}
 
@@ -318,7 +310,7 @@ def check_attached(podman, node, name, network):
             routes = podman.kernel(name, family, "route", "show", "default")
             assert any(r.get("gateway") == seen[gateway_key] and r.get("dev") == ifname for r in routes), routes
 
-    held = reservations(podman, network)
+    held = reservations(podman.data_dirs[network])
     for address in addresses:
         assert held.get(address, "").split() == [container_id, ifname], held
     on_node = [i["name"] for i in result["interfaces"] if "sandbox" not in i]     # bridge and veth
@@ -332,7 +324,7 @@ def check_attached(podman, node, name, network):
 
 def check_gone(podman, node, attachment):
     """Nothing of `attachment` is left: reservation, host veth, masquerade rules, libcni cache."""
-    held = reservations(podman, attachment.network)
+    held = reservations(podman.data_dirs[attachment.network])
     assert not set(attachment.addresses) & set(held), held
     assert not any(attachment.container_id in owner for owner in held.values()), held
     assert attachment.host_veth not in node.links()
@@ -389,7 +381,7 @@ def test_default_network_pings_stop_start_and_rm(podman, node):
     check_gone(podman, node, a)
     podman("rm", "-f", "-t", "0", "b")
     check_gone(podman, node, b)
-    assert reservations(podman, DEFAULT_NET) == {}
+    assert reservations(podman.data_dirs[DEFAULT_NET]) == {}
     assert host_veths(node) == set() and masqueraded(node) == set()
 
 
@@ -450,7 +442,7 @@ def test_dual_stack_dynamic_and_two_static_addresses(podman, node):
     podman("rm", "-f", "-t", "0", "d", "e")
     check_gone(podman, node, d)
     check_gone(podman, node, e)
-    assert reservations(podman, DUAL_NET) == {} and masqueraded(node) == set()
+    assert reservations(podman.data_dirs[DUAL_NET]) == {} and masqueraded(node) == set()
 
 
 def test_network_connect_and_disconnect(podman, node):

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IP, PLUGIN_NAMES, REPO, cni_env, encode_conf, parse_output
+from tests.helpers import IP, PLUGIN_NAMES, REPO, cni_env, encode_conf, parse_output
+
+pytestmark = pytest.mark.kernel
 
 VERSION_ANSWER = (b'{"cniVersion": "1.1.0", "supportedVersions": ["0.1.0", "0.2.0", "0.3.0", "0.3.1", '
                   b'"0.4.0", "1.0.0", "1.1.0"]}\n')
@@ -420,6 +422,7 @@ def ruleset(node):
     return node.run("nft", "list", "ruleset").stdout
 
 
+@pytest.mark.slow
 def test_python311_minimal_node(root_311, installed_archive, node, container):
     """Debian's python3.11-minimal (no _json, no _ctypes, no os.setns): VERSION, host-local,
     STATUS, GC and DEL of a vanished namespace work; what needs a namespace says what is missing,
@@ -455,6 +458,7 @@ def test_python311_minimal_node(root_311, installed_archive, node, container):
     assert ok(chroot_cni(root_311, installed_archive, node, "cni-bridge.pyz", "", args=["--version"])) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["3.12", "3.13"])
 def test_python312_plus_minimal_node(version, debian_minimal, tmp_path_factory, multi_archive, node, container):
     """A minimal 3.12+ (os.setns, _sha2; no _json, no _ctypes): the whole walkthrough, bridge

@@ -16,7 +16,9 @@ from collections import namedtuple
 
 import pytest
 
-from conftest import REF_VERSIONS, VERSIONS, run_cni
+from tests.helpers import REF_VERSIONS, VERSIONS, run_cni
+
+pytestmark = pytest.mark.kernel
 
 PLUGINS = ["bridge", "host-local", "loopback"]
 NETWORK = "cbtnet"

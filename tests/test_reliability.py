@@ -25,8 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import IP, REPO, cni_env, encode_conf, parse_output, run, run_cni
-from test_bridge import explain, global_addrs, host_veths, kind
+from tests.helpers import (IP, KEY_PATHS, MASQ_CHAIN, MASQ_TABLE, POSTROUTING, REPO, assert_cni_answer,
+                           cni_env, confine, encode_conf, explain, global_addrs, hostile_config,
+                           host_veths, interfaces, is_address, kind, masq_table, parse_output,
+                           reservations, ruleset, run, run_cni, set_path)
+
+pytestmark = pytest.mark.kernel
 
 NET = "relnet"
 BRIDGE = "cbt-rel0"
@@ -39,8 +43,6 @@ STORM_HOLD = 5                       # containers a storm worker may hold before
 STORM_SUBNET = "10.93.0.0/26"
 STORM_RANGE = ("10.93.0.10", "10.93.0.41")   # 32 addresses
 STORM_CAPACITY = 32
-# The reference's nftables masquerade layout (cni-reference.md decision 4).
-MASQ_TABLE, MASQ_CHAIN, POSTROUTING = "cni_plugins_masquerade", "masq_checks", "postrouting"
 
 
 # --- configuration and calls --------------------------------------------------------------------
@@ -103,19 +105,6 @@ def state_files(data_dir):
     return found
 
 
-def is_address(name):
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
-
-
-def reservations(data_dir):
-    """{address: owner text} of the reservation files."""
-    return {name: content.decode() for name, content in state_files(data_dir).items() if is_address(name)}
-
-
 def assert_only_bookkeeping(data_dir, context=""):
     """The state directory holds nothing but `lock` and `last_reserved_ip.*`."""
     extra = [name for name in state_files(data_dir)
@@ -138,31 +127,11 @@ def lock_is_free(data_dir):
         os.close(fd)
 
 
-def ruleset(node):
-    """`nft -j list ruleset` of `node`, parsed."""
-    return json.loads(node.run("nft", "-j", "list", "ruleset").stdout)["nftables"]
-
-
 def masq_comment(cid, ifname="eth0", network=NET):
     """The comment of an attachment's masquerade rule, as the reference writes it."""
     def h16(text):
         return hashlib.sha512(text.encode()).hexdigest()[:16]
     return "%s-%s, net: %s, if: %s, id: %s" % (h16(network), h16(ifname + ":" + cid), network, ifname, cid)
-
-
-def masq_table(node):
-    """(chain names, {chain: [rule]}) of table inet cni_plugins_masquerade; (None, {}) when absent."""
-    entries = ruleset(node)
-    if not any("table" in e and e["table"]["name"] == MASQ_TABLE and e["table"]["family"] == "inet"
-               for e in entries):
-        return None, {}
-    chains = sorted(e["chain"]["name"] for e in entries
-                    if "chain" in e and e["chain"]["table"] == MASQ_TABLE and e["chain"]["family"] == "inet")
-    rules = {}
-    for e in entries:
-        if "rule" in e and e["rule"]["table"] == MASQ_TABLE and e["rule"]["family"] == "inet":
-            rules.setdefault(e["rule"]["chain"], []).append(e["rule"])
-    return chains, rules
 
 
 def assert_masq_base_only(node, context=""):
@@ -231,11 +200,12 @@ def assert_next_add_works(bin_dir, config, node, make_netns, data_dir):
     fresh = make_netns("ct")
     result = ok(bridge(bin_dir, "ADD", config, node, fresh, "after-crashes"))
     assert global_addrs(fresh, "eth0") == [result["ips"][0]["address"]]
-    assert reservations(data_dir) == {address_of(result): "after-crashes\r\neth0"}
+    assert reservations(data_dir / NET) == {address_of(result): "after-crashes\r\neth0"}
     ok(bridge(bin_dir, "DEL", dict(config, prevResult=result), node, fresh, "after-crashes"))
     assert_nothing_left(node, data_dir, [fresh], "after the final ADD/DEL:")
 
 
+@pytest.mark.slow
 def test_add_killed_at_any_instant_then_del_leaves_nothing(ours_bin, node, make_netns, data_dir):
     """ADDs killed with SIGKILL at random instants (0 to 1.2x one ADD): a reservation is complete or
     absent, and the runtime's DEL then leaves no reservation, veth, eth0, rule or held lock."""
@@ -251,7 +221,7 @@ def test_add_killed_at_any_instant_then_del_leaves_nothing(ours_bin, node, make_
         status = kill_after(start(ours_bin, "ADD", config, node, container, cid), delay)
         killed += status == -signal.SIGKILL
         context = "[seed %d run %d: ADD killed after %.4f s, exit %s]" % (CRASH_SEED, run_index, delay, status)
-        held = reservations(data_dir)
+        held = reservations(data_dir / NET)
         assert set(held.values()) <= {"%s\r\neth0" % cid}, "%s partial reservation %s" % (context, held)
         ok(bridge(ours_bin, "DEL", config, node, container, cid))
         assert_nothing_left(node, data_dir, [container], context)
@@ -260,6 +230,7 @@ def test_add_killed_at_any_instant_then_del_leaves_nothing(ours_bin, node, make_
     assert_next_add_works(ours_bin, config, node, make_netns, data_dir)
 
 
+@pytest.mark.slow
 def test_del_killed_at_any_instant_then_repeated_leaves_nothing(ours_bin, node, make_netns, data_dir):
     """DELs killed with SIGKILL at random instants (0 to 1.2x one DEL), then repeated as a runtime
     does: no reservation, veth, eth0, rule or held lock is left."""
@@ -365,7 +336,7 @@ class Sampler(threading.Thread):
 
     def check_files(self):
         before = self.claims.snapshot()
-        files = reservations(self.data_dir)
+        files = reservations(self.data_dir / NET)
         after = self.claims.snapshot()
         for address, cid in before.items():
             if after.get(address) == cid and files.get(address) != "%s\r\neth0" % cid:
@@ -388,6 +359,7 @@ class Sampler(threading.Thread):
                     self.problems.append("%s on eth0 of %s at once" % (seen[paths[0]][1], paths))
 
 
+@pytest.mark.slow
 def test_storm_never_shares_an_address_and_ends_clean(ours_bin, node, make_netns, data_dir):
     """Workers x cycles of ADD/DEL, each worker holding up to 5 containers, on a 32-address range:
     exhaustion is a clean code-11 error that rolls back, no address is ever held twice (workers'
@@ -472,7 +444,7 @@ def test_concurrent_first_use(ours_bin, node, make_netns, data_dir):
     addresses = [global_addrs(ns, "eth0") for ns in containers]
     assert all(len(a) == 1 for a in addresses), addresses
     assert len(set(a[0] for a in addresses)) == 16, addresses
-    assert sorted(reservations(data_dir)) == sorted(a[0].split("/")[0] for a in addresses)
+    assert sorted(reservations(data_dir / NET)) == sorted(a[0].split("/")[0] for a in addresses)
     tables = [e["table"] for e in ruleset(node) if "table" in e and e["table"]["name"] == MASQ_TABLE]
     assert len(tables) == 1, tables
     chains, rules = masq_table(node)
@@ -484,218 +456,6 @@ def test_concurrent_first_use(ours_bin, node, make_netns, data_dir):
 # --- 4. hostile input: the harness, every key with wrong values, fixed payloads, CNI_NETNS ---------
 # test_hostile.py generates more of the same with hypothesis, through the same Arena.
 
-HOSTILE_NET = "hostnet"
-HOSTILE_BRIDGE = "cbt-hb0"
-# Paths nothing hostile may change: the default dataDir, the runtime's config and state, the root.
-MARKER_DIRS = ("/", "/var/lib/cni", "/var/lib/cni/networks", "/etc/cni", "/etc/cni/net.d", "/run/cni")
-
-
-def tree(root):
-    """Every path under `root`, relative, as a set."""
-    return set(str(p.relative_to(root)) for p in root.rglob("*"))
-
-
-def markers():
-    """The entries of MARKER_DIRS (None for an absent one)."""
-    return {d: sorted(os.listdir(d)) if os.path.isdir(d) else None for d in MARKER_DIRS}
-
-
-def interfaces(ns):
-    """{name: (kind, [addr/prefix])} of every link in `ns`, read so that names which are not UTF-8
-    (hostile input can make them) survive."""
-    out = subprocess.run([IP, "-n", ns.name, "-j", "-d", "addr", "show"], stdout=subprocess.PIPE,
-                         check=True, timeout=30).stdout.decode("utf-8", "surrogateescape")
-    links = json.loads(out) if out.strip() else []
-    return {link["ifname"]: (kind(link), ["%s/%d" % (a["local"], a["prefixlen"]) for a in link.get("addr_info", ())])
-            for link in links}
-
-
-def read_folded(obj, key):
-    """obj[key] as the plugin reads config keys: the exact key, else the first key equal to it
-    ignoring case; None when absent or null."""
-    value = obj.get(key)
-    if value is None:
-        value = next((v for k, v in obj.items() if isinstance(k, str) and k.lower() == key.lower()), None)
-    return value
-
-
-def state_location(stdin):
-    """(dataDir, network name) host-local would use for this stdin, or None when it cannot get as
-    far (not a JSON object, no ipam object).  Python's json accepts all the plugin's parser does."""
-    try:
-        config = json.loads(stdin)
-    except (ValueError, RecursionError):
-        return None
-    ipam = read_folded(config, "ipam") if isinstance(config, dict) else None
-    if not isinstance(ipam, dict):
-        return None
-    data_dir = read_folded(ipam, "dataDir")
-    return ("/var/lib/cni/networks" if data_dir is None else data_dir), config.get("name")
-
-
-def assert_cni_answer(res, command):
-    """Exit 0 with a valid result (ADD) or nothing (DEL), or non-zero with exactly one error object
-    (int code, str msg) on stdout; no traceback, and no unhandled exception turned into an
-    "internal error"."""
-    assert "Traceback" not in res.stdout + res.stderr, explain(res)
-    if res.returncode == 0 and command == "DEL":
-        assert res.stdout.strip() == "", explain(res)
-        return None
-    obj, end = json.JSONDecoder().raw_decode(res.stdout.strip()) if res.stdout.strip() else (None, 0)
-    assert isinstance(obj, dict) and res.stdout.strip()[end:] == "", "not one JSON object: " + explain(res)
-    if res.returncode == 0:
-        assert isinstance(obj.get("cniVersion"), str), explain(res)
-        for ip in obj.get("ips", []):
-            ipaddress.ip_interface(ip["address"])
-        assert obj.get("ips") or obj.get("ip4") or obj.get("ip6") or obj.get("interfaces"), explain(res)
-        return obj
-    assert type(obj.get("code")) is int and isinstance(obj.get("msg"), str), explain(res)
-    assert not obj["msg"].startswith("internal error"), "unhandled exception: " + explain(res)
-    return None
-
-
-def hostile_config(data_dir, version="1.0.0"):
-    """A valid config holding most keys bridge and host-local read, its state in `data_dir`."""
-    return {"cniVersion": version, "name": HOSTILE_NET, "type": "bridge", "bridge": HOSTILE_BRIDGE,
-            "isGateway": True, "isDefaultGateway": False, "forceAddress": False, "ipMasq": True,
-            "mtu": 1500, "hairpinMode": False, "promiscMode": False, "vlan": 0, "macspoofchk": False,
-            "dns": {"nameservers": ["10.94.0.53"], "domain": "example.test", "search": ["a.test"]},
-            "ipam": {"type": "host-local", "dataDir": str(data_dir),
-                     "ranges": [[{"subnet": "10.94.0.0/24", "rangeStart": "10.94.0.10",
-                                  "rangeEnd": "10.94.0.200", "gateway": "10.94.0.1"}]],
-                     "routes": [{"dst": "0.0.0.0/0"}]},
-            "runtimeConfig": {"ips": []}, "args": {"cni": {"ips": []}}}
-
-
-class Arena(object):
-    """A node, a container and a sandbox (the dataDir and the plugin's working directory) in which
-    hostile input is tried; `exercise` runs ADD and the runtime's DEL and checks what they left."""
-
-    def __init__(self, bin_dir, node, container, sandbox):
-        self.bin_dir, self.node, self.container, self.sandbox = bin_dir, node, container, sandbox
-        self.data_dir = sandbox / "up" / "two" / "ipam"      # so that "../.." stays in view
-        self.cwd = sandbox / "cwd"
-        self.data_dir.mkdir(parents=True)
-        self.cwd.mkdir()
-        self.calls = 0
-
-    def config(self, version="1.0.0"):
-        return hostile_config(self.data_dir, version)
-
-    def call(self, command, stdin, env):
-        argv = [IP, "netns", "exec", self.node.name, str(self.bin_dir / "bridge")]
-        variables = cni_env(command, self.bin_dir, netns=self.container, container_id="hostile%d" % self.calls)
-        variables.update(env)
-        proc = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
-                              cwd=str(self.cwd), env={k: v for k, v in variables.items() if v is not None})
-        return parse_output(proc)
-
-    def state_dir(self, stdin):
-        """Where host-local may write for `stdin`, relative to the sandbox: <dataDir>/<network> when
-        dataDir lies in the sandbox and the name is one directory entry, else None (nowhere).
-        Raises ValueError when the (trusted) dataDir lies outside the sandbox: such a case would
-        write there legitimately and is not tried."""
-        location = state_location(stdin)
-        if location is None or not isinstance(location[0], str) or not location[0].startswith("/"):
-            return None
-        data_dir, name = os.path.normpath(location[0]), location[1]
-        if os.path.commonpath([data_dir, str(self.sandbox)]) != str(self.sandbox):
-            raise ValueError("dataDir %r is outside the sandbox" % location[0])
-        plain = isinstance(name, str) and name and "/" not in name and name not in (".", "..")
-        return os.path.join(os.path.relpath(data_dir, str(self.sandbox)), name) if plain else None
-
-    def confined(self, stdin):
-        """True when `stdin` keeps host-local inside the sandbox (see state_dir)."""
-        try:
-            self.state_dir(stdin)
-            return True
-        except ValueError:
-            return False
-
-    def exercise(self, stdin, env=None):
-        """ADD then DEL with the same stdin bytes and environment overrides (values: str, may hold
-        surrogate escapes for non-UTF-8 bytes; None unsets).  Returns the ADD's result or None."""
-        self.calls += 1
-        env = env or {}
-        state_dir = self.state_dir(stdin)
-        files_before, markers_before = tree(self.sandbox), markers()
-        added = self.call("ADD", stdin, env)
-        result = assert_cni_answer(added, "ADD")
-        if result and result.get("ips"):
-            held = [a for _, addresses in interfaces(self.container).values() for a in addresses]
-            assert result["ips"][0]["address"] in held, explain(added)
-        assert_cni_answer(self.call("DEL", stdin, env), "DEL")
-
-        files = tree(self.sandbox)
-        outside = sorted(p for p in files - files_before      # <dataDir> and its parents may be made
-                         if state_dir is None or not ((p + "/").startswith(state_dir + "/")
-                                                      or state_dir.startswith(p + "/")))
-        for path in outside:                   # undone, so that a failing case reproduces
-            if (self.sandbox / path).is_dir():
-                shutil.rmtree(str(self.sandbox / path), ignore_errors=True)
-            elif (self.sandbox / path).exists():
-                os.unlink(str(self.sandbox / path))
-        assert outside == [], "files made outside <dataDir>/<network>: %s" % outside
-        assert markers() == markers_before
-        reserved = [p for p in files
-                    if state_dir and os.path.dirname(p) == state_dir and is_address(os.path.basename(p))]
-        assert reserved == [], "reservations left after DEL: %s" % reserved
-        left = {n: k for n, (k, _) in interfaces(self.node).items() if n != "lo"}
-        assert all(k == "bridge" for k in left.values()), "links left in the node: %s" % left
-        inside = interfaces(self.container)
-        assert sorted(inside) == ["lo"], "container still holds %s" % inside
-        _, rules = masq_table(self.node)
-        assert rules.get(MASQ_CHAIN, []) == [], "masquerade rules left: %s" % rules[MASQ_CHAIN]
-        for name in left:                      # bridges stay by design; the next case starts afresh
-            subprocess.run([IP, "-n", self.node.name, "link", "del", os.fsencode(name)], check=True,
-                           timeout=30)
-        return result
-
-
-@pytest.fixture
-def arena(ours_bin, node, container, tmp_path):
-    return Arena(ours_bin, node, container, tmp_path / "sandbox")
-
-
-def set_path(config, path, value):
-    """Set config[path[0]][path[1]]... = value, making the objects and lists on the way."""
-    target = config
-    for key, following in zip(path, path[1:]):
-        fresh = [] if isinstance(following, int) else {}
-        if isinstance(target, list):
-            while len(target) <= key:
-                target.append(type(fresh)())
-            if not isinstance(target[key], type(fresh)):
-                target[key] = fresh
-        elif not isinstance(target.get(key), type(fresh)):
-            target[key] = fresh
-        target = target[key]
-    if isinstance(target, list):
-        while len(target) <= path[-1]:
-            target.append(None)
-    target[path[-1]] = value
-
-
-# Every key bridge and host-local read, as a path into the config.
-KEY_PATHS = [
-    ("cniVersion",), ("name",), ("type",), ("bridge",), ("isGateway",), ("isDefaultGateway",), ("forceAddress",),
-    ("ipMasq",), ("ipMasqBackend",), ("mtu",), ("hairpinMode",), ("promiscMode",), ("portIsolation",), ("vlan",),
-    ("vlanTrunk",), ("vlanTrunk", 0), ("vlanTrunk", 0, "id"), ("vlanTrunk", 0, "minID"), ("vlanTrunk", 0, "maxID"),
-    ("preserveDefaultVlan",), ("macspoofchk",), ("enabledad",), ("disableContainerInterface",),
-    ("dns",), ("dns", "nameservers"), ("dns", "nameservers", 0), ("dns", "domain"), ("dns", "search"),
-    ("dns", "options"),
-    ("ipam",), ("ipam", "type"), ("ipam", "subnet"), ("ipam", "rangeStart"), ("ipam", "rangeEnd"),
-    ("ipam", "gateway"), ("ipam", "ranges"), ("ipam", "ranges", 0), ("ipam", "ranges", 0, 0),
-    ("ipam", "ranges", 0, 0, "subnet"), ("ipam", "ranges", 0, 0, "rangeStart"),
-    ("ipam", "ranges", 0, 0, "rangeEnd"), ("ipam", "ranges", 0, 0, "gateway"), ("ipam", "routes"),
-    ("ipam", "routes", 0), ("ipam", "routes", 0, "dst"),
-    ("ipam", "routes", 0, "gw"), ("ipam", "routes", 0, "mtu"), ("ipam", "routes", 0, "priority"),
-    ("ipam", "routes", 0, "table"), ("ipam", "routes", 0, "scope"), ("ipam", "dataDir"), ("ipam", "resolvConf"),
-    ("runtimeConfig",), ("runtimeConfig", "mac"), ("runtimeConfig", "ips"), ("runtimeConfig", "ips", 0),
-    ("runtimeConfig", "ipRanges"), ("runtimeConfig", "ipRanges", 0), ("runtimeConfig", "ipRanges", 0, 0, "subnet"),
-    ("args",), ("args", "cni"), ("args", "cni", "ips"), ("args", "cni", "ips", 0), ("args", "cni", "mac"),
-    ("prevResult",), ("prevResult", "ips"), ("prevResult", "ips", 0, "address"), ("prevResult", "interfaces"),
-]
 # A value of each JSON type, and huge, negative and fractional numbers.
 WRONG_VALUES = [True, 10 ** 30, -1, 1.5, "x" * 299 + "\ud800", [1, "a"], {"a": None}]
 JSON_TYPES = ((bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array"), (dict, "object"))
@@ -716,25 +476,6 @@ def wrong_values(path):
             return WRONG_VALUES
     return [value for value in WRONG_VALUES
             if json_type(value) != json_type(right) or json_type(value) in ("number", "string")]
-
-
-def confine(config, data_dir):
-    """Keep a generated config from naming another state directory (null or absent means the
-    default, /var/lib/cni/networks) or reading arbitrary files: dataDir and resolvConf are trusted
-    (root's), so only wrong types and relative paths are tried there."""
-    ipam = config.get("ipam")
-    if not isinstance(ipam, dict):
-        return config
-    for key in ("dataDir", "resolvConf"):
-        spellings = [k for k in ipam if isinstance(k, str) and k.lower() == key.lower()]
-        value = next((v for v in (ipam.pop(k) for k in spellings) if v is not None), None)
-        if isinstance(value, str) and value.startswith("/") and value != str(data_dir):
-            value = value.lstrip("/") or "relative"
-        if key == "dataDir" and value is None:
-            value = str(data_dir)
-        if value is not None:
-            ipam[key] = value
-    return config
 
 
 @pytest.mark.parametrize("path", KEY_PATHS, ids=lambda path: ".".join(map(str, path)))
@@ -969,7 +710,7 @@ def test_gc_recovers_containers_that_vanished_without_del(ours_bin, node, make_n
 
     valid = [{"containerID": cid, "ifname": "eth0"} for cid in live]
     ok(bridge(ours_bin, "GC", dict(config, **{"cni.dev/valid-attachments": valid}), node, None, None, ifname=None))
-    assert reservations(data_dir) == {address_of(r): "%s\r\neth0" % cid for cid, r in live_results.items()}
+    assert reservations(data_dir / NET) == {address_of(r): "%s\r\neth0" % cid for cid, r in live_results.items()}
     assert masq_comments(node) == sorted(masq_comment(cid) for cid in live)
     for cid, ns in live.items():
         assert global_addrs(ns, "eth0") == [live_results[cid]["ips"][0]["address"]]
@@ -997,11 +738,7 @@ with open(sys.argv[1], "a") as f:
 
 def lock_timeout():
     """The module's LOCK_TIMEOUT (seconds), read from the source under test."""
-    sys.path.insert(0, str(REPO))
-    try:
-        import cni_bridge
-    finally:
-        sys.path.remove(str(REPO))
+    import cni_bridge
     return cni_bridge.LOCK_TIMEOUT
 
 
@@ -1026,7 +763,7 @@ def test_held_lock_makes_add_and_del_give_up_with_code_11(ours_bin, node, make_n
             error = cni_error(res)
             assert error["code"] == 11 and "lock" in error["msg"], error
         assert sorted(fresh.links()) == ["lo"]
-        assert list(reservations(data_dir).values()) == ["existing\r\neth0"]
+        assert list(reservations(data_dir / NET).values()) == ["existing\r\neth0"]
         assert masq_comments(node) in ([masq_comment("existing")], [])
         assert len(host_veths(node)) <= 1
     finally:

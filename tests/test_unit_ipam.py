@@ -6,11 +6,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pytest
 
 import cni_bridge as cb
+
+pytestmark = pytest.mark.unit
 
 NETWORK = "unitnet"
 
@@ -45,10 +45,7 @@ def make_request(config, container_id="ctr1", ifname="eth0", args=None, command=
 
 
 def loaded(config, **kwargs):
-    request = make_request(config, **kwargs)
-    ipam = cb.IPAMConfig(request)
-    ipam.load_ranges(request)
-    return ipam
+    return cb.HostLocalConfig(make_request(config, **kwargs))
 
 
 def add(config, container_id="ctr1", ifname="eth0", args=None):
@@ -378,15 +375,16 @@ def test_result_shape(tmp_path):
     resolv.write_text("# comment\nnameserver 10.1.0.1\nsearch a.example b.example\noptions ndots:2\ndomain example\n")
     config = make_config(tmp_path, SUBNET29, routes=[{"dst": "0.0.0.0/0"}, {"dst": "10.9.0.1/16", "gw": "10.1.0.1"}],
                          resolvConf=str(resolv))
-    result = cb.host_local_add(make_request(config))
+    result, reused = cb.host_local_allocate(make_request(config))
     assert result == {
         "ips": [{"address": "10.1.0.2/29", "gateway": "10.1.0.1"}],
         "routes": [{"dst": "0.0.0.0/0"}, {"dst": "10.9.0.0/16", "gw": "10.1.0.1"}],
         "dns": {"nameservers": ["10.1.0.1"], "domain": "example", "search": ["a.example", "b.example"],
                 "options": ["ndots:2"]},
-        "reused": False,
     }
-    assert cb.host_local_add(make_request(config))["reused"] is True     # a repeated ADD
+    assert reused is False
+    assert cb.host_local_allocate(make_request(config))[1] is True     # a repeated ADD
+    assert cb.host_local_add(make_request(config)) == result
 
 
 def test_round_robin_after_release(tmp_path):

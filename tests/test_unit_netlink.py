@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pytest
 
 import cni_bridge as cb
+
+pytestmark = pytest.mark.unit
 
 
 # --- addresses ------------------------------------------------------------------------------------
@@ -275,6 +275,21 @@ def test_msg_round_trip():
     assert attrs == {Inner.IN_STR: "peer0", Inner.IN_U32: 9}
 
 
+def test_header_pack_refuses_a_field_it_does_not_have():
+    assert HEADER.pack({"index": 3}) != HEADER.pack({})
+    with pytest.raises(ValueError, match="idx"):
+        cb.IFINFOMSG.pack({"idx": 3})
+    with pytest.raises(ValueError):
+        cb.encode_message(cb.MESSAGE_LAYOUTS[cb.NETLINK_ROUTE], cb.RTM_GETLINK, 0, 1, {"idnex": 1}, ())
+
+
+def test_netlink_request_names_its_parts():
+    request = cb.NetlinkRequest(cb.RTM_GETLINK, header={"index": 4})
+    assert (request.msg_type, request.flags, request.header, request.attrs) == (cb.RTM_GETLINK, 0,
+                                                                                {"index": 4}, ())
+    assert tuple(request) == (cb.RTM_GETLINK, 0, {"index": 4}, ())
+
+
 def test_repeated_attrs_decode_into_a_list():
     data = cb.encode_attrs([(Sample.S_LIST, 1), (Sample.S_U8, 5), (Sample.S_LIST, 2), (Sample.S_LIST, 3)])
     assert cb.decode_attrs(Sample, data) == {Sample.S_LIST: [1, 2, 3], Sample.S_U8: 5}
@@ -395,7 +410,8 @@ def test_requests_built_for_transact():
                            cb.AddrAttr.IFA_FLAGS: cb.IFA_F_NODAD}
     assert cb.addr_request(3, prefix, remove=True)[:2] == (cb.RTM_DELADDR, 0)
     route = cb.route_request(cb.Prefix.parse("10.9.0.0/16"), (4, 0x0A000001), 3, table=1000, mtu=1400)
-    header, attrs = route[2], dict(route[3])
+    assert route.msg_type == cb.RTM_NEWROUTE and route.flags == cb.NLM_F_CREATE
+    header, attrs = route.header, dict(route.attrs)
     assert header["table"] == cb.RT_TABLE_MAIN and attrs[cb.RouteAttr.RTA_TABLE] == 1000
     assert header["scope"] == cb.RT_SCOPE_UNIVERSE
     assert attrs[cb.RouteAttr.RTA_METRICS] == [(cb.RouteMetricAttr.RTAX_MTU, 1400)]
@@ -745,3 +761,51 @@ def test_ipv6_settle_deadline_is_code_11(kernel, monkeypatch):
     with pytest.raises(cb.CNIError) as caught:
         cb.wait_ipv6_settled(nl, link.index)
     assert caught.value.code == 11 and "still tentative after 0.3 s" in caught.value.msg
+
+
+# --- nf_tables rule sets (shared by the rule-writing plugins) ---------------------------------------
+
+def kernel_rule(handle, comment, chain="c"):
+    """An NFT_MSG_NEWRULE of a rule dump as the kernel sends it."""
+    return decode_request_nft((cb.NFT_MSG_NEWRULE, 0, {"family": cb.NFPROTO_INET},
+                               [(cb.NftRuleAttr.NFTA_RULE_TABLE, "t"), (cb.NftRuleAttr.NFTA_RULE_CHAIN, chain),
+                                (cb.NftRuleAttr.NFTA_RULE_HANDLE, handle),
+                                (cb.NftRuleAttr.NFTA_RULE_USERDATA, cb.udata_comment(comment))]))
+
+
+def decode_request_nft(request):
+    data = cb.encode_message(cb.MESSAGE_LAYOUTS[cb.NETLINK_NETFILTER], request[0], request[1], 1,
+                             request[2], request[3])
+    [(msg_type, flags, _seq, payload)] = cb.decode_messages(data)
+    return cb.decode_payload(cb.MESSAGE_LAYOUTS[cb.NETLINK_NETFILTER], msg_type, flags, payload)
+
+
+def test_rules_are_found_by_comment_and_stale_ones_collected():
+    nl = RecordingNetlink([kernel_rule(1, "aaaa, net: n"), kernel_rule(2, "bbbb, net: n"),
+                           kernel_rule(3, "other rule")])
+    assert [r.handle for r in cb.rules_commented(nl, cb.NFPROTO_INET, "t", "c", "bbbb")] == [2]
+    batch = cb.NftBatch()
+    owner = lambda rule: rule.comment.split(",")[0] if "net: n" in rule.comment else None
+    cb.remove_stale_rules(batch, nl, cb.NFPROTO_INET, "t", "c", owner, {"aaaa"})
+    removed = [dict(r.attrs)[cb.NftRuleAttr.NFTA_RULE_HANDLE] for r in batch.requests]
+    assert removed == [2] and batch.requests[0].msg_type == cb.NFT_MSG_DELRULE
+
+
+def test_commit_rebuilt_retries_a_transaction_refused_for_a_vanished_rule():
+    class Refusing(RecordingNetlink):
+        refusals = 2
+
+        def transact(self, requests, what="", batch=None):
+            assert batch == cb.NFT_BATCH
+            RecordingNetlink.transact(self, requests, what, batch)
+            if self.refusals:
+                self.refusals -= 1
+                raise cb.NetlinkError(cb.errno.ENOENT, what)
+            return [[] for _ in requests]
+    nl = Refusing()
+    cb.commit_rebuilt(nl, lambda batch: batch.flush_chain(cb.NFPROTO_INET, "t", "c"), "flush")
+    assert len(nl.transactions) == 3
+    nl = Refusing()
+    nl.refusals = 3
+    with pytest.raises(cb.NetlinkError):
+        cb.commit_rebuilt(nl, lambda batch: batch.flush_chain(cb.NFPROTO_INET, "t", "c"), "flush")

@@ -6,11 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pytest
 
 import cni_bridge as cb
+
+pytestmark = pytest.mark.unit
 
 VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 LEGACY = ("0.1.0", "0.2.0")
@@ -654,3 +654,96 @@ def test_version_answer_is_a_constant(raw, monkeypatch, json_state):
 def test_error_json_shape():
     err = cb.CNIError(7, "bad", "details here")
     assert err.to_json("0.4.0") == {"cniVersion": "0.4.0", "code": 7, "msg": "bad", "details": "details here"}
+
+
+# --- poll_until ---------------------------------------------------------------------------------
+
+def test_poll_until_returns_the_first_answer_and_sleeps_between_attempts(monkeypatch):
+    answers = [None, None, "ready"]
+    slept = []
+    monkeypatch.setattr(cb.time, "sleep", slept.append)
+    value = cb.poll_until(lambda: answers.pop(0), 5.0, lambda: AssertionError("expired"),
+                          delay=0.01, max_delay=0.015)
+    assert value == "ready"
+    assert slept == [0.01, 0.015]
+
+
+def test_poll_until_raises_the_expiry_error_on_the_monotonic_clock(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(cb.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(cb.time, "time", lambda: 0.0)       # a wall clock stepped back: ignored
+
+    def advance(seconds):
+        clock[0] += seconds
+    monkeypatch.setattr(cb.time, "sleep", advance)
+    calls = []
+    with pytest.raises(cb.CNIError) as err:
+        cb.poll_until(lambda: calls.append(1), 1.0,
+                      lambda: cb.CNIError(cb.ERR_TRY_AGAIN, "too slow"), delay=0.25, max_delay=0.25)
+    assert err.value.code == cb.ERR_TRY_AGAIN
+    assert len(calls) == 5          # at 0, 0.25, 0.5, 0.75 and 1.0 s
+
+
+# --- the key rule, in one place -------------------------------------------------------------------
+
+def test_top_level_keys_match_case_insensitively_as_go_decodes_them(stdin):
+    request = build("ADD", stdin, config={"Name": "net", "CNIVersion": "1.0.0", "type": "bridge"})
+    assert (request.network, request.version) == ("net", "1.0.0")
+    assert request.stdin == stdin.data and request.env["CNI_COMMAND"] == "ADD"
+
+
+def test_gc_valid_attachments_key_any_case():
+    config = {"CNI.dev/Valid-Attachments": [{"ContainerID": "c1", "IfName": "eth0"}]}
+    assert cb.valid_attachments(config) == {("c1", "eth0")}
+
+
+def test_config_error_is_code_7_with_the_reference_prefix():
+    err = cb.config_error("mtu 5 is below 68", "details")
+    assert (err.code, err.msg, err.details) == (7, "invalid network config: mtu 5 is below 68", "details")
+
+
+# --- operator tools: each verify step and network command helper alone ----------------------------
+
+def test_verifier_records_each_step_and_stops_on_failure():
+    v = cb.Verifier(as_json=True)
+    assert v.step("fine", lambda x: ("detail %s" % x, 42), "x") == 42
+
+    def broken():
+        raise cb.CNIError(cb.ERR_INTERNAL, "went wrong")
+    assert v.step("broken", broken) is None
+    assert [(s["step"], s["ok"], s["detail"]) for s in v.steps] == [("fine", True, "detail x"),
+                                                                   ("broken", False, "went wrong")]
+
+
+def test_verify_check_step_skips_versions_without_check():
+    class NoCalls(object):
+        def call(self, command, stdin):
+            raise AssertionError("called %s" % command)
+    assert cb.Verifier.check(NoCalls(), {}, "0.3.1", {}) == ("cniVersion 0.3.1 has no CHECK", True)
+    assert cb.Verifier.ping_gateway(None, [{"address": "10.0.0.2/24"}])[0].startswith("no gateway")
+
+
+def test_split_cni_args_keeps_keys_as_written_and_refuses_a_broken_pair():
+    assert cb.split_cni_args("IgnoreUnknown=1;K8S_POD_NAME=a=b;") == [["IgnoreUnknown", "1"],
+                                                                       ["K8S_POD_NAME", "a=b"]]
+    with pytest.raises(cb.CNIError) as err:
+        cb.split_cni_args("IP=10.0.0.2;junk")
+    assert err.value.code == cb.ERR_INVALID_ENV
+
+
+def test_network_call_builds_each_plugins_config_as_libcni(tmp_path, monkeypatch):
+    (tmp_path / "10-n.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "n",
+        "plugins": [{"type": "bridge"}, {"type": "portmap", "capabilities": {"portMappings": True}}]}))
+    env = {"NETCONFPATH": str(tmp_path), "CAP_ARGS": json.dumps({"portMappings": [1], "other": 2}),
+           "CNI_CACHE_DIR": str(tmp_path / "cache")}
+    sent = []
+    monkeypatch.setattr(cb, "invoke_plugin", lambda t, path, e, stdin: sent.append((t, e, json.loads(stdin))))
+    call = cb.NetworkCall("n", "/run/netns/x", env)
+    assert call.allows("CHECK") and not call.allows("GC")
+    cb.network_status(call)
+    (bridge_type, bridge_env, bridge), (portmap_type, _, portmap) = sent
+    assert (bridge_type, bridge) == ("bridge", {"type": "bridge", "cniVersion": "1.0.0", "name": "n"})
+    assert bridge_env["CNI_COMMAND"] == "STATUS" and bridge_env["CNI_NETNS"] == ""
+    assert portmap["runtimeConfig"] == {"portMappings": [1]} and "capabilities" not in portmap
+    assert call.cache_path().startswith(str(tmp_path / "cache" / "results") + "/n-cnitool-")

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IP, PLUGIN_NAMES, REPO, VERSIONS, cni_env, encode_conf, parse_output, run, run_cni
-from test_portable import archive_for, multi_archive  # noqa: F401  (multi_archive: fixture)
+from tests.helpers import IP, PLUGIN_NAMES, REPO, VERSIONS, cni_env, encode_conf, parse_output, run, run_cni
+from tests.test_portable import archive_for, multi_archive  # noqa: F401  (multi_archive: fixture)
+
+pytestmark = pytest.mark.kernel
 
 ARCHIVE = "cni-bridge.pyz"
 ENTRIES = ["__main__.py", "cni_bridge.py", "cni_bridge.pyc"]
@@ -281,6 +283,7 @@ def test_failures_exit_non_zero_with_json_error(ours_bin, node):
     assert isinstance(failed_add.json["code"], int) and failed_add.json["msg"], failed_add
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", matrix_params())
 def test_python_versions(multi_archive, node, container, data_dir, tmp_path, version):
     """The archive with bytecode for every interpreter (build.sh --python repeated), its preamble
@@ -334,3 +337,53 @@ def test_preamble_falls_back_to_the_source_for_another_interpreter(tmp_path):
     started = call([tmp_path / "loopback"], "ADD", container_id=None, ifname=None)   # reaches Python
     assert started.returncode == 1 and started.json["code"] == 4, started
     assert started.stderr.count("no bytecode for Python 3.6") == 1, started
+
+
+# --- start-up: what each plugin path imports ------------------------------------------------------------
+# Every module a plugin imports is paid at each container start: the heavy standard modules stay out
+# of the plugin paths (they load only in the operator tools and the paths that exec a program).
+
+HEAVY = ("os", "json", "re", "socket", "subprocess", "ipaddress", "hashlib", "ctypes", "base64", "shutil")
+RUN_AND_LIST_MODULES = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import cni_bridge as cb; "
+    "status = cb.run_plugin(sys.argv[2], cb.process_environment()); "
+    "sys.stderr.write('MODULES ' + ' '.join(sorted(sys.modules)) + '\\n'); sys.exit(status)")
+
+
+def plugin_modules(ours_bin, plugin, command, conf, node=None, **cni):
+    """(the parsed output, the modules loaded) after one request served by the archive under
+    `python3 -I -S`, as the installed plugin runs (inside `node` when given)."""
+    argv = ["/usr/bin/python3", "-IS", "-c", RUN_AND_LIST_MODULES, str(ours_bin / ARCHIVE), plugin]
+    if node is not None:
+        argv = [IP, "netns", "exec", node.name] + argv
+    proc = subprocess.run(argv, input=encode_conf(conf), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=60, env=cni_env(command, ours_bin, **cni))
+    result = parse_output(proc)
+    assert result.returncode == 0, result
+    line = [text for text in result.stderr.splitlines() if text.startswith("MODULES ")][-1]
+    return result.json, set(line.split()[1:])
+
+
+def test_version_imports_no_heavy_module_and_no_socket(ours_bin):
+    _, loaded = plugin_modules(ours_bin, "bridge", "VERSION", {"cniVersion": "1.0.0"})
+    assert loaded.isdisjoint(HEAVY + ("_socket",)), sorted(loaded & set(HEAVY + ("_socket",)))
+
+
+def test_host_local_add_and_del_import_no_heavy_module(ours_bin, data_dir):
+    conf = {"cniVersion": "1.0.0", "name": "imports", "type": "host-local",
+            "ipam": {"type": "host-local", "subnet": "10.66.0.0/24", "dataDir": str(data_dir)}}
+    for command in ("ADD", "DEL"):
+        _, loaded = plugin_modules(ours_bin, "host-local", command, conf, netns="/nonexistent")
+        assert loaded.isdisjoint(HEAVY), (command, sorted(loaded & set(HEAVY)))
+
+
+def test_bridge_add_check_del_with_masquerade_import_no_heavy_module(ours_bin, node, container, data_dir):
+    conf = {"cniVersion": "1.0.0", "name": "imports", "type": "bridge", "bridge": "cbt-imp0",
+            "isGateway": True, "ipMasq": True,
+            "ipam": {"type": "host-local", "subnet": "10.67.0.0/24", "dataDir": str(data_dir)}}
+    added, loaded = plugin_modules(ours_bin, "bridge", "ADD", conf, node=node, netns=container)
+    assert added["ips"] and loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
+    for command in ("CHECK", "DEL"):
+        _, loaded = plugin_modules(ours_bin, "bridge", command, dict(conf, prevResult=added), node=node,
+                                   netns=container)
+        assert loaded.isdisjoint(HEAVY), (command, sorted(loaded & set(HEAVY)))

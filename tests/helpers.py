@@ -1,0 +1,448 @@
+"""Shared test code: constants, running commands and plugins, namespaces made by tests, reading
+back what the kernel and the disk hold, and the hostile-input arena.
+
+Plain code only (fixtures and pytest hooks are in conftest.py).  Test modules import it as
+`tests.helpers`: tests/ is a package, so pytest puts the repository root on sys.path (which also
+makes `import cni_bridge` work) with no sys.path patching, under `pytest` and `python3 -m pytest`.
+"""
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+REF_DIR = Path("/usr/lib/cni")
+VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+REF_VERSIONS = VERSIONS[:-1]  # Debian's reference plugins speak up to 1.0.0
+
+PLUGIN_NAMES = ("bridge", "host-local", "loopback")
+NETNS_PREFIX = "cbt-"
+IP = shutil.which("ip") or "/usr/sbin/ip"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class CommandFailed(subprocess.CalledProcessError):
+    """A failed command whose message shows its output (CalledProcessError's does not)."""
+
+    def __str__(self):
+        return "%s\nstdout: %s\nstderr: %s" % (super().__str__(), self.stdout, self.stderr)
+
+
+def run(argv, check=True, input=None, timeout=30, **kwargs):
+    """subprocess.run in text mode with output captured; raises CommandFailed when `check` and it fails."""
+    proc = subprocess.run([str(a) for a in argv], input=input, timeout=timeout, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+    if check and proc.returncode != 0:
+        raise CommandFailed(proc.returncode, proc.args, proc.stdout, proc.stderr)
+    return proc
+
+
+class Netns:
+    """A named network namespace made by a test (`ip netns add`), mounted at /run/netns/<name>."""
+
+    def __init__(self, name):
+        self.name = name
+        self.path = "/run/netns/" + name
+
+    def __repr__(self):
+        return "Netns(%r)" % self.name
+
+    def run(self, *argv, check=True, input=None, timeout=30):
+        """Run argv inside this namespace (`ip netns exec`), text mode, output captured."""
+        return run([IP, "netns", "exec", self.name, *argv], check=check, input=input, timeout=timeout)
+
+    def ip_json(self, *args):
+        """`ip -j <args>` inside this namespace, parsed ([] when ip prints nothing)."""
+        out = run([IP, "-n", self.name, "-j", *args]).stdout
+        return json.loads(out) if out.strip() else []
+
+    def links(self):
+        """ifname -> its `ip -j -d link show` entry."""
+        return {link["ifname"]: link for link in self.ip_json("-d", "link", "show")}
+
+    def addrs(self, ifname):
+        """[(family, "addr/prefix"), ...] of `ifname`; raises CommandFailed when the link does not exist."""
+        return [(a["family"], "%s/%d" % (a["local"], a["prefixlen"]))
+                for entry in self.ip_json("addr", "show", "dev", ifname)
+                for a in entry.get("addr_info", [])]
+
+    def sysctl(self, key):
+        """The value of /proc/sys/<key> (e.g. "net/ipv4/ip_forward") as seen inside this namespace."""
+        return self.run("cat", "/proc/sys/" + key.strip("/")).stdout.strip()
+
+
+def delete_netns(name):
+    run([IP, "netns", "del", name], check=False)
+
+
+class CNIRun(NamedTuple):
+    """Outcome of one plugin call; `json` is the parsed stdout, or None when it is not JSON."""
+    returncode: int
+    stdout: str
+    stderr: str
+    json: Optional[object]
+
+
+def cni_env(command, bin_dir, *, netns=None, ifname="eth0", container_id="ctr1", cni_args=None,
+            cni_path=None, env=None):
+    """The environment of a CNI call: PATH, the CNI_* variables, then `env` overrides (None removes).
+
+    `netns` is a Netns, a path string, or None (CNI_NETNS unset); `ifname`/`container_id` None leave
+    their variable unset; `cni_args` is the CNI_ARGS string.  CNI_PATH defaults to `bin_dir`.
+    """
+    variables = {
+        "PATH": os.environ.get("PATH", DEFAULT_PATH),
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": container_id,
+        "CNI_NETNS": netns.path if isinstance(netns, Netns) else netns,
+        "CNI_IFNAME": ifname,
+        "CNI_ARGS": cni_args,
+        "CNI_PATH": str(cni_path) if cni_path is not None else str(bin_dir),
+    }
+    variables.update(env or {})
+    return {key: str(value) for key, value in variables.items() if value is not None}
+
+
+def encode_conf(conf):
+    """stdin bytes for a config given as a dict (JSON-encoded), str or bytes."""
+    if isinstance(conf, bytes):
+        return conf
+    if isinstance(conf, str):
+        return conf.encode()
+    return json.dumps(conf).encode()
+
+
+def parse_output(proc):
+    """CNIRun from a finished process with binary output (decoded leniently)."""
+    stdout = proc.stdout.decode("utf-8", "replace")
+    try:
+        parsed = json.loads(stdout)
+    except ValueError:
+        parsed = None
+    return CNIRun(proc.returncode, stdout, proc.stderr.decode("utf-8", "replace"), parsed)
+
+
+def run_cni(bin_dir, plugin, command, conf, *, node=None, netns=None, ifname="eth0", container_id="ctr1",
+            cni_args=None, cni_path=None, env=None, timeout=60):
+    """Run <bin_dir>/<plugin> as a runtime would (inside `node` when given) and return a CNIRun."""
+    argv = [str(Path(bin_dir) / plugin)]
+    if node is not None:
+        argv = [IP, "netns", "exec", node.name] + argv
+    proc = subprocess.run(argv, input=encode_conf(conf), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout,
+                          env=cni_env(command, bin_dir, netns=netns, ifname=ifname, container_id=container_id,
+                                      cni_args=cni_args, cni_path=cni_path, env=env))
+    return parse_output(proc)
+
+
+# --- plugin outcome and kernel state ------------------------------------------------------------
+
+def explain(res):
+    """A failed assertion's message: the call's exit code and output."""
+    return "exit %d\nstdout: %s\nstderr: %s" % (res.returncode, res.stdout, res.stderr)
+
+
+def kind(link):
+    """The link kind ("bridge", "veth" ...) of an `ip -j -d link` entry."""
+    return link.get("linkinfo", {}).get("info_kind")
+
+
+def host_veths(node):
+    """ifname -> link entry of every veth in the node namespace."""
+    return {name: link for name, link in node.links().items() if kind(link) == "veth"}
+
+
+def global_addrs(ns, ifname):
+    """Non-link-local addresses of `ifname` as "addr/prefix" strings."""
+    return [entry["local"] + "/%d" % entry["prefixlen"]
+            for link in ns.ip_json("addr", "show", "dev", ifname)
+            for entry in link.get("addr_info", []) if entry.get("scope") != "link"]
+
+
+def is_address(name):
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def reservations(directory, raw=False):
+    """host-local's reservations in one network's state directory `directory`, or in every
+    network of a dataDir when `directory` holds no reservation file itself:
+    {address file name: content} (bytes when `raw`), regular files only."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return {}
+    files = [p for p in directory.iterdir() if is_address(p.name)]
+    if not files:
+        files = [p for p in directory.glob("*/*") if is_address(p.name)]
+    found = {}
+    for path in files:
+        if path.is_symlink() or not path.is_file():
+            continue
+        try:
+            content = path.read_bytes()
+        except FileNotFoundError:      # removed while we listed
+            continue
+        found[path.name] = content if raw else content.decode()
+    return found
+
+
+# --- nf_tables --------------------------------------------------------------------------------------
+
+# The reference's nftables masquerade layout (cni-reference.md decision 4).
+MASQ_TABLE, MASQ_CHAIN, POSTROUTING = "cni_plugins_masquerade", "masq_checks", "postrouting"
+
+
+def ruleset(node):
+    """`nft -j list ruleset` of `node`, parsed."""
+    return json.loads(node.run("nft", "-j", "list", "ruleset").stdout)["nftables"]
+
+
+def masq_table(node):
+    """(chain names, {chain: [rule]}) of table inet cni_plugins_masquerade; (None, {}) when absent."""
+    entries = ruleset(node)
+    if not any("table" in e and e["table"]["name"] == MASQ_TABLE and e["table"]["family"] == "inet"
+               for e in entries):
+        return None, {}
+    chains = sorted(e["chain"]["name"] for e in entries
+                    if "chain" in e and e["chain"]["table"] == MASQ_TABLE and e["chain"]["family"] == "inet")
+    rules = {}
+    for e in entries:
+        if "rule" in e and e["rule"]["table"] == MASQ_TABLE and e["rule"]["family"] == "inet":
+            rules.setdefault(e["rule"]["chain"], []).append(e["rule"])
+    return chains, rules
+
+
+# --- the hostile-input arena (test_reliability section 4 and test_hostile) ---------------------------
+
+HOSTILE_NET = "hostnet"
+HOSTILE_BRIDGE = "cbt-hb0"
+# Paths nothing hostile may change: the default dataDir, the runtime's config and state, the root.
+MARKER_DIRS = ("/", "/var/lib/cni", "/var/lib/cni/networks", "/etc/cni", "/etc/cni/net.d", "/run/cni")
+
+
+def tree(root):
+    """Every path under `root`, relative, as a set."""
+    return set(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def markers():
+    """The entries of MARKER_DIRS (None for an absent one)."""
+    return {d: sorted(os.listdir(d)) if os.path.isdir(d) else None for d in MARKER_DIRS}
+
+
+def interfaces(ns):
+    """{name: (kind, [addr/prefix])} of every link in `ns`, read so that names which are not UTF-8
+    (hostile input can make them) survive."""
+    out = subprocess.run([IP, "-n", ns.name, "-j", "-d", "addr", "show"], stdout=subprocess.PIPE,
+                         check=True, timeout=30).stdout.decode("utf-8", "surrogateescape")
+    links = json.loads(out) if out.strip() else []
+    return {link["ifname"]: (kind(link), ["%s/%d" % (a["local"], a["prefixlen"]) for a in link.get("addr_info", ())])
+            for link in links}
+
+
+def read_folded(obj, key):
+    """obj[key] as the plugin reads config keys: the exact key, else the first key equal to it
+    ignoring case; None when absent or null."""
+    value = obj.get(key)
+    if value is None:
+        value = next((v for k, v in obj.items() if isinstance(k, str) and k.lower() == key.lower()), None)
+    return value
+
+
+def state_location(stdin):
+    """(dataDir, network name) host-local would use for this stdin, or None when it cannot get as
+    far (not a JSON object, no ipam object).  Python's json accepts all the plugin's parser does."""
+    try:
+        config = json.loads(stdin)
+    except (ValueError, RecursionError):
+        return None
+    ipam = read_folded(config, "ipam") if isinstance(config, dict) else None
+    if not isinstance(ipam, dict):
+        return None
+    data_dir = read_folded(ipam, "dataDir")
+    return ("/var/lib/cni/networks" if data_dir is None else data_dir), config.get("name")
+
+
+def assert_cni_answer(res, command):
+    """Exit 0 with a valid result (ADD) or nothing (DEL), or non-zero with exactly one error object
+    (int code, str msg) on stdout; no traceback, and no unhandled exception turned into an
+    "internal error"."""
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    if res.returncode == 0 and command == "DEL":
+        assert res.stdout.strip() == "", explain(res)
+        return None
+    obj, end = json.JSONDecoder().raw_decode(res.stdout.strip()) if res.stdout.strip() else (None, 0)
+    assert isinstance(obj, dict) and res.stdout.strip()[end:] == "", "not one JSON object: " + explain(res)
+    if res.returncode == 0:
+        assert isinstance(obj.get("cniVersion"), str), explain(res)
+        for ip in obj.get("ips", []):
+            ipaddress.ip_interface(ip["address"])
+        assert obj.get("ips") or obj.get("ip4") or obj.get("ip6") or obj.get("interfaces"), explain(res)
+        return obj
+    assert type(obj.get("code")) is int and isinstance(obj.get("msg"), str), explain(res)
+    assert not obj["msg"].startswith("internal error"), "unhandled exception: " + explain(res)
+    return None
+
+
+def hostile_config(data_dir, version="1.0.0"):
+    """A valid config holding most keys bridge and host-local read, its state in `data_dir`."""
+    return {"cniVersion": version, "name": HOSTILE_NET, "type": "bridge", "bridge": HOSTILE_BRIDGE,
+            "isGateway": True, "isDefaultGateway": False, "forceAddress": False, "ipMasq": True,
+            "mtu": 1500, "hairpinMode": False, "promiscMode": False, "vlan": 0, "macspoofchk": False,
+            "dns": {"nameservers": ["10.94.0.53"], "domain": "example.test", "search": ["a.test"]},
+            "ipam": {"type": "host-local", "dataDir": str(data_dir),
+                     "ranges": [[{"subnet": "10.94.0.0/24", "rangeStart": "10.94.0.10",
+                                  "rangeEnd": "10.94.0.200", "gateway": "10.94.0.1"}]],
+                     "routes": [{"dst": "0.0.0.0/0"}]},
+            "runtimeConfig": {"ips": []}, "args": {"cni": {"ips": []}}}
+
+
+class Arena(object):
+    """A node, a container and a sandbox (the dataDir and the plugin's working directory) in which
+    hostile input is tried; `exercise` runs ADD and the runtime's DEL and checks what they left."""
+
+    def __init__(self, bin_dir, node, container, sandbox):
+        self.bin_dir, self.node, self.container, self.sandbox = bin_dir, node, container, sandbox
+        self.data_dir = sandbox / "up" / "two" / "ipam"      # so that "../.." stays in view
+        self.cwd = sandbox / "cwd"
+        self.data_dir.mkdir(parents=True)
+        self.cwd.mkdir()
+        self.calls = 0
+
+    def config(self, version="1.0.0"):
+        return hostile_config(self.data_dir, version)
+
+    def call(self, command, stdin, env):
+        argv = [IP, "netns", "exec", self.node.name, str(self.bin_dir / "bridge")]
+        variables = cni_env(command, self.bin_dir, netns=self.container, container_id="hostile%d" % self.calls)
+        variables.update(env)
+        proc = subprocess.run(argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120,
+                              cwd=str(self.cwd), env={k: v for k, v in variables.items() if v is not None})
+        return parse_output(proc)
+
+    def state_dir(self, stdin):
+        """Where host-local may write for `stdin`, relative to the sandbox: <dataDir>/<network> when
+        dataDir lies in the sandbox and the name is one directory entry, else None (nowhere).
+        Raises ValueError when the (trusted) dataDir lies outside the sandbox: such a case would
+        write there legitimately and is not tried."""
+        location = state_location(stdin)
+        if location is None or not isinstance(location[0], str) or not location[0].startswith("/"):
+            return None
+        data_dir, name = os.path.normpath(location[0]), location[1]
+        if os.path.commonpath([data_dir, str(self.sandbox)]) != str(self.sandbox):
+            raise ValueError("dataDir %r is outside the sandbox" % location[0])
+        plain = isinstance(name, str) and name and "/" not in name and name not in (".", "..")
+        return os.path.join(os.path.relpath(data_dir, str(self.sandbox)), name) if plain else None
+
+    def confined(self, stdin):
+        """True when `stdin` keeps host-local inside the sandbox (see state_dir)."""
+        try:
+            self.state_dir(stdin)
+            return True
+        except ValueError:
+            return False
+
+    def exercise(self, stdin, env=None):
+        """ADD then DEL with the same stdin bytes and environment overrides (values: str, may hold
+        surrogate escapes for non-UTF-8 bytes; None unsets).  Returns the ADD's result or None."""
+        self.calls += 1
+        env = env or {}
+        state_dir = self.state_dir(stdin)
+        files_before, markers_before = tree(self.sandbox), markers()
+        added = self.call("ADD", stdin, env)
+        result = assert_cni_answer(added, "ADD")
+        if result and result.get("ips"):
+            held = [a for _, addresses in interfaces(self.container).values() for a in addresses]
+            assert result["ips"][0]["address"] in held, explain(added)
+        assert_cni_answer(self.call("DEL", stdin, env), "DEL")
+
+        files = tree(self.sandbox)
+        outside = sorted(p for p in files - files_before      # <dataDir> and its parents may be made
+                         if state_dir is None or not ((p + "/").startswith(state_dir + "/")
+                                                      or state_dir.startswith(p + "/")))
+        for path in outside:                   # undone, so that a failing case reproduces
+            if (self.sandbox / path).is_dir():
+                shutil.rmtree(str(self.sandbox / path), ignore_errors=True)
+            elif (self.sandbox / path).exists():
+                os.unlink(str(self.sandbox / path))
+        assert outside == [], "files made outside <dataDir>/<network>: %s" % outside
+        assert markers() == markers_before
+        reserved = [p for p in files
+                    if state_dir and os.path.dirname(p) == state_dir and is_address(os.path.basename(p))]
+        assert reserved == [], "reservations left after DEL: %s" % reserved
+        left = {n: k for n, (k, _) in interfaces(self.node).items() if n != "lo"}
+        assert all(k == "bridge" for k in left.values()), "links left in the node: %s" % left
+        inside = interfaces(self.container)
+        assert sorted(inside) == ["lo"], "container still holds %s" % inside
+        _, rules = masq_table(self.node)
+        assert rules.get(MASQ_CHAIN, []) == [], "masquerade rules left: %s" % rules[MASQ_CHAIN]
+        for name in left:                      # bridges stay by design; the next case starts afresh
+            subprocess.run([IP, "-n", self.node.name, "link", "del", os.fsencode(name)], check=True,
+                           timeout=30)
+        return result
+
+
+def set_path(config, path, value):
+    """Set config[path[0]][path[1]]... = value, making the objects and lists on the way."""
+    target = config
+    for key, following in zip(path, path[1:]):
+        fresh = [] if isinstance(following, int) else {}
+        if isinstance(target, list):
+            while len(target) <= key:
+                target.append(type(fresh)())
+            if not isinstance(target[key], type(fresh)):
+                target[key] = fresh
+        elif not isinstance(target.get(key), type(fresh)):
+            target[key] = fresh
+        target = target[key]
+    if isinstance(target, list):
+        while len(target) <= path[-1]:
+            target.append(None)
+    target[path[-1]] = value
+
+
+# Every key bridge and host-local read, as a path into the config.
+KEY_PATHS = [
+    ("cniVersion",), ("name",), ("type",), ("bridge",), ("isGateway",), ("isDefaultGateway",), ("forceAddress",),
+    ("ipMasq",), ("ipMasqBackend",), ("mtu",), ("hairpinMode",), ("promiscMode",), ("portIsolation",), ("vlan",),
+    ("vlanTrunk",), ("vlanTrunk", 0), ("vlanTrunk", 0, "id"), ("vlanTrunk", 0, "minID"), ("vlanTrunk", 0, "maxID"),
+    ("preserveDefaultVlan",), ("macspoofchk",), ("enabledad",), ("disableContainerInterface",),
+    ("dns",), ("dns", "nameservers"), ("dns", "nameservers", 0), ("dns", "domain"), ("dns", "search"),
+    ("dns", "options"),
+    ("ipam",), ("ipam", "type"), ("ipam", "subnet"), ("ipam", "rangeStart"), ("ipam", "rangeEnd"),
+    ("ipam", "gateway"), ("ipam", "ranges"), ("ipam", "ranges", 0), ("ipam", "ranges", 0, 0),
+    ("ipam", "ranges", 0, 0, "subnet"), ("ipam", "ranges", 0, 0, "rangeStart"),
+    ("ipam", "ranges", 0, 0, "rangeEnd"), ("ipam", "ranges", 0, 0, "gateway"), ("ipam", "routes"),
+    ("ipam", "routes", 0), ("ipam", "routes", 0, "dst"),
+    ("ipam", "routes", 0, "gw"), ("ipam", "routes", 0, "mtu"), ("ipam", "routes", 0, "priority"),
+    ("ipam", "routes", 0, "table"), ("ipam", "routes", 0, "scope"), ("ipam", "dataDir"), ("ipam", "resolvConf"),
+    ("runtimeConfig",), ("runtimeConfig", "mac"), ("runtimeConfig", "ips"), ("runtimeConfig", "ips", 0),
+    ("runtimeConfig", "ipRanges"), ("runtimeConfig", "ipRanges", 0), ("runtimeConfig", "ipRanges", 0, 0, "subnet"),
+    ("args",), ("args", "cni"), ("args", "cni", "ips"), ("args", "cni", "ips", 0), ("args", "cni", "mac"),
+    ("prevResult",), ("prevResult", "ips"), ("prevResult", "ips", 0, "address"), ("prevResult", "interfaces"),
+]
+
+
+def confine(config, data_dir):
+    """Keep a generated config from naming another state directory (null or absent means the
+    default, /var/lib/cni/networks) or reading arbitrary files: dataDir and resolvConf are trusted
+    (root's), so only wrong types and relative paths are tried there."""
+    ipam = config.get("ipam")
+    if not isinstance(ipam, dict):
+        return config
+    for key in ("dataDir", "resolvConf"):
+        spellings = [k for k in ipam if isinstance(k, str) and k.lower() == key.lower()]
+        value = next((v for v in (ipam.pop(k) for k in spellings) if v is not None), None)
+        if isinstance(value, str) and value.startswith("/") and value != str(data_dir):
+            value = value.lstrip("/") or "relative"
+        if key == "dataDir" and value is None:
+            value = str(data_dir)
+        if value is not None:
+            ipam[key] = value
+    return config

@@ -10,7 +10,12 @@ Start-up cost is paid on every container start, so the module avoids the heavy s
 modules (`os`, `json`, `socket`, `ipaddress`, `hashlib`, `re`, `subprocess`) on the common paths:
 it uses their C cores (`posix`, `_json`, `_socket`) directly and imports the rest only where one
 path needs it (`os` costs a millisecond: it builds os.environ and imports `_collections_abc`).
-VERSION, the call a runtime makes most, loads no socket module at all.
+VERSION, the call a runtime makes most, is answered by the archive's /bin/sh preamble (build.sh)
+without starting Python; its Python path loads no socket module at all.
+
+The plugin paths need only what Debian's python3-minimal carries: without `_json` a strict
+pure-Python JSON codec takes over; without `_ctypes` (and os.setns, Python 3.12+) what must enter
+a namespace says what is missing, and everything else still works.
 
 Sections, in dependency order (each opens with a banner stating its invariants):
   CNI protocol and errors       errors, JSON, config keys, CNI_ARGS, results, per-process state
@@ -2140,9 +2145,10 @@ def libc_call(name, *args):
 def missing_ctypes(function):
     """The error for a libc call this Python cannot make (python3-minimal has no _ctypes)."""
     version = sys.version_info[:2]
-    return CNIError(ERR_INTERNAL, "this Python %d.%d cannot call %s(): it lacks the _ctypes module%s "
-                    "(Debian, Ubuntu: libpython%d.%d-stdlib)"
-                    % (version + (function, " and os.setns (Python 3.12+)" if function == "setns" else "") + version),
+    also = " and os.setns (Python 3.12+)" if function == "setns" else ""
+    return CNIError(ERR_INTERNAL, "this Python %d.%d cannot call %s(): it lacks the _ctypes "
+                    "module%s (Debian, Ubuntu: libpython%d.%d-stdlib)"
+                    % (version + (function, also) + version),
                     "install libpython%d.%d-stdlib, or the package of your distribution that holds "
                     "_ctypes, or run the plugins with Python 3.12 or later" % version)
 
@@ -2247,8 +2253,9 @@ S_IFMT, S_IFDIR = 0o170000, 0o040000       # file type bits of st_mode (sys/stat
 
 
 def make_directories(path, mode=0o755):
-    """Create `path` (str or bytes) and its missing parents, every one with `mode` (os.makedirs gives the parents
-    0777 less the umask: world-writable under the umask 000 a runtime may run us with)."""
+    """Create `path` (str or bytes) and its missing parents, every one with `mode` (os.makedirs
+    gives the parents 0777 less the umask: world-writable under the umask 000 a runtime may run
+    us with)."""
     try:
         posix.mkdir(path, mode)
     except OSError as err:
@@ -4147,8 +4154,11 @@ def run_plugin(plugin, env):
     except CNIError as err:
         write_json(err.to_json(getattr(err, "version", error_version)))
     except ImportError as err:    # python3-minimal: a module of libpython3.X-stdlib this path needs
-        write_json(CNIError(ERR_INTERNAL, "this Python %d.%d lacks the module %s" % (sys.version_info[:2] + (err.name,)),
-                            "install libpython%d.%d-stdlib (Debian, Ubuntu)" % sys.version_info[:2]).to_json(error_version))
+        version = sys.version_info[:2]
+        write_json(CNIError(ERR_INTERNAL, "this Python %d.%d lacks the module %s"
+                            % (version + (err.name,)),
+                            "install libpython%d.%d-stdlib (Debian, Ubuntu)" % version)
+                   .to_json(error_version))
     except UnicodeError as err:   # a config string no file name or interface name can hold
         write_json(config_error("a string is not valid UTF-8",
                             str(err)[:200]).to_json(error_version))
@@ -4867,7 +4877,8 @@ def run_cli(prog, argv):
     except ImportError as err:      # python3-minimal: the module is in libpython3.X-stdlib
         sys.stderr.write("%s: %s cannot run on this Python %d.%d: it lacks the module %s "
                          "(Debian: install libpython%d.%d-stdlib)\n"
-                         % ((prog, argv[0]) + sys.version_info[:2] + (err.name,) + sys.version_info[:2]))
+                         % ((prog, argv[0]) + sys.version_info[:2] + (err.name,)
+                            + sys.version_info[:2]))
         return 1
     sys.stderr.write(USAGE % {"prog": prog, "version": PROGRAM_VERSION})
     return 2

@@ -3027,8 +3027,22 @@ def host_local_gc(request):
 
 
 def host_local_status(request):
-    """Fail with code 50 when a range set has no free address (counted, never walked)."""
+    """Fail with code 50 when a range set has no free address (counted, never walked).
+
+    containerd 2.x sends STATUS every few seconds: it counts the state directory's entries (an
+    upper bound of the reservations) and reads reservations only when a set could be full; it
+    creates and locks nothing.
+    """
     config = HostLocalConfig(request)
+    path = "%s/%s" % (config.data_dir.rstrip("/"), config.network)
+    try:
+        entries = len(posix.listdir(path.encode("utf-8", "surrogateescape")))
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            return None                     # nothing was ever reserved on this network
+        raise os_error(err, "failed to read the IPAM state directory %s" % path)
+    if all(entries < ranges.capacity() for ranges in config.range_sets):
+        return None
     with Store(config.data_dir, config.network) as store:
         reserved = list(store.reservations())
     for index, ranges in enumerate(config.range_sets):

@@ -497,3 +497,27 @@ def test_python312_plus_minimal_node(version, debian_minimal, tmp_path_factory, 
         so.unlink()
     error = assert_cni_error(cni("bridge", "ADD", conf, netns=container), 999)
     assert error["msg"] == "Python %s lacks the module _struct" % version, error
+
+
+# --- STATUS only counts (issue 18, part 3) -----------------------------------------------------------
+
+@pytest.mark.skipif(STRACE is None, reason="strace not installed (apt-get install strace)")
+def test_status_only_counts(ours_bin, node, data_dir, tmp_path):
+    """containerd 2.x sends STATUS every few seconds: with reservations present, bridge and
+    host-local STATUS list the state directory once and open, lock, create or send nothing."""
+    ipam = {"type": "host-local", "subnet": "10.97.5.0/24", "dataDir": str(data_dir)}
+    for n in range(3):
+        added = call([ours_bin / "host-local"], "ADD", {"cniVersion": "1.1.0", "name": "stat", "ipam": ipam},
+                     netns="/run/netns/none", container_id="ctr%d" % n, env={"CNI_PATH": str(ours_bin)})
+        assert added.returncode == 0, added
+    for plugin in ("bridge", "host-local"):
+        conf = {"cniVersion": "1.1.0", "name": "stat", "type": plugin, "bridge": "cbt-st0", "ipam": ipam}
+        trace = tmp_path / ("trace-" + plugin)
+        proc = call([STRACE, "-f", "-qq", "-e", "trace=openat,open,mkdir,mkdirat,flock,socket,unlink,rename",
+                     "-o", trace, IP, "netns", "exec", node.name, ours_bin / plugin], "STATUS", conf,
+                    env={"CNI_PATH": str(ours_bin)})
+        assert proc.returncode == 0 and proc.stdout == b"", parse_output(proc)
+        calls = [line for line in trace.read_text().splitlines() if str(data_dir) in line]
+        assert len(calls) == 1 and "O_DIRECTORY" in calls[0], calls
+        ours = trace.read_text().split(str(ours_bin / plugin), 1)[1]      # after ip's own work
+        assert "socket(" not in ours and "flock(" not in ours and "mkdir" not in ours, ours

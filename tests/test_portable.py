@@ -22,24 +22,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IP, PLUGIN_NAMES, REPO, cni_env, encode_conf, parse_output
+from tests.helpers import (IP, PLUGIN_NAMES, PYENV, archive_for, build_archive, cni_env, encode_conf,
+                           parse_output, pyenv_interpreter)
 
 pytestmark = pytest.mark.kernel
 
 VERSION_ANSWER = (b'{"cniVersion": "1.1.0", "supportedVersions": ["0.1.0", "0.2.0", "0.3.0", "0.3.1", '
                   b'"0.4.0", "1.0.0", "1.1.0"]}\n')
-PYENV = "/root/.pyenv/versions"
 STRACE = shutil.which("strace")
 
 
-def pyenv_python(version):
-    found = sorted(glob.glob("%s/%s.*/bin/python%s" % (PYENV, version, version)),
-                   key=lambda p: [int(n) for n in p.split("/versions/")[1].split("/")[0].split(".")])
-    return found[-1] if found else None
+def build_copy(workdir, *args, check=True):
+    proc, archive = build_archive(workdir, *args)
+    if check:
+        assert proc.returncode == 0, proc
+    return proc, archive
 
 
 def needs_pyenv(version):
-    return pytest.mark.skipif(pyenv_python(version) is None,
+    return pytest.mark.skipif(pyenv_interpreter(version) is None,
                               reason="Python %s not found under %s" % (version, PYENV))
 
 
@@ -59,23 +60,6 @@ def assert_cni_error(proc, code):
     assert proc.stdout.count(b"\n") == 1, result
     assert b"Traceback" not in proc.stderr and b"Fatal Python error" not in proc.stderr, result
     return result.json
-
-
-def archive_for(source, tmp_path, interpreter=None):
-    """A copy of archive `source` (an installation's cni-bridge.pyz) whose preamble runs
-    `interpreter` instead of /usr/bin/python3, with every plugin name linked to it."""
-    data = Path(source).read_bytes()
-    if interpreter is not None:
-        data = data.replace(b"/usr/bin/python3", str(interpreter).encode())
-    directory = tmp_path / "bin"
-    directory.mkdir(exist_ok=True)
-    archive = directory / "cni-bridge.pyz"
-    archive.write_bytes(data)
-    archive.chmod(0o755)
-    for name in PLUGIN_NAMES:
-        if not (directory / name).is_symlink():
-            (directory / name).symlink_to("cni-bridge.pyz")
-    return directory
 
 
 @pytest.fixture(scope="session")
@@ -206,7 +190,7 @@ def test_interpreter_that_does_not_exist(installed_archive, tmp_path):
 
 @needs_pyenv("2.7")
 def test_python_2_at_the_interpreter_path(installed_archive, tmp_path):
-    bin_dir = archive_for(installed_archive, tmp_path, pyenv_python("2.7"))
+    bin_dir = archive_for(installed_archive, tmp_path, pyenv_interpreter("2.7"))
     error = assert_cni_error(call([bin_dir / "loopback"], command="DEL", **FULL_ENV), 999)
     assert "Python 2.7" in error["msg"] and "3.6 or later" in error["details"], error
 
@@ -215,7 +199,7 @@ def test_python_2_at_the_interpreter_path(installed_archive, tmp_path):
 def test_another_interpreter_compiles_the_source_and_says_so_once(installed_archive, tmp_path):
     """An archive compiled for /usr/bin/python3 run by 3.12 (a node upgrade): correct answers,
     one line on stderr saying why it is slow."""
-    bin_dir = archive_for(installed_archive, tmp_path, pyenv_python("3.12"))
+    bin_dir = archive_for(installed_archive, tmp_path, pyenv_interpreter("3.12"))
     proc = call([bin_dir / "bridge"], command="ADD", container_id=None)
     assert_cni_error(proc, 4)
     assert proc.stderr.count(b"no bytecode for Python 3.12") == 1, proc.stderr
@@ -223,17 +207,6 @@ def test_another_interpreter_compiles_the_source_and_says_so_once(installed_arch
 
 
 # --- build.sh: several interpreters, an interpreter this machine lacks -------------------------------
-
-def build_copy(workdir, *args, check=True):
-    workdir.mkdir(exist_ok=True)
-    for name in ("build.sh", "cni_bridge.py"):
-        shutil.copy2(str(REPO / name), str(workdir / name))
-    proc = subprocess.run([str(workdir / "build.sh")] + [str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=300, cwd="/")
-    if check:
-        assert proc.returncode == 0, proc
-    return proc, workdir / "dist" / "cni-bridge.pyz"
-
 
 def test_build_for_a_path_this_machine_lacks(tmp_path):
     """Without its version: a clear refusal.  With it: bytecode from a local Python of that
@@ -257,7 +230,7 @@ def test_build_for_a_path_this_machine_lacks(tmp_path):
 
 @needs_pyenv("2.7")
 def test_build_refuses_python_2(tmp_path):
-    proc, _ = build_copy(tmp_path / "a", "--python", pyenv_python("2.7"), check=False)
+    proc, _ = build_copy(tmp_path / "a", "--python", pyenv_interpreter("2.7"), check=False)
     assert proc.returncode != 0 and b"Python 2.7" in proc.stderr and b"Traceback" not in proc.stderr, proc
 
 
@@ -356,7 +329,7 @@ def place(root, source, relative):
 def pyenv_minimal_root(debian_minimal, tmp_path_factory, version):
     """pyenv's `version` cut down to a python3-minimal: the interpreter and libpython at /usr,
     lib-dynload limited to MINIMAL_EXTENSIONS, the pure-Python files libpython3.11-minimal has."""
-    python = pyenv_python(version)
+    python = pyenv_interpreter(version)
     if python is None:
         pytest.skip("Python %s not found under %s" % (version, PYENV))
     prefix = Path(python).parent.parent
@@ -377,20 +350,6 @@ def pyenv_minimal_root(debian_minimal, tmp_path_factory, version):
         if so.name.split(".")[0] in MINIMAL_EXTENSIONS:
             place(root, so, "%s/lib-dynload/%s" % (ours, so.name))
     return finish_root(root, "python" + version)
-
-
-MATRIX = ("3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
-
-
-@pytest.fixture(scope="session")
-def multi_archive(tmp_path_factory):
-    """An archive for /usr/bin/python3 with bytecode for every pyenv interpreter of MATRIX too."""
-    found = [pyenv_python(version) for version in MATRIX if pyenv_python(version)]
-    args = ["--python", "/usr/bin/python3"]
-    for python in found:
-        args += ["--python", python]
-    _, archive = build_copy(tmp_path_factory.mktemp("multi"), *args)
-    return archive
 
 
 def chroot_cni(root, archive, node, plugin, command, conf=b"", netns=None, args=(), **cni):

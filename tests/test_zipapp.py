@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IP, PLUGIN_NAMES, REPO, VERSIONS, cni_env, encode_conf, parse_output, run, run_cni
-from tests.test_portable import archive_for, multi_archive  # noqa: F401  (multi_archive: fixture)
+from tests.helpers import (IP, PLUGIN_NAMES, REPO, VERSIONS, archive_for, cni_env, encode_conf, parse_output,
+                           run, run_cni)
 
 pytestmark = pytest.mark.kernel
 

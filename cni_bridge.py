@@ -1358,6 +1358,25 @@ VethAttr = AttrSpace(
 )
 
 
+# An AF_UNSPEC link request's IFLA_AF_SPEC holds one nest per address family (LinkAttr's is the
+# AF_BRIDGE one): settings that /proc/sys would reach through a path every namespace shares.
+Ipv4DevconfAttr = AttrSpace(
+    IPV4_DEVCONF_ARP_NOTIFY=Attr(22, U32),
+)
+InetLinkAttr = AttrSpace(
+    IFLA_INET_CONF=Attr(1, NEST, Ipv4DevconfAttr),
+)
+Inet6LinkAttr = AttrSpace(
+    IFLA_INET6_ADDR_GEN_MODE=Attr(8, U8),
+)
+LinkAfSpecAttr = AttrSpace(
+    AF_INET=Attr(AF_INET, NEST, InetLinkAttr),
+    AF_INET6=Attr(AF_INET6, NEST, Inet6LinkAttr),
+)
+LINK_AF_SPEC = Attr(26, NEST, LinkAfSpecAttr)
+IN6_ADDR_GEN_MODE_NONE = 1
+
+
 AddrAttr = AttrSpace(
     IFA_ADDRESS=Attr(1, BYTES),
     IFA_LOCAL=Attr(2, BYTES),
@@ -1455,6 +1474,28 @@ def link_change(index, up=None, promisc=None, master=None, mac=None, extra=()):
         attrs.append((LinkAttr.IFLA_ADDRESS, parse_mac(mac)))
     return NetlinkRequest(RTM_NEWLINK, header={"index": index, "flags": flags, "change": change},
                           attrs=attrs)
+
+
+def arp_notify_change(index):
+    """A request (for transact) setting the link's IPv4 arp_notify to 1 over netlink: the path
+    /proc/sys/net/ipv4/conf/eth0 is looked up among the eth0 of every namespace on the node."""
+    return link_change(index, extra=((LINK_AF_SPEC, (
+        (LinkAfSpecAttr.AF_INET, ((InetLinkAttr.IFLA_INET_CONF, (
+            (Ipv4DevconfAttr.IPV4_DEVCONF_ARP_NOTIFY, 1),)),)),)),))
+
+
+def without_ipv6_addresses(nl, link):
+    """Best effort: `link` (down) will get no IPv6 address of its own when it comes up
+    (addr_gen_mode none; netlink refuses it at creation).  A node booted without IPv6 has
+    nothing to turn off."""
+    try:
+        nl.transact([link_change(link.index, extra=((LINK_AF_SPEC, (
+            (LinkAfSpecAttr.AF_INET6, ((Inet6LinkAttr.IFLA_INET6_ADDR_GEN_MODE,
+                                        IN6_ADDR_GEN_MODE_NONE),)),)),))],
+                    "failed to turn off IPv6 addresses on %s" % link.name)
+    except NetlinkError as err:
+        if err.errno not in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def set_link(nl, index, what, **changes):
@@ -3557,14 +3598,16 @@ def create_container_veth(container_nl, host_nl, request, conf):
 
 def attach_host_veth(nl, conf, host, bridge, alias):
     """Enslave the host veth, set its port flags and bring it up (one transaction), then its
-    VLANs."""
+    VLANs.  A bridge port needs no IPv6 address of its own: without one it sends no duplicate
+    address detection or MLD report at every ADD, holds no link-local route on the node, and
+    needs no accept_ra (a port's received packets go to the bridge, never to its own stack)."""
+    without_ipv6_addresses(nl, host)
     nl.transact([link_change(host.index, up=True, master=bridge.index,
                              extra=((LinkAttr.IFLA_IFALIAS, alias),)),
                  bridge_port_change(host.index, conf.hairpin, conf.port_isolation)],
                 "failed to connect %r to bridge %s" % (host.name, conf.bridge))
     set_port_vlans(nl, host,
                    *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
-    write_sysctl("net/ipv6/conf/%s/accept_ra" % host.name, "0")
 
 
 def port_vlan_plan(vlan, trunk, preserve_default_vlan):
@@ -3672,12 +3715,12 @@ def configure_container(ns, nl, conf, request, container, result):
             write_sysctl(conf_dir + "/accept_dad", "1")
         else:
             write_sysctl(conf_dir + "/accept_dad", "0")
-        write_sysctl("net/ipv4/conf/%s/arp_notify" % request.ifname, "1")
         if has_ipv6:
             write_sysctl("net/ipv6/conf/lo/disable_ipv6", "0", required=True)
             write_sysctl(conf_dir + "/disable_ipv6", "0", required=True)
             write_sysctl(conf_dir + "/keep_addr_on_down", "1", required=True)
-    requests = [addr_request(container.index, p, nodad=not conf.enable_dad) for p in prefixes]
+    requests = [arp_notify_change(container.index)]
+    requests += [addr_request(container.index, p, nodad=not conf.enable_dad) for p in prefixes]
     requests.append(link_change(container.index, up=True))
     nl.transact(requests, "failed to configure %s in the container" % request.ifname)
     if has_ipv6 and conf.enable_dad:

@@ -480,3 +480,51 @@ def test_status_only_counts(ours_bin, node, data_dir, tmp_path):
         assert len(calls) == 1 and "O_DIRECTORY" in calls[0], calls
         ours = trace.read_text().split(str(ours_bin / plugin), 1)[1]      # after ip's own work
         assert "socket(" not in ours and "flock(" not in ours and "mkdir" not in ours, ours
+
+
+# --- a bridge that fills (issue 18, part 2) ---------------------------------------------------------
+
+def test_bridge_ports_carry_no_ipv6_and_ipv6_containers_still_talk(ours_bin, node, make_netns, data_dir):
+    """The host veth gets no IPv6 address (addr_gen_mode none: no DAD or MLD of its own at each
+    ADD) and arp_notify goes over netlink; dual-stack containers still reach each other and the
+    gateway over IPv6 and IPv4, and link-local multicast between them works."""
+    from tests.helpers import run_cni
+    containers = [make_netns("ct"), make_netns("ct")]
+    conf = {"cniVersion": "1.1.0", "name": "v6net", "type": "bridge", "bridge": "cbt-v6br", "isGateway": True,
+            "ipam": {"type": "host-local", "dataDir": str(data_dir),
+                     "ranges": [[{"subnet": "10.96.8.0/24"}], [{"subnet": "fd96:8::/64"}]]}}
+    results = []
+    for n, container in enumerate(containers):
+        added = run_cni(ours_bin, "bridge", "ADD", conf, node=node, netns=container, container_id="v6-%d" % n)
+        assert added.returncode == 0, added
+        results.append(added.json)
+    links = node.links()
+    ports = [name for name, link in links.items() if link.get("master") == "cbt-v6br"]
+    assert len(ports) == 2, links
+    for port in ports:
+        assert [a for a in node.addrs(port) if a[0] == "inet6"] == [], node.addrs(port)
+        assert links[port].get("inet6_addr_gen_mode") == "none", links[port]
+    assert [a for a in node.addrs("cbt-v6br") if a[1] == "fd96:8::1/64"], node.addrs("cbt-v6br")
+    v4 = [[ip["address"].split("/")[0] for ip in r["ips"] if ":" not in ip["address"]][0] for r in results]
+    v6 = [[ip["address"].split("/")[0] for ip in r["ips"] if ":" in ip["address"]][0] for r in results]
+    for container in containers:
+        assert container.sysctl("net/ipv4/conf/eth0/arp_notify") == "1"
+        assert [a for a in container.addrs("eth0") if a[1].startswith("fe80:")], container.addrs("eth0")
+    first = containers[0]
+    # The bridge's gateway address is new: it stays tentative for the node's DAD (about a second).
+    import time
+    deadline = time.monotonic() + 10
+    while "tentative" in node.run(IP, "-6", "addr", "show", "dev", "cbt-v6br").stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.run("ping", "-6", "-c", "1", "-W", "2", v6[1])
+    first.run("ping", "-6", "-c", "1", "-W", "2", "fd96:8::1")
+    first.run("ping", "-c", "1", "-W", "2", v4[1])
+    other_ll = [a[1].split("/")[0] for a in containers[1].addrs("eth0") if a[1].startswith("fe80:")][0]
+    first.run("ping", "-6", "-c", "1", "-W", "2", other_ll + "%eth0")
+    multicast = first.run("ping", "-6", "-c", "2", "-i", "0.5", "-W", "2", "-I", "eth0", "ff02::1", check=False)
+    assert other_ll in multicast.stdout, multicast.stdout
+    for n, container in enumerate(containers):
+        deleted = run_cni(ours_bin, "bridge", "DEL", dict(conf, prevResult=results[n]), node=node, netns=container,
+                          container_id="v6-%d" % n)
+        assert deleted.returncode == 0, deleted
+    assert [name for name, link in node.links().items() if link.get("master") == "cbt-v6br"] == []

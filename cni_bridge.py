@@ -2378,8 +2378,10 @@ TEMP_PREFIX = ".tmp-"
 def os_error(err, what):
     """A CNIError for a failed file operation: a full disk is worth retrying, the rest is I/O."""
     code = ERR_TRY_AGAIN if err.errno in (errno.ENOSPC, errno.EDQUOT) else ERR_IO
-    return CNIError(code, "%s: %s" % (what, err.strerror or err),
-                    getattr(err, "filename", "") or "")
+    filename = getattr(err, "filename", "") or ""
+    if isinstance(filename, bytes):                 # the state directory is opened by its bytes
+        filename = filename.decode("utf-8", "surrogateescape")
+    return CNIError(code, "%s: %s" % (what, err.strerror or err), filename)
 
 
 class IPRange(object):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build dist/cni-bridge.pyz, a zipapp that runs cni_bridge straight from the archive, and optionally install it.
 #
-#   ./build.sh [--python PATH [--python-version X.Y]]...          build
+#   ./build.sh [--python PATH [--python-version X.Y]]... [--every-python]   build
 #   ./build.sh [--python PATH]... install DIR [--force]            build, then install into DIR (every plugin name)
 #   ./build.sh [--python PATH]... verify [ARGS...]                 build, then run the walkthrough (root)
 #
@@ -10,6 +10,8 @@
 # (a node whose python3 was upgraded, say); the preamble picks the bytecode by magic number and
 # compiles the source only when none matches.  A PATH that does not exist on this machine needs
 # --python-version X.Y right after it: the bytecode is then compiled by a Python X.Y found here.
+# --every-python adds bytecode for every other CPython 3.6 or later found on this machine
+# (python3.X on PATH, in /usr/bin and /usr/local/bin, and pyenv's).
 #
 # The archive starts with a /bin/sh preamble (see PREAMBLE below) that answers VERSION itself and
 # execs "PATH -E -s -S" on the archive for everything else, then holds __main__.py (shiv's
@@ -20,11 +22,12 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [--python PATH [--python-version X.Y]]... [install DIR [--force] | verify [CONFIG] [--keep] [--json]]" >&2
+    echo "usage: $0 [--python PATH [--python-version X.Y]]... [--every-python] [install DIR [--force] | verify [CONFIG] [--keep] [--json]]" >&2
     exit 2
 }
 
 pythons=()          # "PATH" or "PATH=X.Y", in the order given
+every_python=
 install_args=()
 verify_args=()
 while [ $# -gt 0 ]; do
@@ -33,6 +36,10 @@ while [ $# -gt 0 ]; do
             [ $# -ge 2 ] || usage
             pythons+=("$2")
             shift 2
+            ;;
+        --every-python)
+            every_python=1
+            shift
             ;;
         --python-version)
             [ $# -ge 2 ] && [ ${#pythons[@]} -gt 0 ] || usage
@@ -71,7 +78,7 @@ if ! python3 -c "import shiv" 2>/dev/null; then
     python3 -m pip install --quiet shiv
 fi
 mkdir -p dist
-python3 - cni_bridge.py dist/cni-bridge.pyz "${pythons[@]}" <<'EOF'
+EVERY_PYTHON=$every_python python3 - cni_bridge.py dist/cni-bridge.pyz "${pythons[@]}" <<'EOF'
 import glob
 import os
 import re
@@ -235,6 +242,23 @@ def local_interpreter(version):
     return None
 
 
+def every_python():
+    """Every CPython 3.6 or later on this machine: (path, (major, minor)), one per version."""
+    candidates = []
+    for minor in range(6, 40):
+        version = "3.%d" % minor
+        candidates += [shutil.which("python" + version), "/usr/bin/python" + version,
+                       "/usr/local/bin/python" + version]
+        candidates += glob.glob(os.path.expanduser("~/.pyenv/versions/%s.*/bin/python%s" % (version, version)))
+    found = {}
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK) and "/shims/" not in candidate:
+            version = probe_version(candidate)
+            if isinstance(version, tuple) and version >= (3, 6):
+                found.setdefault(version, candidate)
+    return sorted(found.items())
+
+
 def compilers():
     """[(the target path, the interpreter that compiles its bytecode)] in the order given."""
     chosen = []
@@ -254,6 +278,8 @@ def compilers():
                      "(install it, e.g. with pyenv, or build on a machine that has it)" % (path, version, version))
             interpreter_version(local)
             chosen.append((path, local))
+    if os.environ.get("EVERY_PYTHON"):
+        chosen += [(path, path) for _, path in every_python()]
     return chosen
 
 

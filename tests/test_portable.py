@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (IP, PLUGIN_NAMES, PYENV, archive_for, build_archive, cni_env, encode_conf,
+from tests.helpers import (IP, PLUGIN_NAMES, PYENV, PYTHON_MATRIX, archive_for, build_archive, cni_env, encode_conf,
                            parse_output, pyenv_interpreter)
 
 pytestmark = pytest.mark.kernel
@@ -542,3 +542,18 @@ def test_sha512_from_the_built_in_module(version):
     import hashlib
     assert out[0] == hashlib.sha512("n\u00e9t".encode()).hexdigest()
     assert out[1].strip() == ("['_sha2']" if version != "3.11" else "['_sha512']")
+
+
+def test_build_every_python_found(tmp_path):
+    """--every-python: bytecode for each CPython 3.6+ on this machine, one entry per magic number."""
+    import zipfile
+    _, archive = build_copy(tmp_path / "a", "--every-python")
+    with zipfile.ZipFile(str(archive)) as zf:
+        magics = set(zf.read(name)[:4] for name in zf.namelist() if name.endswith(".pyc"))
+        assert len(magics) == len([n for n in zf.namelist() if n.endswith(".pyc")])
+    for version in PYTHON_MATRIX:
+        python = pyenv_interpreter(version)
+        if python:
+            magic = subprocess.run([python, "-IS", "-c", "import importlib.util as u, sys; "
+                                    "sys.stdout.buffer.write(u.MAGIC_NUMBER)"], stdout=subprocess.PIPE, check=True)
+            assert magic.stdout in magics, version

@@ -224,7 +224,8 @@ def test_build_for_a_path_this_machine_lacks(tmp_path):
     import zipfile
     with zipfile.ZipFile(str(archive)) as zf:
         assert zf.read("cni_bridge.pyc")[:4] == subprocess.run(
-            ["/usr/bin/python3", "-IS", "-c", "import importlib.util as u, sys; sys.stdout.buffer.write(u.MAGIC_NUMBER)"],
+            ["/usr/bin/python3", "-IS", "-c",
+             "import importlib.util as u, sys; sys.stdout.buffer.write(u.MAGIC_NUMBER)"],
             stdout=subprocess.PIPE, check=True).stdout
 
 
@@ -393,7 +394,8 @@ def test_python311_minimal_node(root_311, installed_archive, node, container):
         assert ok(cni(name, "VERSION")) == {"cniVersion": "1.1.0", "supportedVersions":
                                             ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]}
     conf = minimal_conf(data_dir)
-    for plugin, plugin_conf in (("bridge", conf), ("loopback", {"cniVersion": "1.1.0", "name": "lo", "type": "loopback"})):
+    lo_conf = {"cniVersion": "1.1.0", "name": "lo", "type": "loopback"}
+    for plugin, plugin_conf in (("bridge", conf), ("loopback", lo_conf)):
         error = assert_cni_error(cni(plugin, "ADD", plugin_conf, netns=container), 999)
         assert "_ctypes" in error["msg"] and "libpython3.11-stdlib" in error["msg"], error
     assert sorted(node.links()) == ["lo"] and sorted(container.links()) == ["lo"]

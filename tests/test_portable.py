@@ -398,6 +398,10 @@ def test_python311_minimal_node(root_311, installed_archive, node, container):
     for plugin, plugin_conf in (("bridge", conf), ("loopback", lo_conf)):
         error = assert_cni_error(cni(plugin, "ADD", plugin_conf, netns=container), 999)
         assert "_ctypes" in error["msg"] and "libpython3.11-stdlib" in error["msg"], error
+    for plugin, command, plugin_conf in (("bridge", "CHECK", dict(conf, prevResult={"cniVersion": "1.1.0"})),
+                                         ("loopback", "DEL", lo_conf), ("bridge", "DEL", conf)):
+        error = assert_cni_error(cni(plugin, command, plugin_conf, netns=container), 999)
+        assert "_ctypes" in error["msg"], (command, error)
     assert sorted(node.links()) == ["lo"] and sorted(container.links()) == ["lo"]
     assert not on_disk.exists()
     assert_cni_error(cni("bridge", "ADD", b'{"cniVersion": "1.1.0", "name": "minnet",', netns=container), 6)

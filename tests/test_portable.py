@@ -421,6 +421,9 @@ def test_python311_minimal_node(root_311, installed_archive, node, container):
     assert verify.returncode == 1 and b"Traceback" not in verify.stderr, verify
     assert b"_ctypes" in verify.stderr and b"libpython3.11-stdlib" in verify.stderr, verify.stderr
     assert ok(chroot_cni(root_311, installed_archive, node, "cni-bridge.pyz", "", args=["--version"])) is None
+    leases = chroot_cni(root_311, installed_archive, node, "cni-bridge.pyz", "",
+                        args=["leases", "--data-dir", "/state"])
+    assert leases.returncode == 0 and b"Traceback" not in leases.stderr, leases
 
 
 @pytest.mark.slow

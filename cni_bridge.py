@@ -11,7 +11,12 @@ Start-up cost is paid on every container start, so the module avoids the heavy s
 modules (`os`, `json`, `socket`, `ipaddress`, `hashlib`, `re`, `subprocess`) on the common paths:
 it uses their C cores (`posix`, `_json`, `_socket`) directly and imports the rest only where one
 path needs it (`os` costs a millisecond: it builds os.environ and imports `_collections_abc`).
-VERSION, the call a runtime makes most, loads no socket module at all.
+VERSION, the call a runtime makes most, is answered by the archive's /bin/sh preamble (build.sh)
+without starting Python; its Python path loads no socket module at all.
+
+The plugin paths need only what Debian's python3-minimal carries: without `_json` a strict
+pure-Python JSON codec takes over; without `_ctypes` (and os.setns, Python 3.12+) what must enter
+a namespace says what is missing, and everything else still works.
 
 Sections, in dependency order (each opens with a banner stating its invariants):
   CNI protocol and errors       errors, JSON, config keys, CNI_ARGS, results, per-process state
@@ -45,7 +50,6 @@ import posix
 import sys
 import time
 
-import _json
 import _struct as struct    # what struct.py re-exports, without looking that file up at each start
 
 PROGRAM_VERSION = "0.1.0"
@@ -126,9 +130,30 @@ def parse_version(text):
     return tuple(numbers[:3])
 
 
-# --- JSON over the C accelerator ------------------------------------------------------------
-# `import json` pulls in `re` and costs several milliseconds per container start; `_json` is
-# the same C scanner and string encoder without that cost.
+# --- JSON: the C accelerator where it exists, a strict pure-Python codec where it does not ------
+# `import json` pulls in `re` and costs several milliseconds per container start; `_json` is the
+# same C scanner and string encoder without that cost.  python3-minimal lacks `_json` (Debian
+# ships it in libpython3.X-stdlib), so the pure-Python codec below accepts exactly what the C
+# scanner accepts (strict: no control characters in strings, no NaN or Infinity, integers of at
+# most 40 characters, finite floats) and encodes to the same bytes.  Errors always come from the
+# pure decoder, which names the offset and the reason the same way on every interpreter.  Nesting
+# is limited to JSON_MAX_DEPTH on both paths (the pure decoder recurses, and the C scanner's own
+# limit differs between versions): a text with fewer brackets than that cannot be nested deeper,
+# and the value of any other text is measured before it is accepted.
+
+try:
+    import _json
+except ImportError:
+    _json = None
+
+JSON_MAX_DEPTH = 200
+_JSON_SPACE = " \t\n\r"
+_JSON_SHORT_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+                       "t": "\t"}
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_JSON_CONSTANTS = (("null", None), ("true", True), ("false", False))
+_NON_FINITE = ("NaN", "Infinity", "-Infinity")
+
 
 def _finite_float(text):
     """JSON number -> float, refusing the infinities (Go's decoder does too)."""
@@ -145,6 +170,10 @@ def _bounded_int(text):
     return int(text)
 
 
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
 class _ScannerContext(object):
     """The settings _json.make_scanner reads from a json.JSONDecoder, without json."""
     strict = True
@@ -152,46 +181,250 @@ class _ScannerContext(object):
     object_pairs_hook = None
     parse_float = staticmethod(_finite_float)
     parse_int = staticmethod(_bounded_int)
+    parse_constant = staticmethod(_reject_constant)
     memo = {}
 
-    @staticmethod
-    def parse_constant(name):
-        """NaN and Infinity are not JSON."""
-        raise ValueError("%s is not valid JSON" % name)
+
+_scan_json = _json.make_scanner(_ScannerContext()) if _json is not None else None
 
 
-_scan_json = _json.make_scanner(_ScannerContext())
-_JSON_SPACE = " \t\n\r"
+class JSONSyntaxError(ValueError):
+    """Malformed JSON: the offset in the text and what was found wrong there."""
+
+    def __init__(self, offset, reason):
+        ValueError.__init__(self, "invalid JSON at offset %d: %s" % (offset, reason))
+
+
+class _PureDecoder(object):
+    """A recursive-descent JSON decoder with the C scanner's grammar (Modules/_json.c)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def skip_space(self, i):
+        text = self.text
+        while i < len(text) and text[i] in _JSON_SPACE:
+            i += 1
+        return i
+
+    def value(self, i, depth):
+        """(value, offset after it) of the JSON value starting at offset i."""
+        text = self.text
+        c = text[i:i + 1]
+        if c == '"':
+            return self.string(i + 1)
+        if c == "{" or c == "[":
+            if depth >= JSON_MAX_DEPTH:
+                raise ValueError("JSON nested too deeply")
+            return self.object(i + 1, depth + 1) if c == "{" else self.array(i + 1, depth + 1)
+        for word, constant in _JSON_CONSTANTS:
+            if text.startswith(word, i):
+                return constant, i + len(word)
+        for word in _NON_FINITE:
+            if text.startswith(word, i):
+                _reject_constant(word)
+        return self.number(i)
+
+    def number(self, start):
+        text = self.text
+        i = start
+        if text[i:i + 1] == "-":
+            i += 1
+        if text[i:i + 1] == "0":
+            i += 1
+        elif "1" <= text[i:i + 1] <= "9":
+            while i < len(text) and "0" <= text[i] <= "9":
+                i += 1
+        else:
+            raise JSONSyntaxError(start, "expecting a value")
+        is_float = False
+        if text[i:i + 1] == "." and "0" <= text[i + 1:i + 2] <= "9":
+            i += 1
+            while i < len(text) and "0" <= text[i] <= "9":
+                i += 1
+            is_float = True
+        if text[i:i + 1] in ("e", "E"):
+            j = i + 1
+            if text[j:j + 1] in ("+", "-"):
+                j += 1
+            digits = j
+            while j < len(text) and "0" <= text[j] <= "9":
+                j += 1
+            if j > digits:
+                i = j
+                is_float = True
+        number = text[start:i]
+        return (_finite_float(number) if is_float else _bounded_int(number)), i
+
+    def string(self, start):
+        """A string whose opening quote is just before `start`."""
+        text = self.text
+        chunks = []
+        i = start
+        while True:
+            j = i
+            while j < len(text) and text[j] not in '"\\' and text[j] >= " ":
+                j += 1
+            chunks.append(text[i:j])
+            if j >= len(text):
+                raise JSONSyntaxError(start - 1, "unterminated string")
+            c = text[j]
+            if c == '"':
+                return "".join(chunks), j + 1
+            if c != "\\":
+                raise JSONSyntaxError(j, "control character in a string")
+            escape = text[j + 1:j + 2]
+            if escape != "u":
+                if escape not in _JSON_SHORT_ESCAPES:
+                    if not escape:
+                        raise JSONSyntaxError(start - 1, "unterminated string")
+                    raise JSONSyntaxError(j, "invalid escape")
+                chunks.append(_JSON_SHORT_ESCAPES[escape])
+                i = j + 2
+                continue
+            code = self.hex4(j + 2)
+            i = j + 6
+            if 0xD800 <= code <= 0xDBFF and text[i:i + 2] == "\\u" and i + 6 < len(text):
+                low = self.hex4(i + 2)
+                if 0xDC00 <= low <= 0xDFFF:
+                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                    i += 6
+            chunks.append(chr(code))
+
+    def hex4(self, i):
+        digits = self.text[i:i + 4]
+        if len(digits) < 4 or i + 4 >= len(self.text) or not _HEX_DIGITS.issuperset(digits):
+            raise JSONSyntaxError(i - 2, "invalid \\uXXXX escape")
+        return int(digits, 16)
+
+    def array(self, i, depth):
+        text = self.text
+        items = []
+        i = self.skip_space(i)
+        if text[i:i + 1] == "]":
+            return items, i + 1
+        while True:
+            item, i = self.value(i, depth)
+            items.append(item)
+            i = self.skip_space(i)
+            c = text[i:i + 1]
+            if c == "]":
+                return items, i + 1
+            if c != ",":
+                raise JSONSyntaxError(i, "expecting ',' or ']'")
+            i = self.skip_space(i + 1)
+
+    def object(self, i, depth):
+        text = self.text
+        members = {}
+        i = self.skip_space(i)
+        if text[i:i + 1] == "}":
+            return members, i + 1
+        while True:
+            if text[i:i + 1] != '"':
+                raise JSONSyntaxError(i, "expecting a property name in double quotes")
+            key, i = self.string(i + 1)
+            i = self.skip_space(i)
+            if text[i:i + 1] != ":":
+                raise JSONSyntaxError(i, "expecting ':'")
+            members[key], i = self.value(self.skip_space(i + 1), depth)
+            i = self.skip_space(i)
+            c = text[i:i + 1]
+            if c == "}":
+                return members, i + 1
+            if c != ",":
+                raise JSONSyntaxError(i, "expecting ',' or '}'")
+            i = self.skip_space(i + 1)
+
+    def document(self):
+        start = self.skip_space(0)
+        value, end = self.value(start, 0)
+        end = self.skip_space(end)
+        if end != len(self.text):
+            raise JSONSyntaxError(end, "extra data after the JSON value")
+        return value
+
+
+def json_loads_pure(text):
+    """Decode one JSON document without the C accelerator (the reference for every error)."""
+    return _PureDecoder(text).document()
+
+
+def json_depth(value):
+    """How deeply lists and objects nest in a decoded value (0 for a scalar)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def json_loads_accelerated(text):
+    """Decode one JSON document with the C scanner: a 1-tuple of its value, or None when the
+    scanner refuses the text or the value nests deeper than JSON_MAX_DEPTH."""
+    start = 0
+    while start < len(text) and text[start] in _JSON_SPACE:
+        start += 1
+    try:
+        value, end = _scan_json(text, start)
+    except (StopIteration, ValueError, RecursionError, SystemError):
+        return None
+    while end < len(text) and text[end] in _JSON_SPACE:
+        end += 1
+    if end != len(text):
+        return None
+    if text.count("[") + text.count("{") > JSON_MAX_DEPTH and json_depth(value) > JSON_MAX_DEPTH:
+        return None
+    return (value,)
 
 
 def json_loads(text):
     """Decode one JSON document; raise ValueError with a position on malformed input."""
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    start = 0
-    while start < len(text) and text[start] in _JSON_SPACE:
-        start += 1
-    try:
-        value, end = _scan_json(text, start)
-    except StopIteration as stop:
-        raise ValueError("invalid JSON at offset %d" % stop.value)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply")
-    except SystemError:
-        # The C scanner reports errors inside strings and objects through json.decoder, which is
-        # deliberately not imported.
-        raise ValueError("invalid JSON")
-    while end < len(text) and text[end] in _JSON_SPACE:
-        end += 1
-    if end != len(text):
-        raise ValueError("extra data after JSON value at offset %d" % end)
-    return value
+    if _scan_json is not None:
+        decoded = json_loads_accelerated(text)
+        if decoded is not None:
+            return decoded[0]
+    return json_loads_pure(text)
+
+
+_ASCII_ESCAPES = dict((chr(c), "\\u%04x" % c) for c in range(32))
+_ASCII_ESCAPES.update({'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+                       "\t": "\\t", "\x7f": "\\u007f"})
+
+
+def _escape_char(c):
+    escaped = _ASCII_ESCAPES.get(c)
+    if escaped is not None:
+        return escaped
+    code = ord(c)
+    if code < 0x7f:
+        return c
+    if code < 0x10000:
+        return "\\u%04x" % code
+    code -= 0x10000
+    return "\\u%04x\\u%04x" % (0xD800 | (code >> 10), 0xDC00 | (code & 0x3FF))
+
+
+def json_string_pure(text):
+    """A JSON string literal of `text` in ASCII, as _json.encode_basestring_ascii writes it."""
+    return '"' + "".join([_escape_char(c) for c in text]) + '"'
+
+
+json_string = _json.encode_basestring_ascii if _json is not None else json_string_pure
 
 
 def json_dumps(value):
     """Encode plain JSON data (dict, list, str, int, float, bool, None) compactly."""
     if isinstance(value, str):
-        return _json.encode_basestring_ascii(value)
+        return json_string(value)
     if value is True:
         return "true"
     if value is False:
@@ -201,7 +434,7 @@ def json_dumps(value):
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, dict):
-        return "{" + ", ".join(_json.encode_basestring_ascii(str(k)) + ": " + json_dumps(v)
+        return "{" + ", ".join(json_string(str(k)) + ": " + json_dumps(v)
                                for k, v in value.items()) + "}"
     return "[" + ", ".join(json_dumps(v) for v in value) + "]"
 
@@ -349,12 +582,13 @@ class Request(object):
 
 
 def sha512_hex(text):
-    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import)."""
+    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import, and
+    OpenSSL's _hashlib 3-5 ms and 3.5 MB more than the built-in one)."""
     try:
         from _sha512 import sha512                       # Python 3.6 to 3.11
     except ImportError:
         try:
-            from _hashlib import openssl_sha512 as sha512  # later ones, built with OpenSSL
+            from _sha2 import sha512                     # Python 3.12 and later
         except ImportError:
             from hashlib import sha512
     return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
@@ -1200,6 +1434,25 @@ VethAttr = AttrSpace(
 )
 
 
+# An AF_UNSPEC link request's IFLA_AF_SPEC holds one nest per address family (LinkAttr's is the
+# AF_BRIDGE one): settings that /proc/sys would reach through a path every namespace shares.
+Ipv4DevconfAttr = AttrSpace(
+    IPV4_DEVCONF_ARP_NOTIFY=Attr(22, U32),
+)
+InetLinkAttr = AttrSpace(
+    IFLA_INET_CONF=Attr(1, NEST, Ipv4DevconfAttr),
+)
+Inet6LinkAttr = AttrSpace(
+    IFLA_INET6_ADDR_GEN_MODE=Attr(8, U8),
+)
+LinkAfSpecAttr = AttrSpace(
+    AF_INET=Attr(AF_INET, NEST, InetLinkAttr),
+    AF_INET6=Attr(AF_INET6, NEST, Inet6LinkAttr),
+)
+LINK_AF_SPEC = Attr(26, NEST, LinkAfSpecAttr)
+IN6_ADDR_GEN_MODE_NONE = 1
+
+
 AddrAttr = AttrSpace(
     IFA_ADDRESS=Attr(1, BYTES),
     IFA_LOCAL=Attr(2, BYTES),
@@ -1305,6 +1558,28 @@ def link_change(index, up=None, promisc=None, master=None, mac=None, allmulti=No
         attrs.append((LinkAttr.IFLA_ADDRESS, parse_mac(mac)))
     return NetlinkRequest(RTM_NEWLINK, header={"index": index, "flags": flags, "change": change},
                           attrs=attrs)
+
+
+def arp_notify_change(index):
+    """A request (for transact) setting the link's IPv4 arp_notify to 1 over netlink: the path
+    /proc/sys/net/ipv4/conf/eth0 is looked up among the eth0 of every namespace on the node."""
+    return link_change(index, extra=((LINK_AF_SPEC, (
+        (LinkAfSpecAttr.AF_INET, ((InetLinkAttr.IFLA_INET_CONF, (
+            (Ipv4DevconfAttr.IPV4_DEVCONF_ARP_NOTIFY, 1),)),)),)),))
+
+
+def without_ipv6_addresses(nl, link):
+    """Best effort: `link` (down) will get no IPv6 address of its own when it comes up
+    (addr_gen_mode none; netlink refuses it at creation).  A node booted without IPv6 has
+    nothing to turn off."""
+    try:
+        nl.transact([link_change(link.index, extra=((LINK_AF_SPEC, (
+            (LinkAfSpecAttr.AF_INET6, ((Inet6LinkAttr.IFLA_INET6_ADDR_GEN_MODE,
+                                        IN6_ADDR_GEN_MODE_NONE),)),)),))],
+                    "failed to turn off IPv6 addresses on %s" % link.name)
+    except NetlinkError as err:
+        if err.errno not in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def set_link(nl, index, what, **changes):
@@ -2539,9 +2814,13 @@ def libc_call(name, *args):
     """Call a libc function (int arguments, bytes as char *, None as NULL); OSError on -1.
 
     Goes through _ctypes, the C core of ctypes: `import ctypes` costs about 6 ms of start-up,
-    `_ctypes` a quarter of that, and these few calls need nothing more.
+    `_ctypes` a quarter of that, and these few calls need nothing more.  python3-minimal lacks
+    _ctypes: the error names the call and the package that brings the module.
     """
-    import _ctypes
+    try:
+        import _ctypes
+    except ImportError:
+        raise missing_ctypes(name)
     function = _libc_functions.get(name)
     if function is None:
         class CInt(_ctypes._SimpleCData):
@@ -2555,6 +2834,28 @@ def libc_call(name, *args):
     if function(*args) == -1:
         errno_value = _ctypes.get_errno()
         raise OSError(errno_value, "%s: %s" % (name, posix.strerror(errno_value)))
+
+
+def missing_ctypes(function):
+    """The error for a libc call this Python cannot make (python3-minimal has no _ctypes)."""
+    version = sys.version_info[:2]
+    also = " and os.setns (Python 3.12+)" if function == "setns" else ""
+    return CNIError(ERR_INTERNAL, "this Python %d.%d cannot call %s(): it lacks the _ctypes "
+                    "module%s (Debian, Ubuntu: libpython%d.%d-stdlib)"
+                    % (version + (function, also) + version),
+                    "install libpython%d.%d-stdlib, or the package of your distribution that holds "
+                    "_ctypes, or run the plugins with Python 3.12 or later" % version)
+
+
+def can_setns():
+    """Whether this Python can enter a namespace: posix.setns (3.12+) or libc's through _ctypes."""
+    if hasattr(posix, "setns"):
+        return True
+    try:
+        import _ctypes      # noqa: F401  (only probed)
+        return True
+    except ImportError:
+        return False
 
 
 def setns(fd, nstype=CLONE_NEWNET):
@@ -2615,6 +2916,9 @@ class Netns(object):
             raise NetnsIsOwn(ERR_INVALID_NETNS,
                              "plugin's netns and netns from CNI_NETNS should not be the same",
                              "CNI_NETNS %s is the namespace the plugin runs in" % path)
+        if not can_setns():         # said before anything is changed, not halfway through
+            posix.close(self.fd)
+            raise missing_ctypes("setns")
 
     def close(self):
         """Close the namespace's fd."""
@@ -2655,18 +2959,32 @@ S_IFMT, S_IFDIR = 0o170000, 0o040000       # file type bits of st_mode (sys/stat
 
 
 def make_directories(path, mode=0o755):
-    """Create `path` and its missing parents, every one with `mode` (os.makedirs gives the parents
-    0777 less the umask: world-writable under the umask 000 a runtime may run us with)."""
+    """Create `path` (str or bytes) and its missing parents, every one with `mode` (os.makedirs
+    gives the parents 0777 less the umask: world-writable under the umask 000 a runtime may run
+    us with)."""
     try:
         posix.mkdir(path, mode)
     except OSError as err:
-        parent = path.rstrip("/").rpartition("/")[0]
+        slash = b"/" if isinstance(path, bytes) else "/"
+        parent = path.rstrip(slash).rpartition(slash)[0]
         # ENOENT with the parent present (/proc/<pid>/x/y, say) cannot be cured by making it.
         if err.errno == errno.ENOENT and parent and not is_directory(parent):   # parent missing
             make_directories(parent, mode)
             make_directories(path, mode)
         elif err.errno != errno.EEXIST or not is_directory(path):
             raise
+
+
+def remove_tree(path):
+    """Remove a directory and everything in it, following no symlink (shutil is not part of
+    python3-minimal)."""
+    for name in posix.listdir(path):
+        child = path + "/" + name
+        if posix.lstat(child).st_mode & S_IFMT == S_IFDIR:
+            remove_tree(child)
+        else:
+            posix.unlink(child)
+    posix.rmdir(path)
 
 
 def is_directory(path, follow=True):
@@ -2734,8 +3052,10 @@ TEMP_PREFIX = ".tmp-"
 def os_error(err, what):
     """A CNIError for a failed file operation: a full disk is worth retrying, the rest is I/O."""
     code = ERR_TRY_AGAIN if err.errno in (errno.ENOSPC, errno.EDQUOT) else ERR_IO
-    return CNIError(code, "%s: %s" % (what, err.strerror or err),
-                    getattr(err, "filename", "") or "")
+    filename = getattr(err, "filename", "") or ""
+    if isinstance(filename, bytes):                 # the state directory is opened by its bytes
+        filename = filename.decode("utf-8", "surrogateescape")
+    return CNIError(code, "%s: %s" % (what, err.strerror or err), filename)
 
 
 class IPRange(object):
@@ -2930,9 +3250,12 @@ class Store(object):
         # The runtime's umask (077, say) would narrow the 0755 and 0644 that others read the
         # state with; the runtime's own is back once the store is left.
         self.runtime_umask = posix.umask(0o022)
+        # As bytes: the config's UTF-8, whatever file name encoding the interpreter picked from
+        # the locale (ASCII on Python 3.6 under `env -i`).
+        fs_path = path.encode("utf-8", "surrogateescape")
         try:
-            make_directories(path)
-            self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
+            make_directories(fs_path)
+            self.dir_fd = posix.open(fs_path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
                                      | posix.O_CLOEXEC)
             self.lock_fd = posix.open("lock", posix.O_RDONLY | posix.O_CREAT | posix.O_NOFOLLOW
                                       | posix.O_CLOEXEC, 0o644, dir_fd=self.dir_fd)
@@ -2946,7 +3269,7 @@ class Store(object):
         if self.read_only:
             path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
             try:
-                self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY
+                self.dir_fd = posix.open(path.encode("utf-8", "surrogateescape"), posix.O_RDONLY | posix.O_DIRECTORY
                                          | posix.O_NOFOLLOW | posix.O_CLOEXEC)
             except OSError as err:
                 raise os_error(err, "failed to open the IPAM state directory %s" % path)
@@ -3519,8 +3842,22 @@ def host_local_gc(request):
 
 
 def host_local_status(request):
-    """Fail with code 50 when a range set has no free address (counted, never walked)."""
+    """Fail with code 50 when a range set has no free address (counted, never walked).
+
+    containerd 2.x sends STATUS every few seconds: it counts the state directory's entries (an
+    upper bound of the reservations) and reads reservations only when a set could be full; it
+    creates and locks nothing.
+    """
     config = HostLocalConfig(request)
+    path = "%s/%s" % (config.data_dir.rstrip("/"), config.network)
+    try:
+        entries = len(posix.listdir(path.encode("utf-8", "surrogateescape")))
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            return None                     # nothing was ever reserved on this network
+        raise os_error(err, "failed to read the IPAM state directory %s" % path)
+    if all(entries < ranges.capacity() for ranges in config.range_sets):
+        return None
     with Store(config.data_dir, config.network) as store:
         store.sweep_previous_boot()
         reserved = list(store.reservations())
@@ -3962,6 +4299,32 @@ def iptables_setup_masquerade(network, container_id, prefix):
             run_iptables(family, ["-A", target_chain] + rule + comment)
 
 
+def split_iptables_rule(line):
+    """The arguments of one `iptables -S` line: words split on spaces, except inside double
+    quotes, where a backslash escapes the next character (libxtables' quoting of comments)."""
+    words = []
+    word = None
+    quoted = escaped = False
+    for c in line:
+        if escaped:
+            word += c
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+            word = word or ""
+        elif c == " " and not quoted:
+            if word is not None:
+                words.append(word)
+            word = None
+        else:
+            word = (word or "") + c
+    if word is not None:
+        words.append(word)
+    return words
+
+
 def iptables_teardown(network, container_id):
     """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address needed),
     when every rule in the chain carries the attachment's comment (the chain's name may be
@@ -3981,7 +4344,7 @@ def iptables_teardown(network, container_id):
         status, rules = run_iptables(family, ["-S", "POSTROUTING"], check=False)
         for line in rules.splitlines() if status == 0 else ():
             if line.startswith("-A POSTROUTING ") and line.endswith(" -j " + chain):
-                run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
+                run_iptables(family, ["-D"] + split_iptables_rule(line)[1:], check=False)
         run_iptables(family, ["-F", chain], check=False)
         run_iptables(family, ["-X", chain], check=False)
 
@@ -4091,9 +4454,32 @@ def alias_network_prefixes(network):
     return ("cni:%s:" % network, "cni#%s:" % sha512_hex(network)[:16])
 
 
-def find_host_veth(nl, network, container_id, ifname, master=0):
-    """The host veth whose alias names this attachment (among the ports of `master`), or None."""
+HOST_VETH_NAME_TRIES = 4    # names derived from the alias before a random one is taken
+
+
+def host_veth_names(alias):
+    """The names an attachment's host veth takes, in this order: `veth` + 8 hex digits of a
+    digest of its alias (then of `alias#1`, ...: another attachment or a leftover may hold one),
+    so that its port is found by name in one request instead of by listing every port."""
+    return [HOST_VETH_PREFIX + sha512_hex(alias if k == 0 else "%s#%d" % (alias, k))[:8]
+            for k in range(HOST_VETH_NAME_TRIES)]
+
+
+def find_host_veth(nl, network, container_id, ifname, master=0, listing=True):
+    """The host veth whose alias names this attachment (a port of `master` when given), or None.
+
+    Its derived names are looked up first; only with `listing` are the links listed when none
+    of them is it: a veth made with a random name (every derived one was taken, or an older
+    release made it) is found only that way, at a cost that grows with the node's links."""
     alias = attachment_alias(network, container_id, ifname)
+    for name in host_veth_names(alias):
+        link = get_link(nl, name)
+        if link is None:
+            break               # names are taken in order: the later ones are free too
+        if link.alias == alias and link.kind == "veth" and (not master or link.master == master):
+            return link
+    if not listing:
+        return None
     for link in list_links(nl, master, alias):
         if link.kind == "veth":
             return link
@@ -4114,10 +4500,13 @@ def existing_attachment(host_nl, container_nl, conf, request):
     bridge = get_link(host_nl, conf.bridge)
     if bridge is None:
         return None, None
-    host = find_host_veth(host_nl, conf.network, request.container_id, request.ifname, bridge.index)
+    container = get_link(container_nl, request.ifname)
+    # Listing the bridge's ports costs a millisecond per 50 of them: done only when the
+    # container already has CNI_IFNAME (a repeated ADD of a veth with a random name).
+    host = find_host_veth(host_nl, conf.network, request.container_id, request.ifname,
+                          bridge.index, listing=container is not None)
     if host is None:
         return None, None
-    container = get_link(container_nl, request.ifname)
     if not is_pair(container, host):
         raise CNIError(ERR_INVALID_CONFIG, "container %s already has %s attached to network %s in "
                        "another namespace" % (request.container_id[:100], request.ifname,
@@ -4128,10 +4517,11 @@ def existing_attachment(host_nl, container_nl, conf, request):
 
 
 def create_container_veth(container_nl, host_nl, request, conf):
-    """The veth pair: CNI_IFNAME in the container, `veth` + 8 hex on the node.  Returns both
-    links."""
-    for _attempt in range(10):
-        host_name = random_veth_name()
+    """The veth pair: CNI_IFNAME in the container, `veth` + 8 hex on the node (a name derived
+    from the attachment, else a random one).  Returns both links."""
+    alias = attachment_alias(conf.network, request.container_id, request.ifname)
+    names = host_veth_names(alias) + [random_veth_name() for _ in range(6)]
+    for host_name in names:
         try:
             create_veth(container_nl, request.ifname, host_name, original_netns_fd(), conf.mtu,
                         conf.mac)
@@ -4146,7 +4536,8 @@ def create_container_veth(container_nl, host_nl, request, conf):
             if get_link(host_nl, host_name) is None:
                 raise
     else:
-        raise CNIError(ERR_TRY_AGAIN, "failed to find a free host veth name after 10 attempts")
+        raise CNIError(ERR_TRY_AGAIN, "failed to find a free host veth name after %d attempts"
+                       % len(names))
     container = get_link(container_nl, request.ifname)
     host = get_link(host_nl, host_name)
     if container is None or host is None:
@@ -4157,14 +4548,16 @@ def create_container_veth(container_nl, host_nl, request, conf):
 
 def attach_host_veth(nl, conf, host, bridge, alias):
     """Enslave the host veth, set its port flags and bring it up (one transaction), then its
-    VLANs."""
+    VLANs.  A bridge port needs no IPv6 address of its own: without one it sends no duplicate
+    address detection or MLD report at every ADD, holds no link-local route on the node, and
+    needs no accept_ra (a port's received packets go to the bridge, never to its own stack)."""
+    without_ipv6_addresses(nl, host)
     nl.transact([link_change(host.index, up=True, master=bridge.index,
                              extra=((LinkAttr.IFLA_IFALIAS, alias),)),
                  bridge_port_change(host.index, conf.hairpin, conf.port_isolation)],
                 "failed to connect %r to bridge %s" % (host.name, conf.bridge))
     set_port_vlans(nl, host,
                    *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
-    write_sysctl("net/ipv6/conf/%s/accept_ra" % host.name, "0")
 
 
 def port_vlan_plan(vlan, trunk, preserve_default_vlan):
@@ -4272,13 +4665,13 @@ def configure_container(ns, nl, conf, request, container, result):
             write_sysctl(conf_dir + "/accept_dad", "1")
         else:
             write_sysctl(conf_dir + "/accept_dad", "0")
-        write_sysctl("net/ipv4/conf/%s/arp_notify" % request.ifname, "1")
         if has_ipv6:
             write_sysctl("net/ipv6/conf/lo/disable_ipv6", "0", required=True)
             write_sysctl(conf_dir + "/disable_ipv6", "0", required=True)
             # Best effort, as every sysctl the reference does not need (/proc/sys may be read-only).
             write_sysctl(conf_dir + "/keep_addr_on_down", "1")
-    requests = [addr_request(container.index, p, nodad=not conf.enable_dad) for p in prefixes]
+    requests = [arp_notify_change(container.index)]
+    requests += [addr_request(container.index, p, nodad=not conf.enable_dad) for p in prefixes]
     requests.append(link_change(container.index, up=True))
     nl.transact(requests, "failed to configure %s in the container" % request.ifname)
     if has_ipv6 and conf.enable_dad:
@@ -6906,17 +7299,15 @@ def plugin_versions(plugin):
 
 
 def version_answer(plugin):
-    """VERSION: echo the version the caller speaks (spec) with the versions `plugin` supports."""
-    supported = plugin_versions(plugin)
-    requested = LATEST_VERSION
+    """VERSION's answer: a constant per plugin, as the reference's is (its library's version,
+    whatever stdin holds).  Being constant, it is also printed by the archive's /bin/sh preamble
+    without starting Python (build.sh takes the bytes from here), and the two paths agree byte
+    for byte.  stdin is still read, so that a runtime writing a large config sees no EPIPE."""
     try:
-        config = json_loads(read_stdin(False) or b"{}")
-        version = conf_lookup(config, "cniVersion") if isinstance(config, dict) else None
-        if version in supported:
-            requested = version
-    except (ValueError, UnicodeError, CNIError):
+        read_stdin(False)
+    except CNIError:
         pass
-    return {"cniVersion": requested, "supportedVersions": supported}
+    return {"cniVersion": LATEST_VERSION, "supportedVersions": plugin_versions(plugin)}
 
 
 def check_plugin_version(plugin, request):
@@ -7047,6 +7438,12 @@ def run_plugin(plugin, env):
         return 0
     except CNIError as err:
         write_json(err.to_json(getattr(err, "version", error_version)))
+    except ImportError as err:    # python3-minimal: a module of libpython3.X-stdlib this path needs
+        version = sys.version_info[:2]
+        write_json(CNIError(ERR_INTERNAL, "this Python %d.%d lacks the module %s"
+                            % (version + (err.name,)),
+                            "install libpython%d.%d-stdlib (Debian, Ubuntu)" % version)
+                   .to_json(error_version))
     except UnicodeError as err:   # a config string no file name or interface name can hold
         write_json(config_error("a string is not valid UTF-8",
                             str(err)[:200]).to_json(error_version))
@@ -7424,8 +7821,7 @@ class Verifier(object):
             if posix.access(path, posix.F_OK):
                 remove_named_netns(path)
         if is_directory(data_dir):
-            import shutil
-            shutil.rmtree(data_dir)
+            remove_tree(data_dir)
         return "", True
 
 
@@ -7450,6 +7846,10 @@ def load_verify_config(config_path):
 def verify(config_path, keep, as_json):
     """The walkthrough: namespaces, ADD, read back, ping, CHECK, DEL, nothing left."""
     import os
+    try:
+        import _ctypes      # noqa: F401  (the throwaway namespaces are mounted through libc)
+    except ImportError:
+        raise missing_ctypes("mount")
     try:
         config, config_path = load_verify_config(config_path)
     except (OSError, ValueError) as err:
@@ -7984,6 +8384,12 @@ def run_cli(prog, argv):
                 return verify(paths[0] if paths else None, "--keep" in options, "--json" in options)
     except (CNIError, OSError) as err:
         sys.stderr.write("%s: %s\n" % (prog, getattr(err, "msg", None) or err))
+        return 1
+    except ImportError as err:      # python3-minimal: the module is in libpython3.X-stdlib
+        sys.stderr.write("%s: %s cannot run on this Python %d.%d: it lacks the module %s "
+                         "(Debian: install libpython%d.%d-stdlib)\n"
+                         % ((prog, argv[0]) + sys.version_info[:2] + (err.name,)
+                            + sys.version_info[:2]))
         return 1
     sys.stderr.write(USAGE % {"prog": prog, "version": PROGRAM_VERSION,
                               "plugins": ", ".join(PLUGINS)})

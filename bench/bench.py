@@ -1269,7 +1269,8 @@ def make_empty_zipapp(scratch, interpreter):
     return target
 
 
-WORKLOAD_NAMES = ("version", "status", "cycles", "loopback", "tuning", "firewall", "burst", "sequential", "rss", "first", "interpreters")
+WORKLOAD_NAMES = ("version", "status", "cycles", "loopback", "tuning", "firewall", "portmap", "bandwidth",
+                  "containerd", "podman", "k3s", "burst", "sequential", "rss", "first", "interpreters")
 
 
 def workload_key(name):

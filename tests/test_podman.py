@@ -534,11 +534,14 @@ def test_network_reload_restores_rules_and_keeps_the_address(podman, node):
     same address: the masquerade rule is back and the container still reaches the gateway."""
     podman.run_container("r")
     before = check_attached(podman, node, "r", DEFAULT_NET)
+    before_index = node.links()[before.host_veth]["ifindex"]
     node.run("nft", "flush", "ruleset")
     assert masqueraded(node) == set()
     podman("network", "reload", "r")
     after = check_attached(podman, node, "r", DEFAULT_NET)
-    assert after.addresses == before.addresses and after.host_veth != before.host_veth
+    # A new veth pair; its host end has the same name (derived from the attachment's digest).
+    assert after.addresses == before.addresses and after.host_veth == before.host_veth
+    assert node.links()[after.host_veth]["ifindex"] != before_index
     podman.ping("r", DEFAULT_GATEWAY)
     podman("rm", "-f", "-t", "0", "r")
     check_gone(podman, node, after)

@@ -3102,6 +3102,8 @@ class BridgeConfig(object):
             raise CNIError(ERR_INVALID_CONFIG,
                            "unknown ipmasq backend %r" % self.ip_masq_backend[:50],
                            'ipMasqBackend is "nftables" (the default) or "iptables"')
+        exclude = conf_get(c, "ipMasqExclude", list)
+        self.ip_masq_exclude = parse_masq_exclusions(exclude) if exclude is not None else None
         self.mtu = conf_int(c, "mtu", 0, 65535)
         if 0 < self.mtu < 68:
             raise config_error("mtu %d is below 68" % self.mtu)
@@ -3165,6 +3167,25 @@ class BridgeConfig(object):
                     raise CNIError(ERR_INVALID_CONFIG, str(err))
                 return mac.lower()
         return None
+
+
+def parse_masq_exclusions(items):
+    """ipMasqExclude: its CIDRs as Prefixes with host bits cleared, duplicates dropped, in the
+    order given.  Each applies to its own address family (an IPv6 CIDR on an IPv4-only network
+    excludes nothing there and is no error)."""
+    exclusions = []
+    for item in items:
+        try:
+            prefix = Prefix.parse(item)
+        except ValueError:
+            raise config_error("ipMasqExclude: %s is not a CIDR"
+                               % (json_dumps(item)[:100] if not isinstance(item, str)
+                                  else repr(item[:100])),
+                               'entries are "address/length" strings, such as "10.244.0.0/16"')
+        network = Prefix(prefix.family, prefix.network, prefix.length)
+        if network not in exclusions:
+            exclusions.append(network)
+    return tuple(exclusions)
 
 
 def parse_vlan_trunk(items):
@@ -3292,7 +3313,8 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
     prefixes = [Prefix.parse(ip["address"]) for ip in result["ips"]]
     if conf.ip_masq_backend == "iptables":
         for prefix in prefixes:
-            iptables_setup_masquerade(conf.network, request.container_id, prefix)
+            iptables_setup_masquerade(conf.network, request.container_id, prefix,
+                                      conf.ip_masq_exclude)
         return
     nl = node_nftables()
     stale = []
@@ -3320,12 +3342,28 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
         batch.delete_rule(rule)
     comment = masq_comment(conf.network, request.container_id, request.ifname)
     for prefix in prefixes:
-        host = Prefix(prefix.family, prefix.ip, IP_BITS[prefix.family])
-        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN,
-                       match_family(prefix.family) + match_address("saddr", host)
-                       + match_address("daddr", prefix, negate=True) + [expr_masquerade()],
-                       comment=comment)
+        for exprs in masquerade_rules(prefix, conf.ip_masq_exclude):
+            batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, exprs, comment=comment)
     batch.commit(nl, "failed to set up masquerading for %s" % request.container_id)
+
+
+def masquerade_rules(prefix, exclusions):
+    """The nftables rules of one container address in `masq_checks`, in chain order: without
+    ipMasqExclude (`exclusions` None) the reference's one rule, `ip saddr <ip> ip daddr !=
+    <subnet> masquerade`; with it, first `ip saddr <ip> ip daddr <cidr> return` for each excluded
+    CIDR of the address's family and `ip saddr <ip> fib daddr type local return` (the node's own
+    addresses, as kubenet's `! --dst-type LOCAL`).  They all carry the attachment's comment, so
+    DEL, CHECK and GC treat them as one; appended in one transaction, the returns always come
+    before the masquerade they guard (and other attachments' rules never match this source)."""
+    source = match_family(prefix.family) + match_address(
+        "saddr", Prefix(prefix.family, prefix.ip, IP_BITS[prefix.family]))
+    rules = []
+    if exclusions is not None:
+        rules.extend(source + match_address("daddr", excluded) + [expr_verdict(NFT_RETURN)]
+                     for excluded in exclusions if excluded.family == prefix.family)
+        rules.append(source + match_daddr_local() + [expr_verdict(NFT_RETURN)])
+    rules.append(source + match_address("daddr", prefix, negate=True) + [expr_masquerade()])
+    return rules
 
 
 def setup_macspoofchk(conf, request, host_name, mac):
@@ -3407,12 +3445,38 @@ def masquerade_in_place(conf, request, ips):
                             request.container_id, required_rules=True) for family in families)
 
 
+def check_masquerade_exclusions(conf, request, ips):
+    """CHECK with ipMasqExclude: the attachment's rules are exactly those ADD writes, in order
+    (the reference never writes this layout, so none of its layouts is accepted)."""
+    prefixes = [Prefix.parse(ip["address"]) for ip in ips
+                if isinstance(ip, dict) and isinstance(ip.get("address"), str)]
+    if conf.ip_masq_backend == "iptables":
+        for prefix in prefixes:
+            iptables_check_rules(conf.network, request.container_id, prefix, conf.ip_masq_exclude)
+        return
+    instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
+    found = [r.signature for r in
+             rules_commented(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)]
+    expected = [expressions_signature(encode_attrs(exprs)) for prefix in prefixes
+                for exprs in masquerade_rules(prefix, conf.ip_masq_exclude)]
+    if found != expected:
+        excluded = ", ".join(str(p) for p in conf.ip_masq_exclude) or "none"
+        raise CNIError(ERR_INTERNAL,
+                       "masquerade rules of %s are missing or changed" % request.container_id,
+                       "expected %d rules in chain inet %s %s (ipMasqExclude: %s, and the node's "
+                       "own addresses), found %d that differ"
+                       % (len(expected), MASQ_TABLE, MASQ_CHAIN, excluded, len(found)))
+
+
 def check_attachment_rules(conf, request, previous):
     """CHECK: the masquerade and spoof-check rules this attachment needs are in place.  Either
     masquerade layout counts, whatever the config's backend: the nftables one (ours and the
     reference's nftables backend) or the reference's iptables chain (1.1.1 writes only that),
-    so a node switched between the two plugins still passes CHECK."""
-    if conf.ip_masq and not masquerade_in_place(conf, request, previous.get("ips") or []):
+    so a node switched between the two plugins still passes CHECK.  With ipMasqExclude, only
+    the exact rules ADD writes count."""
+    if conf.ip_masq and conf.ip_masq_exclude is not None:
+        check_masquerade_exclusions(conf, request, previous.get("ips") or [])
+    elif conf.ip_masq and not masquerade_in_place(conf, request, previous.get("ips") or []):
         if conf.ip_masq_backend == "iptables":
             iptables_check(conf.network, request.container_id)      # legacy iptables: asked there
         else:
@@ -3430,9 +3494,9 @@ def check_attachment_rules(conf, request, previous):
 
 
 def collect_stale_rules(network, valid):
-    """GC: remove this network's masquerade rules and spoof checks whose attachment is not in
-    `valid`.  Spoof-check comments do not name the network, so only those of attachments whose
-    host veth no longer exists are removed.  Returns the errors met."""
+    """GC: remove this network's masquerade rules (either layout) and spoof checks whose
+    attachment is not in `valid`.  Spoof-check comments do not name the network, so only those
+    of attachments whose host veth no longer exists are removed.  Returns the errors met."""
     nl = node_nftables()
     keep = set(masq_instance_hash(network, cid, ifname) for cid, ifname in valid)
     network_hash = sha512_hex(network)[:16] + "-"
@@ -3441,6 +3505,9 @@ def collect_stale_rules(network, valid):
         return rule.comment.split(",", 1)[0] if rule.comment.startswith(network_hash) else None
     batch = NftBatch()
     remove_stale_rules(batch, nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, masq_owner, keep)
+    for family in (NFPROTO_IPV4, NFPROTO_IPV6):
+        remove_chains(batch, nl, family, "nat", "POSTROUTING",
+                      stale_iptables_chains(nl, family, network, set(cid for cid, _ in valid)))
     valid_chains = set(spoofchk_names(cid, ifname)[0] for cid, ifname in valid)
     ports = set(link.name for link in list_links(NetlinkSocket()))
     stale = []
@@ -3455,6 +3522,27 @@ def collect_stale_rules(network, valid):
     except CNIError as err:
         return [err.msg]
     return []
+
+
+def stale_iptables_chains(nl, family, network, valid_ids):
+    """The reference's iptables chains of `network` (as iptables-nft shows them in nf_tables)
+    whose container is not in `valid_ids`: found by the comment of the POSTROUTING rules jumping
+    to them, `name: "<network>" id: "<container>"`, and taken only when the whole chain is that
+    attachment's (owns_iptables_chain).  A comment cut to iptables' limit names no container
+    and is left alone."""
+    prefix = iptables_comment(network, "")[:-1]
+    stale = []
+    for rule in list_rules(nl, family, "nat", "POSTROUTING"):
+        comment = rule.xt_comment
+        if not (comment.startswith(prefix) and comment.endswith('"')):
+            continue
+        container_id = comment[len(prefix):-1]
+        chain = iptables_chain(network, container_id)
+        if (container_id not in valid_ids and rule.jump_target == chain
+                and iptables_comment(network, container_id) == comment and chain not in stale
+                and owns_iptables_chain(nl, family, network, container_id)):
+            stale.append(chain)
+    return stale
 
 
 # --- the iptables backend (only when a config asks for it) ---------------------------------------
@@ -3476,18 +3564,39 @@ def run_iptables(family, args, check=True):
     return proc.returncode, output
 
 
-def iptables_setup_masquerade(network, container_id, prefix):
-    """The reference's iptables rules for one container address (each added once)."""
+def iptables_masquerade_rules(chain, prefix, exclusions):
+    """The reference's iptables rules of one container address, in order, as (chain, rule): the
+    attachment's `chain` holds `-d <subnet> -j ACCEPT` and `! -d <multicast> -j MASQUERADE`,
+    POSTROUTING jumps to it; with ipMasqExclude (`exclusions` not None), `-d <cidr> -j ACCEPT` for
+    each excluded CIDR of the address's family and `-m addrtype --dst-type LOCAL -j ACCEPT` come
+    before the MASQUERADE (the chain's own rules: its teardown removes them with it)."""
+    family = prefix.family
+    accepts = [["-d", str(prefix), "-j", "ACCEPT"]]
+    if exclusions is not None:
+        accepts.extend(["-d", excluded.network_text(), "-j", "ACCEPT"]
+                       for excluded in exclusions if excluded.family == family)
+        accepts.append(["-m", "addrtype", "--dst-type", "LOCAL", "-j", "ACCEPT"])
+    return ([(chain, rule) for rule in accepts]
+            + [(chain, ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
+               ("POSTROUTING", ["-s", ip_to_text(family, prefix.ip), "-j", chain])])
+
+
+def iptables_setup_masquerade(network, container_id, prefix, exclusions=None):
+    """The iptables rules of one container address (each added once).  The chain's rules are
+    inserted at their place, so a rule missing from an existing chain lands before the
+    MASQUERADE it must precede; on an empty chain that is the reference's order."""
     family = prefix.family
     chain = iptables_chain(network, container_id)
     comment = ["-m", "comment", "--comment", iptables_comment(network, container_id)]
     if run_iptables(family, ["-S", chain], check=False)[0] != 0:
         run_iptables(family, ["-N", chain])
-    for target_chain, rule in ((chain, ["-d", str(prefix), "-j", "ACCEPT"]),
-                               (chain,
-                                ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
-                               ("POSTROUTING", ["-s", ip_to_text(family, prefix.ip), "-j", chain])):
-        if run_iptables(family, ["-C", target_chain] + rule + comment, check=False)[0] != 0:
+    position = 0
+    for target_chain, rule in iptables_masquerade_rules(chain, prefix, exclusions):
+        if target_chain == chain:
+            position += 1
+            if run_iptables(family, ["-C", chain] + rule + comment, check=False)[0] != 0:
+                run_iptables(family, ["-I", chain, str(position)] + rule + comment)
+        elif run_iptables(family, ["-C", target_chain] + rule + comment, check=False)[0] != 0:
             run_iptables(family, ["-A", target_chain] + rule + comment)
 
 
@@ -3513,6 +3622,20 @@ def iptables_teardown(network, container_id):
                 run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
         run_iptables(family, ["-F", chain], check=False)
         run_iptables(family, ["-X", chain], check=False)
+
+
+def iptables_check_rules(network, container_id, prefix, exclusions):
+    """CHECK of the iptables backend with ipMasqExclude: every rule ADD writes for the address
+    is there (iptables -C)."""
+    chain = iptables_chain(network, container_id)
+    comment = ["-m", "comment", "--comment", iptables_comment(network, container_id)]
+    for target_chain, rule in iptables_masquerade_rules(chain, prefix, exclusions):
+        status, output = run_iptables(prefix.family, ["-C", target_chain] + rule + comment,
+                                      check=False)
+        if status != 0:
+            raise CNIError(ERR_INTERNAL, "masquerade rule of %s is missing: -A %s %s"
+                           % (container_id, target_chain, " ".join(rule)),
+                           output.strip())
 
 
 def iptables_check(network, container_id):

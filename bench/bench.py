@@ -433,7 +433,7 @@ def reservations(network):
     if not os.path.isdir(directory):
         return []
     return sorted(f for f in os.listdir(directory)
-                  if f != "lock" and not f.startswith("last_reserved_ip."))
+                  if f not in ("lock", "boot_id") and not f.startswith("last_reserved_ip."))
 
 
 def masquerade_rules(impl, network):

@@ -3255,6 +3255,9 @@ def exec_plugin(request, plugin_type, command):
 # container address has `ip saddr <ip> ip daddr != <subnet> masquerade` with a comment that starts
 # with the attachment's hash.  iptables masquerade: chain CNI-<hash of network and container> in
 # table nat, jumped to from POSTROUTING.  MAC spoof checking: chains in table bridge nat.
+# ipMasqExclude (ours alone) adds exclusions to the same places, as the attachment's own rules:
+# `return` rules before its masquerade rule, ACCEPT rules before its chain's MASQUERADE (see
+# masquerade_rules); without the key every rule is the reference's.
 
 MASQ_TABLE = "cni_plugins_masquerade"
 MASQ_CHAIN = "masq_checks"

@@ -177,7 +177,8 @@ def pod_rules(node, pod, backend):
     """The pod's masquerade rules as `exclusion_layout` writes them."""
     if backend == "iptables":
         comment = ' -m comment --comment "name: \\"%s\\" id: \\"' % NET
-        chain_lines = [line for line in iptables_lines(node) if not line.startswith("-A POSTROUTING")]
+        chain_lines = [line for line in iptables_lines(node)
+                       if not line.startswith("-A POSTROUTING")]
         jumps = [line for line in iptables_lines(node)
                  if line.startswith("-A POSTROUTING -s %s/32 " % pod.address)]
         assert len(jumps) <= 1, jumps
@@ -272,7 +273,7 @@ def cluster_id(pod):
     return "cnitool-" + hashlib.sha512(pod.ns.path.encode()).hexdigest()[:20]
 
 
-# --- without the key: exactly the reference --------------------------------------------------------
+# --- without the key: exactly the reference ------------------------------------------------------
 
 @pytest.mark.parametrize("plugins", ["ours", "reference"])
 def test_without_the_key_the_cluster_behaves_as_the_reference(make_netns, tmp_path, tool, ours_bin,
@@ -288,7 +289,8 @@ def test_without_the_key_the_cluster_behaves_as_the_reference(make_netns, tmp_pa
     a1, a2, b1 = cluster.add_pod(1), cluster.add_pod(1), cluster.add_pod(2)
     if plugins == "ours":           # today's layout: one rule per address, nothing else
         assert masq_rule_texts(cluster.nodes[1]) == [
-            "ip saddr %s ip daddr != %s masquerade" % (pod.address, pod_cidr(1)) for pod in (a1, a2)]
+            "ip saddr %s ip daddr != %s masquerade" % (pod.address, pod_cidr(1))
+            for pod in (a1, a2)]
     # The same sources with either plugin set: across nodes, the sending node's address.
     assert cluster.seen(a2.ns, a1.ns, a2.address) == both(a1.address)
     assert cluster.seen(b1.ns, a1.ns, b1.address) == both(node_address(1))
@@ -302,7 +304,7 @@ def test_without_the_key_the_cluster_behaves_as_the_reference(make_netns, tmp_pa
         assert masq_rule_texts(cluster.nodes[i]) == [] and iptables_lines(cluster.nodes[i]) == []
 
 
-# --- bad values ------------------------------------------------------------------------------------
+# --- bad values ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value, named", [(["10.244.0.0"], "'10.244.0.0'"),
                                           ([CLUSTER_CIDR, "10.96.0.0/99"], "'10.96.0.0/99'"),
@@ -319,3 +321,38 @@ def test_malformed_exclusion_is_code_7_naming_it_and_nothing_is_left(ours_bin, n
     assert "ipMasqExclude" in res.json["msg"] and named in res.json["msg"], res.json
     assert sorted(node.links()) == ["lo"] and sorted(container.links()) == ["lo"]
     assert reservations(data_dir) == {} and masq_rule_texts(node) == []
+
+
+# --- both families ---------------------------------------------------------------------------------
+
+def test_each_family_gets_its_own_exclusions(ours_bin, node, container, data_dir):
+    """A dual-stack attachment: the IPv4 CIDRs guard its IPv4 address, the IPv6 ones its IPv6
+    address, each with the node's own addresses; CHECK passes; DEL removes them all."""
+    from tests.helpers import run_cni
+    node.run("sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
+    config = {"cniVersion": "1.0.0", "name": NET, "type": "bridge", "bridge": "cbr0",
+              "isGateway": True, "ipMasq": True,
+              "ipMasqExclude": [CLUSTER_CIDR, OTHER_FAMILY_CIDR, "192.168.0.0/16"],
+              "ipam": {"type": "host-local", "dataDir": str(data_dir),
+                       "ranges": [[{"subnet": pod_cidr(1)}], [{"subnet": "fd00:244:1::/64"}]]}}
+    res = run_cni(ours_bin, "bridge", "ADD", config, node=node, netns=container)
+    assert res.returncode == 0, explain(res)
+    v4, v6 = (ip["address"].split("/")[0] for ip in res.json["ips"])
+    assert masq_rule_texts(node) == [
+        "ip saddr %s ip daddr %s return" % (v4, CLUSTER_CIDR),
+        "ip saddr %s ip daddr 192.168.0.0/16 return" % v4,
+        "ip saddr %s fib daddr type local return" % v4,
+        "ip saddr %s ip daddr != %s masquerade" % (v4, pod_cidr(1)),
+        "ip6 saddr %s ip6 daddr %s return" % (v6, OTHER_FAMILY_CIDR),
+        "ip6 saddr %s fib daddr type local return" % v6,
+        "ip6 saddr %s ip6 daddr != fd00:244:1::/64 masquerade" % v6]
+    check = run_cni(ours_bin, "bridge", "CHECK", dict(config, prevResult=res.json), node=node,
+                    netns=container)
+    assert check.returncode == 0, explain(check)
+    # CHECK compares the rules with the config: another exclusion list fails it.
+    other = dict(config, prevResult=res.json, ipMasqExclude=[CLUSTER_CIDR])
+    check = run_cni(ours_bin, "bridge", "CHECK", other, node=node, netns=container)
+    assert check.returncode != 0 and check.json["code"] == 999, explain(check)
+    res = run_cni(ours_bin, "bridge", "DEL", config, node=node, netns=container)
+    assert res.returncode == 0, explain(res)
+    assert masq_rule_texts(node) == [] and reservations(data_dir) == {}

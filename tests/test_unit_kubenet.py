@@ -48,7 +48,8 @@ def test_malformed_cidr_is_code_7_naming_it(value, named):
 def test_not_a_list_is_code_7(value):
     with pytest.raises(cb.CNIError) as err:
         bridge_conf(ipMasqExclude=value)
-    assert err.value.code == cb.ERR_INVALID_CONFIG and "ipMasqExclude must be a list" in err.value.msg
+    assert err.value.code == cb.ERR_INVALID_CONFIG
+    assert "ipMasqExclude must be a list" in err.value.msg
 
 
 def signatures(rules):

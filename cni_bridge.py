@@ -755,6 +755,7 @@ class Header(object):
         self.fields = fields
 
     def pack(self, values):
+        """The header's bytes from {field: value}; absent fields are zero."""
         for name in values:
             if name not in self.fields:
                 raise ValueError("header field %r is not one of %s"
@@ -970,6 +971,7 @@ class NetlinkSocket(object):
         self.sock.close()
 
     def _next_seq(self):
+        """The next request's sequence number (replies are matched by it)."""
         self.seq += 1
         return self.seq
 
@@ -2489,94 +2491,6 @@ def parse_routes(items, where):
     return routes
 
 
-class IPAMLocation(object):
-    """Where a network's host-local state lives: all that DEL and GC read of the config, so a
-    range configuration that no longer validates does not leak reservations (decision 9)."""
-
-    def __init__(self, request):
-        ipam = conf_get(request.config, "ipam", dict)
-        if ipam is None:
-            raise CNIError(ERR_INVALID_CONFIG, "IPAM config missing 'ipam' key")
-        self.network = request.network
-        self.data_dir = conf_get(ipam, "dataDir", str, DEFAULT_DATA_DIR, "ipam.")
-        if (not self.data_dir.startswith("/") or "\0" in self.data_dir
-                or not encodable(self.data_dir)):
-            raise config_error("ipam.dataDir must be an absolute path", self.data_dir[:300])
-
-
-class HostLocalConfig(IPAMLocation):
-    """host-local's keys (the reference's names, matched case-insensitively), read here alone:
-
-      ipam.dataDir          state directory (default /var/lib/cni/networks)        IPAMLocation
-      ipam.subnet, ipam.rangeStart, ipam.rangeEnd, ipam.gateway
-                            one range: the older single-range form                  IPRange.parse
-      ipam.ranges           [[range, ...], ...]: range sets, one address from each  parse_range_set
-      ipam.routes           [{dst, gw, mtu, advmss, priority, table, scope}]        parse_routes
-      ipam.resolvConf       a resolv.conf file whose contents are the result's dns
-      runtimeConfig.ipRanges  range sets from the runtime (capability "ipRanges"), first
-      CNI_ARGS IP, args.cni.ips, runtimeConfig.ips   addresses asked for, in that order
-
-    Everything ADD, CHECK and STATUS need, validated by the constructor.
-    """
-
-    def __init__(self, request):
-        IPAMLocation.__init__(self, request)
-        ipam = conf_get(request.config, "ipam", dict)
-        self.range_sets = self._range_sets(request, ipam)
-        self.routes = parse_routes(conf_get(ipam, "routes", list, [], "ipam."), "ipam.routes")
-        resolv = conf_get(ipam, "resolvConf", str, "", "ipam.")
-        self.dns = parse_resolv_conf(resolv) if resolv else {}
-        self.requested = self._requested_ips(request)
-
-    @staticmethod
-    def _range_sets(request, ipam):
-        """Range sets in the reference's order: the runtime's, ipam.subnet's, ipam.ranges."""
-        sets = []
-        for i, items in enumerate(conf_get(request.runtime_config(), "ipRanges", list, [])):
-            sets.append(parse_range_set(items, "runtimeConfig.ipRanges[%d]" % i))
-        if conf_get(ipam, "subnet") is not None:
-            sets.append(parse_range_set([ipam], "ipam"))
-        for i, items in enumerate(conf_get(ipam, "ranges", list, [], "ipam.")):
-            sets.append(parse_range_set(items, "ipam.ranges[%d]" % i))
-        if not sets:
-            raise CNIError(ERR_INVALID_CONFIG, "no IP ranges specified")
-        if is_legacy_version(request.version):
-            for family in (4, 6):
-                if sum(1 for s in sets if s[0].family == family) > 1:
-                    raise CNIError(ERR_INVALID_CONFIG, "CNI version %s does not support more "
-                                   "than 1 address per family" % request.version)
-        for i, a in enumerate(sets):
-            for j in range(i + 1, len(sets)):
-                if any(x.overlaps(y) for x in a for y in sets[j]):
-                    raise CNIError(ERR_INVALID_CONFIG, "range set %d overlaps with %d" % (i, j))
-        return sets
-
-    @staticmethod
-    def _requested_ips(request):
-        """Addresses asked for by CNI_ARGS IP, args.cni.ips and runtimeConfig.ips, in that order."""
-        texts = []
-        arg = request.args.get("IP")
-        if arg:
-            texts.extend(arg.split(","))
-        cni = conf_get(conf_get(request.config, "args", dict, {}), "cni", dict, {})
-        for where, items in (("args.cni.ips", conf_get(cni, "ips", list, [])),
-                             ("runtimeConfig.ips",
-                              conf_get(request.runtime_config(), "ips", list, []))):
-            for item in items:
-                if not isinstance(item, str):
-                    raise config_error("%s must hold strings" % where)
-                texts.append(item)
-        requested = []
-        for text in texts:
-            try:
-                ip = parse_ip(text.strip().split("/", 1)[0])
-            except ValueError:
-                raise CNIError(ERR_INVALID_CONFIG, "cannot understand ip: %r" % text[:100])
-            if ip not in requested:
-                requested.append(ip)
-        return requested
-
-
 class Store(object):
     """The locked reservation directory of one network; use as `with Store(...) as store:`."""
 
@@ -2980,6 +2894,96 @@ def nothing_to_do(request):
 # ==============================================================================================
 # The host-local plugin
 # ==============================================================================================
+# Its keys are all read by HostLocalConfig (DEL and GC by IPAMLocation alone); the IPAM store
+# section does the allocating.
+
+class IPAMLocation(object):
+    """Where a network's host-local state lives: all that DEL and GC read of the config, so a
+    range configuration that no longer validates does not leak reservations (decision 9)."""
+
+    def __init__(self, request):
+        ipam = conf_get(request.config, "ipam", dict)
+        if ipam is None:
+            raise CNIError(ERR_INVALID_CONFIG, "IPAM config missing 'ipam' key")
+        self.network = request.network
+        self.data_dir = conf_get(ipam, "dataDir", str, DEFAULT_DATA_DIR, "ipam.")
+        if (not self.data_dir.startswith("/") or "\0" in self.data_dir
+                or not encodable(self.data_dir)):
+            raise config_error("ipam.dataDir must be an absolute path", self.data_dir[:300])
+
+
+class HostLocalConfig(IPAMLocation):
+    """host-local's keys (the reference's names, matched case-insensitively), read here alone:
+
+      ipam.dataDir          state directory (default /var/lib/cni/networks)        IPAMLocation
+      ipam.subnet, ipam.rangeStart, ipam.rangeEnd, ipam.gateway
+                            one range: the older single-range form                  IPRange.parse
+      ipam.ranges           [[range, ...], ...]: range sets, one address from each  parse_range_set
+      ipam.routes           [{dst, gw, mtu, advmss, priority, table, scope}]        parse_routes
+      ipam.resolvConf       a resolv.conf file whose contents are the result's dns
+      runtimeConfig.ipRanges  range sets from the runtime (capability "ipRanges"), first
+      CNI_ARGS IP, args.cni.ips, runtimeConfig.ips   addresses asked for, in that order
+
+    Everything ADD, CHECK and STATUS need, validated by the constructor.
+    """
+
+    def __init__(self, request):
+        IPAMLocation.__init__(self, request)
+        ipam = conf_get(request.config, "ipam", dict)
+        self.range_sets = self._range_sets(request, ipam)
+        self.routes = parse_routes(conf_get(ipam, "routes", list, [], "ipam."), "ipam.routes")
+        resolv = conf_get(ipam, "resolvConf", str, "", "ipam.")
+        self.dns = parse_resolv_conf(resolv) if resolv else {}
+        self.requested = self._requested_ips(request)
+
+    @staticmethod
+    def _range_sets(request, ipam):
+        """Range sets in the reference's order: the runtime's, ipam.subnet's, ipam.ranges."""
+        sets = []
+        for i, items in enumerate(conf_get(request.runtime_config(), "ipRanges", list, [])):
+            sets.append(parse_range_set(items, "runtimeConfig.ipRanges[%d]" % i))
+        if conf_get(ipam, "subnet") is not None:
+            sets.append(parse_range_set([ipam], "ipam"))
+        for i, items in enumerate(conf_get(ipam, "ranges", list, [], "ipam.")):
+            sets.append(parse_range_set(items, "ipam.ranges[%d]" % i))
+        if not sets:
+            raise CNIError(ERR_INVALID_CONFIG, "no IP ranges specified")
+        if is_legacy_version(request.version):
+            for family in (4, 6):
+                if sum(1 for s in sets if s[0].family == family) > 1:
+                    raise CNIError(ERR_INVALID_CONFIG, "CNI version %s does not support more "
+                                   "than 1 address per family" % request.version)
+        for i, a in enumerate(sets):
+            for j in range(i + 1, len(sets)):
+                if any(x.overlaps(y) for x in a for y in sets[j]):
+                    raise CNIError(ERR_INVALID_CONFIG, "range set %d overlaps with %d" % (i, j))
+        return sets
+
+    @staticmethod
+    def _requested_ips(request):
+        """Addresses asked for by CNI_ARGS IP, args.cni.ips and runtimeConfig.ips, in that order."""
+        texts = []
+        arg = request.args.get("IP")
+        if arg:
+            texts.extend(arg.split(","))
+        cni = conf_get(conf_get(request.config, "args", dict, {}), "cni", dict, {})
+        for where, items in (("args.cni.ips", conf_get(cni, "ips", list, [])),
+                             ("runtimeConfig.ips",
+                              conf_get(request.runtime_config(), "ips", list, []))):
+            for item in items:
+                if not isinstance(item, str):
+                    raise config_error("%s must hold strings" % where)
+                texts.append(item)
+        requested = []
+        for text in texts:
+            try:
+                ip = parse_ip(text.strip().split("/", 1)[0])
+            except ValueError:
+                raise CNIError(ERR_INVALID_CONFIG, "cannot understand ip: %r" % text[:100])
+            if ip not in requested:
+                requested.append(ip)
+        return requested
+
 
 def host_local_allocate(request):
     """Reserve one address per range set.  Returns the short IPAM result (no interfaces) and

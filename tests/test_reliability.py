@@ -478,6 +478,7 @@ def wrong_values(path):
             if json_type(value) != json_type(right) or json_type(value) in ("number", "string")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", KEY_PATHS, ids=lambda path: ".".join(map(str, path)))
 def test_every_key_with_wrong_values(arena, path):
     """Each key bridge and host-local read, set to values of every other JSON type (a boolean; a
@@ -742,6 +743,7 @@ def lock_timeout():
     return cni_bridge.LOCK_TIMEOUT
 
 
+@pytest.mark.slow
 def test_held_lock_makes_add_and_del_give_up_with_code_11(ours_bin, node, make_netns, data_dir):
     """Another process holding <dataDir>/<net>/lock: an ADD and a DEL running meanwhile both return
     (within the lock timeout, loosely bounded) with code 11; the ADD leaves no veth, eth0,

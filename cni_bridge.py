@@ -703,6 +703,13 @@ NETLINK_NETFILTER = 12
 # Refusals worth retrying (code 11): the kernel was busy or short of memory, not unwilling.
 TRANSIENT_ERRNOS = (errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ETIMEDOUT)
 
+# Acknowledgements the kernel queues at once must fit the receive buffer (default 208 KiB): each
+# takes up to ACK_TRUESIZE bytes of it, whatever its length.
+ACKS_PER_DATAGRAM = 64
+ACK_TRUESIZE = 1024
+NETLINK_BUFFER_MIN = 1 << 16
+SOL_SOCKET = 1
+SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
 NETLINK_TIMEOUT = 5.0                         # seconds; a kernel that does not answer is code 11
 
 # Attribute kinds: how a value is laid out on the wire.
@@ -986,16 +993,29 @@ class NetlinkSocket(object):
             raise NetlinkError(err.errno or errno.EIO, what)
 
     def transact(self, requests, what="", batch=None):
-        """Send several requests in one datagram and wait for every acknowledgement.
+        """Send requests and wait for every acknowledgement.
 
         `requests` are NetlinkRequests.  Returns the reply messages of each request (a list per
-        request).  The first refused request raises NetlinkError; rtnetlink still processed the
-        others, while a `batch` (a BatchFrame: nf_tables) is committed all or nothing.
+        request).  The kernel queues each acknowledgement in our receive buffer while it works
+        through a datagram, so rtnetlink requests go ACKS_PER_DATAGRAM at a time, each group's
+        acknowledgements read before the next is sent; the first refused request raises
+        NetlinkError once its group is answered (the rest of the group was still processed,
+        later groups are not sent).  A `batch` (a BatchFrame: nf_tables) is committed all or
+        nothing, so it is one datagram, and the buffers are grown to hold it and its answers.
         """
+        requests = [NetlinkRequest(*request) for request in requests]
+        if batch is not None:
+            return self._exchange(requests, what, batch)
+        replies = []
+        for start in range(0, len(requests), ACKS_PER_DATAGRAM):
+            replies.extend(self._exchange(requests[start:start + ACKS_PER_DATAGRAM], what, None))
+        return replies
+
+    def _exchange(self, requests, what, batch):
+        """One datagram of requests (framed by `batch`, if any) and every acknowledgement."""
         seqs = []
         chunks = []
         for request in requests:
-            request = NetlinkRequest(*request)
             seq = self._next_seq()
             seqs.append(seq)
             chunks.append(encode_message(self.layouts, request.msg_type,
@@ -1006,7 +1026,11 @@ class NetlinkSocket(object):
                                             self._next_seq(), batch.header, ()))
             chunks.append(encode_message(self.layouts, batch.end, NLM_F_REQUEST, self._next_seq(),
                                          batch.header, ()))
-        self.sock.send(b"".join(chunks))
+        datagram = b"".join(chunks)
+        if len(seqs) > ACKS_PER_DATAGRAM or len(datagram) > NETLINK_BUFFER_MIN:
+            self._grow_buffers(len(datagram) + NETLINK_BUFFER_MIN,
+                               len(seqs) * ACK_TRUESIZE + NETLINK_BUFFER_MIN)
+        self.sock.send(datagram)
         replies = dict((seq, []) for seq in seqs)
         pending = set(seqs)
         failure = None
@@ -1024,6 +1048,16 @@ class NetlinkSocket(object):
         if failure is not None:
             raise failure
         return [replies[seq] for seq in seqs]
+
+    def _grow_buffers(self, send_bytes, receive_bytes):
+        """Make room for a large batch and its acknowledgements (root may exceed the sysctl
+        maximum with the FORCE options, as `nft` does; others get what the maximum allows)."""
+        for force, plain, size in ((SO_SNDBUFFORCE, SO_SNDBUF, send_bytes),
+                                   (SO_RCVBUFFORCE, SO_RCVBUF, receive_bytes)):
+            try:
+                self.sock.setsockopt(SOL_SOCKET, force, size)
+            except OSError:
+                self.sock.setsockopt(SOL_SOCKET, plain, size)
 
     def request(self, msg_type, flags=0, header=None, attrs=(), what=""):
         """One request with its acknowledgement; returns the replies (for a GET, the object)."""
@@ -1050,7 +1084,8 @@ class NetlinkSocket(object):
                     elif reply_type == NLMSG_ERROR:
                         errno_value, reason = _ack_error(payload, flags)
                         raise NetlinkError(errno_value, what, reason)
-                    elif reply_type in self.layouts and (containing is None or containing in payload):
+                    elif reply_type in self.layouts and (containing is None
+                                                         or containing in payload):
                         messages.append(decode_payload(self.layouts, reply_type, flags, payload))
             if not interrupted:
                 return messages
@@ -2201,8 +2236,9 @@ class Netns(object):
         mine, theirs = posix.fstat(own_fd), posix.fstat(self.fd)
         if not allow_own and (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
             posix.close(self.fd)
-            raise NetnsIsOwn(ERR_INVALID_NETNS, "plugin's netns and netns from CNI_NETNS should not "
-                             "be the same", "CNI_NETNS %s is the namespace the plugin runs in" % path)
+            raise NetnsIsOwn(ERR_INVALID_NETNS,
+                             "plugin's netns and netns from CNI_NETNS should not be the same",
+                             "CNI_NETNS %s is the namespace the plugin runs in" % path)
 
     def close(self):
         """Close the namespace's fd."""
@@ -2256,10 +2292,10 @@ def make_directories(path, mode=0o755):
             raise
 
 
-def is_directory(path):
-    """Whether `path` is a directory (following symlinks); False when it is absent."""
+def is_directory(path, follow=True):
+    """Whether `path` is a directory (a symlink to one only when `follow`); False when absent."""
     try:
-        return posix.stat(path).st_mode & S_IFMT == S_IFDIR
+        return posix.stat(path, follow_symlinks=follow).st_mode & S_IFMT == S_IFDIR
     except OSError:
         return False
 
@@ -2379,7 +2415,12 @@ class IPRange(object):
             raise config_error("%s: rangeStart %s is after rangeEnd %s"
                                % (where, ip_to_text(subnet.family, start),
                                   ip_to_text(subnet.family, end)))
-        return cls(subnet, start, end, gateway)
+        made = cls(subnet, start, end, gateway)
+        if made.capacity() <= 0:        # it could never hand out an address: not worth a retry
+            raise config_error("%s: range %s holds no usable address" % (where, made),
+                               "the network address, the IPv4 broadcast address and the gateway "
+                               "are never handed out")
+        return made
 
     @property
     def family(self):
@@ -2492,11 +2533,13 @@ def parse_routes(items, where):
 
 
 class Store(object):
-    """The locked reservation directory of one network; use as `with Store(...) as store:`."""
+    """The locked reservation directory of one network; use as `with Store(...) as store:`.
+    `read_only` (a listing): the directory must exist, nothing is created, locked or removed."""
 
-    def __init__(self, data_dir, network):
+    def __init__(self, data_dir, network, read_only=False):
         self.data_dir = data_dir
         self.network = network
+        self.read_only = read_only
         self.dir_fd = None
         self.lock_fd = None
         self.file_names = {}
@@ -2505,6 +2548,13 @@ class Store(object):
     def __enter__(self):
         import fcntl
         path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
+        if self.read_only:
+            try:
+                self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY
+                                         | posix.O_NOFOLLOW | posix.O_CLOEXEC)
+            except OSError as err:
+                raise os_error(err, "failed to open the IPAM state directory %s" % path)
+            return self
         try:
             make_directories(path)
             self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
@@ -2570,7 +2620,8 @@ class Store(object):
         self.file_names = {}
         for name in posix.listdir(self.dir_fd):
             if name.startswith(TEMP_PREFIX):
-                self.remove(name)
+                if not self.read_only:
+                    self.remove(name)
                 continue
             if name == "lock" or name.startswith(LAST_RESERVED_PREFIX):
                 continue
@@ -2593,7 +2644,7 @@ class Store(object):
         """Write `content` to a new temporary file in the directory; its name."""
         name = "%s%d" % (TEMP_PREFIX, posix.getpid())
         try:
-            posix.unlink(name, dir_fd=self.dir_fd)      # a dead plugin's of the same pid (the lock is ours)
+            posix.unlink(name, dir_fd=self.dir_fd)      # a dead plugin's (the lock is ours)
         except OSError:
             pass                    # none there; or the write below reports the real cause
         try:
@@ -3298,7 +3349,7 @@ NFT_NAME_MAX = 255         # bytes of an nf_tables chain name (NFT_CHAIN_MAXNAME
 
 
 def iptables_comment(network, container_id):
-    """The reference's comment, cut to what iptables accepts (names are ASCII: bytes =
+    """The reference's comment, cut to what iptables accepts (names are ASCII: bytes are
     characters)."""
     return ('name: "%s" id: "%s"' % (network, container_id))[:XT_COMMENT_MAX]
 
@@ -3446,7 +3497,8 @@ def masquerade_in_place(conf, request, ips):
     instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
     if len(rules_commented(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)) >= len(ips):
         return True
-    families = set(address_family_of(ip["address"]) for ip in ips if isinstance(ip, dict) and "address" in ip)
+    families = set(address_family_of(ip["address"]) for ip in ips
+                   if isinstance(ip, dict) and "address" in ip)
     return bool(families) and all(
         owns_iptables_chain(nl, NFPROTO_IPV4 if family == 4 else NFPROTO_IPV6, conf.network,
                             request.container_id, required_rules=True) for family in families)
@@ -3650,7 +3702,8 @@ def iptables_check(network, container_id):
     chain = iptables_chain(network, container_id)
     status, rules = run_iptables(4, ["-S", chain], check=False)
     if status != 0 or not any(line.startswith("-A ") for line in rules.splitlines()):
-        raise CNIError(ERR_INTERNAL, "masquerade chain %s of %s is missing or empty" % (chain, container_id))
+        raise CNIError(ERR_INTERNAL, "masquerade chain %s of %s is missing or empty"
+                       % (chain, container_id))
 
 
 # --- ADD ----------------------------------------------------------------------------------------
@@ -3687,7 +3740,7 @@ def random_veth_name():
     return HOST_VETH_PREFIX + posix.urandom(4).hex()
 
 
-IFALIAS_MAX = 254          # bytes of an alias every kernel accepts (IFALIASZ less the NUL, less one)
+IFALIAS_MAX = 254          # bytes of an alias every kernel accepts (IFALIASZ - 2)
 
 
 def attachment_alias(network, container_id, ifname):
@@ -3737,8 +3790,10 @@ def existing_attachment(host_nl, container_nl, conf, request):
     container = get_link(container_nl, request.ifname)
     if not is_pair(container, host):
         raise CNIError(ERR_INVALID_CONFIG, "container %s already has %s attached to network %s in "
-                       "another namespace" % (request.container_id[:100], request.ifname, conf.network),
-                       "host veth %s; DEL that attachment first (CNI_CONTAINERID reused?)" % host.name)
+                       "another namespace" % (request.container_id[:100], request.ifname,
+                                              conf.network),
+                       "host veth %s; DEL that attachment first (CNI_CONTAINERID reused?)"
+                       % host.name)
     return host, container
 
 
@@ -4046,11 +4101,13 @@ def repeated_add(request, conf, host_nl, container_nl, host, container):
         ipam_result = ipam_call(request, conf.ipam_type, "ADD")
         result.update((k, ipam_result.get(k) or result[k]) for k in ("ips", "routes", "dns"))
         present = set(a.prefix for a in list_addrs(container_nl, container.index))
-        missing = [ip["address"] for ip in result["ips"] if Prefix.parse(ip["address"]) not in present]
+        missing = [ip["address"] for ip in result["ips"]
+                   if Prefix.parse(ip["address"]) not in present]
         if missing or not result["ips"]:
             if not ipam_result.get("reused", True):
-                ipam_call(request, conf.ipam_type, "DEL")      # a new reservation, not the old one's
-            raise CNIError(ERR_INVALID_CONFIG, "container veth name %r already exists" % request.ifname,
+                ipam_call(request, conf.ipam_type, "DEL")      # a new reservation: not the old one
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "container veth name %r already exists" % request.ifname,
                            "it is attached but lacks %s: DEL the attachment first"
                            % (" ".join(missing) or "its addresses"))
         complete_gateways(conf, result)
@@ -4062,8 +4119,8 @@ def repeated_add(request, conf, host_nl, container_nl, host, container):
         if conf.macspoofchk:
             setup_macspoofchk(conf, request, host.name, container.mac)
     vlan_gateway = get_link(host_nl, conf.vlan_gateway) if conf.uses_vlan_gateway else None
-    return finish_result(conf, request, result, get_link(host_nl, index=host.master), host, container,
-                         vlan_gateway)
+    bridge = get_link(host_nl, index=host.master)
+    return finish_result(conf, request, result, bridge, host, container, vlan_gateway)
 
 
 def rollback_add(request, conf, container_nl, container, ipam_done):
@@ -4116,22 +4173,26 @@ def bridge_del(request):
     if ns is not None:
         container_nl = ns.netlink()
         container = get_link(container_nl, request.ifname)
-        host = get_link(host_nl, index=container.peer_index) if container and container.kind == "veth" else None
-        mine = host is not None and host.alias == attachment_alias(network, request.container_id, request.ifname)
+        host = None
+        if container is not None and container.kind == "veth":
+            host = get_link(host_nl, index=container.peer_index)
+        alias = attachment_alias(network, request.container_id, request.ifname)
+        mine = host is not None and host.alias == alias
         if not mine:
             elsewhere = find_host_veth(host_nl, network, request.container_id, request.ifname)
             if elsewhere is not None:
                 # The same container ID and interface live in another namespace (a refused ADD
                 # of a reused ID is being cleaned up): their reservation and rules are not ours.
                 sys.stderr.write("DEL: %s of %s is attached in another namespace (host veth %s); "
-                                 "nothing here to release\n" % (request.ifname, request.container_id[:100],
-                                                                 elsewhere.name))
+                                 "nothing here to release\n"
+                                 % (request.ifname, request.container_id[:100], elsewhere.name))
                 return None
     # Rules first: their removal frees memory after an RCU grace period, which then passes
     # while the veth is deleted instead of at exit.
     teardown_attachment_rules(network, request.container_id, request.ifname, backend)
     if container is not None:
-        delete_link(container_nl, container.index, "failed to delete %s in the container" % request.ifname)
+        delete_link(container_nl, container.index,
+                    "failed to delete %s in the container" % request.ifname)
     elif ns is None:
         # Without the namespace the pair is reached from its host end (deleting it deletes both).
         host = find_host_veth(host_nl, network, request.container_id, request.ifname)
@@ -4158,8 +4219,9 @@ def bridge_check(request):
     if bridge is None or bridge.kind != "bridge":
         raise CNIError(ERR_INTERNAL, "bridge %s not found or not a bridge" % conf.bridge)
     if bool(bridge.flags & IFF_PROMISC) != conf.promisc:
-        raise CNIError(ERR_INTERNAL,
-                       "bridge %s promiscuous mode is not %s" % (conf.bridge, conf.promisc))
+        raise CNIError(ERR_INTERNAL, "bridge %s is %s, while the config's promiscMode is %s"
+                       % (conf.bridge, "promiscuous" if bridge.flags & IFF_PROMISC
+                          else "not promiscuous", "true" if conf.promisc else "false"))
     container = get_link(container_nl, request.ifname)
     if container is None or container.kind != "veth":
         raise CNIError(ERR_INTERNAL,
@@ -4934,17 +4996,26 @@ REQUIRED_ENV = {
 # The first config version that allows a command.
 MIN_VERSION = {"CHECK": (0, 4, 0), "GC": (1, 1, 0), "STATUS": (1, 1, 0)}
 MAX_STDIN = 64 << 20
+STDIN_TIMEOUT = 10.0            # seconds for the runtime to write the config and close stdin
 
 
 def read_stdin(wait_for_data):
     """All of stdin.  With `wait_for_data` false (VERSION) an idle stdin is not waited for long."""
+    import select
     chunks = []
     size = 0
     if not wait_for_data:
-        import select
         if posix.isatty(0) or not select.select([0], [], [], 1.0)[0]:
             return b""
+    deadline = time.monotonic() + STDIN_TIMEOUT
     while True:
+        try:
+            ready = select.select([0], [], [], max(0.0, deadline - time.monotonic()))[0]
+        except (OSError, ValueError):
+            ready = True                # no pollable stdin: the read below says what it is
+        if not ready:
+            raise CNIError(ERR_TRY_AGAIN, "stdin was not closed within %g s" % STDIN_TIMEOUT,
+                           "the runtime must write the network configuration and close stdin")
         try:
             chunk = posix.read(0, 1 << 16)
         except OSError as err:
@@ -5104,6 +5175,9 @@ def install(directory, force):
         make_directories(directory)
     for name in PLUGINS:
         path = os.path.join(directory, name)
+        if is_directory(path, follow=False):        # rename() cannot put a link in its place
+            raise CNIError(ERR_INVALID_CONFIG, "%s is a directory; remove it first (--force "
+                           "replaces files and links, never a directory)" % path)
         if os.path.lexists(path) and not os.path.islink(path) and not force:
             raise CNIError(ERR_INVALID_CONFIG,
                            "%s exists and is not a symlink; use --force to replace it" % path)
@@ -5115,7 +5189,11 @@ def install(directory, force):
     for name in PLUGINS:
         link_temp = os.path.join(directory, ".%s.%d" % (name, posix.getpid()))
         posix.symlink(target_name, link_temp)
-        posix.rename(link_temp, os.path.join(directory, name))
+        try:
+            posix.rename(link_temp, os.path.join(directory, name))
+        except OSError:
+            posix.unlink(link_temp)
+            raise
     sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)),
                                                        directory))
 
@@ -5191,8 +5269,10 @@ def icmp_checksum(data):
     return ~total & 0xFFFF
 
 
-def ping(ns, family, address, timeout=2.0):
-    """Send one ICMP echo from inside `ns` to `address`; returns the round trip in ms."""
+def ping(ns, family, address, timeout=5.0, interval=0.2):
+    """Send ICMP echoes from inside `ns` to `address`, one every `interval` seconds until one is
+    answered (a new IPv6 gateway answers only once its duplicate address detection is over);
+    returns the round trip of the answered echo in ms."""
     request_type, reply_type = ICMP_ECHO[family]
     import _socket
     with ns.entered():
@@ -5200,20 +5280,30 @@ def ping(ns, family, address, timeout=2.0):
                               _socket.IPPROTO_ICMP if family == 4 else _socket.IPPROTO_ICMPV6)
     try:
         ident = posix.getpid() & 0xFFFF
-        body = struct.pack("!HH", ident, 1) + b"cni-bridge verify"
-        header = struct.pack("!BBH", request_type, 0, 0)
-        packet = struct.pack("!BBH", request_type, 0, icmp_checksum(header + body)) + body
-        start = time.monotonic()
-        sock.settimeout(timeout)
-        sock.sendto(packet, (address, 0))
-        while True:
-            data = sock.recv(2048)
-            if family == 4:
-                data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
-            if data[0] == reply_type and struct.unpack("!H", data[4:6])[0] == ident:
-                return (time.monotonic() - start) * 1000
-            if time.monotonic() - start > timeout:
-                raise OSError(errno.ETIMEDOUT, "no echo reply")
+        deadline = time.monotonic() + timeout
+        sequence = 0
+        while time.monotonic() < deadline:
+            sequence += 1
+            body = struct.pack("!HH", ident, sequence) + b"cni-bridge verify"
+            header = struct.pack("!BBH", request_type, 0, 0)
+            packet = struct.pack("!BBH", request_type, 0, icmp_checksum(header + body)) + body
+            sent = time.monotonic()
+            try:
+                sock.sendto(packet, (address, 0))
+            except OSError:
+                pass                    # no route yet: the next echo tries again
+            until = min(sent + interval, deadline)
+            while time.monotonic() < until:
+                sock.settimeout(max(0.001, until - time.monotonic()))
+                try:
+                    data = sock.recv(2048)
+                except _socket.timeout:
+                    break
+                if family == 4:
+                    data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
+                if data[0] == reply_type and struct.unpack("!HH", data[4:8]) == (ident, sequence):
+                    return (time.monotonic() - sent) * 1000
+        raise OSError(errno.ETIMEDOUT, "no echo reply within %g s" % timeout)
     finally:
         sock.close()
 
@@ -5393,13 +5483,15 @@ class Verifier(object):
         `attachment` is (network, container ID, ifname)."""
         network, container_id, ifname = attachment
         left = []
-        if get_link(ctr.netlink(), ifname) is not None:
+        link = get_link(ctr.netlink(), ifname)
+        if link is not None and (ifname != "lo" or link.up):     # loopback's DEL takes lo down
             left.append("%s in the container" % ifname)
         if host_veth and get_link(node.netlink(), host_veth) is not None:
             left.append("host veth %s" % host_veth)
         if is_directory(network_dir):
             left.extend("reservation %s" % name for name in posix.listdir(network_dir)
-                        if name not in ("lock", BOOT_ID_FILE) and not name.startswith(LAST_RESERVED_PREFIX))
+                        if name not in ("lock", BOOT_ID_FILE)
+                        and not name.startswith(LAST_RESERVED_PREFIX))
         nft = node.netlink(NETLINK_NETFILTER)
         instance = masq_instance_hash(network, container_id, ifname)
         left.extend("masquerade rule %d" % r.handle
@@ -5435,7 +5527,10 @@ def load_verify_config(config_path):
     if not isinstance(config, dict):
         raise ValueError("the configuration must be a JSON object")
     if "plugins" in config:        # a .conflist: the walkthrough drives its first plugin
-        plugin_config = dict(config["plugins"][0])
+        plugins = config["plugins"]
+        if not isinstance(plugins, list) or not plugins or not isinstance(plugins[0], dict):
+            raise ValueError("`plugins` must be a non-empty list of plugin objects")
+        plugin_config = dict(plugins[0])
         plugin_config.update(cniVersion=config.get("cniVersion", ""), name=config.get("name", ""))
         config = plugin_config
     return config, config_path
@@ -5449,6 +5544,10 @@ def verify(config_path, keep, as_json):
     except (OSError, ValueError) as err:
         sys.stderr.write("verify: cannot read %s: %s\n" % (config_path, err))
         return 2
+    if config.get("type") not in PLUGINS:
+        sys.stderr.write("verify: type %s is not one of this program's plugins (%s)\n"
+                         % (json_dumps(config.get("type")), ", ".join(sorted(PLUGINS))))
+        return 2
     prefix = os.environ.get("CNI_BRIDGE_VERIFY_PREFIX", VERIFY_NETNS_PREFIX)
     tag = posix.urandom(4).hex()
     node_name, ctr_name = "%snode-%s" % (prefix, tag), "%sctr-%s" % (prefix, tag)
@@ -5459,7 +5558,9 @@ def verify(config_path, keep, as_json):
     if isinstance(config.get("ipam"), dict):
         config["ipam"] = dict(config["ipam"], dataDir=data_dir)
     version = config.get("cniVersion") or "0.1.0"
-    attachment = (config.get("name", ""), "verify-" + tag, "eth0")
+    # loopback brings up the namespace's `lo` whatever CNI_IFNAME says: that is what to read back.
+    attachment = (config.get("name", ""), "verify-" + tag,
+                  "lo" if config.get("type") == "loopback" else "eth0")
     env = {"CNI_CONTAINERID": attachment[1], "CNI_NETNS": ctr_path, "CNI_IFNAME": attachment[2],
            "CNI_PATH": os.path.dirname(archive_path() or os.path.abspath(__file__)),
            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -5567,6 +5668,18 @@ def load_network_list(name, conf_dir):
     raise CNIError(ERR_INVALID_CONFIG, "no network %r in %s" % (name, conf_dir))
 
 
+def capability_args(text):
+    """CAP_ARGS: a JSON object of capability arguments (cnitool's format)."""
+    try:
+        value = json_loads(text)
+    except (ValueError, UnicodeError) as err:
+        raise CNIError(ERR_DECODE, "CAP_ARGS is not valid JSON: %s" % err)
+    if not isinstance(value, dict):
+        raise CNIError(ERR_DECODE, "CAP_ARGS must be a JSON object, such as "
+                       '{"portMappings": [...]}')
+    return value
+
+
 class NetworkCall(object):
     """What every network command needs, read from the environment `env` as cnitool does: the
     network's config list, the attachment (container ID derived from the netns path, CNI_IFNAME),
@@ -5580,7 +5693,7 @@ class NetworkCall(object):
         self.version = conf_lookup(self.conf, "cniVersion") or ""
         self.ifname = env.get("CNI_IFNAME", "eth0")
         self.container_id = "cnitool-" + sha512_hex(netns)[:20]
-        self.capability_args = json_loads(env.get("CAP_ARGS") or "{}")
+        self.capability_args = capability_args(env.get("CAP_ARGS") or "{}")
         self.cni_args = split_cni_args(env.get("CNI_ARGS", ""))
         self.cni_path = env.get("CNI_PATH", "/opt/cni/bin")
         self.cache_dir = results_cache_dir(env)
@@ -5634,8 +5747,13 @@ class NetworkCall(object):
                  "networkName": self.network, "netns": self.netns, "cniArgs": self.cni_args,
                  "capabilityArgs": self.capability_args, "result": result}
         path = self.cache_path()
-        with open(path + ".tmp", "w") as f:
-            f.write(json_dumps(entry))
+        fd = posix.open(path + ".tmp", posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC
+                        | posix.O_NOFOLLOW | posix.O_CLOEXEC, 0o644)
+        try:
+            posix.fchmod(fd, 0o644)         # whatever the umask (README: the cache is 0644)
+            posix.write(fd, json_dumps(entry).encode("utf-8", "surrogateescape"))
+        finally:
+            posix.close(fd)
         posix.rename(path + ".tmp", path)
 
     def forget_result(self):
@@ -5749,7 +5867,8 @@ def attachment_netns(entry):
 
 def leases(data_dir, collect):
     """List every reservation under `data_dir`; flag those whose container namespace is gone
-    (known from the runtime's result cache) and with `collect` release them through GC."""
+    (known from the runtime's result cache) and with `collect` release them.  A listing changes
+    nothing: it takes no lock and creates no file; only the release locks a network."""
     import os
     netns_of = {}
     for entry in cached_results(results_cache_dir(os.environ)):
@@ -5760,43 +5879,52 @@ def leases(data_dir, collect):
     except OSError as err:
         sys.stderr.write("leases: cannot read %s: %s\n" % (data_dir, err.strerror))
         return 1
-    now = time.time()
-    rows, stale_count = [], 0
+    rows, released = [], 0
     for network in networks:
-        if not os.path.isdir(os.path.join(data_dir, network)):
+        if not is_directory(os.path.join(data_dir, network), follow=False):
+            continue            # a file, or a symlink (never followed into another tree)
+        try:
+            found = network_leases(data_dir, network, netns_of)
+        except CNIError as err:
+            sys.stderr.write("leases: %s\n" % err.msg)
             continue
-        with Store(data_dir, network) as store:
-            reserved = store.reservations()
-            recorded = store.recorded_boot()
-            previous_boot = bool(recorded) and recorded != current_boot_id()
-            valid, stale = set(), []
-            for key, content in sorted(reserved.items()):
-                cid, _, ifname = content.strip().partition("\r\n")
-                try:
-                    age = now - posix.stat(store.file_names[key], dir_fd=store.dir_fd,
-                                           follow_symlinks=False).st_mtime
-                except OSError:
-                    age = 0
-                netns = netns_of.get((network, cid, ifname))
-                gone = netns is not None and not os.path.exists(netns)
-                status = "netns gone" if gone else ("ok" if netns else "unknown netns")
-                if previous_boot:       # released by the next ADD, GC or STATUS of the network
-                    status = "previous boot"
-                if gone:
-                    stale.append(key)
-                else:
-                    valid.add((cid, ifname))
-                rows.append((network, ip_to_text(*key), cid, ifname,
-                             "%dh%02dm" % (age // 3600, age % 3600 // 60), status))
-            stale_count += len(stale)
-            if collect and stale:
-                collect_garbage(store, valid)
+        rows.extend(row for row, _attachment in found)
+        stale = set(attachment for row, attachment in found if row[-1] == "netns gone")
+        if collect and stale:
+            with Store(data_dir, network) as store:
+                for container_id, ifname in sorted(stale):
+                    released += len(release(store, container_id, ifname))
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(LEASE_COLUMNS)]
     for row in [LEASE_COLUMNS] + rows:
         sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
     if collect:
-        sys.stdout.write("released %d stale reservation(s)\n" % stale_count)
+        sys.stdout.write("released %d stale reservation(s)\n" % released)
     return 0
+
+
+def network_leases(data_dir, network, netns_of):
+    """[(row, (containerID, ifname))] of one network's reservations, read without the lock."""
+    import os
+    now = time.time()
+    found = []
+    with Store(data_dir, network, read_only=True) as store:
+        recorded = store.recorded_boot()
+        previous_boot = bool(recorded) and recorded != current_boot_id()
+        for key, content in sorted(store.reservations().items()):
+            cid, _, ifname = content.strip().partition("\r\n")
+            try:
+                age = now - posix.stat(store.file_names[key], dir_fd=store.dir_fd,
+                                       follow_symlinks=False).st_mtime
+            except OSError:
+                age = 0
+            netns = netns_of.get((network, cid, ifname))
+            gone = netns is not None and not os.path.exists(netns)
+            status = "netns gone" if gone else ("ok" if netns else "unknown netns")
+            if previous_boot:           # released by the next ADD, GC or STATUS of the network
+                status = "previous boot"
+            found.append(((network, ip_to_text(*key), cid, ifname,
+                           "%dh%02dm" % (age // 3600, age % 3600 // 60), status), (cid, ifname)))
+    return found
 
 
 # ==============================================================================================

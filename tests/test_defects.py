@@ -9,17 +9,21 @@ Every test runs the plugins inside a node namespace it makes and reads back `ip 
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import IP, explain, host_veths, reservations, run, run_cni
+from tests.helpers import IP, REPO, explain, host_veths, kernel_filters_vlans, reservations, run, run_cni
 from tests.test_bridge import eventually
+from tests.test_cli import verify_env, verify_namespaces  # noqa: F401 (verify_env is a fixture)
 from tests.test_masquerade import skip_without_iptables
-from tests.test_reliability import (BRIDGE, NET, SUBNET, assert_masq_base_only, assert_nothing_left,
-                                    bridge, cni_error, conf, masq_comments, ok)
+from tests.test_reliability import (BRIDGE, NET, SUBNET, assert_masq_base_only, assert_nothing_left, bridge,
+                                    cni_error, conf, masq_comments, ok)
 
 pytestmark = pytest.mark.kernel
 
@@ -406,3 +410,260 @@ def test_reference_del_of_our_attachment(ours_bin, ref_bin, node, container, dat
         ok(bridge(ours_bin, "DEL", config, node, container, "c1"))
     assert_nothing_left(node, data_dir, [container])
     assert chain_lines(node, "CNI-" + hashlib.sha512((NET + "c1").encode()).hexdigest()[:24]) == []
+
+
+# --- 3. requests larger than the netlink receive buffer -------------------------------------------
+
+def test_three_thousand_routes(ours_bin, node, container, data_dir):
+    """3,000 routes in ipam.routes: ADD installs every one (acknowledgements are read as they come,
+    never overflowing the socket), CHECK finds them, DEL removes the interface."""
+    routes = [{"dst": "172.16.%d.%d/32" % (i // 250, i % 250 + 1)} for i in range(3000)]
+    config = conf(data_dir, routes=routes)
+    result = ok(bridge(ours_bin, "ADD", config, node, container, "c1"))
+    installed = container.ip_json("-4", "route", "show", "dev", "eth0")
+    assert sum(1 for r in installed if r["dst"].startswith("172.16.")) == 3000
+    ok(bridge(ours_bin, "CHECK", dict(config, prevResult=result), node, container, "c1"))
+    ok(bridge(ours_bin, "DEL", dict(config, prevResult=result), node, container, "c1"))
+    assert_nothing_left(node, data_dir, [container])
+
+
+def test_vlan_trunk_of_every_vlan(ours_bin, node, container, data_dir):
+    """A trunk of VLANs 1 to 4094 (one request per VLAN): ADD gives the host port all 4,094, CHECK
+    reads them back, DEL leaves nothing."""
+    if not kernel_filters_vlans(node):
+        pytest.skip("this kernel's bridge cannot filter VLANs (CONFIG_BRIDGE_VLAN_FILTERING)")
+    config = dict(conf(data_dir), vlanTrunk=[{"minID": 1, "maxID": 4094}])
+    result = ok(bridge(ours_bin, "ADD", config, node, container, "c1"))
+    [veth] = host_veths(node)
+    [port] = json.loads(node.run("bridge", "-j", "vlan", "show", "dev", veth).stdout)
+    vids = set()
+    for entry in port["vlans"]:
+        vids.update(range(entry["vlan"], entry.get("vlanEnd", entry["vlan"]) + 1))
+    assert vids == set(range(1, 4095))
+    ok(bridge(ours_bin, "CHECK", dict(config, prevResult=result), node, container, "c1"))
+    ok(bridge(ours_bin, "DEL", dict(config, prevResult=result), node, container, "c1"))
+    assert_nothing_left(node, data_dir, [container])
+
+
+def test_gc_of_a_thousand_stale_masquerade_rules(ours_bin, node, tmp_path, data_dir):
+    """1,000 masquerade rules of attachments that no longer exist: one GC removes them all (one
+    transaction) and reports success; another network's rule stays."""
+    def h16(text):
+        return hashlib.sha512(text.encode()).hexdigest()[:16]
+    lines = ["table inet cni_plugins_masquerade {", "chain masq_checks {"]
+    for i in range(1000):
+        cid = "gone%d" % i
+        lines.append('ip saddr 10.92.%d.%d ip daddr != 10.92.0.0/16 masquerade comment "%s-%s, net: %s, if: eth0, '
+                     'id: %s"' % (i // 250, i % 250 + 1, h16(NET), h16("eth0:" + cid), NET, cid))
+    lines.append('ip saddr 10.99.0.2 ip daddr != 10.99.0.0/16 masquerade comment "%s-%s, net: other, if: eth0, '
+                 'id: c1"' % (h16("other"), h16("eth0:c1")))
+    lines += ["}", "}"]
+    (tmp_path / "rules.nft").write_text("\n".join(lines) + "\n")
+    node.run("nft", "-f", str(tmp_path / "rules.nft"))
+    assert len(masq_comments(node)) == 1001
+    config = dict(conf(data_dir, "1.1.0"), **{"cni.dev/valid-attachments": []})
+    ok(bridge(ours_bin, "GC", config, node, None, None, ifname=None))
+    assert masq_comments(node) == ['%s-%s, net: other, if: eth0, id: c1' % (h16("other"), h16("eth0:c1"))]
+
+
+class FakeRtnetlink(object):
+    """A kernel on the far side of a netlink socket, at the wire level: it works through a whole
+    datagram when it is sent, queueing one acknowledgement per request in a receive buffer of the
+    kernel's default size, each taking an skb's true size; a full buffer drops the acknowledgement
+    and the next recv fails with ENOBUFS, as a real socket's does."""
+
+    ACK_TRUESIZE = 768
+
+    def __init__(self):
+        self.rcvbuf = 212992
+        self.queue = []
+        self.overrun = False
+        self.acked = []
+        self.largest_datagram = 0
+
+    def send(self, data):
+        import cni_bridge as cb
+        messages = cb.decode_messages(data)
+        self.largest_datagram = max(self.largest_datagram, len(messages))
+        for _type, flags, seq, _payload in messages:
+            if not flags & cb.NLM_F_ACK:
+                continue
+            self.acked.append(seq)
+            if (len(self.queue) + 1) * self.ACK_TRUESIZE > self.rcvbuf:
+                self.overrun = True
+                continue
+            ack = struct.pack("=IHHIIi", 36, cb.NLMSG_ERROR, 0x100, seq, 0, 0) + bytes(16)
+            self.queue.append(ack)
+        return len(data)
+
+    def recv(self, size):
+        if self.overrun:
+            self.overrun = False
+            raise OSError(105, "No buffer space available")
+        if not self.queue:
+            raise TimeoutError("the fake kernel has nothing to say")
+        return self.queue.pop(0)
+
+    def setsockopt(self, level, option, value):
+        if level == 1 and option in (8, 33):
+            self.rcvbuf = value
+
+
+@pytest.mark.unit
+def test_vlan_trunk_of_every_vlan_at_the_wire_level():
+    """The 4,094 requests of a trunk of every VLAN, against a kernel whose receive buffer holds the
+    acknowledgements of about 270: all are sent, every one is acknowledged, none is lost."""
+    import cni_bridge as cb
+    nl = cb.NetlinkSocket()
+    nl.sock.close()
+    kernel = nl.sock = FakeRtnetlink()
+    nl.timeout_error = TimeoutError
+    port = SimpleNamespace(index=7, name="vethtrunk")
+    cb.set_port_vlans(nl, port, *cb.port_vlan_plan(0, list(range(1, 4095)), True))
+    assert len(kernel.acked) == 4094 and len(set(kernel.acked)) == 4094
+    assert kernel.largest_datagram * FakeRtnetlink.ACK_TRUESIZE <= 212992
+    assert kernel.queue == [] and not kernel.overrun
+
+
+# --- 9. smaller defects, each a clear error ---------------------------------------------------------
+
+def pyz(ours_bin):
+    return str(ours_bin / "cni-bridge.pyz")
+
+
+@pytest.mark.parametrize("name, config", [
+    ("ipv6-only", {"cniVersion": "1.0.0", "name": "v6only", "type": "bridge", "bridge": "cni0", "isGateway": True,
+                   "ipam": {"type": "host-local", "subnet": "fd00:19::/64"}}),
+    ("loopback", None)])
+def test_verify_walks_ipv6_only_and_loopback_configs(ours_bin, tmp_path, verify_env, name, config):
+    """verify passes every step with an IPv6-only config (the gateway answers once its duplicate
+    address detection is over) and with conf/99-loopback.conf (the namespace's lo is read back)."""
+    path = tmp_path / "config.conf"
+    if config is None:
+        path.write_bytes((REPO / "conf" / "99-loopback.conf").read_bytes())
+    else:
+        path.write_text(json.dumps(config))
+    proc = run([pyz(ours_bin), "verify", str(path), "--json"], check=False, timeout=120, env=verify_env)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
+    assert [s["step"] for s in report["steps"] if not s["ok"]] == []
+    assert verify_namespaces(verify_env["CNI_BRIDGE_VERIFY_PREFIX"]) == set()
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"cniVersion": "1.0.0", "name": "x", "plugins": []}, "plugins"),
+    ({"cniVersion": "1.0.0", "name": "x", "plugins": [1]}, "plugins"),
+    ({"cniVersion": "1.0.0", "name": "x", "plugins": "bridge"}, "plugins"),
+    ({"cniVersion": "1.0.0", "name": "x", "type": "ptp"}, '"ptp" is not one of'),
+])
+def test_verify_refuses_configs_it_cannot_walk(ours_bin, tmp_path, verify_env, config, words):
+    """A .conflist without plugin objects, or a type this program does not implement: exit 2 and a
+    message saying so, no traceback, no internal error, no namespace made."""
+    path = tmp_path / "bad.conflist"
+    path.write_text(json.dumps(config))
+    proc = run([pyz(ours_bin), "verify", str(path)], check=False, timeout=60, env=verify_env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert words in proc.stderr and "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert verify_namespaces(verify_env["CNI_BRIDGE_VERIFY_PREFIX"]) == set()
+
+
+@pytest.fixture
+def loopback_network(tmp_path, ours_bin):
+    """A NETCONFPATH holding one loopback network, and a private result cache."""
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    (conf_dir / "99-lo.conf").write_text(json.dumps({"cniVersion": "1.0.0", "name": "lonet",
+                                                     "type": "loopback"}))
+    return {"NETCONFPATH": str(conf_dir), "CNI_PATH": str(ours_bin), "CNI_CACHE_DIR": str(tmp_path / "cache")}
+
+
+@pytest.mark.parametrize("cap_args", ["{bad", "[1]", "\"text\""])
+def test_bad_cap_args_is_a_clear_error(ours_bin, node, container, loopback_network, tmp_path, cap_args):
+    """CAP_ARGS that is not a JSON object: the command fails with a message naming CAP_ARGS,
+    before any plugin runs (nothing is cached)."""
+    env = dict(loopback_network, CAP_ARGS=cap_args)
+    proc = node.run("env", *["%s=%s" % kv for kv in env.items()], pyz(ours_bin), "add", "lonet", container.path,
+                    check=False)
+    assert proc.returncode == 1 and "CAP_ARGS" in proc.stderr, proc
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+def test_result_cache_is_0644_under_umask_000(ours_bin, node, container, loopback_network, tmp_path):
+    """`add` under umask 000 writes the cached result 0644, as README says."""
+    env = " ".join("%s=%s" % kv for kv in loopback_network.items())
+    node.run("sh", "-c", "umask 000 && exec env %s %s add lonet %s" % (env, pyz(ours_bin), container.path))
+    [entry] = (tmp_path / "cache" / "results").iterdir()
+    assert oct(entry.stat().st_mode & 0o777) == oct(0o644)
+    node.run("sh", "-c", "exec env %s %s del lonet %s" % (env, pyz(ours_bin), container.path))
+
+
+def test_leases_reads_without_writing_and_skips_symlinked_networks(ours_bin, tmp_path):
+    """`leases` over a dataDir with a symlinked network directory: the other networks are listed,
+    the symlink is not followed, and nothing is written (no lock file appears)."""
+    data_dir = tmp_path / "networks"
+    (data_dir / "real").mkdir(parents=True)
+    (data_dir / "real" / "10.1.0.2").write_bytes(b"c1\r\neth0")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "10.2.0.2").write_bytes(b"c2\r\neth0")
+    (data_dir / "linked").symlink_to(elsewhere)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    proc = run([pyz(ours_bin), "leases", "--data-dir", data_dir], check=False,
+               env=dict(os.environ, CNI_CACHE_DIR=str(tmp_path / "cache")))
+    assert proc.returncode == 0, proc
+    rows = [line.split() for line in proc.stdout.splitlines()[1:]]
+    assert [r[:4] for r in rows] == [["real", "10.1.0.2", "c1", "eth0"]]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_install_force_over_a_directory_fails_cleanly(ours_bin, tmp_path):
+    """install --force into a directory where `bridge` is a directory: a clear error, and nothing
+    is left (no temporary link, no partial install)."""
+    target = tmp_path / "bin"
+    (target / "bridge").mkdir(parents=True)
+    proc = run([pyz(ours_bin), "install", target, "--force"], check=False)
+    assert proc.returncode == 1 and "is a directory" in proc.stderr, proc
+    assert sorted(os.listdir(str(target))) == ["bridge"]
+
+
+@pytest.mark.parametrize("keys", [{"rangeStart": "10.92.0.255", "rangeEnd": "10.92.0.255"},
+                                  {"rangeStart": "10.92.0.1", "rangeEnd": "10.92.0.1"}])
+def test_range_without_a_usable_address_is_a_config_error(ours_bin, node, container, data_dir, keys):
+    """A range holding only the broadcast address, or only the gateway, can never hand one out:
+    code 7 (not 11, "try again"), and nothing is left."""
+    error = cni_error(bridge(ours_bin, "ADD", conf(data_dir, **keys), node, container, "c1"))
+    assert error["code"] == 7 and "no usable address" in error["msg"], error
+    assert_nothing_left(node, data_dir, [container])
+
+
+def test_check_names_promiscuous_mode_plainly(ours_bin, node, container, data_dir):
+    """CHECK of a bridge made promiscuous behind the config's back says so in the config's terms."""
+    config = conf(data_dir)
+    result = ok(bridge(ours_bin, "ADD", config, node, container, "c1"))
+    node.run(IP, "link", "set", BRIDGE, "promisc", "on")
+    error = cni_error(bridge(ours_bin, "CHECK", dict(config, prevResult=result), node, container, "c1"))
+    assert error["msg"] == "bridge %s is promiscuous, while the config's promiscMode is false" % BRIDGE, error
+
+
+def test_stdin_never_closed_ends_with_code_11(tmp_path):
+    """A runtime that never closes stdin: the plugin gives up after its deadline with code 11
+    (the deadline shortened here; the plugin's is STDIN_TIMEOUT seconds)."""
+    script = ("import sys; sys.path.insert(0, %r); import cni_bridge as cb; cb.STDIN_TIMEOUT = 0.5; "
+              "sys.exit(cb.run_plugin('host-local', {'CNI_COMMAND': 'ADD', 'CNI_CONTAINERID': 'c1', "
+              "'CNI_NETNS': '/nonexistent', 'CNI_IFNAME': 'eth0', 'CNI_PATH': '/nonexistent'}))" % str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdin.write(b'{"cniVersion": "1.0.0",')          # a partial config, and stdin stays open
+    proc.stdin.flush()
+    watchdog = threading.Timer(20, proc.kill)
+    watchdog.start()
+    try:
+        out = proc.stdout.read()                            # until the plugin exits
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        proc.stdin.close()
+        proc.stderr.close()
+    assert proc.returncode == 1, "killed by the watchdog: the plugin still waited for stdin"
+    assert json.loads(out)["code"] == 11 and "stdin" in json.loads(out)["msg"]

@@ -32,6 +32,7 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   Operator tools: verify        the walkthrough, one Verifier method per step
   Operator tools: network commands   cnitool's add/check/del/status/gc
   Operator tools: leases
+  Operator tools: mappings      portmap's host ports, read back from the kernel
   Entry point                   USAGE, the command line, main
 """
 
@@ -1798,18 +1799,24 @@ def match_ifname(key, name, negate=False):
     return [expr_meta(key), expr_cmp(NFT_CMP_NEQ if negate else NFT_CMP_EQ, data)]
 
 
-def expressions_signature(blob):
-    """A rule's expressions as comparable data: (name, {attribute: value}) per expression, with
-    only the attributes these rules use, so a rule we would write compares equal to the kernel's
-    copy of it (the kernel adds attributes of its own, such as a bitwise operation)."""
-    signature = []
+def decode_expressions(blob):
+    """A rule's expressions: (name, {Attr: value}) each, only the attributes EXPRESSION_SPACES
+    knows (an expression of an unknown kind keeps its raw bytes)."""
+    expressions = []
     for element in decode_attrs(NftListAttr, blob).get(NftListAttr.NFTA_LIST_ELEM, []):
         name = element.get(NftExprAttr.NFTA_EXPR_NAME)
         data = element.get(NftExprAttr.NFTA_EXPR_DATA, b"")
         space = EXPRESSION_SPACES.get(name)
-        signature.append((name, sorted((attr.number, repr(value)) for attr, value
-                                       in decode_attrs(space, data).items()) if space else data))
-    return signature
+        expressions.append((name, decode_attrs(space, data) if space else data))
+    return expressions
+
+
+def expressions_signature(blob):
+    """A rule's expressions as comparable data, with only the attributes these rules use, so a
+    rule we would write compares equal to the kernel's copy of it (the kernel adds attributes
+    of its own, such as a bitwise operation)."""
+    return [(name, sorted((attr.number, repr(value)) for attr, value in data.items())
+             if isinstance(data, dict) else data) for name, data in decode_expressions(blob)]
 
 
 # Offsets of the address fields in the IPv4 and IPv6 headers: (saddr, daddr, length).
@@ -1917,6 +1924,11 @@ class NftRule(object):
     def signature(self):
         """Its expressions as expressions_signature gives them."""
         return expressions_signature(self._expressions)
+
+    @property
+    def expressions(self):
+        """Its expressions as decode_expressions gives them."""
+        return decode_expressions(self._expressions)
 
     @property
     def jump_target(self):
@@ -2118,7 +2130,8 @@ def delete_conntrack_entries(nl, families, protocol, dst_ports):
     families = set(families)
     dump_af = AF_OF_FAMILY[list(families)[0]] if len(families) == 1 else AF_UNSPEC
     requests = []
-    entries = nl.dump(IPCTNL_MSG_CT_GET, {"family": dump_af}, what="failed to list conntrack entries")
+    entries = nl.dump(IPCTNL_MSG_CT_GET, {"family": dump_af},
+                      what="failed to list conntrack entries")
     for msg in entries:
         tuple_attrs = msg.get(CtAttr.CTA_TUPLE_ORIG) or {}
         proto = tuple_attrs.get(CtTupleAttr.CTA_TUPLE_PROTO) or {}
@@ -4381,6 +4394,17 @@ DEFAULT_MARK_MASQ_BIT = 13
 MAX_CONDITION_RULES = 64                       # rules one mapping may expand into (condition sets)
 COMMENT_NETWORK_MAX, COMMENT_ID_MAX = 32, 64   # longer names are hashed: the comment stays < 128
 LOCALHOST_V4 = Prefix(4, 0x7F000001, 32)
+# The reference's iptables backend (ours runs it on request; DEL also removes its chains where
+# iptables is nf_tables-based): its chains in table nat, and the attachment's own chain.
+IPT_DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
+IPT_SETMARK_CHAIN = "CNI-HOSTPORT-SETMARK"
+IPT_MASQ_CHAIN = "CNI-HOSTPORT-MASQ"
+IPT_MULTIPORT_MAX = 15
+
+
+def iptables_dnat_chain(network, container_id):
+    """CNI-DN- and the hash of network and container, cut at 28 characters, as the reference."""
+    return ("CNI-DN-" + sha512_hex(network + container_id))[:28]
 
 
 class PortMapping(object):
@@ -4461,6 +4485,7 @@ def is_iptables_syntax(conditions):
 
 
 def parse_port_mappings(items):
+    """PortMappings of runtimeConfig.portMappings; a bad entry is a config error naming it."""
     mappings = []
     for i, item in enumerate(items):
         where = "runtimeConfig.portMappings[%d]." % i
@@ -4736,17 +4761,21 @@ def forward_ports(conf, comment, addresses):
     commit_rebuilt(nl, build, "failed to set up nftables rules for port mappings")
 
 
-def remove_portmap_rules(select, what):
-    """Delete, in one transaction, every rule of both families' tables whose comment `select`
-    accepts."""
+def remove_attachment_mappings(network, container_id, comment):
+    """Delete, in one transaction, every rule of both families' tables carrying the
+    attachment's `comment` (one listing of each table), and the reference's iptables chain of
+    the attachment where iptables is nf_tables-based (then it is visible here, in table nat),
+    so a container mapped by the reference's iptables backend is unmapped by our DEL."""
     nl = node_nftables()
 
     def build(batch):
         for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
             for rule in list_rules(nl, nf_family, PORTMAP_TABLE):
-                if rule.chain in PORTMAP_RULE_CHAINS and select(rule.comment):
+                if rule.chain in PORTMAP_RULE_CHAINS and rule.comment == comment:
                     batch.delete_rule(rule)
-    commit_rebuilt(nl, build, what)
+            remove_chains(batch, nl, nf_family, "nat", IPT_DNAT_CHAIN,
+                          (iptables_dnat_chain(network, container_id),))
+    commit_rebuilt(nl, build, "failed to remove the port mappings of %s" % container_id)
 
 
 def delete_stale_udp_flows(conf, families):
@@ -4807,8 +4836,7 @@ def portmap_del(request):
                          % err.msg)
         backend = conf_lookup(request.config, "backend")
     comment = portmap_comment(request.network, request.container_id, request.ifname)
-    remove_portmap_rules(lambda text: text == comment, "failed to remove the port mappings of %s"
-                         % request.container_id)
+    remove_attachment_mappings(request.network, request.container_id, comment)
     if backend == "iptables":
         iptables_unforward_ports(request.network, request.container_id)
     return None
@@ -4856,11 +4884,17 @@ def portmap_gc(request):
         return None
     network = comment_name(conf.network, COMMENT_NETWORK_MAX)
     keep = set((comment_name(cid, COMMENT_ID_MAX), ifname) for cid, ifname in valid)
+    nl = node_nftables()
 
-    def stale(comment):
-        owner = parse_portmap_comment(comment)
-        return owner is not None and owner[0] == network and owner[1:] not in keep
-    remove_portmap_rules(stale, "failed to remove stale port mappings of network %s" % conf.network)
+    def owner_of(rule):         # (container ID, ifname) as the comment holds them
+        owner = parse_portmap_comment(rule.comment)
+        return owner[1:] if owner is not None and owner[0] == network else None
+
+    def build(batch):
+        for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
+            for chain in PORTMAP_RULE_CHAINS:
+                remove_stale_rules(batch, nl, nf_family, PORTMAP_TABLE, chain, owner_of, keep)
+    commit_rebuilt(nl, build, "failed to remove stale port mappings of network %s" % conf.network)
     return None
 
 
@@ -4876,16 +4910,6 @@ def portmap_status(request):
 # CNI-DN-<hash of network and container>; that chain marks hairpin and localhost traffic through
 # CNI-HOSTPORT-SETMARK (or externalSetMarkChain) and DNATs; CNI-HOSTPORT-MASQ, jumped to first
 # from POSTROUTING, masquerades what is marked.
-
-IPT_DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
-IPT_SETMARK_CHAIN = "CNI-HOSTPORT-SETMARK"
-IPT_MASQ_CHAIN = "CNI-HOSTPORT-MASQ"
-IPT_MULTIPORT_MAX = 15
-
-
-def iptables_dnat_chain(network, container_id):
-    return ("CNI-DN-" + sha512_hex(network + container_id))[:28]
-
 
 def iptables_ensure_rule(family, chain, rule, first=False):
     if run_iptables(family, ["-C", chain] + rule, check=False)[0] != 0:
@@ -5928,6 +5952,87 @@ def network_leases(data_dir, network, netns_of):
 
 
 # ==============================================================================================
+# Operator tools: mappings
+# ==============================================================================================
+# `mappings` lists the host ports portmap forwards on this node, read from the kernel's nf_tables
+# rules (no `nft` program needed): one row per DNAT rule of table ip|ip6 cni_hostport, with the
+# attachment its comment names.  Rules of the reference's nftables backend (commented with the
+# container ID alone) are listed too, with an unknown network and interface.
+
+MAPPING_COLUMNS = ("NETWORK", "CONTAINER", "IFNAME", "PROTO", "HOST", "TARGET", "CONDITIONS")
+PROTOCOL_NAMES = dict((number, name) for name, number in IPPROTO_NUMBERS.items())
+
+
+def describe_mapping(family, rule):
+    """{protocol, host, target, conditions} of a DNAT rule of table ip|ip6 cni_hostport: what it
+    matches, read from its expressions (a comparison right after the load of a field we know)."""
+    _saddr, daddr, length = IP_HEADER_FIELDS[family]
+    found = {"protocol": "?", "host_ip": "*", "host_port": "?", "target": [None, None],
+             "conditions": 0}
+    loaded = None
+    for name, data in rule.expressions:
+        if name in ("meta", "payload"):
+            loaded = ((name, data.get(NftMetaAttr.NFTA_META_KEY)) if name == "meta" else
+                      (name, data.get(NftPayloadAttr.NFTA_PAYLOAD_BASE),
+                       data.get(NftPayloadAttr.NFTA_PAYLOAD_OFFSET),
+                       data.get(NftPayloadAttr.NFTA_PAYLOAD_LEN)))
+            continue
+        if name == "cmp":
+            value = data.get(NftCmpAttr.NFTA_CMP_DATA, {}).get(NftDataAttr.NFTA_DATA_VALUE, b"")
+            equal = data.get(NftCmpAttr.NFTA_CMP_OP) == NFT_CMP_EQ
+            if equal and loaded == ("meta", NFT_META_L4PROTO) and value:
+                found["protocol"] = PROTOCOL_NAMES.get(value[0], str(value[0]))
+            elif equal and loaded == ("payload", NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2):
+                found["host_port"] = str(struct.unpack(">H", value)[0])
+            elif equal and loaded == ("payload", NFT_PAYLOAD_NETWORK_HEADER, daddr, length):
+                found["host_ip"] = ip_to_text(family, int.from_bytes(value, "big"))
+            else:
+                found["conditions"] += 1
+        elif name == "immediate":
+            register = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DREG)
+            value = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DATA, {}).get(
+                NftDataAttr.NFTA_DATA_VALUE)
+            if register in (NFT_REG_1, NFT_REG_2) and value is not None:
+                found["target"][register - 1] = value
+        loaded = None
+    address, port = found["target"]
+    host = found["host_ip"] if family == 4 or found["host_ip"] == "*" else "[%s]" % found["host_ip"]
+    target = "?"
+    if address is not None and port is not None:
+        text = ip_to_text(family, int.from_bytes(address[:IP_BITS[family] // 8], "big"))
+        target = "%s:%d" % (text if family == 4 else "[%s]" % text,
+                            struct.unpack(">H", port[:2])[0])
+    return {"protocol": found["protocol"], "host": "%s:%s" % (host, found["host_port"]),
+            "target": target, "conditions": found["conditions"]}
+
+
+def list_mappings():
+    """Every port mapping in this namespace's portmap tables, as rows of MAPPING_COLUMNS."""
+    nl = NetlinkSocket(NETLINK_NETFILTER)
+    rows = []
+    for family, nf_family in sorted(PORTMAP_FAMILIES.items()):
+        for rule in list_rules(nl, nf_family, PORTMAP_TABLE, HOSTPORTS_CHAIN):
+            owner = parse_portmap_comment(rule.comment) or ("?", rule.comment or "?", "?")
+            mapping = describe_mapping(family, rule)
+            rows.append(owner + (mapping["protocol"], mapping["host"], mapping["target"],
+                                 str(mapping["conditions"]) if mapping["conditions"] else "-"))
+    nl.close()
+    return rows
+
+
+def mappings(as_json):
+    """Print the port mappings as a table, or as JSON objects keyed by lower-case column."""
+    rows = list_mappings()
+    if as_json:
+        write_json([dict(zip([c.lower() for c in MAPPING_COLUMNS], row)) for row in rows])
+        return 0
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(MAPPING_COLUMNS)]
+    for row in [MAPPING_COLUMNS] + rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+    return 0
+
+
+# ==============================================================================================
 # Entry point
 # ==============================================================================================
 # Started under a plugin's name the program serves one CNI request; under any other name it is
@@ -5951,6 +6056,8 @@ commands:
   leases [--data-dir DIR] [--gc]
                           list host-local reservations (default DIR /var/lib/cni/networks) and
                           flag those whose container namespace is gone; --gc releases them
+  mappings [--json]       list the host ports portmap forwards here (from the kernel's rules):
+                          network, container, interface, protocol, host address, target
   install DIR [--force]   copy this program into DIR and link bridge, host-local, loopback,
                           portmap to it
                           (--force replaces regular files of those names)
@@ -5981,6 +6088,8 @@ def run_cli(prog, argv):
                 data_dir, options = options[1], options[2:]
             if options in ([], ["--gc"]):
                 return leases(data_dir, options == ["--gc"])
+        if argv[0] == "mappings" and argv[1:] in ([], ["--json"]):
+            return mappings(argv[1:] == ["--json"])
         if argv[0] == "verify":
             options = [a for a in argv[1:] if a.startswith("--")]
             paths = [a for a in argv[1:] if not a.startswith("--")]

@@ -471,6 +471,28 @@ def test_only_the_container_interface_address_is_mapped(site, container):
     assert dnat_targets(site.node, comment("ctr1")) == {("ip", 8080, "tcp"): ("10.66.1.7", 80)}
 
 
+def test_mappings_command_lists_what_the_kernel_holds(site, container):
+    """`cni-bridge.pyz mappings` reads the rules back (no nft program) and names their attachment."""
+    prev = {"cniVersion": "1.0.0", "ips": [{"address": "10.66.1.2/24"}, {"address": "fd66:1::2/64"}]}
+    conf = portmap_conf(prev, [mapping(8080, 80), mapping(9000, 90, "udp", NODE_UP[6])],
+                        conditionsV4=["iifname != lo"])
+    site.portmap("ADD", conf, container, cid="ctr1")
+    site.portmap("ADD", portmap_conf(prev, [mapping(8081, 81, "sctp", NODE_UP[4])], "pmnet2"), container,
+                 cid="ctr2", ifname="net1")
+    listed = json.loads(site.node.run(str(site.bin / "cni-bridge.pyz"), "mappings", "--json").stdout)
+    row = lambda net, cid, ifname, proto, host, target, conditions: {
+        "network": net, "container": cid, "ifname": ifname, "proto": proto, "host": host, "target": target,
+        "conditions": conditions}
+    assert sorted(listed, key=json.dumps) == sorted([
+        row("pmnet", "ctr1", "eth0", "tcp", "*:8080", "10.66.1.2:80", "1"),
+        row("pmnet", "ctr1", "eth0", "tcp", "*:8080", "[fd66:1::2]:80", "-"),
+        row("pmnet", "ctr1", "eth0", "udp", "[2001:db8:51::1]:9000", "[fd66:1::2]:90", "-"),
+        row("pmnet2", "ctr2", "net1", "sctp", "198.51.100.1:8081", "10.66.1.2:81", "-")], key=json.dumps)
+    table = site.node.run(str(site.bin / "cni-bridge.pyz"), "mappings").stdout.splitlines()
+    assert table[0].split() == ["NETWORK", "CONTAINER", "IFNAME", "PROTO", "HOST", "TARGET", "CONDITIONS"]
+    assert len(table) == 5
+
+
 # --- DEL, CHECK, GC ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["netns gone", "no prevResult", "twice", "no runtimeConfig"])
@@ -700,6 +722,26 @@ def test_same_results_and_reachability_as_the_reference(make_netns, ours_bin, tm
     assert observed["ours"]["after DEL"] is None
 
 
+@pytest.mark.parametrize("entry, words", [
+    ({"hostPort": 0, "containerPort": 80, "protocol": "tcp"}, "Invalid host port number: 0"),
+    ({"hostPort": 80, "containerPort": 0, "protocol": "tcp"}, "Invalid container port number: 0"),
+    (None, "chained"),
+])
+def test_refused_like_the_reference(site, container, entry, words):
+    """Both refuse, with a CNI error naming the problem the same way; ours says code 7 where
+    the reference says 999, and neither leaves a rule."""
+    ref_bin = reference_portmap()
+    prev = {"cniVersion": "0.4.0", "ips": [{"version": "4", "address": "10.66.1.2/24"}]}
+    conf = portmap_conf(prev if entry else None, [entry or mapping(8080, 80)], version="0.4.0")
+    answers = {}
+    for who, bin_dir in (("ours", None), ("reference", ref_bin)):
+        res = site.portmap("ADD", conf, container, bin_dir=bin_dir, ok=False)
+        assert res.returncode != 0 and words in res.json["msg"], (who, res.stdout)
+        answers[who] = res.json["code"]
+    assert answers == {"ours": 7, "reference": 999}
+    assert nft_rules(site.node) == [] and "CNI-DN-" not in site.node.run("iptables-save", "-t", "nat").stdout
+
+
 def test_reference_iptables_rules_and_ours_live_side_by_side(site, make_netns):
     """The reference (iptables-nft here) and ours on one node: each maps its own container, and
     our DEL leaves the reference's chains alone."""
@@ -720,6 +762,21 @@ def test_reference_iptables_rules_and_ours_live_side_by_side(site, make_netns):
     assert "CNI-DN-" in site.node.run("iptables-save", "-t", "nat").stdout
     assert site.connect(site.remote, "tcp", NODE_UP[4], 8081) == (REMOTE[4], address(prev2))
     site.portmap("DEL", theirs, second, cid="theirs", bin_dir=ref_bin)
+
+
+def test_our_del_removes_the_reference_iptables_mapping(site, container):
+    """A container mapped by the reference (iptables-nft) and unmapped by our DEL, as after
+    switching plugins on a node: its CNI-DN chain and the jump to it are gone, iptables not run."""
+    ref_bin = reference_portmap()
+    prev = site.attach(site.network(cniVersion="0.4.0"), container, "ctr1")
+    conf = portmap_conf(prev, [mapping(8080, 80), mapping(8081, 81, "udp")], version="0.4.0")
+    site.portmap("ADD", conf, container, bin_dir=ref_bin)
+    assert "CNI-DN-" in site.node.run("iptables-save", "-t", "nat").stdout
+    assert "CNI-DN-" in site.node.run("ip6tables-save", "-t", "nat").stdout
+    site.portmap("DEL", conf, container, env={"PATH": "/nonexistent"})
+    for program in ("iptables-save", "ip6tables-save"):
+        saved = site.node.run(program, "-t", "nat").stdout
+        assert "CNI-DN-" not in saved and "-A CNI-HOSTPORT-DNAT" not in saved, saved
 
 
 def test_iptables_backend_on_request(site, container):

@@ -125,3 +125,39 @@ def test_verify_port_step_skips_versions_without_prev_result():
             raise AssertionError("called %s" % command)
     assert cb.Verifier.map_port(NoCalls(), None, None, {}, "0.2.0", {})[1] is None
     assert cb.Verifier.map_port(NoCalls(), None, None, {}, "1.0.0", {"ips": []})[0].startswith("no IPv4")
+
+
+# --- hostile input, in process: a CNIError or a valid config, never another exception -----------------
+
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+WORDS = ["ip", "ip6", "saddr", "daddr", "iifname", "oifname", "meta", "==", "!=", "eq", "ne", "{", "}", ",",
+         '"', "*", "10.0.0.1", "10.0.0.0/8", "fd00::1", "::/0", "eth0", "eth*", "tcp", "dport", "22", "-s",
+         "!", "counter", "\ud800", "x" * 20, "1.2.3.4/33", ""]
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(), st.text(max_size=12),
+                    st.sampled_from(WORDS))
+VALUES = st.recursive(SCALARS, lambda children: st.one_of(st.lists(children, max_size=3),
+                                                         st.dictionaries(st.text(max_size=8), children,
+                                                                         max_size=3)), max_leaves=8)
+KEYS = ["snat", "masqAll", "markMasqBit", "externalSetMarkChain", "conditionsV4", "conditionsV6", "backend",
+        "runtimeConfig", "SNAT", "Backend"]
+ENTRY_KEYS = ["hostPort", "containerPort", "protocol", "hostIP", "HostPort"]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(top=st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=4),
+       entries=st.lists(st.dictionaries(st.sampled_from(ENTRY_KEYS), VALUES, max_size=5), max_size=3),
+       conditions=st.lists(st.lists(st.sampled_from(WORDS), max_size=8).map(" ".join), max_size=3))
+def test_generated_configs_are_accepted_or_refused_with_a_code(top, entries, conditions):
+    config = dict(top, runtimeConfig=top.get("runtimeConfig", {"portMappings": entries}))
+    if conditions and "conditionsV4" not in top:
+        config["conditionsV4"] = conditions
+    try:
+        conf = cb.PortmapConfig(request(config))
+    except cb.CNIError as err:
+        assert err.code == 7, (err.code, err.msg)
+        return
+    for family, address in ((4, "10.0.0.2/24"), (6, "fd00::2/64")):
+        for _chain, exprs in cb.portmap_rules(conf, family, cb.Prefix.parse(address)):
+            cb.expected_signature(exprs)          # every rule encodes

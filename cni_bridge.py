@@ -5451,6 +5451,8 @@ class Verifier(object):
         value: the portmap config, for DEL.  Versions without prevResult skip it."""
         if is_legacy_version(version):
             return "cniVersion %s has no prevResult to chain portmap to" % version, None
+        if config.get("type") == "loopback":
+            return "loopback gives the container no address to map a port to", None
         container_ip = next((Prefix.parse(ip["address"]) for ip in result.get("ips") or []
                              if address_family_of(ip["address"]) == 4), None)
         if container_ip is None:

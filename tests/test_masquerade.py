@@ -843,7 +843,7 @@ def encoded(cb, space, attrs):
 
 def setup_masquerade_args(network, cid, cidrs):
     """The arguments of the module's setup_masquerade for an attachment of eth0 with `cidrs`."""
-    return (SimpleNamespace(network=network, ip_masq_backend="nftables"),
+    return (SimpleNamespace(network=network, ip_masq_backend="nftables", ip_masq_exclude=None),
             SimpleNamespace(container_id=cid, ifname="eth0"), {"ips": [{"address": c} for c in cidrs]})
 
 

@@ -4703,7 +4703,9 @@ def expected_signature(exprs):
     return expressions_signature(encode_attrs(exprs))
 
 
-ENTRY_RULE = match_daddr_local() + [expr_verdict(NFT_JUMP, HOSTPORTS_ALL_CHAIN)]
+def entry_rule():
+    """prerouting's and output's one rule: `fib daddr type local jump hostports_all`."""
+    return match_daddr_local() + [expr_verdict(NFT_JUMP, HOSTPORTS_ALL_CHAIN)]
 
 
 def portmap_skeleton_ok(rules):
@@ -4714,7 +4716,7 @@ def portmap_skeleton_ok(rules):
     jumps = [r.jump_target for r in by_chain.get(HOSTPORTS_ALL_CHAIN, [])]
     if jumps != [HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN]:
         return False
-    entry = expected_signature(ENTRY_RULE)
+    entry = expected_signature(entry_rule())
     return all([r.signature for r in by_chain.get(chain, [])] == [entry]
                for chain, _hook in PORTMAP_ENTRY_CHAINS)
 
@@ -4737,7 +4739,7 @@ def add_portmap_skeleton(batch, nf_family, snat, rewrite):
                            [expr_verdict(NFT_JUMP, chain)])
         for chain, _hook in PORTMAP_ENTRY_CHAINS:
             batch.flush_chain(nf_family, PORTMAP_TABLE, chain)
-            batch.add_rule(nf_family, PORTMAP_TABLE, chain, ENTRY_RULE)
+            batch.add_rule(nf_family, PORTMAP_TABLE, chain, entry_rule())
 
 
 def forward_ports(conf, comment, addresses):
@@ -4758,7 +4760,14 @@ def forward_ports(conf, comment, addresses):
                     batch.delete_rule(rule)
             for chain, exprs in rules:
                 batch.add_rule(nf_family, PORTMAP_TABLE, chain, exprs, comment)
-    commit_rebuilt(nl, build, "failed to set up nftables rules for port mappings")
+    try:
+        commit_rebuilt(nl, build, "failed to set up nftables rules for port mappings")
+    except NetlinkError as err:
+        if err.errno in (errno.ENOENT, errno.EOPNOTSUPP) and not err.details:
+            err.details = ("if this persists, the kernel lacks an nf_tables feature the rules use: "
+                           "nat chains, fib, ct or masquerade (modules nft_chain_nat, "
+                           "nft_fib_ipv4, nft_fib_ipv6, nft_ct, nft_masq)")
+        raise
 
 
 def remove_attachment_mappings(network, container_id, comment):
@@ -4877,12 +4886,12 @@ def portmap_check(request):
 
 
 def portmap_gc(request):
-    """Remove this network's rules whose attachment is not in cni.dev/valid-attachments."""
-    conf = PortmapConfig(request)
+    """Remove this network's rules whose attachment is not in cni.dev/valid-attachments.  Needs
+    only the network's name: a config that no longer validates does not keep stale mappings."""
     valid = valid_attachments(request.config)
     if valid is None:
         return None
-    network = comment_name(conf.network, COMMENT_NETWORK_MAX)
+    network = comment_name(request.network, COMMENT_NETWORK_MAX)
     keep = set((comment_name(cid, COMMENT_ID_MAX), ifname) for cid, ifname in valid)
     nl = node_nftables()
 
@@ -4894,7 +4903,8 @@ def portmap_gc(request):
         for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
             for chain in PORTMAP_RULE_CHAINS:
                 remove_stale_rules(batch, nl, nf_family, PORTMAP_TABLE, chain, owner_of, keep)
-    commit_rebuilt(nl, build, "failed to remove stale port mappings of network %s" % conf.network)
+    commit_rebuilt(nl, build, "failed to remove stale port mappings of network %s"
+                   % request.network)
     return None
 
 

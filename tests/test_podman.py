@@ -1,8 +1,9 @@
 """A real runtime: podman 4.3 (CNI backend, calling plugins through libcni) runs busybox containers
 on our bridge and host-local, with the reference portmap, firewall and tuning after them in the chain
-as in the networks podman generates (and once with our portmap in place of the reference's).  The checks read the kernel (the container's addresses, MAC and
-routes through /proc/<pid>/ns/net, the node's veths and nftables ruleset), the reservation files and
-libcni's result cache, and compare them with what `podman inspect` reports.
+as in the networks podman generates (and once with our portmap in place of the reference's).  The
+checks read the kernel (the container's addresses, MAC and routes through /proc/<pid>/ns/net, the
+node's veths and nftables ruleset), the reservation files and libcni's result cache, and compare
+them with what `podman inspect` reports.
 
 Everything is private.  Podman runs in a node network namespace the test makes, always inside one
 mount namespace held by a helper process (started with `ip netns exec <node>`), where /run and

@@ -1,4 +1,4 @@
-"""cni-bridge: the CNI `bridge`, `host-local`, `loopback`, `tuning`, `firewall`, `portmap` and
+"""cni-bridge: the CNI `bridge`, `host-local`, `loopback`, `portmap`, `tuning`, `firewall` and
 `bandwidth` plugins in one stdlib-only module.
 
 The program is exec'd by a container runtime at every container start and stop.  It picks the
@@ -32,9 +32,9 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   The loopback plugin
   The host-local plugin         HostLocalConfig lists its keys
   The bridge plugin             BridgeConfig lists its keys; masquerade and spoof check
+  The portmap plugin            PortmapConfig lists its keys; host ports over nf_tables
   The tuning plugin             TuningConfig lists its keys; chained after the interface's maker
   The firewall plugin           FirewallConfig lists its keys; iptables' FORWARD layout
-  The portmap plugin            PortmapConfig lists its keys; host ports over nf_tables
   The bandwidth plugin          BandwidthConfig lists its keys; token buckets, the IFB redirect
   Serving a CNI request         PLUGINS, the environment and stdin checks, run_plugin
   Operator tools: install
@@ -2105,15 +2105,6 @@ NftCounterAttr = AttrSpace(
 )
 
 
-# An x_tables match run by nf_tables (nft_compat): how iptables-nft writes the matches it has no
-# native form for (`-m comment`, `-m conntrack`); INFO is the match's own C struct.
-NftMatchAttr = AttrSpace(
-    NFTA_MATCH_NAME=Attr(1, STR),
-    NFTA_MATCH_REV=Attr(2, BE32),
-    NFTA_MATCH_INFO=Attr(3, BYTES),
-)
-
-
 NftFibAttr = AttrSpace(
     NFTA_FIB_DREG=Attr(1, BE32),
     NFTA_FIB_RESULT=Attr(2, BE32),
@@ -2143,11 +2134,20 @@ NftMasqAttr = AttrSpace(
 )
 
 
+# An x_tables match run by nf_tables (nft_compat): how iptables-nft writes the matches it has no
+# native form for (`-m comment`, `-m conntrack`); INFO is the match's own C struct.
+NftMatchAttr = AttrSpace(
+    NFTA_MATCH_NAME=Attr(1, STR),
+    NFTA_MATCH_REV=Attr(2, BE32),
+    NFTA_MATCH_INFO=Attr(3, BYTES),
+)
+
+
 # An expression's data is laid out by its name; these are the expressions the rules use.
 EXPRESSION_SPACES = {"meta": NftMetaAttr, "payload": NftPayloadAttr, "cmp": NftCmpAttr,
-                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr,
-                     "counter": NftCounterAttr, "match": NftMatchAttr, "fib": NftFibAttr,
-                     "nat": NftNatAttr, "ct": NftCtAttr, "masq": NftMasqAttr}
+                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr, "fib": NftFibAttr,
+                     "nat": NftNatAttr, "ct": NftCtAttr, "masq": NftMasqAttr,
+                     "counter": NftCounterAttr, "match": NftMatchAttr}
 
 
 NftExprAttr = AttrSpace(
@@ -2349,33 +2349,6 @@ def ipt_rule(matches, verdict):
     return matches + [expr_counter(), verdict]
 
 
-def decode_expressions(blob):
-    """A rule's expressions: (name, {Attr: value}) each, only the attributes EXPRESSION_SPACES
-    knows (an expression of an unknown kind keeps its raw bytes)."""
-    expressions = []
-    for element in decode_attrs(NftListAttr, blob).get(NftListAttr.NFTA_LIST_ELEM, []):
-        name = element.get(NftExprAttr.NFTA_EXPR_NAME)
-        data = element.get(NftExprAttr.NFTA_EXPR_DATA, b"")
-        space = EXPRESSION_SPACES.get(name)
-        expressions.append((name, decode_attrs(space, data) if space else data))
-    return expressions
-
-
-def expression_signature(exprs):
-    """What a rule does, comparable with NftRule.signature (see _signature)."""
-    return _signature(encode_attrs(exprs))
-
-
-def _signature(raw):
-    """An encoded expression list as comparable data: each expression's name and the attributes
-    EXPRESSION_SPACES knows, in a fixed order (the kernel lists a rule's attributes in its own
-    order and adds some, such as a bitwise operation, that decoding leaves out), counters left
-    out (their values change)."""
-    return [(name, sorted((attr.number, repr(value)) for attr, value in data.items())
-             if isinstance(data, dict) else data)
-            for name, data in decode_expressions(raw) if name != "counter"]
-
-
 def expr_immediate(register, data):
     """Load constant bytes into a data register (a DNAT target's address or port)."""
     return _expr("immediate", ((NftImmediateAttr.NFTA_IMMEDIATE_DREG, register),
@@ -2425,6 +2398,34 @@ def match_ifname(key, name, negate=False):
     raw = name.encode("utf-8", "surrogateescape")
     data = raw[:-1] if raw.endswith(b"*") else raw.ljust(16, b"\0")
     return [expr_meta(key), expr_cmp(NFT_CMP_NEQ if negate else NFT_CMP_EQ, data)]
+
+
+def decode_expressions(blob):
+    """A rule's expressions: (name, {Attr: value}) each, only the attributes EXPRESSION_SPACES
+    knows (an expression of an unknown kind keeps its raw bytes)."""
+    expressions = []
+    for element in decode_attrs(NftListAttr, blob).get(NftListAttr.NFTA_LIST_ELEM, []):
+        name = element.get(NftExprAttr.NFTA_EXPR_NAME)
+        data = element.get(NftExprAttr.NFTA_EXPR_DATA, b"")
+        space = EXPRESSION_SPACES.get(name)
+        expressions.append((name, decode_attrs(space, data) if space else data))
+    return expressions
+
+
+def expressions_signature(blob):
+    """What an encoded rule does, as comparable data: its expressions with only the attributes
+    these rules use, so a rule we would write compares equal to the kernel's copy of it (the
+    kernel adds attributes of its own, such as a bitwise operation), counters left out (their
+    values are the traffic's)."""
+    return [(name, sorted((attr.number, repr(value)) for attr, value in data.items())
+             if isinstance(data, dict) else data)
+            for name, data in decode_expressions(blob) if name != "counter"]
+
+
+def expression_signature(exprs):
+    """The signature of a rule we would write (expressions as built here), comparable with
+    NftRule.signature."""
+    return expressions_signature(encode_attrs(exprs))
 
 
 # Offsets of the address fields in the IPv4 and IPv6 headers: (saddr, daddr, length).
@@ -2572,7 +2573,7 @@ class NftRule(object):
     def signature(self):
         """What the rule does (see expression_signature)."""
         if self._signature is None:
-            self._signature = _signature(self._expressions)
+            self._signature = expressions_signature(self._expressions)
         return self._signature
 
     def _scan(self):
@@ -3437,6 +3438,7 @@ class Store(object):
             return None
 
     def set_last_reserved(self, set_index, family, ip):
+        """Record the last address handed out from range set `set_index` (atomically)."""
         self.replace_file(LAST_RESERVED_PREFIX + str(set_index), ip_to_text(family, ip))
 
 
@@ -3905,6 +3907,8 @@ class BridgeConfig(object):
             raise CNIError(ERR_INVALID_CONFIG,
                            "unknown ipmasq backend %r" % self.ip_masq_backend[:50],
                            'ipMasqBackend is "nftables" (the default) or "iptables"')
+        exclude = conf_get(c, "ipMasqExclude", list)
+        self.ip_masq_exclude = parse_masq_exclusions(exclude) if exclude is not None else None
         self.mtu = conf_int(c, "mtu", 0, 65535)
         if 0 < self.mtu < 68:
             raise config_error("mtu %d is below 68" % self.mtu)
@@ -3974,6 +3978,25 @@ class BridgeConfig(object):
         return None
 
 
+def parse_masq_exclusions(items):
+    """ipMasqExclude: its CIDRs as Prefixes with host bits cleared, duplicates dropped, in the
+    order given.  Each applies to its own address family (an IPv6 CIDR on an IPv4-only network
+    excludes nothing there and is no error)."""
+    exclusions = []
+    for item in items:
+        try:
+            prefix = Prefix.parse(item)
+        except ValueError:
+            raise config_error("ipMasqExclude: %s is not a CIDR"
+                               % (json_dumps(item)[:100] if not isinstance(item, str)
+                                  else repr(item[:100])),
+                               'entries are "address/length" strings, such as "10.244.0.0/16"')
+        network = Prefix(prefix.family, prefix.network, prefix.length)
+        if network not in exclusions:
+            exclusions.append(network)
+    return tuple(exclusions)
+
+
 def parse_vlan_trunk(items):
     """Sorted, de-duplicated VLAN ids of a vlanTrunk list of {id} or {minID, maxID} entries."""
     vids = set()
@@ -4041,6 +4064,9 @@ def exec_plugin(request, plugin_type, command):
 # container address has `ip saddr <ip> ip daddr != <subnet> masquerade` with a comment that starts
 # with the attachment's hash.  iptables masquerade: chain CNI-<hash of network and container> in
 # table nat, jumped to from POSTROUTING.  MAC spoof checking: chains in table bridge nat.
+# ipMasqExclude (ours alone) adds exclusions to the same places, as the attachment's own rules:
+# `return` rules before its masquerade rule, ACCEPT rules before its chain's MASQUERADE (see
+# masquerade_rules); without the key every rule is the reference's.
 
 MASQ_TABLE = "cni_plugins_masquerade"
 MASQ_CHAIN = "masq_checks"
@@ -4099,7 +4125,8 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
     prefixes = [Prefix.parse(ip["address"]) for ip in result["ips"]]
     if conf.ip_masq_backend == "iptables":
         for prefix in prefixes:
-            iptables_setup_masquerade(conf.network, request.container_id, prefix)
+            iptables_setup_masquerade(conf.network, request.container_id, prefix,
+                                      conf.ip_masq_exclude)
         return
     nl = node_nftables()
     stale = []
@@ -4127,12 +4154,28 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
         batch.delete_rule(rule)
     comment = masq_comment(conf.network, request.container_id, request.ifname)
     for prefix in prefixes:
-        host = Prefix(prefix.family, prefix.ip, IP_BITS[prefix.family])
-        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN,
-                       match_family(prefix.family) + match_address("saddr", host)
-                       + match_address("daddr", prefix, negate=True) + [expr_masquerade()],
-                       comment=comment)
+        for exprs in masquerade_rules(prefix, conf.ip_masq_exclude):
+            batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, exprs, comment=comment)
     batch.commit(nl, "failed to set up masquerading for %s" % request.container_id)
+
+
+def masquerade_rules(prefix, exclusions):
+    """The nftables rules of one container address in `masq_checks`, in chain order: without
+    ipMasqExclude (`exclusions` None) the reference's one rule, `ip saddr <ip> ip daddr !=
+    <subnet> masquerade`; with it, first `ip saddr <ip> ip daddr <cidr> return` for each excluded
+    CIDR of the address's family and `ip saddr <ip> fib daddr type local return` (the node's own
+    addresses, as kubenet's `! --dst-type LOCAL`).  They all carry the attachment's comment, so
+    DEL, CHECK and GC treat them as one; appended in one transaction, the returns always come
+    before the masquerade they guard (and other attachments' rules never match this source)."""
+    source = match_family(prefix.family) + match_address(
+        "saddr", Prefix(prefix.family, prefix.ip, IP_BITS[prefix.family]))
+    rules = []
+    if exclusions is not None:
+        rules.extend(source + match_address("daddr", excluded) + [expr_verdict(NFT_RETURN)]
+                     for excluded in exclusions if excluded.family == prefix.family)
+        rules.append(source + match_daddr_local() + [expr_verdict(NFT_RETURN)])
+    rules.append(source + match_address("daddr", prefix, negate=True) + [expr_masquerade()])
+    return rules
 
 
 def setup_macspoofchk(conf, request, host_name, mac):
@@ -4215,12 +4258,38 @@ def masquerade_in_place(conf, request, ips):
                             request.container_id, required_rules=True) for family in families)
 
 
+def check_masquerade_exclusions(conf, request, ips):
+    """CHECK with ipMasqExclude: the attachment's rules are exactly those ADD writes, in order
+    (the reference never writes this layout, so none of its layouts is accepted)."""
+    prefixes = [Prefix.parse(ip["address"]) for ip in ips
+                if isinstance(ip, dict) and isinstance(ip.get("address"), str)]
+    if conf.ip_masq_backend == "iptables":
+        for prefix in prefixes:
+            iptables_check_rules(conf.network, request.container_id, prefix, conf.ip_masq_exclude)
+        return
+    instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
+    found = [r.signature for r in
+             rules_commented(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)]
+    expected = [expression_signature(exprs) for prefix in prefixes
+                for exprs in masquerade_rules(prefix, conf.ip_masq_exclude)]
+    if found != expected:
+        excluded = ", ".join(str(p) for p in conf.ip_masq_exclude) or "none"
+        raise CNIError(ERR_INTERNAL,
+                       "masquerade rules of %s are missing or changed" % request.container_id,
+                       "expected %d rules in chain inet %s %s (ipMasqExclude: %s, and the node's "
+                       "own addresses), found %d that differ"
+                       % (len(expected), MASQ_TABLE, MASQ_CHAIN, excluded, len(found)))
+
+
 def check_attachment_rules(conf, request, previous):
     """CHECK: the masquerade and spoof-check rules this attachment needs are in place.  Either
     masquerade layout counts, whatever the config's backend: the nftables one (ours and the
     reference's nftables backend) or the reference's iptables chain (1.1.1 writes only that),
-    so a node switched between the two plugins still passes CHECK."""
-    if conf.ip_masq and not masquerade_in_place(conf, request, previous.get("ips") or []):
+    so a node switched between the two plugins still passes CHECK.  With ipMasqExclude, only
+    the exact rules ADD writes count."""
+    if conf.ip_masq and conf.ip_masq_exclude is not None:
+        check_masquerade_exclusions(conf, request, previous.get("ips") or [])
+    elif conf.ip_masq and not masquerade_in_place(conf, request, previous.get("ips") or []):
         if conf.ip_masq_backend == "iptables":
             iptables_check(conf.network, request.container_id)      # legacy iptables: asked there
         else:
@@ -4238,9 +4307,9 @@ def check_attachment_rules(conf, request, previous):
 
 
 def collect_stale_rules(network, valid):
-    """GC: remove this network's masquerade rules and spoof checks whose attachment is not in
-    `valid`.  Spoof-check comments do not name the network, so only those of attachments whose
-    host veth no longer exists are removed.  Returns the errors met."""
+    """GC: remove this network's masquerade rules (either layout) and spoof checks whose
+    attachment is not in `valid`.  Spoof-check comments do not name the network, so only those
+    of attachments whose host veth no longer exists are removed.  Returns the errors met."""
     nl = node_nftables()
     keep = set(masq_instance_hash(network, cid, ifname) for cid, ifname in valid)
     network_hash = sha512_hex(network)[:16] + "-"
@@ -4249,6 +4318,9 @@ def collect_stale_rules(network, valid):
         return rule.comment.split(",", 1)[0] if rule.comment.startswith(network_hash) else None
     batch = NftBatch()
     remove_stale_rules(batch, nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, masq_owner, keep)
+    for family in (NFPROTO_IPV4, NFPROTO_IPV6):
+        remove_chains(batch, nl, family, "nat", "POSTROUTING",
+                      stale_iptables_chains(nl, family, network, set(cid for cid, _ in valid)))
     valid_chains = set(spoofchk_names(cid, ifname)[0] for cid, ifname in valid)
     ports = set(link.name for link in list_links(NetlinkSocket()))
     stale = []
@@ -4263,6 +4335,27 @@ def collect_stale_rules(network, valid):
     except CNIError as err:
         return [err.msg]
     return []
+
+
+def stale_iptables_chains(nl, family, network, valid_ids):
+    """The reference's iptables chains of `network` (as iptables-nft shows them in nf_tables)
+    whose container is not in `valid_ids`: found by the comment of the POSTROUTING rules jumping
+    to them, `name: "<network>" id: "<container>"`, and taken only when the whole chain is that
+    attachment's (owns_iptables_chain).  A comment cut to iptables' limit names no container
+    and is left alone."""
+    prefix = iptables_comment(network, "")[:-1]
+    stale = []
+    for rule in list_rules(nl, family, "nat", "POSTROUTING"):
+        comment = rule.match_comment
+        if not (comment.startswith(prefix) and comment.endswith('"')):
+            continue
+        container_id = comment[len(prefix):-1]
+        chain = iptables_chain(network, container_id)
+        if (container_id not in valid_ids and rule.jump_target == chain
+                and iptables_comment(network, container_id) == comment and chain not in stale
+                and owns_iptables_chain(nl, family, network, container_id)):
+            stale.append(chain)
+    return stale
 
 
 # --- the iptables backend (only when a config asks for it) ---------------------------------------
@@ -4284,18 +4377,39 @@ def run_iptables(family, args, check=True, table="nat"):
     return proc.returncode, output
 
 
-def iptables_setup_masquerade(network, container_id, prefix):
-    """The reference's iptables rules for one container address (each added once)."""
+def iptables_masquerade_rules(chain, prefix, exclusions):
+    """The reference's iptables rules of one container address, in order, as (chain, rule): the
+    attachment's `chain` holds `-d <subnet> -j ACCEPT` and `! -d <multicast> -j MASQUERADE`,
+    POSTROUTING jumps to it; with ipMasqExclude (`exclusions` not None), `-d <cidr> -j ACCEPT` for
+    each excluded CIDR of the address's family and `-m addrtype --dst-type LOCAL -j ACCEPT` come
+    before the MASQUERADE (the chain's own rules: its teardown removes them with it)."""
+    family = prefix.family
+    accepts = [["-d", str(prefix), "-j", "ACCEPT"]]
+    if exclusions is not None:
+        accepts.extend(["-d", excluded.network_text(), "-j", "ACCEPT"]
+                       for excluded in exclusions if excluded.family == family)
+        accepts.append(["-m", "addrtype", "--dst-type", "LOCAL", "-j", "ACCEPT"])
+    return ([(chain, rule) for rule in accepts]
+            + [(chain, ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
+               ("POSTROUTING", ["-s", ip_to_text(family, prefix.ip), "-j", chain])])
+
+
+def iptables_setup_masquerade(network, container_id, prefix, exclusions=None):
+    """The iptables rules of one container address (each added once).  The chain's rules are
+    inserted at their place, so a rule missing from an existing chain lands before the
+    MASQUERADE it must precede; on an empty chain that is the reference's order."""
     family = prefix.family
     chain = iptables_chain(network, container_id)
     comment = ["-m", "comment", "--comment", iptables_comment(network, container_id)]
     if run_iptables(family, ["-S", chain], check=False)[0] != 0:
         run_iptables(family, ["-N", chain])
-    for target_chain, rule in ((chain, ["-d", str(prefix), "-j", "ACCEPT"]),
-                               (chain,
-                                ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
-                               ("POSTROUTING", ["-s", ip_to_text(family, prefix.ip), "-j", chain])):
-        if run_iptables(family, ["-C", target_chain] + rule + comment, check=False)[0] != 0:
+    position = 0
+    for target_chain, rule in iptables_masquerade_rules(chain, prefix, exclusions):
+        if target_chain == chain:
+            position += 1
+            if run_iptables(family, ["-C", chain] + rule + comment, check=False)[0] != 0:
+                run_iptables(family, ["-I", chain, str(position)] + rule + comment)
+        elif run_iptables(family, ["-C", target_chain] + rule + comment, check=False)[0] != 0:
             run_iptables(family, ["-A", target_chain] + rule + comment)
 
 
@@ -4354,7 +4468,6 @@ def iptables_collect_stale(network, valid):
     containers that have no valid attachment (a chain serves all interfaces of a container, as the
     reference's).  A rule is attributed by its comment only when the chain it names is the one
     that comment's container gets.  Returns the errors met."""
-    import shlex
     valid_ids = set(cid for cid, _ifname in valid)
     prefix = iptables_comment(network, "")[:-1]          # name: "<network>" id: "
     errors = []
@@ -4368,7 +4481,7 @@ def iptables_collect_stale(network, valid):
             continue
         stale = []
         for line in listing.splitlines():
-            words = shlex.split(line)
+            words = split_iptables_rule(line)
             if len(words) < 4 or words[0] != "-A" or "--comment" not in words[:-1]:
                 continue
             comment = words[words.index("--comment") + 1]
@@ -4388,6 +4501,20 @@ def iptables_collect_stale(network, valid):
                 if status != 0:
                     errors.append(output.strip())
     return errors
+
+
+def iptables_check_rules(network, container_id, prefix, exclusions):
+    """CHECK of the iptables backend with ipMasqExclude: every rule ADD writes for the address
+    is there (iptables -C)."""
+    chain = iptables_chain(network, container_id)
+    comment = ["-m", "comment", "--comment", iptables_comment(network, container_id)]
+    for target_chain, rule in iptables_masquerade_rules(chain, prefix, exclusions):
+        status, output = run_iptables(prefix.family, ["-C", target_chain] + rule + comment,
+                                      check=False)
+        if status != 0:
+            raise CNIError(ERR_INTERNAL, "masquerade rule of %s is missing: -A %s %s"
+                           % (container_id, target_chain, " ".join(rule)),
+                           output.strip())
 
 
 def iptables_check(network, container_id):
@@ -5095,6 +5222,642 @@ def bridge_gc(request):
     if errors:
         raise CNIError(ERR_INTERNAL, "bridge GC could not remove everything", "; ".join(errors))
     return None
+
+
+# ==============================================================================================
+# The portmap plugin
+# ==============================================================================================
+# Host ports forwarded to a container (runtimeConfig.portMappings), chained after the plugin that
+# gave the container its addresses; prevResult passes through unchanged.  The reference's
+# nftables layout, written over nf_tables netlink in one transaction per ADD, DEL or GC:
+#   table ip|ip6 cni_hostport
+#     prerouting  (nat, dstnat)   fib daddr type local jump hostports_all
+#     output      (nat, dstnat)   fib daddr type local jump hostports_all
+#     hostports_all               jump hostip_hostports; jump hostports
+#     hostip_hostports            kept empty (the reference keeps it for upgrades)
+#     hostports                   per mapping: <conditions> [ip daddr HOSTIP] tcp dport N
+#                                 dnat to CIP:P
+#     masquerading (nat, srcnat)  per address, with snat: ct status dnat ip saddr SUBNET|127.0.0.1
+#                                 ip daddr CIP masquerade
+# The shared chains hold only constants, written when they are not as they should be, so no ADD
+# rewrites another network's rules; a network's conditions are part of each of its own mapping
+# rules.  Every rule of an attachment carries the comment `net:<network> id:<container> if:<ifname>`
+# (a name too long for the comment is replaced by `#` and its hash), and DEL, CHECK and GC find
+# rules by that comment alone: no netns, link or prevResult needed, nothing else ever touched.
+
+PORTMAP_TABLE = "cni_hostport"
+PORTMAP_TABLE_COMMENT = "CNI portmap plugin"
+HOSTPORTS_ALL_CHAIN = "hostports_all"
+HOSTIP_HOSTPORTS_CHAIN = "hostip_hostports"
+HOSTPORTS_CHAIN = "hostports"
+PORTMAP_MASQ_CHAIN = "masquerading"
+PORTMAP_ENTRY_CHAINS = (("prerouting", NF_INET_PRE_ROUTING), ("output", NF_INET_LOCAL_OUT))
+PORTMAP_RULE_CHAINS = (HOSTPORTS_CHAIN, HOSTIP_HOSTPORTS_CHAIN, PORTMAP_MASQ_CHAIN)
+NF_PRIORITY_DSTNAT = -100
+PORTMAP_FAMILIES = {4: NFPROTO_IPV4, 6: NFPROTO_IPV6}
+DEFAULT_MARK_MASQ_BIT = 13
+MAX_CONDITION_RULES = 64                       # rules one mapping may expand into (condition sets)
+COMMENT_NETWORK_MAX, COMMENT_ID_MAX = 32, 64   # longer names are hashed: the comment stays < 128
+LOCALHOST_V4 = Prefix(4, 0x7F000001, 32)
+# The reference's iptables backend (ours runs it on request; DEL also removes its chains where
+# iptables is nf_tables-based): its chains in table nat, and the attachment's own chain.
+IPT_DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
+IPT_SETMARK_CHAIN = "CNI-HOSTPORT-SETMARK"
+IPT_MASQ_CHAIN = "CNI-HOSTPORT-MASQ"
+IPT_MULTIPORT_MAX = 15
+
+
+def iptables_dnat_chain(network, container_id):
+    """CNI-DN- and the hash of network and container, cut at 28 characters, as the reference."""
+    return ("CNI-DN-" + sha512_hex(network + container_id))[:28]
+
+
+class PortMapping(object):
+    """One runtimeConfig.portMappings entry."""
+
+    __slots__ = ("host_port", "container_port", "protocol", "host_family", "host_ip")
+
+    def __init__(self, host_port, container_port, protocol, host_family=None, host_ip=None):
+        self.host_port = host_port
+        self.container_port = container_port
+        self.protocol = protocol
+        self.host_family = host_family      # None: both families; else only 4 or 6
+        self.host_ip = host_ip              # None: every local address of the family
+
+    def applies_to(self, family):
+        """A mapping with a hostIP of the other family is skipped (as the reference does)."""
+        return self.host_family is None or self.host_family == family
+
+
+class PortmapConfig(object):
+    """The portmap plugin's keys (reference names, matched case-insensitively):
+
+    runtimeConfig.portMappings  [{hostPort, containerPort, protocol (tcp|udp|sctp), hostIP}]
+    snat                        bool, default true: masquerade hairpin and localhost traffic
+    masqAll                     bool: masquerade forwarded traffic from every source
+    markMasqBit                 0..31, default 13 (iptables backend: the masquerade mark)
+    externalSetMarkChain        iptables backend: a chain that marks for masquerade instead
+    conditionsV4, conditionsV6  lists of nftables match text (iptables text for that backend)
+    backend                     "nftables" (default) or "iptables"; iptables-only keys
+                                without a backend choose iptables, as they would upstream
+    """
+
+    def __init__(self, request):
+        c = request.config
+        self.network = request.network
+        self.snat = conf_get(c, "snat", bool, True)
+        self.masq_all = conf_get(c, "masqAll", bool, False)
+        mark_bit = conf_get(c, "markMasqBit", int)
+        self.external_set_mark_chain = conf_get(c, "externalSetMarkChain", str)
+        if mark_bit is not None and self.external_set_mark_chain is not None:
+            raise config_error("cannot specify externalSetMarkChain and markMasqBit")
+        self.mark_masq_bit = conf_int(c, "markMasqBit", 0, 31, DEFAULT_MARK_MASQ_BIT)
+        raw_conditions = dict((family, conf_get(c, "conditionsV%d" % family, list, []))
+                              for family in (4, 6))
+        for family, items in raw_conditions.items():
+            if not all(isinstance(i, str) for i in items):
+                raise config_error("conditionsV%d must be a list of strings" % family)
+        self.backend = self._backend(conf_get(c, "backend", str), raw_conditions)
+        self.iptables_conditions = raw_conditions if self.backend == "iptables" else {4: [], 6: []}
+        nftables = self.backend == "nftables"
+        self.conditions = dict((family, parse_conditions(family, items if nftables else []))
+                               for family, items in raw_conditions.items())
+        self.mappings = parse_port_mappings(
+            conf_get(request.runtime_config(), "portMappings", list, []))
+
+    def _backend(self, requested, conditions):
+        iptables_only = ["conditionsV%d" % f for f in (4, 6) if is_iptables_syntax(conditions[f])]
+        if self.external_set_mark_chain is not None:
+            iptables_only.insert(0, "externalSetMarkChain")
+        nftables_only = ["conditionsV%d" % f for f in (4, 6)
+                         if conditions[f] and not is_iptables_syntax(conditions[f])]
+        backend = requested or ("iptables" if iptables_only else "nftables")
+        if backend not in ("nftables", "iptables"):
+            raise CNIError(ERR_INVALID_CONFIG, "unrecognized backend %r" % backend[:50],
+                           'backend is "nftables" (the default) or "iptables"')
+        wrong = iptables_only if backend == "nftables" else nftables_only
+        if wrong:
+            other = "iptables" if backend == "nftables" else "nftables"
+            raise config_error("%s backend was requested but configuration contains %s-specific "
+                               "options %s" % (backend, other, " ".join(wrong)))
+        return backend
+
+
+def is_iptables_syntax(conditions):
+    """iptables conditions begin with an option ("-s") or a negation ("!"); nftables ones never
+    do."""
+    return bool(conditions) and conditions[0][:1] in ("-", "!")
+
+
+def parse_port_mappings(items):
+    """PortMappings of runtimeConfig.portMappings; a bad entry is a config error naming it."""
+    mappings = []
+    for i, item in enumerate(items):
+        where = "runtimeConfig.portMappings[%d]." % i
+        if not isinstance(item, dict):
+            raise config_error("%s must be an object" % where[:-1])
+        host_port = conf_get(item, "hostPort", int, 0, where)
+        container_port = conf_get(item, "containerPort", int, 0, where)
+        if not 0 < container_port <= 65535:
+            raise CNIError(ERR_INVALID_CONFIG, "Invalid container port number: %d" % container_port)
+        if not 0 < host_port <= 65535:
+            raise CNIError(ERR_INVALID_CONFIG, "Invalid host port number: %d" % host_port)
+        protocol = conf_get(item, "protocol", str, "", where).lower()
+        if protocol not in IPPROTO_NUMBERS:
+            raise config_error("%sprotocol %r is not tcp, udp or sctp" % (where, protocol[:20]))
+        host_ip_text = conf_get(item, "hostIP", str, "", where)
+        host_family = host_ip = None
+        if host_ip_text:
+            try:
+                host_family, host_ip = parse_ip(host_ip_text)
+            except ValueError:
+                raise config_error("%shostIP %r is not an IP address" % (where, host_ip_text[:50]))
+            host_ip = host_ip or None      # 0.0.0.0 or ::: every address of that family
+        mappings.append(PortMapping(host_port, container_port, protocol, host_family, host_ip))
+    return mappings
+
+
+# --- conditions: the nftables match text of conditionsV4/V6 ------------------------------------
+# Accepted: `[meta] iifname|oifname`, `ip saddr|daddr` (`ip6` in conditionsV6), each with an
+# optional `==`/`eq` or `!=`/`ne` and a value or an anonymous set `{ a, b }`; names may be quoted
+# and end in `*`.  A positive set becomes one rule per element, a negated one a rule that
+# excludes every element.  Anything else is refused (code 7) naming the condition.
+
+CONDITION_SUPPORTED = ("supported: [meta] iifname|oifname, ip saddr|daddr (ip6 in conditionsV6), "
+                       "each with an optional == or != and a value or { set }")
+
+
+def condition_tokens(text):
+    """Split nft text into words, quoted strings (unquoted) and the set punctuation { } ,"""
+    tokens, i = [], 0
+    while i < len(text):
+        char = text[i]
+        if char.isspace():
+            i += 1
+        elif char in "{},":
+            tokens.append(char)
+            i += 1
+        elif char == '"':
+            end = text.find('"', i + 1)
+            if end < 0:
+                raise ValueError("unterminated string")
+            tokens.append(text[i + 1:end])
+            i = end + 1
+        else:
+            start = i
+            while i < len(text) and not text[i].isspace() and text[i] not in '{},"':
+                i += 1
+            tokens.append(text[start:i])
+    return tokens
+
+
+def parse_conditions(family, items):
+    """The rules' condition expressions: a list of alternatives, each a list of expressions that
+    must all match ([[]]: no condition).  Raises code 7 naming what it cannot express."""
+    key = "conditionsV%d" % family
+    text = " ".join(items)
+    try:
+        tokens = condition_tokens(text)
+    except ValueError as err:
+        raise CNIError(ERR_INVALID_CONFIG, "%s: %s in %r" % (key, err, text[:200]))
+    clauses, i = [], 0
+    while i < len(tokens):
+        start = i
+        try:
+            clause, i = _parse_condition(family, tokens, i)
+        except (ValueError, IndexError) as err:
+            raise CNIError(ERR_INVALID_CONFIG, "%s: unsupported condition %r"
+                           % (key, " ".join(tokens[start:])[:200]),
+                           "%s; %s" % (err, CONDITION_SUPPORTED))
+        clauses.append(clause)
+    alternatives = [[]]
+    for clause in clauses:
+        alternatives = [a + b for a in alternatives for b in clause]
+        if len(alternatives) > MAX_CONDITION_RULES:
+            raise CNIError(ERR_INVALID_CONFIG, "%s: its sets make more than %d rules per mapping"
+                           % (key, MAX_CONDITION_RULES), text[:200])
+    return alternatives
+
+
+def _parse_condition(family, tokens, i):
+    """One condition at tokens[i]: (its alternatives, the index after it)."""
+    word = tokens[i]
+    if word == "meta":
+        i += 1
+        word = tokens[i]
+    if word in ("iifname", "oifname"):
+        meta_key = NFT_META_IIFNAME if word == "iifname" else NFT_META_OIFNAME
+        negate, values, i = _operator_and_values(tokens, i + 1)
+        for name in values:
+            if not 0 < len(name.rstrip("*").encode("utf-8", "surrogateescape")) <= 15:
+                raise ValueError("%r is not an interface name" % name)
+        matches = [match_ifname(meta_key, name, negate) for name in values]
+    elif word in ("ip", "ip6"):
+        if word != ("ip" if family == 4 else "ip6"):
+            raise ValueError("%s matches the other address family" % word)
+        field = tokens[i + 1]
+        if field not in ("saddr", "daddr"):
+            raise ValueError("%s %s is not an address match" % (word, field))
+        negate, values, i = _operator_and_values(tokens, i + 2)
+        matches = [match_address(field, _condition_prefix(family, value), negate)
+                   for value in values]
+    else:
+        raise ValueError("%r cannot be expressed" % word)
+    if negate:          # not any of them: every exclusion in one rule
+        return [[expr for match in matches for expr in match]], i
+    return matches, i
+
+
+def _operator_and_values(tokens, i):
+    """(negated, values, next index) of `[==|!=|eq|ne] value` or `[op] { v1, v2 }`."""
+    negate = False
+    if tokens[i] in ("==", "eq", "!=", "ne"):
+        negate = tokens[i] in ("!=", "ne")
+        i += 1
+    if tokens[i] != "{":
+        if tokens[i] in ("}", ","):
+            raise ValueError("a value is missing")
+        return negate, [tokens[i]], i + 1
+    values, i = [], i + 1
+    while tokens[i] != "}":
+        if tokens[i] != ",":
+            values.append(tokens[i])
+        i += 1
+    if not values:
+        raise ValueError("an empty set")
+    return negate, values, i + 1
+
+
+def _condition_prefix(family, text):
+    if "/" not in text:
+        text += "/%d" % IP_BITS[family]
+    prefix = Prefix.parse(text)
+    if prefix.family != family:
+        raise ValueError("%s is not an IPv%d address" % (text, family))
+    return prefix
+
+
+# --- the attachment's rules -----------------------------------------------------------------
+
+def comment_name(name, limit):
+    """A name as the comment holds it: itself, or `#` and a hash when longer than `limit` (names
+    cannot contain `#`, so the two never meet)."""
+    return name if len(name) <= limit else "#" + sha512_hex(name)[:16]
+
+
+def portmap_comment(network, container_id, ifname):
+    """The comment every rule of one attachment carries (at most 123 bytes: interface names have
+    at most 15)."""
+    return "net:%s id:%s if:%s" % (comment_name(network, COMMENT_NETWORK_MAX),
+                                   comment_name(container_id, COMMENT_ID_MAX), ifname)
+
+
+def parse_portmap_comment(comment):
+    """(network, container ID, ifname) as a comment holds them, or None for anyone else's rule."""
+    parts = comment.split(" ")
+    if len(parts) != 3 or not all(p.startswith(k) for p, k in zip(parts, ("net:", "id:", "if:"))):
+        return None
+    return parts[0][4:], parts[1][3:], parts[2][3:]
+
+
+def container_addresses(previous, ifname):
+    """{family: Prefix}: per family, the first address of prevResult that belongs to the
+    container's interface (an address pointing at another or a host-side interface is skipped)."""
+    interfaces = previous.get("interfaces") or []
+    found = {}
+    for ip in previous.get("ips") or []:
+        prefix = Prefix.parse(ip["address"])
+        if prefix.family in found:
+            continue
+        index = ip.get("interface")
+        if isinstance(index, int) and 0 <= index < len(interfaces):
+            if interfaces[index].get("name") != ifname or not interfaces[index].get("sandbox"):
+                continue
+        found[prefix.family] = prefix
+    return found
+
+
+def portmap_rules(conf, family, address):
+    """[(chain, expressions)] of one container address: a DNAT rule per mapping (and per
+    condition alternative), then with snat the masquerade rules for hairpin and localhost
+    traffic (every source with masqAll), each only for connections a DNAT rule rewrote."""
+    rules = []
+    target = [expr_immediate(NFT_REG_1, ip_bytes(family, address.ip))]
+    host = Prefix(family, address.ip, IP_BITS[family])
+    for mapping in conf.mappings:
+        if not mapping.applies_to(family):
+            continue
+        destination = []
+        if mapping.host_ip is not None:
+            destination = match_address("daddr", Prefix(family, mapping.host_ip, IP_BITS[family]))
+        dnat = (match_dport(mapping.protocol, mapping.host_port) + target
+                + [expr_immediate(NFT_REG_2, struct.pack(">H", mapping.container_port)),
+                   expr_dnat(family, NFT_REG_1, NFT_REG_2)])
+        for condition in conf.conditions[family]:
+            rules.append((HOSTPORTS_CHAIN, condition + destination + dnat))
+    if conf.snat and rules:
+        sources = [None] if conf.masq_all else [address] + ([LOCALHOST_V4] if family == 4 else [])
+        for source in sources:
+            rules.append((PORTMAP_MASQ_CHAIN, match_ct_dnat()
+                          + (match_address("saddr", source) if source is not None else [])
+                          + match_address("daddr", host) + [expr_masquerade()]))
+    return rules
+
+
+def entry_rule():
+    """prerouting's and output's one rule: `fib daddr type local jump hostports_all`."""
+    return match_daddr_local() + [expr_verdict(NFT_JUMP, HOSTPORTS_ALL_CHAIN)]
+
+
+def portmap_skeleton_ok(rules):
+    """Whether the shared chains of one family's table are as they should be (from its rules)."""
+    by_chain = {}
+    for rule in rules:
+        by_chain.setdefault(rule.chain, []).append(rule)
+    jumps = [r.jump_target for r in by_chain.get(HOSTPORTS_ALL_CHAIN, [])]
+    if jumps != [HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN]:
+        return False
+    entry = expression_signature(entry_rule())
+    return all([r.signature for r in by_chain.get(chain, [])] == [entry]
+               for chain, _hook in PORTMAP_ENTRY_CHAINS)
+
+
+def add_portmap_skeleton(batch, nf_family, snat, rewrite):
+    """The table and its chains (kept when they exist); with `rewrite`, the shared chains are
+    flushed and refilled, in the same transaction, so nobody sees them half written."""
+    batch.add_table(nf_family, PORTMAP_TABLE, PORTMAP_TABLE_COMMENT)
+    for chain in (HOSTPORTS_CHAIN, HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_ALL_CHAIN):
+        batch.add_chain(nf_family, PORTMAP_TABLE, chain)
+    for chain, hook in PORTMAP_ENTRY_CHAINS:
+        batch.add_chain(nf_family, PORTMAP_TABLE, chain, hook=("nat", hook, NF_PRIORITY_DSTNAT))
+    if snat:
+        batch.add_chain(nf_family, PORTMAP_TABLE, PORTMAP_MASQ_CHAIN,
+                        hook=("nat", NF_INET_POST_ROUTING, NF_PRIORITY_SRCNAT))
+    if rewrite:
+        batch.flush_chain(nf_family, PORTMAP_TABLE, HOSTPORTS_ALL_CHAIN)
+        for chain in (HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN):
+            batch.add_rule(nf_family, PORTMAP_TABLE, HOSTPORTS_ALL_CHAIN,
+                           [expr_verdict(NFT_JUMP, chain)])
+        for chain, _hook in PORTMAP_ENTRY_CHAINS:
+            batch.flush_chain(nf_family, PORTMAP_TABLE, chain)
+            batch.add_rule(nf_family, PORTMAP_TABLE, chain, entry_rule())
+
+
+def forward_ports(conf, comment, addresses):
+    """ADD over nf_tables: one transaction writes both families' rules, replacing those an
+    earlier ADD of the attachment left, and repairing the shared chains if needed."""
+    nl = node_nftables()
+
+    def build(batch):
+        for family, address in sorted(addresses.items()):
+            rules = portmap_rules(conf, family, address)
+            if not rules:
+                continue
+            nf_family = PORTMAP_FAMILIES[family]
+            present = list_rules(nl, nf_family, PORTMAP_TABLE)
+            add_portmap_skeleton(batch, nf_family, conf.snat, not portmap_skeleton_ok(present))
+            for rule in present:
+                if rule.comment == comment:
+                    batch.delete_rule(rule)
+            for chain, exprs in rules:
+                batch.add_rule(nf_family, PORTMAP_TABLE, chain, exprs, comment)
+    try:
+        commit_rebuilt(nl, build, "failed to set up nftables rules for port mappings")
+    except NetlinkError as err:
+        if err.errno in (errno.ENOENT, errno.EOPNOTSUPP) and not err.details:
+            err.details = ("if this persists, the kernel lacks an nf_tables feature the rules use: "
+                           "nat chains, fib, ct or masquerade (modules nft_chain_nat, "
+                           "nft_fib_ipv4, nft_fib_ipv6, nft_ct, nft_masq)")
+        raise
+
+
+def remove_attachment_mappings(network, container_id, comment):
+    """Delete, in one transaction, every rule of both families' tables carrying the
+    attachment's `comment` (one listing of each table), and the reference's iptables chain of
+    the attachment where iptables is nf_tables-based (then it is visible here, in table nat),
+    so a container mapped by the reference's iptables backend is unmapped by our DEL."""
+    nl = node_nftables()
+
+    def build(batch):
+        for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
+            for rule in list_rules(nl, nf_family, PORTMAP_TABLE):
+                if rule.chain in PORTMAP_RULE_CHAINS and rule.comment == comment:
+                    batch.delete_rule(rule)
+            remove_chains(batch, nl, nf_family, "nat", IPT_DNAT_CHAIN,
+                          (iptables_dnat_chain(network, container_id),))
+    commit_rebuilt(nl, build, "failed to remove the port mappings of %s" % container_id)
+
+
+def delete_stale_udp_flows(conf, families):
+    """Forget conntrack entries of the mapped UDP ports, so a flow that began before the mapping
+    (and would keep its old destination) starts over through the new rule.  Failures are only
+    reported: the mapping itself is in place."""
+    ports = set(m.host_port for m in conf.mappings if m.protocol == "udp")
+    if not ports or not families:
+        return
+    try:
+        delete_conntrack_entries(node_nftables(), families, IPPROTO_NUMBERS["udp"], ports)
+    except CNIError as err:
+        sys.stderr.write("portmap: failed to delete stale UDP conntrack entries of ports %s: %s\n"
+                         % (",".join(map(str, sorted(ports))), err.msg))
+
+
+def enable_localnet_routing(address):
+    """Let 127.0.0.1 cross into the container's interface (route_localnet on the node's
+    interface toward it), so `127.0.0.1:hostPort` reaches the container."""
+    nl = NetlinkSocket()
+    index = route_lookup(nl, 4, address.ip)
+    link = get_link(nl, index=index) if index else None
+    if link is not None:
+        write_sysctl("net/ipv4/conf/%s/route_localnet" % link.name, "1", required=True)
+
+
+# --- verbs ----------------------------------------------------------------------------------
+
+def portmap_add(request):
+    """Forward the host ports to the container's addresses; prevResult passes through."""
+    conf = PortmapConfig(request)
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "must be called as chained plugin",
+                       "portmap needs prevResult")
+    if not conf.mappings:
+        return previous
+    addresses = container_addresses(previous, request.ifname)
+    comment = portmap_comment(conf.network, request.container_id, request.ifname)
+    if conf.backend == "iptables":
+        for family, address in sorted(addresses.items()):
+            iptables_forward_ports(conf, request.container_id, family, address)
+    else:
+        forward_ports(conf, comment, addresses)
+    delete_stale_udp_flows(conf, addresses)
+    if conf.snat and 4 in addresses:
+        enable_localnet_routing(addresses[4])
+    return previous
+
+
+def portmap_del(request):
+    """Remove the attachment's rules, found by comment alone: works with the namespace gone,
+    without prevResult, and twice."""
+    try:
+        backend = PortmapConfig(request).backend
+    except CNIError as err:
+        sys.stderr.write("DEL: the config does not validate (%s); cleaning up with what it says\n"
+                         % err.msg)
+        backend = conf_lookup(request.config, "backend")
+    comment = portmap_comment(request.network, request.container_id, request.ifname)
+    remove_attachment_mappings(request.network, request.container_id, comment)
+    if backend == "iptables":
+        iptables_unforward_ports(request.network, request.container_id)
+    return None
+
+
+def portmap_check(request):
+    """The attachment's rules are all there, exactly as ADD writes them (addresses, ports,
+    conditions), and the shared chains lead to them."""
+    conf = PortmapConfig(request)
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    if not conf.mappings:
+        return None
+    addresses = container_addresses(previous, request.ifname)
+    if conf.backend == "iptables":
+        for family in sorted(addresses):
+            iptables_check_ports(conf, request.container_id, family)
+        return None
+    comment = portmap_comment(conf.network, request.container_id, request.ifname)
+    for family, address in sorted(addresses.items()):
+        expected = sorted(repr(expression_signature(exprs))
+                          for _chain, exprs in portmap_rules(conf, family, address))
+        if not expected:
+            continue
+        present = list_rules(node_nftables(), PORTMAP_FAMILIES[family], PORTMAP_TABLE)
+        found = sorted(repr(r.signature) for r in present if r.comment == comment)
+        table = "table %s %s" % ("ip" if family == 4 else "ip6", PORTMAP_TABLE)
+        if found != expected:
+            raise CNIError(ERR_INTERNAL, "port mapping rules of %s are missing or changed"
+                           % request.container_id, "%s holds %d rules commented %r, %d expected"
+                           % (table, len(found), comment, len(expected)))
+        if not portmap_skeleton_ok(present):
+            raise CNIError(ERR_INTERNAL, "the chains leading to the port mappings are missing or "
+                           "changed", "%s: prerouting and output must jump to %s"
+                           % (table, HOSTPORTS_ALL_CHAIN))
+    return None
+
+
+def portmap_gc(request):
+    """Remove this network's rules whose attachment is not in cni.dev/valid-attachments.  Needs
+    only the network's name: a config that no longer validates does not keep stale mappings."""
+    valid = valid_attachments(request.config)
+    if valid is None:
+        return None
+    network = comment_name(request.network, COMMENT_NETWORK_MAX)
+    keep = set((comment_name(cid, COMMENT_ID_MAX), ifname) for cid, ifname in valid)
+    nl = node_nftables()
+
+    def owner_of(rule):         # (container ID, ifname) as the comment holds them
+        owner = parse_portmap_comment(rule.comment)
+        return owner[1:] if owner is not None and owner[0] == network else None
+
+    def build(batch):
+        for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
+            for chain in PORTMAP_RULE_CHAINS:
+                remove_stale_rules(batch, nl, nf_family, PORTMAP_TABLE, chain, owner_of, keep)
+    commit_rebuilt(nl, build, "failed to remove stale port mappings of network %s"
+                   % request.network)
+    return None
+
+
+def portmap_status(request):
+    """Ready whenever the config is valid: the rules need nothing that could run out."""
+    PortmapConfig(request)
+    return None
+
+
+# --- the iptables backend (only when a config asks for it) -----------------------------------
+# The reference's layout in table nat: PREROUTING and OUTPUT `-m addrtype --dst-type LOCAL -j
+# CNI-HOSTPORT-DNAT`, which jumps per attachment (multiport, up to 15 ports a rule) to
+# CNI-DN-<hash of network and container>; that chain marks hairpin and localhost traffic through
+# CNI-HOSTPORT-SETMARK (or externalSetMarkChain) and DNATs; CNI-HOSTPORT-MASQ, jumped to first
+# from POSTROUTING, masquerades what is marked.
+
+def iptables_ensure_rule(family, chain, rule, first=False):
+    if run_iptables(family, ["-C", chain] + rule, check=False)[0] != 0:
+        run_iptables(family, (["-I", chain, "1"] if first else ["-A", chain]) + rule)
+
+
+def iptables_ensure_chain(family, chain):
+    if run_iptables(family, ["-S", chain], check=False)[0] != 0:
+        run_iptables(family, ["-N", chain], check=False)
+
+
+def iptables_forward_ports(conf, container_id, family, address):
+    mark = "%#x/%#x" % (1 << conf.mark_masq_bit, 1 << conf.mark_masq_bit)
+    setmark = conf.external_set_mark_chain or IPT_SETMARK_CHAIN
+    if conf.snat and conf.external_set_mark_chain is None:
+        iptables_ensure_chain(family, IPT_SETMARK_CHAIN)
+        iptables_ensure_rule(family, IPT_SETMARK_CHAIN, [
+            "-m", "comment", "--comment", "CNI portfwd masquerade mark",
+            "-j", "MARK", "--set-xmark", mark])
+        iptables_ensure_chain(family, IPT_MASQ_CHAIN)
+        iptables_ensure_rule(family, IPT_MASQ_CHAIN,
+                             ["-m", "mark", "--mark", mark, "-j", "MASQUERADE"])
+        iptables_ensure_rule(family, "POSTROUTING", [
+            "-m", "comment", "--comment", "CNI portfwd requiring masquerade", "-j", IPT_MASQ_CHAIN],
+            first=True)
+    iptables_ensure_chain(family, IPT_DNAT_CHAIN)
+    for entry in ("PREROUTING", "OUTPUT"):
+        iptables_ensure_rule(family, entry, ["-m", "addrtype", "--dst-type", "LOCAL",
+                                             "-j", IPT_DNAT_CHAIN])
+    chain = iptables_dnat_chain(conf.network, container_id)
+    iptables_ensure_chain(family, chain)
+    run_iptables(family, ["-F", chain])
+    mappings = [m for m in conf.mappings if m.applies_to(family)]
+    for mapping in mappings:
+        base = ["-p", mapping.protocol, "--dport", str(mapping.host_port)]
+        if mapping.host_ip is not None:
+            base += ["-d", ip_to_text(family, mapping.host_ip)]
+        if conf.snat:
+            sources = ["::/0" if family == 6 else "0.0.0.0/0"] if conf.masq_all else [str(address)]
+            if family == 4 and not conf.masq_all:
+                sources.append("127.0.0.1")
+            for source in sources:
+                run_iptables(family, ["-A", chain] + base + ["-s", source, "-j", setmark])
+        target = ip_to_text(family, address.ip)
+        target = "[%s]" % target if family == 6 else target
+        run_iptables(family, ["-A", chain] + base + ["-j", "DNAT", "--to-destination",
+                                                     "%s:%d" % (target, mapping.container_port)])
+    comment = ("dnat name: \"%s\" id: \"%s\"" % (conf.network, container_id))[:255]
+    for protocol in sorted(set(m.protocol for m in mappings)):
+        ports = [str(m.host_port) for m in mappings if m.protocol == protocol]
+        for start in range(0, len(ports), IPT_MULTIPORT_MAX):
+            selector = ["-m", "comment", "--comment", comment, "-m", "multiport", "-p", protocol,
+                        "--destination-ports", ",".join(ports[start:start + IPT_MULTIPORT_MAX])]
+            iptables_ensure_rule(family, IPT_DNAT_CHAIN,
+                                 selector + conf.iptables_conditions[family] + ["-j", chain])
+
+
+def iptables_unforward_ports(network, container_id):
+    """Remove the jumps to the attachment's chain, then the chain, in both families."""
+    import shlex
+    chain = iptables_dnat_chain(network, container_id)
+    for family in (4, 6):
+        status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
+        for line in rules.splitlines() if status == 0 else ():
+            if line.endswith(" -j " + chain):
+                run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
+        run_iptables(family, ["-F", chain], check=False)
+        run_iptables(family, ["-X", chain], check=False)
+
+
+def iptables_check_ports(conf, container_id, family):
+    chain = iptables_dnat_chain(conf.network, container_id)
+    status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
+    if run_iptables(family, ["-S", chain], check=False)[0] != 0 or not any(
+            line.endswith(" -j " + chain) for line in rules.splitlines()):
+        raise CNIError(ERR_INTERNAL, "port mapping chain %s of %s is missing"
+                       % (chain, container_id))
 
 
 # ==============================================================================================
@@ -6251,642 +7014,6 @@ def firewall_gc(request):
 
 
 # ==============================================================================================
-# The portmap plugin
-# ==============================================================================================
-# Host ports forwarded to a container (runtimeConfig.portMappings), chained after the plugin that
-# gave the container its addresses; prevResult passes through unchanged.  The reference's
-# nftables layout, written over nf_tables netlink in one transaction per ADD, DEL or GC:
-#   table ip|ip6 cni_hostport
-#     prerouting  (nat, dstnat)   fib daddr type local jump hostports_all
-#     output      (nat, dstnat)   fib daddr type local jump hostports_all
-#     hostports_all               jump hostip_hostports; jump hostports
-#     hostip_hostports            kept empty (the reference keeps it for upgrades)
-#     hostports                   per mapping: <conditions> [ip daddr HOSTIP] tcp dport N
-#                                 dnat to CIP:P
-#     masquerading (nat, srcnat)  per address, with snat: ct status dnat ip saddr SUBNET|127.0.0.1
-#                                 ip daddr CIP masquerade
-# The shared chains hold only constants, written when they are not as they should be, so no ADD
-# rewrites another network's rules; a network's conditions are part of each of its own mapping
-# rules.  Every rule of an attachment carries the comment `net:<network> id:<container> if:<ifname>`
-# (a name too long for the comment is replaced by `#` and its hash), and DEL, CHECK and GC find
-# rules by that comment alone: no netns, link or prevResult needed, nothing else ever touched.
-
-PORTMAP_TABLE = "cni_hostport"
-PORTMAP_TABLE_COMMENT = "CNI portmap plugin"
-HOSTPORTS_ALL_CHAIN = "hostports_all"
-HOSTIP_HOSTPORTS_CHAIN = "hostip_hostports"
-HOSTPORTS_CHAIN = "hostports"
-PORTMAP_MASQ_CHAIN = "masquerading"
-PORTMAP_ENTRY_CHAINS = (("prerouting", NF_INET_PRE_ROUTING), ("output", NF_INET_LOCAL_OUT))
-PORTMAP_RULE_CHAINS = (HOSTPORTS_CHAIN, HOSTIP_HOSTPORTS_CHAIN, PORTMAP_MASQ_CHAIN)
-NF_PRIORITY_DSTNAT = -100
-PORTMAP_FAMILIES = {4: NFPROTO_IPV4, 6: NFPROTO_IPV6}
-DEFAULT_MARK_MASQ_BIT = 13
-MAX_CONDITION_RULES = 64                       # rules one mapping may expand into (condition sets)
-COMMENT_NETWORK_MAX, COMMENT_ID_MAX = 32, 64   # longer names are hashed: the comment stays < 128
-LOCALHOST_V4 = Prefix(4, 0x7F000001, 32)
-# The reference's iptables backend (ours runs it on request; DEL also removes its chains where
-# iptables is nf_tables-based): its chains in table nat, and the attachment's own chain.
-IPT_DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
-IPT_SETMARK_CHAIN = "CNI-HOSTPORT-SETMARK"
-IPT_MASQ_CHAIN = "CNI-HOSTPORT-MASQ"
-IPT_MULTIPORT_MAX = 15
-
-
-def iptables_dnat_chain(network, container_id):
-    """CNI-DN- and the hash of network and container, cut at 28 characters, as the reference."""
-    return ("CNI-DN-" + sha512_hex(network + container_id))[:28]
-
-
-class PortMapping(object):
-    """One runtimeConfig.portMappings entry."""
-
-    __slots__ = ("host_port", "container_port", "protocol", "host_family", "host_ip")
-
-    def __init__(self, host_port, container_port, protocol, host_family=None, host_ip=None):
-        self.host_port = host_port
-        self.container_port = container_port
-        self.protocol = protocol
-        self.host_family = host_family      # None: both families; else only 4 or 6
-        self.host_ip = host_ip              # None: every local address of the family
-
-    def applies_to(self, family):
-        """A mapping with a hostIP of the other family is skipped (as the reference does)."""
-        return self.host_family is None or self.host_family == family
-
-
-class PortmapConfig(object):
-    """The portmap plugin's keys (reference names, matched case-insensitively):
-
-    runtimeConfig.portMappings  [{hostPort, containerPort, protocol (tcp|udp|sctp), hostIP}]
-    snat                        bool, default true: masquerade hairpin and localhost traffic
-    masqAll                     bool: masquerade forwarded traffic from every source
-    markMasqBit                 0..31, default 13 (iptables backend: the masquerade mark)
-    externalSetMarkChain        iptables backend: a chain that marks for masquerade instead
-    conditionsV4, conditionsV6  lists of nftables match text (iptables text for that backend)
-    backend                     "nftables" (default) or "iptables"; iptables-only keys
-                                without a backend choose iptables, as they would upstream
-    """
-
-    def __init__(self, request):
-        c = request.config
-        self.network = request.network
-        self.snat = conf_get(c, "snat", bool, True)
-        self.masq_all = conf_get(c, "masqAll", bool, False)
-        mark_bit = conf_get(c, "markMasqBit", int)
-        self.external_set_mark_chain = conf_get(c, "externalSetMarkChain", str)
-        if mark_bit is not None and self.external_set_mark_chain is not None:
-            raise config_error("cannot specify externalSetMarkChain and markMasqBit")
-        self.mark_masq_bit = conf_int(c, "markMasqBit", 0, 31, DEFAULT_MARK_MASQ_BIT)
-        raw_conditions = dict((family, conf_get(c, "conditionsV%d" % family, list, []))
-                              for family in (4, 6))
-        for family, items in raw_conditions.items():
-            if not all(isinstance(i, str) for i in items):
-                raise config_error("conditionsV%d must be a list of strings" % family)
-        self.backend = self._backend(conf_get(c, "backend", str), raw_conditions)
-        self.iptables_conditions = raw_conditions if self.backend == "iptables" else {4: [], 6: []}
-        nftables = self.backend == "nftables"
-        self.conditions = dict((family, parse_conditions(family, items if nftables else []))
-                               for family, items in raw_conditions.items())
-        self.mappings = parse_port_mappings(
-            conf_get(request.runtime_config(), "portMappings", list, []))
-
-    def _backend(self, requested, conditions):
-        iptables_only = ["conditionsV%d" % f for f in (4, 6) if is_iptables_syntax(conditions[f])]
-        if self.external_set_mark_chain is not None:
-            iptables_only.insert(0, "externalSetMarkChain")
-        nftables_only = ["conditionsV%d" % f for f in (4, 6)
-                         if conditions[f] and not is_iptables_syntax(conditions[f])]
-        backend = requested or ("iptables" if iptables_only else "nftables")
-        if backend not in ("nftables", "iptables"):
-            raise CNIError(ERR_INVALID_CONFIG, "unrecognized backend %r" % backend[:50],
-                           'backend is "nftables" (the default) or "iptables"')
-        wrong = iptables_only if backend == "nftables" else nftables_only
-        if wrong:
-            other = "iptables" if backend == "nftables" else "nftables"
-            raise config_error("%s backend was requested but configuration contains %s-specific "
-                               "options %s" % (backend, other, " ".join(wrong)))
-        return backend
-
-
-def is_iptables_syntax(conditions):
-    """iptables conditions begin with an option ("-s") or a negation ("!"); nftables ones never
-    do."""
-    return bool(conditions) and conditions[0][:1] in ("-", "!")
-
-
-def parse_port_mappings(items):
-    """PortMappings of runtimeConfig.portMappings; a bad entry is a config error naming it."""
-    mappings = []
-    for i, item in enumerate(items):
-        where = "runtimeConfig.portMappings[%d]." % i
-        if not isinstance(item, dict):
-            raise config_error("%s must be an object" % where[:-1])
-        host_port = conf_get(item, "hostPort", int, 0, where)
-        container_port = conf_get(item, "containerPort", int, 0, where)
-        if not 0 < container_port <= 65535:
-            raise CNIError(ERR_INVALID_CONFIG, "Invalid container port number: %d" % container_port)
-        if not 0 < host_port <= 65535:
-            raise CNIError(ERR_INVALID_CONFIG, "Invalid host port number: %d" % host_port)
-        protocol = conf_get(item, "protocol", str, "", where).lower()
-        if protocol not in IPPROTO_NUMBERS:
-            raise config_error("%sprotocol %r is not tcp, udp or sctp" % (where, protocol[:20]))
-        host_ip_text = conf_get(item, "hostIP", str, "", where)
-        host_family = host_ip = None
-        if host_ip_text:
-            try:
-                host_family, host_ip = parse_ip(host_ip_text)
-            except ValueError:
-                raise config_error("%shostIP %r is not an IP address" % (where, host_ip_text[:50]))
-            host_ip = host_ip or None      # 0.0.0.0 or ::: every address of that family
-        mappings.append(PortMapping(host_port, container_port, protocol, host_family, host_ip))
-    return mappings
-
-
-# --- conditions: the nftables match text of conditionsV4/V6 ------------------------------------
-# Accepted: `[meta] iifname|oifname`, `ip saddr|daddr` (`ip6` in conditionsV6), each with an
-# optional `==`/`eq` or `!=`/`ne` and a value or an anonymous set `{ a, b }`; names may be quoted
-# and end in `*`.  A positive set becomes one rule per element, a negated one a rule that
-# excludes every element.  Anything else is refused (code 7) naming the condition.
-
-CONDITION_SUPPORTED = ("supported: [meta] iifname|oifname, ip saddr|daddr (ip6 in conditionsV6), "
-                       "each with an optional == or != and a value or { set }")
-
-
-def condition_tokens(text):
-    """Split nft text into words, quoted strings (unquoted) and the set punctuation { } ,"""
-    tokens, i = [], 0
-    while i < len(text):
-        char = text[i]
-        if char.isspace():
-            i += 1
-        elif char in "{},":
-            tokens.append(char)
-            i += 1
-        elif char == '"':
-            end = text.find('"', i + 1)
-            if end < 0:
-                raise ValueError("unterminated string")
-            tokens.append(text[i + 1:end])
-            i = end + 1
-        else:
-            start = i
-            while i < len(text) and not text[i].isspace() and text[i] not in '{},"':
-                i += 1
-            tokens.append(text[start:i])
-    return tokens
-
-
-def parse_conditions(family, items):
-    """The rules' condition expressions: a list of alternatives, each a list of expressions that
-    must all match ([[]]: no condition).  Raises code 7 naming what it cannot express."""
-    key = "conditionsV%d" % family
-    text = " ".join(items)
-    try:
-        tokens = condition_tokens(text)
-    except ValueError as err:
-        raise CNIError(ERR_INVALID_CONFIG, "%s: %s in %r" % (key, err, text[:200]))
-    clauses, i = [], 0
-    while i < len(tokens):
-        start = i
-        try:
-            clause, i = _parse_condition(family, tokens, i)
-        except (ValueError, IndexError) as err:
-            raise CNIError(ERR_INVALID_CONFIG, "%s: unsupported condition %r"
-                           % (key, " ".join(tokens[start:])[:200]),
-                           "%s; %s" % (err, CONDITION_SUPPORTED))
-        clauses.append(clause)
-    alternatives = [[]]
-    for clause in clauses:
-        alternatives = [a + b for a in alternatives for b in clause]
-        if len(alternatives) > MAX_CONDITION_RULES:
-            raise CNIError(ERR_INVALID_CONFIG, "%s: its sets make more than %d rules per mapping"
-                           % (key, MAX_CONDITION_RULES), text[:200])
-    return alternatives
-
-
-def _parse_condition(family, tokens, i):
-    """One condition at tokens[i]: (its alternatives, the index after it)."""
-    word = tokens[i]
-    if word == "meta":
-        i += 1
-        word = tokens[i]
-    if word in ("iifname", "oifname"):
-        meta_key = NFT_META_IIFNAME if word == "iifname" else NFT_META_OIFNAME
-        negate, values, i = _operator_and_values(tokens, i + 1)
-        for name in values:
-            if not 0 < len(name.rstrip("*").encode("utf-8", "surrogateescape")) <= 15:
-                raise ValueError("%r is not an interface name" % name)
-        matches = [match_ifname(meta_key, name, negate) for name in values]
-    elif word in ("ip", "ip6"):
-        if word != ("ip" if family == 4 else "ip6"):
-            raise ValueError("%s matches the other address family" % word)
-        field = tokens[i + 1]
-        if field not in ("saddr", "daddr"):
-            raise ValueError("%s %s is not an address match" % (word, field))
-        negate, values, i = _operator_and_values(tokens, i + 2)
-        matches = [match_address(field, _condition_prefix(family, value), negate)
-                   for value in values]
-    else:
-        raise ValueError("%r cannot be expressed" % word)
-    if negate:          # not any of them: every exclusion in one rule
-        return [[expr for match in matches for expr in match]], i
-    return matches, i
-
-
-def _operator_and_values(tokens, i):
-    """(negated, values, next index) of `[==|!=|eq|ne] value` or `[op] { v1, v2 }`."""
-    negate = False
-    if tokens[i] in ("==", "eq", "!=", "ne"):
-        negate = tokens[i] in ("!=", "ne")
-        i += 1
-    if tokens[i] != "{":
-        if tokens[i] in ("}", ","):
-            raise ValueError("a value is missing")
-        return negate, [tokens[i]], i + 1
-    values, i = [], i + 1
-    while tokens[i] != "}":
-        if tokens[i] != ",":
-            values.append(tokens[i])
-        i += 1
-    if not values:
-        raise ValueError("an empty set")
-    return negate, values, i + 1
-
-
-def _condition_prefix(family, text):
-    if "/" not in text:
-        text += "/%d" % IP_BITS[family]
-    prefix = Prefix.parse(text)
-    if prefix.family != family:
-        raise ValueError("%s is not an IPv%d address" % (text, family))
-    return prefix
-
-
-# --- the attachment's rules -----------------------------------------------------------------
-
-def comment_name(name, limit):
-    """A name as the comment holds it: itself, or `#` and a hash when longer than `limit` (names
-    cannot contain `#`, so the two never meet)."""
-    return name if len(name) <= limit else "#" + sha512_hex(name)[:16]
-
-
-def portmap_comment(network, container_id, ifname):
-    """The comment every rule of one attachment carries (at most 123 bytes: interface names have
-    at most 15)."""
-    return "net:%s id:%s if:%s" % (comment_name(network, COMMENT_NETWORK_MAX),
-                                   comment_name(container_id, COMMENT_ID_MAX), ifname)
-
-
-def parse_portmap_comment(comment):
-    """(network, container ID, ifname) as a comment holds them, or None for anyone else's rule."""
-    parts = comment.split(" ")
-    if len(parts) != 3 or not all(p.startswith(k) for p, k in zip(parts, ("net:", "id:", "if:"))):
-        return None
-    return parts[0][4:], parts[1][3:], parts[2][3:]
-
-
-def container_addresses(previous, ifname):
-    """{family: Prefix}: per family, the first address of prevResult that belongs to the
-    container's interface (an address pointing at another or a host-side interface is skipped)."""
-    interfaces = previous.get("interfaces") or []
-    found = {}
-    for ip in previous.get("ips") or []:
-        prefix = Prefix.parse(ip["address"])
-        if prefix.family in found:
-            continue
-        index = ip.get("interface")
-        if isinstance(index, int) and 0 <= index < len(interfaces):
-            if interfaces[index].get("name") != ifname or not interfaces[index].get("sandbox"):
-                continue
-        found[prefix.family] = prefix
-    return found
-
-
-def portmap_rules(conf, family, address):
-    """[(chain, expressions)] of one container address: a DNAT rule per mapping (and per
-    condition alternative), then with snat the masquerade rules for hairpin and localhost
-    traffic (every source with masqAll), each only for connections a DNAT rule rewrote."""
-    rules = []
-    target = [expr_immediate(NFT_REG_1, ip_bytes(family, address.ip))]
-    host = Prefix(family, address.ip, IP_BITS[family])
-    for mapping in conf.mappings:
-        if not mapping.applies_to(family):
-            continue
-        destination = []
-        if mapping.host_ip is not None:
-            destination = match_address("daddr", Prefix(family, mapping.host_ip, IP_BITS[family]))
-        dnat = (match_dport(mapping.protocol, mapping.host_port) + target
-                + [expr_immediate(NFT_REG_2, struct.pack(">H", mapping.container_port)),
-                   expr_dnat(family, NFT_REG_1, NFT_REG_2)])
-        for condition in conf.conditions[family]:
-            rules.append((HOSTPORTS_CHAIN, condition + destination + dnat))
-    if conf.snat and rules:
-        sources = [None] if conf.masq_all else [address] + ([LOCALHOST_V4] if family == 4 else [])
-        for source in sources:
-            rules.append((PORTMAP_MASQ_CHAIN, match_ct_dnat()
-                          + (match_address("saddr", source) if source is not None else [])
-                          + match_address("daddr", host) + [expr_masquerade()]))
-    return rules
-
-
-def entry_rule():
-    """prerouting's and output's one rule: `fib daddr type local jump hostports_all`."""
-    return match_daddr_local() + [expr_verdict(NFT_JUMP, HOSTPORTS_ALL_CHAIN)]
-
-
-def portmap_skeleton_ok(rules):
-    """Whether the shared chains of one family's table are as they should be (from its rules)."""
-    by_chain = {}
-    for rule in rules:
-        by_chain.setdefault(rule.chain, []).append(rule)
-    jumps = [r.jump_target for r in by_chain.get(HOSTPORTS_ALL_CHAIN, [])]
-    if jumps != [HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN]:
-        return False
-    entry = expression_signature(entry_rule())
-    return all([r.signature for r in by_chain.get(chain, [])] == [entry]
-               for chain, _hook in PORTMAP_ENTRY_CHAINS)
-
-
-def add_portmap_skeleton(batch, nf_family, snat, rewrite):
-    """The table and its chains (kept when they exist); with `rewrite`, the shared chains are
-    flushed and refilled, in the same transaction, so nobody sees them half written."""
-    batch.add_table(nf_family, PORTMAP_TABLE, PORTMAP_TABLE_COMMENT)
-    for chain in (HOSTPORTS_CHAIN, HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_ALL_CHAIN):
-        batch.add_chain(nf_family, PORTMAP_TABLE, chain)
-    for chain, hook in PORTMAP_ENTRY_CHAINS:
-        batch.add_chain(nf_family, PORTMAP_TABLE, chain, hook=("nat", hook, NF_PRIORITY_DSTNAT))
-    if snat:
-        batch.add_chain(nf_family, PORTMAP_TABLE, PORTMAP_MASQ_CHAIN,
-                        hook=("nat", NF_INET_POST_ROUTING, NF_PRIORITY_SRCNAT))
-    if rewrite:
-        batch.flush_chain(nf_family, PORTMAP_TABLE, HOSTPORTS_ALL_CHAIN)
-        for chain in (HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN):
-            batch.add_rule(nf_family, PORTMAP_TABLE, HOSTPORTS_ALL_CHAIN,
-                           [expr_verdict(NFT_JUMP, chain)])
-        for chain, _hook in PORTMAP_ENTRY_CHAINS:
-            batch.flush_chain(nf_family, PORTMAP_TABLE, chain)
-            batch.add_rule(nf_family, PORTMAP_TABLE, chain, entry_rule())
-
-
-def forward_ports(conf, comment, addresses):
-    """ADD over nf_tables: one transaction writes both families' rules, replacing those an
-    earlier ADD of the attachment left, and repairing the shared chains if needed."""
-    nl = node_nftables()
-
-    def build(batch):
-        for family, address in sorted(addresses.items()):
-            rules = portmap_rules(conf, family, address)
-            if not rules:
-                continue
-            nf_family = PORTMAP_FAMILIES[family]
-            present = list_rules(nl, nf_family, PORTMAP_TABLE)
-            add_portmap_skeleton(batch, nf_family, conf.snat, not portmap_skeleton_ok(present))
-            for rule in present:
-                if rule.comment == comment:
-                    batch.delete_rule(rule)
-            for chain, exprs in rules:
-                batch.add_rule(nf_family, PORTMAP_TABLE, chain, exprs, comment)
-    try:
-        commit_rebuilt(nl, build, "failed to set up nftables rules for port mappings")
-    except NetlinkError as err:
-        if err.errno in (errno.ENOENT, errno.EOPNOTSUPP) and not err.details:
-            err.details = ("if this persists, the kernel lacks an nf_tables feature the rules use: "
-                           "nat chains, fib, ct or masquerade (modules nft_chain_nat, "
-                           "nft_fib_ipv4, nft_fib_ipv6, nft_ct, nft_masq)")
-        raise
-
-
-def remove_attachment_mappings(network, container_id, comment):
-    """Delete, in one transaction, every rule of both families' tables carrying the
-    attachment's `comment` (one listing of each table), and the reference's iptables chain of
-    the attachment where iptables is nf_tables-based (then it is visible here, in table nat),
-    so a container mapped by the reference's iptables backend is unmapped by our DEL."""
-    nl = node_nftables()
-
-    def build(batch):
-        for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
-            for rule in list_rules(nl, nf_family, PORTMAP_TABLE):
-                if rule.chain in PORTMAP_RULE_CHAINS and rule.comment == comment:
-                    batch.delete_rule(rule)
-            remove_chains(batch, nl, nf_family, "nat", IPT_DNAT_CHAIN,
-                          (iptables_dnat_chain(network, container_id),))
-    commit_rebuilt(nl, build, "failed to remove the port mappings of %s" % container_id)
-
-
-def delete_stale_udp_flows(conf, families):
-    """Forget conntrack entries of the mapped UDP ports, so a flow that began before the mapping
-    (and would keep its old destination) starts over through the new rule.  Failures are only
-    reported: the mapping itself is in place."""
-    ports = set(m.host_port for m in conf.mappings if m.protocol == "udp")
-    if not ports or not families:
-        return
-    try:
-        delete_conntrack_entries(node_nftables(), families, IPPROTO_NUMBERS["udp"], ports)
-    except CNIError as err:
-        sys.stderr.write("portmap: failed to delete stale UDP conntrack entries of ports %s: %s\n"
-                         % (",".join(map(str, sorted(ports))), err.msg))
-
-
-def enable_localnet_routing(address):
-    """Let 127.0.0.1 cross into the container's interface (route_localnet on the node's
-    interface toward it), so `127.0.0.1:hostPort` reaches the container."""
-    nl = NetlinkSocket()
-    index = route_lookup(nl, 4, address.ip)
-    link = get_link(nl, index=index) if index else None
-    if link is not None:
-        write_sysctl("net/ipv4/conf/%s/route_localnet" % link.name, "1", required=True)
-
-
-# --- verbs ----------------------------------------------------------------------------------
-
-def portmap_add(request):
-    """Forward the host ports to the container's addresses; prevResult passes through."""
-    conf = PortmapConfig(request)
-    previous = previous_result(request)
-    if previous is None:
-        raise CNIError(ERR_INVALID_CONFIG, "must be called as chained plugin",
-                       "portmap needs prevResult")
-    if not conf.mappings:
-        return previous
-    addresses = container_addresses(previous, request.ifname)
-    comment = portmap_comment(conf.network, request.container_id, request.ifname)
-    if conf.backend == "iptables":
-        for family, address in sorted(addresses.items()):
-            iptables_forward_ports(conf, request.container_id, family, address)
-    else:
-        forward_ports(conf, comment, addresses)
-    delete_stale_udp_flows(conf, addresses)
-    if conf.snat and 4 in addresses:
-        enable_localnet_routing(addresses[4])
-    return previous
-
-
-def portmap_del(request):
-    """Remove the attachment's rules, found by comment alone: works with the namespace gone,
-    without prevResult, and twice."""
-    try:
-        backend = PortmapConfig(request).backend
-    except CNIError as err:
-        sys.stderr.write("DEL: the config does not validate (%s); cleaning up with what it says\n"
-                         % err.msg)
-        backend = conf_lookup(request.config, "backend")
-    comment = portmap_comment(request.network, request.container_id, request.ifname)
-    remove_attachment_mappings(request.network, request.container_id, comment)
-    if backend == "iptables":
-        iptables_unforward_ports(request.network, request.container_id)
-    return None
-
-
-def portmap_check(request):
-    """The attachment's rules are all there, exactly as ADD writes them (addresses, ports,
-    conditions), and the shared chains lead to them."""
-    conf = PortmapConfig(request)
-    previous = previous_result(request)
-    if previous is None:
-        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
-    if not conf.mappings:
-        return None
-    addresses = container_addresses(previous, request.ifname)
-    if conf.backend == "iptables":
-        for family in sorted(addresses):
-            iptables_check_ports(conf, request.container_id, family)
-        return None
-    comment = portmap_comment(conf.network, request.container_id, request.ifname)
-    for family, address in sorted(addresses.items()):
-        expected = sorted(repr(expression_signature(exprs))
-                          for _chain, exprs in portmap_rules(conf, family, address))
-        if not expected:
-            continue
-        present = list_rules(node_nftables(), PORTMAP_FAMILIES[family], PORTMAP_TABLE)
-        found = sorted(repr(r.signature) for r in present if r.comment == comment)
-        table = "table %s %s" % ("ip" if family == 4 else "ip6", PORTMAP_TABLE)
-        if found != expected:
-            raise CNIError(ERR_INTERNAL, "port mapping rules of %s are missing or changed"
-                           % request.container_id, "%s holds %d rules commented %r, %d expected"
-                           % (table, len(found), comment, len(expected)))
-        if not portmap_skeleton_ok(present):
-            raise CNIError(ERR_INTERNAL, "the chains leading to the port mappings are missing or "
-                           "changed", "%s: prerouting and output must jump to %s"
-                           % (table, HOSTPORTS_ALL_CHAIN))
-    return None
-
-
-def portmap_gc(request):
-    """Remove this network's rules whose attachment is not in cni.dev/valid-attachments.  Needs
-    only the network's name: a config that no longer validates does not keep stale mappings."""
-    valid = valid_attachments(request.config)
-    if valid is None:
-        return None
-    network = comment_name(request.network, COMMENT_NETWORK_MAX)
-    keep = set((comment_name(cid, COMMENT_ID_MAX), ifname) for cid, ifname in valid)
-    nl = node_nftables()
-
-    def owner_of(rule):         # (container ID, ifname) as the comment holds them
-        owner = parse_portmap_comment(rule.comment)
-        return owner[1:] if owner is not None and owner[0] == network else None
-
-    def build(batch):
-        for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
-            for chain in PORTMAP_RULE_CHAINS:
-                remove_stale_rules(batch, nl, nf_family, PORTMAP_TABLE, chain, owner_of, keep)
-    commit_rebuilt(nl, build, "failed to remove stale port mappings of network %s"
-                   % request.network)
-    return None
-
-
-def portmap_status(request):
-    """Ready whenever the config is valid: the rules need nothing that could run out."""
-    PortmapConfig(request)
-    return None
-
-
-# --- the iptables backend (only when a config asks for it) -----------------------------------
-# The reference's layout in table nat: PREROUTING and OUTPUT `-m addrtype --dst-type LOCAL -j
-# CNI-HOSTPORT-DNAT`, which jumps per attachment (multiport, up to 15 ports a rule) to
-# CNI-DN-<hash of network and container>; that chain marks hairpin and localhost traffic through
-# CNI-HOSTPORT-SETMARK (or externalSetMarkChain) and DNATs; CNI-HOSTPORT-MASQ, jumped to first
-# from POSTROUTING, masquerades what is marked.
-
-def iptables_ensure_rule(family, chain, rule, first=False):
-    if run_iptables(family, ["-C", chain] + rule, check=False)[0] != 0:
-        run_iptables(family, (["-I", chain, "1"] if first else ["-A", chain]) + rule)
-
-
-def iptables_ensure_chain(family, chain):
-    if run_iptables(family, ["-S", chain], check=False)[0] != 0:
-        run_iptables(family, ["-N", chain], check=False)
-
-
-def iptables_forward_ports(conf, container_id, family, address):
-    mark = "%#x/%#x" % (1 << conf.mark_masq_bit, 1 << conf.mark_masq_bit)
-    setmark = conf.external_set_mark_chain or IPT_SETMARK_CHAIN
-    if conf.snat and conf.external_set_mark_chain is None:
-        iptables_ensure_chain(family, IPT_SETMARK_CHAIN)
-        iptables_ensure_rule(family, IPT_SETMARK_CHAIN, [
-            "-m", "comment", "--comment", "CNI portfwd masquerade mark",
-            "-j", "MARK", "--set-xmark", mark])
-        iptables_ensure_chain(family, IPT_MASQ_CHAIN)
-        iptables_ensure_rule(family, IPT_MASQ_CHAIN,
-                             ["-m", "mark", "--mark", mark, "-j", "MASQUERADE"])
-        iptables_ensure_rule(family, "POSTROUTING", [
-            "-m", "comment", "--comment", "CNI portfwd requiring masquerade", "-j", IPT_MASQ_CHAIN],
-            first=True)
-    iptables_ensure_chain(family, IPT_DNAT_CHAIN)
-    for entry in ("PREROUTING", "OUTPUT"):
-        iptables_ensure_rule(family, entry, ["-m", "addrtype", "--dst-type", "LOCAL",
-                                             "-j", IPT_DNAT_CHAIN])
-    chain = iptables_dnat_chain(conf.network, container_id)
-    iptables_ensure_chain(family, chain)
-    run_iptables(family, ["-F", chain])
-    mappings = [m for m in conf.mappings if m.applies_to(family)]
-    for mapping in mappings:
-        base = ["-p", mapping.protocol, "--dport", str(mapping.host_port)]
-        if mapping.host_ip is not None:
-            base += ["-d", ip_to_text(family, mapping.host_ip)]
-        if conf.snat:
-            sources = ["::/0" if family == 6 else "0.0.0.0/0"] if conf.masq_all else [str(address)]
-            if family == 4 and not conf.masq_all:
-                sources.append("127.0.0.1")
-            for source in sources:
-                run_iptables(family, ["-A", chain] + base + ["-s", source, "-j", setmark])
-        target = ip_to_text(family, address.ip)
-        target = "[%s]" % target if family == 6 else target
-        run_iptables(family, ["-A", chain] + base + ["-j", "DNAT", "--to-destination",
-                                                     "%s:%d" % (target, mapping.container_port)])
-    comment = ("dnat name: \"%s\" id: \"%s\"" % (conf.network, container_id))[:255]
-    for protocol in sorted(set(m.protocol for m in mappings)):
-        ports = [str(m.host_port) for m in mappings if m.protocol == protocol]
-        for start in range(0, len(ports), IPT_MULTIPORT_MAX):
-            selector = ["-m", "comment", "--comment", comment, "-m", "multiport", "-p", protocol,
-                        "--destination-ports", ",".join(ports[start:start + IPT_MULTIPORT_MAX])]
-            iptables_ensure_rule(family, IPT_DNAT_CHAIN,
-                                 selector + conf.iptables_conditions[family] + ["-j", chain])
-
-
-def iptables_unforward_ports(network, container_id):
-    """Remove the jumps to the attachment's chain, then the chain, in both families."""
-    import shlex
-    chain = iptables_dnat_chain(network, container_id)
-    for family in (4, 6):
-        status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
-        for line in rules.splitlines() if status == 0 else ():
-            if line.endswith(" -j " + chain):
-                run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
-        run_iptables(family, ["-F", chain], check=False)
-        run_iptables(family, ["-X", chain], check=False)
-
-
-def iptables_check_ports(conf, container_id, family):
-    chain = iptables_dnat_chain(conf.network, container_id)
-    status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
-    if run_iptables(family, ["-S", chain], check=False)[0] != 0 or not any(
-            line.endswith(" -j " + chain) for line in rules.splitlines()):
-        raise CNIError(ERR_INTERNAL, "port mapping chain %s of %s is missing"
-                       % (chain, container_id))
-
-
-# ==============================================================================================
 # The bandwidth plugin
 # ==============================================================================================
 # Chained after bridge, it shapes one attachment's traffic with token buckets, in the reference's
@@ -7228,12 +7355,12 @@ PLUGINS = {
                    "STATUS": host_local_status, "GC": host_local_gc},
     "loopback": {"ADD": loopback_add, "DEL": loopback_del, "CHECK": loopback_check,
                  "STATUS": nothing_to_do, "GC": nothing_to_do},
+    "portmap": {"ADD": portmap_add, "DEL": portmap_del, "CHECK": portmap_check,
+                "STATUS": portmap_status, "GC": portmap_gc},
     "tuning": {"ADD": tuning_add, "DEL": tuning_del, "CHECK": tuning_check,
                "STATUS": tuning_status, "GC": tuning_gc},
     "firewall": {"ADD": firewall_add, "DEL": firewall_del, "CHECK": firewall_check,
                  "STATUS": firewall_status, "GC": firewall_gc},
-    "portmap": {"ADD": portmap_add, "DEL": portmap_del, "CHECK": portmap_check,
-                "STATUS": portmap_status, "GC": portmap_gc},
     "bandwidth": {"ADD": bandwidth_add, "DEL": bandwidth_del, "CHECK": bandwidth_check,
                   "STATUS": nothing_to_do, "GC": bandwidth_gc},
 }
@@ -7734,7 +7861,7 @@ class Verifier(object):
         if is_legacy_version(version):
             return "cniVersion %s has no prevResult to chain portmap to" % version, None
         if config.get("type") == "loopback":
-            return "loopback: the container has no address the node reaches", None
+            return "loopback gives the container no address to map a port to", None
         container_ip = next((Prefix.parse(ip["address"]) for ip in result.get("ips") or []
                              if address_family_of(ip["address"]) == 4), None)
         if container_ip is None:

@@ -29,7 +29,7 @@ import zipapp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_DIR = "/usr/lib/cni"
-PLUGIN_NAMES = ("bridge", "host-local", "loopback", "tuning", "firewall", "portmap", "bandwidth")
+PLUGIN_NAMES = ("bridge", "host-local", "loopback", "portmap", "tuning", "firewall", "bandwidth")
 NS_PREFIX = "cbb-"                      # bench namespaces: cbb-<pid>-<tag>
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
@@ -1269,15 +1269,8 @@ def make_empty_zipapp(scratch, interpreter):
     return target
 
 
-WORKLOAD_NAMES = ("version", "status", "cycles", "loopback", "tuning", "firewall", "portmap", "bandwidth",
-                  "containerd", "podman", "k3s", "burst", "sequential", "rss", "first", "interpreters")
-
-
-def workload_key(name):
-    """The --only key of a workload: its name's first word, or the WORKLOAD_NAMES entry it is."""
-    aliases = {"add/check/del": "cycles", "peak": "rss"}
-    first = name.split()[0].lower().rstrip(":")
-    return aliases.get(first, first)
+WORKLOAD_KEYS = ("version", "status", "cycles", "loopback", "portmap", "bandwidth", "chain", "tuning", "firewall",
+                 "burst", "sequential", "rss", "first", "interpreters")
 
 
 def parse_args(argv):
@@ -1286,9 +1279,8 @@ def parse_args(argv):
     parser.add_argument("--json", metavar="FILE", help="write raw samples and the summary to FILE")
     parser.add_argument("--samples", type=int, help="samples per ADD/CHECK/DEL and loopback workload")
     parser.add_argument("--sequential", type=int, help="containers in the sequential workload (compared: first and last min(100, N/2))")
-    parser.add_argument("--only", metavar="WORDS", action="append",
-                        help="run only the workloads whose key or name holds one of the comma-separated WORDS "
-                        "(repeatable; keys: %s)" % ",".join(WORKLOAD_NAMES))
+    parser.add_argument("--only", metavar="KEYS", action="append",
+                        help="run only these workloads (comma-separated, repeatable: %s)" % ",".join(WORKLOAD_KEYS))
     return parser.parse_args(argv)
 
 
@@ -1319,38 +1311,40 @@ def run(args, scratch, spaces):
         floors = [("/bin/true", Call(["/bin/true"], floor_env, node=nodes[0])),
                   ("python -IS -c pass", Call([interpreter, "-I", "-S", "-c", "pass"], floor_env, node=nodes[0])),
                   ("empty zipapp (python -IS)", Call([empty_app], floor_env, node=nodes[0]))]
-        workloads = [   # (name, announce it here (the others log their own progress), run it)
-            ("VERSION and floors: %d rounds" % size["version"], True,
+        workloads = [   # (key, name, announce it here (the others log their own progress), run it)
+            ("version", "VERSION and floors: %d rounds" % size["version"], True,
              lambda: workload_version(results, impls, floors, size["version"])),
-            ("STATUS: %d rounds" % size["version"], True,
+            ("status", "STATUS: %d rounds" % size["version"], True,
              lambda: workload_status(results, impls, size["version"])),
-            ("ADD/CHECK/DEL", False, lambda: workload_cycles(results, impls, spaces, size["samples"])),
-            ("loopback: %d samples" % size["samples"], True,
+            ("cycles", "ADD/CHECK/DEL", False, lambda: workload_cycles(results, impls, spaces, size["samples"])),
+            ("loopback", "loopback: %d samples" % size["samples"], True,
              lambda: workload_loopback(results, impls, spaces, size["samples"])),
-            ("tuning ADD/DEL: %d samples" % size["samples"], True,
+            ("portmap", "portmap", False, lambda: workload_portmap(results, impls, spaces, size["samples"])),
+            ("bandwidth", "bandwidth", False, lambda: workload_bandwidth(results, impls, spaces, size["samples"])),
+            ("chain", "chains", False, lambda: [workload_chain(results, impls, spaces, size["samples"], name, scratch)
+                                                for name in CHAINS]),
+            ("tuning", "tuning ADD/DEL: %d samples" % size["samples"], True,
              lambda: workload_tuning(results, impls, spaces, size["samples"], scratch)),
-            ("firewall ADD/DEL: %d samples" % size["samples"], True,
+            ("firewall", "firewall ADD/DEL: %d samples" % size["samples"], True,
              lambda: workload_firewall(results, impls, size["samples"])),
-            ("portmap", False, lambda: workload_portmap(results, impls, spaces, size["samples"])),
-            ("bandwidth", False, lambda: workload_bandwidth(results, impls, spaces, size["samples"])),
-            ("containerd chain", False,
-             lambda: workload_chain(results, impls, spaces, size["samples"], "containerd", scratch)),
-            ("podman chain", False,
-             lambda: workload_chain(results, impls, spaces, size["samples"], "podman", scratch)),
-            ("k3s chain", False, lambda: workload_chain(results, impls, spaces, size["samples"], "k3s", scratch)),
-            ("burst", False, lambda: workload_burst(results, impls, spaces, size["bursts"])),
-            ("sequential", False, lambda: workload_sequential(results, impls, spaces, size["sequential"])),
-            ("peak RSS: %d rounds" % size["rss"], True,
+            ("burst", "burst", False, lambda: workload_burst(results, impls, spaces, size["bursts"])),
+            ("sequential", "sequential", False,
+             lambda: workload_sequential(results, impls, spaces, size["sequential"])),
+            ("rss", "peak RSS: %d rounds" % size["rss"], True,
              lambda: workload_peak_rss(results, impls, spaces, floors, size["rss"])),
-            ("first call after install: %d rounds" % size["first"], True,
+            ("first", "first call after install: %d rounds" % size["first"], True,
              lambda: workload_first_call(results, impls, spaces, size["first"], scratch, ours_archive)),
-            ("interpreters: %d rounds" % size["rss"], True,
+            ("interpreters", "interpreters: %d rounds" % size["rss"], True,
              lambda: workload_interpreters(results, impls, spaces, size["rss"], scratch)),
         ]
-        words = [w.lower() for arg in args.only or () for w in arg.split(",") if w]
-        for name, announce, workload in workloads:
-            key = workload_key(name)
-            if words and not any(w == key or w in name.lower() for w in words):
+        assert [w[0] for w in workloads] == list(WORKLOAD_KEYS)
+        only = set(w for arg in args.only or () for w in arg.split(",") if w) or set(WORKLOAD_KEYS)
+        unknown = only - set(WORKLOAD_KEYS)
+        if unknown:
+            raise SystemExit("--only: unknown workloads %s (known: %s)" % (
+                ",".join(sorted(unknown)), ",".join(WORKLOAD_KEYS)))
+        for key, name, announce, workload in workloads:
+            if key not in only:
                 continue
             if announce:
                 log(name)

@@ -1067,6 +1067,7 @@ class NetlinkSocket(object):
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK = 16, 17, 18, 19
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNETCONF, RTM_GETNETCONF = 80, 82
 
 AF_UNSPEC, AF_INET, AF_BRIDGE, AF_INET6 = 0, 2, 7, 10
 FAMILY_OF_AF = {AF_INET: 4, AF_INET6: 6}
@@ -1090,12 +1091,21 @@ RTN_UNICAST = 1
 BRIDGE_FLAGS_MASTER = 1
 BRIDGE_VLAN_INFO_PVID = 2
 BRIDGE_VLAN_INFO_UNTAGGED = 4
+NETCONFA_IFINDEX_ALL = -1                     # a netconf request about the `all` settings
+IN6_ADDR_GEN_MODE_NONE = 1                    # no link-local address of its own (if_link.h)
+# Indexes in a device's IPv6 settings array (IFLA_INET6_CONF; linux/ipv6.h DEVCONF_*) and the
+# IPv4 setting numbers of IFLA_INET_CONF (linux/ip.h IPV4_DEVCONF_*).
+DEVCONF_DISABLE_IPV6, DEVCONF_ACCEPT_DAD = 26, 27
+DEVCONF_KEEP_ADDR_ON_DOWN, DEVCONF_ENHANCED_DAD = 42, 46
+IPV4_DEVCONF_ARP_NOTIFY = 22
 
 IFINFOMSG = Header("=BxHiII", ("family", "type", "index", "flags", "change"))
 IFADDRMSG = Header("=BBBBi", ("family", "prefixlen", "flags", "scope", "index"))
 RTMSG = Header("=BBBBBBBBI", ("family", "dst_len", "src_len", "tos", "table", "protocol",
                               "scope", "type", "flags"))
+NETCONFMSG = Header("=Bxxx", ("family",))    # netconfmsg, padded to 4 as the kernel parses it
 BRIDGE_VLAN_INFO = struct.Struct("=HH")       # flags, vid
+DEVCONF_VALUE = struct.Struct("=i")
 
 
 BridgePortAttr = AttrSpace(
@@ -1116,9 +1126,33 @@ BridgeAttr = AttrSpace(
 )
 
 
+# IFLA_AF_SPEC holds one of two spaces, chosen by the message's family: a bridge port's VLANs in
+# AF_BRIDGE messages, per-protocol device settings (one nest per address family) otherwise.
 BridgeAfSpecAttr = AttrSpace(
     IFLA_BRIDGE_FLAGS=Attr(0, U16),
     IFLA_BRIDGE_VLAN_INFO=Attr(2, BYTES, repeated=True),
+)
+
+
+Ipv4DevconfAttr = AttrSpace(                  # written: one attribute per IPV4_DEVCONF_* number
+    IPV4_DEVCONF_ARP_NOTIFY=Attr(IPV4_DEVCONF_ARP_NOTIFY, U32),
+)
+
+
+InetAfAttr = AttrSpace(
+    IFLA_INET_CONF=Attr(1, NEST),             # read back as an array: not decoded
+)
+
+
+Inet6AfAttr = AttrSpace(
+    IFLA_INET6_CONF=Attr(2, BYTES),           # read only: the DEVCONF_* array, s32 each
+    IFLA_INET6_ADDR_GEN_MODE=Attr(8, U8),
+)
+
+
+LinkAfSpecAttr = AttrSpace(
+    AF_INET=Attr(AF_INET, NEST, InetAfAttr),
+    AF_INET6=Attr(AF_INET6, NEST, Inet6AfAttr),
 )
 
 
@@ -1133,7 +1167,7 @@ LinkAttr = AttrSpace(
     IFLA_OPERSTATE=Attr(16, U8),
     IFLA_IFALIAS=Attr(20, STR),
     IFLA_LINKINFO=Attr(18, NEST, LinkInfoAttr),
-    IFLA_AF_SPEC=Attr(26, NEST, BridgeAfSpecAttr),
+    IFLA_AF_SPEC=Attr(26, NEST),              # BridgeAfSpecAttr or LinkAfSpecAttr: see above
     IFLA_NET_NS_FD=Attr(28, U32),
     IFLA_EXT_MASK=Attr(29, U32),
     IFLA_MIN_MTU=Attr(50, U32),               # the device's MTU bounds, where the kernel has them
@@ -1169,11 +1203,18 @@ RouteAttr = AttrSpace(
 )
 
 
+NetconfAttr = AttrSpace(
+    NETCONFA_IFINDEX=Attr(1, S32),
+    NETCONFA_FORWARDING=Attr(2, S32),
+)
+
+
 MESSAGE_LAYOUTS[NETLINK_ROUTE] = {}
 for _types, _layout in (((RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_SETLINK),
                          (IFINFOMSG, LinkAttr)),
                         ((RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR), (IFADDRMSG, AddrAttr)),
-                        ((RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE), (RTMSG, RouteAttr))):
+                        ((RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE), (RTMSG, RouteAttr)),
+                        ((RTM_NEWNETCONF, RTM_GETNETCONF), (NETCONFMSG, NetconfAttr))):
     for _type in _types:
         MESSAGE_LAYOUTS[NETLINK_ROUTE][_type] = _layout
 
@@ -1182,7 +1223,7 @@ class Link(object):
     """What the plugins need to know of a network interface."""
 
     __slots__ = ("index", "name", "kind", "mac", "mtu", "flags", "master", "operstate",
-                 "peer_index", "alias", "port", "txqlen", "min_mtu", "max_mtu")
+                 "peer_index", "alias", "port", "txqlen", "min_mtu", "max_mtu", "af_spec")
 
     def __init__(self, msg):
         attrs = msg.attrs
@@ -1202,11 +1243,21 @@ class Link(object):
         self.txqlen = attrs.get(LinkAttr.IFLA_TXQLEN, 0)
         self.min_mtu = attrs.get(LinkAttr.IFLA_MIN_MTU)
         self.max_mtu = attrs.get(LinkAttr.IFLA_MAX_MTU)
+        self.af_spec = attrs.get(LinkAttr.IFLA_AF_SPEC, b"")
 
     @property
     def up(self):
         """Whether the link is administratively up."""
         return bool(self.flags & IFF_UP)
+
+    def ipv6_setting(self, index):
+        """The device's IPv6 setting DEVCONF_* `index` (what net/ipv6/conf/<name>/ shows), or
+        None where it has no IPv6 (ipv6.disable=1, an MTU below 1280)."""
+        inet6 = decode_attrs(LinkAfSpecAttr, self.af_spec).get(LinkAfSpecAttr.AF_INET6, {})
+        values = inet6.get(Inet6AfAttr.IFLA_INET6_CONF, b"")
+        if len(values) < DEVCONF_VALUE.size * (index + 1):
+            return None
+        return DEVCONF_VALUE.unpack_from(values, DEVCONF_VALUE.size * index)[0]
 
 
 _LINK_QUERY = ((LinkAttr.IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS),)
@@ -1249,6 +1300,43 @@ def link_change(index, up=None, promisc=None, master=None, mac=None, allmulti=No
 def set_link(nl, index, what, **changes):
     """Change one link (see link_change for `changes`) in its own transaction."""
     nl.transact([link_change(index, **changes)], what)
+
+
+def without_ipv6_addresses(nl, link):
+    """Give `link`, before it is first brought up, no IPv6 address of its own (addr_gen_mode none):
+    no link-local address, so no duplicate address detection, MLD reports or fe80::/64 route for
+    it.  The kernel takes this only for an existing device, not in the request creating it.  A
+    device without IPv6 (ipv6.disable=1, an MTU below 1280) has nothing to turn off."""
+    try:
+        set_link(nl, link.index, "failed to set addr_gen_mode of %s" % link.name, extra=(
+            (LinkAttr.IFLA_AF_SPEC, ((LinkAfSpecAttr.AF_INET6, (
+                (Inet6AfAttr.IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE),)),)),))
+    except NetlinkError as err:
+        if err.errno != errno.EAFNOSUPPORT:
+            raise
+
+
+def ipv4_setting_change(index, setting, value):
+    """A request (for transact) setting one IPv4 setting of a device (net/ipv4/conf/<name>/...;
+    `setting` an Ipv4DevconfAttr) over netlink instead of /proc/sys."""
+    return link_change(index, extra=(
+        (LinkAttr.IFLA_AF_SPEC, ((LinkAfSpecAttr.AF_INET, (
+            (InetAfAttr.IFLA_INET_CONF, ((setting, value),)),)),)),))
+
+
+def forwarding_on(nl, family):
+    """Whether forwarding is on for every interface of the socket's namespace (net/ipv4/ip_forward,
+    net/ipv6/conf/all/forwarding), asked over netlink; None when the kernel cannot say (no IPv6)."""
+    try:
+        replies = nl.request(RTM_GETNETCONF, 0, {"family": AF_OF_FAMILY[family]},
+                             ((NetconfAttr.NETCONFA_IFINDEX, NETCONFA_IFINDEX_ALL),),
+                             what="failed to read the forwarding setting")
+    except NetlinkError:
+        return None
+    for msg in replies:
+        if msg.get(NetconfAttr.NETCONFA_FORWARDING) is not None:
+            return msg.get(NetconfAttr.NETCONFA_FORWARDING) == 1
+    return None
 
 
 def create_bridge(nl, name, mtu=0, vlan_filtering=False):
@@ -1315,7 +1403,7 @@ def port_vlans(nl, index):
     vlans = {}
     for msg in messages:
         if msg.header["index"] == index:
-            spec = msg.get(LinkAttr.IFLA_AF_SPEC) or {}
+            spec = decode_attrs(BridgeAfSpecAttr, msg.get(LinkAttr.IFLA_AF_SPEC, b""))
             for raw in spec.get(BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO, ()):
                 flags, vid = BRIDGE_VLAN_INFO.unpack_from(raw)
                 vlans[vid] = flags
@@ -1414,7 +1502,10 @@ def list_routes(nl, family):
 
 
 # --- /proc/sys --------------------------------------------------------------------------------
-# Files under /proc/sys/net belong to the network namespace of the thread that opens them.
+# Files under /proc/sys/net belong to the network namespace of the thread that opens them.  Each
+# path lookup there compares against the entries of every namespace that has opened one (0.25 ms
+# with 1,000 containers), so an ADD reads settings over netlink (Link.ipv6_setting,
+# forwarding_on) and opens a file only to change what netlink cannot.
 
 def read_sysctl(key):
     """Value of a sysctl such as "net/ipv4/ip_forward", or None when it does not exist."""
@@ -1428,8 +1519,12 @@ def read_sysctl(key):
 def write_sysctl(key, value, required=False):
     """Set a sysctl unless it already holds `value`; missing IPv6 files are tolerated unless
     `required` (hosts booted with ipv6.disable=1 have none)."""
-    if read_sysctl(key) == value:
-        return
+    if read_sysctl(key) != value:
+        set_sysctl(key, value, required)
+
+
+def set_sysctl(key, value, required=False):
+    """Write a sysctl known to differ from `value` (no reading first); failures as write_sysctl."""
     try:
         with open("/proc/sys/" + key, "wb") as f:
             f.write(value.encode())
@@ -3448,9 +3543,12 @@ def ensure_bridge(nl, conf):
     # valid.
     changes = {"up": True, "mac": bridge.mac if created else None,
                "promisc": True if conf.promisc else None}
+    if created or not bridge.up:
+        # Once, not at every ADD (a /proc/sys lookup grows with the containers): before the bridge
+        # first goes up, so a first ADD killed in between leaves it down and the next one redoes it.
+        write_sysctl("net/ipv6/conf/%s/accept_ra" % conf.bridge, "0")
     if created or not bridge.up or (conf.promisc and not bridge.flags & IFF_PROMISC):
         set_link(nl, bridge.index, "failed to set up bridge %s" % conf.bridge, **changes)
-    write_sysctl("net/ipv6/conf/%s/accept_ra" % conf.bridge, "0")
     return bridge
 
 
@@ -3494,14 +3592,20 @@ def create_container_veth(container_nl, host_nl, request, conf):
 
 def attach_host_veth(nl, conf, host, bridge, alias):
     """Enslave the host veth, set its port flags and bring it up (one transaction), then its
-    VLANs."""
+    VLANs.
+
+    The port gets no IPv6 address (where the reference sets accept_ra=0 on it): the bridge takes
+    every frame it receives, so its own IPv6 stack has nothing to do; without an address it sends
+    no duplicate address detection or MLD report into the container and adds no fe80::/64 route
+    per port to the node's table.
+    """
+    without_ipv6_addresses(nl, host)
     nl.transact([link_change(host.index, up=True, master=bridge.index,
                              extra=((LinkAttr.IFLA_IFALIAS, alias),)),
                  bridge_port_change(host.index, conf.hairpin, conf.port_isolation)],
                 "failed to connect %r to bridge %s" % (host.name, conf.bridge))
     set_port_vlans(nl, host,
                    *port_vlan_plan(conf.vlan, conf.vlan_trunk, conf.preserve_default_vlan))
-    write_sysctl("net/ipv6/conf/%s/accept_ra" % host.name, "0")
 
 
 def port_vlan_plan(vlan, trunk, preserve_default_vlan):
@@ -3602,20 +3706,29 @@ def configure_container(ns, nl, conf, request, container, result):
     """Sysctls, addresses, link state and routes inside the container."""
     prefixes = [Prefix.parse(ip["address"]) for ip in result["ips"]]
     has_ipv6 = any(p.family == 6 for p in prefixes)
-    with ns.entered():
-        conf_dir = "net/ipv6/conf/" + request.ifname
-        if conf.enable_dad:
-            write_sysctl(conf_dir + "/enhanced_dad", "1")
-            write_sysctl(conf_dir + "/accept_dad", "1")
-        else:
-            write_sysctl(conf_dir + "/accept_dad", "0")
-        write_sysctl("net/ipv4/conf/%s/arp_notify" % request.ifname, "1")
-        if has_ipv6:
-            write_sysctl("net/ipv6/conf/lo/disable_ipv6", "0", required=True)
-            write_sysctl(conf_dir + "/disable_ipv6", "0", required=True)
-            # Best effort, as every sysctl the reference does not need (/proc/sys may be read-only).
-            write_sysctl(conf_dir + "/keep_addr_on_down", "1")
-    requests = [addr_request(container.index, p, nodad=not conf.enable_dad) for p in prefixes]
+    # IPv6 settings: (link, DEVCONF_* index, file, wanted, required), each file opened only when
+    # netlink shows a different value (an interface without IPv6 shows none: nothing to open).
+    lo = get_link(nl, "lo") if has_ipv6 else None
+    settings = [(container, DEVCONF_ENHANCED_DAD, "enhanced_dad", 1, False)] if conf.enable_dad else []
+    settings.append((container, DEVCONF_ACCEPT_DAD, "accept_dad", int(conf.enable_dad), False))
+    if has_ipv6:
+        settings.extend([(lo, DEVCONF_DISABLE_IPV6, "disable_ipv6", 0, True),
+                         (container, DEVCONF_DISABLE_IPV6, "disable_ipv6", 0, True),
+                         # Best effort, as every sysctl the reference does not need (/proc/sys
+                         # may be read-only).
+                         (container, DEVCONF_KEEP_ADDR_ON_DOWN, "keep_addr_on_down", 1, False)])
+    changes = [(link, name, wanted, required) for link, index, name, wanted, required in settings
+               if link is None or link.ipv6_setting(index) not in (None, wanted)
+               or (required and link.ipv6_setting(index) is None)]
+    if changes:
+        with ns.entered():
+            for link, name, wanted, required in changes:
+                set_sysctl("net/ipv6/conf/%s/%s" % (link.name if link else "lo", name),
+                           str(wanted), required)
+    # arp_notify over netlink, in a request before the one bringing the link up, as the
+    # reference writes it before.
+    requests = [ipv4_setting_change(container.index, Ipv4DevconfAttr.IPV4_DEVCONF_ARP_NOTIFY, 1)]
+    requests.extend(addr_request(container.index, p, nodad=not conf.enable_dad) for p in prefixes)
     requests.append(link_change(container.index, up=True))
     nl.transact(requests, "failed to configure %s in the container" % request.ifname)
     if has_ipv6 and conf.enable_dad:
@@ -3748,8 +3861,9 @@ def bridge_add(request):
                 if gateways[family]:
                     set_link(host_nl, bridge.index, "failed to pin the MAC of %s" % conf.bridge,
                              mac=get_link(host_nl, index=bridge.index).mac)
-                    write_sysctl("net/ipv4/ip_forward" if family == 4 else
-                                 "net/ipv6/conf/all/forwarding", "1", required=True)
+                    if not forwarding_on(host_nl, family):
+                        write_sysctl("net/ipv4/ip_forward" if family == 4 else
+                                     "net/ipv6/conf/all/forwarding", "1", required=True)
             if conf.ip_masq:
                 # Rules of an earlier ADD of this attachment can only exist if it held its address.
                 setup_masquerade(conf, request, result, replace_earlier=reused)

@@ -183,3 +183,99 @@ def test_dual_stack_add_changes_only_differing_settings(ours_bin, node, containe
     assert container.run("ping", "-c1", "-W2", GATEWAY6, check=False).returncode == 0
     assert address_of(res.json, 6) in {a["local"] for e in container.ip_json("-6", "addr", "show", "dev", "eth0")
                                        for a in e["addr_info"]}
+
+
+# --- host-local's owner index -----------------------------------------------------------------------
+
+HL_NET = "cbtgrowthhl"
+
+
+def hl_conf(data_dir, subnet="10.90.0.0/24"):
+    return {"cniVersion": "1.0.0", "name": HL_NET, "type": "bridge",
+            "ipam": {"type": "host-local", "dataDir": str(data_dir), "ranges": [[{"subnet": subnet}]]}}
+
+
+def hl_call(bin_dir, command, data_dir, cid, node, container, trace=None):
+    """host-local `command` for (cid, eth0); with `trace`, under strace writing its file opens there."""
+    argv = [str(bin_dir / "host-local")]
+    if trace is not None:
+        argv = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,open"] + argv
+    proc = subprocess.run(["ip", "netns", "exec", node.name] + argv, input=encode_conf(hl_conf(data_dir)),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                          env=cni_env(command, bin_dir, netns=container, container_id=cid))
+    res = parse_output(proc)
+    assert res.returncode == 0, explain(res)
+    return res
+
+
+def hl_add(bin_dir, data_dir, cid, node, container, trace=None):
+    return address_of(hl_call(bin_dir, "ADD", data_dir, cid, node, container, trace).json, 4)
+
+
+def reservation_files_opened(trace):
+    """Reservation files (named by an IPv4 address) a traced call opened."""
+    return re.findall(r'"(?:[^"]*/)?(\d+\.\d+\.\d+\.\d+)"', trace.read_text())
+
+
+def test_owner_index_spares_reading_every_reservation(ours_bin, node, container, data_dir, tmp_path):
+    """Once the lock file holds the owner index, an ADD of a new attachment opens no reservation
+    file: 20 ADDs, then the 21st traced.  The directory holds the reference's layout only (the
+    reservations, lock, last_reserved_ip.0), and each file its owner."""
+    if shutil.which("strace", path=DEFAULT_PATH) is None:
+        pytest.skip("strace not installed (apt-get install strace)")
+    addresses = [hl_add(ours_bin, data_dir, "c%d" % i, node, container) for i in range(20)]
+    trace = tmp_path / "strace.out"
+    addresses.append(hl_add(ours_bin, data_dir, "c20", node, container, trace))
+    assert reservation_files_opened(trace) == [], trace.read_text()
+    assert len(set(addresses)) == 21
+    state = data_dir / HL_NET
+    assert sorted(p.name for p in state.iterdir()) == sorted(addresses + ["last_reserved_ip.0", "lock"])
+    for i, address in enumerate(addresses):
+        assert (state / address).read_bytes() == b"c%d\r\neth0" % i
+
+
+def test_repeated_add_returns_its_address_after_changes_by_others(ours_bin, ref_bin, node, container,
+                                                                  data_dir):
+    """The index never hides a reservation: a repeated ADD of an attachment gets its address back
+    when the index names it, when another program made its reservation after our last change (the
+    reference plugin; a file written by hand, and one removed and made again under the same name at
+    once), and when the lock file's index is torn."""
+    state = data_dir / HL_NET
+    first = hl_add(ours_bin, data_dir, "c1", node, container)
+    assert hl_add(ours_bin, data_dir, "c1", node, container) == first          # named by the index
+    theirs = address_of(run_cni(ref_bin, "host-local", "ADD", hl_conf(data_dir), node=node, netns=container,
+                                container_id="r1").json, 4)
+    assert hl_add(ours_bin, data_dir, "r1", node, container) == theirs         # made by the reference
+    hl_add(ours_bin, data_dir, "c2", node, container)                          # index rewritten
+    (state / "10.90.0.200").write_bytes(b"h1\r\neth0")                       # by hand
+    assert hl_add(ours_bin, data_dir, "h1", node, container) == "10.90.0.200"
+    hl_add(ours_bin, data_dir, "c3", node, container)
+    (state / first).unlink()                                                   # same name, at once
+    (state / first).write_bytes(b"h2\r\neth0")
+    assert hl_add(ours_bin, data_dir, "h2", node, container) == first
+    hl_add(ours_bin, data_dir, "c4", node, container)
+    lock = state / "lock"
+    lock.write_bytes(lock.read_bytes()[:40])                                   # torn
+    assert hl_add(ours_bin, data_dir, "c4", node, container) == \
+        next(p.name for p in state.iterdir() if p.read_bytes() == b"c4\r\neth0")
+    owners = [p.read_bytes() for p in state.iterdir() if p.name[0].isdigit()]
+    assert len(owners) == len(set(owners)) == 6, owners      # one address each (c1's went to h2)
+
+
+def test_del_keeps_the_index(ours_bin, node, container, data_dir, tmp_path):
+    """DEL with prevResult removes its line from the index, so the next ADD still opens no
+    reservation file, and the released address is free again."""
+    if shutil.which("strace", path=DEFAULT_PATH) is None:
+        pytest.skip("strace not installed (apt-get install strace)")
+    addresses = [hl_add(ours_bin, data_dir, "c%d" % i, node, container) for i in range(5)]
+    config = dict(hl_conf(data_dir), prevResult={"cniVersion": "1.0.0",
+                                                 "ips": [{"address": addresses[2] + "/24"}]})
+    proc = subprocess.run(["ip", "netns", "exec", node.name, str(ours_bin / "host-local")],
+                          input=encode_conf(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                          env=cni_env("DEL", ours_bin, netns=container, container_id="c2"))
+    assert proc.returncode == 0, proc.stderr
+    assert not (data_dir / HL_NET / addresses[2]).exists()
+    trace = tmp_path / "strace.out"
+    hl_add(ours_bin, data_dir, "c5", node, container, trace)
+    assert reservation_files_opened(trace) == [], trace.read_text()
+    assert hl_add(ours_bin, data_dir, "c2", node, container) not in addresses[:2] + addresses[3:]

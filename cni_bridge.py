@@ -278,6 +278,14 @@ def check_ifname(name):
         raise CNIError(ERR_INVALID_ENV, "interface name contains / or : or whitespace characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise CNIError(ERR_INVALID_ENV, "interface name contains control characters")
+    # The kernel would rename or refuse these only after something was made: "%" makes the name
+    # a template ("eth%d" becomes eth0, eth1 ...), and its isspace() counts byte 0xA0 (in the
+    # UTF-8 of "à", say) as a space.
+    if "%" in name:
+        raise CNIError(ERR_INVALID_ENV, "interface name contains %",
+                       "the kernel takes a name with %% as a template and picks another name")
+    if b"\xa0" in name.encode("utf-8", "surrogateescape"):
+        raise CNIError(ERR_INVALID_ENV, "interface name contains byte 0xA0, a space to the kernel")
 
 
 # The CNI_ARGS keys these plugins read: host-local's IP, bridge's MAC (both reach both plugins,
@@ -699,6 +707,13 @@ NETLINK_NETFILTER = 12
 # Refusals worth retrying (code 11): the kernel was busy or short of memory, not unwilling.
 TRANSIENT_ERRNOS = (errno.EINTR, errno.EAGAIN, errno.EBUSY, errno.ENOBUFS, errno.ETIMEDOUT)
 
+# Acknowledgements the kernel queues at once must fit the receive buffer (default 208 KiB): each
+# takes up to ACK_TRUESIZE bytes of it, whatever its length.
+ACKS_PER_DATAGRAM = 64
+ACK_TRUESIZE = 1024
+NETLINK_BUFFER_MIN = 1 << 16
+SOL_SOCKET = 1
+SO_SNDBUF, SO_RCVBUF, SO_SNDBUFFORCE, SO_RCVBUFFORCE = 7, 8, 32, 33
 NETLINK_TIMEOUT = 5.0                         # seconds; a kernel that does not answer is code 11
 
 # Attribute kinds: how a value is laid out on the wire.
@@ -984,16 +999,29 @@ class NetlinkSocket(object):
             raise NetlinkError(err.errno or errno.EIO, what)
 
     def transact(self, requests, what="", batch=None):
-        """Send several requests in one datagram and wait for every acknowledgement.
+        """Send requests and wait for every acknowledgement.
 
         `requests` are NetlinkRequests.  Returns the reply messages of each request (a list per
-        request).  The first refused request raises NetlinkError; rtnetlink still processed the
-        others, while a `batch` (a BatchFrame: nf_tables) is committed all or nothing.
+        request).  The kernel queues each acknowledgement in our receive buffer while it works
+        through a datagram, so rtnetlink requests go ACKS_PER_DATAGRAM at a time, each group's
+        acknowledgements read before the next is sent; the first refused request raises
+        NetlinkError once its group is answered (the rest of the group was still processed,
+        later groups are not sent).  A `batch` (a BatchFrame: nf_tables) is committed all or
+        nothing, so it is one datagram, and the buffers are grown to hold it and its answers.
         """
+        requests = [NetlinkRequest(*request) for request in requests]
+        if batch is not None:
+            return self._exchange(requests, what, batch)
+        replies = []
+        for start in range(0, len(requests), ACKS_PER_DATAGRAM):
+            replies.extend(self._exchange(requests[start:start + ACKS_PER_DATAGRAM], what, None))
+        return replies
+
+    def _exchange(self, requests, what, batch):
+        """One datagram of requests (framed by `batch`, if any) and every acknowledgement."""
         seqs = []
         chunks = []
         for request in requests:
-            request = NetlinkRequest(*request)
             seq = self._next_seq()
             seqs.append(seq)
             chunks.append(encode_message(self.layouts, request.msg_type,
@@ -1006,7 +1034,11 @@ class NetlinkSocket(object):
                                             begin_seq, batch.header, batch.begin_attrs))
             chunks.append(encode_message(self.layouts, batch.end, NLM_F_REQUEST, self._next_seq(),
                                          batch.header, ()))
-        self.sock.send(b"".join(chunks))
+        datagram = b"".join(chunks)
+        if len(seqs) > ACKS_PER_DATAGRAM or len(datagram) > NETLINK_BUFFER_MIN:
+            self._grow_buffers(len(datagram) + NETLINK_BUFFER_MIN,
+                               len(seqs) * ACK_TRUESIZE + NETLINK_BUFFER_MIN)
+        self.sock.send(datagram)
         replies = dict((seq, []) for seq in seqs)
         pending = set(seqs)
         failure = None
@@ -1030,12 +1062,26 @@ class NetlinkSocket(object):
             raise failure
         return [replies[seq] for seq in seqs]
 
+    def _grow_buffers(self, send_bytes, receive_bytes):
+        """Make room for a large batch and its acknowledgements (root may exceed the sysctl
+        maximum with the FORCE options, as `nft` does; others get what the maximum allows)."""
+        for force, plain, size in ((SO_SNDBUFFORCE, SO_SNDBUF, send_bytes),
+                                   (SO_RCVBUFFORCE, SO_RCVBUF, receive_bytes)):
+            try:
+                self.sock.setsockopt(SOL_SOCKET, force, size)
+            except OSError:
+                self.sock.setsockopt(SOL_SOCKET, plain, size)
+
     def request(self, msg_type, flags=0, header=None, attrs=(), what=""):
         """One request with its acknowledgement; returns the replies (for a GET, the object)."""
         return self.transact([NetlinkRequest(msg_type, flags, header, attrs)], what)[0]
 
-    def dump(self, msg_type, header=None, attrs=(), what=""):
-        """A dump request; retried when the kernel flags it interrupted by a concurrent change."""
+    def dump(self, msg_type, header=None, attrs=(), what="", containing=None):
+        """A dump request; retried when the kernel flags it interrupted by a concurrent change.
+
+        With `containing` (bytes), only the messages holding those bytes are decoded: a search
+        for one object among thousands then costs a scan in C instead of thousands of decodings.
+        """
         for _attempt in range(5):
             seq = self._next_seq()
             self.sock.send(encode_message(self.layouts, msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq,
@@ -1051,7 +1097,8 @@ class NetlinkSocket(object):
                     elif reply_type == NLMSG_ERROR:
                         errno_value, reason = _ack_error(payload, flags)
                         raise NetlinkError(errno_value, what, reason)
-                    elif reply_type in self.layouts:
+                    elif reply_type in self.layouts and (containing is None
+                                                         or containing in payload):
                         messages.append(decode_payload(self.layouts, reply_type, flags, payload))
             if not interrupted:
                 return messages
@@ -1276,9 +1323,14 @@ def get_link(nl, name=None, index=0):
     return Link(replies[0]) if replies else None
 
 
-def list_links(nl):
-    """Every link of the socket's namespace."""
-    return [Link(m) for m in nl.dump(RTM_GETLINK, {}, _LINK_QUERY, what="failed to list links")]
+def list_links(nl, master=0, alias=None):
+    """Every link; with `master` only the ports of that bridge (the kernel filters the dump); with
+    `alias` only the links of that alias."""
+    attrs = _LINK_QUERY + (((LinkAttr.IFLA_MASTER, master),) if master else ())
+    raw = alias.encode("utf-8", "surrogateescape") + b"\0" if alias else None
+    links = [Link(m) for m in nl.dump(RTM_GETLINK, {}, attrs, what="failed to list links",
+                                      containing=raw)]
+    return [link for link in links if link.alias == alias] if alias else links
 
 
 def link_change(index, up=None, promisc=None, master=None, mac=None, allmulti=None, extra=()):
@@ -2192,24 +2244,23 @@ class NetnsGone(CNIError):
     """CNI_NETNS names a path that does not exist (or is not a network namespace) any more."""
 
 
-def is_own_netns(path):
-    """True when `path` is the namespace this process runs in (a stale /proc/<pid>/ns/net
-    can point at the node itself; acting there would reconfigure the node)."""
-    try:
-        mine = posix.stat(OWN_NETNS_PATH)
-        theirs = posix.stat(path)
-    except OSError:
-        return False
-    return (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+class NetnsIsOwn(CNIError):
+    """CNI_NETNS resolves to the namespace the plugin runs in (a stale /proc/<pid>/ns/net, a
+    swapped symlink): acting there would reconfigure the node."""
 
 
 class Netns(object):
-    """A network namespace held open by fd, entered only inside `with ns.entered():`."""
+    """A network namespace held open by fd, entered only inside `with ns.entered():`.
 
-    def __init__(self, path):
+    The path is opened once and the checks are made on the fd held: every later setns of the
+    call uses that fd, so a path that changes meanwhile (a symlink swapped between a container's
+    namespace and the node's) cannot steer the plugin into the node.
+    """
+
+    def __init__(self, path, allow_own=False):
         import fcntl
         self.path = path
-        original_netns_fd()
+        own_fd = original_netns_fd()
         try:
             self.fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC | posix.O_NOCTTY
                                  | posix.O_NONBLOCK)
@@ -2226,6 +2277,12 @@ class Netns(object):
             posix.close(self.fd)
             raise NetnsGone(ERR_INVALID_NETNS, "failed to open netns %r: not a network namespace"
                             % path, "CNI_NETNS must name a network namespace (nsfs) file")
+        mine, theirs = posix.fstat(own_fd), posix.fstat(self.fd)
+        if not allow_own and (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+            posix.close(self.fd)
+            raise NetnsIsOwn(ERR_INVALID_NETNS,
+                             "plugin's netns and netns from CNI_NETNS should not be the same",
+                             "CNI_NETNS %s is the namespace the plugin runs in" % path)
 
     def close(self):
         """Close the namespace's fd."""
@@ -2239,6 +2296,13 @@ class Netns(object):
         """A netlink socket that acts inside this namespace."""
         with self.entered():
             return NetlinkSocket(protocol)
+
+
+def container_netns(request):
+    """CNI_NETNS, opened once for the whole call.  The plugin's own namespace is refused unless
+    the runtime sets CNI_NETNS_OVERRIDE (the reference library's escape hatch)."""
+    override = request.env.get("CNI_NETNS_OVERRIDE", "").lower() in ("1", "true")
+    return Netns(request.netns, allow_own=override)
 
 
 class _InNetns(object):
@@ -2273,10 +2337,10 @@ def make_directories(path, mode=0o755):
             raise
 
 
-def is_directory(path):
-    """Whether `path` is a directory (following symlinks); False when it is absent."""
+def is_directory(path, follow=True):
+    """Whether `path` is a directory (a symlink to one only when `follow`); False when absent."""
     try:
-        return posix.stat(path).st_mode & S_IFMT == S_IFDIR
+        return posix.stat(path, follow_symlinks=follow).st_mode & S_IFMT == S_IFDIR
     except OSError:
         return False
 
@@ -2317,6 +2381,12 @@ def remove_named_netns(path):
 #   <dataDir>/<network>/<ip>                  "<containerID>\r\n<ifname>" (older: "<containerID>")
 #   <dataDir>/<network>/last_reserved_ip.<N>  the last address handed out from range set N
 #   <dataDir>/<network>/lock                  flock'd around every allocation and release
+#   <dataDir>/<network>/boot_id               the kernel boot the reservations belong to (ours;
+#                                             the reference ignores names that are not addresses)
+# No network namespace survives a reboot, so a reservation made before the current boot is
+# stale: the first ADD, GC or STATUS of a boot releases them all, under the lock.  Boots are told
+# apart by the kernel's boot ID, never by clocks (an RTC or NTP step must not age a reservation);
+# a directory without a recorded boot ID (the reference's, or an older one) is not swept.
 # Every file is reached through the directory's fd with O_NOFOLLOW, so a planted symlink is never
 # followed, and a reservation appears atomically (written to a temporary name, then hard-linked
 # into place), so a crash leaves either no reservation or a complete one.
@@ -2333,6 +2403,8 @@ def remove_named_netns(path):
 # the index names is looked up the slow way, so a repeated ADD gets exactly what it got before.
 
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+BOOT_ID_FILE = "boot_id"
 LOCK_TIMEOUT = 10.0                           # seconds to wait for another plugin's lock
 LAST_RESERVED_PREFIX = "last_reserved_ip."
 TEMP_PREFIX = ".tmp-"
@@ -2400,7 +2472,12 @@ class IPRange(object):
             raise config_error("%s: rangeStart %s is after rangeEnd %s"
                                % (where, ip_to_text(subnet.family, start),
                                   ip_to_text(subnet.family, end)))
-        return cls(subnet, start, end, gateway)
+        made = cls(subnet, start, end, gateway)
+        if made.capacity() <= 0:        # it could never hand out an address: not worth a retry
+            raise config_error("%s: range %s holds no usable address" % (where, made),
+                               "the network address, the IPv4 broadcast address and the gateway "
+                               "are never handed out")
+        return made
 
     @property
     def family(self):
@@ -2513,11 +2590,13 @@ def parse_routes(items, where):
 
 
 class Store(object):
-    """The locked reservation directory of one network; use as `with Store(...) as store:`."""
+    """The locked reservation directory of one network; use as `with Store(...) as store:`.
+    `read_only` (a listing): the directory must exist, nothing is created, locked or removed."""
 
-    def __init__(self, data_dir, network):
+    def __init__(self, data_dir, network, read_only=False):
         self.data_dir = data_dir
         self.network = network
+        self.read_only = read_only
         self.dir_fd = None
         self.lock_fd = None
         self.runtime_umask = None
@@ -2552,6 +2631,14 @@ class Store(object):
 
     def __enter__(self):
         import fcntl
+        if self.read_only:
+            path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
+            try:
+                self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY
+                                         | posix.O_NOFOLLOW | posix.O_CLOEXEC)
+            except OSError as err:
+                raise os_error(err, "failed to open the IPAM state directory %s" % path)
+            return self
         path = self.open_directory()
 
         def try_lock():
@@ -2591,7 +2678,12 @@ class Store(object):
         except OSError:
             return None
         try:
-            return posix.read(fd, 4096).decode("utf-8", "surrogateescape")
+            chunks = []
+            while True:         # read whole: an owner line may be any length (container IDs are)
+                chunk = posix.read(fd, 1 << 16)
+                if not chunk:
+                    return b"".join(chunks).decode("utf-8", "surrogateescape")
+                chunks.append(chunk)
         except OSError:
             return None
         finally:
@@ -2607,7 +2699,8 @@ class Store(object):
         self.file_names = {}
         for name in posix.listdir(self.dir_fd):
             if name.startswith(TEMP_PREFIX):
-                self.remove(name)
+                if not self.read_only:
+                    self.remove(name)
                 continue
             if name == "lock" or name.startswith(LAST_RESERVED_PREFIX):
                 continue
@@ -2678,7 +2771,11 @@ class Store(object):
         """Write `content` to a new temporary file in the directory; its name."""
         name = "%s%d" % (TEMP_PREFIX, posix.getpid())
         try:
-            fd = posix.open(name, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_NOFOLLOW
+            posix.unlink(name, dir_fd=self.dir_fd)      # a dead plugin's (the lock is ours)
+        except OSError:
+            pass                    # none there; or the write below reports the real cause
+        try:
+            fd = posix.open(name, posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW
                             | posix.O_CLOEXEC, 0o644, dir_fd=self.dir_fd)
             try:
                 posix.write(fd, content.encode("utf-8", "surrogateescape"))
@@ -2715,6 +2812,35 @@ class Store(object):
                 raise os_error(err,
                                "failed to remove %s/%s/%s" % (self.data_dir, self.network, name))
 
+    def replace_file(self, name, content):
+        """Write a bookkeeping file atomically (a temporary file renamed over it)."""
+        temp = self._write_temp(content)
+        try:
+            posix.rename(temp, name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except OSError as err:
+            self.remove(temp)
+            raise os_error(err, "failed to write %s/%s/%s" % (self.data_dir, self.network, name))
+
+    def recorded_boot(self):
+        """The boot ID recorded with the reservations, or "" when none is."""
+        return (self.read(BOOT_ID_FILE) or "").strip()
+
+    def sweep_previous_boot(self):
+        """Release every reservation made before the current boot; returns their keys.
+
+        Reservations are made only after this ran in the same boot (ADD calls it first), so
+        when the recorded boot is another one, every reservation present predates this boot.
+        """
+        boot = current_boot_id()
+        recorded = self.recorded_boot()
+        if not boot or recorded == boot:
+            return []
+        released = list(self.reservations()) if recorded else []
+        for key in released:
+            self.remove_reservation(key)
+        self.replace_file(BOOT_ID_FILE, boot + "\n")
+        return released
+
     def last_reserved(self, set_index):
         """The last address handed out from range set `set_index`, or None."""
         content = self.read(LAST_RESERVED_PREFIX + str(set_index))
@@ -2724,14 +2850,21 @@ class Store(object):
             return None
 
     def set_last_reserved(self, set_index, family, ip):
-        """Record the last address handed out from range set `set_index` (atomically)."""
-        temp = self._write_temp(ip_to_text(family, ip))
-        try:
-            posix.rename(temp, LAST_RESERVED_PREFIX + str(set_index), src_dir_fd=self.dir_fd,
-                         dst_dir_fd=self.dir_fd)
-        except OSError as err:
-            self.remove(temp)
-            raise os_error(err, "failed to record the last reserved address")
+        self.replace_file(LAST_RESERVED_PREFIX + str(set_index), ip_to_text(family, ip))
+
+
+def current_boot_id():
+    """The kernel's ID of the running boot, or "" where /proc does not give it."""
+    try:
+        fd = posix.open(BOOT_ID_PATH, posix.O_RDONLY | posix.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return posix.read(fd, 100).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    finally:
+        posix.close(fd)
 
 
 def owner_text(container_id, ifname):
@@ -2905,7 +3038,7 @@ def collect_garbage(store, valid):
 
 def loopback_add(request):
     """Bring `lo` up in the container (CNI_IFNAME is ignored: runtimes pass eth0 or lo)."""
-    ns = Netns(request.netns)
+    ns = container_netns(request)
     nl = ns.netlink()
     lo = get_link(nl, "lo")
     if lo is None:
@@ -2933,9 +3066,9 @@ def loopback_del(request):
     if not request.netns:
         return None
     try:
-        ns = Netns(request.netns)
-    except NetnsGone:
-        return None
+        ns = container_netns(request)
+    except (NetnsGone, NetnsIsOwn):
+        return None             # nothing of a namespace that is gone, or the node's, is ours
     nl = ns.netlink()
     lo = get_link(nl, "lo")
     if lo is not None:
@@ -2945,7 +3078,7 @@ def loopback_del(request):
 
 def loopback_check(request):
     """CHECK: `lo` exists and is up in the container."""
-    nl = Netns(request.netns).netlink()
+    nl = container_netns(request).netlink()
     lo = get_link(nl, "lo")
     if lo is None or not lo.up:
         raise CNIError(ERR_INTERNAL, "loopback interface is down")
@@ -3057,6 +3190,7 @@ def host_local_allocate(request):
     this process asks, because only then can rules of an earlier ADD exist."""
     config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
+        store.sweep_previous_boot()
         allocations = allocate(store, config, request.container_id, request.ifname)
     ips = [{"address": "%s/%d" % (ip_to_text(family, ip), r.subnet.length),
             "gateway": ip_to_text(family, r.gateway)} for r, family, ip in allocations]
@@ -3129,13 +3263,13 @@ def host_local_check(request):
 
 
 def host_local_gc(request):
-    """Release reservations whose attachment is not in cni.dev/valid-attachments."""
+    """Release the reservations of a previous boot and those whose attachment is not in
+    cni.dev/valid-attachments."""
     valid = valid_attachments(request.config)
-    if valid is None:
-        return None
     config = IPAMLocation(request)
     with Store(config.data_dir, config.network) as store:
-        errors = collect_garbage(store, valid)
+        store.sweep_previous_boot()
+        errors = collect_garbage(store, valid) if valid is not None else []
     if errors:
         raise CNIError(ERR_IO, "host-local GC could not release every stale reservation",
                        "; ".join(errors))
@@ -3146,6 +3280,7 @@ def host_local_status(request):
     """Fail with code 50 when a range set has no free address (counted, never walked)."""
     config = HostLocalConfig(request)
     with Store(config.data_dir, config.network) as store:
+        store.sweep_previous_boot()
         reserved = list(store.reservations())
     for index, ranges in enumerate(config.range_sets):
         in_use = sum(1 for family, ip in reserved if any(r.family == family and r.usable(ip)
@@ -3358,15 +3493,25 @@ def iptables_chain(network, container_id):
     return "CNI-" + sha512_hex(network + container_id)[:24]
 
 
+XT_COMMENT_MAX = 255       # bytes of an iptables comment (XT_MAX_COMMENT_LEN less the NUL)
+NFT_NAME_MAX = 255         # bytes of an nf_tables chain name (NFT_CHAIN_MAXNAMELEN less the NUL)
+
+
 def iptables_comment(network, container_id):
-    """The comment of the reference's iptables masquerade rules."""
-    return 'name: "%s" id: "%s"' % (network, container_id)
+    """The reference's comment, cut to what iptables accepts (names are ASCII: bytes are
+    characters)."""
+    return ('name: "%s" id: "%s"' % (network, container_id))[:XT_COMMENT_MAX]
 
 
 def spoofchk_names(container_id, ifname):
-    """(chain, its -mac chain, comment) of an attachment's MAC spoof check."""
-    chain = "cni-br-iface-%s-%s" % (container_id, ifname)
-    return chain, chain + "-mac", "macspoofchk-%s-%s" % (container_id, ifname)
+    """(chain, its -mac chain, comment) of an attachment's MAC spoof check: the reference's names,
+    or, where those would not fit an nf_tables chain name, the same with a digest of
+    `<containerID>-<ifname>` (ADD, CHECK, DEL and GC all name through here)."""
+    ref = "%s-%s" % (container_id, ifname)
+    if len(("cni-br-iface-%s-mac" % ref).encode("utf-8", "surrogateescape")) > NFT_NAME_MAX:
+        ref = "sha512-" + sha512_hex(ref)[:64]
+    chain = "cni-br-iface-" + ref
+    return chain, chain + "-mac", "macspoofchk-" + ref
 
 
 def setup_masquerade(conf, request, result, replace_earlier=True):
@@ -3456,26 +3601,55 @@ def teardown_attachment_rules(network, container_id, ifname, ipmasq_backend=None
         remove_chains(batch, nl, NFPROTO_BRIDGE, "nat", "PREROUTING",
                       spoofchk_names(container_id, ifname)[:2])
         for family in (NFPROTO_IPV4, NFPROTO_IPV6):
-            remove_chains(batch, nl, family, "nat", "POSTROUTING",
-                          (iptables_chain(network, container_id),))
+            if owns_iptables_chain(nl, family, network, container_id):
+                remove_chains(batch, nl, family, "nat", "POSTROUTING",
+                              (iptables_chain(network, container_id),))
     commit_rebuilt(nl, remove_all, "failed to remove the rules of %s" % container_id)
     if ipmasq_backend == "iptables":
         iptables_teardown(network, container_id)
 
 
+def owns_iptables_chain(nl, family, network, container_id, required_rules=False):
+    """Whether the reference's iptables chain of the attachment exists and is its own (and, with
+    `required_rules`, holds rules).  The chain's name hashes network and container ID run
+    together ("hnet" + "xc1" = "hnetx" + "c1"), so it is the attachment's only when no rule in it
+    carries another attachment's comment."""
+    chain = iptables_chain(network, container_id)
+    if not chain_exists(nl, family, "nat", chain):
+        return False
+    comment = iptables_comment(network, container_id)
+    rules = list_rules(nl, family, "nat", chain)
+    return all(rule.match_comment == comment for rule in rules) and bool(rules or not required_rules)
+
+
+def masquerade_in_place(conf, request, ips):
+    """Whether nf_tables holds the attachment's masquerade: a rule per address in the nftables
+    layout, or the reference's iptables chain of each address family (iptables-nft)."""
+    nl = node_nftables()
+    instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
+    if len(rules_commented(nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)) >= len(ips):
+        return True
+    families = set(address_family_of(ip["address"]) for ip in ips
+                   if isinstance(ip, dict) and "address" in ip)
+    return bool(families) and all(
+        owns_iptables_chain(nl, NFPROTO_IPV4 if family == 4 else NFPROTO_IPV6, conf.network,
+                            request.container_id, required_rules=True) for family in families)
+
+
 def check_attachment_rules(conf, request, previous):
-    """CHECK: the masquerade and spoof-check rules this attachment needs are in place."""
-    if conf.ip_masq and conf.ip_masq_backend == "nftables":
-        instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
-        mine = rules_commented(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)
-        expected = len(previous.get("ips") or [])
-        if len(mine) < expected:
+    """CHECK: the masquerade and spoof-check rules this attachment needs are in place.  Either
+    masquerade layout counts, whatever the config's backend: the nftables one (ours and the
+    reference's nftables backend) or the reference's iptables chain (1.1.1 writes only that),
+    so a node switched between the two plugins still passes CHECK."""
+    if conf.ip_masq and not masquerade_in_place(conf, request, previous.get("ips") or []):
+        if conf.ip_masq_backend == "iptables":
+            iptables_check(conf.network, request.container_id)      # legacy iptables: asked there
+        else:
             raise CNIError(ERR_INTERNAL,
                            "masquerade rules of %s are missing" % request.container_id,
-                           "expected %d in table inet %s, found %d" % (expected, MASQ_TABLE,
-                                                                       len(mine)))
-    elif conf.ip_masq:
-        iptables_check(conf.network, request.container_id)
+                           "expected %d in table inet %s, and no iptables chain %s"
+                           % (len(previous.get("ips") or []), MASQ_TABLE,
+                              iptables_chain(conf.network, request.container_id)))
     if conf.macspoofchk:
         chain, _mac_chain, comment = spoofchk_names(request.container_id, request.ifname)
         if not any(r.comment == comment and r.jump_target == chain
@@ -3547,16 +3721,24 @@ def iptables_setup_masquerade(network, container_id, prefix):
 
 
 def iptables_teardown(network, container_id):
-    """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address
-    needed)."""
+    """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address needed),
+    when every rule in the chain carries the attachment's comment (the chain's name may be
+    another attachment's: see owns_iptables_chain)."""
+    import shlex
     chain = iptables_chain(network, container_id)
+    comment = iptables_comment(network, container_id)
     for family in (4, 6):
-        status, rules = run_iptables(family, ["-S", "POSTROUTING"], check=False)
+        status, own_rules = run_iptables(family, ["-S", chain], check=False)
         if status != 0:
             continue
-        for line in rules.splitlines():
+        comments = [words[words.index("--comment") + 1] if "--comment" in words[:-1] else None
+                    for words in (shlex.split(line) for line in own_rules.splitlines())
+                    if words[:1] == ["-A"]]
+        if any(c != comment for c in comments):
+            continue
+        status, rules = run_iptables(family, ["-S", "POSTROUTING"], check=False)
+        for line in rules.splitlines() if status == 0 else ():
             if line.startswith("-A POSTROUTING ") and line.endswith(" -j " + chain):
-                import shlex
                 run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
         run_iptables(family, ["-F", chain], check=False)
         run_iptables(family, ["-X", chain], check=False)
@@ -3604,10 +3786,12 @@ def iptables_collect_stale(network, valid):
 
 
 def iptables_check(network, container_id):
-    """CHECK of the iptables backend: the attachment's chain exists."""
+    """The attachment's chain exists and holds rules (an empty one masquerades nothing)."""
     chain = iptables_chain(network, container_id)
-    if run_iptables(4, ["-S", chain], check=False)[0] != 0:
-        raise CNIError(ERR_INTERNAL, "masquerade chain %s of %s is missing" % (chain, container_id))
+    status, rules = run_iptables(4, ["-S", chain], check=False)
+    if status != 0 or not any(line.startswith("-A ") for line in rules.splitlines()):
+        raise CNIError(ERR_INTERNAL, "masquerade chain %s of %s is missing or empty"
+                       % (chain, container_id))
 
 
 # --- ADD ----------------------------------------------------------------------------------------
@@ -3647,9 +3831,61 @@ def random_veth_name():
     return HOST_VETH_PREFIX + posix.urandom(4).hex()
 
 
+IFALIAS_MAX = 254          # bytes of an alias every kernel accepts (IFALIASZ - 2)
+
+
 def attachment_alias(network, container_id, ifname):
-    """The host veth's alias, which lets GC map a port back to its attachment."""
-    return ("cni:%s:%s:%s" % (network, container_id, ifname))[:255]
+    """The host veth's alias, which maps a port back to its attachment (GC, DEL without netns).
+
+    `cni:<network>:<containerID>:<ifname>` when it fits; otherwise `cni#<h(network)>:<h(all)>`
+    (SHA-512 digests).  Either way the whole alias is compared, never cut or parsed: a cut alias
+    could name another attachment.  Names hold no ":", so the readable form is unambiguous.
+    """
+    alias = "cni:%s:%s:%s" % (network, container_id, ifname)
+    if len(alias.encode("utf-8", "surrogateescape")) <= IFALIAS_MAX:
+        return alias
+    return "cni#%s:%s" % (sha512_hex(network)[:16], sha512_hex(alias)[:64])
+
+
+def alias_network_prefixes(network):
+    """The prefixes of the aliases `attachment_alias` gives the ports of `network`."""
+    return ("cni:%s:" % network, "cni#%s:" % sha512_hex(network)[:16])
+
+
+def find_host_veth(nl, network, container_id, ifname, master=0):
+    """The host veth whose alias names this attachment (among the ports of `master`), or None."""
+    alias = attachment_alias(network, container_id, ifname)
+    for link in list_links(nl, master, alias):
+        if link.kind == "veth":
+            return link
+    return None
+
+
+def is_pair(container, host):
+    """Whether two links (one seen in the container, one on the node) are the two ends of a veth."""
+    return (container is not None and host is not None and container.kind == host.kind == "veth"
+            and container.peer_index == host.index and host.peer_index == container.index)
+
+
+def existing_attachment(host_nl, container_nl, conf, request):
+    """The attachment's host veth and container interface when an earlier ADD left them intact in
+    this namespace (that ADD's result is given back), else (None, None).  Refused before anything
+    changes: the same container ID and interface alive in another namespace (a reused ID would
+    get a second copy of the address on the bridge)."""
+    bridge = get_link(host_nl, conf.bridge)
+    if bridge is None:
+        return None, None
+    host = find_host_veth(host_nl, conf.network, request.container_id, request.ifname, bridge.index)
+    if host is None:
+        return None, None
+    container = get_link(container_nl, request.ifname)
+    if not is_pair(container, host):
+        raise CNIError(ERR_INVALID_CONFIG, "container %s already has %s attached to network %s in "
+                       "another namespace" % (request.container_id[:100], request.ifname,
+                                              conf.network),
+                       "host veth %s; DEL that attachment first (CNI_CONTAINERID reused?)"
+                       % host.name)
+    return host, container
 
 
 def create_container_veth(container_nl, host_nl, request, conf):
@@ -3924,8 +4160,11 @@ def bridge_add(request):
         raise CNIError(ERR_INCOMPATIBLE_VERSION, "cannot convert: no valid IP addresses",
                        "an L2 bridge (no ipam) has no result in cniVersion %s" % request.version)
     host_nl = NetlinkSocket()
-    ns = Netns(request.netns)
+    ns = container_netns(request)
     container_nl = ns.netlink()
+    host, container = existing_attachment(host_nl, container_nl, conf, request)
+    if host is not None:
+        return repeated_add(request, conf, host_nl, container_nl, host, container)
     check_add_before_making(request, conf, host_nl, container_nl)
     bridge = ensure_bridge(host_nl, conf)
     container, host = create_container_veth(container_nl, host_nl, request, conf)
@@ -3967,6 +4206,10 @@ def bridge_add(request):
     except BaseException:
         rollback_add(request, conf, container_nl, container, ipam_done)
         raise
+    return finish_result(conf, request, result, bridge, host, container, vlan_gateway)
+
+
+def finish_result(conf, request, result, bridge, host, container, vlan_gateway):
     # In the order RESULT_BRIDGE, RESULT_HOST_VETH, RESULT_CONTAINER name.
     result["interfaces"] = [{"name": bridge.name, "mac": bridge.mac},
                             {"name": host.name, "mac": host.mac},
@@ -3977,6 +4220,37 @@ def bridge_add(request):
     if conf.dns:
         result["dns"] = conf.dns
     return result
+
+
+def repeated_add(request, conf, host_nl, container_nl, host, container):
+    """ADD of an attachment an earlier ADD left intact in this namespace: its result again (the
+    IPAM gives the same addresses back), its rules made again.  Nothing is undone on failure:
+    the attachment stays as it was."""
+    result = {"interfaces": [], "ips": [], "routes": [], "dns": {}}
+    if conf.ipam_type:
+        ipam_result = ipam_call(request, conf.ipam_type, "ADD")
+        result.update((k, ipam_result.get(k) or result[k]) for k in ("ips", "routes", "dns"))
+        present = set(a.prefix for a in list_addrs(container_nl, container.index))
+        missing = [ip["address"] for ip in result["ips"]
+                   if Prefix.parse(ip["address"]) not in present]
+        if missing or not result["ips"]:
+            if not ipam_result.get("reused", True):
+                ipam_call(request, conf.ipam_type, "DEL")      # a new reservation: not the old one
+            raise CNIError(ERR_INVALID_CONFIG,
+                           "container veth name %r already exists" % request.ifname,
+                           "it is attached but lacks %s: DEL the attachment first"
+                           % (" ".join(missing) or "its addresses"))
+        complete_gateways(conf, result)
+    try:
+        check_attachment_rules(conf, request, result)
+    except CNIError:                    # made again only when some are missing
+        if conf.ip_masq and result["ips"]:
+            setup_masquerade(conf, request, result, True)
+        if conf.macspoofchk:
+            setup_macspoofchk(conf, request, host.name, container.mac)
+    vlan_gateway = get_link(host_nl, conf.vlan_gateway) if conf.uses_vlan_gateway else None
+    bridge = get_link(host_nl, index=host.master)
+    return finish_result(conf, request, result, bridge, host, container, vlan_gateway)
 
 
 def rollback_add(request, conf, container_nl, container, ipam_done):
@@ -3990,8 +4264,11 @@ def rollback_add(request, conf, container_nl, container, ipam_done):
             ipam_call(request, conf.ipam_type, "DEL")
         except CNIError as err:
             sys.stderr.write("rollback: IPAM DEL failed: %s\n" % err.msg)
-    teardown_attachment_rules(conf.network, request.container_id, request.ifname,
-                              conf.ip_masq_backend)
+    try:
+        teardown_attachment_rules(conf.network, request.container_id, request.ifname,
+                                  conf.ip_masq_backend)
+    except CNIError as err:          # the error to report is the one that made the ADD fail
+        sys.stderr.write("rollback: %s\n" % err.msg)
 
 
 # --- DEL, CHECK, STATUS, GC ----------------------------------------------------------------------
@@ -4009,19 +4286,48 @@ def bridge_del(request):
         ipam_type = conf_lookup(ipam, "type") if isinstance(ipam, dict) else ""
         ipam_type = ipam_type if isinstance(ipam_type, str) else ""
         backend = conf_lookup(request.config, "ipMasqBackend")
-    # Rules first: their removal frees memory after an RCU grace period, which then passes
-    # while the veth is deleted instead of at exit.
-    teardown_attachment_rules(request.network, request.container_id, request.ifname, backend)
+    network = request.network
+    ns = None
     if request.netns:
         try:
-            ns = Netns(request.netns)
+            ns = container_netns(request)       # opened before anything changes, used throughout
         except NetnsGone:
-            ns = None
-        if ns is not None:
-            nl = ns.netlink()
-            link = get_link(nl, request.ifname)
-            if link is not None:
-                delete_link(nl, link.index, "failed to delete %s in the container" % request.ifname)
+            pass
+        except NetnsIsOwn:
+            # A stale /proc/<pid>/ns/net now the node's: nothing inside it is ours to touch,
+            # while the reservation, the rules and the host veth are still to be released.
+            sys.stderr.write("DEL: CNI_NETNS %s is the node's own namespace; releasing what lies "
+                             "outside it\n" % request.netns)
+    host_nl = NetlinkSocket()
+    container_nl = container = None
+    if ns is not None:
+        container_nl = ns.netlink()
+        container = get_link(container_nl, request.ifname)
+        host = None
+        if container is not None and container.kind == "veth":
+            host = get_link(host_nl, index=container.peer_index)
+        alias = attachment_alias(network, request.container_id, request.ifname)
+        mine = host is not None and host.alias == alias
+        if not mine:
+            elsewhere = find_host_veth(host_nl, network, request.container_id, request.ifname)
+            if elsewhere is not None:
+                # The same container ID and interface live in another namespace (a refused ADD
+                # of a reused ID is being cleaned up): their reservation and rules are not ours.
+                sys.stderr.write("DEL: %s of %s is attached in another namespace (host veth %s); "
+                                 "nothing here to release\n"
+                                 % (request.ifname, request.container_id[:100], elsewhere.name))
+                return None
+    # Rules first: their removal frees memory after an RCU grace period, which then passes
+    # while the veth is deleted instead of at exit.
+    teardown_attachment_rules(network, request.container_id, request.ifname, backend)
+    if container is not None:
+        delete_link(container_nl, container.index,
+                    "failed to delete %s in the container" % request.ifname)
+    elif ns is None:
+        # Without the namespace the pair is reached from its host end (deleting it deletes both).
+        host = find_host_veth(host_nl, network, request.container_id, request.ifname)
+        if host is not None:
+            delete_link(host_nl, host.index, "failed to delete the host veth %s" % host.name)
     if ipam_type:
         ipam_call(request, ipam_type, "DEL")
     return None
@@ -4031,7 +4337,7 @@ def bridge_check(request):
     """CHECK: the bridge, the veth pair, the port's flags and VLANs, the container's addresses
     and routes, and the attachment's rules are as the config and prevResult say."""
     conf = BridgeConfig(request)
-    ns = Netns(request.netns)
+    ns = container_netns(request)
     if conf.ipam_type:
         ipam_call(request, conf.ipam_type, "CHECK")
     previous = previous_result(request)
@@ -4043,8 +4349,9 @@ def bridge_check(request):
     if bridge is None or bridge.kind != "bridge":
         raise CNIError(ERR_INTERNAL, "bridge %s not found or not a bridge" % conf.bridge)
     if bool(bridge.flags & IFF_PROMISC) != conf.promisc:
-        raise CNIError(ERR_INTERNAL,
-                       "bridge %s promiscuous mode is not %s" % (conf.bridge, conf.promisc))
+        raise CNIError(ERR_INTERNAL, "bridge %s is %s, while the config's promiscMode is %s"
+                       % (conf.bridge, "promiscuous" if bridge.flags & IFF_PROMISC
+                          else "not promiscuous", "true" if conf.promisc else "false"))
     if conf.mtu and bridge.mtu != conf.mtu:
         raise CNIError(ERR_INTERNAL, "MTU of bridge %s is %d, the config says %d"
                        % (conf.bridge, bridge.mtu, conf.mtu))
@@ -4158,15 +4465,14 @@ def bridge_gc(request):
     if valid is not None:
         nl = NetlinkSocket()
         bridge = get_link(nl, conf.bridge)
-        prefix = "cni:%s:" % conf.network
-        for link in list_links(nl) if bridge else ():
-            if link.master == bridge.index and link.alias.startswith(prefix):
-                cid, _, ifname = link.alias[len(prefix):].rpartition(":")
-                if (cid, ifname) not in valid:
-                    try:
-                        delete_link(nl, link.index)
-                    except CNIError as err:
-                        errors.append(err.msg)
+        prefixes = alias_network_prefixes(conf.network)
+        keep = set(attachment_alias(conf.network, cid, ifname) for cid, ifname in valid)
+        for link in list_links(nl, bridge.index) if bridge else ():
+            if link.alias.startswith(prefixes) and link.alias not in keep:
+                try:
+                    delete_link(nl, link.index)
+                except CNIError as err:
+                    errors.append(err.msg)
         errors.extend(collect_stale_rules(conf.network, valid))
         if conf.ip_masq_backend == "iptables":
             errors.extend(iptables_collect_stale(conf.network, valid))
@@ -5363,20 +5669,29 @@ REQUIRED_ENV = {
 # The first config version that allows a command.
 MIN_VERSION = {"CHECK": (0, 4, 0), "GC": (1, 1, 0), "STATUS": (1, 1, 0)}
 MAX_STDIN = 64 << 20
+STDIN_TIMEOUT = 10.0            # seconds for the runtime to write the config and close stdin
 
 
 def read_stdin(wait_for_data):
     """All of stdin.  With `wait_for_data` false (VERSION) an idle stdin is not waited for long."""
+    import select
     chunks = []
     size = 0
     if not wait_for_data:
-        import select
         try:
             if posix.isatty(0) or not select.select([0], [], [], 1.0)[0]:
                 return b""
         except (OSError, ValueError):     # stdin closed: VERSION needs no config
             return b""
+    deadline = time.monotonic() + STDIN_TIMEOUT
     while True:
+        try:
+            ready = select.select([0], [], [], max(0.0, deadline - time.monotonic()))[0]
+        except (OSError, ValueError):
+            ready = True                # no pollable stdin: the read below says what it is
+        if not ready:
+            raise CNIError(ERR_TRY_AGAIN, "stdin was not closed within %g s" % STDIN_TIMEOUT,
+                           "the runtime must write the network configuration and close stdin")
         try:
             chunk = posix.read(0, 1 << 16)
         except OSError as err:
@@ -5497,13 +5812,16 @@ def _validated_request(command, env, container_id, ifname, args, raw, config):
 
 
 def check_netns_target(request):
-    """Refuse, before changing anything, a CNI_NETNS that is the plugin's own namespace."""
-    if request.netns and request.command in ("ADD", "CHECK", "DEL"):
-        override = request.env.get("CNI_NETNS_OVERRIDE", "").lower() in ("1", "true")
-        if not override and is_own_netns(request.netns):
-            raise CNIError(ERR_INVALID_NETNS,
-                           "plugin's netns and netns from CNI_NETNS should not be the same",
-                           "CNI_NETNS %s is the namespace the plugin runs in" % request.netns)
+    """Refuse, before changing anything, an ADD or CHECK aimed at the plugin's own namespace (for
+    every plugin, as the reference library does; those acting inside the namespace check again on
+    the fd they then hold).  DEL goes on: it releases what lies outside the namespace."""
+    if request.netns and request.command in ("ADD", "CHECK"):
+        try:
+            container_netns(request).close()
+        except NetnsIsOwn:
+            raise
+        except CNIError:
+            pass                # a missing or odd path is the plugin's to report
 
 
 def write_json(obj):
@@ -5575,6 +5893,9 @@ def install(directory, force):
         make_directories(directory)
     for name in PLUGINS:
         path = os.path.join(directory, name)
+        if is_directory(path, follow=False):        # rename() cannot put a link in its place
+            raise CNIError(ERR_INVALID_CONFIG, "%s is a directory; remove it first (--force "
+                           "replaces files and links, never a directory)" % path)
         if os.path.lexists(path) and not os.path.islink(path) and not force:
             raise CNIError(ERR_INVALID_CONFIG,
                            "%s exists and is not a symlink; use --force to replace it" % path)
@@ -5586,7 +5907,11 @@ def install(directory, force):
     for name in PLUGINS:
         link_temp = os.path.join(directory, ".%s.%d" % (name, posix.getpid()))
         posix.symlink(target_name, link_temp)
-        posix.rename(link_temp, os.path.join(directory, name))
+        try:
+            posix.rename(link_temp, os.path.join(directory, name))
+        except OSError:
+            posix.unlink(link_temp)
+            raise
     sys.stdout.write("installed %s with %s in %s\n" % (target_name, ", ".join(sorted(PLUGINS)),
                                                        directory))
 
@@ -5658,8 +5983,10 @@ def icmp_checksum(data):
     return ~total & 0xFFFF
 
 
-def ping(ns, family, address, timeout=2.0):
-    """Send one ICMP echo from inside `ns` to `address`; returns the round trip in ms."""
+def ping(ns, family, address, timeout=5.0, interval=0.2):
+    """Send ICMP echoes from inside `ns` to `address`, one every `interval` seconds until one is
+    answered (a new IPv6 gateway answers only once its duplicate address detection is over);
+    returns the round trip of the answered echo in ms."""
     request_type, reply_type = ICMP_ECHO[family]
     import _socket
     with ns.entered():
@@ -5667,20 +5994,30 @@ def ping(ns, family, address, timeout=2.0):
                               _socket.IPPROTO_ICMP if family == 4 else _socket.IPPROTO_ICMPV6)
     try:
         ident = posix.getpid() & 0xFFFF
-        body = struct.pack("!HH", ident, 1) + b"cni-bridge verify"
-        header = struct.pack("!BBH", request_type, 0, 0)
-        packet = struct.pack("!BBH", request_type, 0, icmp_checksum(header + body)) + body
-        start = time.monotonic()
-        sock.settimeout(timeout)
-        sock.sendto(packet, (address, 0))
-        while True:
-            data = sock.recv(2048)
-            if family == 4:
-                data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
-            if data[0] == reply_type and struct.unpack("!H", data[4:6])[0] == ident:
-                return (time.monotonic() - start) * 1000
-            if time.monotonic() - start > timeout:
-                raise OSError(errno.ETIMEDOUT, "no echo reply")
+        deadline = time.monotonic() + timeout
+        sequence = 0
+        while time.monotonic() < deadline:
+            sequence += 1
+            body = struct.pack("!HH", ident, sequence) + b"cni-bridge verify"
+            header = struct.pack("!BBH", request_type, 0, 0)
+            packet = struct.pack("!BBH", request_type, 0, icmp_checksum(header + body)) + body
+            sent = time.monotonic()
+            try:
+                sock.sendto(packet, (address, 0))
+            except OSError:
+                pass                    # no route yet: the next echo tries again
+            until = min(sent + interval, deadline)
+            while time.monotonic() < until:
+                sock.settimeout(max(0.001, until - time.monotonic()))
+                try:
+                    data = sock.recv(2048)
+                except _socket.timeout:
+                    break
+                if family == 4:
+                    data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
+                if data[0] == reply_type and struct.unpack("!HH", data[4:8]) == (ident, sequence):
+                    return (time.monotonic() - sent) * 1000
+        raise OSError(errno.ETIMEDOUT, "no echo reply within %g s" % timeout)
     finally:
         sock.close()
 
@@ -5801,13 +6138,15 @@ class Verifier(object):
         `attachment` is (network, container ID, ifname)."""
         network, container_id, ifname = attachment
         left = []
-        if get_link(ctr.netlink(), ifname) is not None:
+        link = get_link(ctr.netlink(), ifname)
+        if link is not None and (ifname != "lo" or link.up):     # loopback's DEL takes lo down
             left.append("%s in the container" % ifname)
         if host_veth and get_link(node.netlink(), host_veth) is not None:
             left.append("host veth %s" % host_veth)
         if is_directory(network_dir):
             left.extend("reservation %s" % name for name in posix.listdir(network_dir)
-                        if name != "lock" and not name.startswith(LAST_RESERVED_PREFIX))
+                        if name not in ("lock", BOOT_ID_FILE)
+                        and not name.startswith(LAST_RESERVED_PREFIX))
         nft = node.netlink(NETLINK_NETFILTER)
         instance = masq_instance_hash(network, container_id, ifname)
         left.extend("masquerade rule %d" % r.handle
@@ -5839,7 +6178,10 @@ def load_verify_config(config_path):
     if not isinstance(config, dict):
         raise ValueError("the configuration must be a JSON object")
     if "plugins" in config:        # a .conflist: the walkthrough drives its first plugin
-        plugin_config = dict(config["plugins"][0])
+        plugins = config["plugins"]
+        if not isinstance(plugins, list) or not plugins or not isinstance(plugins[0], dict):
+            raise ValueError("`plugins` must be a non-empty list of plugin objects")
+        plugin_config = dict(plugins[0])
         plugin_config.update(cniVersion=config.get("cniVersion", ""), name=config.get("name", ""))
         config = plugin_config
     return config, config_path
@@ -5853,6 +6195,10 @@ def verify(config_path, keep, as_json):
     except (OSError, ValueError) as err:
         sys.stderr.write("verify: cannot read %s: %s\n" % (config_path, err))
         return 2
+    if config.get("type") not in PLUGINS:
+        sys.stderr.write("verify: type %s is not one of this program's plugins (%s)\n"
+                         % (json_dumps(config.get("type")), ", ".join(sorted(PLUGINS))))
+        return 2
     prefix = os.environ.get("CNI_BRIDGE_VERIFY_PREFIX", VERIFY_NETNS_PREFIX)
     tag = posix.urandom(4).hex()
     node_name, ctr_name = "%snode-%s" % (prefix, tag), "%sctr-%s" % (prefix, tag)
@@ -5861,7 +6207,9 @@ def verify(config_path, keep, as_json):
     if isinstance(config.get("ipam"), dict):
         config["ipam"] = dict(config["ipam"], dataDir=data_dir)
     version = config.get("cniVersion") or "0.1.0"
-    attachment = (config.get("name", ""), "verify-" + tag, "eth0")
+    # loopback brings up the namespace's `lo` whatever CNI_IFNAME says: that is what to read back.
+    attachment = (config.get("name", ""), "verify-" + tag,
+                  "lo" if config.get("type") == "loopback" else "eth0")
     env = {"CNI_CONTAINERID": attachment[1], "CNI_NETNS": ctr_path, "CNI_IFNAME": attachment[2],
            "CNI_PATH": os.path.dirname(archive_path() or os.path.abspath(__file__)),
            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
@@ -5961,6 +6309,18 @@ def load_network_list(name, conf_dir):
     raise CNIError(ERR_INVALID_CONFIG, "no network %r in %s" % (name, conf_dir))
 
 
+def capability_args(text):
+    """CAP_ARGS: a JSON object of capability arguments (cnitool's format)."""
+    try:
+        value = json_loads(text)
+    except (ValueError, UnicodeError) as err:
+        raise CNIError(ERR_DECODE, "CAP_ARGS is not valid JSON: %s" % err)
+    if not isinstance(value, dict):
+        raise CNIError(ERR_DECODE, "CAP_ARGS must be a JSON object, such as "
+                       '{"portMappings": [...]}')
+    return value
+
+
 class NetworkCall(object):
     """What every network command needs, read from the environment `env` as cnitool does: the
     network's config list, the attachment (container ID derived from the netns path, CNI_IFNAME),
@@ -5974,7 +6334,7 @@ class NetworkCall(object):
         self.version = conf_lookup(self.conf, "cniVersion") or ""
         self.ifname = env.get("CNI_IFNAME", "eth0")
         self.container_id = "cnitool-" + sha512_hex(netns)[:20]
-        self.capability_args = json_loads(env.get("CAP_ARGS") or "{}")
+        self.capability_args = capability_args(env.get("CAP_ARGS") or "{}")
         self.cni_args = split_cni_args(env.get("CNI_ARGS", ""))
         self.cni_path = env.get("CNI_PATH", "/opt/cni/bin")
         self.cache_dir = results_cache_dir(env)
@@ -6028,8 +6388,13 @@ class NetworkCall(object):
                  "networkName": self.network, "netns": self.netns, "cniArgs": self.cni_args,
                  "capabilityArgs": self.capability_args, "result": result}
         path = self.cache_path()
-        with open(path + ".tmp", "w") as f:
-            f.write(json_dumps(entry))
+        fd = posix.open(path + ".tmp", posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC
+                        | posix.O_NOFOLLOW | posix.O_CLOEXEC, 0o644)
+        try:
+            posix.fchmod(fd, 0o644)         # whatever the umask (README: the cache is 0644)
+            posix.write(fd, json_dumps(entry).encode("utf-8", "surrogateescape"))
+        finally:
+            posix.close(fd)
         posix.rename(path + ".tmp", path)
 
     def forget_result(self):
@@ -6143,7 +6508,8 @@ def attachment_netns(entry):
 
 def leases(data_dir, collect):
     """List every reservation under `data_dir`; flag those whose container namespace is gone
-    (known from the runtime's result cache) and with `collect` release them through GC."""
+    (known from the runtime's result cache) and with `collect` release them.  A listing changes
+    nothing: it takes no lock and creates no file; only the release locks a network."""
     import os
     netns_of = {}
     for entry in cached_results(results_cache_dir(os.environ)):
@@ -6154,39 +6520,52 @@ def leases(data_dir, collect):
     except OSError as err:
         sys.stderr.write("leases: cannot read %s: %s\n" % (data_dir, err.strerror))
         return 1
-    now = time.time()
-    rows, stale_count = [], 0
+    rows, released = [], 0
     for network in networks:
-        if not os.path.isdir(os.path.join(data_dir, network)):
+        if not is_directory(os.path.join(data_dir, network), follow=False):
+            continue            # a file, or a symlink (never followed into another tree)
+        try:
+            found = network_leases(data_dir, network, netns_of)
+        except CNIError as err:
+            sys.stderr.write("leases: %s\n" % err.msg)
             continue
-        with Store(data_dir, network) as store:
-            reserved = store.reservations()
-            valid, stale = set(), []
-            for key, content in sorted(reserved.items()):
-                cid, _, ifname = content.strip().partition("\r\n")
-                try:
-                    age = now - posix.stat(store.file_names[key], dir_fd=store.dir_fd,
-                                           follow_symlinks=False).st_mtime
-                except OSError:
-                    age = 0
-                netns = netns_of.get((network, cid, ifname))
-                gone = netns is not None and not os.path.exists(netns)
-                status = "netns gone" if gone else ("ok" if netns else "unknown netns")
-                if gone:
-                    stale.append(key)
-                else:
-                    valid.add((cid, ifname))
-                rows.append((network, ip_to_text(*key), cid, ifname,
-                             "%dh%02dm" % (age // 3600, age % 3600 // 60), status))
-            stale_count += len(stale)
-            if collect and stale:
-                collect_garbage(store, valid)
+        rows.extend(row for row, _attachment in found)
+        stale = set(attachment for row, attachment in found if row[-1] == "netns gone")
+        if collect and stale:
+            with Store(data_dir, network) as store:
+                for container_id, ifname in sorted(stale):
+                    released += len(release(store, container_id, ifname))
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(LEASE_COLUMNS)]
     for row in [LEASE_COLUMNS] + rows:
         sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
     if collect:
-        sys.stdout.write("released %d stale reservation(s)\n" % stale_count)
+        sys.stdout.write("released %d stale reservation(s)\n" % released)
     return 0
+
+
+def network_leases(data_dir, network, netns_of):
+    """[(row, (containerID, ifname))] of one network's reservations, read without the lock."""
+    import os
+    now = time.time()
+    found = []
+    with Store(data_dir, network, read_only=True) as store:
+        recorded = store.recorded_boot()
+        previous_boot = bool(recorded) and recorded != current_boot_id()
+        for key, content in sorted(store.reservations().items()):
+            cid, _, ifname = content.strip().partition("\r\n")
+            try:
+                age = now - posix.stat(store.file_names[key], dir_fd=store.dir_fd,
+                                       follow_symlinks=False).st_mtime
+            except OSError:
+                age = 0
+            netns = netns_of.get((network, cid, ifname))
+            gone = netns is not None and not os.path.exists(netns)
+            status = "netns gone" if gone else ("ok" if netns else "unknown netns")
+            if previous_boot:           # released by the next ADD, GC or STATUS of the network
+                status = "previous boot"
+            found.append(((network, ip_to_text(*key), cid, ifname,
+                           "%dh%02dm" % (age // 3600, age % 3600 // 60), status), (cid, ifname)))
+    return found
 
 
 # ==============================================================================================

@@ -432,8 +432,8 @@ def reservations(network):
     directory = os.path.join(network.data_dir, network.name)
     if not os.path.isdir(directory):
         return []
-    return sorted(f for f in os.listdir(directory)
-                  if f != "lock" and not f.startswith("last_reserved_ip."))
+    return sorted(f for f in os.listdir(directory)    # boot_id: ours, the boot they belong to
+                  if f not in ("lock", "boot_id") and not f.startswith("last_reserved_ip."))
 
 
 def masquerade_rules(impl, network):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import REF_DIR, delete_netns, run
+from tests.helpers import REF_DIR, REPO, delete_netns, run
 
 pytestmark = pytest.mark.kernel
 
@@ -39,10 +39,11 @@ def test_verify_runs_the_walkthrough_and_leaves_nothing(ours_bin, verify_env):
     """`verify` from the checkout uses conf/10-mynet.conf, passes every step and removes its
     namespaces and state."""
     prefix = verify_env["CNI_BRIDGE_VERIFY_PREFIX"]
-    proc = run([zipapp(ours_bin), "verify", "--json"], cwd=str(ours_bin.parent.parent), check=False, timeout=120,
+    proc = run([zipapp(ours_bin), "verify", "--json"], cwd=str(REPO), check=False, timeout=120,
                env=verify_env)
     report = json.loads(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert report["config"] == "conf/10-mynet.conf", report
     assert report["ok"] and [s["step"] for s in report["steps"]] == [
         "create namespaces", "ADD", "container interface read back from the kernel",
         "ping the gateway from the container", "CHECK", "DEL", "nothing left behind", "remove namespaces"]
@@ -57,6 +58,14 @@ def test_verify_uses_its_builtin_config_away_from_a_checkout(ours_bin, tmp_path,
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "built-in conf/10-mynet.conf" in proc.stdout
     assert "\u2713 ping the gateway from the container" in proc.stdout
+
+
+@pytest.mark.unit
+def test_builtin_config_is_the_checkouts_conf_10_mynet():
+    """verify's built-in config (used away from a checkout) is conf/10-mynet.conf, key for key."""
+    import cni_bridge as cb
+    with open(str(REPO / "conf" / "10-mynet.conf")) as f:
+        assert json.loads(cb.BUILTIN_CONFIG) == json.load(f)
 
 
 def test_verify_keep_leaves_the_attachment_for_inspection(ours_bin, tmp_path, verify_env):

@@ -108,10 +108,11 @@ def hl(request, impl_name):
 
 
 def leftovers(state_dir):
-    """Names in `state_dir` other than `lock` and `last_reserved_ip.<N>`."""
+    """Names in `state_dir` other than `lock`, `boot_id` (ours) and `last_reserved_ip.<N>`."""
     if not state_dir.is_dir():
         return set()
-    return {name for name in os.listdir(state_dir) if name != "lock" and not CURSOR_RE.fullmatch(name)}
+    return {name for name in os.listdir(state_dir)
+            if name not in ("lock", "boot_id") and not CURSOR_RE.fullmatch(name)}
 
 
 def owner(cid, ifname="eth0"):
@@ -204,9 +205,11 @@ def test_route_fields_of_1_1_0_are_copied(ours):
 @BOTH
 def test_state_files_byte_for_byte(hl):
     """A reservation is `<ip>` holding b"<cid>\\r\\n<ifname>", the cursor `last_reserved_ip.0` the bare
-    ip text, plus a `lock` file; the directory is 0755 and no file is group/world writable."""
+    ip text, plus a `lock` file (and ours the boot the reservations belong to); the directory is
+    0755 and no file is group/world writable."""
     hl.add(hl.conf(subnet=V4_SUBNET), cid="ctr-A.1_x", ifname="net1")
-    assert sorted(os.listdir(hl.state_dir)) == ["10.10.0.2", "last_reserved_ip.0", "lock"]
+    bookkeeping = ["boot_id"] if hl.is_ours else []
+    assert sorted(os.listdir(hl.state_dir)) == sorted(bookkeeping + ["10.10.0.2", "last_reserved_ip.0", "lock"])
     assert (hl.state_dir / "10.10.0.2").read_bytes() == b"ctr-A.1_x\r\nnet1"
     assert (hl.state_dir / "last_reserved_ip.0").read_bytes() == b"10.10.0.2"
     assert stat.S_IMODE(hl.state_dir.stat().st_mode) == 0o755

@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -577,7 +578,11 @@ def test_readd_of_an_attachment_replaces_its_rules(ours_bin, node, make_netns, d
     cni_ok(ours_bin, "ADD", config, node, container, "c1")
     if how == "container interface removed":
         container.run(IP, "link", "del", "eth0")
-    elif how == "sandbox recreated":
+    elif how == "sandbox recreated":            # the old sandbox is gone (issue 13 item 6)
+        run([IP, "netns", "del", container.name])
+        deadline = time.monotonic() + 10
+        while host_veths(node) and time.monotonic() < deadline:    # destroyed asynchronously
+            time.sleep(0.02)
         container = make_netns("ct")
     else:
         cni_ok(ours_bin, "DEL", config, node, container, "c1")
@@ -585,8 +590,9 @@ def test_readd_of_an_attachment_replaces_its_rules(ours_bin, node, make_netns, d
     assert layout(node) == masq_layout([("c1", "eth0", addresses(again))])
 
 
-def test_add_of_an_attached_interface_fails_and_keeps_the_rules(ours_bin, node, container, data_dir):
-    """ADD twice into the same namespace (eth0 exists) is an error that leaves the first ADD's
+def test_add_of_an_attached_interface_keeps_the_rules(ours_bin, node, container, data_dir):
+    """ADD twice into the same namespace returns the first ADD's result (issue 13 item 6) and an
+    ADD of another container ID onto the existing eth0 is an error; both leave the first ADD's
     rules, reservations and interfaces exactly as they were."""
     config = make_conf(data_dir, dual_stack=True)
     result = cni_ok(ours_bin, "ADD", config, node, container, "c1")
@@ -595,7 +601,9 @@ def test_add_of_an_attached_interface_fails_and_keeps_the_rules(ours_bin, node, 
         return rules_of(node, "inet", MASQ_TABLE, MASQ_CHAIN), reservations(data_dir / NET), host_veths(node)
 
     before = state()
-    assert_cni_error(cni(ours_bin, "ADD", config, node, container, "c1"))
+    assert cni_ok(ours_bin, "ADD", config, node, container, "c1") == result
+    assert state() == before
+    assert_cni_error(cni(ours_bin, "ADD", config, node, container, "c2"))
     assert state() == before
     assert layout(node) == masq_layout([("c1", "eth0", addresses(result))])
 

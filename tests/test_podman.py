@@ -478,7 +478,7 @@ def test_hand_written_1_0_0_network_with_its_own_data_dir(podman, node, tmp_path
     podman.ping("h", HAND_GATEWAY)
     podman("rm", "-f", "-t", "0", "h")
     check_gone(podman, node, h)
-    assert sorted(p.name for p in (data_dir / HAND_NET).iterdir()) == ["last_reserved_ip.0", "lock"]
+    assert sorted(p.name for p in (data_dir / HAND_NET).iterdir()) == ["boot_id", "last_reserved_ip.0", "lock"]
 
 
 def test_published_port_through_the_reference_portmap(podman, node):

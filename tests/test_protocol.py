@@ -410,22 +410,29 @@ def test_cni_args_lenient_bridge(ours, scene):
 
 # --- CNI_NETNS checks -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["ADD", "DEL"])
+@pytest.mark.parametrize("command", ["ADD", "CHECK", "DEL"])
 @pytest.mark.parametrize("own_path", ["node-path", "proc-self"])
 @pytest.mark.parametrize("plugin", PLUGINS)
 def test_own_netns_refused_before_acting(ours, plugin, own_path, command, scene):
-    """CNI_NETNS naming the plugin's own namespace is code 8, and nothing changes in it.
+    """CNI_NETNS naming the plugin's own namespace: ADD and CHECK are code 8; DEL succeeds (it
+    releases what lies outside the namespace, issue 13 item 5); nothing changes in the namespace.
 
     Ours only: the reference checks this after acting (upstream) or not at all (Debian 1.1.1).
     """
     conf = network_config(plugin, scene.data_dir)
     netns = scene.node.path if own_path == "node-path" else "/proc/self/ns/net"
-    if command == "DEL":
+    if command != "ADD":
         res = scene.run(ours, plugin, "ADD", conf)      # something a wrong DEL could undo
         assert res.returncode == 0, res
-    lo_flags = scene.node.links()["lo"]["flags"]
-    scene.expect_error(ours, plugin, command, conf, 8, netns=netns)
-    assert scene.node.links()["lo"]["flags"] == lo_flags
+    links = scene.node.links()
+    if command == "DEL":
+        res = scene.run(ours, plugin, command, conf, netns=netns)
+        assert res.returncode == 0 and res.stdout == "", res
+    else:
+        scene.expect_error(ours, plugin, command, conf, 8, netns=netns)
+    after = scene.node.links()
+    assert after["lo"]["flags"] == links["lo"]["flags"]
+    assert set(after) <= set(links)
 
 
 def test_own_netns_leaves_node_lo_down(ours, scene):

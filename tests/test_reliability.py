@@ -108,7 +108,7 @@ def state_files(data_dir):
 def assert_only_bookkeeping(data_dir, context=""):
     """The state directory holds nothing but `lock` and `last_reserved_ip.*`."""
     extra = [name for name in state_files(data_dir)
-             if name != "lock" and not name.startswith("last_reserved_ip.")]
+             if name not in ("lock", "boot_id") and not name.startswith("last_reserved_ip.")]
     assert extra == [], "%s state dir still holds %s" % (context, extra)
 
 
@@ -792,7 +792,7 @@ def test_state_modes(ours_bin, node, container, data_dir, umask):
     result = ok(parse_output(proc))
     modes = {str(p.relative_to(data_dir)): p.stat().st_mode & 0o7777 for p in data_dir.rglob("*")}
     assert sorted(modes) == ["made", "made/by", "made/by/plugin", "made/by/plugin/" + NET,
-                             "made/by/plugin/%s/%s" % (NET, address_of(result)),
+                             "made/by/plugin/%s/%s" % (NET, address_of(result)), "made/by/plugin/%s/boot_id" % NET,
                              "made/by/plugin/%s/last_reserved_ip.0" % NET, "made/by/plugin/%s/lock" % NET]
     expected = {path: 0o755 if (data_dir / path).is_dir() else 0o644 for path in modes}
     assert {p: oct(m) for p, m in modes.items()} == {p: oct(m) for p, m in expected.items()}

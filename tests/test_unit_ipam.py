@@ -66,7 +66,7 @@ def files(data_dir):
     """Reservation files and their content (lock and last_reserved_ip.* left out)."""
     out = {}
     for path in sorted(state_dir(data_dir).iterdir()):
-        if path.name != "lock" and not path.name.startswith("last_reserved_ip."):
+        if path.name not in ("lock", "boot_id") and not path.name.startswith("last_reserved_ip."):
             out[path.name] = path.read_bytes().decode() if not path.is_symlink() else "-> " + os.readlink(path)
     return out
 

@@ -249,13 +249,14 @@ def test_json_loads_deep_nesting_is_value_error(text, json_state):
     assert cb.json_loads("[[1]]") == [[1]]          # the scanner still works afterwards
 
 
-def test_json_numbers_that_overflow_never_yield_invalid_json():
-    """1e400 is not representable; either refuse it or re-emit something JSON readers accept."""
-    try:
-        value = cb.json_loads('{"mtu": 1e400}')
-    except ValueError:
-        return
-    strict_json(cb.json_dumps(value))
+def test_json_numbers_that_overflow_are_refused():
+    """1e400 is not representable: it is refused (a ValueError naming the number), never turned
+    into Infinity, which no JSON reader accepts; the largest finite double round-trips as JSON."""
+    for text in ('{"mtu": 1e400}', '{"mtu": -1e400}'):
+        with pytest.raises(ValueError, match="1e400 is out of range"):
+            cb.json_loads(text)
+    largest = '{"mtu": 1.7976931348623157e308}'
+    assert strict_json(cb.json_dumps(cb.json_loads(largest))) == json.loads(largest)
 
 
 # --- results: every version pair ----------------------------------------------------------------
@@ -455,14 +456,13 @@ def test_decode_malformed_result_is_code_6(obj):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_malformed_route_never_crashes_the_encoder(version):
-    """A route without `dst` in a prevResult must give a CNI error or pass, never a Python
-    exception (run_plugin turns those into 999 'internal error')."""
+def test_malformed_route_is_a_decode_error(version):
+    """A route without `dst` in a prevResult is code 6 (a result that cannot be parsed) whatever
+    version it is converted to, never a Python exception (run_plugin would make that 999)."""
     prev = {"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.5/24"}], "routes": [{"gw": "10.0.0.1"}]}
-    try:
+    with pytest.raises(cb.CNIError) as err:
         cb.encode_result(cb.decode_result(prev, "1.0.0"), version)
-    except cb.CNIError:
-        pass
+    assert err.value.code == 6
 
 
 # --- build_request: the reference's validation order ---------------------------------------------

@@ -4032,25 +4032,29 @@ def configure_container(ns, nl, conf, request, container, result):
     """Sysctls, addresses, link state and routes inside the container."""
     prefixes = [Prefix.parse(ip["address"]) for ip in result["ips"]]
     has_ipv6 = any(p.family == 6 for p in prefixes)
-    # IPv6 settings: (link, DEVCONF_* index, file, wanted, required), each file opened only when
-    # netlink shows a different value (an interface without IPv6 shows none: nothing to open).
-    lo = get_link(nl, "lo") if has_ipv6 else None
-    settings = [(container, DEVCONF_ENHANCED_DAD, "enhanced_dad", 1, False)] if conf.enable_dad else []
+    # IPv6 settings as (link, DEVCONF_* index, file, wanted, required): a file is opened only
+    # where netlink shows another value (a link without IPv6 shows none: then only a required
+    # one is tried, to fail clearly).
+    settings = []
+    if conf.enable_dad:
+        settings.append((container, DEVCONF_ENHANCED_DAD, "enhanced_dad", 1, False))
     settings.append((container, DEVCONF_ACCEPT_DAD, "accept_dad", int(conf.enable_dad), False))
     if has_ipv6:
-        settings.extend([(lo, DEVCONF_DISABLE_IPV6, "disable_ipv6", 0, True),
+        settings.extend([(get_link(nl, "lo"), DEVCONF_DISABLE_IPV6, "disable_ipv6", 0, True),
                          (container, DEVCONF_DISABLE_IPV6, "disable_ipv6", 0, True),
                          # Best effort, as every sysctl the reference does not need (/proc/sys
                          # may be read-only).
                          (container, DEVCONF_KEEP_ADDR_ON_DOWN, "keep_addr_on_down", 1, False)])
-    changes = [(link, name, wanted, required) for link, index, name, wanted, required in settings
-               if link is None or link.ipv6_setting(index) not in (None, wanted)
-               or (required and link.ipv6_setting(index) is None)]
+    changes = []
+    for link, index, name, wanted, required in settings:
+        current = link.ipv6_setting(index) if link else None
+        if current != wanted and (current is not None or required):
+            changes.append(("net/ipv6/conf/%s/%s" % (link.name if link else "lo", name),
+                            str(wanted), required))
     if changes:
         with ns.entered():
-            for link, name, wanted, required in changes:
-                set_sysctl("net/ipv6/conf/%s/%s" % (link.name if link else "lo", name),
-                           str(wanted), required)
+            for key, value, required in changes:
+                set_sysctl(key, value, required)
     # arp_notify over netlink, in a request before the one bringing the link up, as the
     # reference writes it before.
     requests = [ipv4_setting_change(container.index, Ipv4DevconfAttr.IPV4_DEVCONF_ARP_NOTIFY, 1)]

@@ -11,7 +11,12 @@ Start-up cost is paid on every container start, so the module avoids the heavy s
 modules (`os`, `json`, `socket`, `ipaddress`, `hashlib`, `re`, `subprocess`) on the common paths:
 it uses their C cores (`posix`, `_json`, `_socket`) directly and imports the rest only where one
 path needs it (`os` costs a millisecond: it builds os.environ and imports `_collections_abc`).
-VERSION, the call a runtime makes most, loads no socket module at all.
+VERSION, the call a runtime makes most, is answered by the archive's /bin/sh preamble (build.sh)
+without starting Python; its Python path loads no socket module at all.
+
+The plugin paths need only what Debian's python3-minimal carries: without `_json` a strict
+pure-Python JSON codec takes over; without `_ctypes` (and os.setns, Python 3.12+) what must enter
+a namespace says what is missing, and everything else still works.
 
 Sections, in dependency order (each opens with a banner stating its invariants):
   CNI protocol and errors       errors, JSON, config keys, CNI_ARGS, results, per-process state
@@ -40,7 +45,6 @@ import posix
 import sys
 import time
 
-import _json
 import _struct as struct    # what struct.py re-exports, without looking that file up at each start
 
 PROGRAM_VERSION = "0.1.0"
@@ -121,9 +125,30 @@ def parse_version(text):
     return tuple(numbers[:3])
 
 
-# --- JSON over the C accelerator ------------------------------------------------------------
-# `import json` pulls in `re` and costs several milliseconds per container start; `_json` is
-# the same C scanner and string encoder without that cost.
+# --- JSON: the C accelerator where it exists, a strict pure-Python codec where it does not ------
+# `import json` pulls in `re` and costs several milliseconds per container start; `_json` is the
+# same C scanner and string encoder without that cost.  python3-minimal lacks `_json` (Debian
+# ships it in libpython3.X-stdlib), so the pure-Python codec below accepts exactly what the C
+# scanner accepts (strict: no control characters in strings, no NaN or Infinity, integers of at
+# most 40 characters, finite floats) and encodes to the same bytes.  Errors always come from the
+# pure decoder, which names the offset and the reason the same way on every interpreter.  Nesting
+# is limited to JSON_MAX_DEPTH on both paths (the pure decoder recurses, and the C scanner's own
+# limit differs between versions): a text with fewer brackets than that cannot be nested deeper,
+# and the value of any other text is measured before it is accepted.
+
+try:
+    import _json
+except ImportError:
+    _json = None
+
+JSON_MAX_DEPTH = 200
+_JSON_SPACE = " \t\n\r"
+_JSON_SHORT_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+                       "t": "\t"}
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_JSON_CONSTANTS = (("null", None), ("true", True), ("false", False))
+_NON_FINITE = ("NaN", "Infinity", "-Infinity")
+
 
 def _finite_float(text):
     """JSON number -> float, refusing the infinities (Go's decoder does too)."""
@@ -140,6 +165,10 @@ def _bounded_int(text):
     return int(text)
 
 
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
 class _ScannerContext(object):
     """The settings _json.make_scanner reads from a json.JSONDecoder, without json."""
     strict = True
@@ -147,46 +176,250 @@ class _ScannerContext(object):
     object_pairs_hook = None
     parse_float = staticmethod(_finite_float)
     parse_int = staticmethod(_bounded_int)
+    parse_constant = staticmethod(_reject_constant)
     memo = {}
 
-    @staticmethod
-    def parse_constant(name):
-        """NaN and Infinity are not JSON."""
-        raise ValueError("%s is not valid JSON" % name)
+
+_scan_json = _json.make_scanner(_ScannerContext()) if _json is not None else None
 
 
-_scan_json = _json.make_scanner(_ScannerContext())
-_JSON_SPACE = " \t\n\r"
+class JSONSyntaxError(ValueError):
+    """Malformed JSON: the offset in the text and what was found wrong there."""
+
+    def __init__(self, offset, reason):
+        ValueError.__init__(self, "invalid JSON at offset %d: %s" % (offset, reason))
+
+
+class _PureDecoder(object):
+    """A recursive-descent JSON decoder with the C scanner's grammar (Modules/_json.c)."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def skip_space(self, i):
+        text = self.text
+        while i < len(text) and text[i] in _JSON_SPACE:
+            i += 1
+        return i
+
+    def value(self, i, depth):
+        """(value, offset after it) of the JSON value starting at offset i."""
+        text = self.text
+        c = text[i:i + 1]
+        if c == '"':
+            return self.string(i + 1)
+        if c == "{" or c == "[":
+            if depth >= JSON_MAX_DEPTH:
+                raise ValueError("JSON nested too deeply")
+            return self.object(i + 1, depth + 1) if c == "{" else self.array(i + 1, depth + 1)
+        for word, constant in _JSON_CONSTANTS:
+            if text.startswith(word, i):
+                return constant, i + len(word)
+        for word in _NON_FINITE:
+            if text.startswith(word, i):
+                _reject_constant(word)
+        return self.number(i)
+
+    def number(self, start):
+        text = self.text
+        i = start
+        if text[i:i + 1] == "-":
+            i += 1
+        if text[i:i + 1] == "0":
+            i += 1
+        elif "1" <= text[i:i + 1] <= "9":
+            while i < len(text) and "0" <= text[i] <= "9":
+                i += 1
+        else:
+            raise JSONSyntaxError(start, "expecting a value")
+        is_float = False
+        if text[i:i + 1] == "." and "0" <= text[i + 1:i + 2] <= "9":
+            i += 1
+            while i < len(text) and "0" <= text[i] <= "9":
+                i += 1
+            is_float = True
+        if text[i:i + 1] in ("e", "E"):
+            j = i + 1
+            if text[j:j + 1] in ("+", "-"):
+                j += 1
+            digits = j
+            while j < len(text) and "0" <= text[j] <= "9":
+                j += 1
+            if j > digits:
+                i = j
+                is_float = True
+        number = text[start:i]
+        return (_finite_float(number) if is_float else _bounded_int(number)), i
+
+    def string(self, start):
+        """A string whose opening quote is just before `start`."""
+        text = self.text
+        chunks = []
+        i = start
+        while True:
+            j = i
+            while j < len(text) and text[j] not in '"\\' and text[j] >= " ":
+                j += 1
+            chunks.append(text[i:j])
+            if j >= len(text):
+                raise JSONSyntaxError(start - 1, "unterminated string")
+            c = text[j]
+            if c == '"':
+                return "".join(chunks), j + 1
+            if c != "\\":
+                raise JSONSyntaxError(j, "control character in a string")
+            escape = text[j + 1:j + 2]
+            if escape != "u":
+                if escape not in _JSON_SHORT_ESCAPES:
+                    if not escape:
+                        raise JSONSyntaxError(start - 1, "unterminated string")
+                    raise JSONSyntaxError(j, "invalid escape")
+                chunks.append(_JSON_SHORT_ESCAPES[escape])
+                i = j + 2
+                continue
+            code = self.hex4(j + 2)
+            i = j + 6
+            if 0xD800 <= code <= 0xDBFF and text[i:i + 2] == "\\u" and i + 6 < len(text):
+                low = self.hex4(i + 2)
+                if 0xDC00 <= low <= 0xDFFF:
+                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
+                    i += 6
+            chunks.append(chr(code))
+
+    def hex4(self, i):
+        digits = self.text[i:i + 4]
+        if len(digits) < 4 or i + 4 >= len(self.text) or not _HEX_DIGITS.issuperset(digits):
+            raise JSONSyntaxError(i - 2, "invalid \\uXXXX escape")
+        return int(digits, 16)
+
+    def array(self, i, depth):
+        text = self.text
+        items = []
+        i = self.skip_space(i)
+        if text[i:i + 1] == "]":
+            return items, i + 1
+        while True:
+            item, i = self.value(i, depth)
+            items.append(item)
+            i = self.skip_space(i)
+            c = text[i:i + 1]
+            if c == "]":
+                return items, i + 1
+            if c != ",":
+                raise JSONSyntaxError(i, "expecting ',' or ']'")
+            i = self.skip_space(i + 1)
+
+    def object(self, i, depth):
+        text = self.text
+        members = {}
+        i = self.skip_space(i)
+        if text[i:i + 1] == "}":
+            return members, i + 1
+        while True:
+            if text[i:i + 1] != '"':
+                raise JSONSyntaxError(i, "expecting a property name in double quotes")
+            key, i = self.string(i + 1)
+            i = self.skip_space(i)
+            if text[i:i + 1] != ":":
+                raise JSONSyntaxError(i, "expecting ':'")
+            members[key], i = self.value(self.skip_space(i + 1), depth)
+            i = self.skip_space(i)
+            c = text[i:i + 1]
+            if c == "}":
+                return members, i + 1
+            if c != ",":
+                raise JSONSyntaxError(i, "expecting ',' or '}'")
+            i = self.skip_space(i + 1)
+
+    def document(self):
+        start = self.skip_space(0)
+        value, end = self.value(start, 0)
+        end = self.skip_space(end)
+        if end != len(self.text):
+            raise JSONSyntaxError(end, "extra data after the JSON value")
+        return value
+
+
+def json_loads_pure(text):
+    """Decode one JSON document without the C accelerator (the reference for every error)."""
+    return _PureDecoder(text).document()
+
+
+def json_depth(value):
+    """How deeply lists and objects nest in a decoded value (0 for a scalar)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def json_loads_accelerated(text):
+    """Decode one JSON document with the C scanner: a 1-tuple of its value, or None when the
+    scanner refuses the text or the value nests deeper than JSON_MAX_DEPTH."""
+    start = 0
+    while start < len(text) and text[start] in _JSON_SPACE:
+        start += 1
+    try:
+        value, end = _scan_json(text, start)
+    except (StopIteration, ValueError, RecursionError, SystemError):
+        return None
+    while end < len(text) and text[end] in _JSON_SPACE:
+        end += 1
+    if end != len(text):
+        return None
+    if text.count("[") + text.count("{") > JSON_MAX_DEPTH and json_depth(value) > JSON_MAX_DEPTH:
+        return None
+    return (value,)
 
 
 def json_loads(text):
     """Decode one JSON document; raise ValueError with a position on malformed input."""
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    start = 0
-    while start < len(text) and text[start] in _JSON_SPACE:
-        start += 1
-    try:
-        value, end = _scan_json(text, start)
-    except StopIteration as stop:
-        raise ValueError("invalid JSON at offset %d" % stop.value)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply")
-    except SystemError:
-        # The C scanner reports errors inside strings and objects through json.decoder, which is
-        # deliberately not imported.
-        raise ValueError("invalid JSON")
-    while end < len(text) and text[end] in _JSON_SPACE:
-        end += 1
-    if end != len(text):
-        raise ValueError("extra data after JSON value at offset %d" % end)
-    return value
+    if _scan_json is not None:
+        decoded = json_loads_accelerated(text)
+        if decoded is not None:
+            return decoded[0]
+    return json_loads_pure(text)
+
+
+_ASCII_ESCAPES = dict((chr(c), "\\u%04x" % c) for c in range(32))
+_ASCII_ESCAPES.update({'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+                       "\t": "\\t", "\x7f": "\\u007f"})
+
+
+def _escape_char(c):
+    escaped = _ASCII_ESCAPES.get(c)
+    if escaped is not None:
+        return escaped
+    code = ord(c)
+    if code < 0x7f:
+        return c
+    if code < 0x10000:
+        return "\\u%04x" % code
+    code -= 0x10000
+    return "\\u%04x\\u%04x" % (0xD800 | (code >> 10), 0xDC00 | (code & 0x3FF))
+
+
+def json_string_pure(text):
+    """A JSON string literal of `text` in ASCII, as _json.encode_basestring_ascii writes it."""
+    return '"' + "".join([_escape_char(c) for c in text]) + '"'
+
+
+json_string = _json.encode_basestring_ascii if _json is not None else json_string_pure
 
 
 def json_dumps(value):
     """Encode plain JSON data (dict, list, str, int, float, bool, None) compactly."""
     if isinstance(value, str):
-        return _json.encode_basestring_ascii(value)
+        return json_string(value)
     if value is True:
         return "true"
     if value is False:
@@ -196,7 +429,7 @@ def json_dumps(value):
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, dict):
-        return "{" + ", ".join(_json.encode_basestring_ascii(str(k)) + ": " + json_dumps(v)
+        return "{" + ", ".join(json_string(str(k)) + ": " + json_dumps(v)
                                for k, v in value.items()) + "}"
     return "[" + ", ".join(json_dumps(v) for v in value) + "]"
 
@@ -344,12 +577,13 @@ class Request(object):
 
 
 def sha512_hex(text):
-    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import)."""
+    """SHA-512 of a string, from the C module directly (hashlib costs 5 ms to import, and
+    OpenSSL's _hashlib 3-5 ms and 3.5 MB more than the built-in one)."""
     try:
         from _sha512 import sha512                       # Python 3.6 to 3.11
     except ImportError:
         try:
-            from _hashlib import openssl_sha512 as sha512  # later ones, built with OpenSSL
+            from _sha2 import sha512                     # Python 3.12 and later
         except ImportError:
             from hashlib import sha512
     return sha512(text.encode("utf-8", "surrogateescape")).hexdigest()
@@ -1349,9 +1583,12 @@ def link_change(index, up=None, promisc=None, master=None, mac=None, allmulti=No
                           attrs=attrs)
 
 
-def set_link(nl, index, what, **changes):
-    """Change one link (see link_change for `changes`) in its own transaction."""
-    nl.transact([link_change(index, **changes)], what)
+def arp_notify_change(index):
+    """A request (for transact) setting the link's IPv4 arp_notify to 1 over netlink: the path
+    /proc/sys/net/ipv4/conf/eth0 is looked up among the eth0 of every namespace on the node."""
+    return link_change(index, extra=((LinkAttr.IFLA_AF_SPEC, (
+        (LinkAfSpecAttr.AF_INET, ((InetAfAttr.IFLA_INET_CONF, (
+            (Ipv4DevconfAttr.IPV4_DEVCONF_ARP_NOTIFY, 1),)),)),)),))
 
 
 def without_ipv6_addresses(nl, link):
@@ -1360,20 +1597,17 @@ def without_ipv6_addresses(nl, link):
     it.  The kernel takes this only for an existing device, not in the request creating it.  A
     device without IPv6 (ipv6.disable=1, an MTU below 1280) has nothing to turn off."""
     try:
-        set_link(nl, link.index, "failed to set addr_gen_mode of %s" % link.name, extra=(
+        set_link(nl, link.index, "failed to turn off IPv6 addresses on %s" % link.name, extra=(
             (LinkAttr.IFLA_AF_SPEC, ((LinkAfSpecAttr.AF_INET6, (
                 (Inet6AfAttr.IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE),)),)),))
     except NetlinkError as err:
-        if err.errno != errno.EAFNOSUPPORT:
+        if err.errno not in (errno.EAFNOSUPPORT, errno.EOPNOTSUPP, errno.EINVAL):
             raise
 
 
-def ipv4_setting_change(index, setting, value):
-    """A request (for transact) setting one IPv4 setting of a device (net/ipv4/conf/<name>/...;
-    `setting` an Ipv4DevconfAttr) over netlink instead of /proc/sys."""
-    return link_change(index, extra=(
-        (LinkAttr.IFLA_AF_SPEC, ((LinkAfSpecAttr.AF_INET, (
-            (InetAfAttr.IFLA_INET_CONF, ((setting, value),)),)),)),))
+def set_link(nl, index, what, **changes):
+    """Change one link (see link_change for `changes`) in its own transaction."""
+    nl.transact([link_change(index, **changes)], what)
 
 
 def forwarding_on(nl, family):
@@ -2207,9 +2441,13 @@ def libc_call(name, *args):
     """Call a libc function (int arguments, bytes as char *, None as NULL); OSError on -1.
 
     Goes through _ctypes, the C core of ctypes: `import ctypes` costs about 6 ms of start-up,
-    `_ctypes` a quarter of that, and these few calls need nothing more.
+    `_ctypes` a quarter of that, and these few calls need nothing more.  python3-minimal lacks
+    _ctypes: the error names the call and the package that brings the module.
     """
-    import _ctypes
+    try:
+        import _ctypes
+    except ImportError:
+        raise missing_ctypes(name)
     function = _libc_functions.get(name)
     if function is None:
         class CInt(_ctypes._SimpleCData):
@@ -2223,6 +2461,28 @@ def libc_call(name, *args):
     if function(*args) == -1:
         errno_value = _ctypes.get_errno()
         raise OSError(errno_value, "%s: %s" % (name, posix.strerror(errno_value)))
+
+
+def missing_ctypes(function):
+    """The error for a libc call this Python cannot make (python3-minimal has no _ctypes)."""
+    version = sys.version_info[:2]
+    also = " and os.setns (Python 3.12+)" if function == "setns" else ""
+    return CNIError(ERR_INTERNAL, "this Python %d.%d cannot call %s(): it lacks the _ctypes "
+                    "module%s (Debian, Ubuntu: libpython%d.%d-stdlib)"
+                    % (version + (function, also) + version),
+                    "install libpython%d.%d-stdlib, or the package of your distribution that holds "
+                    "_ctypes, or run the plugins with Python 3.12 or later" % version)
+
+
+def can_setns():
+    """Whether this Python can enter a namespace: posix.setns (3.12+) or libc's through _ctypes."""
+    if hasattr(posix, "setns"):
+        return True
+    try:
+        import _ctypes      # noqa: F401  (only probed)
+        return True
+    except ImportError:
+        return False
 
 
 def setns(fd, nstype=CLONE_NEWNET):
@@ -2283,6 +2543,9 @@ class Netns(object):
             raise NetnsIsOwn(ERR_INVALID_NETNS,
                              "plugin's netns and netns from CNI_NETNS should not be the same",
                              "CNI_NETNS %s is the namespace the plugin runs in" % path)
+        if not can_setns():         # said before anything is changed, not halfway through
+            posix.close(self.fd)
+            raise missing_ctypes("setns")
 
     def close(self):
         """Close the namespace's fd."""
@@ -2323,18 +2586,32 @@ S_IFMT, S_IFDIR = 0o170000, 0o040000       # file type bits of st_mode (sys/stat
 
 
 def make_directories(path, mode=0o755):
-    """Create `path` and its missing parents, every one with `mode` (os.makedirs gives the parents
-    0777 less the umask: world-writable under the umask 000 a runtime may run us with)."""
+    """Create `path` (str or bytes) and its missing parents, every one with `mode` (os.makedirs
+    gives the parents 0777 less the umask: world-writable under the umask 000 a runtime may run
+    us with)."""
     try:
         posix.mkdir(path, mode)
     except OSError as err:
-        parent = path.rstrip("/").rpartition("/")[0]
+        slash = b"/" if isinstance(path, bytes) else "/"
+        parent = path.rstrip(slash).rpartition(slash)[0]
         # ENOENT with the parent present (/proc/<pid>/x/y, say) cannot be cured by making it.
         if err.errno == errno.ENOENT and parent and not is_directory(parent):   # parent missing
             make_directories(parent, mode)
             make_directories(path, mode)
         elif err.errno != errno.EEXIST or not is_directory(path):
             raise
+
+
+def remove_tree(path):
+    """Remove a directory and everything in it, following no symlink (shutil is not part of
+    python3-minimal)."""
+    for name in posix.listdir(path):
+        child = path + "/" + name
+        if posix.lstat(child).st_mode & S_IFMT == S_IFDIR:
+            remove_tree(child)
+        else:
+            posix.unlink(child)
+    posix.rmdir(path)
 
 
 def is_directory(path, follow=True):
@@ -2414,8 +2691,10 @@ OWNER_INDEX_MAGIC = "cni-bridge owner index 1"
 def os_error(err, what):
     """A CNIError for a failed file operation: a full disk is worth retrying, the rest is I/O."""
     code = ERR_TRY_AGAIN if err.errno in (errno.ENOSPC, errno.EDQUOT) else ERR_IO
-    return CNIError(code, "%s: %s" % (what, err.strerror or err),
-                    getattr(err, "filename", "") or "")
+    filename = getattr(err, "filename", "") or ""
+    if isinstance(filename, bytes):                 # the state directory is opened by its bytes
+        filename = filename.decode("utf-8", "surrogateescape")
+    return CNIError(code, "%s: %s" % (what, err.strerror or err), filename)
 
 
 class IPRange(object):
@@ -2610,9 +2889,12 @@ class Store(object):
         # The runtime's umask (077, say) would narrow the 0755 and 0644 that others read the
         # state with; the runtime's own is back once the store is left.
         self.runtime_umask = posix.umask(0o022)
+        # As bytes: the config's UTF-8, whatever file name encoding the interpreter picked from
+        # the locale (ASCII on Python 3.6 under `env -i`).
+        fs_path = path.encode("utf-8", "surrogateescape")
         try:
-            make_directories(path)
-            self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
+            make_directories(fs_path)
+            self.dir_fd = posix.open(fs_path, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
                                      | posix.O_CLOEXEC)
             try:
                 self.lock_fd = posix.open("lock", posix.O_RDWR | posix.O_CREAT | posix.O_NOFOLLOW
@@ -2634,7 +2916,7 @@ class Store(object):
         if self.read_only:
             path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
             try:
-                self.dir_fd = posix.open(path, posix.O_RDONLY | posix.O_DIRECTORY
+                self.dir_fd = posix.open(path.encode("utf-8", "surrogateescape"), posix.O_RDONLY | posix.O_DIRECTORY
                                          | posix.O_NOFOLLOW | posix.O_CLOEXEC)
             except OSError as err:
                 raise os_error(err, "failed to open the IPAM state directory %s" % path)
@@ -3277,8 +3559,22 @@ def host_local_gc(request):
 
 
 def host_local_status(request):
-    """Fail with code 50 when a range set has no free address (counted, never walked)."""
+    """Fail with code 50 when a range set has no free address (counted, never walked).
+
+    containerd 2.x sends STATUS every few seconds: it counts the state directory's entries (an
+    upper bound of the reservations) and reads reservations only when a set could be full; it
+    creates and locks nothing.
+    """
     config = HostLocalConfig(request)
+    path = "%s/%s" % (config.data_dir.rstrip("/"), config.network)
+    try:
+        entries = len(posix.listdir(path.encode("utf-8", "surrogateescape")))
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            return None                     # nothing was ever reserved on this network
+        raise os_error(err, "failed to read the IPAM state directory %s" % path)
+    if all(entries < ranges.capacity() for ranges in config.range_sets):
+        return None
     with Store(config.data_dir, config.network) as store:
         store.sweep_previous_boot()
         reserved = list(store.reservations())
@@ -3720,6 +4016,32 @@ def iptables_setup_masquerade(network, container_id, prefix):
             run_iptables(family, ["-A", target_chain] + rule + comment)
 
 
+def split_iptables_rule(line):
+    """The arguments of one `iptables -S` line: words split on spaces, except inside double
+    quotes, where a backslash escapes the next character (libxtables' quoting of comments)."""
+    words = []
+    word = None
+    quoted = escaped = False
+    for c in line:
+        if escaped:
+            word += c
+            escaped = False
+        elif quoted and c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+            word = word or ""
+        elif c == " " and not quoted:
+            if word is not None:
+                words.append(word)
+            word = None
+        else:
+            word = (word or "") + c
+    if word is not None:
+        words.append(word)
+    return words
+
+
 def iptables_teardown(network, container_id):
     """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address needed),
     when every rule in the chain carries the attachment's comment (the chain's name may be
@@ -3739,7 +4061,7 @@ def iptables_teardown(network, container_id):
         status, rules = run_iptables(family, ["-S", "POSTROUTING"], check=False)
         for line in rules.splitlines() if status == 0 else ():
             if line.startswith("-A POSTROUTING ") and line.endswith(" -j " + chain):
-                run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
+                run_iptables(family, ["-D"] + split_iptables_rule(line)[1:], check=False)
         run_iptables(family, ["-F", chain], check=False)
         run_iptables(family, ["-X", chain], check=False)
 
@@ -4057,7 +4379,7 @@ def configure_container(ns, nl, conf, request, container, result):
                 set_sysctl(key, value, required)
     # arp_notify over netlink, in a request before the one bringing the link up, as the
     # reference writes it before.
-    requests = [ipv4_setting_change(container.index, Ipv4DevconfAttr.IPV4_DEVCONF_ARP_NOTIFY, 1)]
+    requests = [arp_notify_change(container.index)]
     requests.extend(addr_request(container.index, p, nodad=not conf.enable_dad) for p in prefixes)
     requests.append(link_change(container.index, up=True))
     nl.transact(requests, "failed to configure %s in the container" % request.ifname)
@@ -5719,17 +6041,15 @@ def plugin_versions(plugin):
 
 
 def version_answer(plugin):
-    """VERSION: echo the version the caller speaks (spec) with the versions `plugin` supports."""
-    supported = plugin_versions(plugin)
-    requested = LATEST_VERSION
+    """VERSION's answer: a constant per plugin, as the reference's is (its library's version,
+    whatever stdin holds).  Being constant, it is also printed by the archive's /bin/sh preamble
+    without starting Python (build.sh takes the bytes from here), and the two paths agree byte
+    for byte.  stdin is still read, so that a runtime writing a large config sees no EPIPE."""
     try:
-        config = json_loads(read_stdin(False) or b"{}")
-        version = conf_lookup(config, "cniVersion") if isinstance(config, dict) else None
-        if version in supported:
-            requested = version
-    except (ValueError, UnicodeError, CNIError):
+        read_stdin(False)
+    except CNIError:
         pass
-    return {"cniVersion": requested, "supportedVersions": supported}
+    return {"cniVersion": LATEST_VERSION, "supportedVersions": plugin_versions(plugin)}
 
 
 def check_plugin_version(plugin, request):
@@ -5860,6 +6180,12 @@ def run_plugin(plugin, env):
         return 0
     except CNIError as err:
         write_json(err.to_json(getattr(err, "version", error_version)))
+    except ImportError as err:    # python3-minimal: a module of libpython3.X-stdlib this path needs
+        version = sys.version_info[:2]
+        write_json(CNIError(ERR_INTERNAL, "this Python %d.%d lacks the module %s"
+                            % (version + (err.name,)),
+                            "install libpython%d.%d-stdlib (Debian, Ubuntu)" % version)
+                   .to_json(error_version))
     except UnicodeError as err:   # a config string no file name or interface name can hold
         write_json(config_error("a string is not valid UTF-8",
                             str(err)[:200]).to_json(error_version))
@@ -6168,8 +6494,7 @@ class Verifier(object):
             if posix.access(path, posix.F_OK):
                 remove_named_netns(path)
         if is_directory(data_dir):
-            import shutil
-            shutil.rmtree(data_dir)
+            remove_tree(data_dir)
         return "", True
 
 
@@ -6194,6 +6519,10 @@ def load_verify_config(config_path):
 def verify(config_path, keep, as_json):
     """The walkthrough: namespaces, ADD, read back, ping, CHECK, DEL, nothing left."""
     import os
+    try:
+        import _ctypes      # noqa: F401  (the throwaway namespaces are mounted through libc)
+    except ImportError:
+        raise missing_ctypes("mount")
     try:
         config, config_path = load_verify_config(config_path)
     except (OSError, ValueError) as err:
@@ -6633,6 +6962,12 @@ def run_cli(prog, argv):
                 return verify(paths[0] if paths else None, "--keep" in options, "--json" in options)
     except (CNIError, OSError) as err:
         sys.stderr.write("%s: %s\n" % (prog, getattr(err, "msg", None) or err))
+        return 1
+    except ImportError as err:      # python3-minimal: the module is in libpython3.X-stdlib
+        sys.stderr.write("%s: %s cannot run on this Python %d.%d: it lacks the module %s "
+                         "(Debian: install libpython%d.%d-stdlib)\n"
+                         % ((prog, argv[0]) + sys.version_info[:2] + (err.name,)
+                            + sys.version_info[:2]))
         return 1
     sys.stderr.write(USAGE % {"prog": prog, "version": PROGRAM_VERSION,
                               "plugins": ", ".join(PLUGINS)})

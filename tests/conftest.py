@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IP, NETNS_PREFIX, PLUGIN_NAMES, REF_DIR, REPO, Arena, Netns, delete_netns, run
+from tests.helpers import (IP, NETNS_PREFIX, PLUGIN_NAMES, PYTHON_MATRIX, REF_DIR, REPO, Arena, Netns,
+                           build_archive, delete_netns, pyenv_interpreter, run)
 
 SESSIONS_DIR = Path("/run/cni-bridge-tests")  # one locked file per live test session
 
@@ -163,6 +164,20 @@ def ours_bin(tmp_path_factory):
     if missing:
         pytest.fail("%s lacks executable %s" % (bin_dir, ", ".join(missing)))
     return bin_dir
+
+
+@pytest.fixture(scope="session")
+def multi_archive(tmp_path_factory):
+    """An archive for /usr/bin/python3 that also holds bytecode for every pyenv interpreter of
+    PYTHON_MATRIX found (build.sh --python repeated)."""
+    args = ["--python", "/usr/bin/python3"]
+    for version in PYTHON_MATRIX:
+        if pyenv_interpreter(version):
+            args += ["--python", pyenv_interpreter(version)]
+    proc, archive = build_archive(tmp_path_factory.mktemp("multi"), *args)
+    if proc.returncode != 0:
+        pytest.fail("build.sh %s failed:\n%s" % (" ".join(args), proc.stderr.decode()))
+    return archive
 
 
 @pytest.fixture(scope="session")

@@ -454,3 +454,44 @@ def kernel_filters_vlans(ns):
     probe = ns.run(IP, "link", "add", "cbt-vlprobe", "type", "bridge", "vlan_filtering", "1", check=False)
     ns.run(IP, "link", "del", "cbt-vlprobe", check=False)
     return probe.returncode == 0
+
+
+# --- interpreters and archives (tests/test_portable.py, tests/test_zipapp.py) ---------------------
+
+PYENV = "/root/.pyenv/versions"
+PYTHON_MATRIX = ("3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
+
+
+def pyenv_interpreter(version):
+    """The newest pyenv CPython `version` ("3.12": .../3.12.1/bin/python3.12), or None."""
+    import glob
+    found = sorted(glob.glob("%s/%s.*/bin/python%s" % (PYENV, version, version)),
+                   key=lambda p: [int(n) for n in p.split("/versions/")[1].split("/")[0].split(".")])
+    return found[-1] if found else None
+
+
+def build_archive(workdir, *args):
+    """Run build.sh from a copy of the source in `workdir`: (the finished process, the archive)."""
+    workdir.mkdir(exist_ok=True)
+    for name in ("build.sh", "cni_bridge.py"):
+        shutil.copy2(str(REPO / name), str(workdir / name))
+    proc = subprocess.run([str(workdir / "build.sh")] + [str(a) for a in args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=300, cwd="/")
+    return proc, workdir / "dist" / "cni-bridge.pyz"
+
+
+def archive_for(source, workdir, interpreter=None):
+    """A directory holding a copy of archive `source` whose preamble runs `interpreter` instead of
+    /usr/bin/python3, with every plugin name linked to it."""
+    data = Path(source).read_bytes()
+    if interpreter is not None:
+        data = data.replace(b"/usr/bin/python3", str(interpreter).encode())
+    directory = workdir / "bin"
+    directory.mkdir(exist_ok=True)
+    archive = directory / "cni-bridge.pyz"
+    archive.write_bytes(data)
+    archive.chmod(0o755)
+    for name in PLUGIN_NAMES:
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to("cni-bridge.pyz")
+    return directory

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install hypothesis)")
 from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
 
+import cni_bridge  # noqa: E402
 from tests.helpers import KEY_PATHS, VERSIONS, confine, set_path  # noqa: E402
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
@@ -127,3 +128,66 @@ def test_generated_stdin_bytes(arena, version, how, position, junk):
     stdin = mangled(json.dumps(arena.config(version)).encode(), how, position, junk)
     assume(arena.confined(stdin))       # a mangled "dataDir" key means the default, outside the sandbox
     arena.exercise(stdin)
+
+
+# --- the pure-Python JSON codec against the C one (python3-minimal has no _json) ------------------
+
+def codec_outcome(decode, text):
+    """("ok", the value re-encoded) or ("error", None) for one decoder."""
+    try:
+        value = decode(text)
+    except ValueError:
+        return ("error", None)
+    return ("ok", json.dumps(value, sort_keys=True))
+
+
+def accelerated(text):
+    decoded = cni_bridge.json_loads_accelerated(text)
+    if decoded is None:
+        raise ValueError("refused")
+    return decoded[0]
+
+
+NESTED = [opener * n + closer * n for n in (1, 199, 200, 201, 1000) for opener, closer in (("[", "]"), ('{"a":', "}"))]
+
+
+@GENERATED
+@given(value=json_values(), how=st.sampled_from(["none", "truncate", "insert", "replace"]),
+       position=st.integers(0, 10 ** 6),
+       junk=st.one_of(st.binary(min_size=1, max_size=8), st.sampled_from([b"\\ud800", b"\\udc00", b"\\u12", b"\\x",
+                                                                          b"1e", b"-", b"01", b".5", b"\x01", b",]",
+                                                                          b"NaN", b"-Infinity", b"tru"])),
+       nested=st.sampled_from([None] + NESTED))
+def test_pure_json_codec_matches_the_c_one(value, how, position, junk, nested):
+    """Same accepted inputs (and values), same errors, same output bytes."""
+    data = json.dumps(value).encode() if nested is None else nested.encode()
+    if how != "none":
+        data = mangled(data, how, position, junk)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", "surrogateescape")
+    assert codec_outcome(cni_bridge.json_loads_pure, text) == codec_outcome(accelerated, text)
+    try:
+        expected = ("ok", cni_bridge.json_loads_pure(text))
+    except ValueError as err:
+        expected = ("error", str(err))
+    try:
+        got = ("ok", cni_bridge.json_loads(text))
+    except ValueError as err:
+        got = ("error", str(err))
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
+
+
+@GENERATED
+@given(text=hostile_text(), value=json_values())
+def test_pure_json_encoder_matches_the_c_one(text, value):
+    import _json
+    assert cni_bridge.json_string_pure(text) == _json.encode_basestring_ascii(text)
+    accelerated_bytes = cni_bridge.json_dumps(value)
+    saved = cni_bridge.json_string
+    cni_bridge.json_string = cni_bridge.json_string_pure
+    try:
+        assert cni_bridge.json_dumps(value) == accelerated_bytes
+    finally:
+        cni_bridge.json_string = saved

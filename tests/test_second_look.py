@@ -244,16 +244,18 @@ def run_with_stdin(bin_dir, command, stdin_fd, netns):
 
 
 @pytest.mark.parametrize("stdin", ["write-only", "closed"])
-def test_stdin_that_cannot_be_read_is_code_5(ours_bin, container, tmp_path, stdin):
-    """An ADD whose stdin is write-only or closed is an I/O error (code 5, README's "stdin cannot
-    be read", the reference's code), and the container gets nothing; VERSION, which needs no
-    config, still answers."""
+def test_unreadable_stdin_is_code_5_and_closed_is_empty(ours_bin, container, tmp_path, stdin):
+    """An ADD whose stdin is write-only is an I/O error (code 5, README's "stdin cannot be read",
+    the reference's code); a closed stdin is an empty one (issue 14), so ADD finds no config
+    (code 6).  Either way the container gets nothing; VERSION, which needs no config, still
+    answers."""
     path = tmp_path / "stdin"
     path.write_text('{"cniVersion": "1.0.0", "name": "%s", "type": "bridge"}' % NET)
     fd = os.open(str(path), os.O_WRONLY) if stdin == "write-only" else None
     try:
-        error = cni_error(run_with_stdin(ours_bin, "ADD", fd, container), 5)
-        assert "stdin" in error["msg"], error
+        error = cni_error(run_with_stdin(ours_bin, "ADD", fd, container),
+                          5 if stdin == "write-only" else 6)
+        assert ("stdin" if stdin == "write-only" else "network config") in error["msg"], error
         assert sorted(container.links()) == ["lo"]
         version = ok(run_with_stdin(ours_bin, "VERSION", fd, container))
         assert "1.0.0" in version["supportedVersions"]
@@ -355,15 +357,14 @@ def test_no_command_prints_the_version_on_stderr_and_exits_0(ours_bin):
 
 
 def test_readme_describes_the_archives_first_two_lines(ours_bin):
-    """The installed archive starts with `#!/bin/sh` and its second line execs the interpreter
-    with -IS; README says exactly that (the node needs /bin/sh)."""
-    with open(str(ours_bin / "cni-bridge.pyz"), "rb") as archive:
-        first, second = archive.readline(), archive.readline()
-    assert first == b"#!/bin/sh\n"
-    assert second.startswith(b"exec /usr/bin/python3 -IS ")
+    """The installed archive starts with `#!/bin/sh` and its interpreter line is the preamble's
+    `exec` line; README says exactly that (the node needs /bin/sh)."""
+    lines = (ours_bin / "cni-bridge.pyz").read_bytes().split(b"\n", 60)[:60]
+    assert lines[0] == b"#!/bin/sh"
+    assert any(line.startswith(b"exec /usr/bin/python3 -E -s -S ") for line in lines)
     text = readme_text()
-    assert "Its first line is `#!/bin/sh` (so the node needs `/bin/sh` as well as Python)" in text
-    assert "its second line execs `/usr/bin/python3 -IS` on the archive" in text
+    assert "**The first line is `#!/bin/sh`**: the node needs a POSIX `/bin/sh`" in text
+    assert "The interpreter line is the `exec` line after the shell code, not the first line" in text
 
 
 def bench_medians():

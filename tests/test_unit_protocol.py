@@ -648,18 +648,15 @@ def test_every_command_accepts_1_1_0(command, stdin):
     assert build(command, stdin, config=dict(GOOD_CONFIG, cniVersion="1.1.0")).command == command
 
 
-@pytest.mark.parametrize("raw, expected", [
-    (b'{"cniVersion": "0.4.0"}', "0.4.0"),
-    (b'{"cniVersion": "0.1.0"}', "0.1.0"),
-    (b'{"cniVersion": "9.9.9"}', "1.1.0"),
-    (b"", "1.1.0"),
-    (b"garbage", "1.1.0"),
-    (b'{"cniVersion": "1.0.0"', "1.1.0"),
-    (b"[1,", "1.1.0"),
-])
-def test_version_answer(raw, expected, monkeypatch, json_state):
+@pytest.mark.parametrize("raw", [b'{"cniVersion": "0.4.0"}', b'{"cniVersion": "0.1.0"}', b'{"cniVersion": "9.9.9"}',
+                                 b"", b"garbage", b'{"cniVersion": "1.0.0"', b"[1,"])
+def test_version_answer_is_a_constant(raw, monkeypatch, json_state):
+    """Whatever stdin holds (the reference answers its library's version too): the sh preamble
+    prints the same bytes without reading it (tests/test_portable.py compares the two)."""
     monkeypatch.setattr(cb, "read_stdin", lambda wait_for_data: raw)
-    assert cb.version_answer("bridge") == {"cniVersion": expected, "supportedVersions": VERSIONS}
+    assert cb.version_answer("bridge") == {"cniVersion": "1.1.0", "supportedVersions": VERSIONS}
+    assert cb.version_answer("firewall") == {"cniVersion": "1.1.0",
+                                             "supportedVersions": ["0.4.0", "1.0.0", "1.1.0"]}
 
 
 def test_error_json_shape():

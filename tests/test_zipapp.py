@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IP, PLUGIN_NAMES, REPO, VERSIONS, cni_env, encode_conf, parse_output, run, run_cni
+from tests.helpers import (IP, PLUGIN_NAMES, REPO, VERSIONS, archive_for, cni_env, encode_conf, parse_output,
+                           run, run_cni)
 
 pytestmark = pytest.mark.kernel
 
@@ -91,7 +92,8 @@ def loaded_from(archive, python, env=None):
 def test_archive_layout(tmp_path):
     archive = build_copy(tmp_path / "src")
     data = archive.read_bytes()
-    assert data.startswith(b"#!/bin/sh\nexec /usr/bin/python3 -IS -c ")
+    assert data.startswith(b"#!/bin/sh\n")
+    assert b"\nexec /usr/bin/python3 -E -s -S -c " in data[:4096]
     assert archive.stat().st_mode & 0o777 == 0o755
     assert os.listdir(str(archive.parent)) == [ARCHIVE]  # no temp file left behind
     with zipfile.ZipFile(str(archive)) as zf:
@@ -120,7 +122,7 @@ def test_build_for_another_python(tmp_path, version):
     if python is None:
         pytest.skip("Python %s not found under /root/.pyenv/versions" % version)
     archive = build_copy(tmp_path / "src", "--python", python)
-    assert archive.read_bytes().startswith(("#!/bin/sh\nexec %s -IS -c " % python).encode())
+    assert ("\nexec %s -E -s -S -c " % python).encode() in archive.read_bytes()[:4096]
     pyc = read_entry(archive, "cni_bridge.pyc")
     assert pyc[:4] == magic_of(python)
     if version == "3.6":  # magic, source mtime (the entries' fixed time, as UTC), source size
@@ -288,17 +290,41 @@ def test_failures_exit_non_zero_with_json_error(ours_bin, node):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", matrix_params())
-def test_python_versions(ours_bin, node, container, version):
-    """`<python> -IS <dir>/loopback`: VERSION, then ADD/DEL bring the container's lo up and down."""
-    in_node = [IP, "netns", "exec", node.name, pyenv_python(version), "-IS", ours_bin / "loopback"]
-    assert_version_answer(call(in_node, "VERSION", container_id=None, ifname=None))
+def test_python_versions(multi_archive, node, container, data_dir, tmp_path, version):
+    """The archive with bytecode for every interpreter (build.sh --python repeated), its preamble
+    pointed at `version`, under `env -i` (C locale) with the PYTHONHASHSEED and PYTHONMALLOC that
+    abort 3.6: VERSION, then the bridge walkthrough with masquerade on a non-ASCII dataDir (ADD,
+    read back, ping, CHECK, DEL, nothing left) and loopback, checked in the kernel; no line on
+    stderr (the bytecode for `version` is found)."""
+    bin_dir = archive_for(multi_archive, tmp_path, pyenv_python(version))
+    state = data_dir / "\u00e9t\u00e9"
+    conf = {"cniVersion": "1.1.0", "name": "matrix", "type": "bridge", "bridge": "cbt-mx0", "isGateway": True,
+            "ipMasq": True, "ipam": {"type": "host-local", "subnet": "10.98.3.0/24", "dataDir": str(state)}}
+
+    def plugin(name, command, config):
+        env = ["CNI_COMMAND=" + command, "CNI_CONTAINERID=ctr1", "CNI_NETNS=" + container.path, "CNI_IFNAME=eth0",
+               "CNI_PATH=%s" % bin_dir, "PYTHONHASHSEED=bogus", "PYTHONMALLOC=bogus"]
+        proc = subprocess.run([IP, "netns", "exec", node.name, "env", "-i"] + env + [str(bin_dir / name)],
+                              input=encode_conf(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        result = parse_output(proc)
+        assert result.returncode == 0 and result.stderr == "", result
+        return result.json
+
+    assert plugin("bridge", "VERSION", b"")["supportedVersions"] == VERSIONS
+    added = plugin("bridge", "ADD", conf)
+    assert added["ips"][0]["address"] == "10.98.3.2/24", added
+    assert ("inet", "10.98.3.2/24") in container.addrs("eth0")
+    assert (state / "matrix" / "10.98.3.2").is_file()
+    assert "masquerade" in node.run("nft", "list", "ruleset").stdout
+    container.run("ping", "-c", "1", "-W", "2", "10.98.3.1")
+    plugin("bridge", "CHECK", dict(conf, prevResult=added))
+    plugin("bridge", "DEL", dict(conf, prevResult=added))
+    assert "eth0" not in container.links()
+    assert not (state / "matrix" / "10.98.3.2").exists()
+    assert "10.98.3.2" not in node.run("nft", "list", "ruleset").stdout
     container.run("ip", "link", "set", "lo", "down")
-    added = call(in_node, "ADD", LOOPBACK_CONF, ours_bin, netns=container)
-    assert added.returncode == 0, added
+    plugin("loopback", "ADD", LOOPBACK_CONF)
     assert lo_is_up(container)
-    deleted = call(in_node, "DEL", LOOPBACK_CONF, ours_bin, netns=container)
-    assert deleted.returncode == 0, deleted
-    assert not lo_is_up(container)
 
 
 def test_preamble_falls_back_to_the_source_for_another_interpreter(tmp_path):
@@ -308,12 +334,14 @@ def test_preamble_falls_back_to_the_source_for_another_interpreter(tmp_path):
     if built is None or other is None:
         pytest.skip("needs Python 3.13 and 3.6 under /root/.pyenv/versions")
     archive = build_copy(tmp_path / "src", "--python", built)
-    data = archive.read_bytes().replace(("exec %s -IS" % built).encode(), ("exec %s -IS" % other).encode(), 1)
+    data = archive.read_bytes().replace(built.encode(), other.encode())
     swapped = tmp_path / "cni-bridge.pyz"
     swapped.write_bytes(data)
     swapped.chmod(0o755)
     (tmp_path / "loopback").symlink_to(swapped)
-    assert_version_answer(call([tmp_path / "loopback"], "VERSION", container_id=None, ifname=None))
+    started = call([tmp_path / "loopback"], "ADD", container_id=None, ifname=None)   # reaches Python
+    assert started.returncode == 1 and started.json["code"] == 4, started
+    assert started.stderr.count("no bytecode for Python 3.6") == 1, started
 
 
 # --- start-up: what each plugin path imports ------------------------------------------------------------

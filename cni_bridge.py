@@ -3031,8 +3031,12 @@ class Store(object):
 
     def write_index(self, body):
         """Store `body` (index_lines) as the owner index of the directory as it is now, and stamp
-        the directory (see the section's comment)."""
+        the directory (see the section's comment).  With no reservation left, the lock file is
+        left empty, as the reference keeps it: reading an empty directory costs nothing."""
         try:
+            if not body:
+                posix.ftruncate(self.lock_fd, 0)
+                return
             before = posix.fstat(self.dir_fd)
             stamp = before.st_mtime_ns - 10 ** 9
             data = ("%s %d %s\n%s" % (OWNER_INDEX_MAGIC, stamp, sha512_hex(body)[:32], body)

@@ -281,3 +281,19 @@ def test_del_keeps_the_index(ours_bin, node, container, data_dir, tmp_path):
     hl_add(ours_bin, data_dir, "c5", node, container, trace)
     assert reservation_files_opened(trace) == [], trace.read_text()
     assert hl_add(ours_bin, data_dir, "c2", node, container) not in addresses[:2] + addresses[3:]
+
+
+def test_lock_file_is_empty_again_when_every_address_is_released(ours_bin, node, container, data_dir):
+    """The index lives in the lock file only while the network holds reservations: after two ADDs it
+    names both, after their DELs (with prevResult) the lock file is empty, as the reference keeps it."""
+    lock = data_dir / HL_NET / "lock"
+    addresses = {cid: hl_add(ours_bin, data_dir, cid, node, container) for cid in ("c1", "c2")}
+    assert lock.read_bytes().startswith(b"cni-bridge owner index")
+    for cid, address in addresses.items():
+        config = dict(hl_conf(data_dir), prevResult={"cniVersion": "1.0.0", "ips": [{"address": address + "/24"}]})
+        proc = subprocess.run(["ip", "netns", "exec", node.name, str(ours_bin / "host-local")],
+                              input=encode_conf(config), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=60, env=cni_env("DEL", ours_bin, netns=container, container_id=cid))
+        assert proc.returncode == 0, proc.stderr
+    assert lock.read_bytes() == b""
+    assert not [p.name for p in lock.parent.iterdir() if p.name[0].isdigit()]

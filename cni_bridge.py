@@ -4178,9 +4178,32 @@ def alias_network_prefixes(network):
     return ("cni:%s:" % network, "cni#%s:" % sha512_hex(network)[:16])
 
 
-def find_host_veth(nl, network, container_id, ifname, master=0):
-    """The host veth whose alias names this attachment (among the ports of `master`), or None."""
+HOST_VETH_NAME_TRIES = 4    # names derived from the alias before a random one is taken
+
+
+def host_veth_names(alias):
+    """The names an attachment's host veth takes, in this order: `veth` + 8 hex digits of a
+    digest of its alias (then of `alias#1`, ...: another attachment or a leftover may hold one),
+    so that its port is found by name in one request instead of by listing every port."""
+    return [HOST_VETH_PREFIX + sha512_hex(alias if k == 0 else "%s#%d" % (alias, k))[:8]
+            for k in range(HOST_VETH_NAME_TRIES)]
+
+
+def find_host_veth(nl, network, container_id, ifname, master=0, listing=True):
+    """The host veth whose alias names this attachment (a port of `master` when given), or None.
+
+    Its derived names are looked up first; only with `listing` are the links listed when none
+    of them is it: a veth made with a random name (every derived one was taken, or an older
+    release made it) is found only that way, at a cost that grows with the node's links."""
     alias = attachment_alias(network, container_id, ifname)
+    for name in host_veth_names(alias):
+        link = get_link(nl, name)
+        if link is None:
+            break               # names are taken in order: the later ones are free too
+        if link.alias == alias and link.kind == "veth" and (not master or link.master == master):
+            return link
+    if not listing:
+        return None
     for link in list_links(nl, master, alias):
         if link.kind == "veth":
             return link
@@ -4201,10 +4224,13 @@ def existing_attachment(host_nl, container_nl, conf, request):
     bridge = get_link(host_nl, conf.bridge)
     if bridge is None:
         return None, None
-    host = find_host_veth(host_nl, conf.network, request.container_id, request.ifname, bridge.index)
+    container = get_link(container_nl, request.ifname)
+    # Listing the bridge's ports costs a millisecond per 50 of them: done only when the
+    # container already has CNI_IFNAME (a repeated ADD of a veth with a random name).
+    host = find_host_veth(host_nl, conf.network, request.container_id, request.ifname,
+                          bridge.index, listing=container is not None)
     if host is None:
         return None, None
-    container = get_link(container_nl, request.ifname)
     if not is_pair(container, host):
         raise CNIError(ERR_INVALID_CONFIG, "container %s already has %s attached to network %s in "
                        "another namespace" % (request.container_id[:100], request.ifname,
@@ -4215,10 +4241,11 @@ def existing_attachment(host_nl, container_nl, conf, request):
 
 
 def create_container_veth(container_nl, host_nl, request, conf):
-    """The veth pair: CNI_IFNAME in the container, `veth` + 8 hex on the node.  Returns both
-    links."""
-    for _attempt in range(10):
-        host_name = random_veth_name()
+    """The veth pair: CNI_IFNAME in the container, `veth` + 8 hex on the node (a name derived
+    from the attachment, else a random one).  Returns both links."""
+    alias = attachment_alias(conf.network, request.container_id, request.ifname)
+    names = host_veth_names(alias) + [random_veth_name() for _ in range(6)]
+    for host_name in names:
         try:
             create_veth(container_nl, request.ifname, host_name, original_netns_fd(), conf.mtu,
                         conf.mac)
@@ -4233,7 +4260,8 @@ def create_container_veth(container_nl, host_nl, request, conf):
             if get_link(host_nl, host_name) is None:
                 raise
     else:
-        raise CNIError(ERR_TRY_AGAIN, "failed to find a free host veth name after 10 attempts")
+        raise CNIError(ERR_TRY_AGAIN, "failed to find a free host veth name after %d attempts"
+                       % len(names))
     container = get_link(container_nl, request.ifname)
     host = get_link(host_nl, host_name)
     if container is None or host is None:

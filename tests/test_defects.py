@@ -250,6 +250,34 @@ def test_reused_container_id_is_decided_from_the_kernel(ours_bin, node, make_net
     assert_nothing_left(node, data_dir, [second])
 
 
+def derived_veth_names(network, cid, ifname="eth0", tries=4):
+    """The host veth names an attachment takes, in order (veth + 8 hex of SHA-512 of its alias)."""
+    alias = "cni:%s:%s:%s" % (network, cid, ifname)
+    return ["veth" + hashlib.sha512((alias if k == 0 else "%s#%d" % (alias, k)).encode()).hexdigest()[:8]
+            for k in range(tries)]
+
+
+def test_host_veth_is_named_from_the_attachment_and_found_by_name(ours_bin, node, make_netns, data_dir):
+    """The host veth takes the first name derived from its attachment that no link holds, so a
+    repeated ADD, a reused ID and a DEL without the namespace find it by name: with the first name
+    held by another link, the attachment takes the second and is still found every way."""
+    first, second = make_netns("ct"), make_netns("ct")
+    names = derived_veth_names(NET, "c1")
+    node.run(IP, "link", "add", names[0], "type", "veth", "peer", "name", "cbt-other")
+    config = conf(data_dir)
+    result = ok(bridge(ours_bin, "ADD", config, node, first, "c1"))
+    ports = [name for name, link in node.links().items() if link.get("master") == BRIDGE]
+    assert ports == [names[1]], ports
+    assert node.links()[names[1]].get("ifalias") == "cni:%s:c1:eth0" % NET
+    assert ok(bridge(ours_bin, "ADD", config, node, first, "c1")) == result
+    error = cni_error(bridge(ours_bin, "ADD", config, node, second, "c1"))
+    assert error["code"] == 7 and "another namespace" in error["msg"], error
+    ok(bridge(ours_bin, "DEL", config, node, None, "c1"))
+    assert sorted(host_veths(node)) == sorted([names[0], "cbt-other"])
+    assert sorted(first.links()) == ["lo"]
+    assert reservations(data_dir) == {}
+
+
 # --- 8. names the kernel would rename or refuse ---------------------------------------------------
 
 @pytest.mark.parametrize("ifname", ["eth%d", "e%s%d", "eth\u00e0"])

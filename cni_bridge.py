@@ -1,5 +1,5 @@
-"""cni-bridge: the CNI `bridge`, `host-local`, `loopback`, `tuning` and `firewall` plugins in one
-stdlib-only module.
+"""cni-bridge: the CNI `bridge`, `host-local`, `loopback`, `portmap`, `tuning` and `firewall`
+plugins in one stdlib-only module.
 
 The program is exec'd by a container runtime at every container start and stop.  It picks the
 plugin from the name it was started as (argv[0]), reads its parameters from CNI_* environment
@@ -25,11 +25,13 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   rtnetlink operations          links, addresses, routes, bridge ports and VLANs, /proc/sys
   nf_tables messages            nf_tables attribute spaces, expressions, NftBatch, NftRule
   nf_tables rule sets           what every rule-writing plugin shares: by name, by comment, GC
+  Conntrack                     ctnetlink: the connection tracking entries of a port, deleted
   Namespaces                    setns, Netns, named namespaces
   IPAM store                    host-local's locked state directory and allocation
   The loopback plugin
   The host-local plugin         HostLocalConfig lists its keys
   The bridge plugin             BridgeConfig lists its keys; masquerade and spoof check
+  The portmap plugin            PortmapConfig lists its keys; host ports over nf_tables
   The tuning plugin             TuningConfig lists its keys; chained after the interface's maker
   The firewall plugin           FirewallConfig lists its keys; iptables' FORWARD layout
   Serving a CNI request         PLUGINS, the environment and stdin checks, run_plugin
@@ -37,6 +39,7 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   Operator tools: verify        the walkthrough, one Verifier method per step
   Operator tools: network commands   cnitool's add/check/del/status/gc
   Operator tools: leases
+  Operator tools: mappings      portmap's host ports, read back from the kernel
   Entry point                   USAGE, the command line, main
 """
 
@@ -1781,6 +1784,20 @@ class Route(object):
         self.table = msg.get(RouteAttr.RTA_TABLE, msg.header["table"])
 
 
+def route_lookup(nl, family, ip):
+    """The outgoing interface index of the route the kernel picks for `ip` (`ip route get`),
+    or 0 when there is none."""
+    try:
+        header = {"family": AF_OF_FAMILY[family], "dst_len": IP_BITS[family]}
+        replies = nl.request(RTM_GETROUTE, 0, header, ((RouteAttr.RTA_DST, ip_bytes(family, ip)),),
+                             what="failed to look up the route to %s" % ip_to_text(family, ip))
+    except NetlinkError as err:
+        if err.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return 0
+        raise
+    return replies[0].get(RouteAttr.RTA_OIF, 0) if replies else 0
+
+
 def list_routes(nl, family):
     """The routes of one family (4 or 6) in every table."""
     msgs = nl.dump(RTM_GETROUTE, {"family": AF_OF_FAMILY[family]}, what="failed to list routes")
@@ -1837,14 +1854,21 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWGEN, NFT_MSG_GETGEN = (NFNL_SUBSYS_NFTABLES << 8) | 15, (NFNL_SUBSYS_NFTABLES << 8) | 16
 
 NFPROTO_INET, NFPROTO_IPV4, NFPROTO_BRIDGE, NFPROTO_IPV6 = 1, 2, 7, 10
-NF_INET_FORWARD, NF_INET_POST_ROUTING = 2, 4
+NF_INET_PRE_ROUTING, NF_INET_FORWARD, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING = 0, 2, 3, 4
 NF_BR_PRE_ROUTING = 0
 NF_ACCEPT, NF_DROP = 1, 0
 NFT_JUMP, NFT_GOTO, NFT_RETURN = -3, -4, -5
-NFT_REG_VERDICT, NFT_REG_1 = 0, 1
+NFT_REG_VERDICT, NFT_REG_1, NFT_REG_2 = 0, 1, 2
 NFT_CMP_EQ, NFT_CMP_NEQ = 0, 1
-NFT_META_IIFNAME, NFT_META_OIFNAME, NFT_META_NFPROTO = 6, 7, 15
-NFT_PAYLOAD_LL_HEADER, NFT_PAYLOAD_NETWORK_HEADER = 0, 1
+NFT_META_IIFNAME, NFT_META_OIFNAME, NFT_META_NFPROTO, NFT_META_L4PROTO = 6, 7, 15, 16
+NFT_PAYLOAD_LL_HEADER, NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 0, 1, 2
+NFT_FIB_RESULT_ADDRTYPE, NFTA_FIB_F_DADDR = 3, 2
+RTN_LOCAL = 2                                 # the address type `fib daddr type local` compares
+NFT_NAT_DNAT = 1
+NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED = 1, 2
+NFT_CT_STATUS = 2
+IPS_DST_NAT = 0x20                            # conntrack status bit: the connection was DNATed
+IPPROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 NFTNL_UDATA_COMMENT = 0          # the comment TLV in table, chain and rule user data
 BE32S = ">i"
 _SCALARS[BE32S] = struct.Struct(BE32S)
@@ -1907,6 +1931,35 @@ NftCounterAttr = AttrSpace(
 )
 
 
+NftFibAttr = AttrSpace(
+    NFTA_FIB_DREG=Attr(1, BE32),
+    NFTA_FIB_RESULT=Attr(2, BE32),
+    NFTA_FIB_FLAGS=Attr(3, BE32),
+)
+
+
+NftNatAttr = AttrSpace(
+    NFTA_NAT_TYPE=Attr(1, BE32),
+    NFTA_NAT_FAMILY=Attr(2, BE32),
+    NFTA_NAT_REG_ADDR_MIN=Attr(3, BE32),
+    NFTA_NAT_REG_ADDR_MAX=Attr(4, BE32),
+    NFTA_NAT_REG_PROTO_MIN=Attr(5, BE32),
+    NFTA_NAT_REG_PROTO_MAX=Attr(6, BE32),
+    NFTA_NAT_FLAGS=Attr(7, BE32),
+)
+
+
+NftCtAttr = AttrSpace(
+    NFTA_CT_DREG=Attr(1, BE32),
+    NFTA_CT_KEY=Attr(2, BE32),
+)
+
+
+NftMasqAttr = AttrSpace(
+    NFTA_MASQ_FLAGS=Attr(1, BE32),
+)
+
+
 # An x_tables match run by nf_tables (nft_compat): how iptables-nft writes the matches it has no
 # native form for (`-m comment`, `-m conntrack`); INFO is the match's own C struct.
 NftMatchAttr = AttrSpace(
@@ -1918,7 +1971,8 @@ NftMatchAttr = AttrSpace(
 
 # An expression's data is laid out by its name; these are the expressions the rules use.
 EXPRESSION_SPACES = {"meta": NftMetaAttr, "payload": NftPayloadAttr, "cmp": NftCmpAttr,
-                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr,
+                     "bitwise": NftBitwiseAttr, "immediate": NftImmediateAttr, "fib": NftFibAttr,
+                     "nat": NftNatAttr, "ct": NftCtAttr, "masq": NftMasqAttr,
                      "counter": NftCounterAttr, "match": NftMatchAttr}
 
 
@@ -2121,23 +2175,83 @@ def ipt_rule(matches, verdict):
     return matches + [expr_counter(), verdict]
 
 
-def expression_signature(exprs):
-    """What a rule does, comparable with NftRule.signature: the expressions as the kernel lists
-    them, counters left out."""
-    return _signature(encode_attrs(exprs))
+def expr_immediate(register, data):
+    """Load constant bytes into a data register (a DNAT target's address or port)."""
+    return _expr("immediate", ((NftImmediateAttr.NFTA_IMMEDIATE_DREG, register),
+                               (NftImmediateAttr.NFTA_IMMEDIATE_DATA, _value(data))))
 
 
-def _signature(raw):
-    """(name, decoded data) of each expression of an encoded list, counters left out."""
-    out = []
-    for element in decode_attrs(NftListAttr, raw).get(NftListAttr.NFTA_LIST_ELEM, []):
+def expr_dnat(family, address_register, port_register):
+    """`dnat to <address>:<port>` from the two registers (as nft encodes it, flags included, so
+    the rule reads back as it was written)."""
+    return _expr("nat", ((NftNatAttr.NFTA_NAT_TYPE, NFT_NAT_DNAT),
+                         (NftNatAttr.NFTA_NAT_FAMILY, NFPROTO_IPV6 if family == 6 else
+                          NFPROTO_IPV4),
+                         (NftNatAttr.NFTA_NAT_REG_ADDR_MIN, address_register),
+                         (NftNatAttr.NFTA_NAT_REG_ADDR_MAX, address_register),
+                         (NftNatAttr.NFTA_NAT_REG_PROTO_MIN, port_register),
+                         (NftNatAttr.NFTA_NAT_REG_PROTO_MAX, port_register),
+                         (NftNatAttr.NFTA_NAT_FLAGS,
+                          NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED)))
+
+
+def match_daddr_local():
+    """`fib daddr type local`: the packet is addressed to one of this namespace's addresses."""
+    return [_expr("fib", ((NftFibAttr.NFTA_FIB_DREG, NFT_REG_1),
+                          (NftFibAttr.NFTA_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE),
+                          (NftFibAttr.NFTA_FIB_FLAGS, NFTA_FIB_F_DADDR))),
+            expr_cmp(NFT_CMP_EQ, struct.pack("=I", RTN_LOCAL))]
+
+
+def match_ct_dnat():
+    """`ct status dnat`: the connection's destination was rewritten (by a DNAT rule)."""
+    return [_expr("ct", ((NftCtAttr.NFTA_CT_DREG, NFT_REG_1),
+                         (NftCtAttr.NFTA_CT_KEY, NFT_CT_STATUS))),
+            expr_bitwise(struct.pack("=I", IPS_DST_NAT)),
+            expr_cmp(NFT_CMP_NEQ, b"\0\0\0\0")]
+
+
+def match_dport(protocol, port):
+    """`tcp|udp|sctp dport <port>`: the transport protocol, then its destination port."""
+    return [expr_meta(NFT_META_L4PROTO),
+            expr_cmp(NFT_CMP_EQ, struct.pack("=B", IPPROTO_NUMBERS[protocol])),
+            expr_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+            expr_cmp(NFT_CMP_EQ, struct.pack(">H", port))]
+
+
+def match_ifname(key, name, negate=False):
+    """`iifname|oifname [!=] "name"`; a name ending in `*` matches every name it begins."""
+    raw = name.encode("utf-8", "surrogateescape")
+    data = raw[:-1] if raw.endswith(b"*") else raw.ljust(16, b"\0")
+    return [expr_meta(key), expr_cmp(NFT_CMP_NEQ if negate else NFT_CMP_EQ, data)]
+
+
+def decode_expressions(blob):
+    """A rule's expressions: (name, {Attr: value}) each, only the attributes EXPRESSION_SPACES
+    knows (an expression of an unknown kind keeps its raw bytes)."""
+    expressions = []
+    for element in decode_attrs(NftListAttr, blob).get(NftListAttr.NFTA_LIST_ELEM, []):
         name = element.get(NftExprAttr.NFTA_EXPR_NAME)
-        if name == "counter":
-            continue
-        space = EXPRESSION_SPACES.get(name)
         data = element.get(NftExprAttr.NFTA_EXPR_DATA, b"")
-        out.append((name, decode_attrs(space, data) if space is not None else data))
-    return out
+        space = EXPRESSION_SPACES.get(name)
+        expressions.append((name, decode_attrs(space, data) if space else data))
+    return expressions
+
+
+def expressions_signature(blob):
+    """What an encoded rule does, as comparable data: its expressions with only the attributes
+    these rules use, so a rule we would write compares equal to the kernel's copy of it (the
+    kernel adds attributes of its own, such as a bitwise operation), counters left out (their
+    values are the traffic's)."""
+    return [(name, sorted((attr.number, repr(value)) for attr, value in data.items())
+             if isinstance(data, dict) else data)
+            for name, data in decode_expressions(blob) if name != "counter"]
+
+
+def expression_signature(exprs):
+    """The signature of a rule we would write (expressions as built here), comparable with
+    NftRule.signature."""
+    return expressions_signature(encode_attrs(exprs))
 
 
 # Offsets of the address fields in the IPv4 and IPv6 headers: (saddr, daddr, length).
@@ -2252,6 +2366,11 @@ class NftRule(object):
         self._signature = None
 
     @property
+    def expressions(self):
+        """Its expressions as decode_expressions gives them."""
+        return decode_expressions(self._expressions)
+
+    @property
     def jump_target(self):
         """The chain this rule jumps or goes to, or None."""
         return self._scan()[0]
@@ -2280,7 +2399,7 @@ class NftRule(object):
     def signature(self):
         """What the rule does (see expression_signature)."""
         if self._signature is None:
-            self._signature = _signature(self._expressions)
+            self._signature = expressions_signature(self._expressions)
         return self._signature
 
     def _scan(self):
@@ -2418,6 +2537,87 @@ def remove_stale_rules(batch, nl, family, table, chain, owner_of, valid):
         owner = owner_of(rule)
         if owner is not None and owner not in valid:
             batch.delete_rule(rule)
+
+
+# ==============================================================================================
+# Conntrack
+# ==============================================================================================
+# The connection tracking table, over the same NETLINK_NETFILTER socket (subsystem CTNETLINK,
+# linux/netfilter/nfnetlink_conntrack.h): entries are dumped per address family and deleted by
+# their original tuple; an entry that expires between the two is not an error.
+
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = [(NFNL_SUBSYS_CTNETLINK << 8) | n
+                                                              for n in range(3)]
+
+CtIpAttr = AttrSpace(
+    CTA_IP_V4_SRC=Attr(1, BYTES),
+    CTA_IP_V4_DST=Attr(2, BYTES),
+    CTA_IP_V6_SRC=Attr(3, BYTES),
+    CTA_IP_V6_DST=Attr(4, BYTES),
+)
+
+
+CtProtoAttr = AttrSpace(
+    CTA_PROTO_NUM=Attr(1, U8),
+    CTA_PROTO_SRC_PORT=Attr(2, BE16),
+    CTA_PROTO_DST_PORT=Attr(3, BE16),
+)
+
+
+CtTupleAttr = AttrSpace(
+    CTA_TUPLE_IP=Attr(1, NEST, CtIpAttr),
+    CTA_TUPLE_PROTO=Attr(2, NEST, CtProtoAttr),
+    CTA_TUPLE_ZONE=Attr(3, BE16),
+)
+
+
+CtAttr = AttrSpace(
+    CTA_TUPLE_ORIG=Attr(1, NEST, CtTupleAttr),
+    CTA_ZONE=Attr(18, BE16),
+)
+
+
+for _type in (IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE):
+    MESSAGE_LAYOUTS[NETLINK_NETFILTER][_type] = (NFGENMSG, CtAttr)
+
+
+def delete_conntrack_entries(nl, families, protocol, dst_ports):
+    """Delete the conntrack entries of the address `families` (4, 6) whose original direction
+    goes to one of `dst_ports` over `protocol`; returns how many there were.
+
+    The kernel walks its whole conntrack hash (every namespace's: about 10 ms at 256k buckets)
+    for each dump, so both families are read in one dump, and none is made when this
+    namespace tracks no connection at all.  An entry that expires meanwhile is not an error.
+    """
+    if read_sysctl("net/netfilter/nf_conntrack_count") == "0":
+        return 0
+    families = set(families)
+    dump_af = AF_OF_FAMILY[list(families)[0]] if len(families) == 1 else AF_UNSPEC
+    requests = []
+    entries = nl.dump(IPCTNL_MSG_CT_GET, {"family": dump_af},
+                      what="failed to list conntrack entries")
+    for msg in entries:
+        tuple_attrs = msg.get(CtAttr.CTA_TUPLE_ORIG) or {}
+        proto = tuple_attrs.get(CtTupleAttr.CTA_TUPLE_PROTO) or {}
+        af = msg.header["family"]
+        if (FAMILY_OF_AF.get(af) not in families or proto.get(CtProtoAttr.CTA_PROTO_NUM) != protocol
+                or proto.get(CtProtoAttr.CTA_PROTO_DST_PORT) not in dst_ports):
+            continue
+        ips = tuple_attrs.get(CtTupleAttr.CTA_TUPLE_IP) or {}
+        attrs = [(CtAttr.CTA_TUPLE_ORIG, (
+            (CtTupleAttr.CTA_TUPLE_IP, [(attr, value) for attr, value in ips.items()]),
+            (CtTupleAttr.CTA_TUPLE_PROTO, [(attr, value) for attr, value in proto.items()])))]
+        if msg.get(CtAttr.CTA_ZONE):
+            attrs.append((CtAttr.CTA_ZONE, msg.get(CtAttr.CTA_ZONE)))
+        requests.append((IPCTNL_MSG_CT_DELETE, 0, {"family": af}, attrs))
+    for request in requests:
+        try:
+            nl.transact([request], "failed to delete a conntrack entry")
+        except NetlinkError as err:
+            if err.errno != errno.ENOENT:      # it expired meanwhile
+                raise
+    return len(requests)
 
 
 # ==============================================================================================
@@ -3136,6 +3336,7 @@ class Store(object):
             return None
 
     def set_last_reserved(self, set_index, family, ip):
+        """Record the last address handed out from range set `set_index` (atomically)."""
         self.replace_file(LAST_RESERVED_PREFIX + str(set_index), ip_to_text(family, ip))
 
 
@@ -3626,6 +3827,8 @@ class BridgeConfig(object):
             raise CNIError(ERR_INVALID_CONFIG,
                            "unknown ipmasq backend %r" % self.ip_masq_backend[:50],
                            'ipMasqBackend is "nftables" (the default) or "iptables"')
+        exclude = conf_get(c, "ipMasqExclude", list)
+        self.ip_masq_exclude = parse_masq_exclusions(exclude) if exclude is not None else None
         self.mtu = conf_int(c, "mtu", 0, 65535)
         if 0 < self.mtu < 68:
             raise config_error("mtu %d is below 68" % self.mtu)
@@ -3695,6 +3898,25 @@ class BridgeConfig(object):
         return None
 
 
+def parse_masq_exclusions(items):
+    """ipMasqExclude: its CIDRs as Prefixes with host bits cleared, duplicates dropped, in the
+    order given.  Each applies to its own address family (an IPv6 CIDR on an IPv4-only network
+    excludes nothing there and is no error)."""
+    exclusions = []
+    for item in items:
+        try:
+            prefix = Prefix.parse(item)
+        except ValueError:
+            raise config_error("ipMasqExclude: %s is not a CIDR"
+                               % (json_dumps(item)[:100] if not isinstance(item, str)
+                                  else repr(item[:100])),
+                               'entries are "address/length" strings, such as "10.244.0.0/16"')
+        network = Prefix(prefix.family, prefix.network, prefix.length)
+        if network not in exclusions:
+            exclusions.append(network)
+    return tuple(exclusions)
+
+
 def parse_vlan_trunk(items):
     """Sorted, de-duplicated VLAN ids of a vlanTrunk list of {id} or {minID, maxID} entries."""
     vids = set()
@@ -3762,6 +3984,9 @@ def exec_plugin(request, plugin_type, command):
 # container address has `ip saddr <ip> ip daddr != <subnet> masquerade` with a comment that starts
 # with the attachment's hash.  iptables masquerade: chain CNI-<hash of network and container> in
 # table nat, jumped to from POSTROUTING.  MAC spoof checking: chains in table bridge nat.
+# ipMasqExclude (ours alone) adds exclusions to the same places, as the attachment's own rules:
+# `return` rules before its masquerade rule, ACCEPT rules before its chain's MASQUERADE (see
+# masquerade_rules); without the key every rule is the reference's.
 
 MASQ_TABLE = "cni_plugins_masquerade"
 MASQ_CHAIN = "masq_checks"
@@ -3820,7 +4045,8 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
     prefixes = [Prefix.parse(ip["address"]) for ip in result["ips"]]
     if conf.ip_masq_backend == "iptables":
         for prefix in prefixes:
-            iptables_setup_masquerade(conf.network, request.container_id, prefix)
+            iptables_setup_masquerade(conf.network, request.container_id, prefix,
+                                      conf.ip_masq_exclude)
         return
     nl = node_nftables()
     stale = []
@@ -3848,12 +4074,28 @@ def setup_masquerade(conf, request, result, replace_earlier=True):
         batch.delete_rule(rule)
     comment = masq_comment(conf.network, request.container_id, request.ifname)
     for prefix in prefixes:
-        host = Prefix(prefix.family, prefix.ip, IP_BITS[prefix.family])
-        batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN,
-                       match_family(prefix.family) + match_address("saddr", host)
-                       + match_address("daddr", prefix, negate=True) + [expr_masquerade()],
-                       comment=comment)
+        for exprs in masquerade_rules(prefix, conf.ip_masq_exclude):
+            batch.add_rule(NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, exprs, comment=comment)
     batch.commit(nl, "failed to set up masquerading for %s" % request.container_id)
+
+
+def masquerade_rules(prefix, exclusions):
+    """The nftables rules of one container address in `masq_checks`, in chain order: without
+    ipMasqExclude (`exclusions` None) the reference's one rule, `ip saddr <ip> ip daddr !=
+    <subnet> masquerade`; with it, first `ip saddr <ip> ip daddr <cidr> return` for each excluded
+    CIDR of the address's family and `ip saddr <ip> fib daddr type local return` (the node's own
+    addresses, as kubenet's `! --dst-type LOCAL`).  They all carry the attachment's comment, so
+    DEL, CHECK and GC treat them as one; appended in one transaction, the returns always come
+    before the masquerade they guard (and other attachments' rules never match this source)."""
+    source = match_family(prefix.family) + match_address(
+        "saddr", Prefix(prefix.family, prefix.ip, IP_BITS[prefix.family]))
+    rules = []
+    if exclusions is not None:
+        rules.extend(source + match_address("daddr", excluded) + [expr_verdict(NFT_RETURN)]
+                     for excluded in exclusions if excluded.family == prefix.family)
+        rules.append(source + match_daddr_local() + [expr_verdict(NFT_RETURN)])
+    rules.append(source + match_address("daddr", prefix, negate=True) + [expr_masquerade()])
+    return rules
 
 
 def setup_macspoofchk(conf, request, host_name, mac):
@@ -3936,12 +4178,38 @@ def masquerade_in_place(conf, request, ips):
                             request.container_id, required_rules=True) for family in families)
 
 
+def check_masquerade_exclusions(conf, request, ips):
+    """CHECK with ipMasqExclude: the attachment's rules are exactly those ADD writes, in order
+    (the reference never writes this layout, so none of its layouts is accepted)."""
+    prefixes = [Prefix.parse(ip["address"]) for ip in ips
+                if isinstance(ip, dict) and isinstance(ip.get("address"), str)]
+    if conf.ip_masq_backend == "iptables":
+        for prefix in prefixes:
+            iptables_check_rules(conf.network, request.container_id, prefix, conf.ip_masq_exclude)
+        return
+    instance = masq_instance_hash(conf.network, request.container_id, request.ifname)
+    found = [r.signature for r in
+             rules_commented(node_nftables(), NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance)]
+    expected = [expression_signature(exprs) for prefix in prefixes
+                for exprs in masquerade_rules(prefix, conf.ip_masq_exclude)]
+    if found != expected:
+        excluded = ", ".join(str(p) for p in conf.ip_masq_exclude) or "none"
+        raise CNIError(ERR_INTERNAL,
+                       "masquerade rules of %s are missing or changed" % request.container_id,
+                       "expected %d rules in chain inet %s %s (ipMasqExclude: %s, and the node's "
+                       "own addresses), found %d that differ"
+                       % (len(expected), MASQ_TABLE, MASQ_CHAIN, excluded, len(found)))
+
+
 def check_attachment_rules(conf, request, previous):
     """CHECK: the masquerade and spoof-check rules this attachment needs are in place.  Either
     masquerade layout counts, whatever the config's backend: the nftables one (ours and the
     reference's nftables backend) or the reference's iptables chain (1.1.1 writes only that),
-    so a node switched between the two plugins still passes CHECK."""
-    if conf.ip_masq and not masquerade_in_place(conf, request, previous.get("ips") or []):
+    so a node switched between the two plugins still passes CHECK.  With ipMasqExclude, only
+    the exact rules ADD writes count."""
+    if conf.ip_masq and conf.ip_masq_exclude is not None:
+        check_masquerade_exclusions(conf, request, previous.get("ips") or [])
+    elif conf.ip_masq and not masquerade_in_place(conf, request, previous.get("ips") or []):
         if conf.ip_masq_backend == "iptables":
             iptables_check(conf.network, request.container_id)      # legacy iptables: asked there
         else:
@@ -3959,9 +4227,9 @@ def check_attachment_rules(conf, request, previous):
 
 
 def collect_stale_rules(network, valid):
-    """GC: remove this network's masquerade rules and spoof checks whose attachment is not in
-    `valid`.  Spoof-check comments do not name the network, so only those of attachments whose
-    host veth no longer exists are removed.  Returns the errors met."""
+    """GC: remove this network's masquerade rules (either layout) and spoof checks whose
+    attachment is not in `valid`.  Spoof-check comments do not name the network, so only those
+    of attachments whose host veth no longer exists are removed.  Returns the errors met."""
     nl = node_nftables()
     keep = set(masq_instance_hash(network, cid, ifname) for cid, ifname in valid)
     network_hash = sha512_hex(network)[:16] + "-"
@@ -3970,6 +4238,9 @@ def collect_stale_rules(network, valid):
         return rule.comment.split(",", 1)[0] if rule.comment.startswith(network_hash) else None
     batch = NftBatch()
     remove_stale_rules(batch, nl, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, masq_owner, keep)
+    for family in (NFPROTO_IPV4, NFPROTO_IPV6):
+        remove_chains(batch, nl, family, "nat", "POSTROUTING",
+                      stale_iptables_chains(nl, family, network, set(cid for cid, _ in valid)))
     valid_chains = set(spoofchk_names(cid, ifname)[0] for cid, ifname in valid)
     ports = set(link.name for link in list_links(NetlinkSocket()))
     stale = []
@@ -3984,6 +4255,27 @@ def collect_stale_rules(network, valid):
     except CNIError as err:
         return [err.msg]
     return []
+
+
+def stale_iptables_chains(nl, family, network, valid_ids):
+    """The reference's iptables chains of `network` (as iptables-nft shows them in nf_tables)
+    whose container is not in `valid_ids`: found by the comment of the POSTROUTING rules jumping
+    to them, `name: "<network>" id: "<container>"`, and taken only when the whole chain is that
+    attachment's (owns_iptables_chain).  A comment cut to iptables' limit names no container
+    and is left alone."""
+    prefix = iptables_comment(network, "")[:-1]
+    stale = []
+    for rule in list_rules(nl, family, "nat", "POSTROUTING"):
+        comment = rule.match_comment
+        if not (comment.startswith(prefix) and comment.endswith('"')):
+            continue
+        container_id = comment[len(prefix):-1]
+        chain = iptables_chain(network, container_id)
+        if (container_id not in valid_ids and rule.jump_target == chain
+                and iptables_comment(network, container_id) == comment and chain not in stale
+                and owns_iptables_chain(nl, family, network, container_id)):
+            stale.append(chain)
+    return stale
 
 
 # --- the iptables backend (only when a config asks for it) ---------------------------------------
@@ -4005,18 +4297,39 @@ def run_iptables(family, args, check=True, table="nat"):
     return proc.returncode, output
 
 
-def iptables_setup_masquerade(network, container_id, prefix):
-    """The reference's iptables rules for one container address (each added once)."""
+def iptables_masquerade_rules(chain, prefix, exclusions):
+    """The reference's iptables rules of one container address, in order, as (chain, rule): the
+    attachment's `chain` holds `-d <subnet> -j ACCEPT` and `! -d <multicast> -j MASQUERADE`,
+    POSTROUTING jumps to it; with ipMasqExclude (`exclusions` not None), `-d <cidr> -j ACCEPT` for
+    each excluded CIDR of the address's family and `-m addrtype --dst-type LOCAL -j ACCEPT` come
+    before the MASQUERADE (the chain's own rules: its teardown removes them with it)."""
+    family = prefix.family
+    accepts = [["-d", str(prefix), "-j", "ACCEPT"]]
+    if exclusions is not None:
+        accepts.extend(["-d", excluded.network_text(), "-j", "ACCEPT"]
+                       for excluded in exclusions if excluded.family == family)
+        accepts.append(["-m", "addrtype", "--dst-type", "LOCAL", "-j", "ACCEPT"])
+    return ([(chain, rule) for rule in accepts]
+            + [(chain, ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
+               ("POSTROUTING", ["-s", ip_to_text(family, prefix.ip), "-j", chain])])
+
+
+def iptables_setup_masquerade(network, container_id, prefix, exclusions=None):
+    """The iptables rules of one container address (each added once).  The chain's rules are
+    inserted at their place, so a rule missing from an existing chain lands before the
+    MASQUERADE it must precede; on an empty chain that is the reference's order."""
     family = prefix.family
     chain = iptables_chain(network, container_id)
     comment = ["-m", "comment", "--comment", iptables_comment(network, container_id)]
     if run_iptables(family, ["-S", chain], check=False)[0] != 0:
         run_iptables(family, ["-N", chain])
-    for target_chain, rule in ((chain, ["-d", str(prefix), "-j", "ACCEPT"]),
-                               (chain,
-                                ["!", "-d", MULTICAST[family].network_text(), "-j", "MASQUERADE"]),
-                               ("POSTROUTING", ["-s", ip_to_text(family, prefix.ip), "-j", chain])):
-        if run_iptables(family, ["-C", target_chain] + rule + comment, check=False)[0] != 0:
+    position = 0
+    for target_chain, rule in iptables_masquerade_rules(chain, prefix, exclusions):
+        if target_chain == chain:
+            position += 1
+            if run_iptables(family, ["-C", chain] + rule + comment, check=False)[0] != 0:
+                run_iptables(family, ["-I", chain, str(position)] + rule + comment)
+        elif run_iptables(family, ["-C", target_chain] + rule + comment, check=False)[0] != 0:
             run_iptables(family, ["-A", target_chain] + rule + comment)
 
 
@@ -4075,7 +4388,6 @@ def iptables_collect_stale(network, valid):
     containers that have no valid attachment (a chain serves all interfaces of a container, as the
     reference's).  A rule is attributed by its comment only when the chain it names is the one
     that comment's container gets.  Returns the errors met."""
-    import shlex
     valid_ids = set(cid for cid, _ifname in valid)
     prefix = iptables_comment(network, "")[:-1]          # name: "<network>" id: "
     errors = []
@@ -4089,7 +4401,7 @@ def iptables_collect_stale(network, valid):
             continue
         stale = []
         for line in listing.splitlines():
-            words = shlex.split(line)
+            words = split_iptables_rule(line)
             if len(words) < 4 or words[0] != "-A" or "--comment" not in words[:-1]:
                 continue
             comment = words[words.index("--comment") + 1]
@@ -4109,6 +4421,20 @@ def iptables_collect_stale(network, valid):
                 if status != 0:
                     errors.append(output.strip())
     return errors
+
+
+def iptables_check_rules(network, container_id, prefix, exclusions):
+    """CHECK of the iptables backend with ipMasqExclude: every rule ADD writes for the address
+    is there (iptables -C)."""
+    chain = iptables_chain(network, container_id)
+    comment = ["-m", "comment", "--comment", iptables_comment(network, container_id)]
+    for target_chain, rule in iptables_masquerade_rules(chain, prefix, exclusions):
+        status, output = run_iptables(prefix.family, ["-C", target_chain] + rule + comment,
+                                      check=False)
+        if status != 0:
+            raise CNIError(ERR_INTERNAL, "masquerade rule of %s is missing: -A %s %s"
+                           % (container_id, target_chain, " ".join(rule)),
+                           output.strip())
 
 
 def iptables_check(network, container_id):
@@ -4837,6 +5163,642 @@ def bridge_gc(request):
     if errors:
         raise CNIError(ERR_INTERNAL, "bridge GC could not remove everything", "; ".join(errors))
     return None
+
+
+# ==============================================================================================
+# The portmap plugin
+# ==============================================================================================
+# Host ports forwarded to a container (runtimeConfig.portMappings), chained after the plugin that
+# gave the container its addresses; prevResult passes through unchanged.  The reference's
+# nftables layout, written over nf_tables netlink in one transaction per ADD, DEL or GC:
+#   table ip|ip6 cni_hostport
+#     prerouting  (nat, dstnat)   fib daddr type local jump hostports_all
+#     output      (nat, dstnat)   fib daddr type local jump hostports_all
+#     hostports_all               jump hostip_hostports; jump hostports
+#     hostip_hostports            kept empty (the reference keeps it for upgrades)
+#     hostports                   per mapping: <conditions> [ip daddr HOSTIP] tcp dport N
+#                                 dnat to CIP:P
+#     masquerading (nat, srcnat)  per address, with snat: ct status dnat ip saddr SUBNET|127.0.0.1
+#                                 ip daddr CIP masquerade
+# The shared chains hold only constants, written when they are not as they should be, so no ADD
+# rewrites another network's rules; a network's conditions are part of each of its own mapping
+# rules.  Every rule of an attachment carries the comment `net:<network> id:<container> if:<ifname>`
+# (a name too long for the comment is replaced by `#` and its hash), and DEL, CHECK and GC find
+# rules by that comment alone: no netns, link or prevResult needed, nothing else ever touched.
+
+PORTMAP_TABLE = "cni_hostport"
+PORTMAP_TABLE_COMMENT = "CNI portmap plugin"
+HOSTPORTS_ALL_CHAIN = "hostports_all"
+HOSTIP_HOSTPORTS_CHAIN = "hostip_hostports"
+HOSTPORTS_CHAIN = "hostports"
+PORTMAP_MASQ_CHAIN = "masquerading"
+PORTMAP_ENTRY_CHAINS = (("prerouting", NF_INET_PRE_ROUTING), ("output", NF_INET_LOCAL_OUT))
+PORTMAP_RULE_CHAINS = (HOSTPORTS_CHAIN, HOSTIP_HOSTPORTS_CHAIN, PORTMAP_MASQ_CHAIN)
+NF_PRIORITY_DSTNAT = -100
+PORTMAP_FAMILIES = {4: NFPROTO_IPV4, 6: NFPROTO_IPV6}
+DEFAULT_MARK_MASQ_BIT = 13
+MAX_CONDITION_RULES = 64                       # rules one mapping may expand into (condition sets)
+COMMENT_NETWORK_MAX, COMMENT_ID_MAX = 32, 64   # longer names are hashed: the comment stays < 128
+LOCALHOST_V4 = Prefix(4, 0x7F000001, 32)
+# The reference's iptables backend (ours runs it on request; DEL also removes its chains where
+# iptables is nf_tables-based): its chains in table nat, and the attachment's own chain.
+IPT_DNAT_CHAIN = "CNI-HOSTPORT-DNAT"
+IPT_SETMARK_CHAIN = "CNI-HOSTPORT-SETMARK"
+IPT_MASQ_CHAIN = "CNI-HOSTPORT-MASQ"
+IPT_MULTIPORT_MAX = 15
+
+
+def iptables_dnat_chain(network, container_id):
+    """CNI-DN- and the hash of network and container, cut at 28 characters, as the reference."""
+    return ("CNI-DN-" + sha512_hex(network + container_id))[:28]
+
+
+class PortMapping(object):
+    """One runtimeConfig.portMappings entry."""
+
+    __slots__ = ("host_port", "container_port", "protocol", "host_family", "host_ip")
+
+    def __init__(self, host_port, container_port, protocol, host_family=None, host_ip=None):
+        self.host_port = host_port
+        self.container_port = container_port
+        self.protocol = protocol
+        self.host_family = host_family      # None: both families; else only 4 or 6
+        self.host_ip = host_ip              # None: every local address of the family
+
+    def applies_to(self, family):
+        """A mapping with a hostIP of the other family is skipped (as the reference does)."""
+        return self.host_family is None or self.host_family == family
+
+
+class PortmapConfig(object):
+    """The portmap plugin's keys (reference names, matched case-insensitively):
+
+    runtimeConfig.portMappings  [{hostPort, containerPort, protocol (tcp|udp|sctp), hostIP}]
+    snat                        bool, default true: masquerade hairpin and localhost traffic
+    masqAll                     bool: masquerade forwarded traffic from every source
+    markMasqBit                 0..31, default 13 (iptables backend: the masquerade mark)
+    externalSetMarkChain        iptables backend: a chain that marks for masquerade instead
+    conditionsV4, conditionsV6  lists of nftables match text (iptables text for that backend)
+    backend                     "nftables" (default) or "iptables"; iptables-only keys
+                                without a backend choose iptables, as they would upstream
+    """
+
+    def __init__(self, request):
+        c = request.config
+        self.network = request.network
+        self.snat = conf_get(c, "snat", bool, True)
+        self.masq_all = conf_get(c, "masqAll", bool, False)
+        mark_bit = conf_get(c, "markMasqBit", int)
+        self.external_set_mark_chain = conf_get(c, "externalSetMarkChain", str)
+        if mark_bit is not None and self.external_set_mark_chain is not None:
+            raise config_error("cannot specify externalSetMarkChain and markMasqBit")
+        self.mark_masq_bit = conf_int(c, "markMasqBit", 0, 31, DEFAULT_MARK_MASQ_BIT)
+        raw_conditions = dict((family, conf_get(c, "conditionsV%d" % family, list, []))
+                              for family in (4, 6))
+        for family, items in raw_conditions.items():
+            if not all(isinstance(i, str) for i in items):
+                raise config_error("conditionsV%d must be a list of strings" % family)
+        self.backend = self._backend(conf_get(c, "backend", str), raw_conditions)
+        self.iptables_conditions = raw_conditions if self.backend == "iptables" else {4: [], 6: []}
+        nftables = self.backend == "nftables"
+        self.conditions = dict((family, parse_conditions(family, items if nftables else []))
+                               for family, items in raw_conditions.items())
+        self.mappings = parse_port_mappings(
+            conf_get(request.runtime_config(), "portMappings", list, []))
+
+    def _backend(self, requested, conditions):
+        iptables_only = ["conditionsV%d" % f for f in (4, 6) if is_iptables_syntax(conditions[f])]
+        if self.external_set_mark_chain is not None:
+            iptables_only.insert(0, "externalSetMarkChain")
+        nftables_only = ["conditionsV%d" % f for f in (4, 6)
+                         if conditions[f] and not is_iptables_syntax(conditions[f])]
+        backend = requested or ("iptables" if iptables_only else "nftables")
+        if backend not in ("nftables", "iptables"):
+            raise CNIError(ERR_INVALID_CONFIG, "unrecognized backend %r" % backend[:50],
+                           'backend is "nftables" (the default) or "iptables"')
+        wrong = iptables_only if backend == "nftables" else nftables_only
+        if wrong:
+            other = "iptables" if backend == "nftables" else "nftables"
+            raise config_error("%s backend was requested but configuration contains %s-specific "
+                               "options %s" % (backend, other, " ".join(wrong)))
+        return backend
+
+
+def is_iptables_syntax(conditions):
+    """iptables conditions begin with an option ("-s") or a negation ("!"); nftables ones never
+    do."""
+    return bool(conditions) and conditions[0][:1] in ("-", "!")
+
+
+def parse_port_mappings(items):
+    """PortMappings of runtimeConfig.portMappings; a bad entry is a config error naming it."""
+    mappings = []
+    for i, item in enumerate(items):
+        where = "runtimeConfig.portMappings[%d]." % i
+        if not isinstance(item, dict):
+            raise config_error("%s must be an object" % where[:-1])
+        host_port = conf_get(item, "hostPort", int, 0, where)
+        container_port = conf_get(item, "containerPort", int, 0, where)
+        if not 0 < container_port <= 65535:
+            raise CNIError(ERR_INVALID_CONFIG, "Invalid container port number: %d" % container_port)
+        if not 0 < host_port <= 65535:
+            raise CNIError(ERR_INVALID_CONFIG, "Invalid host port number: %d" % host_port)
+        protocol = conf_get(item, "protocol", str, "", where).lower()
+        if protocol not in IPPROTO_NUMBERS:
+            raise config_error("%sprotocol %r is not tcp, udp or sctp" % (where, protocol[:20]))
+        host_ip_text = conf_get(item, "hostIP", str, "", where)
+        host_family = host_ip = None
+        if host_ip_text:
+            try:
+                host_family, host_ip = parse_ip(host_ip_text)
+            except ValueError:
+                raise config_error("%shostIP %r is not an IP address" % (where, host_ip_text[:50]))
+            host_ip = host_ip or None      # 0.0.0.0 or ::: every address of that family
+        mappings.append(PortMapping(host_port, container_port, protocol, host_family, host_ip))
+    return mappings
+
+
+# --- conditions: the nftables match text of conditionsV4/V6 ------------------------------------
+# Accepted: `[meta] iifname|oifname`, `ip saddr|daddr` (`ip6` in conditionsV6), each with an
+# optional `==`/`eq` or `!=`/`ne` and a value or an anonymous set `{ a, b }`; names may be quoted
+# and end in `*`.  A positive set becomes one rule per element, a negated one a rule that
+# excludes every element.  Anything else is refused (code 7) naming the condition.
+
+CONDITION_SUPPORTED = ("supported: [meta] iifname|oifname, ip saddr|daddr (ip6 in conditionsV6), "
+                       "each with an optional == or != and a value or { set }")
+
+
+def condition_tokens(text):
+    """Split nft text into words, quoted strings (unquoted) and the set punctuation { } ,"""
+    tokens, i = [], 0
+    while i < len(text):
+        char = text[i]
+        if char.isspace():
+            i += 1
+        elif char in "{},":
+            tokens.append(char)
+            i += 1
+        elif char == '"':
+            end = text.find('"', i + 1)
+            if end < 0:
+                raise ValueError("unterminated string")
+            tokens.append(text[i + 1:end])
+            i = end + 1
+        else:
+            start = i
+            while i < len(text) and not text[i].isspace() and text[i] not in '{},"':
+                i += 1
+            tokens.append(text[start:i])
+    return tokens
+
+
+def parse_conditions(family, items):
+    """The rules' condition expressions: a list of alternatives, each a list of expressions that
+    must all match ([[]]: no condition).  Raises code 7 naming what it cannot express."""
+    key = "conditionsV%d" % family
+    text = " ".join(items)
+    try:
+        tokens = condition_tokens(text)
+    except ValueError as err:
+        raise CNIError(ERR_INVALID_CONFIG, "%s: %s in %r" % (key, err, text[:200]))
+    clauses, i = [], 0
+    while i < len(tokens):
+        start = i
+        try:
+            clause, i = _parse_condition(family, tokens, i)
+        except (ValueError, IndexError) as err:
+            raise CNIError(ERR_INVALID_CONFIG, "%s: unsupported condition %r"
+                           % (key, " ".join(tokens[start:])[:200]),
+                           "%s; %s" % (err, CONDITION_SUPPORTED))
+        clauses.append(clause)
+    alternatives = [[]]
+    for clause in clauses:
+        alternatives = [a + b for a in alternatives for b in clause]
+        if len(alternatives) > MAX_CONDITION_RULES:
+            raise CNIError(ERR_INVALID_CONFIG, "%s: its sets make more than %d rules per mapping"
+                           % (key, MAX_CONDITION_RULES), text[:200])
+    return alternatives
+
+
+def _parse_condition(family, tokens, i):
+    """One condition at tokens[i]: (its alternatives, the index after it)."""
+    word = tokens[i]
+    if word == "meta":
+        i += 1
+        word = tokens[i]
+    if word in ("iifname", "oifname"):
+        meta_key = NFT_META_IIFNAME if word == "iifname" else NFT_META_OIFNAME
+        negate, values, i = _operator_and_values(tokens, i + 1)
+        for name in values:
+            if not 0 < len(name.rstrip("*").encode("utf-8", "surrogateescape")) <= 15:
+                raise ValueError("%r is not an interface name" % name)
+        matches = [match_ifname(meta_key, name, negate) for name in values]
+    elif word in ("ip", "ip6"):
+        if word != ("ip" if family == 4 else "ip6"):
+            raise ValueError("%s matches the other address family" % word)
+        field = tokens[i + 1]
+        if field not in ("saddr", "daddr"):
+            raise ValueError("%s %s is not an address match" % (word, field))
+        negate, values, i = _operator_and_values(tokens, i + 2)
+        matches = [match_address(field, _condition_prefix(family, value), negate)
+                   for value in values]
+    else:
+        raise ValueError("%r cannot be expressed" % word)
+    if negate:          # not any of them: every exclusion in one rule
+        return [[expr for match in matches for expr in match]], i
+    return matches, i
+
+
+def _operator_and_values(tokens, i):
+    """(negated, values, next index) of `[==|!=|eq|ne] value` or `[op] { v1, v2 }`."""
+    negate = False
+    if tokens[i] in ("==", "eq", "!=", "ne"):
+        negate = tokens[i] in ("!=", "ne")
+        i += 1
+    if tokens[i] != "{":
+        if tokens[i] in ("}", ","):
+            raise ValueError("a value is missing")
+        return negate, [tokens[i]], i + 1
+    values, i = [], i + 1
+    while tokens[i] != "}":
+        if tokens[i] != ",":
+            values.append(tokens[i])
+        i += 1
+    if not values:
+        raise ValueError("an empty set")
+    return negate, values, i + 1
+
+
+def _condition_prefix(family, text):
+    if "/" not in text:
+        text += "/%d" % IP_BITS[family]
+    prefix = Prefix.parse(text)
+    if prefix.family != family:
+        raise ValueError("%s is not an IPv%d address" % (text, family))
+    return prefix
+
+
+# --- the attachment's rules -----------------------------------------------------------------
+
+def comment_name(name, limit):
+    """A name as the comment holds it: itself, or `#` and a hash when longer than `limit` (names
+    cannot contain `#`, so the two never meet)."""
+    return name if len(name) <= limit else "#" + sha512_hex(name)[:16]
+
+
+def portmap_comment(network, container_id, ifname):
+    """The comment every rule of one attachment carries (at most 123 bytes: interface names have
+    at most 15)."""
+    return "net:%s id:%s if:%s" % (comment_name(network, COMMENT_NETWORK_MAX),
+                                   comment_name(container_id, COMMENT_ID_MAX), ifname)
+
+
+def parse_portmap_comment(comment):
+    """(network, container ID, ifname) as a comment holds them, or None for anyone else's rule."""
+    parts = comment.split(" ")
+    if len(parts) != 3 or not all(p.startswith(k) for p, k in zip(parts, ("net:", "id:", "if:"))):
+        return None
+    return parts[0][4:], parts[1][3:], parts[2][3:]
+
+
+def container_addresses(previous, ifname):
+    """{family: Prefix}: per family, the first address of prevResult that belongs to the
+    container's interface (an address pointing at another or a host-side interface is skipped)."""
+    interfaces = previous.get("interfaces") or []
+    found = {}
+    for ip in previous.get("ips") or []:
+        prefix = Prefix.parse(ip["address"])
+        if prefix.family in found:
+            continue
+        index = ip.get("interface")
+        if isinstance(index, int) and 0 <= index < len(interfaces):
+            if interfaces[index].get("name") != ifname or not interfaces[index].get("sandbox"):
+                continue
+        found[prefix.family] = prefix
+    return found
+
+
+def portmap_rules(conf, family, address):
+    """[(chain, expressions)] of one container address: a DNAT rule per mapping (and per
+    condition alternative), then with snat the masquerade rules for hairpin and localhost
+    traffic (every source with masqAll), each only for connections a DNAT rule rewrote."""
+    rules = []
+    target = [expr_immediate(NFT_REG_1, ip_bytes(family, address.ip))]
+    host = Prefix(family, address.ip, IP_BITS[family])
+    for mapping in conf.mappings:
+        if not mapping.applies_to(family):
+            continue
+        destination = []
+        if mapping.host_ip is not None:
+            destination = match_address("daddr", Prefix(family, mapping.host_ip, IP_BITS[family]))
+        dnat = (match_dport(mapping.protocol, mapping.host_port) + target
+                + [expr_immediate(NFT_REG_2, struct.pack(">H", mapping.container_port)),
+                   expr_dnat(family, NFT_REG_1, NFT_REG_2)])
+        for condition in conf.conditions[family]:
+            rules.append((HOSTPORTS_CHAIN, condition + destination + dnat))
+    if conf.snat and rules:
+        sources = [None] if conf.masq_all else [address] + ([LOCALHOST_V4] if family == 4 else [])
+        for source in sources:
+            rules.append((PORTMAP_MASQ_CHAIN, match_ct_dnat()
+                          + (match_address("saddr", source) if source is not None else [])
+                          + match_address("daddr", host) + [expr_masquerade()]))
+    return rules
+
+
+def entry_rule():
+    """prerouting's and output's one rule: `fib daddr type local jump hostports_all`."""
+    return match_daddr_local() + [expr_verdict(NFT_JUMP, HOSTPORTS_ALL_CHAIN)]
+
+
+def portmap_skeleton_ok(rules):
+    """Whether the shared chains of one family's table are as they should be (from its rules)."""
+    by_chain = {}
+    for rule in rules:
+        by_chain.setdefault(rule.chain, []).append(rule)
+    jumps = [r.jump_target for r in by_chain.get(HOSTPORTS_ALL_CHAIN, [])]
+    if jumps != [HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN]:
+        return False
+    entry = expression_signature(entry_rule())
+    return all([r.signature for r in by_chain.get(chain, [])] == [entry]
+               for chain, _hook in PORTMAP_ENTRY_CHAINS)
+
+
+def add_portmap_skeleton(batch, nf_family, snat, rewrite):
+    """The table and its chains (kept when they exist); with `rewrite`, the shared chains are
+    flushed and refilled, in the same transaction, so nobody sees them half written."""
+    batch.add_table(nf_family, PORTMAP_TABLE, PORTMAP_TABLE_COMMENT)
+    for chain in (HOSTPORTS_CHAIN, HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_ALL_CHAIN):
+        batch.add_chain(nf_family, PORTMAP_TABLE, chain)
+    for chain, hook in PORTMAP_ENTRY_CHAINS:
+        batch.add_chain(nf_family, PORTMAP_TABLE, chain, hook=("nat", hook, NF_PRIORITY_DSTNAT))
+    if snat:
+        batch.add_chain(nf_family, PORTMAP_TABLE, PORTMAP_MASQ_CHAIN,
+                        hook=("nat", NF_INET_POST_ROUTING, NF_PRIORITY_SRCNAT))
+    if rewrite:
+        batch.flush_chain(nf_family, PORTMAP_TABLE, HOSTPORTS_ALL_CHAIN)
+        for chain in (HOSTIP_HOSTPORTS_CHAIN, HOSTPORTS_CHAIN):
+            batch.add_rule(nf_family, PORTMAP_TABLE, HOSTPORTS_ALL_CHAIN,
+                           [expr_verdict(NFT_JUMP, chain)])
+        for chain, _hook in PORTMAP_ENTRY_CHAINS:
+            batch.flush_chain(nf_family, PORTMAP_TABLE, chain)
+            batch.add_rule(nf_family, PORTMAP_TABLE, chain, entry_rule())
+
+
+def forward_ports(conf, comment, addresses):
+    """ADD over nf_tables: one transaction writes both families' rules, replacing those an
+    earlier ADD of the attachment left, and repairing the shared chains if needed."""
+    nl = node_nftables()
+
+    def build(batch):
+        for family, address in sorted(addresses.items()):
+            rules = portmap_rules(conf, family, address)
+            if not rules:
+                continue
+            nf_family = PORTMAP_FAMILIES[family]
+            present = list_rules(nl, nf_family, PORTMAP_TABLE)
+            add_portmap_skeleton(batch, nf_family, conf.snat, not portmap_skeleton_ok(present))
+            for rule in present:
+                if rule.comment == comment:
+                    batch.delete_rule(rule)
+            for chain, exprs in rules:
+                batch.add_rule(nf_family, PORTMAP_TABLE, chain, exprs, comment)
+    try:
+        commit_rebuilt(nl, build, "failed to set up nftables rules for port mappings")
+    except NetlinkError as err:
+        if err.errno in (errno.ENOENT, errno.EOPNOTSUPP) and not err.details:
+            err.details = ("if this persists, the kernel lacks an nf_tables feature the rules use: "
+                           "nat chains, fib, ct or masquerade (modules nft_chain_nat, "
+                           "nft_fib_ipv4, nft_fib_ipv6, nft_ct, nft_masq)")
+        raise
+
+
+def remove_attachment_mappings(network, container_id, comment):
+    """Delete, in one transaction, every rule of both families' tables carrying the
+    attachment's `comment` (one listing of each table), and the reference's iptables chain of
+    the attachment where iptables is nf_tables-based (then it is visible here, in table nat),
+    so a container mapped by the reference's iptables backend is unmapped by our DEL."""
+    nl = node_nftables()
+
+    def build(batch):
+        for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
+            for rule in list_rules(nl, nf_family, PORTMAP_TABLE):
+                if rule.chain in PORTMAP_RULE_CHAINS and rule.comment == comment:
+                    batch.delete_rule(rule)
+            remove_chains(batch, nl, nf_family, "nat", IPT_DNAT_CHAIN,
+                          (iptables_dnat_chain(network, container_id),))
+    commit_rebuilt(nl, build, "failed to remove the port mappings of %s" % container_id)
+
+
+def delete_stale_udp_flows(conf, families):
+    """Forget conntrack entries of the mapped UDP ports, so a flow that began before the mapping
+    (and would keep its old destination) starts over through the new rule.  Failures are only
+    reported: the mapping itself is in place."""
+    ports = set(m.host_port for m in conf.mappings if m.protocol == "udp")
+    if not ports or not families:
+        return
+    try:
+        delete_conntrack_entries(node_nftables(), families, IPPROTO_NUMBERS["udp"], ports)
+    except CNIError as err:
+        sys.stderr.write("portmap: failed to delete stale UDP conntrack entries of ports %s: %s\n"
+                         % (",".join(map(str, sorted(ports))), err.msg))
+
+
+def enable_localnet_routing(address):
+    """Let 127.0.0.1 cross into the container's interface (route_localnet on the node's
+    interface toward it), so `127.0.0.1:hostPort` reaches the container."""
+    nl = NetlinkSocket()
+    index = route_lookup(nl, 4, address.ip)
+    link = get_link(nl, index=index) if index else None
+    if link is not None:
+        write_sysctl("net/ipv4/conf/%s/route_localnet" % link.name, "1", required=True)
+
+
+# --- verbs ----------------------------------------------------------------------------------
+
+def portmap_add(request):
+    """Forward the host ports to the container's addresses; prevResult passes through."""
+    conf = PortmapConfig(request)
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "must be called as chained plugin",
+                       "portmap needs prevResult")
+    if not conf.mappings:
+        return previous
+    addresses = container_addresses(previous, request.ifname)
+    comment = portmap_comment(conf.network, request.container_id, request.ifname)
+    if conf.backend == "iptables":
+        for family, address in sorted(addresses.items()):
+            iptables_forward_ports(conf, request.container_id, family, address)
+    else:
+        forward_ports(conf, comment, addresses)
+    delete_stale_udp_flows(conf, addresses)
+    if conf.snat and 4 in addresses:
+        enable_localnet_routing(addresses[4])
+    return previous
+
+
+def portmap_del(request):
+    """Remove the attachment's rules, found by comment alone: works with the namespace gone,
+    without prevResult, and twice."""
+    try:
+        backend = PortmapConfig(request).backend
+    except CNIError as err:
+        sys.stderr.write("DEL: the config does not validate (%s); cleaning up with what it says\n"
+                         % err.msg)
+        backend = conf_lookup(request.config, "backend")
+    comment = portmap_comment(request.network, request.container_id, request.ifname)
+    remove_attachment_mappings(request.network, request.container_id, comment)
+    if backend == "iptables":
+        iptables_unforward_ports(request.network, request.container_id)
+    return None
+
+
+def portmap_check(request):
+    """The attachment's rules are all there, exactly as ADD writes them (addresses, ports,
+    conditions), and the shared chains lead to them."""
+    conf = PortmapConfig(request)
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    if not conf.mappings:
+        return None
+    addresses = container_addresses(previous, request.ifname)
+    if conf.backend == "iptables":
+        for family in sorted(addresses):
+            iptables_check_ports(conf, request.container_id, family)
+        return None
+    comment = portmap_comment(conf.network, request.container_id, request.ifname)
+    for family, address in sorted(addresses.items()):
+        expected = sorted(repr(expression_signature(exprs))
+                          for _chain, exprs in portmap_rules(conf, family, address))
+        if not expected:
+            continue
+        present = list_rules(node_nftables(), PORTMAP_FAMILIES[family], PORTMAP_TABLE)
+        found = sorted(repr(r.signature) for r in present if r.comment == comment)
+        table = "table %s %s" % ("ip" if family == 4 else "ip6", PORTMAP_TABLE)
+        if found != expected:
+            raise CNIError(ERR_INTERNAL, "port mapping rules of %s are missing or changed"
+                           % request.container_id, "%s holds %d rules commented %r, %d expected"
+                           % (table, len(found), comment, len(expected)))
+        if not portmap_skeleton_ok(present):
+            raise CNIError(ERR_INTERNAL, "the chains leading to the port mappings are missing or "
+                           "changed", "%s: prerouting and output must jump to %s"
+                           % (table, HOSTPORTS_ALL_CHAIN))
+    return None
+
+
+def portmap_gc(request):
+    """Remove this network's rules whose attachment is not in cni.dev/valid-attachments.  Needs
+    only the network's name: a config that no longer validates does not keep stale mappings."""
+    valid = valid_attachments(request.config)
+    if valid is None:
+        return None
+    network = comment_name(request.network, COMMENT_NETWORK_MAX)
+    keep = set((comment_name(cid, COMMENT_ID_MAX), ifname) for cid, ifname in valid)
+    nl = node_nftables()
+
+    def owner_of(rule):         # (container ID, ifname) as the comment holds them
+        owner = parse_portmap_comment(rule.comment)
+        return owner[1:] if owner is not None and owner[0] == network else None
+
+    def build(batch):
+        for nf_family in (NFPROTO_IPV4, NFPROTO_IPV6):
+            for chain in PORTMAP_RULE_CHAINS:
+                remove_stale_rules(batch, nl, nf_family, PORTMAP_TABLE, chain, owner_of, keep)
+    commit_rebuilt(nl, build, "failed to remove stale port mappings of network %s"
+                   % request.network)
+    return None
+
+
+def portmap_status(request):
+    """Ready whenever the config is valid: the rules need nothing that could run out."""
+    PortmapConfig(request)
+    return None
+
+
+# --- the iptables backend (only when a config asks for it) -----------------------------------
+# The reference's layout in table nat: PREROUTING and OUTPUT `-m addrtype --dst-type LOCAL -j
+# CNI-HOSTPORT-DNAT`, which jumps per attachment (multiport, up to 15 ports a rule) to
+# CNI-DN-<hash of network and container>; that chain marks hairpin and localhost traffic through
+# CNI-HOSTPORT-SETMARK (or externalSetMarkChain) and DNATs; CNI-HOSTPORT-MASQ, jumped to first
+# from POSTROUTING, masquerades what is marked.
+
+def iptables_ensure_rule(family, chain, rule, first=False):
+    if run_iptables(family, ["-C", chain] + rule, check=False)[0] != 0:
+        run_iptables(family, (["-I", chain, "1"] if first else ["-A", chain]) + rule)
+
+
+def iptables_ensure_chain(family, chain):
+    if run_iptables(family, ["-S", chain], check=False)[0] != 0:
+        run_iptables(family, ["-N", chain], check=False)
+
+
+def iptables_forward_ports(conf, container_id, family, address):
+    mark = "%#x/%#x" % (1 << conf.mark_masq_bit, 1 << conf.mark_masq_bit)
+    setmark = conf.external_set_mark_chain or IPT_SETMARK_CHAIN
+    if conf.snat and conf.external_set_mark_chain is None:
+        iptables_ensure_chain(family, IPT_SETMARK_CHAIN)
+        iptables_ensure_rule(family, IPT_SETMARK_CHAIN, [
+            "-m", "comment", "--comment", "CNI portfwd masquerade mark",
+            "-j", "MARK", "--set-xmark", mark])
+        iptables_ensure_chain(family, IPT_MASQ_CHAIN)
+        iptables_ensure_rule(family, IPT_MASQ_CHAIN,
+                             ["-m", "mark", "--mark", mark, "-j", "MASQUERADE"])
+        iptables_ensure_rule(family, "POSTROUTING", [
+            "-m", "comment", "--comment", "CNI portfwd requiring masquerade", "-j", IPT_MASQ_CHAIN],
+            first=True)
+    iptables_ensure_chain(family, IPT_DNAT_CHAIN)
+    for entry in ("PREROUTING", "OUTPUT"):
+        iptables_ensure_rule(family, entry, ["-m", "addrtype", "--dst-type", "LOCAL",
+                                             "-j", IPT_DNAT_CHAIN])
+    chain = iptables_dnat_chain(conf.network, container_id)
+    iptables_ensure_chain(family, chain)
+    run_iptables(family, ["-F", chain])
+    mappings = [m for m in conf.mappings if m.applies_to(family)]
+    for mapping in mappings:
+        base = ["-p", mapping.protocol, "--dport", str(mapping.host_port)]
+        if mapping.host_ip is not None:
+            base += ["-d", ip_to_text(family, mapping.host_ip)]
+        if conf.snat:
+            sources = ["::/0" if family == 6 else "0.0.0.0/0"] if conf.masq_all else [str(address)]
+            if family == 4 and not conf.masq_all:
+                sources.append("127.0.0.1")
+            for source in sources:
+                run_iptables(family, ["-A", chain] + base + ["-s", source, "-j", setmark])
+        target = ip_to_text(family, address.ip)
+        target = "[%s]" % target if family == 6 else target
+        run_iptables(family, ["-A", chain] + base + ["-j", "DNAT", "--to-destination",
+                                                     "%s:%d" % (target, mapping.container_port)])
+    comment = ("dnat name: \"%s\" id: \"%s\"" % (conf.network, container_id))[:255]
+    for protocol in sorted(set(m.protocol for m in mappings)):
+        ports = [str(m.host_port) for m in mappings if m.protocol == protocol]
+        for start in range(0, len(ports), IPT_MULTIPORT_MAX):
+            selector = ["-m", "comment", "--comment", comment, "-m", "multiport", "-p", protocol,
+                        "--destination-ports", ",".join(ports[start:start + IPT_MULTIPORT_MAX])]
+            iptables_ensure_rule(family, IPT_DNAT_CHAIN,
+                                 selector + conf.iptables_conditions[family] + ["-j", chain])
+
+
+def iptables_unforward_ports(network, container_id):
+    """Remove the jumps to the attachment's chain, then the chain, in both families."""
+    import shlex
+    chain = iptables_dnat_chain(network, container_id)
+    for family in (4, 6):
+        status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
+        for line in rules.splitlines() if status == 0 else ():
+            if line.endswith(" -j " + chain):
+                run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
+        run_iptables(family, ["-F", chain], check=False)
+        run_iptables(family, ["-X", chain], check=False)
+
+
+def iptables_check_ports(conf, container_id, family):
+    chain = iptables_dnat_chain(conf.network, container_id)
+    status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
+    if run_iptables(family, ["-S", chain], check=False)[0] != 0 or not any(
+            line.endswith(" -j " + chain) for line in rules.splitlines()):
+        raise CNIError(ERR_INTERNAL, "port mapping chain %s of %s is missing"
+                       % (chain, container_id))
 
 
 # ==============================================================================================
@@ -6006,6 +6968,8 @@ PLUGINS = {
                    "STATUS": host_local_status, "GC": host_local_gc},
     "loopback": {"ADD": loopback_add, "DEL": loopback_del, "CHECK": loopback_check,
                  "STATUS": nothing_to_do, "GC": nothing_to_do},
+    "portmap": {"ADD": portmap_add, "DEL": portmap_del, "CHECK": portmap_check,
+                "STATUS": portmap_status, "GC": portmap_gc},
     "tuning": {"ADD": tuning_add, "DEL": tuning_del, "CHECK": tuning_check,
                "STATUS": tuning_status, "GC": tuning_gc},
     "firewall": {"ADD": firewall_add, "DEL": firewall_del, "CHECK": firewall_check,
@@ -6282,7 +7246,8 @@ def install(directory, force):
 # Operator tools: verify
 # ==============================================================================================
 # `verify` runs the README's walkthrough on throwaway namespaces: ADD, read back from the kernel,
-# ping the gateway, CHECK, DEL, nothing left.  Each step is a Verifier method whose inputs are
+# ping the gateway, CHECK, a host port mapped by portmap and reached from a third namespace
+# outside the node, DEL, nothing left.  Each step is a Verifier method whose inputs are
 # its arguments and whose outcome is its return value (a detail text and what later steps
 # need), so each can be run and tested alone; `verify` only chains them.  The plugin runs in a
 # forked child inside the node namespace, as a runtime would exec it there.
@@ -6295,6 +7260,9 @@ BUILTIN_CONFIG = """{
 }"""
 ICMP_ECHO = {4: (8, 0), 6: (128, 129)}         # family -> (request type, reply type)
 VERIFY_NETNS_PREFIX = "cbv-"                   # the prefix of the throwaway namespaces' names
+# The outside namespace's link to the node (TEST-NET-1), and the port verify maps.
+VERIFY_OUTSIDE = {"node": Prefix(4, 0xC0000201, 24), "outside": Prefix(4, 0xC0000202, 24)}
+VERIFY_HOST_PORT, VERIFY_CONTAINER_PORT = 8080, 80
 
 
 def run_plugin_in(netns_fd, plugin, env, stdin):
@@ -6436,14 +7404,22 @@ class Verifier(object):
         return value
 
     @staticmethod
-    def make_namespaces(node_path, ctr_path):
-        """The node and container namespaces, lo up on the node; value (node, container)."""
-        create_named_netns(node_path)
-        create_named_netns(ctr_path)
-        node, ctr = Netns(node_path), Netns(ctr_path)
-        nl = node.netlink()
+    def make_namespaces(node_path, ctr_path, outside_path):
+        """The node, container and outside namespaces, lo up on the node, the outside one linked
+        to the node (192.0.2.0/24); value (node, container, outside)."""
+        for path in (node_path, ctr_path, outside_path):
+            create_named_netns(path)
+        node, ctr, outside = Netns(node_path), Netns(ctr_path), Netns(outside_path)
+        nl, outside_nl = node.netlink(), outside.netlink()
         set_link(nl, get_link(nl, "lo").index, "failed to set lo up", up=True)
-        return "node %s, container %s" % (node_path, ctr_path), (node, ctr)
+        create_veth(nl, "cbvout0", "out0", outside.fd)
+        for link_nl, name, prefix in ((nl, "cbvout0", VERIFY_OUTSIDE["node"]),
+                                      (outside_nl, "out0", VERIFY_OUTSIDE["outside"])):
+            link = get_link(link_nl, name)
+            link_nl.transact([addr_request(link.index, prefix, nodad=True),
+                              link_change(link.index, up=True)], "failed to set up %s" % name)
+        return ("node %s, container %s, outside %s" % (node_path, ctr_path, outside_path),
+                (node, ctr, outside))
 
     @staticmethod
     def add(runner, stdin, version):
@@ -6489,8 +7465,61 @@ class Verifier(object):
         return "", True
 
     @staticmethod
-    def delete(runner, config, result):
-        """DEL with the ADD's result as prevResult."""
+    def map_port(runner, ctr, outside, config, version, result):
+        """portmap ADD (and CHECK) of VERIFY_HOST_PORT to the container, then a TCP connection
+        from the outside namespace to the node's address reaches a listener in the container;
+        value: the portmap config, for DEL.  Versions without prevResult skip it."""
+        if is_legacy_version(version):
+            return "cniVersion %s has no prevResult to chain portmap to" % version, None
+        if config.get("type") == "loopback":
+            return "loopback gives the container no address to map a port to", None
+        container_ip = next((Prefix.parse(ip["address"]) for ip in result.get("ips") or []
+                             if address_family_of(ip["address"]) == 4), None)
+        if container_ip is None:
+            return "no IPv4 address in the result: nothing to map", None
+        # Without a default route the container cannot answer the outside: masquerade it all.
+        routed = any(r.get("dst") == "0.0.0.0/0" for r in result.get("routes") or [])
+        mapping = {"hostPort": VERIFY_HOST_PORT, "containerPort": VERIFY_CONTAINER_PORT,
+                   "protocol": "tcp"}
+        mapped = {"cniVersion": version, "name": config.get("name", ""), "type": "portmap",
+                  "masqAll": not routed, "runtimeConfig": {"portMappings": [mapping]}}
+        runner.call("ADD", json_dumps(dict(mapped, prevResult=result)).encode())
+        if parse_version(version) >= MIN_VERSION["CHECK"]:
+            runner.call("CHECK", json_dumps(dict(mapped, prevResult=result)).encode())
+        import _socket
+        with ctr.entered():
+            listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        with outside.entered():
+            client = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            listener.bind(("0.0.0.0", VERIFY_CONTAINER_PORT))
+            listener.listen(1)
+            listener.settimeout(3.0)
+            client.settimeout(3.0)
+            node_ip = ip_to_text(4, VERIFY_OUTSIDE["node"].ip)
+            client.connect((node_ip, VERIFY_HOST_PORT))
+            fd, peer = listener._accept()      # _socket's accept: a file descriptor
+            conn = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM, 0, fd)
+            conn.sendall(b"ok")
+            conn.close()
+            if client.recv(2) != b"ok":
+                raise OSError(errno.ECONNRESET, "the connection through the mapping broke")
+        except OSError as err:
+            raise CNIError(ERR_INTERNAL, "connecting to %s:%d from outside the node failed: %s"
+                           % (ip_to_text(4, VERIFY_OUTSIDE["node"].ip), VERIFY_HOST_PORT,
+                              err.strerror or err))
+        finally:
+            listener.close()
+            client.close()
+        return ("%s -> %s:%d reached %s:%d in the container, from %s"
+                % (ip_to_text(4, VERIFY_OUTSIDE["outside"].ip), node_ip, VERIFY_HOST_PORT,
+                   ip_to_text(4, container_ip.ip), VERIFY_CONTAINER_PORT, peer[0])), mapped
+
+    @staticmethod
+    def delete(runner, config, result, portmap_runner=None, mapped=None):
+        """DEL with the ADD's result as prevResult (portmap's first, as a runtime goes back)."""
+        if mapped is not None:
+            portmap_runner.call("DEL", json_dumps(dict(mapped, prevResult=result)).encode())
         runner.call("DEL", json_dumps(dict(config, prevResult=result)).encode())
         return "", True
 
@@ -6513,9 +7542,13 @@ class Verifier(object):
         instance = masq_instance_hash(network, container_id, ifname)
         left.extend("masquerade rule %d" % r.handle
                     for r in rules_commented(nft, NFPROTO_INET, MASQ_TABLE, MASQ_CHAIN, instance))
+        mapping = portmap_comment(network, container_id, ifname)
+        left.extend("port mapping rule %d" % r.handle for family in (NFPROTO_IPV4, NFPROTO_IPV6)
+                    for r in list_rules(nft, family, PORTMAP_TABLE) if r.comment == mapping)
         if left:
             raise CNIError(ERR_INTERNAL, "left behind: " + ", ".join(left))
-        return "no %s, no host veth, no reservation, no masquerade rule" % ifname, True
+        return ("no %s, no host veth, no reservation, no masquerade or port mapping rule"
+                % ifname), True
 
     @staticmethod
     def remove_namespaces(namespaces, paths, data_dir):
@@ -6567,7 +7600,9 @@ def verify(config_path, keep, as_json):
     prefix = os.environ.get("CNI_BRIDGE_VERIFY_PREFIX", VERIFY_NETNS_PREFIX)
     tag = posix.urandom(4).hex()
     node_name, ctr_name = "%snode-%s" % (prefix, tag), "%sctr-%s" % (prefix, tag)
+    outside_name = "%sout-%s" % (prefix, tag)
     node_path, ctr_path = "/run/netns/" + node_name, "/run/netns/" + ctr_name
+    outside_path = "/run/netns/" + outside_name
     data_dir = "/run/cni-bridge-verify-" + tag
     if isinstance(config.get("ipam"), dict):
         config["ipam"] = dict(config["ipam"], dataDir=data_dir)
@@ -6582,10 +7617,12 @@ def verify(config_path, keep, as_json):
     v.say("cni-bridge verify: %s (network %s, type %s, cniVersion %s)"
           % (config_path or "built-in conf/10-mynet.conf", config.get("name"), config.get("type"),
              version))
-    namespaces = v.step("create namespaces", v.make_namespaces, node_path, ctr_path) or ()
+    namespaces = v.step("create namespaces", v.make_namespaces, node_path, ctr_path,
+                        outside_path) or ()
     if namespaces:
-        node, ctr = namespaces
+        node, ctr, outside = namespaces
         runner = PluginRunner(node, config.get("type", ""), env)
+        portmap_runner = PluginRunner(node, "portmap", env)
         added = v.step("ADD", v.add, runner, json_dumps(config).encode(), version)
         if added:
             result, internal = added
@@ -6597,20 +7634,26 @@ def verify(config_path, keep, as_json):
                     and v.step("ping the gateway from the container", v.ping_gateway, ctr,
                                internal["ips"])
                     and v.step("CHECK", v.check, runner, config, version, result))
-            if done and not keep and v.step("DEL", v.delete, runner, config, result):
+            mapped = done and v.step("map host port %d, connect to it from outside the node"
+                                     % VERIFY_HOST_PORT, v.map_port, portmap_runner, ctr, outside,
+                                     config, version, internal)
+            done = done and v.steps[-1]["ok"]
+            if done and not keep and v.step("DEL", v.delete, runner, config, result,
+                                            portmap_runner, mapped):
                 v.step("nothing left behind", v.nothing_left, node, ctr, attachment, host_veth,
                        os.path.join(data_dir, attachment[0]))
     if keep:
         v.say("kept for inspection:\n  ip netns exec %s ip addr\n  ip netns exec %s ip addr\n"
-              "remove with: ip netns del %s; ip netns del %s; rm -r %s"
-              % (node_name, ctr_name, node_name, ctr_name, data_dir))
+              "  ip netns exec %s nft list ruleset\n"
+              "remove with: ip netns del %s; ip netns del %s; ip netns del %s; rm -r %s"
+              % (node_name, ctr_name, node_name, node_name, ctr_name, outside_name, data_dir))
     else:
-        v.step("remove namespaces", v.remove_namespaces, namespaces, (node_path, ctr_path),
-               data_dir)
+        v.step("remove namespaces", v.remove_namespaces, namespaces,
+               (node_path, ctr_path, outside_path), data_dir)
     failed = [s for s in v.steps if not s["ok"]]
     if as_json:
         write_json({"config": config_path or "built-in", "ok": not failed, "steps": v.steps,
-                    "kept": [node_path, ctr_path] if keep else []})
+                    "kept": [node_path, ctr_path, outside_path] if keep else []})
     else:
         v.say("verify: %s" % ("all %d steps passed" % len(v.steps) if not failed
                               else "FAILED at: " + failed[0]["step"]))
@@ -6934,6 +7977,87 @@ def network_leases(data_dir, network, netns_of):
 
 
 # ==============================================================================================
+# Operator tools: mappings
+# ==============================================================================================
+# `mappings` lists the host ports portmap forwards on this node, read from the kernel's nf_tables
+# rules (no `nft` program needed): one row per DNAT rule of table ip|ip6 cni_hostport, with the
+# attachment its comment names.  Rules of the reference's nftables backend (commented with the
+# container ID alone) are listed too, with an unknown network and interface.
+
+MAPPING_COLUMNS = ("NETWORK", "CONTAINER", "IFNAME", "PROTO", "HOST", "TARGET", "CONDITIONS")
+PROTOCOL_NAMES = dict((number, name) for name, number in IPPROTO_NUMBERS.items())
+
+
+def describe_mapping(family, rule):
+    """{protocol, host, target, conditions} of a DNAT rule of table ip|ip6 cni_hostport: what it
+    matches, read from its expressions (a comparison right after the load of a field we know)."""
+    _saddr, daddr, length = IP_HEADER_FIELDS[family]
+    found = {"protocol": "?", "host_ip": "*", "host_port": "?", "target": [None, None],
+             "conditions": 0}
+    loaded = None
+    for name, data in rule.expressions:
+        if name in ("meta", "payload"):
+            loaded = ((name, data.get(NftMetaAttr.NFTA_META_KEY)) if name == "meta" else
+                      (name, data.get(NftPayloadAttr.NFTA_PAYLOAD_BASE),
+                       data.get(NftPayloadAttr.NFTA_PAYLOAD_OFFSET),
+                       data.get(NftPayloadAttr.NFTA_PAYLOAD_LEN)))
+            continue
+        if name == "cmp":
+            value = data.get(NftCmpAttr.NFTA_CMP_DATA, {}).get(NftDataAttr.NFTA_DATA_VALUE, b"")
+            equal = data.get(NftCmpAttr.NFTA_CMP_OP) == NFT_CMP_EQ
+            if equal and loaded == ("meta", NFT_META_L4PROTO) and value:
+                found["protocol"] = PROTOCOL_NAMES.get(value[0], str(value[0]))
+            elif equal and loaded == ("payload", NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2):
+                found["host_port"] = str(struct.unpack(">H", value)[0])
+            elif equal and loaded == ("payload", NFT_PAYLOAD_NETWORK_HEADER, daddr, length):
+                found["host_ip"] = ip_to_text(family, int.from_bytes(value, "big"))
+            else:
+                found["conditions"] += 1
+        elif name == "immediate":
+            register = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DREG)
+            value = data.get(NftImmediateAttr.NFTA_IMMEDIATE_DATA, {}).get(
+                NftDataAttr.NFTA_DATA_VALUE)
+            if register in (NFT_REG_1, NFT_REG_2) and value is not None:
+                found["target"][register - 1] = value
+        loaded = None
+    address, port = found["target"]
+    host = found["host_ip"] if family == 4 or found["host_ip"] == "*" else "[%s]" % found["host_ip"]
+    target = "?"
+    if address is not None and port is not None:
+        text = ip_to_text(family, int.from_bytes(address[:IP_BITS[family] // 8], "big"))
+        target = "%s:%d" % (text if family == 4 else "[%s]" % text,
+                            struct.unpack(">H", port[:2])[0])
+    return {"protocol": found["protocol"], "host": "%s:%s" % (host, found["host_port"]),
+            "target": target, "conditions": found["conditions"]}
+
+
+def list_mappings():
+    """Every port mapping in this namespace's portmap tables, as rows of MAPPING_COLUMNS."""
+    nl = NetlinkSocket(NETLINK_NETFILTER)
+    rows = []
+    for family, nf_family in sorted(PORTMAP_FAMILIES.items()):
+        for rule in list_rules(nl, nf_family, PORTMAP_TABLE, HOSTPORTS_CHAIN):
+            owner = parse_portmap_comment(rule.comment) or ("?", rule.comment or "?", "?")
+            mapping = describe_mapping(family, rule)
+            rows.append(owner + (mapping["protocol"], mapping["host"], mapping["target"],
+                                 str(mapping["conditions"]) if mapping["conditions"] else "-"))
+    nl.close()
+    return rows
+
+
+def mappings(as_json):
+    """Print the port mappings as a table, or as JSON objects keyed by lower-case column."""
+    rows = list_mappings()
+    if as_json:
+        write_json([dict(zip([c.lower() for c in MAPPING_COLUMNS], row)) for row in rows])
+        return 0
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(MAPPING_COLUMNS)]
+    for row in [MAPPING_COLUMNS] + rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+    return 0
+
+
+# ==============================================================================================
 # Entry point
 # ==============================================================================================
 # Started under a plugin's name the program serves one CNI request; under any other name it is
@@ -6957,6 +8081,8 @@ commands:
   leases [--data-dir DIR] [--gc]
                           list host-local reservations (default DIR /var/lib/cni/networks) and
                           flag those whose container namespace is gone; --gc releases them
+  mappings [--json]       list the host ports portmap forwards here (from the kernel's rules):
+                          network, container, interface, protocol, host address, target
   install DIR [--force]   copy this program into DIR and link the plugin names to it
                           (--force replaces regular files of those names)
   --version               print the program and CNI versions
@@ -6987,6 +8113,8 @@ def run_cli(prog, argv):
                 data_dir, options = options[1], options[2:]
             if options in ([], ["--gc"]):
                 return leases(data_dir, options == ["--gc"])
+        if argv[0] == "mappings" and argv[1:] in ([], ["--json"]):
+            return mappings(argv[1:] == ["--json"])
         if argv[0] == "verify":
             options = [a for a in argv[1:] if a.startswith("--")]
             paths = [a for a in argv[1:] if not a.startswith("--")]

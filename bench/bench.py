@@ -29,7 +29,7 @@ import zipapp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_DIR = "/usr/lib/cni"
-PLUGIN_NAMES = ("bridge", "host-local", "loopback", "tuning", "firewall")
+PLUGIN_NAMES = ("bridge", "host-local", "loopback", "portmap", "tuning", "firewall")
 NS_PREFIX = "cbb-"                      # bench namespaces: cbb-<pid>-<tag>
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLONE_NEWNET = 0x40000000
@@ -452,6 +452,17 @@ def masquerade_rules(impl, network):
             or 'name: "%s"' % network.name in line]
 
 
+def portmap_rules(impl, network):
+    """Port-mapping rules left for `network`: comments of ours in nftables (the reference's
+    iptables chains are caught by masquerade_rules: their comments name the network too)."""
+    if impl.key != "ours" or not shutil.which("nft"):
+        return []
+    out = run_tool(["nft", "-j", "list", "ruleset"], check=False)
+    entries = json.loads(out).get("nftables", []) if out.strip() else []
+    return ["nft rule: %s" % e["rule"].get("comment", "") for e in entries
+            if "rule" in e and e["rule"].get("comment", "").startswith("net:%s " % network.name)]
+
+
 def container_links(name):
     out = run_tool([IP, "-n", name, "-j", "link", "show"], check=False)
     return [l["ifname"] for l in json.loads(out) if l["ifname"] != "lo"] if out.strip() else []
@@ -463,6 +474,7 @@ def check_leaks(results, workload, impl, network, containers=()):
     items = ["port %s on %s" % (p, network.bridge) for p in bridge_ports(network.bridge)]
     items += ["reservation %s" % r for r in reservations(network)]
     items += masquerade_rules(impl, network)
+    items += portmap_rules(impl, network)
     for name in containers:
         items += ["%s in %s" % (link, name) for link in container_links(name)]
     if items:
@@ -624,6 +636,73 @@ def workload_cycles(results, impls, spaces, count):
                     if i % LEAK_CHECK_EVERY == 0 or i == count - 1:
                         check_leaks(results, "ADD/CHECK/DEL " + suffix, impl, impl.main, [netns])
                 spaces.delete(names)
+
+
+PORT_MAPPINGS = [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                 {"hostPort": 8081, "containerPort": 81, "protocol": "udp"}]
+
+
+def portmap_config(network, prev=None):
+    conf = {"cniVersion": "1.0.0", "name": network.name, "type": "portmap",
+            "runtimeConfig": {"portMappings": PORT_MAPPINGS}}
+    if prev is not None:
+        conf["prevResult"] = prev
+    return conf
+
+
+def workload_portmap(results, impls, spaces, count):
+    """portmap ADD and DEL with two mappings (tcp and udp), chained after an untimed bridge ADD."""
+    log("portmap ADD/DEL: 1 warm-up + %d samples each" % count)
+    for i in range(-1, count):
+        names = spaces.create(2)
+        for impl, netns in zip(interleaved(impls, i), names):
+            conf = impl.main.config("1.0.0", False)
+            container_id = "pm-%s-%s" % (impl.key, netns)
+            add = run_one(impl.call("bridge", "ADD", conf, container_id, netns))
+            if not expect_ok(results, "portmap: bridge ADD", impl.key, add, container_id):
+                continue
+            mapped = portmap_config(impl.main, add.json())
+            for command in ("ADD", "DEL"):
+                outcome = run_one(impl.call("portmap", command, mapped, container_id, netns))
+                if expect_ok(results, "portmap " + command, impl.key, outcome, container_id) and i >= 0:
+                    results.add("portmap %s" % command, impl.key, outcome)
+            expect_ok(results, "portmap: bridge DEL", impl.key,
+                      run_one(impl.call("bridge", "DEL", dict(conf, prevResult=add.json()), container_id, netns)))
+            if i % LEAK_CHECK_EVERY == 0 or i == count - 1:
+                check_leaks(results, "portmap ADD/DEL", impl, impl.main, [netns])
+        spaces.delete(names)
+
+
+def workload_chain(results, impls, spaces, count):
+    """The chain a runtime runs for containerd's default network: loopback, bridge and portmap
+    ADDs threading prevResult, then the DELs in reverse; the sum of the process times."""
+    log("chain loopback+bridge+portmap: 1 warm-up + %d samples" % count)
+    for i in range(-1, count):
+        names = spaces.create(2)
+        for impl, netns in zip(interleaved(impls, i), names):
+            container_id = "chain-%s-%s" % (impl.key, netns)
+            plugins = [("loopback", {"cniVersion": "1.0.0", "name": impl.main.name, "type": "loopback"}),
+                       ("bridge", impl.main.config("1.0.0", True)),
+                       ("portmap", portmap_config(impl.main))]
+            total, result, ok = {"ADD": 0, "DEL": 0}, None, True
+            for plugin, conf in plugins:
+                conf = dict(conf, prevResult=result) if result is not None else conf
+                add = run_one(impl.call(plugin, "ADD", conf, container_id, netns))
+                ok = expect_ok(results, "chain ADD " + plugin, impl.key, add, container_id) and ok
+                total["ADD"] += add.ns
+                result = add.json() if add.status == 0 else result
+            for plugin, conf in reversed(plugins):
+                conf = dict(conf, prevResult=result) if result is not None else conf
+                delete = run_one(impl.call(plugin, "DEL", conf, container_id, netns))
+                ok = expect_ok(results, "chain DEL " + plugin, impl.key, delete, container_id) and ok
+                total["DEL"] += delete.ns
+            if ok and i >= 0:
+                for command in ("ADD", "DEL"):
+                    results.add("chain %s" % command, impl.key, Outcome(total[command], 0, b"", b"", 0))
+                results.add("chain ADD+DEL", impl.key, Outcome(total["ADD"] + total["DEL"], 0, b"", b"", 0))
+            if i % LEAK_CHECK_EVERY == 0 or i == count - 1:
+                check_leaks(results, "chain", impl, impl.main, [netns])
+        spaces.delete(names)
 
 
 def workload_loopback(results, impls, spaces, count):
@@ -930,6 +1009,9 @@ def target_rows(results, rows, rng):
         for command in ("ADD", "DEL"):
             against_ref("burst 32%s %s wall ours/ref <= 0.8" % (masq, command),
                         "burst 32%s %s (wall)" % (masq, command), 0.8)
+    against_ref("portmap ADD ours/ref <= 0.5", "portmap ADD", 0.5)
+    against_ref("portmap DEL ours/ref <= 0.5", "portmap DEL", 0.5)
+    against_ref("chain ADD+DEL ours/ref <= 0.7", "chain ADD+DEL", 0.7)
     for command in ("ADD", "DEL"):
         many = samples.get("sequential %s many" % command, {})
         few = samples.get("sequential %s few" % command, {})
@@ -1082,14 +1164,8 @@ def make_empty_zipapp(scratch, interpreter):
     return target
 
 
-WORKLOAD_NAMES = ("version", "status", "cycles", "loopback", "tuning", "firewall", "burst", "sequential", "rss", "first", "interpreters")
-
-
-def workload_key(name):
-    """The --only key of a workload: its name's first word, or the WORKLOAD_NAMES entry it is."""
-    aliases = {"add/check/del": "cycles", "peak": "rss"}
-    first = name.split()[0].lower().rstrip(":")
-    return aliases.get(first, first)
+WORKLOAD_KEYS = ("version", "status", "cycles", "loopback", "portmap", "chain", "tuning", "firewall", "burst",
+                 "sequential", "rss", "first", "interpreters")
 
 
 def parse_args(argv):
@@ -1098,9 +1174,8 @@ def parse_args(argv):
     parser.add_argument("--json", metavar="FILE", help="write raw samples and the summary to FILE")
     parser.add_argument("--samples", type=int, help="samples per ADD/CHECK/DEL and loopback workload")
     parser.add_argument("--sequential", type=int, help="containers in the sequential workload (compared: first and last min(100, N/2))")
-    parser.add_argument("--only", metavar="WORDS", action="append",
-                        help="run only the workloads whose key or name holds one of the comma-separated WORDS "
-                        "(repeatable; keys: %s)" % ",".join(WORKLOAD_NAMES))
+    parser.add_argument("--only", metavar="KEYS", action="append",
+                        help="run only these workloads (comma-separated, repeatable: %s)" % ",".join(WORKLOAD_KEYS))
     return parser.parse_args(argv)
 
 
@@ -1131,31 +1206,38 @@ def run(args, scratch, spaces):
         floors = [("/bin/true", Call(["/bin/true"], floor_env, node=nodes[0])),
                   ("python -IS -c pass", Call([interpreter, "-I", "-S", "-c", "pass"], floor_env, node=nodes[0])),
                   ("empty zipapp (python -IS)", Call([empty_app], floor_env, node=nodes[0]))]
-        workloads = [   # (name, announce it here (the others log their own progress), run it)
-            ("VERSION and floors: %d rounds" % size["version"], True,
+        workloads = [   # (key, name, announce it here (the others log their own progress), run it)
+            ("version", "VERSION and floors: %d rounds" % size["version"], True,
              lambda: workload_version(results, impls, floors, size["version"])),
-            ("STATUS: %d rounds" % size["version"], True,
+            ("status", "STATUS: %d rounds" % size["version"], True,
              lambda: workload_status(results, impls, size["version"])),
-            ("ADD/CHECK/DEL", False, lambda: workload_cycles(results, impls, spaces, size["samples"])),
-            ("loopback: %d samples" % size["samples"], True,
+            ("cycles", "ADD/CHECK/DEL", False, lambda: workload_cycles(results, impls, spaces, size["samples"])),
+            ("loopback", "loopback: %d samples" % size["samples"], True,
              lambda: workload_loopback(results, impls, spaces, size["samples"])),
-            ("tuning ADD/DEL: %d samples" % size["samples"], True,
+            ("portmap", "portmap", False, lambda: workload_portmap(results, impls, spaces, size["samples"])),
+            ("chain", "chain", False, lambda: workload_chain(results, impls, spaces, size["samples"])),
+            ("tuning", "tuning ADD/DEL: %d samples" % size["samples"], True,
              lambda: workload_tuning(results, impls, spaces, size["samples"], scratch)),
-            ("firewall ADD/DEL: %d samples" % size["samples"], True,
+            ("firewall", "firewall ADD/DEL: %d samples" % size["samples"], True,
              lambda: workload_firewall(results, impls, size["samples"])),
-            ("burst", False, lambda: workload_burst(results, impls, spaces, size["bursts"])),
-            ("sequential", False, lambda: workload_sequential(results, impls, spaces, size["sequential"])),
-            ("peak RSS: %d rounds" % size["rss"], True,
+            ("burst", "burst", False, lambda: workload_burst(results, impls, spaces, size["bursts"])),
+            ("sequential", "sequential", False,
+             lambda: workload_sequential(results, impls, spaces, size["sequential"])),
+            ("rss", "peak RSS: %d rounds" % size["rss"], True,
              lambda: workload_peak_rss(results, impls, spaces, floors, size["rss"])),
-            ("first call after install: %d rounds" % size["first"], True,
+            ("first", "first call after install: %d rounds" % size["first"], True,
              lambda: workload_first_call(results, impls, spaces, size["first"], scratch, ours_archive)),
-            ("interpreters: %d rounds" % size["rss"], True,
+            ("interpreters", "interpreters: %d rounds" % size["rss"], True,
              lambda: workload_interpreters(results, impls, spaces, size["rss"], scratch)),
         ]
-        words = [w.lower() for arg in args.only or () for w in arg.split(",") if w]
-        for name, announce, workload in workloads:
-            key = workload_key(name)
-            if words and not any(w == key or w in name.lower() for w in words):
+        assert [w[0] for w in workloads] == list(WORKLOAD_KEYS)
+        only = set(w for arg in args.only or () for w in arg.split(",") if w) or set(WORKLOAD_KEYS)
+        unknown = only - set(WORKLOAD_KEYS)
+        if unknown:
+            raise SystemExit("--only: unknown workloads %s (known: %s)" % (
+                ",".join(sorted(unknown)), ",".join(WORKLOAD_KEYS)))
+        for key, name, announce, workload in workloads:
+            if key not in only:
                 continue
             if announce:
                 log(name)

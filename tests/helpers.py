@@ -18,7 +18,7 @@ REF_DIR = Path("/usr/lib/cni")
 VERSIONS = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
 REF_VERSIONS = VERSIONS[:-1]  # Debian's reference plugins speak up to 1.0.0
 
-PLUGIN_NAMES = ("bridge", "host-local", "loopback", "tuning", "firewall")
+PLUGIN_NAMES = ("bridge", "host-local", "loopback", "portmap", "tuning", "firewall")
 NETNS_PREFIX = "cbt-"
 IP = shutil.which("ip") or "/usr/sbin/ip"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -46,8 +46,12 @@ def test_verify_runs_the_walkthrough_and_leaves_nothing(ours_bin, verify_env):
     assert report["config"] == "conf/10-mynet.conf", report
     assert report["ok"] and [s["step"] for s in report["steps"]] == [
         "create namespaces", "ADD", "container interface read back from the kernel",
-        "ping the gateway from the container", "CHECK", "DEL", "nothing left behind", "remove namespaces"]
+        "ping the gateway from the container", "CHECK",
+        "map host port 8080, connect to it from outside the node", "DEL", "nothing left behind",
+        "remove namespaces"]
     assert "answered" in report["steps"][3]["detail"]
+    # conf/10-mynet.conf routes the container by default: the source it sees is the outside's.
+    assert report["steps"][5]["detail"].endswith("in the container, from 192.0.2.2"), report["steps"][5]
     assert verify_namespaces(prefix) == set()
     assert not [d for d in os.listdir("/run") if d.startswith("cni-bridge-verify-")]
 
@@ -76,7 +80,7 @@ def test_verify_keep_leaves_the_attachment_for_inspection(ours_bin, tmp_path, ve
     kept = sorted(verify_namespaces(prefix))
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert len(kept) == 2
+        assert len(kept) == 3       # node, container, and the outside namespace
         ctr = [n for n in kept if n.startswith(prefix + "ctr-")][0]
         addrs = json.loads(run(["ip", "-n", ctr, "-j", "addr", "show", "dev", "eth0"]).stdout)
         assert any(a["local"].startswith("172.19.0.") for a in addrs[0]["addr_info"])

@@ -582,4 +582,4 @@ def test_rules_encode_as_iptables_nft_writes_them(name):
         "IPV6_SOURCE_ACCEPT": cb.IptRule("FORWARD", 6, "ACCEPT", src=(6, 0xFD00 << 112 | 2)),
     }
     captured = bytes.fromhex(IPTABLES_NFT_DUMPS[name])
-    assert cb.expression_signature(rules[name].expressions()) == cb._signature(captured)
+    assert cb.expression_signature(rules[name].expressions()) == cb.expressions_signature(captured)

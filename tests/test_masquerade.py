@@ -64,6 +64,10 @@ tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 tcp.bind(("", port))
 tcp.listen(8)
 udp = socket.socket(family, socket.SOCK_DGRAM)
+# Replies leave from the address a datagram was sent to (its packet info sent back), as a
+# connected client expects: on a node, routing alone would pick another of its addresses.
+udp.setsockopt(*((socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO) if family == socket.AF_INET6
+                 else (socket.IPPROTO_IP, 8)), 1)      # 8: IP_PKTINFO
 udp.bind(("", port))
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
@@ -74,8 +78,8 @@ while time.monotonic() < deadline:
             conn.close()
             print("tcp", peer[0], flush=True)
         else:
-            _data, peer = udp.recvfrom(64)
-            udp.sendto(b"ok", peer)
+            _data, info, _flags, peer = udp.recvmsg(64, 256)
+            udp.sendmsg([b"ok"], info, 0, peer)
             print("udp", peer[0], flush=True)
 """
 
@@ -839,7 +843,7 @@ def encoded(cb, space, attrs):
 
 def setup_masquerade_args(network, cid, cidrs):
     """The arguments of the module's setup_masquerade for an attachment of eth0 with `cidrs`."""
-    return (SimpleNamespace(network=network, ip_masq_backend="nftables"),
+    return (SimpleNamespace(network=network, ip_masq_backend="nftables", ip_masq_exclude=None),
             SimpleNamespace(container_id=cid, ifname="eth0"), {"ips": [{"address": c} for c in cidrs]})
 
 

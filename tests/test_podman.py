@@ -1,8 +1,9 @@
 """A real runtime: podman 4.3 (CNI backend, calling plugins through libcni) runs busybox containers
-on our plugins (conftest's PLUGIN_NAMES), with the reference's for the chained plugins we do not have
-(portmap, firewall, tuning follow bridge as in the networks podman generates).  The checks read the kernel (the container's addresses, MAC and
-routes through /proc/<pid>/ns/net, the node's veths and nftables ruleset), the reservation files and
-libcni's result cache, and compare them with what `podman inspect` reports.
+on our plugins (PLUGIN_NAMES: bridge, host-local, portmap, tuning, firewall), with the reference's
+for any chained plugin we do not have, in the chain as in the networks podman generates.  The
+checks read the kernel (the container's addresses, MAC and routes through /proc/<pid>/ns/net, the
+node's veths and nftables ruleset), the reservation files and libcni's result cache, and compare
+them with what `podman inspect` reports.
 
 Everything is private.  Podman runs in a node network namespace the test makes, always inside one
 mount namespace held by a helper process (started with `ip netns exec <node>`), where /run and
@@ -492,6 +493,31 @@ def test_published_port_through_the_reference_portmap(podman, node):
     check_gone(podman, node, w)
 
 
+def test_published_port_through_our_portmap(podman, node, ours_bin, tmp_path):
+    """-p with our portmap in place of the reference's: its rules in table ip cni_hostport carry
+    the attachment's comment, the node reaches the server through its gateway address and
+    127.0.0.1, and `podman rm` leaves no rule."""
+    ours = tmp_path / "cni-bin" / "portmap"
+    ours.unlink()
+    ours.symlink_to(ours_bin / "portmap")
+    podman.run_container("w", "-p", "8080:80", command=("httpd", "-f", "-p", "80", "-h", "/www"))
+    w = check_attached(podman, node, "w", DEFAULT_NET)
+    mapped = [r for r in hostport_rules(node) if r["chain"] == "hostports"]
+    assert [r["comment"].split()[0] for r in mapped] == ["net:" + DEFAULT_NET], mapped
+    for host in (DEFAULT_GATEWAY, "127.0.0.1"):
+        head, _, body = node.run(sys.executable, "-c", HTTP_GET, host, "8080").stdout.partition("\n\n")
+        assert head.split()[1] == "200" and body == PAGE, (host, head, body)
+    podman("rm", "-f", "-t", "0", "w")
+    check_gone(podman, node, w)
+    assert [r for r in hostport_rules(node) if r.get("comment")] == []
+
+
+def hostport_rules(node):
+    """The rules of the node's tables cni_hostport (portmap's), as `nft -j` lists them."""
+    return [e["rule"] for e in json.loads(node.run("nft", "-j", "list", "ruleset").stdout)["nftables"]
+            if "rule" in e and e["rule"]["table"] == "cni_hostport"]
+
+
 def test_network_reload_restores_rules_and_keeps_the_address(podman, node):
     """`podman network reload` (for after a firewall flush) tears down and sets up again with the
     same address: the masquerade rule is back and the container still reaches the gateway."""
@@ -501,7 +527,8 @@ def test_network_reload_restores_rules_and_keeps_the_address(podman, node):
     assert masqueraded(node) == set()
     podman("network", "reload", "r")
     after = check_attached(podman, node, "r", DEFAULT_NET)
-    assert after.addresses == before.addresses and after.host_veth != before.host_veth
+    # The new veth pair's host end takes the same name: it is derived from the attachment.
+    assert after.addresses == before.addresses and after.host_veth == before.host_veth
     podman.ping("r", DEFAULT_GATEWAY)
     podman("rm", "-f", "-t", "0", "r")
     check_gone(podman, node, after)

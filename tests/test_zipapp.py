@@ -392,3 +392,15 @@ def test_bridge_add_check_del_with_masquerade_import_no_heavy_module(ours_bin, n
         _, loaded = plugin_modules(ours_bin, "bridge", command, dict(conf, prevResult=added), node=node,
                                    netns=container)
         assert loaded.isdisjoint(HEAVY), (command, sorted(loaded & set(HEAVY)))
+
+
+def test_portmap_add_check_gc_del_import_no_heavy_module(ours_bin, node, container):
+    prev = {"cniVersion": "1.1.0", "ips": [{"address": "10.68.0.2/24"}, {"address": "fd68::2/64"}]}
+    conf = {"cniVersion": "1.1.0", "name": "imports", "type": "portmap", "prevResult": prev,
+            "runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                                               {"hostPort": 8081, "containerPort": 81, "protocol": "udp"}]}}
+    for command in ("ADD", "CHECK", "GC", "DEL"):
+        request = dict(conf, **{"cni.dev/valid-attachments": []}) if command == "GC" else conf
+        cni = {"container_id": None, "ifname": None} if command == "GC" else {"netns": container}
+        _, loaded = plugin_modules(ours_bin, "portmap", command, request, node=node, **cni)
+        assert loaded.isdisjoint(HEAVY), (command, sorted(loaded & set(HEAVY)))

@@ -599,7 +599,7 @@ def test_vlan_changes_wire_format():
     entries = []
     for msg in decoded:
         assert (msg.header["family"], msg.header["index"]) == (cb.AF_BRIDGE, 7)
-        spec = msg.get(cb.LinkAttr.IFLA_AF_SPEC)
+        spec = cb.decode_attrs(cb.BridgeAfSpecAttr, msg.get(cb.LinkAttr.IFLA_AF_SPEC))
         assert spec[cb.BridgeAfSpecAttr.IFLA_BRIDGE_FLAGS] == cb.BRIDGE_FLAGS_MASTER
         [raw] = spec[cb.BridgeAfSpecAttr.IFLA_BRIDGE_VLAN_INFO]
         entries.append(struct.unpack("=HH", raw))          # struct bridge_vlan_info: flags, vid

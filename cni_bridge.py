@@ -3042,8 +3042,9 @@ class Store(object):
         if self.read_only:
             path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
             try:
-                self.dir_fd = posix.open(path.encode("utf-8", "surrogateescape"), posix.O_RDONLY | posix.O_DIRECTORY
-                                         | posix.O_NOFOLLOW | posix.O_CLOEXEC)
+                self.dir_fd = posix.open(path.encode("utf-8", "surrogateescape"),
+                                         posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
+                                         | posix.O_CLOEXEC)
             except OSError as err:
                 raise os_error(err, "failed to open the IPAM state directory %s" % path)
             return self
@@ -4013,7 +4014,8 @@ def owns_iptables_chain(nl, family, network, container_id, required_rules=False)
         return False
     comment = iptables_comment(network, container_id)
     rules = list_rules(nl, family, "nat", chain)
-    return all(rule.match_comment == comment for rule in rules) and bool(rules or not required_rules)
+    return (all(rule.match_comment == comment for rule in rules)
+            and bool(rules or not required_rules))
 
 
 def masquerade_in_place(conf, request, ips):

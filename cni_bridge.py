@@ -28,14 +28,14 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   Conntrack                     ctnetlink: the connection tracking entries of a port, deleted
   Namespaces                    setns, Netns, named namespaces
   IPAM store                    host-local's locked state directory and allocation
-  The loopback plugin
+  The loopback plugin           `lo` up; no state
   The host-local plugin         HostLocalConfig lists its keys
   The bridge plugin             BridgeConfig lists its keys; masquerade and spoof check
   The portmap plugin            PortmapConfig lists its keys; host ports over nf_tables
   The tuning plugin             TuningConfig lists its keys; chained after the interface's maker
   The firewall plugin           FirewallConfig lists its keys; iptables' FORWARD layout
   Serving a CNI request         PLUGINS, the environment and stdin checks, run_plugin
-  Operator tools: install
+  Operator tools: install       copy the zipapp, link every plugin name to it
   Operator tools: verify        the walkthrough, one Verifier method per step
   Operator tools: network commands   cnitool's add/check/del/status/gc
   Operator tools: leases
@@ -60,6 +60,11 @@ REFERENCE_RELEASE = "1.9.1"
 # ==============================================================================================
 # CNI protocol and errors
 # ==============================================================================================
+# What every plugin shares with the runtime.  Every failure is a CNIError (code, msg, details)
+# raised where it is understood; run_plugin turns it into the one error object on stdout.
+# Config keys are read through conf_lookup alone (the case-insensitive key rule), config
+# errors made by config_error alone; results are kept in one internal shape and converted to
+# the request's version only on the way out.  Deadlines are on the monotonic clock (poll_until).
 
 SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
@@ -3375,6 +3380,9 @@ def collect_garbage(store, valid):
 # ==============================================================================================
 # The loopback plugin
 # ==============================================================================================
+# ADD brings `lo` up in the container, DEL sets it down (a namespace already gone is not an
+# error); it keeps no state, so STATUS and GC have nothing to do.  Chained after another
+# plugin, ADD passes prevResult on unchanged.
 
 def loopback_add(request):
     """Bring `lo` up in the container (CNI_IFNAME is ignored: runtimes pass eth0 or lo)."""
@@ -3649,6 +3657,11 @@ def host_local_status(request):
 # ==============================================================================================
 # The bridge plugin
 # ==============================================================================================
+# Its keys are all read by BridgeConfig.  ADD makes what is missing and reuses what an earlier
+# ADD of the same attachment made (the host veth is found by the name its attachment hashes
+# to), and undoes its own work when it fails (rollback_add).  The masquerade and spoof-check
+# rules carry the reference's comments, so DEL and GC find them by comment alone, with no netns
+# or link needed; DEL is idempotent and best effort.
 
 VLAN_MAX = 4094
 PORT_UP_TIMEOUT = 2.5                          # seconds to wait for the host veth to come up

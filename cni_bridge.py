@@ -781,6 +781,14 @@ def previous_result(request):
     return decode_result(prev, request.version) if prev is not None else None
 
 
+def required_previous_result(request, details=""):
+    """previous_result, for a verb that cannot work without it (the reference's error)."""
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing", details)
+    return previous
+
+
 # ==============================================================================================
 # Addresses
 # ==============================================================================================
@@ -4164,6 +4172,19 @@ def run_iptables(family, args, check=True, table="nat"):
     return proc.returncode, output
 
 
+def iptables_ensure_chain(family, chain, table="nat"):
+    """Create `chain` unless it exists (portmap's and firewall's iptables forms)."""
+    if run_iptables(family, ["-S", chain], check=False, table=table)[0] != 0:
+        run_iptables(family, ["-N", chain], check=False, table=table)
+
+
+def iptables_ensure_rule(family, chain, rule, first=False, table="nat"):
+    """Add the rule (its arguments after the chain) unless `iptables -C` finds it; `first` puts
+    it at the head of the chain."""
+    if run_iptables(family, ["-C", chain] + rule, check=False, table=table)[0] != 0:
+        run_iptables(family, (["-I", chain, "1"] if first else ["-A", chain]) + rule, table=table)
+
+
 def iptables_masquerade_rules(chain, prefix, exclusions):
     """The reference's iptables rules of one container address, in order, as (chain, rule): the
     attachment's `chain` holds `-d <subnet> -j ACCEPT` and `! -d <multicast> -j MASQUERADE`,
@@ -4870,9 +4891,7 @@ def bridge_check(request):
     ns = container_netns(request)
     if conf.ipam_type:
         ipam_call(request, conf.ipam_type, "CHECK")
-    previous = previous_result(request)
-    if previous is None:
-        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    previous = required_previous_result(request)
     host_nl = NetlinkSocket()
     container_nl = ns.netlink()
     bridge = get_link(host_nl, conf.bridge)
@@ -5503,9 +5522,7 @@ def portmap_check(request):
     """The attachment's rules are all there, exactly as ADD writes them (addresses, ports,
     conditions), and the shared chains lead to them."""
     conf = PortmapConfig(request)
-    previous = previous_result(request)
-    if previous is None:
-        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    previous = required_previous_result(request)
     if not conf.mappings:
         return None
     addresses = container_addresses(previous, request.ifname)
@@ -5568,16 +5585,6 @@ def portmap_status(request):
 # CNI-DN-<hash of network and container>; that chain marks hairpin and localhost traffic through
 # CNI-HOSTPORT-SETMARK (or externalSetMarkChain) and DNATs; CNI-HOSTPORT-MASQ, jumped to first
 # from POSTROUTING, masquerades what is marked.
-
-def iptables_ensure_rule(family, chain, rule, first=False):
-    if run_iptables(family, ["-C", chain] + rule, check=False)[0] != 0:
-        run_iptables(family, (["-I", chain, "1"] if first else ["-A", chain]) + rule)
-
-
-def iptables_ensure_chain(family, chain):
-    if run_iptables(family, ["-S", chain], check=False)[0] != 0:
-        run_iptables(family, ["-N", chain], check=False)
-
 
 def iptables_forward_ports(conf, container_id, family, address):
     mark = "%#x/%#x" % (1 << conf.mark_masq_bit, 1 << conf.mark_masq_bit)
@@ -6075,10 +6082,8 @@ def tuning_add(request):
     """ADD: check everything, save the values to be replaced, then set sysctls and the link's
     attributes; prevResult is the result (with the new MAC)."""
     conf = TuningConfig(request)
-    result = previous_result(request)
-    if result is None:
-        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing",
-                       "tuning is a chained plugin: it runs after the one that makes the interface")
+    result = required_previous_result(
+        request, "tuning is a chained plugin: it runs after the one that makes the interface")
     ns = Netns(request.netns)
     wanted = conf.link_settings()
     nl = link = None
@@ -6223,8 +6228,7 @@ def restore_tuning(ns, ifname, saved):
 def tuning_check(request):
     """CHECK: every configured sysctl and link attribute holds the configured value."""
     conf = TuningConfig(request)
-    if previous_result(request) is None:
-        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    required_previous_result(request)
     ns = Netns(request.netns)
     with ns.entered():
         for key, value in sorted(conf.sysctl.items()):
@@ -6626,12 +6630,9 @@ def ipt_ensure_rules(conf, family, wanted, owner_prefix):
     """nft_ensure_rules through the iptables program (a legacy node): each rule checked with -C
     and added when missing, the attachment's other rules deleted."""
     for chain in firewall_chains(conf):
-        if run_iptables(family, ["-S", chain], check=False, table=FILTER_TABLE)[0] != 0:
-            run_iptables(family, ["-N", chain], check=False, table=FILTER_TABLE)
+        iptables_ensure_chain(family, chain, table=FILTER_TABLE)
     for rule, first in shared_rules(conf, family) + [(rule, False) for rule in wanted]:
-        if not ipt_has_rule(family, rule):
-            where = ["-I", rule.chain, "1"] if first else ["-A", rule.chain]
-            run_iptables(family, where + rule.arguments(), table=FILTER_TABLE)
+        iptables_ensure_rule(family, rule.chain, rule.arguments(), first, table=FILTER_TABLE)
     wanted_args = [rule.arguments() for rule in wanted]
     for args in ipt_listed_rules(family, FIREWALL_FORWARD_CHAIN):
         if owner_prefix in " ".join(args) and args[2:] not in wanted_args:

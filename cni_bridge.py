@@ -495,6 +495,11 @@ def check_name(value, what, code):
         raise CNIError(code, "invalid characters found in %s" % what, value[:300])
 
 
+def utf8_prefix(text, limit):
+    """The longest start of `text` that fits in `limit` UTF-8 bytes (no character cut in two)."""
+    return text.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "ignore")
+
+
 def encodable(text):
     """Whether a string can reach the kernel or a file name: JSON's "\\ud800" escapes cannot."""
     try:
@@ -2098,6 +2103,7 @@ def expr_xt_match(name, revision, info):
 # this way, `iptables -S`, `iptables-save` and `iptables -D` treat our rules as their own.
 
 XT_COMMENT_SIZE = 256                          # struct xt_comment_info: the comment and its NUL
+XT_COMMENT_MAX = XT_COMMENT_SIZE - 1           # bytes of an iptables comment
 # struct xt_conntrack_mtinfo3: eight address/mask unions, expires min/max, l4proto, four ports,
 # match and invert flags, state and status masks, four high ports; padded to 8 bytes.
 XT_CONNTRACK_INFO3 = struct.Struct("=128xIIHHHHHHHHHHHHH6x")
@@ -2107,7 +2113,7 @@ CT_STATE_ESTABLISHED, CT_STATE_RELATED = 1 << 1, 1 << 2
 
 def xt_comment(text):
     """`-m comment --comment text` (at most 255 bytes, as iptables allows)."""
-    raw = text.encode("utf-8", "surrogateescape")[:XT_COMMENT_SIZE - 1]
+    raw = text.encode("utf-8", "surrogateescape")[:XT_COMMENT_MAX]
     return expr_xt_match("comment", 0, raw.ljust(XT_COMMENT_SIZE, b"\0"))
 
 
@@ -3884,7 +3890,7 @@ def masq_comment(network, container_id, ifname):
     text = "%s, net: %s, if: %s, id: %s" % (masq_instance_hash(network, container_id, ifname),
                                              network.replace('"', ""), ifname.replace('"', ""),
                                              container_id.replace('"', ""))
-    return text.encode("utf-8", "surrogateescape")[:COMMENT_MAX].decode("utf-8", "ignore")
+    return utf8_prefix(text, COMMENT_MAX)
 
 
 def iptables_chain(network, container_id):
@@ -3892,7 +3898,6 @@ def iptables_chain(network, container_id):
     return "CNI-" + sha512_hex(network + container_id)[:24]
 
 
-XT_COMMENT_MAX = 255       # bytes of an iptables comment (XT_MAX_COMMENT_LEN less the NUL)
 NFT_NAME_MAX = 255         # bytes of an nf_tables chain name (NFT_CHAIN_MAXNAMELEN less the NUL)
 
 
@@ -6458,7 +6463,7 @@ def firewall_comment(network, container_id, ifname):
                                              masq_instance_hash(network, container_id, ifname),
                                              network, ifname, container_id)
     text = text.replace('"', "")
-    return text.encode("utf-8", "surrogateescape")[:XT_COMMENT_SIZE - 1].decode("utf-8", "ignore")
+    return utf8_prefix(text, XT_COMMENT_MAX)
 
 
 def attachment_comment_prefix(network, container_id, ifname):

@@ -1,5 +1,6 @@
 """Shared test code: constants, running commands and plugins, namespaces made by tests, reading
-back what the kernel and the disk hold, and the hostile-input arena.
+back what the kernel and the disk hold, the hostile-input arena, interpreters and archives, the
+answers of a call, traffic between namespaces, and the reliability network (relnet).
 
 Plain code only (fixtures and pytest hooks are in conftest.py).  Test modules import it as
 `tests.helpers`: tests/ is a package, so pytest puts the repository root on sys.path (which also
@@ -501,7 +502,23 @@ def archive_for(source, workdir, interpreter=None):
     return directory
 
 
-# --- waiting, skipping, `verify`'s namespaces ---------------------------------------------------
+# --- answers, waiting, skipping, `verify`'s namespaces -------------------------------------------
+
+def ok(res):
+    """The call succeeded without a traceback; returns its parsed stdout."""
+    assert res.returncode == 0, explain(res)
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    return res.json
+
+
+def cni_error(res):
+    """The call failed the CNI way: non-zero exit, one error object (int code, str msg), no traceback."""
+    assert res.returncode != 0, explain(res)
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    assert isinstance(res.json, dict), explain(res)
+    assert type(res.json.get("code")) is int and isinstance(res.json.get("msg"), str), explain(res)
+    return res.json
+
 
 def eventually(condition, timeout=10):
     """Poll `condition` every 20 ms until it holds (True) or `timeout` seconds pass (False)."""
@@ -631,22 +648,6 @@ def relnet_conf(data_dir, version="1.0.0", **ipam_keys):
 def bridge(bin_dir, command, config, node, netns, cid, **kwargs):
     """One bridge call inside `node` for container `cid`."""
     return run_cni(bin_dir, "bridge", command, config, node=node, netns=netns, container_id=cid, **kwargs)
-
-
-def ok(res):
-    """The call succeeded without a traceback; returns its parsed stdout."""
-    assert res.returncode == 0, explain(res)
-    assert "Traceback" not in res.stdout + res.stderr, explain(res)
-    return res.json
-
-
-def cni_error(res):
-    """The call failed the CNI way: non-zero exit, one error object (int code, str msg), no traceback."""
-    assert res.returncode != 0, explain(res)
-    assert "Traceback" not in res.stdout + res.stderr, explain(res)
-    assert isinstance(res.json, dict), explain(res)
-    assert type(res.json.get("code")) is int and isinstance(res.json.get("msg"), str), explain(res)
-    return res.json
 
 
 def state_files(data_dir):

@@ -549,7 +549,7 @@ def verify_namespaces(prefix):
 
 # --- traffic through the nodes the tests make (tests/test_masquerade.py, tests/test_kubenet.py) ----
 
-PORT = "5001"
+PORT = "5001"    # what SERVER listens on and CLIENT connects to (sources_seen)
 
 # A TCP and UDP server: answers "ok" to everyone and prints "<protocol> <source address>" per peer.
 SERVER = r"""

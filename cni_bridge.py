@@ -4766,6 +4766,8 @@ def bridge_add(request):
 
 
 def finish_result(conf, request, result, bridge, host, container, vlan_gateway):
+    """The ADD result: the IPAM's addresses and routes with the interfaces as the kernel holds
+    them, and the config's DNS."""
     # In the order RESULT_BRIDGE, RESULT_HOST_VETH, RESULT_CONTAINER name.
     result["interfaces"] = [{"name": bridge.name, "mac": bridge.mac},
                             {"name": host.name, "mac": host.mac},
@@ -5300,6 +5302,7 @@ def _operator_and_values(tokens, i):
 
 
 def _condition_prefix(family, text):
+    """A condition's address or prefix of `family` (an address alone is a host prefix)."""
     if "/" not in text:
         text += "/%d" % IP_BITS[family]
     prefix = Prefix.parse(text)
@@ -5592,6 +5595,8 @@ def portmap_status(request):
 # from POSTROUTING, masquerades what is marked.
 
 def iptables_forward_ports(conf, container_id, family, address):
+    """The reference's iptables layout for the attachment's mappings of `family` to `address`:
+    the shared chains and jumps made if missing, the attachment's DNAT chain filled afresh."""
     mark = "%#x/%#x" % (1 << conf.mark_masq_bit, 1 << conf.mark_masq_bit)
     setmark = conf.external_set_mark_chain or IPT_SETMARK_CHAIN
     if conf.snat and conf.external_set_mark_chain is None:
@@ -5627,7 +5632,7 @@ def iptables_forward_ports(conf, container_id, family, address):
         target = "[%s]" % target if family == 6 else target
         run_iptables(family, ["-A", chain] + base + ["-j", "DNAT", "--to-destination",
                                                      "%s:%d" % (target, mapping.container_port)])
-    comment = ("dnat name: \"%s\" id: \"%s\"" % (conf.network, container_id))[:255]
+    comment = ("dnat name: \"%s\" id: \"%s\"" % (conf.network, container_id))[:XT_COMMENT_MAX]
     for protocol in sorted(set(m.protocol for m in mappings)):
         ports = [str(m.host_port) for m in mappings if m.protocol == protocol]
         for start in range(0, len(ports), IPT_MULTIPORT_MAX):
@@ -5651,6 +5656,7 @@ def iptables_unforward_ports(network, container_id):
 
 
 def iptables_check_ports(conf, container_id, family):
+    """CHECK of the iptables form: the attachment's DNAT chain exists and is jumped to."""
     chain = iptables_dnat_chain(conf.network, container_id)
     status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
     if run_iptables(family, ["-S", chain], check=False)[0] != 0 or not any(

@@ -4404,7 +4404,6 @@ def iptables_teardown(network, container_id):
     """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address needed),
     when every rule in the chain carries the attachment's comment (the chain's name may be
     another attachment's: see owns_iptables_chain)."""
-    import shlex
     chain = iptables_chain(network, container_id)
     comment = iptables_comment(network, container_id)
     for family in (4, 6):
@@ -4412,7 +4411,7 @@ def iptables_teardown(network, container_id):
         if status != 0:
             continue
         comments = [words[words.index("--comment") + 1] if "--comment" in words[:-1] else None
-                    for words in (shlex.split(line) for line in own_rules.splitlines())
+                    for words in (split_iptables_rule(line) for line in own_rules.splitlines())
                     if words[:1] == ["-A"]]
         if any(c != comment for c in comments):
             continue
@@ -5813,13 +5812,12 @@ def iptables_forward_ports(conf, container_id, family, address):
 
 def iptables_unforward_ports(network, container_id):
     """Remove the jumps to the attachment's chain, then the chain, in both families."""
-    import shlex
     chain = iptables_dnat_chain(network, container_id)
     for family in (4, 6):
         status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
         for line in rules.splitlines() if status == 0 else ():
             if line.endswith(" -j " + chain):
-                run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
+                run_iptables(family, ["-D"] + split_iptables_rule(line)[1:], check=False)
         run_iptables(family, ["-F", chain], check=False)
         run_iptables(family, ["-X", chain], check=False)
 
@@ -6831,8 +6829,7 @@ def ipt_listed_rules(family, chain):
     status, output = run_iptables(family, ["-S", chain], check=False, table=FILTER_TABLE)
     if status != 0:
         return []
-    import shlex
-    return [shlex.split(line) for line in output.splitlines() if line.startswith("-A ")]
+    return [split_iptables_rule(line) for line in output.splitlines() if line.startswith("-A ")]
 
 
 def ipt_remove_rules(family, doomed):

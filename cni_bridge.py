@@ -29,7 +29,7 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   Conntrack                     ctnetlink: the connection tracking entries of a port, deleted
   Namespaces                    setns, Netns, named namespaces
   IPAM store                    host-local's locked state directory and allocation
-  The loopback plugin
+  The loopback plugin           `lo` up; no state
   The host-local plugin         HostLocalConfig lists its keys
   The bridge plugin             BridgeConfig lists its keys; masquerade and spoof check
   The portmap plugin            PortmapConfig lists its keys; host ports over nf_tables
@@ -37,7 +37,7 @@ Sections, in dependency order (each opens with a banner stating its invariants):
   The firewall plugin           FirewallConfig lists its keys; iptables' FORWARD layout
   The bandwidth plugin          BandwidthConfig lists its keys; token buckets, the IFB redirect
   Serving a CNI request         PLUGINS, the environment and stdin checks, run_plugin
-  Operator tools: install
+  Operator tools: install       copy the zipapp, link every plugin name to it
   Operator tools: verify        the walkthrough, one Verifier method per step
   Operator tools: network commands   cnitool's add/check/del/status/gc
   Operator tools: leases
@@ -62,6 +62,11 @@ REFERENCE_RELEASE = "1.9.1"
 # ==============================================================================================
 # CNI protocol and errors
 # ==============================================================================================
+# What every plugin shares with the runtime.  Every failure is a CNIError (code, msg, details)
+# raised where it is understood; run_plugin turns it into the one error object on stdout.
+# Config keys are read through conf_lookup alone (the case-insensitive key rule), config
+# errors made by config_error alone; results are kept in one internal shape and converted to
+# the request's version only on the way out.  Deadlines are on the monotonic clock (poll_until).
 
 SUPPORTED_VERSIONS = ("0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST_VERSION = SUPPORTED_VERSIONS[-1]
@@ -492,6 +497,11 @@ def check_name(value, what, code):
         raise CNIError(code, "invalid characters found in %s" % what, value[:300])
 
 
+def utf8_prefix(text, limit):
+    """The longest start of `text` that fits in `limit` UTF-8 bytes (no character cut in two)."""
+    return text.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "ignore")
+
+
 def encodable(text):
     """Whether a string can reach the kernel or a file name: JSON's "\\ud800" escapes cannot."""
     try:
@@ -777,6 +787,14 @@ def previous_result(request):
     """The prevResult of the configuration in internal shape, or None."""
     prev = conf_get(request.config, "prevResult", dict)
     return decode_result(prev, request.version) if prev is not None else None
+
+
+def required_previous_result(request, details=""):
+    """previous_result, for a verb that cannot work without it (the reference's error)."""
+    previous = previous_result(request)
+    if previous is None:
+        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing", details)
+    return previous
 
 
 # ==============================================================================================
@@ -2367,6 +2385,7 @@ def expr_xt_match(name, revision, info):
 # this way, `iptables -S`, `iptables-save` and `iptables -D` treat our rules as their own.
 
 XT_COMMENT_SIZE = 256                          # struct xt_comment_info: the comment and its NUL
+XT_COMMENT_MAX = XT_COMMENT_SIZE - 1           # bytes of an iptables comment
 # struct xt_conntrack_mtinfo3: eight address/mask unions, expires min/max, l4proto, four ports,
 # match and invert flags, state and status masks, four high ports; padded to 8 bytes.
 XT_CONNTRACK_INFO3 = struct.Struct("=128xIIHHHHHHHHHHHHH6x")
@@ -2376,7 +2395,7 @@ CT_STATE_ESTABLISHED, CT_STATE_RELATED = 1 << 1, 1 << 2
 
 def xt_comment(text):
     """`-m comment --comment text` (at most 255 bytes, as iptables allows)."""
-    raw = text.encode("utf-8", "surrogateescape")[:XT_COMMENT_SIZE - 1]
+    raw = text.encode("utf-8", "surrogateescape")[:XT_COMMENT_MAX]
     return expr_xt_match("comment", 0, raw.ljust(XT_COMMENT_SIZE, b"\0"))
 
 
@@ -3344,8 +3363,9 @@ class Store(object):
         if self.read_only:
             path = "%s/%s" % (self.data_dir.rstrip("/"), self.network)
             try:
-                self.dir_fd = posix.open(path.encode("utf-8", "surrogateescape"), posix.O_RDONLY | posix.O_DIRECTORY
-                                         | posix.O_NOFOLLOW | posix.O_CLOEXEC)
+                self.dir_fd = posix.open(path.encode("utf-8", "surrogateescape"),
+                                         posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW
+                                         | posix.O_CLOEXEC)
             except OSError as err:
                 raise os_error(err, "failed to open the IPAM state directory %s" % path)
             return self
@@ -3750,6 +3770,9 @@ def collect_garbage(store, valid):
 # ==============================================================================================
 # The loopback plugin
 # ==============================================================================================
+# ADD brings `lo` up in the container, DEL sets it down (a namespace already gone is not an
+# error); it keeps no state, so STATUS and GC have nothing to do.  Chained after another
+# plugin, ADD passes prevResult on unchanged.
 
 def loopback_add(request):
     """Bring `lo` up in the container (CNI_IFNAME is ignored: runtimes pass eth0 or lo)."""
@@ -4024,6 +4047,11 @@ def host_local_status(request):
 # ==============================================================================================
 # The bridge plugin
 # ==============================================================================================
+# Its keys are all read by BridgeConfig.  ADD makes what is missing and reuses what an earlier
+# ADD of the same attachment made (the host veth is found by the name its attachment hashes
+# to), and undoes its own work when it fails (rollback_add).  The masquerade and spoof-check
+# rules carry the reference's comments, so DEL and GC find them by comment alone, with no netns
+# or link needed; DEL is idempotent and best effort.
 
 VLAN_MAX = 4094
 PORT_UP_TIMEOUT = 2.5                          # seconds to wait for the host veth to come up
@@ -4238,7 +4266,7 @@ def masq_comment(network, container_id, ifname):
     text = "%s, net: %s, if: %s, id: %s" % (masq_instance_hash(network, container_id, ifname),
                                              network.replace('"', ""), ifname.replace('"', ""),
                                              container_id.replace('"', ""))
-    return text.encode("utf-8", "surrogateescape")[:COMMENT_MAX].decode("utf-8", "ignore")
+    return utf8_prefix(text, COMMENT_MAX)
 
 
 def iptables_chain(network, container_id):
@@ -4246,7 +4274,6 @@ def iptables_chain(network, container_id):
     return "CNI-" + sha512_hex(network + container_id)[:24]
 
 
-XT_COMMENT_MAX = 255       # bytes of an iptables comment (XT_MAX_COMMENT_LEN less the NUL)
 NFT_NAME_MAX = 255         # bytes of an nf_tables chain name (NFT_CHAIN_MAXNAMELEN less the NUL)
 
 
@@ -4389,7 +4416,8 @@ def owns_iptables_chain(nl, family, network, container_id, required_rules=False)
         return False
     comment = iptables_comment(network, container_id)
     rules = list_rules(nl, family, "nat", chain)
-    return all(rule.match_comment == comment for rule in rules) and bool(rules or not required_rules)
+    return (all(rule.match_comment == comment for rule in rules)
+            and bool(rules or not required_rules))
 
 
 def masquerade_in_place(conf, request, ips):
@@ -4525,6 +4553,19 @@ def run_iptables(family, args, check=True, table="nat"):
     return proc.returncode, output
 
 
+def iptables_ensure_chain(family, chain, table="nat"):
+    """Create `chain` unless it exists (portmap's and firewall's iptables forms)."""
+    if run_iptables(family, ["-S", chain], check=False, table=table)[0] != 0:
+        run_iptables(family, ["-N", chain], check=False, table=table)
+
+
+def iptables_ensure_rule(family, chain, rule, first=False, table="nat"):
+    """Add the rule (its arguments after the chain) unless `iptables -C` finds it; `first` puts
+    it at the head of the chain."""
+    if run_iptables(family, ["-C", chain] + rule, check=False, table=table)[0] != 0:
+        run_iptables(family, (["-I", chain, "1"] if first else ["-A", chain]) + rule, table=table)
+
+
 def iptables_masquerade_rules(chain, prefix, exclusions):
     """The reference's iptables rules of one container address, in order, as (chain, rule): the
     attachment's `chain` holds `-d <subnet> -j ACCEPT` and `! -d <multicast> -j MASQUERADE`,
@@ -4591,7 +4632,6 @@ def iptables_teardown(network, container_id):
     """Remove the POSTROUTING jumps to the attachment's chain, then the chain (no address needed),
     when every rule in the chain carries the attachment's comment (the chain's name may be
     another attachment's: see owns_iptables_chain)."""
-    import shlex
     chain = iptables_chain(network, container_id)
     comment = iptables_comment(network, container_id)
     for family in (4, 6):
@@ -4599,7 +4639,7 @@ def iptables_teardown(network, container_id):
         if status != 0:
             continue
         comments = [words[words.index("--comment") + 1] if "--comment" in words[:-1] else None
-                    for words in (shlex.split(line) for line in own_rules.splitlines())
+                    for words in (split_iptables_rule(line) for line in own_rules.splitlines())
                     if words[:1] == ["-A"]]
         if any(c != comment for c in comments):
             continue
@@ -5122,6 +5162,8 @@ def bridge_add(request):
 
 
 def finish_result(conf, request, result, bridge, host, container, vlan_gateway):
+    """The ADD result: the IPAM's addresses and routes with the interfaces as the kernel holds
+    them, and the config's DNS."""
     # In the order RESULT_BRIDGE, RESULT_HOST_VETH, RESULT_CONTAINER name.
     result["interfaces"] = [{"name": bridge.name, "mac": bridge.mac},
                             {"name": host.name, "mac": host.mac},
@@ -5252,9 +5294,7 @@ def bridge_check(request):
     ns = container_netns(request)
     if conf.ipam_type:
         ipam_call(request, conf.ipam_type, "CHECK")
-    previous = previous_result(request)
-    if previous is None:
-        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    previous = required_previous_result(request)
     host_nl = NetlinkSocket()
     container_nl = ns.netlink()
     bridge = get_link(host_nl, conf.bridge)
@@ -5658,6 +5698,7 @@ def _operator_and_values(tokens, i):
 
 
 def _condition_prefix(family, text):
+    """A condition's address or prefix of `family` (an address alone is a host prefix)."""
     if "/" not in text:
         text += "/%d" % IP_BITS[family]
     prefix = Prefix.parse(text)
@@ -5885,9 +5926,7 @@ def portmap_check(request):
     """The attachment's rules are all there, exactly as ADD writes them (addresses, ports,
     conditions), and the shared chains lead to them."""
     conf = PortmapConfig(request)
-    previous = previous_result(request)
-    if previous is None:
-        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    previous = required_previous_result(request)
     if not conf.mappings:
         return None
     addresses = container_addresses(previous, request.ifname)
@@ -5951,17 +5990,9 @@ def portmap_status(request):
 # CNI-HOSTPORT-SETMARK (or externalSetMarkChain) and DNATs; CNI-HOSTPORT-MASQ, jumped to first
 # from POSTROUTING, masquerades what is marked.
 
-def iptables_ensure_rule(family, chain, rule, first=False):
-    if run_iptables(family, ["-C", chain] + rule, check=False)[0] != 0:
-        run_iptables(family, (["-I", chain, "1"] if first else ["-A", chain]) + rule)
-
-
-def iptables_ensure_chain(family, chain):
-    if run_iptables(family, ["-S", chain], check=False)[0] != 0:
-        run_iptables(family, ["-N", chain], check=False)
-
-
 def iptables_forward_ports(conf, container_id, family, address):
+    """The reference's iptables layout for the attachment's mappings of `family` to `address`:
+    the shared chains and jumps made if missing, the attachment's DNAT chain filled afresh."""
     mark = "%#x/%#x" % (1 << conf.mark_masq_bit, 1 << conf.mark_masq_bit)
     setmark = conf.external_set_mark_chain or IPT_SETMARK_CHAIN
     if conf.snat and conf.external_set_mark_chain is None:
@@ -5997,7 +6028,7 @@ def iptables_forward_ports(conf, container_id, family, address):
         target = "[%s]" % target if family == 6 else target
         run_iptables(family, ["-A", chain] + base + ["-j", "DNAT", "--to-destination",
                                                      "%s:%d" % (target, mapping.container_port)])
-    comment = ("dnat name: \"%s\" id: \"%s\"" % (conf.network, container_id))[:255]
+    comment = ("dnat name: \"%s\" id: \"%s\"" % (conf.network, container_id))[:XT_COMMENT_MAX]
     for protocol in sorted(set(m.protocol for m in mappings)):
         ports = [str(m.host_port) for m in mappings if m.protocol == protocol]
         for start in range(0, len(ports), IPT_MULTIPORT_MAX):
@@ -6009,18 +6040,18 @@ def iptables_forward_ports(conf, container_id, family, address):
 
 def iptables_unforward_ports(network, container_id):
     """Remove the jumps to the attachment's chain, then the chain, in both families."""
-    import shlex
     chain = iptables_dnat_chain(network, container_id)
     for family in (4, 6):
         status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
         for line in rules.splitlines() if status == 0 else ():
             if line.endswith(" -j " + chain):
-                run_iptables(family, ["-D"] + shlex.split(line)[1:], check=False)
+                run_iptables(family, ["-D"] + split_iptables_rule(line)[1:], check=False)
         run_iptables(family, ["-F", chain], check=False)
         run_iptables(family, ["-X", chain], check=False)
 
 
 def iptables_check_ports(conf, container_id, family):
+    """CHECK of the iptables form: the attachment's DNAT chain exists and is jumped to."""
     chain = iptables_dnat_chain(conf.network, container_id)
     status, rules = run_iptables(family, ["-S", IPT_DNAT_CHAIN], check=False)
     if run_iptables(family, ["-S", chain], check=False)[0] != 0 or not any(
@@ -6457,10 +6488,8 @@ def tuning_add(request):
     """ADD: check everything, save the values to be replaced, then set sysctls and the link's
     attributes; prevResult is the result (with the new MAC)."""
     conf = TuningConfig(request)
-    result = previous_result(request)
-    if result is None:
-        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing",
-                       "tuning is a chained plugin: it runs after the one that makes the interface")
+    result = required_previous_result(
+        request, "tuning is a chained plugin: it runs after the one that makes the interface")
     ns = Netns(request.netns)
     wanted = conf.link_settings()
     nl = link = None
@@ -6605,8 +6634,7 @@ def restore_tuning(ns, ifname, saved):
 def tuning_check(request):
     """CHECK: every configured sysctl and link attribute holds the configured value."""
     conf = TuningConfig(request)
-    if previous_result(request) is None:
-        raise CNIError(ERR_INVALID_CONFIG, "Required prevResult missing")
+    required_previous_result(request)
     ns = Netns(request.netns)
     with ns.entered():
         for key, value in sorted(conf.sysctl.items()):
@@ -6836,7 +6864,7 @@ def firewall_comment(network, container_id, ifname):
                                              masq_instance_hash(network, container_id, ifname),
                                              network, ifname, container_id)
     text = text.replace('"', "")
-    return text.encode("utf-8", "surrogateescape")[:XT_COMMENT_SIZE - 1].decode("utf-8", "ignore")
+    return utf8_prefix(text, XT_COMMENT_MAX)
 
 
 def attachment_comment_prefix(network, container_id, ifname):
@@ -7008,12 +7036,9 @@ def ipt_ensure_rules(conf, family, wanted, owner_prefix):
     """nft_ensure_rules through the iptables program (a legacy node): each rule checked with -C
     and added when missing, the attachment's other rules deleted."""
     for chain in firewall_chains(conf):
-        if run_iptables(family, ["-S", chain], check=False, table=FILTER_TABLE)[0] != 0:
-            run_iptables(family, ["-N", chain], check=False, table=FILTER_TABLE)
+        iptables_ensure_chain(family, chain, table=FILTER_TABLE)
     for rule, first in shared_rules(conf, family) + [(rule, False) for rule in wanted]:
-        if not ipt_has_rule(family, rule):
-            where = ["-I", rule.chain, "1"] if first else ["-A", rule.chain]
-            run_iptables(family, where + rule.arguments(), table=FILTER_TABLE)
+        iptables_ensure_rule(family, rule.chain, rule.arguments(), first, table=FILTER_TABLE)
     wanted_args = [rule.arguments() for rule in wanted]
     for args in ipt_listed_rules(family, FIREWALL_FORWARD_CHAIN):
         if owner_prefix in " ".join(args) and args[2:] not in wanted_args:
@@ -7032,8 +7057,7 @@ def ipt_listed_rules(family, chain):
     status, output = run_iptables(family, ["-S", chain], check=False, table=FILTER_TABLE)
     if status != 0:
         return []
-    import shlex
-    return [shlex.split(line) for line in output.splitlines() if line.startswith("-A ")]
+    return [split_iptables_rule(line) for line in output.splitlines() if line.startswith("-A ")]
 
 
 def ipt_remove_rules(family, doomed):

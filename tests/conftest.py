@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (IP, NETNS_PREFIX, PLUGIN_NAMES, PYTHON_MATRIX, REF_DIR, REPO, Arena, Netns,
-                           build_archive, delete_netns, pyenv_interpreter, run)
+                           build_archive, delete_netns, pyenv_interpreter, run, verify_namespaces)
 
 SESSIONS_DIR = Path("/run/cni-bridge-tests")  # one locked file per live test session
 
@@ -191,3 +191,14 @@ def ref_bin():
 @pytest.fixture
 def arena(ours_bin, node, container, tmp_path):
     return Arena(ours_bin, node, container, tmp_path / "sandbox")
+
+
+@pytest.fixture
+def verify_env(netns_registry):
+    """The environment `verify` runs in: its namespaces named cbt-v<hex>-..., recorded as this
+    session's before they exist; any left behind are deleted at teardown."""
+    prefix = "cbt-v%s-" % secrets.token_hex(4)
+    netns_registry.record_prefix(prefix)
+    yield dict(os.environ, CNI_BRIDGE_VERIFY_PREFIX=prefix)
+    for name in verify_namespaces(prefix):
+        delete_netns(name)

@@ -1,17 +1,22 @@
 """Shared test code: constants, running commands and plugins, namespaces made by tests, reading
-back what the kernel and the disk hold, and the hostile-input arena.
+back what the kernel and the disk hold, the hostile-input arena, interpreters and archives, the
+answers of a call, traffic between namespaces, and the reliability network (relnet).
 
 Plain code only (fixtures and pytest hooks are in conftest.py).  Test modules import it as
 `tests.helpers`: tests/ is a package, so pytest puts the repository root on sys.path (which also
 makes `import cni_bridge` work) with no sys.path patching, under `pytest` and `python3 -m pytest`.
 """
+import fcntl
 import ipaddress
 import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import NamedTuple, Optional
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 REF_DIR = Path("/usr/lib/cni")
@@ -496,3 +501,210 @@ def archive_for(source, workdir, interpreter=None):
         if not (directory / name).is_symlink():
             (directory / name).symlink_to("cni-bridge.pyz")
     return directory
+
+
+# --- answers, waiting, skipping, `verify`'s namespaces -------------------------------------------
+
+def ok(res):
+    """The call succeeded without a traceback; returns its parsed stdout."""
+    assert res.returncode == 0, explain(res)
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    return res.json
+
+
+def cni_error(res):
+    """The call failed the CNI way: non-zero exit, one error object (int code, str msg), no traceback."""
+    assert res.returncode != 0, explain(res)
+    assert "Traceback" not in res.stdout + res.stderr, explain(res)
+    assert isinstance(res.json, dict), explain(res)
+    assert type(res.json.get("code")) is int and isinstance(res.json.get("msg"), str), explain(res)
+    return res.json
+
+
+def eventually(condition, timeout=10):
+    """Poll `condition` every 20 ms until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def skip_without_iptables(nf_tables_based=False):
+    """Skip the test where iptables/ip6tables are missing or, if asked, not nf_tables-based (then
+    the rules they write are out of sight of an nf_tables netlink client such as our DEL)."""
+    if shutil.which("iptables") is None or shutil.which("ip6tables") is None:
+        pytest.skip("iptables/ip6tables are not installed")
+    version = run(["iptables", "--version"], check=False).stdout.strip()
+    if nf_tables_based and "nf_tables" not in version:
+        pytest.skip("iptables is not nf_tables-based (%s): its rules are not in nf_tables" % version)
+
+
+def verify_namespaces(prefix):
+    """Namespaces whose name starts with `prefix` (those `verify` made)."""
+    if not os.path.isdir("/run/netns"):
+        return set()
+    return set(n for n in os.listdir("/run/netns") if n.startswith(prefix))
+
+
+# --- traffic through the nodes the tests make (tests/test_masquerade.py, tests/test_kubenet.py) ----
+
+PORT = "5001"    # what SERVER listens on and CLIENT connects to (sources_seen)
+
+# A TCP and UDP server: answers "ok" to everyone and prints "<protocol> <source address>" per peer.
+SERVER = r"""
+import select, socket, sys, time
+family = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
+port = int(sys.argv[2])
+tcp = socket.socket(family, socket.SOCK_STREAM)
+tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind(("", port))
+tcp.listen(8)
+udp = socket.socket(family, socket.SOCK_DGRAM)
+# Replies leave from the address a datagram was sent to (its packet info sent back), as a
+# connected client expects: on a node, routing alone would pick another of its addresses.
+udp.setsockopt(*((socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO) if family == socket.AF_INET6
+                 else (socket.IPPROTO_IP, 8)), 1)      # 8: IP_PKTINFO
+udp.bind(("", port))
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    for sock in select.select([tcp, udp], [], [], 1)[0]:
+        if sock is tcp:
+            conn, peer = tcp.accept()
+            conn.sendall(b"ok")
+            conn.close()
+            print("tcp", peer[0], flush=True)
+        else:
+            _data, info, _flags, peer = udp.recvmsg(64, 256)
+            udp.sendmsg([b"ok"], info, 0, peer)
+            print("udp", peer[0], flush=True)
+"""
+
+# A client that gets "ok" back over TCP, then over UDP, retrying until its deadline (the server
+# may still be starting, an IPv6 gateway address may still be tentative); exits 0 on success.
+CLIENT = r"""
+import socket, sys, time
+family = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
+target = (sys.argv[2], int(sys.argv[3]))
+deadline = time.monotonic() + 15
+
+def tcp():
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        sock.connect(target)
+        return sock.recv(16)
+
+def udp():
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        sock.connect(target)
+        sock.send(b"hello")
+        return sock.recv(16)
+
+for exchange in (tcp, udp):
+    while True:
+        try:
+            reply = exchange()
+        except OSError as err:
+            reply = err
+        if reply == b"ok":
+            break
+        if time.monotonic() > deadline:
+            sys.exit("%s to %s failed: %r" % (exchange.__name__, target, reply))
+        time.sleep(0.1)
+"""
+
+
+def sources_seen(server_ns, client_ns, family, address):
+    """Exchange TCP and UDP from `client_ns` with a server in `server_ns` at `address`; returns
+    {"tcp": source address the server saw, "udp": ...}."""
+    server = subprocess.Popen([IP, "netns", "exec", server_ns.name, "python3", "-c", SERVER, str(family),
+                               PORT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = client_ns.run("python3", "-c", CLIENT, str(family), address, PORT, check=False, timeout=40)
+    finally:
+        server.kill()
+        out, err = server.communicate(timeout=10)
+    assert client.returncode == 0, "client: %s\nserver: %s%s" % (client.stderr, out, err)
+    return dict(line.split() for line in out.splitlines())
+
+
+# --- the reliability network (tests/test_reliability.py, tests/test_defects.py) --------------------
+# The bridge plugin with ipMasq (nftables backend) and host-local, as one network "relnet".
+
+RELNET = "relnet"
+RELNET_BRIDGE = "cbt-rel0"
+RELNET_SUBNET, RELNET_GATEWAY = "10.92.0.0/24", "10.92.0.1"
+
+
+def relnet_conf(data_dir, version="1.0.0", **ipam_keys):
+    """bridge RELNET_BRIDGE as gateway with ipMasq (nftables), host-local on RELNET_SUBNET (override with ipam_keys)."""
+    ipam = {"type": "host-local", "subnet": RELNET_SUBNET, "dataDir": str(data_dir)}
+    ipam.update(ipam_keys)
+    return {"cniVersion": version, "name": RELNET, "type": "bridge", "bridge": RELNET_BRIDGE, "isGateway": True,
+            "ipMasq": True, "ipam": ipam}
+
+
+def bridge(bin_dir, command, config, node, netns, cid, **kwargs):
+    """One bridge call inside `node` for container `cid`."""
+    return run_cni(bin_dir, "bridge", command, config, node=node, netns=netns, container_id=cid, **kwargs)
+
+
+def state_files(data_dir):
+    """{name: bytes} of every file in the network's state directory."""
+    directory = data_dir / RELNET
+    found = {}
+    for name in os.listdir(str(directory)) if directory.is_dir() else ():
+        try:
+            found[name] = (directory / name).read_bytes()
+        except FileNotFoundError:      # removed while we listed
+            pass
+    return found
+
+
+def assert_only_bookkeeping(data_dir, context=""):
+    """The state directory holds nothing but `lock` and `last_reserved_ip.*`."""
+    extra = [name for name in state_files(data_dir)
+             if name not in ("lock", "boot_id") and not name.startswith("last_reserved_ip.")]
+    assert extra == [], "%s state dir still holds %s" % (context, extra)
+
+
+def lock_is_free(data_dir):
+    """Nobody holds the flock on <dataDir>/<net>/lock (true when there is no lock file yet)."""
+    try:
+        fd = os.open(str(data_dir / RELNET / "lock"), os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def masq_comments(node):
+    return sorted(rule.get("comment", "") for rule in masq_table(node)[1].get(MASQ_CHAIN, []))
+
+
+def assert_masq_base_only(node, context=""):
+    """No container rule: the table is absent, or holds only its two chains and postrouting's 3 rules."""
+    chains, rules = masq_table(node)
+    if chains is None:
+        return
+    assert chains == sorted([MASQ_CHAIN, POSTROUTING]), "%s chains %s" % (context, chains)
+    assert rules.get(MASQ_CHAIN, []) == [], "%s leftover rules %s" % (
+        context, [r.get("comment") for r in rules[MASQ_CHAIN]])
+    assert len(rules.get(POSTROUTING, [])) == 3, "%s postrouting %s" % (context, rules.get(POSTROUTING))
+
+
+def assert_nothing_left(node, data_dir, containers, context=""):
+    """No reservation, veth, container interface or masquerade rule; nobody holds the lock."""
+    assert_only_bookkeeping(data_dir, context)
+    assert host_veths(node) == {}, "%s veths left: %s" % (context, sorted(host_veths(node)))
+    for ns in containers:
+        assert sorted(ns.links()) == ["lo"], "%s %s holds %s" % (context, ns.name, sorted(ns.links()))
+    assert_masq_base_only(node, context)
+    assert lock_is_free(data_dir), "%s the lock is still held" % context

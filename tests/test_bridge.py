@@ -17,14 +17,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
 from typing import NamedTuple
 
 import pytest
 
-from tests.helpers import (REF_DIR, REF_VERSIONS, REPO, VERSIONS, explain, global_addrs, host_veths,
+from tests.helpers import (REF_DIR, REF_VERSIONS, REPO, VERSIONS, eventually, explain, global_addrs, host_veths,
                            kernel_filters_vlans, kind, reservations, run_cni)
 
 pytestmark = pytest.mark.kernel
@@ -181,16 +180,6 @@ def port_flags(node, ifname):
 def default_routes(ns, family="-4"):
     """The default routes of `ns` (`ip -j <family> route show default`)."""
     return ns.ip_json(family, "route", "show", "default")
-
-
-def eventually(condition, timeout=10):
-    """Poll `condition` every 20 ms until it holds (True) or `timeout` seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def ping(ns, address):

@@ -7,32 +7,16 @@ the node's /var/lib/cni/results is never written.
 """
 import json
 import os
-import secrets
 import time
 
 import pytest
 
-from tests.helpers import REF_DIR, REPO, delete_netns, run
+from tests.helpers import REF_DIR, REPO, run, verify_namespaces
 
 pytestmark = pytest.mark.kernel
 
 def zipapp(ours_bin):
     return str(ours_bin / "cni-bridge.pyz")
-
-
-@pytest.fixture
-def verify_env(netns_registry):
-    """The environment `verify` runs in: its namespaces named cbt-v<hex>-..., recorded as this
-    session's before they exist; any left behind are deleted at teardown."""
-    prefix = "cbt-v%s-" % secrets.token_hex(4)
-    netns_registry.record_prefix(prefix)
-    yield dict(os.environ, CNI_BRIDGE_VERIFY_PREFIX=prefix)
-    for name in verify_namespaces(prefix):
-        delete_netns(name)
-
-
-def verify_namespaces(prefix):
-    return set(n for n in os.listdir("/run/netns") if n.startswith(prefix)) if os.path.isdir("/run/netns") else set()
 
 
 def test_verify_runs_the_walkthrough_and_leaves_nothing(ours_bin, verify_env):

@@ -18,14 +18,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import IP, REPO, explain, host_veths, kernel_filters_vlans, reservations, run, run_cni
-from tests.test_bridge import eventually
-from tests.test_cli import verify_env, verify_namespaces  # noqa: F401 (verify_env is a fixture)
-from tests.test_masquerade import skip_without_iptables
-from tests.test_reliability import (BRIDGE, NET, SUBNET, assert_masq_base_only, assert_nothing_left, bridge,
-                                    cni_error, conf, masq_comments, ok)
+from tests.helpers import (IP, REPO, RELNET, RELNET_BRIDGE, RELNET_SUBNET, assert_masq_base_only,
+                           assert_nothing_left, bridge, cni_error, eventually, explain, host_veths,
+                           kernel_filters_vlans, masq_comments, ok, relnet_conf, reservations, run, run_cni,
+                           skip_without_iptables, verify_namespaces)
 
 pytestmark = pytest.mark.kernel
+
+# The reliability network of tests.helpers.
+NET, BRIDGE, SUBNET, conf = RELNET, RELNET_BRIDGE, RELNET_SUBNET, relnet_conf
 
 
 # --- 1. the own-namespace guard holds against a path that changes under it ------------------------

@@ -16,8 +16,8 @@ import subprocess
 
 import pytest
 
-from tests.helpers import IP, REF_DIR, explain, reservations, ruleset, run
-from tests.test_masquerade import PORT, SERVER, skip_without_iptables, sources_seen
+from tests.helpers import (IP, PORT, REF_DIR, SERVER, explain, reservations, ruleset, run, skip_without_iptables,
+                           sources_seen)
 
 pytestmark = pytest.mark.kernel
 

@@ -10,7 +10,6 @@ import hashlib
 import ipaddress
 import json
 import re
-import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.helpers import IP, REPO, cni_env, encode_conf, parse_output, reservations, run, run_cni
+from tests.helpers import (IP, REPO, cni_env, encode_conf, parse_output, reservations, run, run_cni,
+                           skip_without_iptables, sources_seen)
 
 pytestmark = pytest.mark.kernel
 
@@ -31,7 +31,6 @@ UPLINK = "uplink0"
 UPLINK_NODE = {4: "198.51.100.1", 6: "2001:db8:51::1"}
 UPLINK_REMOTE = {4: "198.51.100.2", 6: "2001:db8:51::2"}
 UPLINK_PREFIX = {4: 24, 6: 64}
-PORT = "5001"
 TIMEOUT = 60  # seconds for any one plugin call
 
 # The reference's names, from github.com/containernetworking/plugins:
@@ -53,70 +52,6 @@ SPOOF_TABLE = "nat"
 SPOOF_BASE_CHAIN = "PREROUTING"
 # Rules whose order does not matter (each matches its own address or interface): compared as sets.
 ORDER_FREE_CHAINS = {MASQ_CHAIN, SPOOF_BASE_CHAIN}
-
-# A TCP and UDP server: answers "ok" to everyone and prints "<protocol> <source address>" per peer.
-SERVER = r"""
-import select, socket, sys, time
-family = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
-port = int(sys.argv[2])
-tcp = socket.socket(family, socket.SOCK_STREAM)
-tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-tcp.bind(("", port))
-tcp.listen(8)
-udp = socket.socket(family, socket.SOCK_DGRAM)
-# Replies leave from the address a datagram was sent to (its packet info sent back), as a
-# connected client expects: on a node, routing alone would pick another of its addresses.
-udp.setsockopt(*((socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO) if family == socket.AF_INET6
-                 else (socket.IPPROTO_IP, 8)), 1)      # 8: IP_PKTINFO
-udp.bind(("", port))
-deadline = time.monotonic() + 60
-while time.monotonic() < deadline:
-    for sock in select.select([tcp, udp], [], [], 1)[0]:
-        if sock is tcp:
-            conn, peer = tcp.accept()
-            conn.sendall(b"ok")
-            conn.close()
-            print("tcp", peer[0], flush=True)
-        else:
-            _data, info, _flags, peer = udp.recvmsg(64, 256)
-            udp.sendmsg([b"ok"], info, 0, peer)
-            print("udp", peer[0], flush=True)
-"""
-
-# A client that gets "ok" back over TCP, then over UDP, retrying until its deadline (the server
-# may still be starting, an IPv6 gateway address may still be tentative); exits 0 on success.
-CLIENT = r"""
-import socket, sys, time
-family = socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET
-target = (sys.argv[2], int(sys.argv[3]))
-deadline = time.monotonic() + 15
-
-def tcp():
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(2)
-        sock.connect(target)
-        return sock.recv(16)
-
-def udp():
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.5)
-        sock.connect(target)
-        sock.send(b"hello")
-        return sock.recv(16)
-
-for exchange in (tcp, udp):
-    while True:
-        try:
-            reply = exchange()
-        except OSError as err:
-            reply = err
-        if reply == b"ok":
-            break
-        if time.monotonic() > deadline:
-            sys.exit("%s to %s failed: %r" % (exchange.__name__, target, reply))
-        time.sleep(0.1)
-"""
-
 
 # --- names -------------------------------------------------------------------------------------
 
@@ -344,16 +279,6 @@ def spoof_attachment(cid, result, ifname="eth0"):
 
 # --- iptables ------------------------------------------------------------------------------------
 
-def skip_without_iptables(nf_tables_based=False):
-    """Skip the test where iptables/ip6tables are missing or, if asked, not nf_tables-based (then
-    the rules they write are out of sight of an nf_tables netlink client such as our DEL)."""
-    if shutil.which("iptables") is None or shutil.which("ip6tables") is None:
-        pytest.skip("iptables/ip6tables are not installed")
-    version = run(["iptables", "--version"], check=False).stdout.strip()
-    if nf_tables_based and "nf_tables" not in version:
-        pytest.skip("iptables is not nf_tables-based (%s): its rules are not in nf_tables" % version)
-
-
 def iptables_lines(ns, cid, family):
     """`iptables -t nat -S` (ip6tables for IPv6) lines in `ns` naming the attachment's chain."""
     program = "iptables" if family == 4 else "ip6tables"
@@ -414,20 +339,6 @@ def connect_remote(node, make_netns):
                    *(["nodad"] if family == 6 else []))
         ns.run(IP, "link", "set", name, "up")
     return remote
-
-
-def sources_seen(server_ns, client_ns, family, address):
-    """Exchange TCP and UDP from `client_ns` with a server in `server_ns` at `address`; returns
-    {"tcp": source address the server saw, "udp": ...}."""
-    server = subprocess.Popen([IP, "netns", "exec", server_ns.name, "python3", "-c", SERVER, str(family),
-                               PORT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        client = client_ns.run("python3", "-c", CLIENT, str(family), address, PORT, check=False, timeout=40)
-    finally:
-        server.kill()
-        out, err = server.communicate(timeout=10)
-    assert client.returncode == 0, "client: %s\nserver: %s%s" % (client.stderr, out, err)
-    return dict(line.split() for line in out.splitlines())
 
 
 def pings(ns, address, attempts):

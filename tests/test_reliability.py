@@ -8,7 +8,6 @@ it makes, and reads back `ip -j`, `nft -j list ruleset` and the state directory.
 CNI_BRIDGE_CRASH_RUNS (kill points per command, default 100), CNI_BRIDGE_CRASH_SEED,
 CNI_BRIDGE_STORM_WORKERS (8) and CNI_BRIDGE_STORM_CYCLES (50).
 """
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -25,16 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.helpers import (IP, KEY_PATHS, MASQ_CHAIN, MASQ_TABLE, POSTROUTING, REPO, assert_cni_answer,
-                           cni_env, confine, encode_conf, explain, global_addrs, hostile_config,
-                           host_veths, interfaces, is_address, kind, masq_table, parse_output,
-                           reservations, ruleset, run, run_cni, set_path)
+from tests.helpers import (IP, KEY_PATHS, MASQ_CHAIN, MASQ_TABLE, POSTROUTING, RELNET, RELNET_BRIDGE,
+                           RELNET_GATEWAY, RELNET_SUBNET, assert_nothing_left, bridge, cni_env, cni_error,
+                           confine, encode_conf, explain, global_addrs, hostile_config, host_veths, kind,
+                           masq_comments, masq_table, ok, parse_output, relnet_conf, reservations, ruleset,
+                           run, set_path)
 
 pytestmark = pytest.mark.kernel
 
-NET = "relnet"
-BRIDGE = "cbt-rel0"
-SUBNET, GATEWAY = "10.92.0.0/24", "10.92.0.1"
+# The reliability network of tests.helpers.
+NET, BRIDGE, SUBNET, GATEWAY = RELNET, RELNET_BRIDGE, RELNET_SUBNET, RELNET_GATEWAY
+conf = relnet_conf
 CRASH_RUNS = int(os.environ.get("CNI_BRIDGE_CRASH_RUNS", "100"))
 CRASH_SEED = int(os.environ.get("CNI_BRIDGE_CRASH_SEED", "20261128"))
 STORM_WORKERS = int(os.environ.get("CNI_BRIDGE_STORM_WORKERS", "8"))
@@ -46,35 +46,6 @@ STORM_CAPACITY = 32
 
 
 # --- configuration and calls --------------------------------------------------------------------
-
-def conf(data_dir, version="1.0.0", **ipam_keys):
-    """bridge BRIDGE as gateway with ipMasq (nftables), host-local on SUBNET (override with ipam_keys)."""
-    ipam = {"type": "host-local", "subnet": SUBNET, "dataDir": str(data_dir)}
-    ipam.update(ipam_keys)
-    return {"cniVersion": version, "name": NET, "type": "bridge", "bridge": BRIDGE, "isGateway": True,
-            "ipMasq": True, "ipam": ipam}
-
-
-def bridge(bin_dir, command, config, node, netns, cid, **kwargs):
-    """One bridge call inside `node` for container `cid`."""
-    return run_cni(bin_dir, "bridge", command, config, node=node, netns=netns, container_id=cid, **kwargs)
-
-
-def ok(res):
-    """The call succeeded without a traceback; returns its parsed stdout."""
-    assert res.returncode == 0, explain(res)
-    assert "Traceback" not in res.stdout + res.stderr, explain(res)
-    return res.json
-
-
-def cni_error(res):
-    """The call failed the CNI way: non-zero exit, one error object (int code, str msg), no traceback."""
-    assert res.returncode != 0, explain(res)
-    assert "Traceback" not in res.stdout + res.stderr, explain(res)
-    assert isinstance(res.json, dict), explain(res)
-    assert type(res.json.get("code")) is int and isinstance(res.json.get("msg"), str), explain(res)
-    return res.json
-
 
 def start(bin_dir, command, config, node, netns, cid):
     """Start the bridge plugin inside `node` without waiting.  `ip netns exec` and the zipapp's sh
@@ -93,40 +64,6 @@ def address_of(result):
 
 # --- kernel and disk state ----------------------------------------------------------------------
 
-def state_files(data_dir):
-    """{name: bytes} of every file in the network's state directory."""
-    directory = data_dir / NET
-    found = {}
-    for name in os.listdir(str(directory)) if directory.is_dir() else ():
-        try:
-            found[name] = (directory / name).read_bytes()
-        except FileNotFoundError:      # removed while we listed
-            pass
-    return found
-
-
-def assert_only_bookkeeping(data_dir, context=""):
-    """The state directory holds nothing but `lock` and `last_reserved_ip.*`."""
-    extra = [name for name in state_files(data_dir)
-             if name not in ("lock", "boot_id") and not name.startswith("last_reserved_ip.")]
-    assert extra == [], "%s state dir still holds %s" % (context, extra)
-
-
-def lock_is_free(data_dir):
-    """Nobody holds the flock on <dataDir>/<net>/lock (true when there is no lock file yet)."""
-    try:
-        fd = os.open(str(data_dir / NET / "lock"), os.O_RDONLY)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def masq_comment(cid, ifname="eth0", network=NET):
     """The comment of an attachment's masquerade rule, as the reference writes it."""
     def h16(text):
@@ -134,33 +71,8 @@ def masq_comment(cid, ifname="eth0", network=NET):
     return "%s-%s, net: %s, if: %s, id: %s" % (h16(network), h16(ifname + ":" + cid), network, ifname, cid)
 
 
-def assert_masq_base_only(node, context=""):
-    """No container rule: the table is absent, or holds only its two chains and postrouting's 3 rules."""
-    chains, rules = masq_table(node)
-    if chains is None:
-        return
-    assert chains == sorted([MASQ_CHAIN, POSTROUTING]), "%s chains %s" % (context, chains)
-    assert rules.get(MASQ_CHAIN, []) == [], "%s leftover rules %s" % (
-        context, [r.get("comment") for r in rules[MASQ_CHAIN]])
-    assert len(rules.get(POSTROUTING, [])) == 3, "%s postrouting %s" % (context, rules.get(POSTROUTING))
-
-
-def masq_comments(node):
-    return sorted(rule.get("comment", "") for rule in masq_table(node)[1].get(MASQ_CHAIN, []))
-
-
 def bridge_ports(node):
     return sorted(name for name, link in node.links().items() if link.get("master") == BRIDGE)
-
-
-def assert_nothing_left(node, data_dir, containers, context=""):
-    """No reservation, veth, container interface or masquerade rule; nobody holds the lock."""
-    assert_only_bookkeeping(data_dir, context)
-    assert host_veths(node) == {}, "%s veths left: %s" % (context, sorted(host_veths(node)))
-    for ns in containers:
-        assert sorted(ns.links()) == ["lo"], "%s %s holds %s" % (context, ns.name, sorted(ns.links()))
-    assert_masq_base_only(node, context)
-    assert lock_is_free(data_dir), "%s the lock is still held" % context
 
 
 # --- 1. a crash at any instant --------------------------------------------------------------------

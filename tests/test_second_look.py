@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from tests.helpers import (IP, REF_DIR, REPO, cni_env, encode_conf, explain, parse_output, reservations,
-                           run, run_cni)
+from tests.helpers import (IP, REF_DIR, REPO, cni_env, encode_conf, explain, ok, parse_output,
+                           reservations, run, run_cni)
 
 pytestmark = pytest.mark.kernel
 
@@ -38,13 +38,6 @@ def bridge(bin_dir, command, config, node, netns, cid="c1", **kwargs):
     """One `bridge` call inside the node namespace."""
     return run_cni(bin_dir, "bridge", command, config, node=node, netns=netns, container_id=cid,
                    timeout=TIMEOUT, **kwargs)
-
-
-def ok(res):
-    """The call succeeded; returns its parsed stdout."""
-    assert res.returncode == 0, explain(res)
-    assert "Traceback" not in res.stdout + res.stderr, explain(res)
-    return res.json
 
 
 def cni_error(res, code):

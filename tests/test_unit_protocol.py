@@ -755,3 +755,17 @@ def test_network_call_builds_each_plugins_config_as_libcni(tmp_path, monkeypatch
     assert bridge_env["CNI_COMMAND"] == "STATUS" and bridge_env["CNI_NETNS"] == ""
     assert portmap["runtimeConfig"] == {"portMappings": [1]} and "capabilities" not in portmap
     assert call.cache_path().startswith(str(tmp_path / "cache" / "results") + "/n-cnitool-")
+
+
+@pytest.mark.parametrize("line, words", [
+    ('-A POSTROUTING -s 10.1.0.2/32 -m comment --comment "name: \\"n\\" id: \\"c\'1\\"" -j CNI-x',
+     ["-A", "POSTROUTING", "-s", "10.1.0.2/32", "-m", "comment", "--comment",
+      'name: "n" id: "c\'1"', "-j", "CNI-x"]),
+    ('-A CNI-FORWARD -m comment --comment "an admin\'s rule" -j ACCEPT',
+     ["-A", "CNI-FORWARD", "-m", "comment", "--comment", "an admin's rule", "-j", "ACCEPT"]),
+    ('-A X -m comment --comment "" -j RETURN', ["-A", "X", "-m", "comment", "--comment", "", "-j", "RETURN"]),
+])
+def test_iptables_rules_split_as_libxtables_quotes_them(line, words):
+    """`iptables -S` lines split as libxtables quotes them (double quotes, backslash escapes):
+    a single quote in anyone's comment is an ordinary character (shlex would refuse it)."""
+    assert cb.split_iptables_rule(line) == words

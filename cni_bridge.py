@@ -7345,13 +7345,6 @@ def listed_port(host_nl, listed, alias):
     return ports[0] if ports else None
 
 
-def aliased_port(host_nl, alias):
-    """The veth whose alias names the attachment (the bridge sets it), or None: a walk of every
-    link, for a DEL that has neither the namespace nor a prevResult."""
-    ports = (link for link in list_links(host_nl) if link.kind == "veth" and link.alias == alias)
-    return next(ports, None)
-
-
 def ensure_ifb(nl, name, mtu, alias):
     """The IFB device `name`, up, with `mtu` and the attachment's alias; an existing one (a
     repeated ADD, an ADD killed after making it) is reused, a link of another kind refused."""
@@ -7457,8 +7450,8 @@ def bandwidth_del(request):
             pass
         except CNIError as err:
             sys.stderr.write("DEL: %s; removing the IFB device only\n" % err.msg)
-    elif host is None:
-        host = aliased_port(host_nl, alias)
+    elif host is None:         # the bridge's port of the attachment, by its name or its alias
+        host = find_host_veth(host_nl, network, request.container_id, request.ifname)
     remove_shaping(host_nl, host, ifb_name(network, request.container_id))
     return None
 
@@ -7516,14 +7509,14 @@ def bandwidth_gc(request):
     valid = valid_attachments(request.config)
     if valid is None:
         return None
-    valid_ids = set(cid for cid, _ifname in valid)
-    prefix = "cni:%s:" % request.network
+    # Whole aliases are compared, never parsed: a long identity's alias is a digest.
+    keep = set(attachment_alias(request.network, cid, ifname) for cid, ifname in valid)
+    prefixes = alias_network_prefixes(request.network)
     nl = NetlinkSocket()
     errors = []
     for link in list_links(nl):
-        if link.kind == "ifb" and link.alias.startswith(prefix):
-            cid = link.alias[len(prefix):].rpartition(":")[0]
-            if cid not in valid_ids:
+        if link.kind == "ifb" and link.alias.startswith(prefixes):
+            if link.alias not in keep:
                 try:
                     delete_link(nl, link.index, "failed to delete IFB device %s" % link.name)
                 except CNIError as err:

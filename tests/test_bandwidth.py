@@ -544,6 +544,22 @@ def test_gc_removes_ifb_devices_of_attachments_not_valid(chain):
     ok(run_cni(chain.bin, "bandwidth", "STATUS", conf, node=chain.node, container_id=None, ifname=None))
 
 
+def test_gc_tells_long_identities_apart(chain):
+    """A container ID too long for a readable alias (its IFB's alias is a digest): GC keeps its
+    IFB while it is valid and removes it once it is not."""
+    conf = bw_conf("1.1.0")
+    long_id = "L" * 300
+    container, prev = chain.attach(long_id, "1.1.0")
+    ok(bandwidth(chain.bin, "ADD", conf, chain.node, container, long_id, prev))
+    assert sorted(ifbs(chain.node)) == [ifb_name(long_id)]
+    valid = dict(conf, **{"cni.dev/valid-attachments": [{"containerID": long_id, "ifname": "eth0"}]})
+    ok(run_cni(chain.bin, "bandwidth", "GC", valid, node=chain.node, container_id=None, ifname=None))
+    assert sorted(ifbs(chain.node)) == [ifb_name(long_id)]
+    none = dict(conf, **{"cni.dev/valid-attachments": []})
+    ok(run_cni(chain.bin, "bandwidth", "GC", none, node=chain.node, container_id=None, ifname=None))
+    assert ifbs(chain.node) == {}
+
+
 def test_concurrent_adds_and_dels(chain):
     """Eight bandwidth ADDs at once on eight containers each shape their own veth through their
     own IFB; eight DELs at once leave nothing."""

@@ -203,7 +203,9 @@ def measure_peak_rss(call):
     big Python process starts from a copy of (or, with vfork, shares) ours.  So the process is
     started by `setsid`, which as a process-group leader forks a small child that execs the plugin
     and exits at once; the plugin is orphaned to us (we are its subreaper) and wait4 gives its own
-    peak, bounded below only by setsid's small map (see the /bin/true row).
+    peak, bounded below only by setsid's small map (see the /bin/true row).  Our VERSION is
+    answered by /bin/sh, which leaves a background reader draining stdin: every orphan is
+    reaped, the peak is the largest, and the exit status the first that is not 0.
     """
     enter(call.node)
     fds = _prepare(call)
@@ -221,7 +223,14 @@ def measure_peak_rss(call):
             _POPENS[pid] = proc
         LIVE_PIDS.add(pid)
         _reap(pid)
-        _, code, maxrss = _reap(-1)     # the orphaned plugin (the only other child we have)
+        code, maxrss = 0, 0
+        while True:                     # the orphaned plugin and whatever it left running
+            try:
+                _, status, rss = _reap(-1)
+            except ChildProcessError:
+                break
+            code = code or status
+            maxrss = max(maxrss, rss)
     finally:
         os.close(fds[0])
     return maxrss, Outcome(0, code, _read_all(fds[1]), _read_all(fds[2]), maxrss)

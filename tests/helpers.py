@@ -708,3 +708,83 @@ def assert_nothing_left(node, data_dir, containers, context=""):
         assert sorted(ns.links()) == ["lo"], "%s %s holds %s" % (context, ns.name, sorted(ns.links()))
     assert_masq_base_only(node, context)
     assert lock_is_free(data_dir), "%s the lock is still held" % context
+
+
+# --- mapped ports: a server in a container, a client anywhere ---------------------------------------
+
+# A TCP and UDP server on the given ports (both families): answers every peer with
+# "<peer address> <local address>" and stops after a minute at most.
+MAPPED_PORT_SERVER = r"""
+import select, socket, sys, time
+socks = []
+for port in map(int, sys.argv[1:]):
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        s = socket.socket(socket.AF_INET6, kind)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_DGRAM:       # to learn the address a datagram was sent to
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        s.bind(("::", port))
+        if kind == socket.SOCK_STREAM:
+            s.listen(16)
+        socks.append(s)
+print("ready", flush=True)
+plain = lambda a: a[7:] if a.startswith("::ffff:") else a
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    for s in select.select(socks, [], [], 1)[0]:
+        if s.type == socket.SOCK_STREAM:
+            conn, peer = s.accept()
+            conn.sendall(("%s %s" % (plain(peer[0]), plain(conn.getsockname()[0]))).encode())
+            conn.close()
+        else:
+            _data, ancillary, _flags, peer = s.recvmsg(64, 256)
+            local = socket.inet_ntop(socket.AF_INET6, ancillary[0][2][:16]) if ancillary else "?"
+            s.sendto(("%s %s" % (plain(peer[0]), plain(local))).encode(), peer)
+"""
+
+# A client: one exchange over tcp or udp with host:port, retried until `wait` seconds have passed;
+# prints the server's answer ("<source it saw> <address it was reached on>") or exits 1.
+MAPPED_PORT_CLIENT = r"""
+import socket, sys, time
+proto, host, port, wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+sport = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+deadline = time.monotonic() + wait
+while True:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if sport:
+                s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", sport))
+            s.settimeout(0.5)
+            s.connect((host, port))
+            if proto == "udp":
+                s.send(b"hello")
+            reply = s.recv(200)
+        if reply:
+            print(reply.decode())
+            sys.exit(0)
+    except OSError:
+        pass
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.1)
+"""
+
+
+def serve_ports(ns, *ports):
+    """Start MAPPED_PORT_SERVER in `ns` on `ports`, once it listens; the caller kills it."""
+    proc = subprocess.Popen([IP, "netns", "exec", ns.name, "python3", "-c", MAPPED_PORT_SERVER]
+                            + [str(p) for p in ports],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    return proc
+
+
+def exchange(ns, proto, host, port, wait=5.0, sport=0):
+    """(source the server saw, address it was reached on) of one exchange from `ns`, or None when
+    nothing answered within `wait` seconds."""
+    proc = ns.run("python3", "-c", MAPPED_PORT_CLIENT, proto, host, str(port), str(wait), str(sport),
+                  check=False, timeout=wait + 10)
+    return tuple(proc.stdout.split()) if proc.returncode == 0 else None

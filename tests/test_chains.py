@@ -15,58 +15,17 @@ cached result.
 import json
 import os
 import shutil
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import IP, MASQ_CHAIN, PLUGIN_NAMES, REPO, masq_table, reservations, run, ruleset
+from tests.helpers import (IP, MASQ_CHAIN, PLUGIN_NAMES, REPO, exchange, masq_table, reservations, run,
+                           ruleset, serve_ports)
 
 pytestmark = pytest.mark.kernel
 
 NODE_UP, REMOTE, UP_PREFIX = "203.0.113.1", "203.0.113.2", 24       # the node's uplink, TEST-NET-3
 TIMEOUT = 60
 PYZ = "cni-bridge.pyz"
-
-# A TCP server on the given ports: answers each peer with "<peer address> <local address>", and
-# stops after a minute at most.
-SERVER = r"""
-import select, socket, sys, time
-socks = []
-for port in map(int, sys.argv[1:]):
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
-    s.listen(8)
-    socks.append(s)
-print("ready", flush=True)
-deadline = time.monotonic() + 60
-while time.monotonic() < deadline:
-    for s in select.select(socks, [], [], 1)[0]:
-        conn, peer = s.accept()
-        conn.sendall(("%s %s" % (peer[0], conn.getsockname()[0])).encode())
-        conn.close()
-"""
-
-# One TCP exchange with host:port, retried for `wait` seconds; prints the answer or exits 1.
-CLIENT = r"""
-import socket, sys, time
-host, port, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-deadline = time.monotonic() + wait
-while True:
-    try:
-        with socket.create_connection((host, port), timeout=0.5) as s:
-            reply = s.recv(200)
-        if reply:
-            print(reply.decode())
-            sys.exit(0)
-    except OSError:
-        pass
-    if time.monotonic() > deadline:
-        sys.exit(1)
-    time.sleep(0.1)
-"""
 
 
 # --- the runtimes' conflists ----------------------------------------------------------------------
@@ -147,15 +106,12 @@ class Site:
         return sorted(p.name for p in results.glob(network + "-*")) if results.is_dir() else []
 
     def serve(self, ns, *ports):
-        proc = subprocess.Popen([IP, "netns", "exec", ns.name, "python3", "-c", SERVER] + [str(p) for p in ports],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.servers.append(proc)
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        self.servers.append(serve_ports(ns, *ports))
 
     def connect(self, ns, host, port, wait=5.0):
-        """(source the server saw, address it was reached on), or None when nothing answered."""
-        proc = ns.run("python3", "-c", CLIENT, host, str(port), str(wait), check=False, timeout=wait + 10)
-        return tuple(proc.stdout.split()) if proc.returncode == 0 else None
+        """(source the server saw, address it was reached on) over TCP, or None when nothing
+        answered."""
+        return exchange(ns, "tcp", host, port, wait)
 
     def close(self):
         for proc in self.servers:

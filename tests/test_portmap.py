@@ -14,11 +14,11 @@ import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import IP, PLUGIN_NAMES, REF_DIR, cni_env, encode_conf, run, run_cni
+from tests.helpers import (IP, PLUGIN_NAMES, REF_DIR, cni_env, encode_conf, exchange, run, run_cni,
+                           serve_ports)
 
 pytestmark = pytest.mark.kernel
 
@@ -29,67 +29,6 @@ UP_PREFIX = {4: 24, 6: 64}
 TABLE = "cni_hostport"
 FAMILY_NAMES = {4: "ip", 6: "ip6"}
 TIMEOUT = 60
-
-# A TCP and UDP server on the given ports (both families): answers every peer with
-# "<peer address> <local address>" and stops after a minute at most.
-SERVER = r"""
-import select, socket, sys, time
-socks = []
-for port in map(int, sys.argv[1:]):
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        s = socket.socket(socket.AF_INET6, kind)
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if kind == socket.SOCK_DGRAM:       # to learn the address a datagram was sent to
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-        s.bind(("::", port))
-        if kind == socket.SOCK_STREAM:
-            s.listen(16)
-        socks.append(s)
-print("ready", flush=True)
-plain = lambda a: a[7:] if a.startswith("::ffff:") else a
-deadline = time.monotonic() + 60
-while time.monotonic() < deadline:
-    for s in select.select(socks, [], [], 1)[0]:
-        if s.type == socket.SOCK_STREAM:
-            conn, peer = s.accept()
-            conn.sendall(("%s %s" % (plain(peer[0]), plain(conn.getsockname()[0]))).encode())
-            conn.close()
-        else:
-            _data, ancillary, _flags, peer = s.recvmsg(64, 256)
-            local = socket.inet_ntop(socket.AF_INET6, ancillary[0][2][:16]) if ancillary else "?"
-            s.sendto(("%s %s" % (plain(peer[0]), plain(local))).encode(), peer)
-"""
-
-# A client: one exchange over tcp or udp with host:port, retried until `wait` seconds have passed;
-# prints the server's answer ("<source it saw> <address it was reached on>") or exits 1.
-CLIENT = r"""
-import socket, sys, time
-proto, host, port, wait = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-sport = int(sys.argv[5]) if len(sys.argv) > 5 else 0
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-deadline = time.monotonic() + wait
-while True:
-    try:
-        with socket.socket(family, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if sport:
-                s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", sport))
-            s.settimeout(0.5)
-            s.connect((host, port))
-            if proto == "udp":
-                s.send(b"hello")
-            reply = s.recv(200)
-        if reply:
-            print(reply.decode())
-            sys.exit(0)
-    except OSError:
-        pass
-    if time.monotonic() > deadline:
-        sys.exit(1)
-    time.sleep(0.1)
-"""
-
 
 # --- the site ----------------------------------------------------------------------------------
 
@@ -148,17 +87,13 @@ class Site:
         return res
 
     def serve(self, ctr, *ports):
-        argv = [IP, "netns", "exec", ctr.name, "python3", "-c", SERVER] + [str(p) for p in ports]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = serve_ports(ctr, *ports)
         self.servers.append(proc)
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
         return proc
 
     def connect(self, ns, proto, host, port, wait=5.0, sport=0):
         """(source the server saw, address it was reached on), or None when nothing answered."""
-        proc = ns.run("python3", "-c", CLIENT, proto, host, str(port), str(wait), str(sport), check=False,
-                      timeout=wait + 10)
-        return tuple(proc.stdout.split()) if proc.returncode == 0 else None
+        return exchange(ns, proto, host, port, wait, sport)
 
     def close(self):
         for proc in self.servers:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.helpers import DEFAULT_PATH, cni_env, encode_conf, explain, parse_output, run_cni
+from tests.helpers import DEFAULT_PATH, cni_env, encode_conf, eventually, explain, parse_output, run_cni
 
 pytestmark = pytest.mark.kernel
 
@@ -61,19 +61,10 @@ def link_local(ns, ifname):
             for a in entry.get("addr_info", []) if a.get("scope") == "link"]
 
 
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def wait_gateway_settled(node):
     """Wait until the bridge's IPv6 gateway address has passed DAD (about a second after the
     network's first ADD put it there)."""
-    assert wait_for(lambda: not [a for e in node.ip_json("-6", "addr", "show", "dev", BRIDGE)
+    assert eventually(lambda: not [a for e in node.ip_json("-6", "addr", "show", "dev", BRIDGE)
                                  for a in e["addr_info"] if a.get("tentative")])
 
 
@@ -86,7 +77,7 @@ def test_host_veth_has_no_ipv6_address(ours_bin, node, container, data_dir):
     veth = host_veth(node, result)
     assert veth.get("inet6_addr_gen_mode") == "none", veth
     assert veth["master"] == BRIDGE and "UP" in veth["flags"], veth
-    assert wait_for(lambda: link_local(container, "eth0")), "the container's eth0 has no link-local address"
+    assert eventually(lambda: link_local(container, "eth0")), "the container's eth0 has no link-local address"
     time.sleep(1.0)     # longer than an address's DAD would take to finish
     assert [a for entry in node.ip_json("-6", "addr", "show", "dev", veth["ifname"])
             for a in entry.get("addr_info", [])] == []
@@ -122,7 +113,7 @@ def test_ipv6_containers_on_one_bridge(ours_bin, node, make_netns, data_dir):
     assert neighbours.get(address_of(second, 6)) == second["interfaces"][2]["mac"], neighbours
     assert neighbours.get(GATEWAY6) == node.links()[BRIDGE]["address"], neighbours
 
-    assert wait_for(lambda: link_local(node, BRIDGE) and link_local(two, "eth0"))
+    assert eventually(lambda: link_local(node, BRIDGE) and link_local(two, "eth0"))
     expected = {link_local(node, BRIDGE)[0], link_local(two, "eth0")[0]}
     proc = one.run("ping", "-6", "-c3", "-i0.3", "-w3", "-I", "eth0", "ff02::1", check=False)
     answered = set(re.findall(r"bytes from ([0-9a-f:]+)", proc.stdout))
